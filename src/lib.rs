@@ -1,0 +1,2 @@
+//! mse-vpn: skeleton (filled in by the outbound issue).
+pub mod ssh;

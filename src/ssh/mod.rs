@@ -1,0 +1,1 @@
+//! SSH side of mse-vpn (skeleton).
