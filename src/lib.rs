@@ -1,2 +1,3 @@
-//! mse-vpn: skeleton (filled in by the outbound issue).
+//! mse-vpn (being assembled).
+pub mod engine;
 pub mod ssh;

@@ -1,0 +1,192 @@
+//! Flow identity and bookkeeping: [`FlowId`], [`FlowKey`], [`CloseReason`] and the
+//! [`FlowTable`] that maps a TCP 4-tuple seen on the TUN to the engine's per-flow state.
+//!
+//! This file owns no sockets and no I/O; the engine (`mod.rs`) drives the state kept here.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// A flow's identity inside one engine: small, copyable, never reused while the engine lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u64);
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The TCP 4-tuple of a flow as the local app sees it: `src` is the app's socket, `dst` the
+/// private address and port it connected to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The app's address and port (the TUN side of the host).
+    pub src: SocketAddr,
+    /// The destination inside the routed CIDRs.
+    pub dst: SocketAddr,
+}
+
+impl fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.src, self.dst)
+    }
+}
+
+/// Why a flow ended. Recorded in logs and counters; who was at fault is in each variant's doc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished with FIN / EOF: the normal end.
+    Finished,
+    /// The local app reset the connection (RST from the TUN side).
+    AppReset,
+    /// The jump host could not connect to the destination (closed port, no route, refused).
+    OpenRefused,
+    /// The jump host forbids forwarding (`AllowTcpForwarding no` or a `permitopen` rule).
+    OpenProhibited,
+    /// The channel did not open in time (the destination is probably black-holed).
+    OpenTimedOut,
+    /// The channel was closed by the jump host before it sent EOF (the remote side reset).
+    RemoteReset,
+    /// The SSH connection to the jump host was lost.
+    SessionLost,
+    /// The concurrent flow limit (`--max-flows`) was reached when this flow's SYN arrived.
+    FlowLimit,
+    /// The app stopped reading while the jump host kept sending: the flow's bounded buffer
+    /// filled up, so the flow was reset rather than let memory grow without limit.
+    AppTooSlow,
+    /// The TCP stack timed the connection out (the app vanished without closing).
+    TimedOut,
+    /// mse-vpn is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// True for the reasons that are an ordinary end of a flow (not worth a warning).
+    pub fn is_normal(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Finished | CloseReason::AppReset | CloseReason::Shutdown
+        )
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            CloseReason::Finished => "finished",
+            CloseReason::AppReset => "reset by the local app",
+            CloseReason::OpenRefused => "the jump host could not connect to the destination",
+            CloseReason::OpenProhibited => "the jump host forbids TCP forwarding",
+            CloseReason::OpenTimedOut => "the channel open timed out",
+            CloseReason::RemoteReset => "closed by the jump host before EOF",
+            CloseReason::SessionLost => "the SSH connection was lost",
+            CloseReason::FlowLimit => "the concurrent flow limit was reached",
+            CloseReason::AppTooSlow => "the local app stopped reading (buffer limit reached)",
+            CloseReason::TimedOut => "the TCP connection timed out",
+            CloseReason::Shutdown => "mse-vpn is shutting down",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A table keyed both by [`FlowId`] (for the SSH side) and by [`FlowKey`] (for packets).
+#[derive(Debug)]
+pub struct FlowTable<T> {
+    by_id: HashMap<FlowId, T>,
+    by_key: HashMap<FlowKey, FlowId>,
+    next_id: u64,
+}
+
+impl<T> Default for FlowTable<T> {
+    fn default() -> Self {
+        FlowTable {
+            by_id: HashMap::new(),
+            by_key: HashMap::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl<T> FlowTable<T> {
+    /// Number of live flows.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// True when no flow is live.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Inserts a new flow for `key`, built by `make` from its fresh id.
+    pub fn insert(&mut self, key: FlowKey, make: impl FnOnce(FlowId) -> T) -> FlowId {
+        let id = FlowId(self.next_id);
+        self.next_id += 1;
+        self.by_id.insert(id, make(id));
+        self.by_key.insert(key, id);
+        id
+    }
+
+    /// The flow currently using `key`, if any.
+    pub fn id_of(&self, key: &FlowKey) -> Option<FlowId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Shared access by id.
+    pub fn get(&self, id: FlowId) -> Option<&T> {
+        self.by_id.get(&id)
+    }
+
+    /// Mutable access by id.
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut T> {
+        self.by_id.get_mut(&id)
+    }
+
+    /// Removes a flow; `key` must be the key it was inserted with.
+    pub fn remove(&mut self, id: FlowId, key: &FlowKey) -> Option<T> {
+        if self.by_key.get(key) == Some(&id) {
+            self.by_key.remove(key);
+        }
+        self.by_id.remove(&id)
+    }
+
+    /// All live flow ids (in no particular order).
+    pub fn ids(&self) -> impl Iterator<Item = FlowId> + '_ {
+        self.by_id.keys().copied()
+    }
+
+    /// Iterates over all flows.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &T)> + '_ {
+        self.by_id.iter().map(|(id, f)| (*id, f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: FlowKey = FlowKey {
+        src: SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+            40000,
+        ),
+        dst: SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 10)),
+            80,
+        ),
+    };
+
+    #[test]
+    fn ids_are_unique_and_lookups_agree() {
+        let mut t: FlowTable<&'static str> = FlowTable::default();
+        let a = t.insert(KEY_A, |_| "a");
+        assert_eq!(t.id_of(&KEY_A), Some(a));
+        assert_eq!(t.get(a), Some(&"a"));
+        assert_eq!(t.remove(a, &KEY_A), Some("a"));
+        assert!(t.id_of(&KEY_A).is_none());
+        let b = t.insert(KEY_A, |_| "b");
+        assert_ne!(a, b, "ids are never reused");
+        assert_eq!(t.len(), 1);
+    }
+}

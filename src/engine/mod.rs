@@ -1,0 +1,594 @@
+//! The sans-IO engine: everything between raw IP packets on the TUN and byte streams on SSH
+//! channels, with no sockets, no tasks and no clock of its own.
+//!
+//! ```text
+//!  TUN packets ──handle_tun_packet──▶ classify ──▶ TCP of a known flow ──▶ smoltcp ──▶ socket
+//!                                        │             new SYN: held, Event::Open
+//!                                        └─▶ UDP/ICMP/other: ICMP unreachable (poll_transmit)
+//!  socket bytes ──(within the flow's SSH credit)──▶ Event::Data / Event::Eof / Event::Close
+//!  channel bytes ──handle_channel_data──▶ per-flow bounded buffer ──▶ socket ──▶ poll_transmit
+//! ```
+//!
+//! The driver calls `handle_*` with the current time, then [`Engine::poll`], then drains
+//! [`Engine::poll_event`] and [`Engine::poll_transmit`], and sleeps until
+//! [`Engine::poll_timeout`]. A flow's SYN is held until the driver reports the SSH channel
+//! open ([`Engine::handle_open_ok`]); only then does smoltcp answer it, so a closed port at the
+//! far end shows up to the app as a plain connection refused (RST), never "connected, then
+//! reset".
+//!
+//! Invariant: no smoltcp socket stays in LISTEN. A socket listening on exactly one
+//! destination is created and fed its held SYN in the same call, so concurrent flows to the
+//! same destination can never steal each other's SYN.
+
+mod device;
+pub mod flow;
+pub mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+
+pub use device::QueueDevice;
+pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
+pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
+
+/// Internal address of the smoltcp interface (RFC 7600 dummy address). With `any_ip` the
+/// interface answers for every destination; this address only anchors the default route.
+const IFACE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 0, 8);
+/// Internal IPv6 address of the smoltcp interface (from the RFC 6666 discard prefix).
+const IFACE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
+/// Largest chunk read from a socket into one [`Event::Data`].
+const CHUNK: usize = 64 * 1024;
+/// How often every flow is re-examined even without new packets (catches timer-driven
+/// state changes such as retransmission timeouts).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// Tunables of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The TUN MTU: largest IP packet exchanged with the kernel.
+    pub mtu: usize,
+    /// Concurrent flows beyond which new SYNs are answered with a reset.
+    pub max_flows: usize,
+    /// Size of each smoltcp socket's receive and send buffers.
+    pub tcp_buffer: usize,
+    /// Bytes of one flow handed to the SSH side and not yet written there: the app's upload
+    /// is paused beyond this (backpressure from the SSH channel window).
+    pub max_inflight: usize,
+    /// Bytes from the SSH side waiting for the app to read them. russh keeps its receive
+    /// window open whatever we do, so this bound is enforced by resetting the flow.
+    pub max_pending: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            mtu: 65_000,
+            max_flows: 10_000,
+            tcp_buffer: 512 * 1024,
+            max_inflight: 1024 * 1024,
+            max_pending: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the engine asks the driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Open a `direct-tcpip` channel to `key.dst` with `key.src` as the originator; answer
+    /// with [`Engine::handle_open_ok`] or [`Engine::handle_open_failed`].
+    Open {
+        /// The new flow.
+        id: FlowId,
+        /// Its 4-tuple.
+        key: FlowKey,
+    },
+    /// Send these bytes on the flow's channel, then call [`Engine::handle_sent`].
+    Data {
+        /// The flow.
+        id: FlowId,
+        /// Bytes the app sent.
+        data: Bytes,
+    },
+    /// The app shut down its write side: send EOF on the channel (after any earlier data).
+    Eof {
+        /// The flow.
+        id: FlowId,
+    },
+    /// The flow is over: close its channel after any earlier data and forget the id.
+    Close {
+        /// The flow.
+        id: FlowId,
+        /// Why it ended.
+        reason: CloseReason,
+    },
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Flows admitted (SYN held, channel requested).
+    pub flows_opened: u64,
+    /// SYNs refused because of the flow limit.
+    pub flows_over_limit: u64,
+    /// Flows whose channel could not be opened.
+    pub flows_refused: u64,
+    /// Bytes from apps to the SSH side.
+    pub bytes_up: u64,
+    /// Bytes from the SSH side to apps.
+    pub bytes_down: u64,
+    /// Packets dropped while classifying (malformed, multicast, fragments...).
+    pub packets_dropped: u64,
+    /// ICMP unreachable replies sent for traffic the tunnel does not carry.
+    pub icmp_rejects: u64,
+}
+
+enum Phase {
+    /// The SYN is held while the channel opens.
+    Opening { syn: Vec<u8> },
+    /// A smoltcp socket terminates the flow.
+    Open { handle: SocketHandle },
+}
+
+struct Flow {
+    key: FlowKey,
+    phase: Phase,
+    /// Bytes given to the SSH side and not yet acknowledged by `handle_sent`.
+    inflight: usize,
+    /// Bytes from the SSH side waiting for room in the socket's send buffer.
+    pending: VecDeque<Bytes>,
+    pending_len: usize,
+    /// The channel sent EOF: send FIN to the app once `pending` is empty.
+    ssh_eof: bool,
+    /// The channel is closed: nothing more can be sent on it.
+    channel_closed: bool,
+    /// `close()` was called on the socket (FIN queued).
+    fin_queued: bool,
+    /// `Event::Eof` was emitted (the app sent FIN and all its data was handed over).
+    app_eof: bool,
+    /// Set when the engine decided to end the flow; the reason reported at reaping.
+    ending: Option<CloseReason>,
+    /// In the dirty list.
+    dirty: bool,
+}
+
+/// The engine. See the module documentation.
+pub struct Engine {
+    config: EngineConfig,
+    iface: Interface,
+    device: QueueDevice,
+    sockets: SocketSet<'static>,
+    flows: FlowTable<Flow>,
+    events: VecDeque<Event>,
+    dirty: Vec<FlowId>,
+    next_sweep: Instant,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// A new engine; `now` is the driver's clock.
+    pub fn new(config: EngineConfig, now: Instant) -> Engine {
+        let mut device = QueueDevice::new(config.mtu);
+        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, now);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
+        });
+        // Replies go back to whatever address the app used: default routes via ourselves.
+        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
+        let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+        Engine {
+            config,
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            flows: FlowTable::default(),
+            events: VecDeque::new(),
+            dirty: Vec::new(),
+            next_sweep: now + SWEEP_INTERVAL,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Number of live flows (opening or open).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The 4-tuple of a live flow.
+    pub fn flow_key(&self, id: FlowId) -> Option<FlowKey> {
+        self.flows.get(id).map(|f| f.key)
+    }
+
+    /// One raw IP packet read from the TUN.
+    pub fn handle_tun_packet(&mut self, _now: Instant, packet: Vec<u8>) {
+        match packet::classify(&packet) {
+            Ingress::Drop(_) => self.stats.packets_dropped += 1,
+            Ingress::Reject(kind) => {
+                if let Some(reply) = packet::unreachable_reply(&packet, kind) {
+                    self.stats.icmp_rejects += 1;
+                    self.device.tx.push_back(reply);
+                }
+            }
+            Ingress::Tcp { key, flags } => match self.flows.id_of(&key) {
+                Some(id) => self.flow_packet(id, flags, packet),
+                None if flags.is_connect() => self.admit(key, packet),
+                // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
+                None => self.device.rx.push_back(packet),
+            },
+        }
+    }
+
+    fn flow_packet(&mut self, id: FlowId, flags: TcpFlags, packet: Vec<u8>) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        match &mut flow.phase {
+            Phase::Opening { syn } => {
+                if flags.is_connect() {
+                    // A retransmitted SYN: keep the newest, do not open a second channel.
+                    *syn = packet;
+                } else if flags.rst {
+                    // The app gave up before the channel opened.
+                    flow.ending = Some(CloseReason::AppReset);
+                    let key = flow.key;
+                    self.flows.remove(id, &key);
+                    self.events.push_back(Event::Close {
+                        id,
+                        reason: CloseReason::AppReset,
+                    });
+                }
+            }
+            Phase::Open { .. } => {
+                self.device.rx.push_back(packet);
+                mark_dirty(&mut self.dirty, id, flow);
+            }
+        }
+    }
+
+    fn admit(&mut self, key: FlowKey, syn: Vec<u8>) {
+        if self.flows.len() >= self.config.max_flows {
+            self.stats.flows_over_limit += 1;
+            tracing::warn!(src = %key.src, dst = %key.dst, limit = self.config.max_flows,
+                "flow limit reached: resetting new connection");
+            // No socket listens for it: smoltcp answers the SYN with RST.
+            self.device.rx.push_back(syn);
+            return;
+        }
+        self.stats.flows_opened += 1;
+        let id = self.flows.insert(key, |_| Flow {
+            key,
+            phase: Phase::Opening { syn },
+            inflight: 0,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            ssh_eof: false,
+            channel_closed: false,
+            fin_queued: false,
+            app_eof: false,
+            ending: None,
+            dirty: false,
+        });
+        self.events.push_back(Event::Open { id, key });
+    }
+
+    /// The channel for `id` is open: let smoltcp accept the held SYN.
+    pub fn handle_open_ok(&mut self, now: Instant, id: FlowId) {
+        // Drain queued ingress first so that no packet already queued can reach the new
+        // listening socket before its own SYN does.
+        self.poll(now);
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        let Phase::Opening { syn } = &mut flow.phase else {
+            return;
+        };
+        let syn = std::mem::take(syn);
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        let endpoint = IpListenEndpoint {
+            addr: Some(flow.key.dst.ip().into()),
+            port: flow.key.dst.port(),
+        };
+        if socket.listen(endpoint).is_err() {
+            // Port 0 cannot be listened on: refuse like a closed port.
+            self.refuse(id, syn, CloseReason::OpenRefused);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        flow.phase = Phase::Open { handle };
+        self.device.rx.push_back(syn);
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if socket.state() == tcp::State::Listen {
+            // smoltcp did not take the SYN (it should always): never leave a listener behind.
+            self.sockets.remove(handle);
+            let key = flow.key;
+            self.flows.remove(id, &key);
+            self.events.push_back(Event::Close {
+                id,
+                reason: CloseReason::OpenRefused,
+            });
+        }
+    }
+
+    /// The channel for `id` could not be opened: the app gets a TCP reset for its SYN.
+    pub fn handle_open_failed(&mut self, _now: Instant, id: FlowId, reason: CloseReason) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        if let Phase::Opening { syn } = &mut flow.phase {
+            let syn = std::mem::take(syn);
+            self.refuse(id, syn, reason);
+        }
+    }
+
+    fn refuse(&mut self, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
+        if let Some(flow) = self.flows.get(id) {
+            let key = flow.key;
+            self.flows.remove(id, &key);
+        }
+        self.stats.flows_refused += 1;
+        // With no socket listening, smoltcp answers the held SYN with RST.
+        self.device.rx.push_back(syn);
+        self.events.push_back(Event::Close { id, reason });
+    }
+
+    /// Bytes that arrived on the flow's channel.
+    pub fn handle_channel_data(&mut self, _now: Instant, id: FlowId, data: Bytes) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        if flow.ending.is_some() || flow.ssh_eof || data.is_empty() {
+            return;
+        }
+        flow.pending_len += data.len();
+        flow.pending.push_back(data);
+        if flow.pending_len > self.config.max_pending {
+            self.abort(id, CloseReason::AppTooSlow);
+            return;
+        }
+        mark_dirty(&mut self.dirty, id, flow);
+    }
+
+    /// The channel sent EOF: the app gets FIN after the data already received.
+    pub fn handle_channel_eof(&mut self, _now: Instant, id: FlowId) {
+        if let Some(flow) = self.flows.get_mut(id) {
+            flow.ssh_eof = true;
+            mark_dirty(&mut self.dirty, id, flow);
+        }
+    }
+
+    /// The channel was closed by the jump host. Without a prior EOF this is a reset.
+    pub fn handle_channel_closed(&mut self, _now: Instant, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        flow.channel_closed = true;
+        if flow.ssh_eof {
+            mark_dirty(&mut self.dirty, id, flow);
+        } else {
+            self.abort(id, CloseReason::RemoteReset);
+        }
+    }
+
+    /// The driver wrote `n` bytes of this flow's earlier [`Event::Data`] to the channel.
+    pub fn handle_sent(&mut self, id: FlowId, n: usize) {
+        if let Some(flow) = self.flows.get_mut(id) {
+            flow.inflight = flow.inflight.saturating_sub(n);
+            mark_dirty(&mut self.dirty, id, flow);
+        }
+    }
+
+    /// Resets every flow (the SSH connection was lost, or mse-vpn is stopping).
+    pub fn reset_all(&mut self, now: Instant, reason: CloseReason) {
+        let ids: Vec<FlowId> = self.flows.ids().collect();
+        for id in ids {
+            let opening = match self.flows.get_mut(id).map(|f| &mut f.phase) {
+                Some(Phase::Opening { syn }) => Some(std::mem::take(syn)),
+                _ => None,
+            };
+            match opening {
+                Some(syn) => self.refuse(id, syn, reason),
+                None => self.abort(id, reason),
+            }
+        }
+        self.poll(now);
+    }
+
+    /// Resets one flow towards the app; its `Close` event follows once the RST is out.
+    pub fn abort(&mut self, id: FlowId, reason: CloseReason) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        match flow.phase {
+            Phase::Opening { .. } => {
+                if let Phase::Opening { syn } =
+                    std::mem::replace(&mut flow.phase, Phase::Opening { syn: Vec::new() })
+                {
+                    self.refuse(id, syn, reason);
+                }
+            }
+            Phase::Open { handle } => {
+                if flow.ending.is_none() {
+                    flow.ending = Some(reason);
+                    flow.pending.clear();
+                    flow.pending_len = 0;
+                    self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                }
+                mark_dirty(&mut self.dirty, id, flow);
+            }
+        }
+    }
+
+    /// Runs the TCP stack and moves bytes between sockets and flow buffers.
+    pub fn poll(&mut self, now: Instant) {
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP_INTERVAL;
+            let ids: Vec<FlowId> = self.flows.ids().collect();
+            for id in ids {
+                if let Some(flow) = self.flows.get_mut(id) {
+                    mark_dirty(&mut self.dirty, id, flow);
+                }
+            }
+        }
+        for _ in 0..8 {
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            if !self.service_dirty() {
+                break;
+            }
+        }
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next packet to write to the TUN.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.device.tx.pop_front()
+    }
+
+    /// Gives a written packet's buffer back for reuse.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.device.recycle(buf);
+    }
+
+    /// When [`Engine::poll`] must run next even if nothing happens.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        let stack = self.iface.poll_at(now, &self.sockets);
+        let sweep = (!self.flows.is_empty()).then_some(self.next_sweep);
+        match (stack, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Services every dirty flow; true if a socket changed so that smoltcp should run again.
+    fn service_dirty(&mut self) -> bool {
+        let mut again = false;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.drain(..) {
+            again |= self.service(id);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty; // keep the allocation
+        }
+        again
+    }
+
+    fn service(&mut self, id: FlowId) -> bool {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return false;
+        };
+        flow.dirty = false;
+        let Phase::Open { handle } = flow.phase else {
+            return false;
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut progressed = false;
+
+        if flow.ending.is_none() {
+            // SSH -> app, as far as the socket's send buffer allows.
+            while let Some(front) = flow.pending.front_mut() {
+                let n = match socket.send_slice(front) {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
+                progressed = true;
+                flow.pending_len -= n;
+                self.stats.bytes_down += n as u64;
+                if n == front.len() {
+                    flow.pending.pop_front();
+                } else {
+                    front.advance(n);
+                }
+            }
+            if flow.ssh_eof && flow.pending.is_empty() && !flow.fin_queued {
+                socket.close();
+                flow.fin_queued = true;
+                progressed = true;
+            }
+            // App -> SSH, within the flow's credit.
+            while socket.can_recv() && flow.inflight < self.config.max_inflight {
+                let budget = (self.config.max_inflight - flow.inflight).min(CHUNK);
+                let data = socket
+                    .recv(|buf| {
+                        let n = buf.len().min(budget);
+                        (n, Bytes::copy_from_slice(&buf[..n]))
+                    })
+                    .unwrap_or_default();
+                if data.is_empty() {
+                    break;
+                }
+                progressed = true;
+                if flow.channel_closed {
+                    continue; // nowhere to send it: the far end is gone
+                }
+                self.stats.bytes_up += data.len() as u64;
+                flow.inflight += data.len();
+                self.events.push_back(Event::Data { id, data });
+            }
+        }
+
+        let state = socket.state();
+        let fin_received = matches!(
+            state,
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+        );
+        if fin_received && !flow.app_eof && !socket.can_recv() && flow.ending.is_none() {
+            flow.app_eof = true;
+            self.events.push_back(Event::Eof { id });
+        }
+
+        let reason = match state {
+            tcp::State::TimeWait => Some(CloseReason::Finished),
+            // A SYN-RECEIVED socket that got RST falls back to LISTEN: never keep a listener.
+            tcp::State::Listen => Some(flow.ending.unwrap_or(CloseReason::AppReset)),
+            tcp::State::Closed if socket.remote_endpoint().is_none() => {
+                Some(flow.ending.unwrap_or(if flow.app_eof && flow.fin_queued {
+                    CloseReason::Finished
+                } else {
+                    CloseReason::AppReset
+                }))
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            self.sockets.remove(handle);
+            let key = flow.key;
+            self.flows.remove(id, &key);
+            self.events.push_back(Event::Close { id, reason });
+        }
+        progressed
+    }
+}
+
+fn mark_dirty(dirty: &mut Vec<FlowId>, id: FlowId, flow: &mut Flow) {
+    if !flow.dirty {
+        flow.dirty = true;
+        dirty.push(id);
+    }
+}

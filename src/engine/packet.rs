@@ -1,0 +1,438 @@
+//! Classification of raw IP packets read from the TUN, and the ICMP "unreachable" replies the
+//! engine sends for traffic it does not carry.
+//!
+//! Untrusted bytes are only read through smoltcp's `Packet::new_checked` + `Repr::parse`
+//! (checksums included). Nothing here allocates except the reply builder, and nothing panics
+//! on any input.
+
+use std::net::{IpAddr, SocketAddr};
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
+    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket,
+};
+
+use super::flow::FlowKey;
+
+/// Why an ingress packet was dropped without a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a well-formed IPv4/IPv6 packet (bad version, length or header checksum).
+    Malformed,
+    /// A TCP segment with a bad header or checksum.
+    BadTcp,
+    /// Multicast, broadcast or unspecified addresses: never answered.
+    NotUnicast,
+    /// An IPv4 fragment: the TUN MTU is large, so the kernel does not fragment towards us.
+    Fragment,
+    /// An ICMP error or other ICMP message: never answered with another ICMP error.
+    Icmp,
+}
+
+/// TCP flags of interest for flow admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpFlags {
+    /// SYN set.
+    pub syn: bool,
+    /// ACK set.
+    pub ack: bool,
+    /// RST set.
+    pub rst: bool,
+}
+
+impl TcpFlags {
+    /// A connection request: SYN without ACK or RST.
+    pub fn is_connect(self) -> bool {
+        self.syn && !self.ack && !self.rst
+    }
+}
+
+/// What to do with one packet read from the TUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingress {
+    /// A valid TCP segment of the flow `key`.
+    Tcp {
+        /// The flow's 4-tuple.
+        key: FlowKey,
+        /// Its flags.
+        flags: TcpFlags,
+    },
+    /// Traffic the tunnel does not carry (UDP, ICMP echo, other protocols): answer with
+    /// an ICMP destination-unreachable built by [`unreachable_reply`].
+    Reject(Unreachable),
+    /// Drop silently.
+    Drop(DropReason),
+}
+
+/// The kind of ICMP unreachable to answer with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// UDP: "port unreachable", so a connected UDP socket gets ECONNREFUSED at once.
+    Port,
+    /// ICMP echo and any other protocol: "administratively prohibited".
+    Prohibited,
+}
+
+fn unicast(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast() || a.is_unspecified()),
+        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
+    }
+}
+
+/// Classifies one raw IP packet from the TUN. Never panics.
+pub fn classify(packet: &[u8]) -> Ingress {
+    let caps = ChecksumCapabilities::default();
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+                return Ingress::Drop(DropReason::Malformed);
+            };
+            let Ok(repr) = Ipv4Repr::parse(&ip, &caps) else {
+                return Ingress::Drop(DropReason::Malformed);
+            };
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return Ingress::Drop(DropReason::Fragment);
+            }
+            let (src, dst) = (IpAddr::V4(repr.src_addr), IpAddr::V4(repr.dst_addr));
+            transport(src, dst, repr.next_header, ip.payload(), |p| {
+                Icmpv4Packet::new_checked(p)
+                    .ok()
+                    .map(|i| matches!(i.msg_type(), Icmpv4Message::EchoRequest))
+            })
+        }
+        Some(6) => {
+            let Ok(ip) = Ipv6Packet::new_checked(packet) else {
+                return Ingress::Drop(DropReason::Malformed);
+            };
+            let Ok(repr) = Ipv6Repr::parse(&ip) else {
+                return Ingress::Drop(DropReason::Malformed);
+            };
+            let (src, dst) = (IpAddr::V6(repr.src_addr), IpAddr::V6(repr.dst_addr));
+            transport(src, dst, repr.next_header, ip.payload(), |p| {
+                Icmpv6Packet::new_checked(p)
+                    .ok()
+                    .map(|i| u8::from(i.msg_type()) == 128)
+            })
+        }
+        _ => Ingress::Drop(DropReason::Malformed),
+    }
+}
+
+fn transport(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    payload: &[u8],
+    is_echo_request: impl FnOnce(&[u8]) -> Option<bool>,
+) -> Ingress {
+    if !unicast(src) || !unicast(dst) {
+        return Ingress::Drop(DropReason::NotUnicast);
+    }
+    match proto {
+        IpProtocol::Tcp => {
+            let Ok(tcp) = TcpPacket::new_checked(payload) else {
+                return Ingress::Drop(DropReason::BadTcp);
+            };
+            if !tcp.verify_checksum(&src.into(), &dst.into()) {
+                return Ingress::Drop(DropReason::BadTcp);
+            }
+            Ingress::Tcp {
+                key: FlowKey {
+                    src: SocketAddr::new(src, tcp.src_port()),
+                    dst: SocketAddr::new(dst, tcp.dst_port()),
+                },
+                flags: TcpFlags {
+                    syn: tcp.syn(),
+                    ack: tcp.ack(),
+                    rst: tcp.rst(),
+                },
+            }
+        }
+        IpProtocol::Udp => Ingress::Reject(Unreachable::Port),
+        IpProtocol::Icmp | IpProtocol::Icmpv6 => match is_echo_request(payload) {
+            Some(true) => Ingress::Reject(Unreachable::Prohibited),
+            _ => Ingress::Drop(DropReason::Icmp),
+        },
+        _ => Ingress::Reject(Unreachable::Prohibited),
+    }
+}
+
+/// Builds the ICMP destination-unreachable reply to `packet` (which [`classify`] rejected with
+/// `kind`), sourced from the address the app tried to reach. Returns `None` if `packet` does
+/// not parse (it always does when `classify` returned `Reject`).
+pub fn unreachable_reply(packet: &[u8], kind: Unreachable) -> Option<Vec<u8>> {
+    let caps = ChecksumCapabilities::default();
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            let orig = Ipv4Repr::parse(&ip, &caps).ok()?;
+            let payload = ip.payload();
+            // RFC 792: the original header plus the first 8 bytes of its payload.
+            let data = &payload[..payload.len().min(8)];
+            let icmp = Icmpv4Repr::DstUnreachable {
+                reason: match kind {
+                    Unreachable::Port => Icmpv4DstUnreachable::PortUnreachable,
+                    Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+                },
+                header: orig,
+                data,
+            };
+            let reply = Ipv4Repr {
+                src_addr: orig.dst_addr,
+                dst_addr: orig.src_addr,
+                next_header: IpProtocol::Icmp,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; reply.buffer_len() + icmp.buffer_len()];
+            let mut out = Ipv4Packet::new_unchecked(&mut buf[..]);
+            reply.emit(&mut out, &caps);
+            icmp.emit(&mut Icmpv4Packet::new_unchecked(out.payload_mut()), &caps);
+            Some(buf)
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let orig = Ipv6Repr::parse(&ip).ok()?;
+            let payload = ip.payload();
+            // RFC 4443: as much of the invoking packet as fits in the minimum MTU.
+            let room = 1280 - 40 - 8 - 40;
+            let data = &payload[..payload.len().min(room)];
+            let icmp = Icmpv6Repr::DstUnreachable {
+                reason: match kind {
+                    Unreachable::Port => Icmpv6DstUnreachable::PortUnreachable,
+                    Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
+                },
+                header: orig,
+                data,
+            };
+            let reply = Ipv6Repr {
+                src_addr: orig.dst_addr,
+                dst_addr: orig.src_addr,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; reply.buffer_len() + icmp.buffer_len()];
+            let mut out = Ipv6Packet::new_unchecked(&mut buf[..]);
+            reply.emit(&mut out);
+            icmp.emit(
+                &orig.dst_addr,
+                &orig.src_addr,
+                &mut Icmpv6Packet::new_unchecked(out.payload_mut()),
+                &caps,
+            );
+            Some(buf)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use smoltcp::wire::{IpAddress, TcpControl, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    pub const APP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    pub const VPC_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+    pub const APP_V6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x7365, 0, 0, 0, 0, 0, 1);
+    pub const VPC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 10);
+
+    /// An IPv4 TCP segment built with smoltcp's emitters.
+    pub fn tcp_v4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), control: TcpControl) -> Vec<u8> {
+        let caps = ChecksumCapabilities::default();
+        let tcp = TcpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+            control,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 64240,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr {
+            src_addr: src.0,
+            dst_addr: dst.0,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut p, &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &IpAddress::Ipv4(src.0),
+            &IpAddress::Ipv4(dst.0),
+            &caps,
+        );
+        buf
+    }
+
+    pub fn udp_v4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+        let caps = ChecksumCapabilities::default();
+        let udp = UdpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src.0,
+            dst_addr: dst.0,
+            next_header: IpProtocol::Udp,
+            payload_len: udp.header_len() + payload.len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + udp.header_len() + payload.len()];
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut p, &caps);
+        udp.emit(
+            &mut UdpPacket::new_unchecked(p.payload_mut()),
+            &IpAddress::Ipv4(src.0),
+            &IpAddress::Ipv4(dst.0),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+
+    pub fn udp_v6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+        let caps = ChecksumCapabilities::default();
+        let udp = UdpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+        };
+        let ip = Ipv6Repr {
+            src_addr: src.0,
+            dst_addr: dst.0,
+            next_header: IpProtocol::Udp,
+            payload_len: udp.header_len() + payload.len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + udp.header_len() + payload.len()];
+        let mut p = Ipv6Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut p);
+        udp.emit(
+            &mut UdpPacket::new_unchecked(p.payload_mut()),
+            &IpAddress::Ipv6(src.0),
+            &IpAddress::Ipv6(dst.0),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+
+    #[test]
+    fn syn_is_a_connect_of_its_flow() {
+        let syn = tcp_v4((APP_V4, 40000), (VPC_V4, 80), TcpControl::Syn);
+        match classify(&syn) {
+            Ingress::Tcp { key, flags } => {
+                assert_eq!(key.src, SocketAddr::new(APP_V4.into(), 40000));
+                assert_eq!(key.dst, SocketAddr::new(VPC_V4.into(), 80));
+                assert!(flags.is_connect());
+            }
+            other => panic!("expected TCP, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupted_tcp_checksum_is_dropped() {
+        let mut syn = tcp_v4((APP_V4, 40000), (VPC_V4, 80), TcpControl::Syn);
+        let last = syn.len() - 1;
+        syn[last] ^= 0xff;
+        assert_eq!(classify(&syn), Ingress::Drop(DropReason::BadTcp));
+    }
+
+    #[test]
+    fn udp_v4_gets_port_unreachable_from_the_destination() {
+        let dgram = udp_v4((APP_V4, 5353), (VPC_V4, 53), b"query");
+        assert_eq!(classify(&dgram), Ingress::Reject(Unreachable::Port));
+        let reply = unreachable_reply(&dgram, Unreachable::Port).expect("reply");
+        let caps = ChecksumCapabilities::default();
+        let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
+        let repr = Ipv4Repr::parse(&ip, &caps).unwrap();
+        assert_eq!((repr.src_addr, repr.dst_addr), (VPC_V4, APP_V4));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert_eq!(icmp.msg_code(), 3, "port unreachable");
+        // The quoted packet: the original IPv4 header and the first 8 bytes (UDP header).
+        let quoted = icmp.data();
+        assert_eq!(quoted.len(), 20 + 8);
+        assert_eq!(&quoted[..20], &dgram[..20]);
+        assert_eq!(&quoted[20..28], &dgram[20..28]);
+    }
+
+    #[test]
+    fn udp_v6_gets_port_unreachable() {
+        let dgram = udp_v6((APP_V6, 5353), (VPC_V6, 53), b"q");
+        assert_eq!(classify(&dgram), Ingress::Reject(Unreachable::Port));
+        let reply = unreachable_reply(&dgram, Unreachable::Port).expect("reply");
+        let ip = Ipv6Packet::new_checked(&reply[..]).unwrap();
+        let repr = Ipv6Repr::parse(&ip).unwrap();
+        assert_eq!((repr.src_addr, repr.dst_addr), (VPC_V6, APP_V6));
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        let parsed = Icmpv6Repr::parse(
+            &repr.src_addr,
+            &repr.dst_addr,
+            &icmp,
+            &ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            parsed,
+            Icmpv6Repr::DstUnreachable {
+                reason: Icmpv6DstUnreachable::PortUnreachable,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn multicast_and_garbage_are_dropped_silently() {
+        let mcast = udp_v4((APP_V4, 5353), (Ipv4Addr::new(224, 0, 0, 251), 5353), b"m");
+        assert_eq!(classify(&mcast), Ingress::Drop(DropReason::NotUnicast));
+        assert_eq!(classify(&[]), Ingress::Drop(DropReason::Malformed));
+        assert_eq!(
+            classify(&[0x45, 0, 0]),
+            Ingress::Drop(DropReason::Malformed)
+        );
+        assert_eq!(classify(&[0x60; 10]), Ingress::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn seeded_mutations_never_panic() {
+        let seeds = [
+            tcp_v4((APP_V4, 40000), (VPC_V4, 80), TcpControl::Syn),
+            udp_v4((APP_V4, 5353), (VPC_V4, 53), b"query"),
+            udp_v6((APP_V6, 5353), (VPC_V6, 53), b"query"),
+        ];
+        // xorshift64*, fixed seed: deterministic.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        for _ in 0..20_000 {
+            let mut p = seeds[(next() % 3) as usize].clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % p.len();
+                p[i] = next() as u8;
+            }
+            p.truncate((next() as usize) % (p.len() + 1));
+            if let Ingress::Reject(kind) = classify(&p) {
+                let _ = unreachable_reply(&p, kind);
+            }
+        }
+    }
+}

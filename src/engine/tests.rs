@@ -1,0 +1,431 @@
+//! Deterministic pair tests: an "app" smoltcp interface on a queue device plays the kernel,
+//! the engine sits in the middle, and the test scripts the SSH side. Time is virtual.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+use super::packet::tests::{APP_V4, VPC_V4, udp_v4};
+use super::*;
+
+const T0: Instant = Instant::from_millis_const(1_000);
+const APP_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const DST: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VPC_V4), 80);
+const APP_PORT: u16 = 40_000;
+
+/// The kernel's side of the TUN, played by a second smoltcp interface.
+struct Pair {
+    now: Instant,
+    app: Interface,
+    app_dev: QueueDevice,
+    app_sockets: SocketSet<'static>,
+    engine: Engine,
+    events: Vec<Event>,
+}
+
+impl Pair {
+    fn new(config: EngineConfig) -> Pair {
+        let mut app_dev = QueueDevice::new(config.mtu);
+        let mut app = Interface::new(Config::new(HardwareAddress::Ip), &mut app_dev, T0);
+        app.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(APP_V4), 24)).unwrap();
+        });
+        app.routes_mut().add_default_ipv4_route(APP_GW).unwrap();
+        Pair {
+            now: T0,
+            app,
+            app_dev,
+            app_sockets: SocketSet::new(Vec::new()),
+            engine: Engine::new(config, T0),
+            events: Vec::new(),
+        }
+    }
+
+    fn connect(&mut self, port: u16, dst: SocketAddr) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+        );
+        s.set_ack_delay(None);
+        s.connect(self.app.context(), dst, (IpAddress::Ipv4(APP_V4), port))
+            .unwrap();
+        let h = self.app_sockets.add(s);
+        self.step();
+        h
+    }
+
+    fn app(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.app_sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Moves packets both ways until nothing moves.
+    fn step(&mut self) {
+        for _ in 0..64 {
+            self.app
+                .poll(self.now, &mut self.app_dev, &mut self.app_sockets);
+            let mut moved = false;
+            while let Some(p) = self.app_dev.tx.pop_front() {
+                moved = true;
+                self.engine.handle_tun_packet(self.now, p);
+            }
+            self.engine.poll(self.now);
+            while let Some(p) = self.engine.poll_transmit() {
+                moved = true;
+                self.app_dev.rx.push_back(p);
+            }
+            while let Some(e) = self.engine.poll_event() {
+                moved = true;
+                self.events.push(e);
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.step();
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn open_id(&mut self) -> FlowId {
+        let events = self.take_events();
+        match events.as_slice() {
+            [Event::Open { id, key }] => {
+                assert_eq!(key.dst, DST);
+                *id
+            }
+            other => panic!("expected one Open, got {other:?}"),
+        }
+    }
+
+    /// The bytes of all Data events so far, acknowledging them as sent.
+    fn uploaded(&mut self) -> (Vec<u8>, Vec<Event>) {
+        let mut bytes = Vec::new();
+        let mut rest = Vec::new();
+        for e in self.take_events() {
+            match e {
+                Event::Data { id, data } => {
+                    bytes.extend_from_slice(&data);
+                    self.engine.handle_sent(id, data.len());
+                }
+                other => rest.push(other),
+            }
+        }
+        (bytes, rest)
+    }
+
+    fn app_recv_all(&mut self, h: SocketHandle) -> Vec<u8> {
+        let mut out = Vec::new();
+        let s = self.app(h);
+        while s.can_recv() {
+            s.recv(|b| {
+                out.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        out
+    }
+}
+
+#[test]
+fn syn_is_held_until_the_channel_opens_then_bytes_flow_and_half_close_works() {
+    let mut p = Pair::new(EngineConfig::default());
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    assert_eq!(
+        p.app(h).state(),
+        tcp::State::SynSent,
+        "no SYN-ACK before the channel is open"
+    );
+
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+
+    // The app sends a request and shuts down its write side.
+    p.app(h).send_slice(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    p.app(h).close();
+    p.step();
+    let (up, rest) = p.uploaded();
+    assert_eq!(up, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(
+        rest,
+        vec![Event::Eof { id }],
+        "FIN maps to channel EOF after the data"
+    );
+
+    // Half-closed: the response still reaches the app, then FIN.
+    p.engine
+        .handle_channel_data(p.now, id, Bytes::from_static(b"HTTP/1.0 200 OK\r\n\r\nhi"));
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    assert_eq!(p.app_recv_all(h), b"HTTP/1.0 200 OK\r\n\r\nhi");
+    assert!(!p.app(h).may_recv(), "EOF maps to FIN");
+    p.engine.handle_channel_closed(p.now, id);
+    p.advance(Duration::from_millis(10));
+    assert!(matches!(
+        p.app(h).state(),
+        tcp::State::TimeWait | tcp::State::Closed
+    ));
+    assert_eq!(
+        p.take_events(),
+        vec![Event::Close {
+            id,
+            reason: CloseReason::Finished
+        }]
+    );
+    assert_eq!(p.engine.flow_count(), 0);
+}
+
+#[test]
+fn refused_channel_resets_the_app_connection_at_once() {
+    let mut p = Pair::new(EngineConfig::default());
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    p.engine
+        .handle_open_failed(p.now, id, CloseReason::OpenRefused);
+    p.step();
+    assert_eq!(
+        p.app(h).state(),
+        tcp::State::Closed,
+        "RST answers the held SYN"
+    );
+    assert_eq!(
+        p.take_events(),
+        vec![Event::Close {
+            id,
+            reason: CloseReason::OpenRefused
+        }]
+    );
+    assert_eq!(p.engine.stats().flows_refused, 1);
+}
+
+#[test]
+fn retransmitted_syn_does_not_open_a_second_channel() {
+    let mut p = Pair::new(EngineConfig::default());
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    for _ in 0..3 {
+        p.advance(Duration::from_secs(2)); // the app's SYN retransmit timer fires
+    }
+    assert_eq!(p.take_events(), vec![], "SYN retransmits are deduplicated");
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+}
+
+#[test]
+fn concurrent_flows_to_one_destination_keep_their_own_sockets() {
+    let mut p = Pair::new(EngineConfig::default());
+    let a = p.connect(APP_PORT, DST);
+    let b = p.connect(APP_PORT + 1, DST);
+    let events = p.take_events();
+    let ids: Vec<(FlowId, u16)> = events
+        .iter()
+        .map(|e| match e {
+            Event::Open { id, key } => (*id, key.src.port()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // Open the second flow's channel first.
+    p.engine.handle_open_ok(p.now, ids[1].0);
+    p.step();
+    p.engine.handle_open_ok(p.now, ids[0].0);
+    p.step();
+    p.app(a).send_slice(b"from-a").unwrap();
+    p.app(b).send_slice(b"from-b").unwrap();
+    p.step();
+    for e in p.take_events() {
+        if let Event::Data { id, data } = e {
+            let port = ids.iter().find(|(i, _)| *i == id).unwrap().1;
+            let expect: &[u8] = if port == APP_PORT {
+                b"from-a"
+            } else {
+                b"from-b"
+            };
+            assert_eq!(&data[..], expect, "data mapped to the right flow");
+        }
+    }
+    p.engine
+        .handle_channel_data(p.now, ids[0].0, Bytes::from_static(b"to-a"));
+    p.engine
+        .handle_channel_data(p.now, ids[1].0, Bytes::from_static(b"to-b"));
+    p.step();
+    assert_eq!(p.app_recv_all(a), b"to-a");
+    assert_eq!(p.app_recv_all(b), b"to-b");
+}
+
+#[test]
+fn flow_limit_resets_new_syns_and_keeps_existing_flows() {
+    let mut p = Pair::new(EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    });
+    let a = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    let b = p.connect(APP_PORT + 1, DST);
+    assert_eq!(
+        p.app(b).state(),
+        tcp::State::Closed,
+        "over the limit: reset"
+    );
+    assert_eq!(p.take_events(), vec![], "no channel requested");
+    assert_eq!(p.engine.stats().flows_over_limit, 1);
+    p.app(a).send_slice(b"still-works").unwrap();
+    p.step();
+    let (up, _) = p.uploaded();
+    assert_eq!(up, b"still-works");
+}
+
+#[test]
+fn app_reset_closes_the_channel_and_channel_close_without_eof_resets_the_app() {
+    let mut p = Pair::new(EngineConfig::default());
+    let a = p.connect(APP_PORT, DST);
+    let id_a = p.open_id();
+    p.engine.handle_open_ok(p.now, id_a);
+    p.step();
+    p.app(a).abort();
+    p.step();
+    assert_eq!(
+        p.take_events(),
+        vec![Event::Close {
+            id: id_a,
+            reason: CloseReason::AppReset
+        }]
+    );
+
+    let b = p.connect(APP_PORT + 1, DST);
+    let id_b = p.open_id();
+    p.engine.handle_open_ok(p.now, id_b);
+    p.step();
+    p.engine.handle_channel_closed(p.now, id_b);
+    p.step();
+    assert_eq!(p.app(b).state(), tcp::State::Closed, "RST to the app");
+    assert_eq!(
+        p.take_events(),
+        vec![Event::Close {
+            id: id_b,
+            reason: CloseReason::RemoteReset
+        }]
+    );
+    assert_eq!(p.engine.flow_count(), 0);
+}
+
+#[test]
+fn upload_pauses_at_the_inflight_limit_until_the_ssh_side_catches_up() {
+    let mut p = Pair::new(EngineConfig {
+        max_inflight: 64 * 1024,
+        ..EngineConfig::default()
+    });
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0;
+    let mut received = Vec::new();
+    for _ in 0..200 {
+        if sent < payload.len() {
+            sent += p.app(h).send_slice(&payload[sent..]).unwrap();
+        }
+        p.step();
+        let mut outstanding = 0;
+        for e in p.take_events() {
+            if let Event::Data { data, .. } = e {
+                outstanding += data.len();
+                received.extend_from_slice(&data);
+            }
+        }
+        assert!(
+            outstanding <= 64 * 1024,
+            "never more than max_inflight outstanding"
+        );
+        p.engine.handle_sent(id, outstanding);
+        if received.len() == payload.len() {
+            break;
+        }
+    }
+    assert_eq!(received, payload, "every byte arrives, in order");
+}
+
+#[test]
+fn an_app_that_stops_reading_is_reset_at_the_buffer_limit() {
+    let mut p = Pair::new(EngineConfig {
+        max_pending: 100_000,
+        tcp_buffer: 16 * 1024,
+        ..EngineConfig::default()
+    });
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    // The app never reads: its receive buffer (256 KiB) and ours fill up.
+    for _ in 0..40 {
+        p.engine
+            .handle_channel_data(p.now, id, Bytes::from(vec![7u8; 16 * 1024]));
+        p.step();
+    }
+    assert!(p.take_events().contains(&Event::Close {
+        id,
+        reason: CloseReason::AppTooSlow
+    }));
+    let _ = p.app_recv_all(h);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Closed);
+}
+
+#[test]
+fn udp_to_a_routed_address_is_answered_with_icmp_and_garbage_is_ignored() {
+    let mut p = Pair::new(EngineConfig::default());
+    p.engine
+        .handle_tun_packet(p.now, udp_v4((APP_V4, 5000), (VPC_V4, 53), b"dns?"));
+    p.engine.handle_tun_packet(p.now, vec![0x45, 0x00, 0xff]);
+    p.engine.poll(p.now);
+    let reply = p.engine.poll_transmit().expect("an ICMP reply");
+    assert_eq!(reply[9], 1, "IP protocol ICMP");
+    assert_eq!(p.engine.stats().icmp_rejects, 1);
+    assert_eq!(p.engine.stats().packets_dropped, 1);
+    assert!(p.engine.poll_transmit().is_none());
+}
+
+#[test]
+fn session_loss_resets_open_and_opening_flows() {
+    let mut p = Pair::new(EngineConfig::default());
+    let a = p.connect(APP_PORT, DST);
+    let id_a = p.open_id();
+    p.engine.handle_open_ok(p.now, id_a);
+    p.step();
+    let b = p.connect(APP_PORT + 1, DST);
+    let _ = p.open_id();
+    p.engine.reset_all(p.now, CloseReason::SessionLost);
+    p.step();
+    assert_eq!(p.app(a).state(), tcp::State::Closed);
+    assert_eq!(p.app(b).state(), tcp::State::Closed);
+    assert_eq!(p.engine.flow_count(), 0);
+    let closes = p
+        .take_events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Close {
+                    reason: CloseReason::SessionLost,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(closes, 2);
+}
