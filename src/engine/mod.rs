@@ -62,6 +62,9 @@ pub struct EngineConfig {
     /// Bytes of one flow handed to the SSH side and not yet written there: the app's upload
     /// is paused beyond this (backpressure from the SSH channel window).
     pub max_inflight: usize,
+    /// [`Event::Data`] messages of one flow not yet acknowledged by [`Engine::handle_sent`]:
+    /// with `max_inflight` this bounds the driver's per-flow write queue.
+    pub max_inflight_msgs: usize,
     /// Bytes from the SSH side waiting for the app to read them. russh keeps its receive
     /// window open whatever we do, so this bound is enforced by resetting the flow.
     pub max_pending: usize,
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             max_flows: 10_000,
             tcp_buffer: 512 * 1024,
             max_inflight: 1024 * 1024,
+            max_inflight_msgs: 64,
             max_pending: 16 * 1024 * 1024,
         }
     }
@@ -106,6 +110,8 @@ pub enum Event {
     Close {
         /// The flow.
         id: FlowId,
+        /// Its 4-tuple (for logs).
+        key: FlowKey,
         /// Why it ended.
         reason: CloseReason,
     },
@@ -142,6 +148,8 @@ struct Flow {
     phase: Phase,
     /// Bytes given to the SSH side and not yet acknowledged by `handle_sent`.
     inflight: usize,
+    /// `Event::Data` messages not yet acknowledged by `handle_sent`.
+    inflight_msgs: usize,
     /// Bytes from the SSH side waiting for room in the socket's send buffer.
     pending: VecDeque<Bytes>,
     pending_len: usize,
@@ -249,6 +257,7 @@ impl Engine {
                     self.flows.remove(id, &key);
                     self.events.push_back(Event::Close {
                         id,
+                        key,
                         reason: CloseReason::AppReset,
                     });
                 }
@@ -274,6 +283,7 @@ impl Engine {
             key,
             phase: Phase::Opening { syn },
             inflight: 0,
+            inflight_msgs: 0,
             pending: VecDeque::new(),
             pending_len: 0,
             ssh_eof: false,
@@ -325,6 +335,7 @@ impl Engine {
             self.flows.remove(id, &key);
             self.events.push_back(Event::Close {
                 id,
+                key,
                 reason: CloseReason::OpenRefused,
             });
         }
@@ -342,14 +353,14 @@ impl Engine {
     }
 
     fn refuse(&mut self, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
-        if let Some(flow) = self.flows.get(id) {
-            let key = flow.key;
-            self.flows.remove(id, &key);
-        }
+        let Some(key) = self.flows.get(id).map(|f| f.key) else {
+            return;
+        };
+        self.flows.remove(id, &key);
         self.stats.flows_refused += 1;
         // With no socket listening, smoltcp answers the held SYN with RST.
         self.device.rx.push_back(syn);
-        self.events.push_back(Event::Close { id, reason });
+        self.events.push_back(Event::Close { id, key, reason });
     }
 
     /// Bytes that arrived on the flow's channel.
@@ -390,10 +401,12 @@ impl Engine {
         }
     }
 
-    /// The driver wrote `n` bytes of this flow's earlier [`Event::Data`] to the channel.
+    /// The driver wrote one earlier [`Event::Data`] of this flow, `n` bytes long, to the
+    /// channel. Call it once per `Data` event.
     pub fn handle_sent(&mut self, id: FlowId, n: usize) {
         if let Some(flow) = self.flows.get_mut(id) {
             flow.inflight = flow.inflight.saturating_sub(n);
+            flow.inflight_msgs = flow.inflight_msgs.saturating_sub(1);
             mark_dirty(&mut self.dirty, id, flow);
         }
     }
@@ -529,7 +542,10 @@ impl Engine {
                 progressed = true;
             }
             // App -> SSH, within the flow's credit.
-            while socket.can_recv() && flow.inflight < self.config.max_inflight {
+            while socket.can_recv()
+                && flow.inflight < self.config.max_inflight
+                && flow.inflight_msgs < self.config.max_inflight_msgs
+            {
                 let budget = (self.config.max_inflight - flow.inflight).min(CHUNK);
                 let data = socket
                     .recv(|buf| {
@@ -546,6 +562,7 @@ impl Engine {
                 }
                 self.stats.bytes_up += data.len() as u64;
                 flow.inflight += data.len();
+                flow.inflight_msgs += 1;
                 self.events.push_back(Event::Data { id, data });
             }
         }
@@ -580,7 +597,7 @@ impl Engine {
             self.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);
-            self.events.push_back(Event::Close { id, reason });
+            self.events.push_back(Event::Close { id, key, reason });
         }
         progressed
     }

@@ -25,6 +25,7 @@ struct Pair {
     app_sockets: SocketSet<'static>,
     engine: Engine,
     events: Vec<Event>,
+    keys: Vec<(FlowId, FlowKey)>,
 }
 
 impl Pair {
@@ -42,6 +43,7 @@ impl Pair {
             app_sockets: SocketSet::new(Vec::new()),
             engine: Engine::new(config, T0),
             events: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
@@ -79,6 +81,9 @@ impl Pair {
             }
             while let Some(e) = self.engine.poll_event() {
                 moved = true;
+                if let Event::Open { id, key } = &e {
+                    self.keys.push((*id, *key));
+                }
                 self.events.push(e);
             }
             if !moved {
@@ -90,6 +95,15 @@ impl Pair {
     fn advance(&mut self, by: Duration) {
         self.now += by;
         self.step();
+    }
+
+    /// The key of the flow `id` as seen in its Open event (recorded by `open_id`).
+    fn key_of(&self, id: FlowId) -> FlowKey {
+        self.keys
+            .iter()
+            .find(|(i, _)| *i == id)
+            .expect("known flow")
+            .1
     }
 
     fn take_events(&mut self) -> Vec<Event> {
@@ -181,6 +195,7 @@ fn syn_is_held_until_the_channel_opens_then_bytes_flow_and_half_close_works() {
         p.take_events(),
         vec![Event::Close {
             id,
+            key: p.key_of(id),
             reason: CloseReason::Finished
         }]
     );
@@ -204,6 +219,7 @@ fn refused_channel_resets_the_app_connection_at_once() {
         p.take_events(),
         vec![Event::Close {
             id,
+            key: p.key_of(id),
             reason: CloseReason::OpenRefused
         }]
     );
@@ -302,6 +318,7 @@ fn app_reset_closes_the_channel_and_channel_close_without_eof_resets_the_app() {
         p.take_events(),
         vec![Event::Close {
             id: id_a,
+            key: p.key_of(id_a),
             reason: CloseReason::AppReset
         }]
     );
@@ -317,6 +334,7 @@ fn app_reset_closes_the_channel_and_channel_close_without_eof_resets_the_app() {
         p.take_events(),
         vec![Event::Close {
             id: id_b,
+            key: p.key_of(id_b),
             reason: CloseReason::RemoteReset
         }]
     );
@@ -379,6 +397,7 @@ fn an_app_that_stops_reading_is_reset_at_the_buffer_limit() {
     }
     assert!(p.take_events().contains(&Event::Close {
         id,
+        key: p.key_of(id),
         reason: CloseReason::AppTooSlow
     }));
     let _ = p.app_recv_all(h);
