@@ -1,3 +1,28 @@
-//! mse-vpn (being assembled).
+//! # mse-vpn
+//!
+//! Puts this machine inside a private cloud network. Traffic to the routed CIDRs enters a TUN
+//! device; a user-space TCP stack (smoltcp) terminates every flow; each flow is carried as an
+//! SSH `direct-tcpip` channel to a jump host running a stock OpenSSH sshd, which connects to
+//! the private destination. Apps connect by private IP, unchanged.
+//!
+//! ```text
+//!  app ──TCP──▶ kernel ──route 10.0.0.0/16──▶ TUN ──▶ Driver ──▶ Engine (smoltcp, flows)
+//!                                              ▲        │  ▲            │
+//!                                              └────────┘  └── SSH session: one
+//!                                                               direct-tcpip channel
+//!                                                               per flow ──▶ jump host ──▶ VPC
+//!  platform crate: TUN address, routes, restore journal (knows nothing of smoltcp or russh)
+//! ```
+//!
+//! What it does not do: carry UDP or ICMP (they get an ICMP unreachable so apps fail fast),
+//! or touch any traffic outside the routed CIDRs.
+//!
+//! Modules: [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns
+//! it; [`ssh`] and [`tun`] are the only modules of this crate that touch the OS.
+
+pub mod cli;
+pub mod control;
+pub mod driver;
 pub mod engine;
 pub mod ssh;
+pub mod tun;

@@ -1,1 +1,166 @@
-//! placeholder
+//! # mse-vpn-platform
+//!
+//! Host integration for mse-vpn: the [`RoutePlan`] (pure: which prefixes go into the TUN, the
+//! TUN's own addresses, which jump-host addresses bypass it), and the OS side that applies it:
+//! addresses and routes on the TUN link, bypass host routes, and the on-disk restore journal
+//! that lets a crashed session be undone.
+//!
+//! It knows nothing of smoltcp or russh. The caller creates the TUN device (and holds its fd);
+//! this crate configures it. Every change is written to the journal before it is made;
+//! [`Host::restore`] undoes them in reverse; [`repair`] undoes what a dead session left.
+//!
+//! Linux is implemented with iproute2's `ip` command (JSON output for reading); other systems
+//! compile against a stub that returns [`PlatformError::Unsupported`].
+
+pub mod journal;
+pub mod plan;
+
+#[cfg(target_os = "linux")]
+#[path = "linux.rs"]
+mod imp;
+#[cfg(not(target_os = "linux"))]
+#[path = "stub.rs"]
+mod imp;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+pub use journal::Change;
+pub use plan::{PlanError, PlanSpec, RoutePlan};
+
+/// Failures of host integration. Messages say what to do.
+#[derive(Debug, Error)]
+pub enum PlatformError {
+    /// This OS is not supported yet.
+    #[error("this operating system is not supported yet (Linux only for now)")]
+    Unsupported,
+    /// A routed CIDR overlaps a network the host already reaches through a local interface.
+    #[error(
+        "{cidr} overlaps {existing}, which this host already reaches directly through {dev}: routing it into the tunnel would cut that network off. Pick the VPC's exact CIDR, or --exclude {existing}"
+    )]
+    RouteConflict {
+        /// The plan's prefix.
+        cidr: IpNet,
+        /// The existing route's destination.
+        existing: IpNet,
+        /// Its interface.
+        dev: String,
+    },
+    /// No current path to a jump-host address that must bypass the tunnel.
+    #[error("there is no route to the jump host {addr}: check the network connection")]
+    NoPathTo {
+        /// The address.
+        addr: IpAddr,
+    },
+    /// Another live session owns the TUN name.
+    #[error(
+        "another mse-vpn session (pid {pid}) is using {tun}: stop it with `mse-vpn down`, or pick another --tun"
+    )]
+    Busy {
+        /// The TUN name.
+        tun: String,
+        /// The other session's pid.
+        pid: i32,
+    },
+    /// Another live session already routes an overlapping network.
+    #[error(
+        "{cidr} overlaps {other}, already routed by the mse-vpn session on {tun} (pid {pid}): stop it first, or exclude the overlap"
+    )]
+    Overlap {
+        /// Our prefix.
+        cidr: IpNet,
+        /// Theirs.
+        other: IpNet,
+        /// Their TUN.
+        tun: String,
+        /// Their pid.
+        pid: i32,
+    },
+    /// The journal could not be written or read.
+    #[error("restore journal {path}: {source}")]
+    Journal {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `ip` could not be run.
+    #[error("cannot run `{cmd}` (is iproute2 installed?): {source}")]
+    Spawn {
+        /// The command line.
+        cmd: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `ip` failed.
+    #[error("`{cmd}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// `ip -j` printed something unexpected.
+    #[error("cannot parse the output of `{cmd}`: {source}")]
+    Parse {
+        /// The command line.
+        cmd: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The current path to an address (before the TUN exists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The gateway, if not directly connected.
+    pub via: Option<IpAddr>,
+    /// The output interface.
+    pub dev: String,
+}
+
+/// What [`preflight`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preflight {
+    /// The current path of each bypass address.
+    pub bypass_paths: Vec<(IpAddr, PathInfo)>,
+}
+
+/// Read-only checks of a plan against the host: conflicts with existing interface routes and
+/// with other live sessions, and a path to every bypass address.
+pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
+    imp::preflight(plan, state_dir).await
+}
+
+/// The changes this session made; undo them with [`Host::restore`].
+#[derive(Debug)]
+pub struct Host {
+    inner: imp::Applied,
+}
+
+impl Host {
+    /// Configures the existing TUN link `plan.tun_name()` and adds the routes, journaling
+    /// every change first. On failure, whatever was done is undone.
+    pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Host, PlatformError> {
+        Ok(Host {
+            inner: imp::apply(plan, state_dir).await?,
+        })
+    }
+
+    /// Undoes every change in reverse order and deletes the journal.
+    pub async fn restore(self) -> Result<(), PlatformError> {
+        imp::restore(self.inner).await
+    }
+}
+
+/// Undoes what sessions that are no longer running left behind (per their journals) and
+/// returns the changes actually undone. Live sessions are left alone.
+pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
+    imp::repair(state_dir).await
+}

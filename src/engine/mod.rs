@@ -120,6 +120,8 @@ pub enum Event {
 /// Counters since the engine started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
+    /// Flows live right now (opening or open).
+    pub flows_active: u64,
     /// Flows admitted (SYN held, channel requested).
     pub flows_opened: u64,
     /// SYNs refused because of the flow limit.
@@ -209,7 +211,10 @@ impl Engine {
 
     /// Counters since start.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        EngineStats {
+            flows_active: self.flows.len() as u64,
+            ..self.stats
+        }
     }
 
     /// Number of live flows (opening or open).

@@ -1,1 +1,552 @@
-//! SSH side of mse-vpn (skeleton).
+//! The SSH side: one authenticated russh client connection to the jump host, and
+//! `direct-tcpip` channels on it. This module (with `tun.rs` and the platform crate) is one of
+//! the few places that touch the OS: it resolves names, opens TCP connections, reads key
+//! files and `known_hosts`, and may prompt on the terminal for a key's passphrase.
+//!
+//! Never logged: passphrases, key material, channel payloads.
+
+pub mod known_hosts;
+mod target;
+mod user;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
+use russh::{ChannelOpenFailure, Preferred, cipher};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub use known_hosts::Verdict;
+pub use target::{JumpHost, JumpHostError};
+pub use user::{InvokingUser, UserError};
+
+/// How to reach and log in to the jump host.
+#[derive(Clone, Debug)]
+pub struct SshOptions {
+    /// The jump host.
+    pub jump: JumpHost,
+    /// Login name (resolved: the `user@` part, or the invoking user's name).
+    pub user: String,
+    /// Private key files to try, in order, after the agent's identities.
+    pub identity_files: Vec<PathBuf>,
+    /// The `known_hosts` file to check (and, with `accept_new_host_key`, to extend).
+    pub known_hosts: PathBuf,
+    /// Record an unknown host key instead of refusing it (a changed key is always refused).
+    pub accept_new_host_key: bool,
+    /// Limit for TCP connect + SSH handshake + authentication.
+    pub connect_timeout: Duration,
+    /// SSH keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives after which the connection is declared dead.
+    pub keepalive_max: u32,
+    /// Per-channel receive window (bytes).
+    pub window_size: u32,
+    /// ssh-agent socket, if any.
+    pub agent_socket: Option<PathBuf>,
+    /// Owner for files created under the user's home (known_hosts), when running as root for
+    /// another user.
+    pub file_owner: Option<(u32, u32)>,
+}
+
+/// Why a `direct-tcpip` channel did not open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum OpenError {
+    /// The jump host could not connect to the destination (closed port, no route).
+    #[error("the jump host could not connect to the destination")]
+    ConnectFailed,
+    /// The jump host forbids forwarding (`AllowTcpForwarding no`, `permitopen`).
+    #[error("the jump host forbids TCP forwarding (AllowTcpForwarding)")]
+    Prohibited,
+    /// No answer within the open timeout.
+    #[error("the jump host did not answer the channel open in time")]
+    Timeout,
+    /// The SSH connection is gone.
+    #[error("the SSH connection is closed")]
+    SessionLost,
+    /// Any other refusal (resource shortage, unknown type).
+    #[error("the jump host refused the channel")]
+    Other,
+}
+
+/// Failure to connect or authenticate. Messages say what happened and what to do.
+#[derive(Debug, Error)]
+pub enum SshError {
+    /// The jump host's name does not resolve.
+    #[error("could not resolve jump host {host}: check the name, or use its IP address")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect failed (refused, unreachable).
+    #[error(
+        "cannot reach the jump host at {addr}: {source}. Check the address and port, and that sshd runs there"
+    )]
+    Unreachable {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No connection within the timeout.
+    #[error("the jump host {target} did not answer within {secs} s (firewall or wrong address?)")]
+    ConnectTimeout {
+        /// `host:port`.
+        target: String,
+        /// The timeout.
+        secs: u64,
+    },
+    /// The server's key is not in known_hosts.
+    #[error(
+        "the host key of {target} is not known ({algorithm} {fingerprint}). Verify it (e.g. `ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub` on the jump host), then re-run with --accept-new-host-key to record it in {path}"
+    )]
+    UnknownHostKey {
+        /// `host:port`.
+        target: String,
+        /// Key algorithm.
+        algorithm: String,
+        /// Key kind for the hint (ed25519, ecdsa, rsa).
+        kind: &'static str,
+        /// `SHA256:...`.
+        fingerprint: String,
+        /// The known_hosts file.
+        path: PathBuf,
+    },
+    /// The server's key differs from the recorded one.
+    #[error(
+        "WARNING: the host key of {target} has CHANGED (now {fingerprint}). Someone may be intercepting the connection. If the change is expected, remove line {line} of {path} and connect again"
+    )]
+    HostKeyChanged {
+        /// `host:port`.
+        target: String,
+        /// The new key's fingerprint.
+        fingerprint: String,
+        /// The known_hosts file.
+        path: PathBuf,
+        /// The line holding the old key.
+        line: usize,
+    },
+    /// known_hosts could not be read or written.
+    #[error("cannot use known_hosts file {path}: {source}")]
+    KnownHosts {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: russh::keys::Error,
+    },
+    /// A key file could not be loaded.
+    #[error("cannot load key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: russh::keys::Error,
+    },
+    /// An encrypted key needs a passphrase and there is no terminal to ask on.
+    #[error(
+        "key file {path} is encrypted and there is no terminal to ask for its passphrase: add it to ssh-agent, or run mse-vpn from a terminal"
+    )]
+    NoTerminalForPassphrase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Every method failed.
+    #[error(
+        "authentication as {user} on {target} failed (tried: {tried}). Check the user name, and that one of these keys is in ~{user}/.ssh/authorized_keys on the jump host; pass another key with -i"
+    )]
+    AuthFailed {
+        /// Login name.
+        user: String,
+        /// `host:port`.
+        target: String,
+        /// What was tried.
+        tried: String,
+    },
+    /// The SSH protocol failed (handshake, connection lost).
+    #[error("SSH connection to {target} failed: {source}")]
+    Protocol {
+        /// `host:port`.
+        target: String,
+        /// The russh error.
+        #[source]
+        source: russh::Error,
+    },
+}
+
+impl SshError {
+    /// True for failures that retrying cannot fix (host keys, authentication, key files):
+    /// a reconnect loop must stop on them.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            SshError::UnknownHostKey { .. }
+                | SshError::HostKeyChanged { .. }
+                | SshError::KnownHosts { .. }
+                | SshError::KeyFile { .. }
+                | SshError::NoTerminalForPassphrase { .. }
+                | SshError::AuthFailed { .. }
+        )
+    }
+}
+
+/// What the handler found about the server key (russh only tells us "rejected").
+#[derive(Debug, Default)]
+struct KeyCheck {
+    failure: Option<SshError>,
+}
+
+struct Client {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    accept_new: bool,
+    file_owner: Option<(u32, u32)>,
+    check: Arc<Mutex<KeyCheck>>,
+    closed: watch::Sender<bool>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The session loop ended, whatever the reason.
+        let _ = self.closed.send(true);
+    }
+}
+
+impl Client {
+    fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
+        let target = format!("{}:{}", self.host, self.port);
+        let kh_err = |source| SshError::KnownHosts {
+            path: self.known_hosts.clone(),
+            source,
+        };
+        match known_hosts::check(&self.host, self.port, key, &self.known_hosts).map_err(kh_err)? {
+            Verdict::Known => Ok(()),
+            Verdict::Changed { line } => Err(SshError::HostKeyChanged {
+                target,
+                fingerprint: known_hosts::fingerprint(key),
+                path: self.known_hosts.clone(),
+                line,
+            }),
+            Verdict::Unknown if self.accept_new => {
+                let existed = self.known_hosts.exists();
+                known_hosts::learn(&self.host, self.port, key, &self.known_hosts)
+                    .map_err(kh_err)?;
+                if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
+                    let _ = std::os::unix::fs::chown(&self.known_hosts, Some(uid), Some(gid));
+                }
+                warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
+                    path = %self.known_hosts.display(), "recorded a new host key");
+                Ok(())
+            }
+            Verdict::Unknown => {
+                let algorithm = key.algorithm().to_string();
+                let kind = if algorithm.contains("ed25519") {
+                    "ed25519"
+                } else if algorithm.contains("ecdsa") {
+                    "ecdsa"
+                } else {
+                    "rsa"
+                };
+                Err(SshError::UnknownHostKey {
+                    target,
+                    algorithm,
+                    kind,
+                    fingerprint: known_hosts::fingerprint(key),
+                    path: self.known_hosts.clone(),
+                })
+            }
+        }
+    }
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = server_public_key.public_key();
+        match self.verify(&key) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if let Ok(mut c) = self.check.lock() {
+                    c.failure = Some(e);
+                }
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// One authenticated SSH connection to the jump host.
+pub struct Session {
+    handle: Handle<Client>,
+    closed: watch::Receiver<bool>,
+    target: String,
+}
+
+impl Session {
+    /// Connects, checks the host key, and authenticates (agent, then key files).
+    pub async fn connect(opts: &SshOptions) -> Result<Session, SshError> {
+        let target = opts.jump.to_string();
+        let target = target
+            .rsplit_once('@')
+            .map_or(target.clone(), |(_, t)| t.to_owned());
+        match tokio::time::timeout(opts.connect_timeout, Self::connect_inner(opts, &target)).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::ConnectTimeout {
+                target,
+                secs: opts.connect_timeout.as_secs(),
+            }),
+        }
+    }
+
+    async fn connect_inner(opts: &SshOptions, target: &str) -> Result<Session, SshError> {
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((opts.jump.host.as_str(), opts.jump.port))
+                .await
+                .map_err(|source| SshError::Resolve {
+                    host: opts.jump.host.clone(),
+                    source,
+                })?
+                .collect();
+        let mut last = None;
+        let mut stream = None;
+        for addr in addrs {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(source) => last = Some(SshError::Unreachable { addr, source }),
+            }
+        }
+        let stream = match stream {
+            Some(s) => s,
+            None => {
+                return Err(last.unwrap_or_else(|| SshError::Resolve {
+                    host: opts.jump.host.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                }));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+
+        let config = Arc::new(client::Config {
+            window_size: opts.window_size,
+            maximum_packet_size: 65_535,
+            channel_buffer_size: 256,
+            inactivity_timeout: None,
+            keepalive_interval: Some(opts.keepalive_interval),
+            keepalive_max: opts.keepalive_max as usize,
+            nodelay: true,
+            preferred: Preferred {
+                // AES-GCM first: with AES-NI it is markedly faster than ChaCha20-Poly1305.
+                cipher: std::borrow::Cow::Borrowed(&[
+                    cipher::AES_256_GCM,
+                    cipher::CHACHA20_POLY1305,
+                    cipher::AES_256_CTR,
+                    cipher::AES_192_CTR,
+                    cipher::AES_128_CTR,
+                ]),
+                ..Preferred::default()
+            },
+            ..client::Config::default()
+        });
+        let check = Arc::new(Mutex::new(KeyCheck::default()));
+        let (closed_tx, closed) = watch::channel(false);
+        let handler = Client {
+            host: opts.jump.host.clone(),
+            port: opts.jump.port,
+            known_hosts: opts.known_hosts.clone(),
+            accept_new: opts.accept_new_host_key,
+            file_owner: opts.file_owner,
+            check: check.clone(),
+            closed: closed_tx,
+        };
+        let mut handle = match client::connect_stream(config, stream, handler).await {
+            Ok(h) => h,
+            Err(source) => {
+                let failure = check.lock().ok().and_then(|mut c| c.failure.take());
+                return Err(failure.unwrap_or(SshError::Protocol {
+                    target: target.to_owned(),
+                    source,
+                }));
+            }
+        };
+        debug!(%target, "handshake done, authenticating");
+        authenticate(&mut handle, opts, target).await?;
+        info!(%target, user = %opts.user, "authenticated");
+        Ok(Session {
+            handle,
+            closed,
+            target: target.to_owned(),
+        })
+    }
+
+    /// Opens a `direct-tcpip` channel to `dst`, telling the jump host the connection comes
+    /// from `originator`.
+    pub async fn open_direct_tcpip(
+        &self,
+        dst: SocketAddr,
+        originator: SocketAddr,
+        timeout: Duration,
+    ) -> Result<russh::Channel<client::Msg>, OpenError> {
+        let open = self.handle.channel_open_direct_tcpip(
+            dst.ip().to_string(),
+            dst.port().into(),
+            originator.ip().to_string(),
+            originator.port().into(),
+        );
+        match tokio::time::timeout(timeout, open).await {
+            Err(_) => Err(OpenError::Timeout),
+            Ok(Ok(ch)) => Ok(ch),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(match reason {
+                ChannelOpenFailure::ConnectFailed => OpenError::ConnectFailed,
+                ChannelOpenFailure::AdministrativelyProhibited => OpenError::Prohibited,
+                _ => OpenError::Other,
+            }),
+            Ok(Err(_)) if self.is_closed() => Err(OpenError::SessionLost),
+            Ok(Err(e)) => {
+                debug!(error = %e, "channel open failed");
+                Err(OpenError::Other)
+            }
+        }
+    }
+
+    /// True once the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow() || self.handle.is_closed()
+    }
+
+    /// Resolves when the connection is gone (keepalive timeout, EOF, error, disconnect).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// `host:port` of the jump host.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Politely ends the connection.
+    pub async fn disconnect(&self) {
+        let _ = self
+            .handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                "mse-vpn shutting down",
+                "en",
+            )
+            .await;
+    }
+}
+
+async fn authenticate(
+    handle: &mut Handle<Client>,
+    opts: &SshOptions,
+    target: &str,
+) -> Result<(), SshError> {
+    let mut tried: Vec<String> = Vec::new();
+    let rsa_hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+
+    if let Some(sock) = &opts.agent_socket {
+        match russh::keys::agent::client::AgentClient::connect_uds(sock).await {
+            Ok(mut agent) => {
+                let ids = agent.request_identities().await.unwrap_or_default();
+                for id in ids {
+                    let key = id.public_key().into_owned();
+                    let hash = if key.algorithm().is_rsa() {
+                        rsa_hash
+                    } else {
+                        None
+                    };
+                    tried.push(format!("agent key {}", known_hosts::fingerprint(&key)));
+                    match handle
+                        .authenticate_publickey_with(&opts.user, key, hash, &mut agent)
+                        .await
+                    {
+                        Ok(r) if r.success() => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => debug!(error = %e, "agent signing failed"),
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, socket = %sock.display(), "ssh-agent not usable"),
+        }
+    }
+
+    for path in &opts.identity_files {
+        let key = load_key(path)?;
+        let hash = if key.algorithm().is_rsa() {
+            rsa_hash
+        } else {
+            None
+        };
+        tried.push(path.display().to_string());
+        let r = handle
+            .authenticate_publickey(&opts.user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+            .await
+            .map_err(|source| SshError::Protocol {
+                target: target.to_owned(),
+                source,
+            })?;
+        if r.success() {
+            return Ok(());
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no agent and no key file found".to_owned());
+    }
+    Err(SshError::AuthFailed {
+        user: opts.user.clone(),
+        target: target.to_owned(),
+        tried: tried.join(", "),
+    })
+}
+
+fn load_key(path: &Path) -> Result<russh::keys::PrivateKey, SshError> {
+    let key_err = |source| SshError::KeyFile {
+        path: path.to_owned(),
+        source,
+    };
+    match russh::keys::load_secret_key(path, None) {
+        Ok(k) => Ok(k),
+        Err(russh::keys::Error::KeyIsEncrypted) => {
+            let passphrase = passphrase_for(path)?;
+            russh::keys::load_secret_key(path, Some(&passphrase)).map_err(key_err)
+        }
+        Err(e) => Err(key_err(e)),
+    }
+}
+
+/// Asks for a key's passphrase: `MSE_VPN_TEST_PASSPHRASE` in tests, else the terminal.
+fn passphrase_for(path: &Path) -> Result<String, SshError> {
+    if cfg!(test)
+        && let Ok(p) = std::env::var("MSE_VPN_TEST_PASSPHRASE")
+    {
+        return Ok(p);
+    }
+    rpassword::prompt_password(format!("Enter passphrase for key {}: ", path.display())).map_err(
+        |_| SshError::NoTerminalForPassphrase {
+            path: path.to_owned(),
+        },
+    )
+}

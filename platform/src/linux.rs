@@ -1,0 +1,401 @@
+//! Linux: addresses, routes and the TUN link through iproute2's `ip` (JSON output when
+//! reading). Each change is journaled before it is made; undo tolerates "already gone".
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde_json::Value;
+use tokio::process::Command;
+use tracing::{debug, info, warn};
+
+use crate::journal::{self, Change, Journal};
+use crate::{PathInfo, PlatformError, Preflight, RoutePlan};
+
+/// The changes one session made, with its open journal.
+#[derive(Debug)]
+pub struct Applied {
+    journal: Journal,
+    changes: Vec<Change>,
+}
+
+async fn ip(args: &[&str]) -> Result<String, PlatformError> {
+    let cmd = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| PlatformError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(PlatformError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn ip_json(args: &[&str]) -> Result<Vec<Value>, PlatformError> {
+    let text = ip(args).await?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&text).map_err(|source| PlatformError::Parse {
+        cmd: format!("ip {}", args.join(" ")),
+        source,
+    })
+}
+
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "-4",
+        IpNet::V6(_) => "-6",
+    }
+}
+
+/// Parses a route's `dst` ("default", "10.0.0.0/16", or a bare host address).
+fn route_dst(v: &Value, fam: &str) -> Option<IpNet> {
+    let dst = v.get("dst")?.as_str()?;
+    if dst == "default" {
+        return None;
+    }
+    dst.parse::<IpNet>().ok().or_else(|| {
+        let a: IpAddr = dst.parse().ok()?;
+        let _ = fam;
+        Some(IpNet::from(a))
+    })
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+/// The current path to `addr`, from the kernel's route lookup.
+pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
+    let a = addr.to_string();
+    let routes = ip_json(&["-j", "route", "get", &a])
+        .await
+        .map_err(|_| PlatformError::NoPathTo { addr })?;
+    let r = routes.first().ok_or(PlatformError::NoPathTo { addr })?;
+    let dev = r
+        .get("dev")
+        .and_then(Value::as_str)
+        .ok_or(PlatformError::NoPathTo { addr })?
+        .to_owned();
+    let via = r
+        .get("gateway")
+        .and_then(Value::as_str)
+        .and_then(|g| g.parse().ok());
+    Ok(PathInfo { via, dev })
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && (pid as u32 == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+}
+
+/// Journals of other live sessions: (tun, pid, routes).
+fn live_sessions(state_dir: &Path) -> Vec<(String, i32, Vec<IpNet>)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let Ok(rec) = journal::read(&path) else {
+            continue;
+        };
+        let Some(pid) = rec
+            .pid
+            .filter(|p| pid_alive(*p) && *p as u32 != std::process::id())
+        else {
+            continue;
+        };
+        let tun = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let routes = rec
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Route { dst, .. } => Some(*dst),
+                _ => None,
+            })
+            .collect();
+        out.push((tun, pid, routes));
+    }
+    out
+}
+
+pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
+    for (tun, pid, routes) in live_sessions(state_dir) {
+        if tun == plan.tun_name() {
+            return Err(PlatformError::Busy { tun, pid });
+        }
+        for ours in plan.routes() {
+            if let Some(other) = routes.iter().find(|r| overlaps(r, ours)) {
+                return Err(PlatformError::Overlap {
+                    cidr: *ours,
+                    other: *other,
+                    tun,
+                    pid,
+                });
+            }
+        }
+    }
+    for fam in ["-4", "-6"] {
+        let wanted: Vec<&IpNet> = plan.routes().iter().filter(|r| family(r) == fam).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        for r in ip_json(&[fam, "-j", "route", "show", "table", "main"]).await? {
+            let Some(dst) = route_dst(&r, fam) else {
+                continue;
+            };
+            let local = r.get("scope").and_then(Value::as_str) == Some("link")
+                || r.get("protocol").and_then(Value::as_str) == Some("kernel");
+            let dev = r.get("dev").and_then(Value::as_str).unwrap_or("?");
+            if !local || dev == plan.tun_name() {
+                continue;
+            }
+            // A host route to a bypass address is the path we keep, not a conflict.
+            if plan.bypass().iter().any(|b| IpNet::from(*b) == dst) {
+                continue;
+            }
+            if let Some(cidr) = wanted.iter().find(|w| overlaps(w, &dst)) {
+                return Err(PlatformError::RouteConflict {
+                    cidr: **cidr,
+                    existing: dst,
+                    dev: dev.to_owned(),
+                });
+            }
+        }
+    }
+    let mut bypass_paths = Vec::new();
+    for addr in plan.bypass() {
+        bypass_paths.push((*addr, path_to(*addr).await?));
+    }
+    Ok(Preflight { bypass_paths })
+}
+
+pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, PlatformError> {
+    let path = journal::path_for(state_dir, plan.tun_name());
+    if let Ok(rec) = journal::read(&path)
+        && let Some(pid) = rec
+            .pid
+            .filter(|p| pid_alive(*p) && *p as u32 != std::process::id())
+    {
+        return Err(PlatformError::Busy {
+            tun: plan.tun_name().to_owned(),
+            pid,
+        });
+    }
+    // Paths for bypass addresses are looked up before any route of ours exists.
+    let mut bypass = Vec::new();
+    for addr in plan.bypass() {
+        bypass.push((*addr, path_to(*addr).await?));
+    }
+    let jerr = |source| PlatformError::Journal {
+        path: path.clone(),
+        source,
+    };
+    let journal = Journal::create(&path, std::process::id()).map_err(jerr)?;
+    let mut applied = Applied {
+        journal,
+        changes: Vec::new(),
+    };
+    match configure(plan, &bypass, &mut applied).await {
+        Ok(()) => {
+            info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+            Ok(applied)
+        }
+        Err(e) => {
+            warn!("setting up the host failed ({e}); undoing what was done");
+            let _ = restore(applied).await;
+            Err(e)
+        }
+    }
+}
+
+async fn make(applied: &mut Applied, change: Change, args: &[&str]) -> Result<(), PlatformError> {
+    applied
+        .journal
+        .record(&change)
+        .map_err(|source| PlatformError::Journal {
+            path: applied.journal.path().to_owned(),
+            source,
+        })?;
+    applied.changes.push(change);
+    ip(args).await.map(|_| ())
+}
+
+async fn configure(
+    plan: &RoutePlan,
+    bypass: &[(IpAddr, PathInfo)],
+    applied: &mut Applied,
+) -> Result<(), PlatformError> {
+    let tun = plan.tun_name();
+    let mtu = plan.mtu().to_string();
+    make(
+        applied,
+        Change::Link {
+            name: tun.to_owned(),
+        },
+        &["link", "set", "dev", tun, "mtu", &mtu, "up"],
+    )
+    .await?;
+    for addr in plan.tun_addrs() {
+        let a = addr.to_string();
+        let mut args = vec![family(&addr), "addr", "add", &a, "dev", tun];
+        if matches!(addr, IpNet::V6(_)) {
+            args.push("nodad");
+        }
+        make(
+            applied,
+            Change::Addr {
+                addr,
+                dev: tun.to_owned(),
+            },
+            &args,
+        )
+        .await?;
+    }
+    for (addr, path) in bypass {
+        let dst = IpNet::from(*addr);
+        let d = dst.to_string();
+        let existing = ip(&[family(&dst), "route", "show", "exact", &d]).await?;
+        if !existing.trim().is_empty() {
+            debug!(%dst, "a host route to the jump host already exists: keeping it");
+            continue;
+        }
+        let via = path.via.map(|v| v.to_string());
+        let mut args = vec![family(&dst), "route", "add", &d];
+        if let Some(v) = &via {
+            args.extend(["via", v.as_str()]);
+        }
+        args.extend(["dev", path.dev.as_str()]);
+        make(
+            applied,
+            Change::Bypass {
+                dst,
+                via: path.via,
+                dev: path.dev.clone(),
+            },
+            &args,
+        )
+        .await?;
+    }
+    let v4 = plan.tun_v4().to_string();
+    let v6 = plan.tun_v6().map(|a| a.to_string());
+    for dst in plan.routes() {
+        let d = dst.to_string();
+        let src = match dst {
+            IpNet::V4(_) => Some(v4.as_str()),
+            IpNet::V6(_) => v6.as_deref(),
+        };
+        let mut args = vec![family(dst), "route", "add", &d, "dev", tun];
+        if let Some(s) = src {
+            args.extend(["src", s]);
+        }
+        make(
+            applied,
+            Change::Route {
+                dst: *dst,
+                dev: tun.to_owned(),
+            },
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Undoes one change if it is still there; true if something was removed.
+async fn undo(change: &Change) -> bool {
+    let r = match change {
+        Change::Route { dst, dev } => {
+            let d = dst.to_string();
+            ip(&[family(dst), "route", "del", &d, "dev", dev]).await
+        }
+        Change::Bypass { dst, via, dev } => {
+            let d = dst.to_string();
+            let v = via.map(|v| v.to_string());
+            let mut args = vec![family(dst), "route", "del", &d];
+            if let Some(v) = &v {
+                args.extend(["via", v.as_str()]);
+            }
+            args.extend(["dev", dev.as_str()]);
+            ip(&args).await
+        }
+        Change::Addr { addr, dev } => {
+            let a = addr.to_string();
+            ip(&[family(addr), "addr", "del", &a, "dev", dev]).await
+        }
+        // The TUN of a live session goes away when its fd closes; a dead session's TUN can
+        // only remain if something else holds it: delete it only if it is a tun device.
+        Change::Link { name } => match ip(&["-d", "link", "show", "dev", name]).await {
+            Ok(out) if out.contains(" tun ") => ip(&["link", "del", "dev", name]).await,
+            Ok(_) => return false,
+            Err(e) => Err(e),
+        },
+    };
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            debug!(%change, "nothing to undo: {e}");
+            false
+        }
+    }
+}
+
+pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
+    for change in applied.changes.iter().rev() {
+        if matches!(change, Change::Link { .. }) {
+            continue; // the caller closes the TUN, which removes the link
+        }
+        undo(change).await;
+    }
+    let path = applied.journal.path().to_owned();
+    applied
+        .journal
+        .remove()
+        .map_err(|source| PlatformError::Journal { path, source })
+}
+
+pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
+    let mut undone = Vec::new();
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return Ok(undone);
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let rec = journal::read(&path).map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+        if rec.pid.is_some_and(pid_alive) {
+            continue;
+        }
+        for change in rec.changes.iter().rev() {
+            if undo(change).await {
+                undone.push(change.clone());
+            }
+        }
+        std::fs::remove_file(&path).map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(undone)
+}

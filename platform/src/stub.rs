@@ -1,0 +1,24 @@
+//! Placeholder for operating systems not supported yet: every call says so.
+
+use std::path::Path;
+
+use crate::{Change, PlatformError, Preflight, RoutePlan};
+
+#[derive(Debug)]
+pub struct Applied;
+
+pub async fn preflight(_: &RoutePlan, _: &Path) -> Result<Preflight, PlatformError> {
+    Err(PlatformError::Unsupported)
+}
+
+pub async fn apply(_: &RoutePlan, _: &Path) -> Result<Applied, PlatformError> {
+    Err(PlatformError::Unsupported)
+}
+
+pub async fn restore(_: Applied) -> Result<(), PlatformError> {
+    Err(PlatformError::Unsupported)
+}
+
+pub async fn repair(_: &Path) -> Result<Vec<Change>, PlatformError> {
+    Err(PlatformError::Unsupported)
+}

@@ -1,0 +1,439 @@
+//! The control socket: a running session answers `status` and `down` requests on a Unix
+//! socket at `/run/mse-vpn/<tun>.sock`, readable by root and the user who started it only.
+//!
+//! Protocol: one JSON request line (`{"cmd":"status"}` or `{"cmd":"down"}`), one JSON reply
+//! line. The reply to `status` is a [`Status`]; its fields are the stable, documented
+//! `status --json` format (new fields may be added; none are renamed or removed).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::engine::EngineStats;
+
+/// Errors of the control socket, on either side.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// No session is running (no socket, or nobody answers on it).
+    #[error("no mse-vpn session is running (nothing answers on {path})")]
+    NotRunning {
+        /// The socket path tried.
+        path: PathBuf,
+    },
+    /// The socket exists but this user may not use it.
+    #[error(
+        "permission denied on {path}: only root and the user who started the session may use it"
+    )]
+    Denied {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Socket I/O failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The other side sent something that is not the expected JSON.
+    #[error("control socket {path}: malformed reply: {source}")]
+    Malformed {
+        /// The socket path.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The state of the SSH link, as shown by `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Connected; flows are carried.
+    Connected,
+    /// The connection was lost; mse-vpn is reconnecting (routes stay in place).
+    Reconnecting,
+    /// Shutting down.
+    Stopping,
+}
+
+/// One state change, for the `status` history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// Unix time in seconds.
+    pub at_unix: u64,
+    /// The new state.
+    pub state: LinkState,
+    /// Why (for a loss or a failed reconnect).
+    pub detail: Option<String>,
+}
+
+/// The `status --json` document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Format version of this document: 1.
+    pub version: u32,
+    /// Process id of the session.
+    pub pid: u32,
+    /// The jump host, as `user@host:port`.
+    pub jump: String,
+    /// The TUN device name.
+    pub tun: String,
+    /// The routed networks.
+    pub routes: Vec<String>,
+    /// Current link state.
+    pub state: LinkState,
+    /// Unix time the session started.
+    pub started_unix: u64,
+    /// Seconds since the session started.
+    pub uptime_secs: u64,
+    /// Successful reconnects since start.
+    pub reconnects: u64,
+    /// Flows open right now.
+    pub flows_active: u64,
+    /// Flows admitted since start.
+    pub flows_opened: u64,
+    /// Flows refused (the jump host could not connect) since start.
+    pub flows_refused: u64,
+    /// New connections reset because of the flow limit.
+    pub flows_over_limit: u64,
+    /// Bytes from local apps into the tunnel.
+    pub bytes_up: u64,
+    /// Bytes from the tunnel to local apps.
+    pub bytes_down: u64,
+    /// The last state changes, oldest first (at most 32).
+    pub history: Vec<StateChange>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct Request {
+    cmd: String,
+}
+
+/// Shared, updatable session facts from which [`Status`] documents are made.
+#[derive(Debug)]
+pub struct Board {
+    inner: Mutex<Status>,
+    stats: Mutex<Option<watch::Receiver<EngineStats>>>,
+    started: std::time::Instant,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+impl Board {
+    /// A board for a new session.
+    pub fn new(jump: String, tun: String, routes: Vec<String>) -> Arc<Board> {
+        let now = unix_now();
+        Arc::new(Board {
+            inner: Mutex::new(Status {
+                version: 1,
+                pid: std::process::id(),
+                jump,
+                tun,
+                routes,
+                state: LinkState::Connected,
+                started_unix: now,
+                uptime_secs: 0,
+                reconnects: 0,
+                flows_active: 0,
+                flows_opened: 0,
+                flows_refused: 0,
+                flows_over_limit: 0,
+                bytes_up: 0,
+                bytes_down: 0,
+                history: vec![StateChange {
+                    at_unix: now,
+                    state: LinkState::Connected,
+                    detail: None,
+                }],
+            }),
+            stats: Mutex::new(None),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Follows the counters of the current driver.
+    pub fn follow(&self, stats: watch::Receiver<EngineStats>) {
+        if let Ok(mut s) = self.stats.lock() {
+            // Counters restart with each driver: fold the old driver's totals in first.
+            if let Some(old) = s.take() {
+                self.fold(&old.borrow());
+            }
+            *s = Some(stats);
+        }
+    }
+
+    fn fold(&self, e: &EngineStats) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.flows_opened += e.flows_opened;
+            st.flows_refused += e.flows_refused;
+            st.flows_over_limit += e.flows_over_limit;
+            st.bytes_up += e.bytes_up;
+            st.bytes_down += e.bytes_down;
+        }
+    }
+
+    /// Records a link state change.
+    pub fn set_state(&self, state: LinkState, detail: Option<String>) {
+        if let Ok(mut st) = self.inner.lock() {
+            if state == LinkState::Connected && st.state == LinkState::Reconnecting {
+                st.reconnects += 1;
+            }
+            st.state = state;
+            st.history.push(StateChange {
+                at_unix: unix_now(),
+                state,
+                detail,
+            });
+            let excess = st.history.len().saturating_sub(32);
+            st.history.drain(..excess);
+        }
+    }
+
+    /// The current status document.
+    pub fn snapshot(&self) -> Status {
+        let mut st = match self.inner.lock() {
+            Ok(st) => st.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        st.uptime_secs = self.started.elapsed().as_secs();
+        if let Ok(s) = self.stats.lock()
+            && let Some(rx) = s.as_ref()
+        {
+            let e = *rx.borrow();
+            st.flows_active = e.flows_active;
+            st.flows_opened += e.flows_opened;
+            st.flows_refused += e.flows_refused;
+            st.flows_over_limit += e.flows_over_limit;
+            st.bytes_up += e.bytes_up;
+            st.bytes_down += e.bytes_down;
+        }
+        st
+    }
+}
+
+/// The socket path of the session using TUN `tun`.
+pub fn socket_path(state_dir: &Path, tun: &str) -> PathBuf {
+    state_dir.join(format!("{tun}.sock"))
+}
+
+/// A bound control socket; removed from disk when dropped.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds the socket, readable and writable only by `owner_uid` (and root).
+    pub fn bind(path: &Path, owner_uid: u32, owner_gid: u32) -> Result<Server, ControlError> {
+        let io = |source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        // A socket file left by a crashed session: nobody answers on it.
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::os::unix::fs::chown(path, Some(owner_uid), Some(owner_gid)).map_err(io)?;
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Serves requests until the process ends; a `down` request sets `stop`.
+    pub async fn serve(self, board: Arc<Board>, stop: watch::Sender<bool>) {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                continue;
+            };
+            let board = board.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &board, &stop).await {
+                    debug!("control request failed: {e}");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    board: &Board,
+    stop: &watch::Sender<bool>,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(r).take(4096);
+    r.read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) if req.cmd == "status" => serde_json::to_string(&board.snapshot())?,
+        Ok(req) if req.cmd == "down" => {
+            warn!("stop requested through the control socket");
+            let _ = stop.send(true);
+            r#"{"ok":true}"#.to_owned()
+        }
+        _ => r#"{"error":"unknown request"}"#.to_owned(),
+    };
+    w.write_all(reply.as_bytes()).await?;
+    w.write_all(b"\n").await?;
+    w.shutdown().await
+}
+
+/// Sends one request and returns the reply line.
+pub async fn request(path: &Path, cmd: &str) -> Result<String, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ControlError::Denied {
+                path: path.to_owned(),
+            },
+            _ => ControlError::NotRunning {
+                path: path.to_owned(),
+            },
+        })?;
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (r, mut w) = stream.into_split();
+    let req = serde_json::to_string(&Request {
+        cmd: cmd.to_owned(),
+    })
+    .map_err(|source| ControlError::Malformed {
+        path: path.to_owned(),
+        source,
+    })?;
+    w.write_all(req.as_bytes()).await.map_err(io)?;
+    w.write_all(b"\n").await.map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(r)
+        .take(1 << 20)
+        .read_line(&mut line)
+        .await
+        .map_err(io)?;
+    Ok(line)
+}
+
+/// Asks the session behind `path` for its status.
+pub async fn status(path: &Path) -> Result<Status, ControlError> {
+    let line = request(path, "status").await?;
+    serde_json::from_str(&line).map_err(|source| ControlError::Malformed {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Renders a status as the compact human table of `mse-vpn status`.
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    let state = match st.state {
+        LinkState::Connected => "connected",
+        LinkState::Reconnecting => "RECONNECTING",
+        LinkState::Stopping => "stopping",
+    };
+    let up = st.uptime_secs;
+    out.push_str(&format!(
+        "state       {state}\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
+        st.jump,
+        st.tun,
+        st.pid,
+        up / 3600,
+        up / 60 % 60,
+        up % 60,
+        st.routes.join(", "),
+        st.flows_active,
+        st.flows_opened,
+        st.flows_refused,
+        st.flows_over_limit,
+        st.bytes_up,
+        st.bytes_down,
+        st.reconnects
+    ));
+    if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
+        out.push_str(&format!(
+            "last event  {:?} {}\n",
+            last.state,
+            last.detail.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_and_down_round_trip_over_the_socket() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-ctl-{}", std::process::id()));
+        let path = socket_path(&dir, "mvtest0");
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let server = Server::bind(&path, uid, gid).unwrap();
+        let board = Board::new(
+            "u@h:22".into(),
+            "mvtest0".into(),
+            vec!["10.0.0.0/16".into()],
+        );
+        let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
+        board.follow(stats_rx);
+        stats_tx.send_replace(EngineStats {
+            flows_active: 2,
+            bytes_up: 10,
+            ..Default::default()
+        });
+        board.set_state(LinkState::Reconnecting, Some("keepalive timeout".into()));
+        board.set_state(LinkState::Connected, None);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        tokio::spawn(server.serve(board.clone(), stop_tx));
+
+        let st = status(&path).await.unwrap();
+        assert_eq!(st.flows_active, 2);
+        assert_eq!(st.bytes_up, 10);
+        assert_eq!(st.reconnects, 1);
+        assert_eq!(st.state, LinkState::Connected);
+        assert_eq!(st.history.len(), 3);
+        assert!(render(&st).contains("keepalive timeout"));
+
+        request(&path, "down").await.unwrap();
+        stop_rx.wait_for(|s| *s).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn no_session_is_a_clear_error() {
+        let e = status(Path::new("/nonexistent/mse-vpn/x.sock"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no mse-vpn session is running"));
+    }
+}

@@ -1,0 +1,333 @@
+//! The driver: the one task that owns the [`Engine`], moving packets between it and the TUN
+//! and bytes between it and SSH channels.
+//!
+//! ```text
+//!            ┌──────────── Driver task (owns Engine; no lock) ─────────────┐
+//!  TUN ─recv─▶ handle_tun_packet ─▶ poll ─▶ poll_transmit ─send─▶ TUN      │
+//!            │                        │                                     │
+//!            │          Event::Open ──┼─▶ open task ─▶ FlowMsg::Opened      │
+//!            │          Event::Data ──┼─▶ per-flow writer (bounded) ─▶ SSH  │
+//!            │   FlowMsg (bounded) ◀──┴── per-flow reader (always drains)   │
+//!            └─────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Every flow has a reader task that keeps draining its channel (russh stalls the whole
+//! connection when one channel's queue is full) into one shared bounded queue to the driver;
+//! the engine holds each flow's backlog under its own bound. Writes to a channel wait for the
+//! SSH window in the flow's writer task, and the engine reads no more from the app than the
+//! flow's credit allows: backpressure end to end, no unbounded queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use russh::ChannelMsg;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant as TokioInstant;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey};
+use crate::ssh::{OpenError, Session};
+use crate::tun::Tun;
+
+/// Messages from flow tasks to the driver.
+enum FlowMsg {
+    Opened(FlowId, russh::Channel<russh::client::Msg>),
+    OpenFailed(FlowId, CloseReason),
+    Data(FlowId, Bytes),
+    Eof(FlowId),
+    Closed(FlowId),
+    Sent(FlowId, usize),
+}
+
+/// Commands to a flow's writer task.
+enum WriterCmd {
+    Data(Bytes),
+    Eof,
+    Close,
+}
+
+/// Capacity of the shared queue from flow tasks to the driver.
+const FLOW_QUEUE: usize = 4096;
+/// Packets read from the TUN per wake-up before the engine runs.
+const TUN_BATCH: usize = 64;
+
+/// How the driver's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The SSH connection was lost.
+    SessionLost,
+}
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Engine tunables.
+    pub engine: EngineConfig,
+    /// How long a `direct-tcpip` open may take before the app gets a reset.
+    pub open_timeout: Duration,
+}
+
+/// The driver. See the module documentation.
+pub struct Driver {
+    engine: Engine,
+    config: DriverConfig,
+    tun: Arc<Tun>,
+    session: Arc<Session>,
+    msgs_tx: mpsc::Sender<FlowMsg>,
+    msgs: mpsc::Receiver<FlowMsg>,
+    writers: HashMap<FlowId, mpsc::Sender<WriterCmd>>,
+    epoch: TokioInstant,
+    stats: watch::Sender<crate::engine::EngineStats>,
+}
+
+impl Driver {
+    /// A driver for one SSH session over `tun`.
+    pub fn new(config: DriverConfig, tun: Arc<Tun>, session: Arc<Session>) -> Driver {
+        let epoch = TokioInstant::now();
+        let (msgs_tx, msgs) = mpsc::channel(FLOW_QUEUE);
+        let engine = Engine::new(
+            config.engine.clone(),
+            smoltcp::time::Instant::from_micros(0),
+        );
+        Driver {
+            engine,
+            config,
+            tun,
+            session,
+            msgs_tx,
+            msgs,
+            writers: HashMap::new(),
+            epoch,
+            stats: watch::channel(Default::default()).0,
+        }
+    }
+
+    /// A receiver of the engine's counters, updated as the driver runs.
+    pub fn stats(&self) -> watch::Receiver<crate::engine::EngineStats> {
+        self.stats.subscribe()
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn deadline(&self, at: smoltcp::time::Instant) -> TokioInstant {
+        self.epoch + Duration::from_micros(at.total_micros().max(0) as u64)
+    }
+
+    /// Runs until `shutdown` fires or the SSH session is lost. All flows are reset on exit.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<Exit> {
+        let mut buf = vec![0u8; self.config.engine.mtu + 64];
+        let session = self.session.clone();
+        let session_closed = session.closed();
+        tokio::pin!(session_closed);
+        let exit = loop {
+            let now = self.now();
+            let deadline = self
+                .engine
+                .poll_timeout(now)
+                .map(|t| self.deadline(t))
+                .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break Exit::Shutdown,
+                _ = &mut session_closed => break Exit::SessionLost,
+                r = self.tun.recv(&mut buf) => {
+                    let n = r?;
+                    let now = self.now();
+                    self.engine.handle_tun_packet(now, buf[..n].to_vec());
+                    for _ in 1..TUN_BATCH {
+                        match self.tun.recv(&mut buf).now_or_never() {
+                            Some(Ok(n)) => self.engine.handle_tun_packet(now, buf[..n].to_vec()),
+                            Some(Err(e)) => return Err(e),
+                            None => break,
+                        }
+                    }
+                }
+                Some(msg) = self.msgs.recv() => {
+                    self.handle_msg(msg);
+                    for _ in 1..FLOW_QUEUE {
+                        match self.msgs.try_recv() {
+                            Ok(msg) => self.handle_msg(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            self.turn().await?;
+        };
+        let reason = match exit {
+            Exit::Shutdown => CloseReason::Shutdown,
+            Exit::SessionLost => CloseReason::SessionLost,
+        };
+        let now = self.now();
+        self.engine.reset_all(now, reason);
+        self.turn().await?;
+        Ok(exit)
+    }
+
+    /// Runs the engine once and carries out what it asks for.
+    async fn turn(&mut self) -> std::io::Result<()> {
+        let now = self.now();
+        self.engine.poll(now);
+        while let Some(event) = self.engine.poll_event() {
+            self.handle_event(event);
+        }
+        while let Some(packet) = self.engine.poll_transmit() {
+            self.tun.send(&packet).await?;
+            self.engine.recycle(packet);
+        }
+        self.stats.send_replace(self.engine.stats());
+        Ok(())
+    }
+
+    fn handle_msg(&mut self, msg: FlowMsg) {
+        let now = self.now();
+        match msg {
+            FlowMsg::Opened(id, channel) => {
+                let Some(key) = self.engine.flow_key(id) else {
+                    // The app gave up while the channel was opening.
+                    tokio::spawn(async move {
+                        let _ = channel.close().await;
+                    });
+                    return;
+                };
+                self.start_flow_tasks(id, key, channel);
+                self.engine.handle_open_ok(now, id);
+            }
+            FlowMsg::OpenFailed(id, reason) => self.engine.handle_open_failed(now, id, reason),
+            FlowMsg::Data(id, data) => self.engine.handle_channel_data(now, id, data),
+            FlowMsg::Eof(id) => self.engine.handle_channel_eof(now, id),
+            FlowMsg::Closed(id) => self.engine.handle_channel_closed(now, id),
+            FlowMsg::Sent(id, n) => self.engine.handle_sent(id, n),
+        }
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::Open { id, key } => self.open(id, key),
+            Event::Data { id, data } => self.send_to_writer(id, WriterCmd::Data(data)),
+            Event::Eof { id } => self.send_to_writer(id, WriterCmd::Eof),
+            Event::Close { id, key, reason } => {
+                if let Some(w) = self.writers.remove(&id) {
+                    let _ = w.try_send(WriterCmd::Close);
+                }
+                if reason.is_normal() {
+                    debug!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
+                } else {
+                    warn!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
+                }
+            }
+        }
+    }
+
+    fn send_to_writer(&mut self, id: FlowId, cmd: WriterCmd) {
+        if let Some(w) = self.writers.get(&id) {
+            // The queue holds max_inflight_msgs data messages plus EOF and close: the engine's
+            // credit guarantees room. If it is ever full, the flow is broken: reset it.
+            if w.try_send(cmd).is_err() {
+                warn!(flow = %id, "writer queue full: resetting flow");
+                self.engine.abort(id, CloseReason::RemoteReset);
+            }
+        }
+    }
+
+    fn open(&mut self, id: FlowId, key: FlowKey) {
+        let session = self.session.clone();
+        let tx = self.msgs_tx.clone();
+        let timeout = self.config.open_timeout;
+        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
+        tokio::spawn(
+            async move {
+                let msg = match session.open_direct_tcpip(key.dst, key.src, timeout).await {
+                    Ok(channel) => {
+                        debug!("channel open");
+                        FlowMsg::Opened(id, channel)
+                    }
+                    Err(e) => {
+                        let reason = match e {
+                            OpenError::ConnectFailed => CloseReason::OpenRefused,
+                            OpenError::Prohibited => CloseReason::OpenProhibited,
+                            OpenError::Timeout => CloseReason::OpenTimedOut,
+                            OpenError::SessionLost => CloseReason::SessionLost,
+                            _ => CloseReason::OpenRefused,
+                        };
+                        if matches!(e, OpenError::Prohibited) {
+                            warn!("the jump host refused to forward: enable AllowTcpForwarding in its sshd_config");
+                        } else {
+                            debug!(error = ?e, "channel open failed");
+                        }
+                        FlowMsg::OpenFailed(id, reason)
+                    }
+                };
+                let _ = tx.send(msg).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn start_flow_tasks(
+        &mut self,
+        id: FlowId,
+        key: FlowKey,
+        channel: russh::Channel<russh::client::Msg>,
+    ) {
+        let (mut read, write) = channel.split();
+        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
+        let tx = self.msgs_tx.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    let msg = match read.wait().await {
+                        Some(ChannelMsg::Data { data }) => FlowMsg::Data(id, data),
+                        Some(ChannelMsg::Eof) => FlowMsg::Eof(id),
+                        Some(ChannelMsg::Close) | None => {
+                            let _ = tx.send(FlowMsg::Closed(id)).await;
+                            break;
+                        }
+                        Some(_) => continue,
+                    };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            .instrument(span.clone()),
+        );
+        let (wtx, mut wrx) = mpsc::channel(self.config.engine.max_inflight_msgs + 2);
+        self.writers.insert(id, wtx);
+        let tx = self.msgs_tx.clone();
+        tokio::spawn(
+            async move {
+                while let Some(cmd) = wrx.recv().await {
+                    match cmd {
+                        WriterCmd::Data(data) => {
+                            let n = data.len();
+                            if write.data_bytes(data).await.is_err() {
+                                break;
+                            }
+                            if tx.send(FlowMsg::Sent(id, n)).await.is_err() {
+                                break;
+                            }
+                        }
+                        WriterCmd::Eof => {
+                            if write.eof().await.is_err() {
+                                break;
+                            }
+                        }
+                        WriterCmd::Close => break,
+                    }
+                }
+                let _ = write.close().await;
+            }
+            .instrument(span),
+        );
+        debug!(flow = %id, src = %key.src, dst = %key.dst, "flow open");
+    }
+}

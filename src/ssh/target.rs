@@ -1,0 +1,166 @@
+//! The jump host as typed by the user: `[USER@]HOST[:PORT]`, parsed once at the edge.
+
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// Where to SSH to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JumpHost {
+    /// Login name, if given (otherwise the invoking user's name).
+    pub user: Option<String>,
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port (22 unless given).
+    pub port: u16,
+}
+
+/// Why a `--proxy` value was refused.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum JumpHostError {
+    /// Nothing was given.
+    #[error("the jump host is empty: expected [USER@]HOST[:PORT], e.g. admin@bastion.example.com")]
+    Empty,
+    /// `user@` with no user.
+    #[error("the user name before '@' is empty: expected [USER@]HOST[:PORT]")]
+    EmptyUser,
+    /// The port is not a number in 1..=65535.
+    #[error("'{0}' is not a valid port: expected a number from 1 to 65535")]
+    BadPort(String),
+    /// `[` without a matching `]`.
+    #[error("unbalanced brackets in '{0}': write IPv6 addresses as [2001:db8::1]:22")]
+    Brackets(String),
+    /// Characters that cannot be in a host name.
+    #[error("'{0}' is not a valid host name or address")]
+    BadHost(String),
+}
+
+impl FromStr for JumpHost {
+    type Err = JumpHostError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(JumpHostError::Empty);
+        }
+        let (user, rest) = match s.rsplit_once('@') {
+            Some(("", _)) => return Err(JumpHostError::EmptyUser),
+            Some((u, r)) => (Some(u.to_owned()), r),
+            None => (None, s),
+        };
+        let parse_port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(JumpHostError::BadPort(p.to_owned())),
+            Ok(n) => Ok(n),
+        };
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let (host, after) = inner
+                .split_once(']')
+                .ok_or_else(|| JumpHostError::Brackets(rest.to_owned()))?;
+            let port = match after {
+                "" => 22,
+                p => parse_port(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| JumpHostError::Brackets(rest.to_owned()))?,
+                )?,
+            };
+            (host.to_owned(), port)
+        } else if rest.matches(':').count() > 1 {
+            // A bare IPv6 address: no port possible without brackets.
+            (rest.to_owned(), 22)
+        } else if let Some((h, p)) = rest.split_once(':') {
+            (h.to_owned(), parse_port(p)?)
+        } else {
+            (rest.to_owned(), 22)
+        };
+        if host.is_empty() {
+            return Err(JumpHostError::Empty);
+        }
+        let valid = host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%'));
+        if !valid || host.starts_with('-') {
+            return Err(JumpHostError::BadHost(host));
+        }
+        Ok(JumpHost { user, host, port })
+    }
+}
+
+impl fmt::Display for JumpHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jh(user: Option<&str>, host: &str, port: u16) -> JumpHost {
+        JumpHost {
+            user: user.map(str::to_owned),
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!("bastion".parse(), Ok(jh(None, "bastion", 22)));
+        assert_eq!(
+            "admin@203.0.113.7".parse(),
+            Ok(jh(Some("admin"), "203.0.113.7", 22))
+        );
+        assert_eq!(
+            "ops@h.example:2222".parse(),
+            Ok(jh(Some("ops"), "h.example", 2222))
+        );
+        assert_eq!(
+            "u@[fe80::1]:2222".parse(),
+            Ok(jh(Some("u"), "fe80::1", 2222))
+        );
+        assert_eq!("[2001:db8::1]".parse(), Ok(jh(None, "2001:db8::1", 22)));
+        assert_eq!("2001:db8::1".parse(), Ok(jh(None, "2001:db8::1", 22)));
+        assert_eq!("a@b@host".parse(), Ok(jh(Some("a@b"), "host", 22)));
+    }
+
+    #[test]
+    fn refused_forms_say_why() {
+        assert_eq!("".parse::<JumpHost>(), Err(JumpHostError::Empty));
+        assert_eq!("@h".parse::<JumpHost>(), Err(JumpHostError::EmptyUser));
+        assert_eq!(
+            "h:0".parse::<JumpHost>(),
+            Err(JumpHostError::BadPort("0".into()))
+        );
+        assert_eq!(
+            "h:99999".parse::<JumpHost>(),
+            Err(JumpHostError::BadPort("99999".into()))
+        );
+        assert!(matches!(
+            "[::1".parse::<JumpHost>(),
+            Err(JumpHostError::Brackets(_))
+        ));
+        assert!(matches!(
+            "h st".parse::<JumpHost>(),
+            Err(JumpHostError::BadHost(_))
+        ));
+        assert!(matches!(
+            "-oProxyCommand=x".parse::<JumpHost>(),
+            Err(JumpHostError::BadHost(_))
+        ));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["u@h:22", "h:2222", "u@[fe80::1]:22"] {
+            assert_eq!(s.parse::<JumpHost>().unwrap().to_string(), s);
+        }
+    }
+}
