@@ -15,6 +15,15 @@ pub struct Cli {
     /// More logging: -v for debug, -vv for trace (RUST_LOG overrides).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Where sessions keep their restore journals and control sockets.
+    #[arg(
+        long,
+        global = true,
+        env = "MSE_VPN_STATE_DIR",
+        default_value = "/run/mse-vpn",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -21,9 +21,6 @@ use mse_vpn::ssh::{self, Session, SshOptions};
 use mse_vpn::tun::Tun;
 use mse_vpn_platform as platform;
 
-/// Where the restore journals live (tmpfs: a reboot clears the kernel state they describe).
-const STATE_DIR: &str = "/run/mse-vpn";
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -39,9 +36,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Up(args) => up(args).await,
-            Command::Down(args) => down(args).await,
-            Command::Status(args) => status(args).await,
+            Command::Up(args) => up(args, &cli.state_dir).await,
+            Command::Down(args) => down(args, &cli.state_dir).await,
+            Command::Status(args) => status(args, &cli.state_dir).await,
         }
     });
     match result {
@@ -68,7 +65,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn up(args: UpArgs) -> Result<()> {
+async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     // 1. Everything the user typed, checked before the host is touched.
     let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
     for key in &args.identity {
@@ -111,7 +108,6 @@ async fn up(args: UpArgs) -> Result<()> {
         tun_name: args.tun.clone(),
         mtu: args.mtu,
     })?;
-    let state_dir = Path::new(STATE_DIR);
     let repaired = platform::repair(state_dir).await?;
     for change in &repaired {
         warn!("repaired what a crashed session left: {change}");
@@ -131,7 +127,7 @@ async fn up(args: UpArgs) -> Result<()> {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o755))
         })
-        .with_context(|| format!("cannot create {STATE_DIR}"))?;
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let board = Board::new(
         format!("{}@{}:{}", opts.user, args.proxy.host, args.proxy.port),
         plan.tun_name().to_owned(),
@@ -264,11 +260,11 @@ async fn resolve(jump: &ssh::JumpHost) -> Result<Vec<IpAddr>> {
 }
 
 /// The control sockets of running sessions (all, or the one using `tun`).
-fn session_sockets(tun: Option<&str>) -> Vec<std::path::PathBuf> {
+fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<std::path::PathBuf> {
     if let Some(tun) = tun {
-        return vec![control::socket_path(Path::new(STATE_DIR), tun)];
+        return vec![control::socket_path(state_dir, tun)];
     }
-    let mut socks: Vec<_> = std::fs::read_dir(STATE_DIR)
+    let mut socks: Vec<_> = std::fs::read_dir(state_dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.path())
@@ -280,9 +276,9 @@ fn session_sockets(tun: Option<&str>) -> Vec<std::path::PathBuf> {
     socks
 }
 
-async fn status(args: StatusArgs) -> Result<()> {
+async fn status(args: StatusArgs, state_dir: &Path) -> Result<()> {
     let mut all = Vec::new();
-    for path in session_sockets(args.tun.as_deref()) {
+    for path in session_sockets(state_dir, args.tun.as_deref()) {
         match control::status(&path).await {
             Ok(st) => all.push(st),
             Err(control::ControlError::NotRunning { .. }) if args.tun.is_none() => {}
@@ -301,9 +297,9 @@ async fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-async fn down(args: DownArgs) -> Result<()> {
+async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
     let mut stopped = 0;
-    for path in session_sockets(args.tun.as_deref()) {
+    for path in session_sockets(state_dir, args.tun.as_deref()) {
         match control::request(&path, "down").await {
             Ok(_) => {
                 // Wait (bounded) for the session to restore the host and remove its socket.
@@ -332,7 +328,7 @@ async fn down(args: DownArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let repaired = platform::repair(Path::new(STATE_DIR)).await?;
+    let repaired = platform::repair(state_dir).await?;
     if repaired.is_empty() {
         println!("nothing left behind to repair");
     }

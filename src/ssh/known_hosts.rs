@@ -42,9 +42,28 @@ pub fn check(
         changed.get_or_insert(line);
     }
     Ok(match changed {
-        Some(line) => Verdict::Changed { line },
+        Some(nth) => Verdict::Changed {
+            line: file_line(path, nth).unwrap_or(nth),
+        },
         None => Verdict::Unknown,
     })
+}
+
+/// russh numbers entries without counting comment lines: map its `nth` entry back to the
+/// file's real 1-based line number.
+fn file_line(path: &Path, nth: usize) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with('#') {
+            continue;
+        }
+        seen += 1;
+        if seen == nth {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Appends a line for `host`:`port` with `key` (creating the file and its directory).
@@ -137,10 +156,10 @@ mod tests {
 
     #[test]
     fn changed_key_reports_its_line() {
-        let (_d, p) = file(&format!("a {ED_B}\nb {ED_B}\nbastion {ED_B}\n"));
+        let (_d, p) = file(&format!("a {ED_B}\n# comment\nb {ED_B}\nbastion {ED_B}\n"));
         assert_eq!(
             check("bastion", 22, &key(ED_A), &p).unwrap(),
-            Verdict::Changed { line: 3 }
+            Verdict::Changed { line: 4 }
         );
     }
 
@@ -149,7 +168,11 @@ mod tests {
         let (_d, p) = file("");
         learn("10.0.0.1", 2222, &key(&format!("{ED_A} some comment")), &p).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.trim_start().starts_with("[10.0.0.1]:2222 ssh-ed25519 "), "{text}");
+        assert!(
+            text.trim_start()
+                .starts_with("[10.0.0.1]:2222 ssh-ed25519 "),
+            "{text}"
+        );
         assert_eq!(
             check("10.0.0.1", 2222, &key(ED_A), &p).unwrap(),
             Verdict::Known

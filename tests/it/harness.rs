@@ -1,0 +1,307 @@
+//! The test harness: a namespace testbed built by `scripts/testbed` (torn down on drop, even
+//! when a test panics), and a running `mse-vpn up` in its laptop namespace.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mse-vpn")
+}
+
+fn must_be_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the end-to-end tests build network namespaces and need root (CI runs them as root)"
+    );
+}
+
+/// A simulated laptop / jump host / VPC in network namespaces.
+pub struct Testbed {
+    /// Testbed name (namespace prefix).
+    pub name: String,
+    /// Its directory (keys, configs, logs).
+    pub dir: PathBuf,
+    /// The jump host's address as the laptop reaches it.
+    pub jump_addr: String,
+}
+
+impl Testbed {
+    /// Builds a testbed; `opts` are `scripts/testbed up` options.
+    pub fn up(name: &str, opts: &[&str]) -> Testbed {
+        must_be_root();
+        let out = Command::new("bash")
+            .arg(root().join("scripts/testbed"))
+            .args(["up", name])
+            .args(opts)
+            .output()
+            .expect("run scripts/testbed");
+        let dir = PathBuf::from(format!("/tmp/mvtb-{name}"));
+        let mut tb = Testbed {
+            name: name.to_owned(),
+            dir: dir.clone(),
+            jump_addr: String::new(),
+        };
+        assert!(
+            out.status.success(),
+            "testbed {name} failed to come up:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tb.jump_addr = std::fs::read_to_string(dir.join("jump_addr"))
+            .expect("jump_addr")
+            .trim()
+            .to_owned();
+        tb
+    }
+
+    /// Namespace names.
+    pub fn lap(&self) -> String {
+        format!("{}-lap", self.name)
+    }
+
+    /// A command run inside namespace `ns`.
+    pub fn cmd_in(&self, ns: &str, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(argv);
+        c
+    }
+
+    /// Runs a command in the laptop namespace (bounded by `timeout` seconds) and returns its
+    /// output.
+    pub fn on_laptop(&self, timeout: u32, argv: &[&str]) -> Output {
+        let t = timeout.to_string();
+        let mut full = vec!["timeout", t.as_str()];
+        full.extend_from_slice(argv);
+        self.cmd_in(&self.lap(), &full)
+            .output()
+            .expect("run a command in the laptop namespace")
+    }
+
+    /// Runs a shell snippet in the laptop namespace.
+    pub fn sh(&self, timeout: u32, script: &str) -> Output {
+        self.on_laptop(timeout, &["bash", "-c", script])
+    }
+
+    /// The laptop's links, addresses and routes: what mse-vpn must leave as it found it.
+    pub fn snapshot(&self) -> String {
+        let out = self.sh(
+            10,
+            "ip -o link show | sed 's/@[^:]*//' | awk '{print $2}'; ip -o addr show; ip route show table all; ip -6 route show table all",
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The state directory used by this testbed's sessions.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The TUN name used by this testbed's sessions.
+    pub fn tun(&self) -> String {
+        format!("mv{}", self.name)
+    }
+
+    /// `mse-vpn ARGS` in the laptop namespace, with this testbed's state dir.
+    pub fn mse_vpn(&self, args: &[&str]) -> Command {
+        let mut c = self.cmd_in(&self.lap(), &[bin()]);
+        c.env("MSE_VPN_STATE_DIR", self.state_dir()).args(args);
+        c
+    }
+
+    /// The usual `up` arguments for this testbed plus `extra`.
+    pub fn up_args(&self, cidrs: &[&str], extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec!["up".into()];
+        for c in cidrs {
+            v.push("--cidr".into());
+            v.push((*c).into());
+        }
+        v.extend(
+            [
+                "--proxy",
+                &format!("root@{}", self.jump_addr),
+                "-i",
+                &self.dir.join("id_ed25519").to_string_lossy(),
+                "--known-hosts",
+                &self.dir.join("known_hosts").to_string_lossy(),
+                "--tun",
+                &self.tun(),
+                "-v",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Starts `mse-vpn up` and waits (20 s at most) for it to report the tunnel up.
+    pub fn start(&self, cidrs: &[&str], extra: &[&str]) -> Vpn {
+        let args = self.up_args(cidrs, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let vpn = Vpn::spawn(self.mse_vpn(&args));
+        vpn.wait_up(Duration::from_secs(20));
+        vpn
+    }
+
+    /// Runs `mse-vpn up` expecting it to fail; returns (status, stderr).
+    pub fn up_fails(&self, args: &[&str]) -> (ExitStatus, String) {
+        let mut vpn = Vpn::spawn(self.mse_vpn(args));
+        let status = vpn.wait_exit(Duration::from_secs(30));
+        (status, vpn.stderr())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(root().join("scripts/testbed"))
+            .args(["down", &self.name])
+            .output();
+    }
+}
+
+/// A running `mse-vpn` process.
+pub struct Vpn {
+    child: Child,
+    up_rx: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Vpn {
+    /// Spawns the command, collecting its output.
+    pub fn spawn(mut cmd: Command) -> Vpn {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1")
+            .env_remove("SUDO_USER")
+            .env_remove("SSH_AUTH_SOCK");
+        let mut child = cmd.spawn().expect("spawn mse-vpn");
+        let (tx, up_rx) = mpsc::channel();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().unwrap();
+        let so = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                so.lock().unwrap().push_str(&format!("{line}\n"));
+                if line.contains("mse-vpn is up") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                se.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        Vpn {
+            child,
+            up_rx,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Waits for the "is up" line; panics with the logs if it does not come.
+    pub fn wait_up(&self, limit: Duration) {
+        if self.up_rx.recv_timeout(limit).is_err() {
+            panic!(
+                "mse-vpn did not come up within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+        }
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the process to exit (killing it after `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                // Let the output threads catch up.
+                std::thread::sleep(Duration::from_millis(100));
+                return st;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "mse-vpn did not exit within {limit:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal to the process (`ip netns exec` execs, so the pid is mse-vpn's).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// SIGINT, then waits for a clean exit.
+    pub fn interrupt(mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGINT);
+        self.wait_exit(Duration::from_secs(15))
+    }
+}
+
+impl Drop for Vpn {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// sha256 of a file, as hex.
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Text of an output's stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Text of an output's stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,1 @@
+//! Lifecycle tests (filled by the lifecycle issue).

@@ -1,0 +1,7 @@
+//! End-to-end tests, run as root: each test builds its own network namespaces (laptop, jump
+//! host with a real OpenSSH sshd, VPC with real servers) with `scripts/testbed` and tears
+//! them down on drop, even when it fails.
+
+mod harness;
+mod lifecycle;
+mod outbound;

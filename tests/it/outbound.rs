@@ -1,0 +1,325 @@
+//! End-to-end tests of `mse-vpn up`: real OpenSSH sshd on the jump host, real nginx, redis
+//! and PostgreSQL in the VPC, real clients on the laptop, all in namespaces.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{Testbed, sha256_file, stderr, stdout};
+
+/// A laptop-side client that sends a request, shuts down its write side, and reads the whole
+/// reply; and a VPC-side server that reads to EOF before replying. Half-close must work.
+const HALF_CLOSE_SERVER: &str = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.10", 7000)); s.listen(8)
+while True:
+    c, _ = s.accept(); data = b""
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        data += b
+    c.sendall(b"got %d bytes after EOF" % len(data)); c.close()
+"#;
+
+const HALF_CLOSE_CLIENT: &str = r#"
+import socket
+c = socket.create_connection(("10.0.0.10", 7000), timeout=10)
+c.sendall(b"x" * 100000); c.shutdown(socket.SHUT_WR)
+reply = b""
+while True:
+    b = c.recv(65536)
+    if not b: break
+    reply += b
+print(reply.decode())
+"#;
+
+#[test]
+fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
+    let tb = Testbed::up("ob", &["--with", "nginx,redis,postgres"]);
+    let before = tb.snapshot();
+    let vpn = tb.start(&["10.0.0.0/16", "fd00:10::/64"], &[]);
+
+    // HTTP: 1 KiB and 10 MiB, bodies checked.
+    for file in ["1k.bin", "10m.bin"] {
+        let out = tb.sh(
+            60,
+            &format!("curl -sS -m 50 http://10.0.0.10/{file} | sha256sum"),
+        );
+        let got = stdout(&out);
+        let want = sha256_file(&tb.dir.join("www").join(file));
+        assert!(
+            got.starts_with(&want),
+            "{file}: sha256 {got} != {want}; {}",
+            stderr(&out)
+        );
+    }
+
+    // Redis PING, SET/GET.
+    let out = tb.on_laptop(10, &["redis-cli", "-h", "10.0.0.11", "ping"]);
+    assert_eq!(stdout(&out).trim(), "PONG", "{}", stderr(&out));
+    tb.on_laptop(
+        10,
+        &[
+            "redis-cli",
+            "-h",
+            "10.0.0.11",
+            "set",
+            "k",
+            "through the tunnel",
+        ],
+    );
+    let out = tb.on_laptop(10, &["redis-cli", "-h", "10.0.0.11", "get", "k"]);
+    assert_eq!(stdout(&out).trim(), "through the tunnel");
+
+    // PostgreSQL.
+    let out = tb.on_laptop(
+        15,
+        &[
+            "psql",
+            "-h",
+            "10.0.0.12",
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-tAc",
+            "select 40 + 2",
+        ],
+    );
+    assert_eq!(stdout(&out).trim(), "42", "psql: {}", stderr(&out));
+
+    // A closed port is refused at once (a reset, not a timeout).
+    let t = Instant::now();
+    let out = tb.on_laptop(10, &["curl", "-sS", "-m", "5", "http://10.0.0.10:81/"]);
+    let took = t.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl to a closed port: {}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+
+    // UDP is not carried: an ICMP port unreachable makes it fail at once.
+    let t = Instant::now();
+    let out = tb.on_laptop(
+        10,
+        &["dig", "+tries=1", "+time=5", "@10.0.0.10", "example.com"],
+    );
+    assert!(
+        stdout(&out).contains("connection refused") || stderr(&out).contains("connection refused"),
+        "dig over UDP: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "UDP refusal took {:?}",
+        t.elapsed()
+    );
+
+    // IPv6.
+    let out = tb.on_laptop(
+        10,
+        &["curl", "-sS", "-m", "5", "-g", "http://[fd00:10::10]/"],
+    );
+    assert_eq!(
+        stdout(&out).trim(),
+        "hello from the VPC",
+        "{}",
+        stderr(&out)
+    );
+
+    // Half-close: the client shuts down its write side and still gets the full reply.
+    let mut server = tb
+        .cmd_in(
+            &format!("{}-vpc", tb.name),
+            &["python3", "-c", HALF_CLOSE_SERVER],
+        )
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tb.on_laptop(20, &["python3", "-c", HALF_CLOSE_CLIENT]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        stdout(&out).trim(),
+        "got 100000 bytes after EOF",
+        "{}",
+        stderr(&out)
+    );
+
+    // 200 parallel connections all complete.
+    let out = tb.sh(
+        60,
+        "for i in $(seq 200); do curl -sS -m 30 -o /dev/null -w '%{http_code}\\n' http://10.0.0.10/1k.bin & done; wait",
+    );
+    let ok = stdout(&out).lines().filter(|l| *l == "200").count();
+    assert_eq!(ok, 200, "parallel connections: {}", stderr(&out));
+
+    // The only route into the tunnel is the one asked for; SIGINT removes everything.
+    let routes = stdout(&tb.on_laptop(5, &["ip", "route"]));
+    assert!(
+        routes.contains(&format!("10.0.0.0/16 dev {}", tb.tun())),
+        "{routes}"
+    );
+    let status = vpn.interrupt();
+    assert!(status.success(), "exit status after SIGINT: {status}");
+    assert_eq!(
+        tb.snapshot(),
+        before,
+        "the laptop's links, addresses and routes are restored"
+    );
+}
+
+#[test]
+fn the_jump_host_inside_the_routed_cidr_keeps_its_own_path() {
+    let tb = Testbed::up("jin", &["--with", "nginx", "--jump-in-cidr"]);
+    assert!(tb.jump_addr.starts_with("10."));
+    let before = tb.snapshot();
+    let vpn = tb.start(&["10.0.0.0/8"], &[]);
+    let routes = stdout(&tb.on_laptop(5, &["ip", "route"]));
+    assert!(
+        routes.contains("10.99.0.1 via"),
+        "bypass host route: {routes}"
+    );
+    let out = tb.on_laptop(10, &["curl", "-sS", "-m", "5", "http://10.0.0.10/"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "hello from the VPC",
+        "{}",
+        stderr(&out)
+    );
+    assert!(vpn.interrupt().success());
+    assert_eq!(tb.snapshot(), before);
+}
+
+#[test]
+fn host_keys_are_checked_strictly() {
+    let tb = Testbed::up("hk", &["--with", "nginx"]);
+    let before = tb.snapshot();
+    let kh = tb.dir.join("known_hosts");
+    let real = std::fs::read_to_string(&kh).unwrap();
+
+    // Unknown: refused with the fingerprint and the flag, nothing changed.
+    std::fs::write(&kh, "").unwrap();
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    assert!(!status.success());
+    assert!(
+        err.contains("SHA256:") && err.contains("--accept-new-host-key"),
+        "{err}"
+    );
+    assert_eq!(tb.snapshot(), before);
+
+    // Accepted on request, recorded, and then known.
+    let vpn = tb.start(&["10.0.0.0/16"], &["--accept-new-host-key"]);
+    let recorded = std::fs::read_to_string(&kh).unwrap();
+    assert!(
+        recorded.contains(&tb.jump_addr) && recorded.contains("ssh-ed25519"),
+        "{recorded}"
+    );
+    assert!(vpn.interrupt().success());
+    let vpn = tb.start(&["10.0.0.0/16"], &[]);
+    assert!(vpn.interrupt().success());
+
+    // Changed: refused loudly, even with --accept-new-host-key.
+    let other = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(tb.dir.join("other_key"))
+        .status()
+        .unwrap();
+    assert!(other.success());
+    let other_pub = std::fs::read_to_string(tb.dir.join("other_key.pub")).unwrap();
+    let fake: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    std::fs::write(
+        &kh,
+        format!("# line 1\n{} {}\n", tb.jump_addr, fake.join(" ")),
+    )
+    .unwrap();
+    let args = tb.up_args(&["10.0.0.0/16"], &["--accept-new-host-key"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    assert!(!status.success());
+    assert!(err.contains("CHANGED") && err.contains("line 2"), "{err}");
+    assert_eq!(tb.snapshot(), before);
+    std::fs::write(&kh, real).unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_before_the_host_is_touched() {
+    let tb = Testbed::up("bad", &["--with", "nginx"]);
+    let before = tb.snapshot();
+    let cases: &[(&[&str], &str, &[&str])] = &[
+        (&["10.0.0.0/33"], "not a CIDR", &[]),
+        (&["0.0.0.0/0"], "whole internet", &[]),
+        (&["10.0.0.1/16"], "did you mean 10.0.0.0/16", &[]),
+        // The laptop's own link network is reached directly: routing it would cut it off.
+        (&["172.16.0.0/12"], "overlaps", &[]),
+        (
+            &["10.0.0.0/16"],
+            "does not exist",
+            &["-i", "/nonexistent/key"],
+        ),
+    ];
+    for (cidrs, expect, extra) in cases {
+        let args = tb.up_args(cidrs, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, err) = tb.up_fails(&args);
+        assert!(!status.success(), "{cidrs:?} must be refused");
+        assert!(
+            err.contains(expect),
+            "{cidrs:?}: expected '{expect}' in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A jump host that does not resolve, and one where nothing listens.
+    let mut args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let p = args.iter().position(|a| a == "--proxy").unwrap();
+    args[p + 1] = "root@no-such-host.invalid".into();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&a);
+    assert!(!status.success());
+    assert!(err.contains("could not resolve"), "{err}");
+    args[p + 1] = format!("root@{}:2", tb.jump_addr);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let (status, err) = tb.up_fails(&a);
+    assert!(!status.success());
+    assert!(err.contains("cannot reach the jump host"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(tb.snapshot(), before, "nothing changed on the host");
+}
+
+#[test]
+fn the_flow_limit_resets_new_connections_and_keeps_the_others() {
+    let tb = Testbed::up("lim", &["--with", "nginx"]);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--max-flows", "2"]);
+    let script = r#"
+import socket
+held = [socket.create_connection(("10.0.0.10", 80), timeout=5) for _ in range(2)]
+try:
+    third = socket.create_connection(("10.0.0.10", 80), timeout=5)
+    third.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    print("third:", third.recv(100))
+except OSError as e:
+    print("third refused:", type(e).__name__)
+for c in held:
+    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    print("held:", c.recv(12).decode())
+"#;
+    let out = tb.on_laptop(20, &["python3", "-c", script]);
+    let text = stdout(&out);
+    assert!(text.contains("third refused"), "{text}{}", stderr(&out));
+    assert_eq!(text.matches("held: HTTP/1.1 200").count(), 2, "{text}");
+    assert!(
+        vpn.stderr().contains("flow limit reached"),
+        "{}",
+        vpn.stderr()
+    );
+    assert!(vpn.interrupt().success());
+}
