@@ -98,6 +98,10 @@ pub struct UpArgs {
     /// Seconds between SSH keepalives; the link is declared dead after 3 unanswered ones.
     #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keepalive: u64,
+    /// SSH connections to the jump host. Flows are spread over them: each has its own
+    /// encryption and window, so parallel bulk flows use more than one core.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub connections: u64,
 }
 
 /// Options of `mse-vpn down`.

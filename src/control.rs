@@ -97,8 +97,14 @@ pub struct Status {
     pub started_unix: u64,
     /// Seconds since the session started.
     pub uptime_secs: u64,
-    /// Successful reconnects since start.
+    /// Successful reconnects since start (the link came back after an outage).
     pub reconnects: u64,
+    /// SSH connections in the pool.
+    #[serde(default)]
+    pub connections: u32,
+    /// SSH connections up right now.
+    #[serde(default)]
+    pub connections_up: u32,
     /// Flows open right now.
     pub flows_active: u64,
     /// Flows admitted since start.
@@ -150,6 +156,8 @@ impl Board {
                 started_unix: now,
                 uptime_secs: 0,
                 reconnects: 0,
+                connections: 0,
+                connections_up: 0,
                 flows_active: 0,
                 flows_opened: 0,
                 flows_refused: 0,
@@ -202,6 +210,32 @@ impl Board {
             });
             let excess = st.history.len().saturating_sub(32);
             st.history.drain(..excess);
+        }
+    }
+
+    /// Records how many of the pool's `total` connections are up. The link is connected
+    /// while at least one is; a change between none and some is a state change.
+    pub fn set_links(&self, up: usize, total: usize, detail: Option<String>) {
+        let state = {
+            let Ok(mut st) = self.inner.lock() else {
+                return;
+            };
+            st.connections = total as u32;
+            st.connections_up = up as u32;
+            st.state
+        };
+        match (state, up) {
+            (LinkState::Connected, 0) => self.set_state(LinkState::Reconnecting, detail),
+            (LinkState::Reconnecting, n) if n > 0 => self.set_state(LinkState::Connected, None),
+            (LinkState::Reconnecting, _) => {
+                // Still down: keep the latest reason without growing the history.
+                if let (Ok(mut st), Some(d)) = (self.inner.lock(), detail)
+                    && let Some(last) = st.history.last_mut()
+                {
+                    last.detail = Some(d);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -362,7 +396,9 @@ pub fn render(st: &Status) -> String {
     };
     let up = st.uptime_secs;
     out.push_str(&format!(
-        "state       {state}\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
+        "state       {state} ({}/{} connections up)\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
+        st.connections_up,
+        st.connections,
         st.jump,
         st.tun,
         st.pid,

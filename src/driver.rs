@@ -29,12 +29,13 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey};
-use crate::ssh::{OpenError, Session};
+use crate::pool::{LinkId, Pool};
+use crate::ssh::OpenError;
 use crate::tun::Tun;
 
 /// Messages from flow tasks to the driver.
 enum FlowMsg {
-    Opened(FlowId, russh::Channel<russh::client::Msg>),
+    Opened(FlowId, LinkId, russh::Channel<russh::client::Msg>),
     OpenFailed(FlowId, CloseReason),
     Data(FlowId, Bytes),
     Eof(FlowId),
@@ -54,15 +55,6 @@ const FLOW_QUEUE: usize = 4096;
 /// Packets read from the TUN per wake-up before the engine runs.
 const TUN_BATCH: usize = 64;
 
-/// How the driver's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// Shutdown was requested.
-    Shutdown,
-    /// The SSH connection was lost.
-    SessionLost,
-}
-
 /// Driver settings.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
@@ -77,7 +69,9 @@ pub struct Driver {
     engine: Engine,
     config: DriverConfig,
     tun: Arc<Tun>,
-    session: Arc<Session>,
+    pool: Arc<Pool>,
+    /// The link each open flow's channel lives on.
+    links: HashMap<FlowId, LinkId>,
     msgs_tx: mpsc::Sender<FlowMsg>,
     msgs: mpsc::Receiver<FlowMsg>,
     writers: HashMap<FlowId, mpsc::Sender<WriterCmd>>,
@@ -86,8 +80,8 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// A driver for one SSH session over `tun`.
-    pub fn new(config: DriverConfig, tun: Arc<Tun>, session: Arc<Session>) -> Driver {
+    /// A driver moving flows between `tun` and the connections of `pool`.
+    pub fn new(config: DriverConfig, tun: Arc<Tun>, pool: Arc<Pool>) -> Driver {
         let epoch = TokioInstant::now();
         let (msgs_tx, msgs) = mpsc::channel(FLOW_QUEUE);
         let engine = Engine::new(
@@ -98,7 +92,8 @@ impl Driver {
             engine,
             config,
             tun,
-            session,
+            pool,
+            links: HashMap::new(),
             msgs_tx,
             msgs,
             writers: HashMap::new(),
@@ -120,13 +115,12 @@ impl Driver {
         self.epoch + Duration::from_micros(at.total_micros().max(0) as u64)
     }
 
-    /// Runs until `shutdown` fires or the SSH session is lost. All flows are reset on exit.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<Exit> {
+    /// Runs until `shutdown` fires. Flows on a lost SSH connection are reset when it goes;
+    /// all flows are reset on exit.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let mut buf = vec![0u8; self.config.engine.mtu + 64];
-        let session = self.session.clone();
-        let session_closed = session.closed();
-        tokio::pin!(session_closed);
-        let exit = loop {
+        let mut links = self.pool.subscribe();
+        loop {
             let now = self.now();
             let deadline = self
                 .engine
@@ -135,8 +129,8 @@ impl Driver {
                 .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => break Exit::Shutdown,
-                _ = &mut session_closed => break Exit::SessionLost,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                Ok(()) = links.changed() => self.reset_lost_flows(),
                 r = self.tun.recv(&mut buf) => {
                     let n = r?;
                     let now = self.now();
@@ -161,15 +155,31 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             self.turn().await?;
-        };
-        let reason = match exit {
-            Exit::Shutdown => CloseReason::Shutdown,
-            Exit::SessionLost => CloseReason::SessionLost,
-        };
+        }
         let now = self.now();
-        self.engine.reset_all(now, reason);
+        self.engine.reset_all(now, CloseReason::Shutdown);
         self.turn().await?;
-        Ok(exit)
+        Ok(())
+    }
+
+    /// A link went down: reset the flows that were on it (their channels are gone).
+    fn reset_lost_flows(&mut self) {
+        let lost: Vec<FlowId> = self
+            .links
+            .iter()
+            .filter(|(_, link)| !self.pool.is_live(**link))
+            .map(|(id, _)| *id)
+            .collect();
+        if !lost.is_empty() {
+            warn!(
+                flows = lost.len(),
+                "resetting the flows of a lost SSH connection"
+            );
+        }
+        for id in lost {
+            self.links.remove(&id);
+            self.engine.abort(id, CloseReason::SessionLost);
+        }
     }
 
     /// Runs the engine once and carries out what it asks for.
@@ -190,14 +200,16 @@ impl Driver {
     fn handle_msg(&mut self, msg: FlowMsg) {
         let now = self.now();
         match msg {
-            FlowMsg::Opened(id, channel) => {
+            FlowMsg::Opened(id, link, channel) => {
                 let Some(key) = self.engine.flow_key(id) else {
                     // The app gave up while the channel was opening.
+                    self.pool.release(link);
                     tokio::spawn(async move {
                         let _ = channel.close().await;
                     });
                     return;
                 };
+                self.links.insert(id, link);
                 self.start_flow_tasks(id, key, channel);
                 self.engine.handle_open_ok(now, id);
             }
@@ -217,6 +229,9 @@ impl Driver {
             Event::Close { id, key, reason } => {
                 if let Some(w) = self.writers.remove(&id) {
                     let _ = w.try_send(WriterCmd::Close);
+                }
+                if let Some(link) = self.links.remove(&id) {
+                    self.pool.release(link);
                 }
                 if reason.is_normal() {
                     debug!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
@@ -239,16 +254,16 @@ impl Driver {
     }
 
     fn open(&mut self, id: FlowId, key: FlowKey) {
-        let session = self.session.clone();
+        let pool = self.pool.clone();
         let tx = self.msgs_tx.clone();
         let timeout = self.config.open_timeout;
         let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
         tokio::spawn(
             async move {
-                let msg = match session.open_direct_tcpip(key.dst, key.src, timeout).await {
-                    Ok(channel) => {
-                        debug!("channel open");
-                        FlowMsg::Opened(id, channel)
+                let msg = match pool.open(key.dst, key.src, timeout).await {
+                    Ok((link, channel)) => {
+                        debug!(slot = link.slot, "channel open");
+                        FlowMsg::Opened(id, link, channel)
                     }
                     Err(e) => {
                         let reason = match e {

@@ -24,5 +24,6 @@ pub mod cli;
 pub mod control;
 pub mod driver;
 pub mod engine;
+pub mod pool;
 pub mod ssh;
 pub mod tun;

@@ -15,9 +15,10 @@ use tracing::{info, warn};
 
 use mse_vpn::cli::{Cli, Command, DownArgs, StatusArgs, UpArgs};
 use mse_vpn::control::{self, Board, LinkState};
-use mse_vpn::driver::{Driver, DriverConfig, Exit};
+use mse_vpn::driver::{Driver, DriverConfig};
 use mse_vpn::engine::EngineConfig;
-use mse_vpn::ssh::{self, Session, SshOptions};
+use mse_vpn::pool::{self, Pool};
+use mse_vpn::ssh::{self, SshOptions};
 use mse_vpn::tun::Tun;
 use mse_vpn_platform as platform;
 
@@ -114,10 +115,14 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     }
     platform::preflight(&plan, state_dir).await?;
 
-    // 2. The SSH connection, before any change to the host: a bad host key or a failed login
-    //    leaves nothing behind.
-    let session = Session::connect(&opts).await?;
-    info!(jump = %args.proxy, "connected to the jump host");
+    // 2. The SSH connections, before any change to the host: a bad host key or a failed
+    //    login leaves nothing behind.
+    let sessions = pool::connect_initial(&opts, args.connections as usize).await?;
+    info!(
+        jump = %args.proxy,
+        connections = sessions.iter().flatten().count(),
+        "connected to the jump host"
+    );
 
     // 3. Host changes, journaled by the platform crate.
     let (stop_tx, stop) = watch::channel(false);
@@ -138,7 +143,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         user.uid(),
         user.gid(),
     )?;
-    tokio::spawn(server.serve(board.clone(), stop_tx));
+    tokio::spawn(server.serve(board.clone(), stop_tx.clone()));
     let tun = Arc::new(Tun::create(plan.tun_name(), args.mtu as u16)?);
     let host = platform::Host::apply(&plan, state_dir).await?;
     let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
@@ -159,73 +164,26 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         },
         open_timeout: Duration::from_secs(args.open_timeout),
     };
-    let outcome = serve(config, tun.clone(), session, &opts, &board, stop).await;
+    let pool = Pool::new(sessions.len());
+    let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop_tx);
+    let driver = Driver::new(config, tun.clone(), pool.clone());
+    board.follow(driver.stats());
+    let outcome = driver.run(stop).await.context("TUN device failed");
     board.set_state(LinkState::Stopping, None);
+    pool.disconnect_all().await;
+    let fatal = fatal.lock().ok().and_then(|mut f| f.take());
 
     // 4. Undo: routes and addresses first (while the link exists), then the TUN itself.
     let restored = host.restore().await;
     drop(tun);
     outcome?;
+    if let Some(e) = fatal {
+        restored?;
+        return Err(e.into());
+    }
     restored?;
     info!("mse-vpn is down; host routes restored");
     Ok(())
-}
-
-/// Runs drivers over successive SSH sessions until shutdown.
-async fn serve(
-    config: DriverConfig,
-    tun: Arc<Tun>,
-    session: Session,
-    opts: &SshOptions,
-    board: &Board,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let mut session = Arc::new(session);
-    loop {
-        let driver = Driver::new(config.clone(), tun.clone(), session.clone());
-        board.follow(driver.stats());
-        match driver
-            .run(stop.clone())
-            .await
-            .context("TUN device failed")?
-        {
-            Exit::Shutdown => {
-                session.disconnect().await;
-                return Ok(());
-            }
-            Exit::SessionLost => {
-                warn!(jump = %opts.jump, "lost the SSH connection: flows reset, reconnecting");
-                board.set_state(
-                    LinkState::Reconnecting,
-                    Some("the SSH connection to the jump host was lost".to_owned()),
-                );
-            }
-        }
-        let mut backoff = Duration::from_millis(500);
-        session = loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-                r = Session::connect(opts) => match r {
-                    Ok(s) => {
-                        info!(jump = %opts.jump, "reconnected");
-                        board.set_state(LinkState::Connected, None);
-                        break Arc::new(s);
-                    }
-                    Err(e) if e.is_fatal() => return Err(e.into()),
-                    Err(e) => {
-                        warn!("reconnect failed: {e}; retrying in {backoff:?}");
-                        board.set_state(LinkState::Reconnecting, Some(e.to_string()));
-                    }
-                }
-            }
-            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(backoff + jitter) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
-        };
-    }
 }
 
 fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {

@@ -92,10 +92,26 @@ pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
     Ok(PathInfo { via, dev })
 }
 
+/// True if `pid` is a running process. A zombie (killed, not yet reaped by its parent) is
+/// dead: it holds no TUN and will never undo its changes.
 fn pid_alive(pid: i32) -> bool {
-    pid > 0
-        && (pid as u32 == std::process::id()
-            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+    if pid <= 0 {
+        return false;
+    }
+    if pid as u32 == std::process::id() {
+        return true;
+    }
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
 }
 
 /// Journals of other live sessions: (tun, pid, routes).

@@ -1,0 +1,302 @@
+//! A pool of SSH connections to the jump host, each kept up by its own supervisor task.
+//!
+//! Every connection has its own cipher state, its own TCP window and its own sshd process on
+//! the jump host, so spreading flows over a few connections lets bulk flows use both ends'
+//! cores instead of queueing behind one encryption stream. A flow is placed on the connected
+//! link that carries the fewest flows.
+//!
+//! When a link drops (EOF, keepalive timeout), its supervisor clears the slot, which the
+//! driver sees through [`Pool::subscribe`] and answers by resetting exactly the flows that
+//! were on that link; then the supervisor reconnects with capped exponential backoff and
+//! jitter, forever, unless the failure is one a retry cannot fix (host key, authentication).
+//! New flows wait (bounded by the open timeout) for any link to be up.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::control::Board;
+use crate::ssh::{OpenError, Session, SshError, SshOptions};
+
+/// The first reconnect delay.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+/// The longest reconnect delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(15);
+
+/// One live connection in a slot. `generation` changes with every reconnect of the slot.
+#[derive(Clone)]
+pub struct Link {
+    /// Which reconnect of the slot this is.
+    pub generation: u64,
+    /// The connection.
+    pub session: Arc<Session>,
+}
+
+/// Names the link a flow was opened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinkId {
+    /// Slot index.
+    pub slot: usize,
+    /// Generation of the slot's connection.
+    pub generation: u64,
+}
+
+/// The pool. See the module documentation.
+pub struct Pool {
+    links: watch::Sender<Vec<Option<Link>>>,
+    load: Vec<AtomicUsize>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// An empty pool of `size` slots.
+    pub fn new(size: usize) -> Arc<Pool> {
+        let size = size.max(1);
+        Arc::new(Pool {
+            links: watch::channel(vec![None; size]).0,
+            load: (0..size).map(|_| AtomicUsize::new(0)).collect(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Number of slots.
+    pub fn size(&self) -> usize {
+        self.load.len()
+    }
+
+    /// Number of slots with a live connection.
+    pub fn connected(&self) -> usize {
+        self.links.borrow().iter().flatten().count()
+    }
+
+    /// Watches the slots: changes whenever a link comes up or goes down.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Option<Link>>> {
+        self.links.subscribe()
+    }
+
+    /// True while the link `id` is still the slot's current connection.
+    pub fn is_live(&self, id: LinkId) -> bool {
+        self.links
+            .borrow()
+            .get(id.slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.generation == id.generation && !l.session.is_closed())
+    }
+
+    fn set(&self, slot: usize, link: Option<Link>) {
+        self.load[slot].store(0, Ordering::Relaxed);
+        self.links.send_modify(|links| links[slot] = link);
+    }
+
+    /// The connected link with the fewest flows (ties rotate).
+    fn pick(&self) -> Option<(LinkId, Arc<Session>)> {
+        let links = self.links.borrow();
+        let n = links.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .filter_map(|slot| {
+                let link = links[slot].as_ref()?;
+                (!link.session.is_closed()).then_some((slot, link))
+            })
+            .min_by_key(|(slot, _)| self.load[*slot].load(Ordering::Relaxed))
+            .map(|(slot, link)| {
+                (
+                    LinkId {
+                        slot,
+                        generation: link.generation,
+                    },
+                    link.session.clone(),
+                )
+            })
+    }
+
+    /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `timeout` for a
+    /// link when none is up. A link lost during the open is retried on another one.
+    pub async fn open(
+        &self,
+        dst: SocketAddr,
+        originator: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(LinkId, russh::Channel<russh::client::Msg>), OpenError> {
+        let deadline = Instant::now() + timeout;
+        let mut links = self.links.subscribe();
+        loop {
+            let Some((id, session)) = self.pick() else {
+                // No link: wait for one, bounded.
+                match tokio::time::timeout_at(deadline, links.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) | Err(_) => return Err(OpenError::SessionLost),
+                }
+            };
+            self.load[id.slot].fetch_add(1, Ordering::Relaxed);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session.open_direct_tcpip(dst, originator, left).await {
+                Ok(channel) => return Ok((id, channel)),
+                Err(OpenError::SessionLost) if Instant::now() < deadline => {
+                    self.release(id);
+                    continue;
+                }
+                Err(e) => {
+                    self.release(id);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// A flow opened on `id` has ended.
+    pub fn release(&self, id: LinkId) {
+        let current = self.links.borrow().get(id.slot).and_then(|l| {
+            l.as_ref()
+                .filter(|l| l.generation == id.generation)
+                .map(|_| ())
+        });
+        if current.is_some() {
+            let _ = self.load[id.slot].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        }
+    }
+
+    /// Politely closes every live connection.
+    pub async fn disconnect_all(&self) {
+        let sessions: Vec<Arc<Session>> = self
+            .links
+            .borrow()
+            .iter()
+            .flatten()
+            .map(|l| l.session.clone())
+            .collect();
+        for s in sessions {
+            s.disconnect().await;
+        }
+    }
+}
+
+/// Connects `size` connections at once, before anything on the host changes. Fails if none
+/// connects, or if any failure is one a retry cannot fix; slots that failed otherwise start
+/// empty and their supervisors keep trying.
+pub async fn connect_initial(
+    opts: &SshOptions,
+    size: usize,
+) -> Result<Vec<Option<Session>>, SshError> {
+    let results = futures::future::join_all((0..size.max(1)).map(|_| Session::connect(opts))).await;
+    let mut sessions = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(s) => sessions.push(Some(s)),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                warn!("an SSH connection of the pool failed: {e}; it will be retried");
+                first_err.get_or_insert(e);
+                sessions.push(None);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if sessions.iter().all(Option::is_none) => Err(e),
+        _ => Ok(sessions),
+    }
+}
+
+/// What ends a running pool for good: an error no reconnect can fix.
+pub type Fatal = Arc<Mutex<Option<SshError>>>;
+
+/// Starts one supervisor per slot. A fatal reconnect error is stored in the returned cell and
+/// stops the session through `stop`.
+pub fn supervise(
+    pool: &Arc<Pool>,
+    initial: Vec<Option<Session>>,
+    opts: Arc<SshOptions>,
+    board: Arc<Board>,
+    stop: watch::Sender<bool>,
+) -> Fatal {
+    let fatal: Fatal = Arc::new(Mutex::new(None));
+    board.set_links(pool.connected(), pool.size(), None);
+    for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {
+        tokio::spawn(run_slot(
+            pool.clone(),
+            slot,
+            first,
+            opts.clone(),
+            board.clone(),
+            stop.clone(),
+            fatal.clone(),
+        ));
+    }
+    fatal
+}
+
+async fn run_slot(
+    pool: Arc<Pool>,
+    slot: usize,
+    mut session: Option<Session>,
+    opts: Arc<SshOptions>,
+    board: Arc<Board>,
+    stop_tx: watch::Sender<bool>,
+    fatal: Fatal,
+) {
+    let mut stop = stop_tx.subscribe();
+    let mut generation = 0;
+    loop {
+        if let Some(s) = session.take() {
+            generation += 1;
+            let s = Arc::new(s);
+            pool.set(
+                slot,
+                Some(Link {
+                    generation,
+                    session: s.clone(),
+                }),
+            );
+            board.set_links(pool.connected(), pool.size(), None);
+            tokio::select! {
+                _ = s.closed() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            pool.set(slot, None);
+            let detail = format!("SSH connection {slot} to {} was lost", opts.jump);
+            warn!(slot, jump = %opts.jump, "lost an SSH connection: its flows are reset; reconnecting");
+            board.set_links(pool.connected(), pool.size(), Some(detail));
+        }
+        let mut delay = BACKOFF_START;
+        session = loop {
+            let attempt = tokio::select! {
+                r = Session::connect(&opts) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match attempt {
+                Ok(s) => {
+                    info!(slot, jump = %opts.jump, "reconnected");
+                    break Some(s);
+                }
+                Err(e) if e.is_fatal() => {
+                    warn!(slot, "reconnect refused for good: {e}");
+                    if let Ok(mut f) = fatal.lock() {
+                        f.get_or_insert(e);
+                    }
+                    let _ = stop_tx.send(true);
+                    return;
+                }
+                Err(e) => {
+                    warn!(slot, "reconnect failed: {e}; retrying in {delay:?}");
+                    board.set_links(pool.connected(), pool.size(), Some(e.to_string()));
+                }
+            }
+            // Up to +20% jitter, so connections (and users) do not retry in lockstep.
+            let jitter = delay.mul_f64(rand::random::<f64>() * 0.2);
+            tokio::select! {
+                _ = tokio::time::sleep(delay + jitter) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            delay = delay.mul_f64(1.5).min(BACKOFF_CAP);
+        };
+    }
+}
