@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::ssh::JumpHost;
+use crate::ssh::{InvokingUser, JumpHost, SshOptions};
 
 /// mse-vpn: reach a private cloud network (VPC) from this machine through an SSH jump host.
 #[derive(Debug, Parser)]
@@ -40,6 +40,13 @@ pub enum Command {
     /// Stop a running session; with --force, also undo what a crashed session left.
     #[command(after_help = "Examples:\n  sudo mse-vpn down\n  sudo mse-vpn down --force")]
     Down(DownArgs),
+    /// Check, without changing anything, whether `up` with these options would work: TUN
+    /// support, privileges, route conflicts, the jump host, its key, login, and forwarding.
+    #[command(
+        after_help = "Exit status: 0 when every check passes, 1 when one fails.\n\nExamples:\n  \
+        sudo mse-vpn doctor --cidr 10.0.0.0/16 --proxy admin@bastion.example.com"
+    )]
+    Doctor(UpArgs),
     /// Show the state of running sessions (no root needed for the user who started them).
     #[command(after_help = "Examples:\n  mse-vpn status\n  mse-vpn status --json | jq .bytes_down")]
     Status(StatusArgs),
@@ -102,6 +109,43 @@ pub struct UpArgs {
     /// encryption and window, so parallel bulk flows use more than one core.
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
     pub connections: u64,
+    /// Detach once the tunnel is up (the exit status says whether it came up); logs go to
+    /// --log-file. Stop it with `mse-vpn down`.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Log file of a --daemon session. Default: STATE_DIR/TUN.log.
+    #[arg(long, value_name = "FILE", requires = "daemon")]
+    pub log_file: Option<PathBuf>,
+}
+
+impl UpArgs {
+    /// The SSH options these arguments ask for, with defaults from the invoking user's home.
+    pub fn ssh_options(&self, user: &InvokingUser) -> SshOptions {
+        SshOptions {
+            user: self
+                .proxy
+                .user
+                .clone()
+                .unwrap_or_else(|| user.name().to_owned()),
+            identity_files: if self.identity.is_empty() {
+                user.default_identity_files()
+            } else {
+                self.identity.clone()
+            },
+            known_hosts: self
+                .known_hosts
+                .clone()
+                .unwrap_or_else(|| user.known_hosts_path()),
+            accept_new_host_key: self.accept_new_host_key,
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+            keepalive_interval: std::time::Duration::from_secs(self.keepalive),
+            keepalive_max: 3,
+            window_size: 4 * 1024 * 1024,
+            agent_socket: user.agent_socket(),
+            file_owner: Some((user.uid(), user.gid())),
+            jump: self.proxy.clone(),
+        }
+    }
 }
 
 /// Options of `mse-vpn down`.

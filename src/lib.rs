@@ -22,6 +22,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod doctor;
 pub mod driver;
 pub mod engine;
 pub mod pool;

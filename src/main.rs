@@ -18,12 +18,25 @@ use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::driver::{Driver, DriverConfig};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
-use mse_vpn::ssh::{self, SshOptions};
+use mse_vpn::ssh;
 use mse_vpn::tun::Tun;
 use mse_vpn_platform as platform;
 
+/// Set in the environment of the detached child of `up --daemon`.
+const DAEMON_CHILD: &str = "MSE_VPN_DAEMON_CHILD";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Up(args) = &cli.command
+        && args.daemon
+    {
+        if std::env::var_os(DAEMON_CHILD).is_none() {
+            return daemonize(args, &cli.state_dir);
+        }
+        // The child: a session of its own, so the terminal's hangup and Ctrl-C do not reach
+        // it.
+        let _ = nix::unistd::setsid();
+    }
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,6 +52,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up(args, &cli.state_dir).await,
             Command::Down(args) => down(args, &cli.state_dir).await,
+            Command::Doctor(args) => doctor(args, &cli.state_dir).await,
             Command::Status(args) => status(args, &cli.state_dir).await,
         }
     });
@@ -49,6 +63,121 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `up --daemon`: starts the same command detached, with its output in the log file, and
+/// waits until it reports the tunnel up (exit 0) or fails (its exit status, and the log).
+fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
+    use std::io::{Read, Seek, SeekFrom};
+    let log_path = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| state_dir.join(format!("{}.log", args.tun)));
+    let fail = |msg: String| {
+        eprintln!("mse-vpn: {msg}");
+        ExitCode::FAILURE
+    };
+    if let Some(dir) = log_path.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return fail(format!("cannot create {}: {e}", dir.display()));
+    }
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return fail(format!(
+                "cannot open the log file {}: {e}",
+                log_path.display()
+            ));
+        }
+    };
+    let start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let (out, err) = match (log.try_clone(), log.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return fail("cannot duplicate the log file handle".into()),
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find my own executable: {e}")),
+    };
+    let mut child = match std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the daemon: {e}")),
+    };
+    let read_log = || {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log_path)
+            && f.seek(SeekFrom::Start(start)).is_ok()
+        {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.connect_timeout * 2 + 30);
+    loop {
+        let text = read_log();
+        if let Some(line) = text.lines().find(|l| l.starts_with("mse-vpn is up")) {
+            println!(
+                "{line}\nrunning in the background as pid {}; log: {}; stop it with `mse-vpn down`",
+                child.id(),
+                log_path.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                eprint!("{text}");
+                return fail(format!(
+                    "the session did not come up ({status}); log: {}",
+                    log_path.display()
+                ));
+            }
+            Ok(None) if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                eprint!("{text}");
+                return fail("the session did not come up in time; stopped it".into());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return fail(format!("cannot wait for the daemon: {e}")),
+        }
+    }
+}
+
+async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
+    println!(
+        "mse-vpn doctor: checking `up` to {} via {} (read-only)",
+        args.cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.proxy
+    );
+    let checks = mse_vpn::doctor::run(&args, state_dir).await;
+    for c in &checks {
+        println!("  {c}");
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.verdict == mse_vpn::doctor::Verdict::Fail)
+        .count();
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    println!("all checks passed");
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {
@@ -62,6 +191,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -77,30 +207,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             );
         }
     }
-    let opts = SshOptions {
-        user: args
-            .proxy
-            .user
-            .clone()
-            .unwrap_or_else(|| user.name().to_owned()),
-        identity_files: if args.identity.is_empty() {
-            user.default_identity_files()
-        } else {
-            args.identity.clone()
-        },
-        known_hosts: args
-            .known_hosts
-            .clone()
-            .unwrap_or_else(|| user.known_hosts_path()),
-        accept_new_host_key: args.accept_new_host_key,
-        connect_timeout: Duration::from_secs(args.connect_timeout),
-        keepalive_interval: Duration::from_secs(args.keepalive),
-        keepalive_max: 3,
-        window_size: 4 * 1024 * 1024,
-        agent_socket: user.agent_socket(),
-        file_owner: Some((user.uid(), user.gid())),
-        jump: args.proxy.clone(),
-    };
+    let opts = args.ssh_options(&user);
     let jump_addrs = resolve(&args.proxy).await?;
     let plan = platform::RoutePlan::new(platform::PlanSpec {
         cidrs: args.cidrs.clone(),

@@ -138,6 +138,26 @@ pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, 
     imp::preflight(plan, state_dir).await
 }
 
+/// A route the host already has that overlaps a planned route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingRoute {
+    /// Its destination.
+    pub dst: IpNet,
+    /// Its interface.
+    pub dev: String,
+    /// Its gateway, if any.
+    pub via: Option<IpAddr>,
+    /// True for a network reached directly through a local interface (a LAN, a Docker
+    /// bridge): routing it into the tunnel would cut it off.
+    pub local: bool,
+}
+
+/// Every existing route (main table, other than the default route) that overlaps a planned
+/// route: read-only, for `doctor`.
+pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
+    imp::overlapping_routes(plan).await
+}
+
 /// The changes this session made; undo them with [`Host::restore`].
 #[derive(Debug)]
 pub struct Host {

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tracing::{debug, info, warn};
 
 use crate::journal::{self, Change, Journal};
-use crate::{PathInfo, PlatformError, Preflight, RoutePlan};
+use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
 
 /// The changes one session made, with its open journal.
 #[derive(Debug)]
@@ -200,6 +200,38 @@ pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, 
         bypass_paths.push((*addr, path_to(*addr).await?));
     }
     Ok(Preflight { bypass_paths })
+}
+
+pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
+    let mut out = Vec::new();
+    for fam in ["-4", "-6"] {
+        let wanted: Vec<&IpNet> = plan.routes().iter().filter(|r| family(r) == fam).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        for r in ip_json(&[fam, "-j", "route", "show", "table", "main"]).await? {
+            let Some(dst) = route_dst(&r, fam) else {
+                continue;
+            };
+            let dev = r.get("dev").and_then(Value::as_str).unwrap_or("?");
+            if dev == plan.tun_name() || dst.prefix_len() == 0 {
+                continue;
+            }
+            if wanted.iter().any(|w| overlaps(w, &dst)) {
+                out.push(ExistingRoute {
+                    dst,
+                    dev: dev.to_owned(),
+                    via: r
+                        .get("gateway")
+                        .and_then(Value::as_str)
+                        .and_then(|g| g.parse().ok()),
+                    local: r.get("scope").and_then(Value::as_str) == Some("link")
+                        || r.get("protocol").and_then(Value::as_str) == Some("kernel"),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, PlatformError> {

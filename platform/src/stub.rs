@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{Change, PlatformError, Preflight, RoutePlan};
+use crate::{Change, ExistingRoute, PlatformError, Preflight, RoutePlan};
 
 #[derive(Debug)]
 pub struct Applied;
@@ -20,5 +20,9 @@ pub async fn restore(_: Applied) -> Result<(), PlatformError> {
 }
 
 pub async fn repair(_: &Path) -> Result<Vec<Change>, PlatformError> {
+    Err(PlatformError::Unsupported)
+}
+
+pub async fn overlapping_routes(_: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
     Err(PlatformError::Unsupported)
 }

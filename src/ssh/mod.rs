@@ -9,9 +9,11 @@ pub mod known_hosts;
 mod target;
 mod user;
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use russh::client::{self, Handle};
@@ -38,7 +40,8 @@ pub struct SshOptions {
     pub known_hosts: PathBuf,
     /// Record an unknown host key instead of refusing it (a changed key is always refused).
     pub accept_new_host_key: bool,
-    /// Limit for TCP connect + SSH handshake + authentication.
+    /// Limit for TCP connect + SSH handshake, and for each authentication request. Time spent
+    /// waiting for the user to type a key's passphrase does not count.
     pub connect_timeout: Duration,
     /// SSH keepalive interval.
     pub keepalive_interval: Duration,
@@ -160,6 +163,16 @@ pub enum SshError {
         /// The file.
         path: PathBuf,
     },
+    /// The passphrase typed for an encrypted key was wrong every time it was asked.
+    #[error(
+        "wrong passphrase for key file {path} (asked {attempts} times): run mse-vpn again and retype it, or add the key to ssh-agent with `ssh-add {path}`"
+    )]
+    WrongPassphrase {
+        /// The file.
+        path: PathBuf,
+        /// How many times it was asked.
+        attempts: u32,
+    },
     /// Every method failed.
     #[error(
         "authentication as {user} on {target} failed (tried: {tried}). Check the user name, and that one of these keys is in ~{user}/.ssh/authorized_keys on the jump host; pass another key with -i"
@@ -194,6 +207,7 @@ impl SshError {
                 | SshError::KnownHosts { .. }
                 | SshError::KeyFile { .. }
                 | SshError::NoTerminalForPassphrase { .. }
+                | SshError::WrongPassphrase { .. }
                 | SshError::AuthFailed { .. }
         )
     }
@@ -239,6 +253,8 @@ impl Client {
             }),
             Verdict::Unknown if self.accept_new => {
                 let existed = self.known_hosts.exists();
+                create_parent_dirs(&self.known_hosts, self.file_owner)
+                    .map_err(|e| kh_err(e.into()))?;
                 known_hosts::learn(&self.host, self.port, key, &self.known_hosts)
                     .map_err(kh_err)?;
                 if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
@@ -267,6 +283,29 @@ impl Client {
             }
         }
     }
+}
+
+/// Creates the missing directories above `file` with mode 0700 (OpenSSH wants `~/.ssh`
+/// private), owned by `owner`: under sudo, a `~/.ssh` created for the user must be theirs,
+/// not root's.
+fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        std::fs::DirBuilder::new().mode(0o700).create(d)?;
+        if let Some((uid, gid)) = owner
+            && let Err(e) = std::os::unix::fs::chown(d, Some(uid), Some(gid))
+        {
+            warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
+        }
+    }
+    Ok(())
 }
 
 impl client::Handler for Client {
@@ -303,16 +342,24 @@ impl Session {
         let target = target
             .rsplit_once('@')
             .map_or(target.clone(), |(_, t)| t.to_owned());
-        match tokio::time::timeout(opts.connect_timeout, Self::connect_inner(opts, &target)).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::ConnectTimeout {
-                target,
-                secs: opts.connect_timeout.as_secs(),
-            }),
-        }
+        // Authentication bounds each of its requests itself, so that the time a user takes to
+        // type a passphrase is not counted.
+        let (mut handle, closed) = bounded(opts, &target, Self::handshake(opts, &target)).await??;
+        debug!(%target, "handshake done, authenticating");
+        authenticate(&mut handle, opts, &target).await?;
+        info!(%target, user = %opts.user, "authenticated");
+        Ok(Session {
+            handle,
+            closed,
+            target,
+        })
     }
 
-    async fn connect_inner(opts: &SshOptions, target: &str) -> Result<Session, SshError> {
+    /// TCP connect and SSH handshake (host key checked).
+    async fn handshake(
+        opts: &SshOptions,
+        target: &str,
+    ) -> Result<(Handle<Client>, watch::Receiver<bool>), SshError> {
         let addrs: Vec<SocketAddr> =
             tokio::net::lookup_host((opts.jump.host.as_str(), opts.jump.port))
                 .await
@@ -375,24 +422,16 @@ impl Session {
             check: check.clone(),
             closed: closed_tx,
         };
-        let mut handle = match client::connect_stream(config, stream, handler).await {
-            Ok(h) => h,
+        match client::connect_stream(config, stream, handler).await {
+            Ok(handle) => Ok((handle, closed)),
             Err(source) => {
                 let failure = check.lock().ok().and_then(|mut c| c.failure.take());
-                return Err(failure.unwrap_or(SshError::Protocol {
+                Err(failure.unwrap_or(SshError::Protocol {
                     target: target.to_owned(),
                     source,
-                }));
+                }))
             }
-        };
-        debug!(%target, "handshake done, authenticating");
-        authenticate(&mut handle, opts, target).await?;
-        info!(%target, user = %opts.user, "authenticated");
-        Ok(Session {
-            handle,
-            closed,
-            target: target.to_owned(),
-        })
+        }
     }
 
     /// Opens a `direct-tcpip` channel to `dst`, telling the jump host the connection comes
@@ -441,6 +480,24 @@ impl Session {
         &self.target
     }
 
+    /// Asks the jump host to listen on `address:port` for us (`tcpip-forward`; port 0 lets
+    /// it pick). Returns the bound port, or `None` if the jump host refused.
+    pub async fn request_forward(&self, address: &str, port: u16) -> Option<u16> {
+        match self.handle.tcpip_forward(address, port.into()).await {
+            Ok(0) => Some(port),
+            Ok(p) => u16::try_from(p).ok(),
+            Err(e) => {
+                debug!(error = %e, address, port, "tcpip-forward refused");
+                None
+            }
+        }
+    }
+
+    /// Cancels a listener set up by [`Session::request_forward`].
+    pub async fn cancel_forward(&self, address: &str, port: u16) {
+        let _ = self.handle.cancel_tcpip_forward(address, port.into()).await;
+    }
+
     /// Politely ends the connection.
     pub async fn disconnect(&self) {
         let _ = self
@@ -460,9 +517,8 @@ async fn authenticate(
     target: &str,
 ) -> Result<(), SshError> {
     let mut tried: Vec<String> = Vec::new();
-    let rsa_hash = handle
-        .best_supported_rsa_hash()
-        .await
+    let rsa_hash = bounded(opts, target, handle.best_supported_rsa_hash())
+        .await?
         .ok()
         .flatten()
         .flatten();
@@ -470,7 +526,9 @@ async fn authenticate(
     if let Some(sock) = &opts.agent_socket {
         match russh::keys::agent::client::AgentClient::connect_uds(sock).await {
             Ok(mut agent) => {
-                let ids = agent.request_identities().await.unwrap_or_default();
+                let ids = bounded(opts, target, agent.request_identities())
+                    .await?
+                    .unwrap_or_default();
                 for id in ids {
                     let key = id.public_key().into_owned();
                     let hash = if key.algorithm().is_rsa() {
@@ -479,10 +537,9 @@ async fn authenticate(
                         None
                     };
                     tried.push(format!("agent key {}", known_hosts::fingerprint(&key)));
-                    match handle
-                        .authenticate_publickey_with(&opts.user, key, hash, &mut agent)
-                        .await
-                    {
+                    let auth =
+                        handle.authenticate_publickey_with(&opts.user, key, hash, &mut agent);
+                    match bounded(opts, target, auth).await? {
                         Ok(r) if r.success() => return Ok(()),
                         Ok(_) => {}
                         Err(e) => debug!(error = %e, "agent signing failed"),
@@ -501,9 +558,9 @@ async fn authenticate(
             None
         };
         tried.push(path.display().to_string());
-        let r = handle
-            .authenticate_publickey(&opts.user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
-            .await
+        let auth = handle.authenticate_publickey(&opts.user, PrivateKeyWithHashAlg::new(key, hash));
+        let r = bounded(opts, target, auth)
+            .await?
             .map_err(|source| SshError::Protocol {
                 target: target.to_owned(),
                 source,
@@ -522,19 +579,86 @@ async fn authenticate(
     })
 }
 
-fn load_key(path: &Path) -> Result<russh::keys::PrivateKey, SshError> {
+/// Runs one network step of connecting, bounded by the connect timeout.
+async fn bounded<T>(
+    opts: &SshOptions,
+    target: &str,
+    step: impl Future<Output = T>,
+) -> Result<T, SshError> {
+    tokio::time::timeout(opts.connect_timeout, step)
+        .await
+        .map_err(|_| SshError::ConnectTimeout {
+            target: target.to_owned(),
+            secs: opts.connect_timeout.as_secs(),
+        })
+}
+
+/// How many times a passphrase is asked before giving up (OpenSSH's default too).
+const PASSPHRASE_ATTEMPTS: u32 = 3;
+
+/// What asking for an encrypted key's passphrase came to.
+#[derive(Clone)]
+enum Unlock {
+    /// The decrypted key.
+    Key(Arc<russh::keys::PrivateKey>),
+    /// Every passphrase typed was wrong.
+    WrongPassphrase,
+    /// There is no terminal to ask on.
+    NoTerminal,
+}
+
+/// Encrypted keys by path, as their passphrase prompt left them, for the life of the
+/// process: the pool's other connections and every reconnect use the key decrypted once,
+/// and never ask again (nobody may be at the terminal by then). Held while prompting, so
+/// connections that need the same key wait for the one answer.
+static UNLOCKED: Mutex<BTreeMap<PathBuf, Unlock>> = Mutex::new(BTreeMap::new());
+
+fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
     let key_err = |source| SshError::KeyFile {
         path: path.to_owned(),
         source,
     };
     match russh::keys::load_secret_key(path, None) {
-        Ok(k) => Ok(k),
-        Err(russh::keys::Error::KeyIsEncrypted) => {
-            let passphrase = passphrase_for(path)?;
-            russh::keys::load_secret_key(path, Some(&passphrase)).map_err(key_err)
-        }
-        Err(e) => Err(key_err(e)),
+        Ok(k) => return Ok(Arc::new(k)),
+        Err(russh::keys::Error::KeyIsEncrypted) => {}
+        Err(e) => return Err(key_err(e)),
     }
+    let mut unlocked = UNLOCKED.lock().unwrap_or_else(PoisonError::into_inner);
+    let outcome = match unlocked.get(path) {
+        Some(outcome) => outcome.clone(),
+        None => {
+            let outcome = unlock(path);
+            unlocked.insert(path.to_owned(), outcome.clone());
+            outcome
+        }
+    };
+    match outcome {
+        Unlock::Key(key) => Ok(key),
+        Unlock::WrongPassphrase => Err(SshError::WrongPassphrase {
+            path: path.to_owned(),
+            attempts: PASSPHRASE_ATTEMPTS,
+        }),
+        Unlock::NoTerminal => Err(SshError::NoTerminalForPassphrase {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// Asks for `path`'s passphrase until it decrypts the key, [`PASSPHRASE_ATTEMPTS`] times at
+/// most.
+fn unlock(path: &Path) -> Unlock {
+    for attempt in 1..=PASSPHRASE_ATTEMPTS {
+        let Ok(passphrase) = passphrase_for(path) else {
+            return Unlock::NoTerminal;
+        };
+        match russh::keys::load_secret_key(path, Some(&passphrase)) {
+            Ok(key) => return Unlock::Key(Arc::new(key)),
+            Err(e) => {
+                debug!(path = %path.display(), attempt, error = %e, "the passphrase did not decrypt the key")
+            }
+        }
+    }
+    Unlock::WrongPassphrase
 }
 
 /// Asks for a key's passphrase: `MSE_VPN_TEST_PASSPHRASE` in tests, else the terminal.

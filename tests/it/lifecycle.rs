@@ -283,3 +283,111 @@ fn status_json_shows_flows_and_bytes_moving_during_traffic() {
         stdout(&out)
     );
 }
+
+/// `mse-vpn doctor ARGS` for this testbed: (success, stdout + stderr).
+fn doctor(tb: &Testbed, cidrs: &[&str]) -> (bool, String) {
+    let mut args = tb.up_args(cidrs, &[]);
+    args[0] = "doctor".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tb.mse_vpn(&args).output().expect("run mse-vpn doctor");
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+#[test]
+fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
+    let tb = Testbed::up("lc5", &[]);
+    let before = tb.snapshot();
+
+    let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
+    assert!(ok, "{report}");
+    for line in [
+        "ok    privileges",
+        "ok    tun",
+        "ok    routes",
+        "ok    host key",
+        "ok    login",
+        "ok    forwarding",
+        "ok    reverse forwarding",
+    ] {
+        assert!(report.contains(line), "missing '{line}' in:\n{report}");
+    }
+    assert!(report.contains("all checks passed"), "{report}");
+
+    // A CIDR that covers the laptop's own LAN (an interface route).
+    let (ok, report) = doctor(&tb, &["172.31.0.0/16"]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("FAIL  routes"), "{report}");
+    assert!(report.contains("overlaps"), "{report}");
+
+    // A jump host that forbids TCP forwarding.
+    let conf = tb.dir.join("sshd_config");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("AllowTcpForwarding yes", "AllowTcpForwarding no"),
+    )
+    .unwrap();
+    testbed(&tb, "sshd-restart");
+    let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("FAIL  forwarding"), "{report}");
+    assert!(
+        report.contains("AllowTcpForwarding yes"),
+        "the fix is named: {report}"
+    );
+
+    // An unknown host key.
+    std::fs::write(tb.dir.join("known_hosts"), "").unwrap();
+    let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("FAIL  host key"), "{report}");
+    assert!(report.contains("--accept-new-host-key"), "{report}");
+    assert_eq!(
+        std::fs::read_to_string(tb.dir.join("known_hosts")).unwrap(),
+        "",
+        "doctor never records a key"
+    );
+
+    assert_eq!(tb.snapshot(), before, "doctor changed the host");
+}
+
+#[test]
+fn daemon_mode_detaches_once_up_and_down_stops_it() {
+    let tb = Testbed::up("lc6", &[]);
+    let before = tb.snapshot();
+    let args = tb.up_args(&["10.0.0.0/16"], &["--daemon"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let out = tb.mse_vpn(&args).output().expect("up --daemon");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let text = stdout(&out);
+    assert!(
+        text.contains("mse-vpn is up") && text.contains("running in the background"),
+        "{text}"
+    );
+    curl_until_ok(&tb, Duration::from_secs(5));
+    let st = status(&tb);
+    assert_eq!(st["state"], "connected", "{st:#}");
+    let log = tb.state_dir().join(format!("{}.log", tb.tun()));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("mse-vpn is up")
+    );
+
+    let out = tb.mse_vpn(&["down"]).output().expect("down");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("stopped"), "{}", stdout(&out));
+    assert_eq!(tb.snapshot(), before, "down restored the host");
+
+    // A daemon that cannot come up says so in its exit status.
+    std::fs::write(tb.dir.join("known_hosts"), "").unwrap();
+    let out = tb.mse_vpn(&args).output().expect("up --daemon");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not known"), "{}", stderr(&out));
+    assert_eq!(tb.snapshot(), before);
+}

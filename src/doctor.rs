@@ -1,0 +1,385 @@
+//! `mse-vpn doctor`: read-only checks of everything `up` needs, each with a verdict and, when
+//! it is not fine, what to do. Nothing on the host or the jump host is changed (the
+//! reverse-forwarding probe opens a listener on the jump host and cancels it at once).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use mse_vpn_platform as platform;
+
+use crate::cli::UpArgs;
+use crate::ssh::{InvokingUser, OpenError, Session, SshError};
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fine.
+    Ok,
+    /// Works, with a caveat.
+    Warn,
+    /// `up` would fail, or misbehave.
+    Fail,
+    /// Not checked because an earlier check failed.
+    Skipped,
+}
+
+/// One check's outcome.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            verdict,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Check {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = match self.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+            Verdict::Skipped => "skip",
+        };
+        write!(f, "{v:<5} {:<18} {}", self.name, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n{:24}fix: {fix}", "")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every check for an `up` with these arguments.
+pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    checks.push(privileges());
+    checks.push(tun_support());
+
+    let jump_addrs = match tokio::net::lookup_host((args.proxy.host.as_str(), args.proxy.port))
+        .await
+    {
+        Ok(addrs) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+            checks.push(Check::new(
+                "jump host name",
+                Verdict::Ok,
+                format!("{} resolves to {}", args.proxy.host, shown.join(", ")),
+            ));
+            addrs
+        }
+        Err(e) => {
+            checks.push(
+                Check::new(
+                    "jump host name",
+                    Verdict::Fail,
+                    format!("{} does not resolve: {e}", args.proxy.host),
+                )
+                .fix("check the name (or the ~/.ssh/config alias), or pass the jump host's IP address"),
+            );
+            Vec::new()
+        }
+    };
+
+    checks.extend(routes(args, &jump_addrs, state_dir).await);
+
+    let Some(reachable) = reachability(&jump_addrs, &mut checks).await else {
+        for name in ["host key", "login", "forwarding", "reverse forwarding"] {
+            checks.push(Check::new(
+                name,
+                Verdict::Skipped,
+                "the jump host is not reachable",
+            ));
+        }
+        return checks;
+    };
+
+    let user = match InvokingUser::detect() {
+        Ok(u) => u,
+        Err(e) => {
+            checks.push(Check::new("login", Verdict::Fail, e.to_string()));
+            return checks;
+        }
+    };
+    let mut opts = args.ssh_options(&user);
+    opts.accept_new_host_key = false;
+    let session = match Session::connect(&opts).await {
+        Ok(s) => {
+            checks.push(Check::new(
+                "host key",
+                Verdict::Ok,
+                format!("known in {}", opts.known_hosts.display()),
+            ));
+            checks.push(Check::new(
+                "login",
+                Verdict::Ok,
+                format!("logged in as {}", opts.user),
+            ));
+            s
+        }
+        Err(e) => {
+            let (key, login) = match &e {
+                SshError::UnknownHostKey { .. } => (
+                    Check::new("host key", Verdict::Fail, e.to_string()).fix(
+                        "check the fingerprint with the jump host's admin, then run `up` once with --accept-new-host-key",
+                    ),
+                    Check::new("login", Verdict::Skipped, "the host key is not trusted"),
+                ),
+                SshError::HostKeyChanged { .. } => (
+                    Check::new("host key", Verdict::Fail, e.to_string()),
+                    Check::new("login", Verdict::Skipped, "the host key is not trusted"),
+                ),
+                _ => (
+                    Check::new("host key", Verdict::Ok, "known"),
+                    Check::new("login", Verdict::Fail, e.to_string()),
+                ),
+            };
+            checks.push(key);
+            checks.push(login);
+            checks.push(Check::new("forwarding", Verdict::Skipped, "not logged in"));
+            checks.push(Check::new(
+                "reverse forwarding",
+                Verdict::Skipped,
+                "not logged in",
+            ));
+            return checks;
+        }
+    };
+
+    checks.push(forwarding(&session).await);
+    checks.push(reverse_forwarding(&session, reachable.ip()).await);
+    session.disconnect().await;
+    checks
+}
+
+fn privileges() -> Check {
+    if nix::unistd::Uid::effective().is_root() {
+        Check::new("privileges", Verdict::Ok, "running as root")
+    } else {
+        Check::new(
+            "privileges",
+            Verdict::Fail,
+            "not root: `up` creates a TUN device and routes",
+        )
+        .fix("run it with sudo (status works without root)")
+    }
+}
+
+fn tun_support() -> Check {
+    // Opening the clone device creates nothing until TUNSETIFF, which we do not issue.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(_) => Check::new("tun", Verdict::Ok, "/dev/net/tun is usable"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Check::new("tun", Verdict::Fail, "/dev/net/tun does not exist").fix(
+                "load the tun module (`modprobe tun`); in a container, pass --device /dev/net/tun",
+            )
+        }
+        Err(e) => Check::new("tun", Verdict::Fail, format!("/dev/net/tun: {e}"))
+            .fix("run as root, or grant CAP_NET_ADMIN"),
+    }
+}
+
+async fn routes(args: &UpArgs, jump: &[SocketAddr], state_dir: &Path) -> Vec<Check> {
+    let plan = match platform::RoutePlan::new(platform::PlanSpec {
+        cidrs: args.cidrs.clone(),
+        excludes: args.excludes.clone(),
+        jump_addrs: jump.iter().map(|a| a.ip()).collect(),
+        tun_name: args.tun.clone(),
+        mtu: args.mtu,
+    }) {
+        Ok(p) => p,
+        Err(e) => return vec![Check::new("routes", Verdict::Fail, e.to_string())],
+    };
+    let mut out = Vec::new();
+    let shown: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
+    match platform::preflight(&plan, state_dir).await {
+        Ok(_) => {
+            let mut detail = format!("{} would go to {}", shown.join(", "), plan.tun_name());
+            if !plan.bypass().is_empty() {
+                detail.push_str(&format!(
+                    "; the jump host ({}) keeps its current path",
+                    plan.bypass()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            out.push(Check::new("routes", Verdict::Ok, detail));
+        }
+        Err(e) => out.push(Check::new("routes", Verdict::Fail, e.to_string())),
+    }
+    match platform::overlapping_routes(&plan).await {
+        Ok(existing) => {
+            for r in existing.into_iter().filter(|r| !r.local) {
+                let ours = plan
+                    .routes()
+                    .iter()
+                    .find(|p| p.contains(&r.dst.network()) || r.dst.contains(&p.network()));
+                let Some(ours) = ours else { continue };
+                let via = r.via.map(|v| format!(" via {v}")).unwrap_or_default();
+                let (verdict, detail, fix) = if r.dst.prefix_len() > ours.prefix_len() {
+                    (
+                        Verdict::Warn,
+                        format!(
+                            "{}{} dev {} is more specific than {ours}: that traffic keeps going to {}, not through the tunnel",
+                            r.dst, via, r.dev, r.dev
+                        ),
+                        "if that is another VPN for the same VPC, stop it or --exclude the range"
+                            .to_owned(),
+                    )
+                } else if r.dst.prefix_len() == ours.prefix_len() {
+                    (
+                        Verdict::Fail,
+                        format!(
+                            "{}{} dev {} is the same network as {ours}",
+                            r.dst, via, r.dev
+                        ),
+                        format!(
+                            "remove that route (another VPN?), or route a narrower CIDR than {ours}"
+                        ),
+                    )
+                } else {
+                    (
+                        Verdict::Warn,
+                        format!(
+                            "{}{} dev {} covers {ours}: mse-vpn's more specific route takes {ours} from it",
+                            r.dst, via, r.dev
+                        ),
+                        "fine if that route is a broader VPN or gateway route; otherwise --exclude the overlap".to_owned(),
+                    )
+                };
+                out.push(Check::new("route overlap", verdict, detail).fix(fix));
+            }
+        }
+        Err(e) => out.push(Check::new("route overlap", Verdict::Warn, e.to_string())),
+    }
+    out
+}
+
+async fn reachability(addrs: &[SocketAddr], checks: &mut Vec<Check>) -> Option<SocketAddr> {
+    if addrs.is_empty() {
+        checks.push(Check::new(
+            "jump host reach",
+            Verdict::Skipped,
+            "the name does not resolve",
+        ));
+        return None;
+    }
+    let mut errors = Vec::new();
+    for addr in addrs {
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(_)) => {
+                checks.push(Check::new(
+                    "jump host reach",
+                    Verdict::Ok,
+                    format!("TCP {addr} answers"),
+                ));
+                return Some(*addr);
+            }
+            Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+            Err(_) => errors.push(format!("{addr}: no answer within 5 s")),
+        }
+    }
+    checks.push(
+        Check::new("jump host reach", Verdict::Fail, errors.join("; "))
+            .fix("check that sshd runs there and that a firewall or security group lets this machine reach its port"),
+    );
+    None
+}
+
+async fn forwarding(session: &Session) -> Check {
+    // Ask the jump host to connect to its own loopback: any answer but "prohibited" shows it
+    // forwards TCP.
+    let dst: SocketAddr = ([127, 0, 0, 1], 22).into();
+    let origin: SocketAddr = ([127, 0, 0, 1], 0).into();
+    match session
+        .open_direct_tcpip(dst, origin, Duration::from_secs(5))
+        .await
+    {
+        Ok(ch) => {
+            let _ = ch.close().await;
+            Check::new("forwarding", Verdict::Ok, "direct-tcpip channels are allowed")
+        }
+        Err(OpenError::ConnectFailed) => Check::new(
+            "forwarding",
+            Verdict::Ok,
+            "direct-tcpip channels are allowed",
+        ),
+        Err(OpenError::Prohibited) => Check::new(
+            "forwarding",
+            Verdict::Fail,
+            "the jump host refuses TCP forwarding (direct-tcpip: administratively prohibited)",
+        )
+        .fix("set `AllowTcpForwarding yes` (or `local`) in the jump host's sshd_config (and no `PermitOpen none` for this user), then reload sshd"),
+        Err(e) => Check::new("forwarding", Verdict::Warn, format!("inconclusive: {e}")),
+    }
+}
+
+async fn reverse_forwarding(session: &Session, jump_ip: IpAddr) -> Check {
+    let Some(port) = session.request_forward("0.0.0.0", 0).await else {
+        return Check::new(
+            "reverse forwarding",
+            Verdict::Warn,
+            "the jump host refuses tcpip-forward: cloud-to-local calls (--expose) will not work",
+        )
+        .fix("set `AllowTcpForwarding yes` (or `remote`) in the jump host's sshd_config");
+    };
+    // With `GatewayPorts no` sshd binds loopback only, whatever we asked: try the port on the
+    // jump host's own non-loopback address.
+    let dst = SocketAddr::new(jump_ip, port);
+    let origin: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let check = match session
+        .open_direct_tcpip(dst, origin, Duration::from_secs(5))
+        .await
+    {
+        Ok(ch) => {
+            let _ = ch.close().await;
+            Check::new(
+                "reverse forwarding",
+                Verdict::Ok,
+                format!("listeners on non-loopback addresses work (probe port {port})"),
+            )
+        }
+        Err(OpenError::ConnectFailed) => Check::new(
+            "reverse forwarding",
+            Verdict::Warn,
+            format!("the jump host binds forwarded ports to loopback only (probe port {port} not reachable on {jump_ip}): VPC callers cannot reach --expose ports"),
+        )
+        .fix("set `GatewayPorts clientspecified` in the jump host's sshd_config"),
+        Err(e) => Check::new(
+            "reverse forwarding",
+            Verdict::Warn,
+            format!("tcpip-forward is allowed; binding check inconclusive: {e}"),
+        ),
+    };
+    session.cancel_forward("0.0.0.0", port).await;
+    check
+}
