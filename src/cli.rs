@@ -102,7 +102,8 @@ pub struct UpArgs {
     /// Seconds to wait for the SSH connection to the jump host.
     #[arg(long, default_value_t = 15, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub connect_timeout: u64,
-    /// Seconds between SSH keepalives; the link is declared dead after 3 unanswered ones.
+    /// Seconds between SSH keepalives. A link that answers nothing for three intervals is
+    /// declared dead (15 s by default), its flows are reset, and it is reconnected.
     #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keepalive: u64,
     /// SSH connections to the jump host. Flows are spread over them: each has its own
@@ -139,7 +140,7 @@ impl UpArgs {
             accept_new_host_key: self.accept_new_host_key,
             connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
             keepalive_interval: std::time::Duration::from_secs(self.keepalive),
-            keepalive_max: 3,
+            keepalive_max: 2,
             window_size: 4 * 1024 * 1024,
             agent_socket: user.agent_socket(),
             file_owner: Some((user.uid(), user.gid())),

@@ -654,7 +654,8 @@ fn unlock(path: &Path) -> Unlock {
         match russh::keys::load_secret_key(path, Some(&passphrase)) {
             Ok(key) => return Unlock::Key(Arc::new(key)),
             Err(e) => {
-                debug!(path = %path.display(), attempt, error = %e, "the passphrase did not decrypt the key")
+                let path = path.display();
+                debug!(%path, attempt, error = %e, "the passphrase did not decrypt the key");
             }
         }
     }

@@ -305,3 +305,128 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+// ----- Authentication helpers (used by tests/it/auth.rs) -----
+
+impl Testbed {
+    /// Lets the key in the public key file `pubkey` log in to the jump host. sshd's
+    /// `AuthorizedKeysFile` is this testbed's `authorized_keys`, shared by every login name.
+    pub fn authorize(&self, pubkey: &Path) {
+        let key = std::fs::read_to_string(pubkey).expect("read a public key");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("authorized_keys"))
+            .expect("open authorized_keys");
+        std::io::Write::write_all(&mut file, key.as_bytes()).expect("append to authorized_keys");
+    }
+
+    /// `up` arguments with no key and no known_hosts option (mse-vpn picks its defaults):
+    /// `--proxy [LOGIN@]JUMP` (no `LOGIN@` when `login` is `None`), this testbed's TUN, `-v`,
+    /// then `extra`.
+    pub fn up_args_without_auth(
+        &self,
+        login: Option<&str>,
+        cidrs: &[&str],
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut v: Vec<String> = vec!["up".into()];
+        for c in cidrs {
+            v.extend(["--cidr".to_owned(), (*c).to_owned()]);
+        }
+        let proxy = match login {
+            Some(l) => format!("{l}@{}", self.jump_addr),
+            None => self.jump_addr.clone(),
+        };
+        v.extend([
+            "--proxy".into(),
+            proxy,
+            "--tun".into(),
+            self.tun(),
+            "-v".into(),
+        ]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// `WRAPPER... mse-vpn ARGS` in the laptop namespace with `env` set. The variables are set
+    /// by env(1) inside the namespace, so they survive [`Vpn::spawn`], which scrubs
+    /// `SUDO_USER` and `SSH_AUTH_SOCK` from the environment it starts with.
+    pub fn mse_vpn_with_env(
+        &self,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Command {
+        let mut argv: Vec<String> = vec![
+            "env".into(),
+            format!("MSE_VPN_STATE_DIR={}", self.state_dir().display()),
+        ];
+        argv.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        argv.extend(wrapper.iter().map(|s| s.to_string()));
+        argv.push(bin().to_owned());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.cmd_in(&self.lap(), &argv)
+    }
+
+    /// Spawns `cmd` (an `mse-vpn up`) and waits (20 s at most) for it to report the tunnel up.
+    pub fn start_cmd(&self, cmd: Command) -> Vpn {
+        let vpn = Vpn::spawn(cmd);
+        vpn.wait_up(Duration::from_secs(20));
+        vpn
+    }
+
+    /// The jump host's sshd log so far (LogLevel INFO: one "Accepted publickey for USER ...
+    /// ssh2: TYPE SHA256:..." line per login).
+    pub fn sshd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// GETs http://10.0.0.10/ from the laptop and checks nginx's page came back.
+    pub fn assert_curl_index(&self) {
+        let out = self.on_laptop(15, &["curl", "-sS", "-m", "10", "http://10.0.0.10/"]);
+        assert_eq!(
+            stdout(&out).trim(),
+            "hello from the VPC",
+            "curl through the tunnel: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Makes a key pair at `path` (and `path.pub`) with `ssh-keygen -q -N PASSPHRASE -f path ARGS`.
+pub fn keygen(path: &Path, passphrase: &str, args: &[&str]) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(pub_path(path));
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-N", passphrase, "-C", "mse-vpn-test", "-f"])
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(
+        out.status.success(),
+        "ssh-keygen {args:?}: {}",
+        stderr(&out)
+    );
+}
+
+/// The `SHA256:...` fingerprint of a public key file, as sshd logs it.
+pub fn fingerprint(pubkey: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(pubkey)
+        .output()
+        .expect("run ssh-keygen -lf");
+    assert!(out.status.success(), "ssh-keygen -lf: {}", stderr(&out));
+    stdout(&out)
+        .split_whitespace()
+        .nth(1)
+        .expect("a fingerprint")
+        .to_owned()
+}
+
+/// The public key file next to private key file `path` (`path.pub`).
+pub fn pub_path(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.pub", path.display()))
+}

@@ -2,6 +2,7 @@
 //! host with a real OpenSSH sshd, VPC with real servers) with `scripts/testbed` and tears
 //! them down on drop, even when it fails.
 
+mod auth;
 mod harness;
 mod lifecycle;
 mod outbound;

@@ -1,0 +1,515 @@
+//! End-to-end tests of SSH authentication against a real OpenSSH sshd: every key type, an
+//! encrypted key whose passphrase is typed on a real pseudo-terminal, ssh-agent, and the
+//! invoking user's `~/.ssh` when root runs mse-vpn on behalf of a user (as `sudo` does).
+//!
+//! Which key logged in is read from sshd's own log ("Accepted publickey for USER ... TYPE
+//! SHA256:..."), so a test cannot pass by some other key getting in.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Testbed, Vpn, fingerprint, keygen, pub_path, root, stderr, stdout};
+
+/// The CIDR every test routes.
+const VPC: &str = "10.0.0.0/16";
+
+/// Runs a command on a fresh pseudo-terminal that is its controlling terminal (so `/dev/tty`
+/// works, as in a real shell), copies everything it prints to stdout, and answers each
+/// "Enter passphrase" prompt with the next line of `MV_ANSWERS` after `MV_DELAY` seconds
+/// (a prompt with no answer left is left waiting, as a user who walked away would).
+/// SIGINT/SIGTERM are passed on; the exit code is the command's (128+N for signal N).
+const PTY_DRIVER: &str = r#"
+import os, pty, signal, sys, time
+answers = [a for a in os.environ.pop("MV_ANSWERS", "").split("\n") if a]
+delay = float(os.environ.pop("MV_DELAY", "0"))
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+def forward(sig, _frame):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+signal.signal(signal.SIGINT, forward)
+signal.signal(signal.SIGTERM, forward)
+seen = b""
+while True:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    os.write(1, data)
+    seen += data
+    while b"Enter passphrase" in seen:
+        seen = seen.split(b"Enter passphrase", 1)[1]
+        if answers:
+            time.sleep(0.2 + delay)
+            os.write(fd, (answers.pop(0) + "\n").encode())
+_, status = os.waitpid(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"#;
+
+/// The prompt mse-vpn shows for an encrypted key.
+const PROMPT: &str = "Enter passphrase for key";
+
+/// "Accepted publickey" lines sshd logged after byte `mark` of its log.
+fn logins_since(tb: &Testbed, mark: usize) -> Vec<String> {
+    tb.sshd_log()
+        .get(mark..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Accepted publickey"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts that sshd accepted at least one login since `mark`, and that every one was
+/// `login` with the key in `pubkey`, of sshd's type name `kind` (RSA, ECDSA, ED25519).
+fn assert_logins(tb: &Testbed, mark: usize, login: &str, kind: &str, pubkey: &Path) {
+    let fp = fingerprint(pubkey);
+    let logins = logins_since(tb, mark);
+    assert!(
+        !logins.is_empty(),
+        "sshd logged no login:\n{}",
+        tb.sshd_log()
+    );
+    for l in &logins {
+        assert!(
+            l.contains(&format!("for {login} from")) && l.contains(&format!("{kind} {fp}")),
+            "expected {login} with {kind} {fp}, sshd logged: {l}"
+        );
+    }
+}
+
+/// `args` as `&str`s.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The path as a `String`.
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Runs `scripts/testbed CMD NAME`.
+fn testbed_cmd(tb: &Testbed, cmd: &str) {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/testbed"))
+        .args([cmd, &tb.name])
+        .output()
+        .expect("run scripts/testbed");
+    assert!(
+        out.status.success(),
+        "testbed {cmd}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// Retries a GET of http://10.0.0.10/ for up to `limit`; true once one succeeds.
+fn curl_within(tb: &Testbed, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let out = tb.on_laptop(5, &["curl", "-sS", "-m", "2", "http://10.0.0.10/"]);
+        if stdout(&out).trim() == "hello from the VPC" {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn rsa_ecdsa_and_ed25519_key_files_each_log_in_and_carry_traffic() {
+    let tb = Testbed::up("au1", &["--with", "nginx"]);
+    let kh = s(&tb.dir.join("known_hosts"));
+    // (file, ssh-keygen options, sshd's name for the type)
+    let kinds: [(&str, &[&str], &str); 4] = [
+        ("key_rsa", &["-t", "rsa", "-b", "3072"], "RSA"),
+        // The older "BEGIN RSA PRIVATE KEY" (PKCS#1 PEM) format many existing keys still use.
+        (
+            "key_rsa_pem",
+            &["-t", "rsa", "-b", "3072", "-m", "PEM"],
+            "RSA",
+        ),
+        ("key_ecdsa", &["-t", "ecdsa", "-b", "256"], "ECDSA"),
+        ("key_ed25519", &["-t", "ed25519"], "ED25519"),
+    ];
+    for (file, opts, kind) in kinds {
+        let key = tb.dir.join(file);
+        keygen(&key, "", opts);
+        tb.authorize(&pub_path(&key));
+        let mark = tb.sshd_log().len();
+        let args = tb.up_args_without_auth(
+            Some("root"),
+            &[VPC],
+            &["-i", &s(&key), "--known-hosts", &kh],
+        );
+        let vpn = tb.start_cmd(tb.mse_vpn(&strs(&args)));
+        tb.assert_curl_index();
+        assert_logins(&tb, mark, "root", kind, &pub_path(&key));
+        assert!(vpn.interrupt().success(), "{file}: unclean exit");
+    }
+}
+
+/// An encrypted ed25519 key, authorized on the jump host; returns its path.
+fn encrypted_key(tb: &Testbed, passphrase: &str) -> PathBuf {
+    let key = tb.dir.join("key_encrypted");
+    keygen(&key, passphrase, &["-t", "ed25519"]);
+    tb.authorize(&pub_path(&key));
+    key
+}
+
+/// `mse-vpn ARGS` on a pseudo-terminal, answering passphrase prompts with `answers` after
+/// `delay_secs` each.
+fn on_pty(tb: &Testbed, answers: &[&str], delay_secs: u32, args: &[String]) -> Vpn {
+    let driver = tb.dir.join("pty_driver.py");
+    std::fs::write(&driver, PTY_DRIVER).expect("write the pty driver");
+    let answers = answers.join("\n");
+    let delay = delay_secs.to_string();
+    let env = [
+        ("MV_ANSWERS", answers.as_str()),
+        ("MV_DELAY", delay.as_str()),
+    ];
+    Vpn::spawn(tb.mse_vpn_with_env(&env, &["python3", &s(&driver)], &strs(args)))
+}
+
+#[test]
+fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal_once() {
+    let tb = Testbed::up("au2", &["--with", "nginx"]);
+    let before = tb.snapshot();
+    let key = encrypted_key(&tb, "correct horse");
+    let kh = s(&tb.dir.join("known_hosts"));
+    let args = tb.up_args_without_auth(
+        Some("root"),
+        &[VPC],
+        &["-i", &s(&key), "--known-hosts", &kh],
+    );
+
+    // No terminal at all (a new session, no controlling tty): refused with what to do.
+    let mut vpn = Vpn::spawn(tb.mse_vpn_with_env(&[], &["setsid", "-w"], &strs(&args)));
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        vpn.stderr().contains("no terminal") && vpn.stderr().contains("ssh-agent"),
+        "{}",
+        vpn.stderr()
+    );
+    assert_eq!(tb.snapshot(), before);
+
+    // Wrong every time: a clear error after a bounded number of prompts, non-zero, and
+    // nothing changed on the host.
+    let mut vpn = on_pty(&tb, &["wrong"; 5], 0, &args);
+    let status = vpn.wait_exit(Duration::from_secs(25));
+    let out = vpn.stdout();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("passphrase")
+            && out.contains(&s(&key))
+            && out.to_lowercase().contains("wrong"),
+        "the error should say the passphrase was wrong:\n{out}"
+    );
+    let prompts = out.matches(PROMPT).count();
+    assert!((1..=3).contains(&prompts), "{prompts} prompts:\n{out}");
+    assert_eq!(tb.snapshot(), before);
+    assert!(logins_since(&tb, 0).is_empty(), "{}", tb.sshd_log());
+
+    // A typo, then the right passphrase: up, traffic flows, and one good answer serves every
+    // connection of the pool.
+    let mark = tb.sshd_log().len();
+    let vpn = on_pty(&tb, &["typo", "correct horse"], 0, &args);
+    vpn.wait_up(Duration::from_secs(20));
+    tb.assert_curl_index();
+    assert_logins(&tb, mark, "root", "ED25519", &pub_path(&key));
+    assert_eq!(vpn.stdout().matches(PROMPT).count(), 2, "{}", vpn.stdout());
+
+    // The jump host's sshd dies and comes back: mse-vpn reconnects with the key it already
+    // decrypted, without asking again (nobody may be at the terminal by then).
+    testbed_cmd(&tb, "sshd-kill");
+    testbed_cmd(&tb, "sshd-start");
+    assert!(
+        curl_within(&tb, Duration::from_secs(15)),
+        "no traffic after the jump host came back:\n{}",
+        vpn.stdout()
+    );
+    assert_eq!(
+        vpn.stdout().matches(PROMPT).count(),
+        2,
+        "asked again on reconnect:\n{}",
+        vpn.stdout()
+    );
+    let out = vpn.stdout();
+    assert!(
+        !out.contains("correct horse"),
+        "passphrase echoed or logged:\n{out}"
+    );
+    assert!(vpn.interrupt().success());
+    assert_eq!(tb.snapshot(), before);
+}
+
+#[test]
+fn typing_a_passphrase_slowly_does_not_count_against_the_connect_timeout() {
+    let tb = Testbed::up("au5", &["--with", "nginx"]);
+    let key = encrypted_key(&tb, "slow typist");
+    let kh = s(&tb.dir.join("known_hosts"));
+    let args = tb.up_args_without_auth(
+        Some("root"),
+        &[VPC],
+        &[
+            "-i",
+            &s(&key),
+            "--known-hosts",
+            &kh,
+            "--connect-timeout",
+            "2",
+        ],
+    );
+    // The answer comes 3 s after the prompt, past the 2 s connect timeout.
+    let vpn = on_pty(&tb, &["slow typist"], 3, &args);
+    vpn.wait_up(Duration::from_secs(20));
+    tb.assert_curl_index();
+    assert!(vpn.interrupt().success());
+}
+
+/// An `ssh-agent -D` on a socket of its own, killed on drop.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(socket: PathBuf) -> Agent {
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ssh-agent");
+        let agent = Agent { child, socket };
+        let start = Instant::now();
+        while !agent.socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "ssh-agent did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// `ssh-add ARGS` against this agent.
+    fn add(&self, args: &[&str]) {
+        let out = Command::new("ssh-add")
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ssh-add");
+        assert!(out.status.success(), "ssh-add {args:?}: {}", stderr(&out));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[test]
+fn ssh_agent_identities_log_in_with_no_key_file() {
+    let tb = Testbed::up("au3", &["--with", "nginx"]);
+    let before = tb.snapshot();
+    let agent = Agent::start(tb.dir.join("agent.sock"));
+    let empty_home = tb.dir.join("empty-home");
+    std::fs::create_dir_all(&empty_home).unwrap();
+    let kh = s(&tb.dir.join("known_hosts"));
+    let sock = s(&agent.socket);
+    let home = s(&empty_home);
+    let env = [("SSH_AUTH_SOCK", sock.as_str()), ("HOME", home.as_str())];
+    let args = tb.up_args_without_auth(Some("root"), &[VPC], &["--known-hosts", &kh]);
+
+    // The agent holds the key; the key file is gone.
+    let ed = tb.dir.join("agent_ed25519");
+    keygen(&ed, "", &["-t", "ed25519"]);
+    tb.authorize(&pub_path(&ed));
+    agent.add(&[&s(&ed)]);
+    std::fs::remove_file(&ed).unwrap();
+    let mark = tb.sshd_log().len();
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&args)));
+    tb.assert_curl_index();
+    assert_logins(&tb, mark, "root", "ED25519", &pub_path(&ed));
+    assert!(vpn.interrupt().success());
+
+    // An identity the jump host refuses, then an RSA one it accepts (the agent must sign with
+    // rsa-sha2-*, since sshd refuses SHA-1 ssh-rsa signatures).
+    agent.add(&["-D"]);
+    let stranger = tb.dir.join("agent_stranger");
+    keygen(&stranger, "", &["-t", "ed25519"]);
+    let rsa = tb.dir.join("agent_rsa");
+    keygen(&rsa, "", &["-t", "rsa", "-b", "3072"]);
+    tb.authorize(&pub_path(&rsa));
+    agent.add(&[&s(&stranger)]);
+    agent.add(&[&s(&rsa)]);
+    std::fs::remove_file(&rsa).unwrap();
+    let mark = tb.sshd_log().len();
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&args)));
+    tb.assert_curl_index();
+    assert_logins(&tb, mark, "root", "RSA", &pub_path(&rsa));
+    assert!(vpn.interrupt().success());
+
+    // Without the agent there is nothing to log in with: refused, nothing changed.
+    let (status, err) = tb.up_fails(&strs(&args));
+    assert!(!status.success());
+    assert!(err.contains("authentication as root"), "{err}");
+    assert_eq!(tb.snapshot(), before);
+}
+
+/// A throwaway local user, deleted (with its home) on drop, even when the test fails.
+struct TestUser {
+    name: &'static str,
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+impl TestUser {
+    fn create(name: &'static str) -> TestUser {
+        let _ = Command::new("userdel").args(["-r", name]).output();
+        let run = |argv: &[&str]| {
+            let out = Command::new(argv[0])
+                .args(&argv[1..])
+                .output()
+                .expect("run");
+            assert!(out.status.success(), "{argv:?}: {}", stderr(&out));
+        };
+        run(&["useradd", "-m", "-s", "/bin/sh", name]);
+        // An unlocked account ("*": no password login, but not "!" locked, which sshd
+        // refuses without PAM).
+        run(&["usermod", "-p", "*", name]);
+        let user = nix::unistd::User::from_name(name)
+            .expect("passwd lookup")
+            .expect("the new user");
+        TestUser {
+            name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }
+    }
+
+    /// Gives `path` to this user with `mode`.
+    fn own(&self, path: &Path, mode: u32) {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).expect("chown");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// The environment `sudo` gives root's process on this user's behalf.
+    fn sudo_env(&self) -> [(String, String); 4] {
+        [
+            ("SUDO_USER".into(), self.name.into()),
+            ("SUDO_UID".into(), self.uid.to_string()),
+            ("SUDO_GID".into(), self.gid.to_string()),
+            ("HOME".into(), "/root".into()),
+        ]
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["-r", self.name]).output();
+    }
+}
+
+#[test]
+fn under_sudo_the_invoking_users_key_and_known_hosts_are_used() {
+    let tb = Testbed::up("au4", &["--with", "nginx"]);
+    let before = tb.snapshot();
+    let user = TestUser::create("mvtest");
+    let ssh_dir = user.home.join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    user.own(&ssh_dir, 0o700);
+    let key = ssh_dir.join("id_ed25519");
+    keygen(&key, "", &["-t", "ed25519"]);
+    user.own(&key, 0o600);
+    user.own(&pub_path(&key), 0o644);
+    tb.authorize(&pub_path(&key));
+    let kh = ssh_dir.join("known_hosts");
+    std::fs::copy(tb.dir.join("known_hosts"), &kh).unwrap();
+    user.own(&kh, 0o600);
+
+    let env = user.sudo_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // No login name, no -i, no --known-hosts: all three come from the invoking user.
+    let args = tb.up_args_without_auth(None, &[VPC], &[]);
+
+    // Root alone has neither key nor known_hosts entry: refused.
+    let (status, err) = tb.up_fails(&strs(&args));
+    assert!(!status.success(), "{err}");
+    assert_eq!(tb.snapshot(), before);
+
+    // Root on mvtest's behalf: mvtest's key, known_hosts and login name.
+    let mark = tb.sshd_log().len();
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&args)));
+    tb.assert_curl_index();
+    assert_logins(&tb, mark, user.name, "ED25519", &pub_path(&key));
+    assert!(vpn.interrupt().success());
+
+    // An empty known_hosts of the user's, and --accept-new-host-key: the jump host's key is
+    // recorded there, and the file stays the user's.
+    std::fs::write(&kh, "").unwrap();
+    let accept = tb.up_args_without_auth(None, &[VPC], &["--accept-new-host-key"]);
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&accept)));
+    tb.assert_curl_index();
+    assert!(vpn.interrupt().success());
+    let recorded = std::fs::read_to_string(&kh).unwrap();
+    let host_key = std::fs::read_to_string(tb.dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+    assert!(
+        recorded.contains(&format!("{} {}", tb.jump_addr, host_key.join(" "))),
+        "{recorded}"
+    );
+    let meta = std::fs::metadata(&kh).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (user.uid, user.gid),
+        "known_hosts owner"
+    );
+    // Recorded means known: the next start needs no flag.
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&args)));
+    assert!(vpn.interrupt().success());
+
+    // A user with no ~/.ssh at all (a key passed with -i): the directory and known_hosts
+    // that --accept-new-host-key creates belong to the user, ~/.ssh with mode 0700, as
+    // OpenSSH expects.
+    std::fs::remove_dir_all(&ssh_dir).unwrap();
+    let outside_key = s(&tb.dir.join("id_ed25519"));
+    let accept =
+        tb.up_args_without_auth(None, &[VPC], &["-i", &outside_key, "--accept-new-host-key"]);
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&accept)));
+    tb.assert_curl_index();
+    assert!(vpn.interrupt().success());
+    let dir_meta = std::fs::metadata(&ssh_dir).expect("~/.ssh created");
+    assert_eq!(
+        (dir_meta.uid(), dir_meta.gid()),
+        (user.uid, user.gid),
+        "~/.ssh owner"
+    );
+    assert_eq!(dir_meta.permissions().mode() & 0o777, 0o700, "~/.ssh mode");
+    let meta = std::fs::metadata(&kh).expect("known_hosts created");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (user.uid, user.gid),
+        "known_hosts owner"
+    );
+    assert_eq!(tb.snapshot(), before);
+}
