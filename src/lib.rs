@@ -20,6 +20,8 @@
 //! Modules: [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns
 //! it; [`ssh`] and [`tun`] are the only modules of this crate that touch the OS.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod control;
 pub mod doctor;

@@ -2,6 +2,8 @@
 //! host, connects to the jump host, then sets up the TUN and routes and runs the driver until
 //! Ctrl-C / SIGTERM, reconnecting when the SSH connection drops.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
@@ -38,6 +40,8 @@ fn main() -> ExitCode {
         let _ = nix::unistd::setsid();
     }
     init_logging(cli.verbose);
+    // Flow buffers straight from mmap: idle flows then cost only the pages they touch.
+    platform::memory::pin_mmap_threshold(64 * 1024);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -258,8 +258,13 @@ async fn run_slot(
             );
             board.set_links(pool.connected(), pool.size(), None);
             tokio::select! {
-                _ = s.closed() => {}
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                _ = s.closed() => {}
+            }
+            if *stop.borrow() {
+                // Closed because we are shutting down: not a loss.
+                return;
             }
             pool.set(slot, None);
             let detail = format!("SSH connection {slot} to {} was lost", opts.jump);
@@ -269,8 +274,9 @@ async fn run_slot(
         let mut delay = BACKOFF_START;
         session = loop {
             let attempt = tokio::select! {
-                r = Session::connect(&opts) => r,
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                r = Session::connect(&opts) => r,
             };
             match attempt {
                 Ok(s) => {

@@ -12,7 +12,10 @@
 //! Linux is implemented with iproute2's `ip` command (JSON output for reading); other systems
 //! compile against a stub that returns [`PlatformError::Unsupported`].
 
+#![deny(unsafe_code)]
+
 pub mod journal;
+pub mod memory;
 pub mod plan;
 
 #[cfg(target_os = "linux")]

@@ -65,9 +65,12 @@ pub struct EngineConfig {
     /// [`Event::Data`] messages of one flow not yet acknowledged by [`Engine::handle_sent`]:
     /// with `max_inflight` this bounds the driver's per-flow write queue.
     pub max_inflight_msgs: usize,
-    /// Bytes from the SSH side waiting for the app to read them. russh keeps its receive
-    /// window open whatever we do, so this bound is enforced by resetting the flow.
+    /// Bytes from the SSH side waiting for one app to read them. russh re-opens the SSH
+    /// window as data arrives, not as it is consumed, so the jump host cannot be slowed per
+    /// flow: this bound is enforced by resetting the flow (reason `AppTooSlow`).
     pub max_pending: usize,
+    /// The same, summed over all flows: past it, the flow receiving data is reset.
+    pub max_pending_total: usize,
 }
 
 impl Default for EngineConfig {
@@ -78,7 +81,8 @@ impl Default for EngineConfig {
             tcp_buffer: 512 * 1024,
             max_inflight: 1024 * 1024,
             max_inflight_msgs: 64,
-            max_pending: 16 * 1024 * 1024,
+            max_pending: 128 * 1024 * 1024,
+            max_pending_total: 512 * 1024 * 1024,
         }
     }
 }
@@ -180,6 +184,8 @@ pub struct Engine {
     dirty: Vec<FlowId>,
     next_sweep: Instant,
     stats: EngineStats,
+    /// Sum of every flow's `pending_len`.
+    pending_total: usize,
 }
 
 impl Engine {
@@ -206,6 +212,7 @@ impl Engine {
             dirty: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
             stats: EngineStats::default(),
+            pending_total: 0,
         }
     }
 
@@ -377,8 +384,11 @@ impl Engine {
             return;
         }
         flow.pending_len += data.len();
+        self.pending_total += data.len();
         flow.pending.push_back(data);
-        if flow.pending_len > self.config.max_pending {
+        if flow.pending_len > self.config.max_pending
+            || self.pending_total > self.config.max_pending_total
+        {
             self.abort(id, CloseReason::AppTooSlow);
             return;
         }
@@ -449,6 +459,7 @@ impl Engine {
                 if flow.ending.is_none() {
                     flow.ending = Some(reason);
                     flow.pending.clear();
+                    self.pending_total -= flow.pending_len;
                     flow.pending_len = 0;
                     self.sockets.get_mut::<tcp::Socket>(handle).abort();
                 }
@@ -534,6 +545,7 @@ impl Engine {
                 };
                 progressed = true;
                 flow.pending_len -= n;
+                self.pending_total -= n;
                 self.stats.bytes_down += n as u64;
                 if n == front.len() {
                     flow.pending.pop_front();
@@ -599,6 +611,7 @@ impl Engine {
             _ => None,
         };
         if let Some(reason) = reason {
+            self.pending_total -= flow.pending_len;
             self.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);
