@@ -42,10 +42,17 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     // Flow buffers straight from mmap: idle flows then cost only the pages they touch.
     platform::memory::pin_mmap_threshold(64 * 1024);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // Worker threads: one per core by default (each SSH connection's crypto runs on one);
+    // MSE_VPN_WORKER_THREADS overrides it, for benchmarking.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("MSE_VPN_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
     {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mse-vpn: cannot start the async runtime: {e}");

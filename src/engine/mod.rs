@@ -16,6 +16,11 @@
 //! far end shows up to the app as a plain connection refused (RST), never "connected, then
 //! reset".
 //!
+//! The TCP stack is sharded: flows are spread over [`SHARDS`] smoltcp interfaces, each with
+//! its own socket set and packet queues. smoltcp scans every socket of an interface on each
+//! packet and each poll, so one interface with 10,000 idle flows would make every new flow
+//! pay for all of them; a shard is polled only when it has work.
+//!
 //! Invariant: no smoltcp socket stays in LISTEN. A socket listening on exactly one
 //! destination is created and fed its held SYN in the same call, so concurrent flows to the
 //! same destination can never steal each other's SYN.
@@ -44,6 +49,8 @@ pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
 const IFACE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 0, 8);
 /// Internal IPv6 address of the smoltcp interface (from the RFC 6666 discard prefix).
 const IFACE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
+/// Number of smoltcp interfaces the flows are spread over.
+pub const SHARDS: usize = 64;
 /// Largest chunk read from a socket into one [`Event::Data`].
 const CHUNK: usize = 64 * 1024;
 /// How often every flow is re-examined even without new packets (catches timer-driven
@@ -79,8 +86,8 @@ impl Default for EngineConfig {
             mtu: 65_000,
             max_flows: 10_000,
             tcp_buffer: 512 * 1024,
-            max_inflight: 1024 * 1024,
-            max_inflight_msgs: 64,
+            max_inflight: 4 * 1024 * 1024,
+            max_inflight_msgs: 128,
             max_pending: 128 * 1024 * 1024,
             max_pending_total: 512 * 1024 * 1024,
         }
@@ -174,11 +181,65 @@ struct Flow {
 }
 
 /// The engine. See the module documentation.
-pub struct Engine {
-    config: EngineConfig,
+/// One smoltcp interface with its sockets and packet queues.
+struct Shard {
     iface: Interface,
     device: QueueDevice,
     sockets: SocketSet<'static>,
+    /// Has queued ingress or changed sockets: poll it.
+    active: bool,
+    /// When its timers need a poll (cached after each poll).
+    poll_at: Option<Instant>,
+}
+
+impl Shard {
+    fn new(mtu: usize, now: Instant) -> Shard {
+        let mut device = QueueDevice::new(mtu);
+        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, now);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
+        });
+        // Replies go back to whatever address the app used: default routes via ourselves.
+        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
+        let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+        Shard {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            active: false,
+            poll_at: None,
+        }
+    }
+
+    /// Runs smoltcp on this shard and moves what it sent to `tx`.
+    fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>) {
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        tx.append(&mut self.device.tx);
+        self.poll_at = self.iface.poll_at(now, &self.sockets);
+        self.active = false;
+    }
+
+    fn inject(&mut self, packet: Vec<u8>) {
+        self.device.rx.push_back(packet);
+        self.active = true;
+    }
+}
+
+/// The shard of a flow.
+fn shard_of(id: FlowId) -> usize {
+    (id.0 % SHARDS as u64) as usize
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    shards: Vec<Shard>,
+    /// Packets for the TUN, from every shard.
+    tx: VecDeque<Vec<u8>>,
+    /// Where the next recycled buffer goes.
+    recycle_to: usize,
     flows: FlowTable<Flow>,
     events: VecDeque<Event>,
     dirty: Vec<FlowId>,
@@ -191,22 +252,11 @@ pub struct Engine {
 impl Engine {
     /// A new engine; `now` is the driver's clock.
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
-        let mut device = QueueDevice::new(config.mtu);
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, now);
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|addrs| {
-            // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
-        });
-        // Replies go back to whatever address the app used: default routes via ourselves.
-        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
-        let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
         Engine {
+            shards: (0..SHARDS).map(|_| Shard::new(config.mtu, now)).collect(),
             config,
-            iface,
-            device,
-            sockets: SocketSet::new(Vec::new()),
+            tx: VecDeque::new(),
+            recycle_to: 0,
             flows: FlowTable::default(),
             events: VecDeque::new(),
             dirty: Vec::new(),
@@ -241,14 +291,14 @@ impl Engine {
             Ingress::Reject(kind) => {
                 if let Some(reply) = packet::unreachable_reply(&packet, kind) {
                     self.stats.icmp_rejects += 1;
-                    self.device.tx.push_back(reply);
+                    self.tx.push_back(reply);
                 }
             }
             Ingress::Tcp { key, flags } => match self.flows.id_of(&key) {
                 Some(id) => self.flow_packet(id, flags, packet),
                 None if flags.is_connect() => self.admit(key, packet),
                 // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
-                None => self.device.rx.push_back(packet),
+                None => self.shards[0].inject(packet),
             },
         }
     }
@@ -275,7 +325,7 @@ impl Engine {
                 }
             }
             Phase::Open { .. } => {
-                self.device.rx.push_back(packet);
+                self.shards[shard_of(id)].inject(packet);
                 mark_dirty(&mut self.dirty, id, flow);
             }
         }
@@ -287,7 +337,7 @@ impl Engine {
             tracing::warn!(src = %key.src, dst = %key.dst, limit = self.config.max_flows,
                 "flow limit reached: resetting new connection");
             // No socket listens for it: smoltcp answers the SYN with RST.
-            self.device.rx.push_back(syn);
+            self.shards[0].inject(syn);
             return;
         }
         self.stats.flows_opened += 1;
@@ -310,9 +360,12 @@ impl Engine {
 
     /// The channel for `id` is open: let smoltcp accept the held SYN.
     pub fn handle_open_ok(&mut self, now: Instant, id: FlowId) {
-        // Drain queued ingress first so that no packet already queued can reach the new
-        // listening socket before its own SYN does.
-        self.poll(now);
+        // Drain the shard's queued ingress first so that no packet already queued can reach
+        // the new listening socket before its own SYN does.
+        let shard = &mut self.shards[shard_of(id)];
+        if !shard.device.rx.is_empty() {
+            shard.poll(now, &mut self.tx);
+        }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -335,14 +388,14 @@ impl Engine {
             self.refuse(id, syn, CloseReason::OpenRefused);
             return;
         }
-        let handle = self.sockets.add(socket);
+        let handle = shard.sockets.add(socket);
         flow.phase = Phase::Open { handle };
-        self.device.rx.push_back(syn);
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        shard.inject(syn);
+        shard.poll(now, &mut self.tx);
+        let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
-            self.sockets.remove(handle);
+            shard.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);
             self.events.push_back(Event::Close {
@@ -371,7 +424,7 @@ impl Engine {
         self.flows.remove(id, &key);
         self.stats.flows_refused += 1;
         // With no socket listening, smoltcp answers the held SYN with RST.
-        self.device.rx.push_back(syn);
+        self.shards[shard_of(id)].inject(syn);
         self.events.push_back(Event::Close { id, key, reason });
     }
 
@@ -461,7 +514,9 @@ impl Engine {
                     flow.pending.clear();
                     self.pending_total -= flow.pending_len;
                     flow.pending_len = 0;
-                    self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    let shard = &mut self.shards[shard_of(id)];
+                    shard.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    shard.active = true;
                 }
                 mark_dirty(&mut self.dirty, id, flow);
             }
@@ -480,7 +535,11 @@ impl Engine {
             }
         }
         for _ in 0..8 {
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            for shard in &mut self.shards {
+                if shard.active || shard.poll_at.is_some_and(|t| t <= now) {
+                    shard.poll(now, &mut self.tx);
+                }
+            }
             if !self.service_dirty() {
                 break;
             }
@@ -494,17 +553,24 @@ impl Engine {
 
     /// The next packet to write to the TUN.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.device.tx.pop_front()
+        self.tx.pop_front()
     }
 
     /// Gives a written packet's buffer back for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        self.device.recycle(buf);
+        self.recycle_to = (self.recycle_to + 1) % SHARDS;
+        self.shards[self.recycle_to].device.recycle(buf);
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.
     pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
-        let stack = self.iface.poll_at(now, &self.sockets);
+        let active = self.shards.iter().any(|s| s.active).then_some(now);
+        let stack = self
+            .shards
+            .iter()
+            .filter_map(|s| s.poll_at)
+            .chain(active)
+            .min();
         let sweep = (!self.flows.is_empty()).then_some(self.next_sweep);
         match (stack, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -533,7 +599,8 @@ impl Engine {
         let Phase::Open { handle } = flow.phase else {
             return false;
         };
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let shard = &mut self.shards[shard_of(id)];
+        let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         let mut progressed = false;
 
         if flow.ending.is_none() {
@@ -610,9 +677,12 @@ impl Engine {
             }
             _ => None,
         };
+        if progressed {
+            shard.active = true;
+        }
         if let Some(reason) = reason {
             self.pending_total -= flow.pending_len;
-            self.sockets.remove(handle);
+            shard.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);
             self.events.push_back(Event::Close { id, key, reason });
