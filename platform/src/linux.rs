@@ -167,32 +167,24 @@ pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, 
             }
         }
     }
-    for fam in ["-4", "-6"] {
-        let wanted: Vec<&IpNet> = plan.routes().iter().filter(|r| family(r) == fam).collect();
-        if wanted.is_empty() {
+    // A network this host reaches directly (LAN, Docker bridge, point-to-point VPN link)
+    // would be cut off by routing it into the tunnel.
+    for existing in overlapping_routes(plan).await? {
+        // A host route to a bypass address is the path we keep, not a conflict.
+        if !existing.local
+            || plan
+                .bypass()
+                .iter()
+                .any(|b| IpNet::from(*b) == existing.dst)
+        {
             continue;
         }
-        for r in ip_json(&[fam, "-j", "route", "show", "table", "main"]).await? {
-            let Some(dst) = route_dst(&r, fam) else {
-                continue;
-            };
-            let local = r.get("scope").and_then(Value::as_str) == Some("link")
-                || r.get("protocol").and_then(Value::as_str) == Some("kernel");
-            let dev = r.get("dev").and_then(Value::as_str).unwrap_or("?");
-            if !local || dev == plan.tun_name() {
-                continue;
-            }
-            // A host route to a bypass address is the path we keep, not a conflict.
-            if plan.bypass().iter().any(|b| IpNet::from(*b) == dst) {
-                continue;
-            }
-            if let Some(cidr) = wanted.iter().find(|w| overlaps(w, &dst)) {
-                return Err(PlatformError::RouteConflict {
-                    cidr: **cidr,
-                    existing: dst,
-                    dev: dev.to_owned(),
-                });
-            }
+        if let Some(cidr) = plan.routes().iter().find(|w| overlaps(w, &existing.dst)) {
+            return Err(PlatformError::RouteConflict {
+                cidr: *cidr,
+                existing: existing.dst,
+                dev: existing.dev,
+            });
         }
     }
     let mut bypass_paths = Vec::new();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Testbed, Vpn, fingerprint, keygen, pub_path, root, stderr, stdout};
+use crate::harness::{Testbed, Vpn, fingerprint, keygen, pub_path, stderr, stdout};
 
 /// The CIDR every test routes.
 const VPC: &str = "10.0.0.0/16";
@@ -94,21 +94,6 @@ fn strs(args: &[String]) -> Vec<&str> {
 /// The path as a `String`.
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
-}
-
-/// Runs `scripts/testbed CMD NAME`.
-fn testbed_cmd(tb: &Testbed, cmd: &str) {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/testbed"))
-        .args([cmd, &tb.name])
-        .output()
-        .expect("run scripts/testbed");
-    assert!(
-        out.status.success(),
-        "testbed {cmd}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
 }
 
 /// Retries a GET of http://10.0.0.10/ for up to `limit`; true once one succeeds.
@@ -230,8 +215,8 @@ fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal_once() {
 
     // The jump host's sshd dies and comes back: mse-vpn reconnects with the key it already
     // decrypted, without asking again (nobody may be at the terminal by then).
-    testbed_cmd(&tb, "sshd-kill");
-    testbed_cmd(&tb, "sshd-start");
+    tb.control("sshd-kill");
+    tb.control("sshd-start");
     assert!(
         curl_within(&tb, Duration::from_secs(15)),
         "no traffic after the jump host came back:\n{}",

@@ -64,6 +64,21 @@ impl Testbed {
         tb
     }
 
+    /// Runs `scripts/testbed CMD NAME` (sshd-kill, sshd-start, sshd-restart).
+    pub fn control(&self, cmd: &str) {
+        let out = Command::new("bash")
+            .arg(root().join("scripts/testbed"))
+            .args([cmd, &self.name])
+            .output()
+            .expect("run scripts/testbed");
+        assert!(
+            out.status.success(),
+            "testbed {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Namespace names.
     pub fn lap(&self) -> String {
         format!("{}-lap", self.name)

@@ -1,27 +1,11 @@
 //! End-to-end lifecycle tests: a jump host that dies and comes back, a black-holed link,
 //! SIGKILL and repair, status during traffic. Real OpenSSH sshd in namespaces.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Testbed, Vpn, root, stderr, stdout};
-
-/// Runs `scripts/testbed CMD NAME`.
-fn testbed(tb: &Testbed, cmd: &str) {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/testbed"))
-        .args([cmd, &tb.name])
-        .output()
-        .expect("run scripts/testbed");
-    assert!(
-        out.status.success(),
-        "testbed {cmd}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-}
+use crate::harness::{Testbed, Vpn, stderr, stdout};
 
 /// `mse-vpn status --json` for this testbed's session.
 fn status(tb: &Testbed) -> Value {
@@ -106,7 +90,7 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     std::thread::sleep(Duration::from_millis(500));
 
     // sshd and all its children die at once.
-    testbed(&tb, "sshd-kill");
+    tb.control("sshd-kill");
     let lost = wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
         st["state"] == "reconnecting" && st["connections_up"] == 0
     });
@@ -129,7 +113,7 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     assert!(!out.status.success());
 
     std::thread::sleep(Duration::from_secs(5));
-    testbed(&tb, "sshd-start");
+    tb.control("sshd-start");
     let back = Instant::now();
     let took = curl_until_ok(&tb, Duration::from_secs(3));
     eprintln!("outage seen after {lost:?}; first curl through {took:?} after sshd was back");
@@ -330,7 +314,7 @@ fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
         text.replace("AllowTcpForwarding yes", "AllowTcpForwarding no"),
     )
     .unwrap();
-    testbed(&tb, "sshd-restart");
+    tb.control("sshd-restart");
     let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
     assert!(!ok, "{report}");
     assert!(report.contains("FAIL  forwarding"), "{report}");
