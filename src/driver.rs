@@ -11,9 +11,15 @@
 //!            └─────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Every flow has a reader task that keeps draining its channel (russh stalls the whole
-//! connection when one channel's queue is full) into one shared bounded queue to the driver;
-//! the engine holds each flow's backlog under its own bound. Writes to a channel wait for the
+//! Every flow has a reader task that drains its channel into one shared bounded queue to the
+//! driver; the engine holds each flow's backlog under its own bound. russh re-opens the SSH
+//! window as data arrives and stalls the whole connection when one channel's queue is full,
+//! so the reader paces itself by read credit (what the app has taken, plus
+//! [`READ_CREDIT`]) only while the engine, not the app, is the bottleneck. Once a flow's app
+//! socket is full (the app reads slower than the jump host sends), or a reader waited
+//! [`CREDIT_WAIT`] in vain, that reader drains freely from then on, so one slow app never
+//! paces its connection's other flows, and the engine's buffer limit resets that flow if its
+//! app never catches up. Writes to a channel wait for the
 //! SSH window in the flow's writer task, and the engine reads no more from the app than the
 //! flow's credit allows: backpressure end to end, no unbounded queue.
 
@@ -24,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::FutureExt;
 use russh::ChannelMsg;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -49,6 +55,15 @@ enum WriterCmd {
     Eof,
     Close,
 }
+
+/// Channel bytes a flow's reader may forward ahead of what the app has taken. Past it the
+/// reader waits for the app, so a bulk download runs at the app's pace instead of piling up
+/// (russh re-opens the SSH window on arrival, so waiting briefly is the only brake).
+const READ_CREDIT: usize = 16 * 1024 * 1024;
+/// How long a reader waits for credit before deciding the app has stopped reading: it then
+/// drains freely again (a paused channel stalls its whole SSH connection), and the engine's
+/// buffer limit decides the flow's fate.
+const CREDIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Capacity of the shared queue from flow tasks to the driver.
 const FLOW_QUEUE: usize = 4096;
@@ -75,6 +90,8 @@ pub struct Driver {
     msgs_tx: mpsc::Sender<FlowMsg>,
     msgs: mpsc::Receiver<FlowMsg>,
     writers: HashMap<FlowId, mpsc::Sender<WriterCmd>>,
+    /// Read credit of each open flow's channel reader.
+    credits: HashMap<FlowId, Arc<Semaphore>>,
     epoch: TokioInstant,
     stats: watch::Sender<crate::engine::EngineStats>,
 }
@@ -97,6 +114,7 @@ impl Driver {
             msgs_tx,
             msgs,
             writers: HashMap::new(),
+            credits: HashMap::new(),
             epoch,
             stats: watch::channel(Default::default()).0,
         }
@@ -189,6 +207,17 @@ impl Driver {
         while let Some(event) = self.engine.poll_event() {
             self.handle_event(event);
         }
+        while let Some(c) = self.engine.poll_consumed() {
+            if c.app_limited {
+                // Pacing this flow would stall every flow of its SSH connection at this app's
+                // speed: let its reader drain freely; the engine's buffer limit bounds it.
+                if let Some(credit) = self.credits.remove(&c.id) {
+                    credit.add_permits(Semaphore::MAX_PERMITS / 2);
+                }
+            } else if let Some(credit) = self.credits.get(&c.id) {
+                credit.add_permits(c.bytes);
+            }
+        }
         while let Some(packet) = self.engine.poll_transmit() {
             self.tun.send(&packet).await?;
             self.engine.recycle(packet);
@@ -232,6 +261,9 @@ impl Driver {
                 }
                 if let Some(link) = self.links.remove(&id) {
                     self.pool.release(link);
+                }
+                if let Some(credit) = self.credits.remove(&id) {
+                    credit.close();
                 }
                 if reason.is_normal() {
                     debug!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
@@ -296,11 +328,29 @@ impl Driver {
         let (mut read, write) = channel.split();
         let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
         let tx = self.msgs_tx.clone();
+        let credit = Arc::new(Semaphore::new(READ_CREDIT));
+        self.credits.insert(id, credit.clone());
         tokio::spawn(
             async move {
+                let mut paced = true;
                 loop {
                     let msg = match read.wait().await {
-                        Some(ChannelMsg::Data { data }) => FlowMsg::Data(id, data),
+                        Some(ChannelMsg::Data { data }) => {
+                            if paced {
+                                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                                match tokio::time::timeout(CREDIT_WAIT, credit.acquire_many(n))
+                                    .await
+                                {
+                                    Ok(Ok(permit)) => permit.forget(),
+                                    Ok(Err(_)) => break, // the flow is gone
+                                    Err(_) => {
+                                        debug!("the app is not reading: draining without pacing");
+                                        paced = false;
+                                    }
+                                }
+                            }
+                            FlowMsg::Data(id, data)
+                        }
                         Some(ChannelMsg::Eof) => FlowMsg::Eof(id),
                         Some(ChannelMsg::Close) | None => {
                             let _ = tx.send(FlowMsg::Closed(id)).await;

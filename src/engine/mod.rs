@@ -94,6 +94,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// Progress of one flow's download into its app socket (see [`Engine::poll_consumed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    /// The flow.
+    pub id: FlowId,
+    /// Channel bytes the socket took.
+    pub bytes: usize,
+    /// The socket's send buffer is full with more data waiting: the app is the bottleneck.
+    pub app_limited: bool,
+}
+
 /// What the engine asks the driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -247,6 +258,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Sum of every flow's `pending_len`.
     pending_total: usize,
+    /// Channel bytes apps' sockets took since the driver last asked.
+    consumed: Vec<Consumed>,
 }
 
 impl Engine {
@@ -263,6 +276,7 @@ impl Engine {
             next_sweep: now + SWEEP_INTERVAL,
             stats: EngineStats::default(),
             pending_total: 0,
+            consumed: Vec::new(),
         }
     }
 
@@ -551,6 +565,12 @@ impl Engine {
         self.events.pop_front()
     }
 
+    /// Channel bytes a flow's app socket took since the last call: the driver turns them
+    /// into read credit for the flow's channel (backpressure while the app keeps reading).
+    pub fn poll_consumed(&mut self) -> Option<Consumed> {
+        self.consumed.pop()
+    }
+
     /// The next packet to write to the TUN.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.tx.pop_front()
@@ -605,6 +625,7 @@ impl Engine {
 
         if flow.ending.is_none() {
             // SSH -> app, as far as the socket's send buffer allows.
+            let before = flow.pending_len;
             while let Some(front) = flow.pending.front_mut() {
                 let n = match socket.send_slice(front) {
                     Ok(n) if n > 0 => n,
@@ -619,6 +640,15 @@ impl Engine {
                 } else {
                     front.advance(n);
                 }
+            }
+            // The socket is full and data still waits: the app, not the engine, sets the pace.
+            let app_limited = flow.pending_len > 0 && socket.send_queue() == socket.send_capacity();
+            if flow.pending_len < before || app_limited {
+                self.consumed.push(Consumed {
+                    id,
+                    bytes: before - flow.pending_len,
+                    app_limited,
+                });
             }
             if flow.ssh_eof && flow.pending.is_empty() && !flow.fin_queued {
                 socket.close();

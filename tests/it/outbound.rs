@@ -323,3 +323,45 @@ for c in held:
     );
     assert!(vpn.interrupt().success());
 }
+
+#[test]
+fn a_slow_reader_still_gets_every_byte_and_a_fast_one_beside_it_is_not_held_back() {
+    let tb = Testbed::up("slw", &[]);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
+    // A reader at 3 MB/s of a 10 MiB body (the jump host sends far faster), and, on the same
+    // SSH connection, a full-speed download that must not be paced by the slow one.
+    let slow = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "bash",
+                "-c",
+                "curl -sS --limit-rate 3M -m 30 http://10.0.0.10/10m.bin | sha256sum",
+            ],
+        )
+        .output_async();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = tb.sh(30, "curl -sS -m 25 http://10.0.0.10/10m.bin | sha256sum");
+    let fast = started.elapsed();
+    let want = sha256_file(&tb.dir.join("www/10m.bin"));
+    assert!(stdout(&out).starts_with(&want), "fast: {}", stderr(&out));
+    assert!(
+        fast < Duration::from_millis(2500),
+        "the fast download took {fast:?}: held back by the slow reader on its connection"
+    );
+    let out = slow.join().expect("slow curl");
+    assert!(stdout(&out).starts_with(&want), "slow: {}", stderr(&out));
+    assert!(vpn.interrupt().success());
+}
+
+/// Runs a command to completion on a thread.
+trait OutputAsync {
+    fn output_async(self) -> std::thread::JoinHandle<std::process::Output>;
+}
+
+impl OutputAsync for std::process::Command {
+    fn output_async(mut self) -> std::thread::JoinHandle<std::process::Output> {
+        std::thread::spawn(move || self.output().expect("run command"))
+    }
+}
