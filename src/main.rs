@@ -40,8 +40,10 @@ fn main() -> ExitCode {
         let _ = nix::unistd::setsid();
     }
     init_logging(cli.verbose);
-    // Flow buffers straight from mmap: idle flows then cost only the pages they touch.
-    platform::memory::pin_mmap_threshold(64 * 1024);
+    // Flow buffers (512 KiB each) straight from mmap: idle flows then cost only the pages
+    // they touch. Below the threshold stay the hot path's 64 KiB chunks, which must not pay
+    // an mmap/munmap each.
+    platform::memory::pin_mmap_threshold(256 * 1024);
     // Worker threads: one per core by default (each SSH connection's crypto runs on one);
     // MSE_VPN_WORKER_THREADS overrides it, for benchmarking.
     let mut builder = tokio::runtime::Builder::new_multi_thread();

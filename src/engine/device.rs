@@ -33,11 +33,18 @@ impl QueueDevice {
     }
 
     /// Returns a packet buffer to the pool once the driver wrote it to the TUN.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        // Kept at its length: a buffer reused for a packet of the same size (the common
+        // case in a bulk transfer) is not zero-filled again; smoltcp writes every byte.
         if self.spare.len() < 64 {
-            buf.clear();
             self.spare.push(buf);
         }
+    }
+
+    /// The pool of spare packet buffers (several devices can take turns with one pool by
+    /// swapping it in before they run).
+    pub fn spare_mut(&mut self) -> &mut Vec<Vec<u8>> {
+        &mut self.spare
     }
 }
 
@@ -103,6 +110,7 @@ impl phy::TxToken for TxToken<'_> {
         F: FnOnce(&mut [u8]) -> R,
     {
         let mut buf = self.spare.pop().unwrap_or_default();
+        // Only growth is zero-filled; what is kept is overwritten by `f`.
         buf.resize(len, 0);
         let r = f(&mut buf);
         self.tx.push_back(buf);

@@ -225,9 +225,12 @@ impl Shard {
         }
     }
 
-    /// Runs smoltcp on this shard and moves what it sent to `tx`.
-    fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>) {
+    /// Runs smoltcp on this shard and moves what it sent to `tx`. Packet buffers come from
+    /// the engine's one pool of spares, lent to the shard's device for the call.
+    fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>, spare: &mut Vec<Vec<u8>>) {
+        std::mem::swap(self.device.spare_mut(), spare);
         self.iface.poll(now, &mut self.device, &mut self.sockets);
+        std::mem::swap(self.device.spare_mut(), spare);
         tx.append(&mut self.device.tx);
         self.poll_at = self.iface.poll_at(now, &self.sockets);
         self.active = false;
@@ -249,8 +252,8 @@ pub struct Engine {
     shards: Vec<Shard>,
     /// Packets for the TUN, from every shard.
     tx: VecDeque<Vec<u8>>,
-    /// Where the next recycled buffer goes.
-    recycle_to: usize,
+    /// Spare packet buffers, shared by the shards (see [`Shard::poll`]).
+    spare: QueueDevice,
     flows: FlowTable<Flow>,
     events: VecDeque<Event>,
     dirty: Vec<FlowId>,
@@ -269,7 +272,7 @@ impl Engine {
             shards: (0..SHARDS).map(|_| Shard::new(config.mtu, now)).collect(),
             config,
             tx: VecDeque::new(),
-            recycle_to: 0,
+            spare: QueueDevice::new(0),
             flows: FlowTable::default(),
             events: VecDeque::new(),
             dirty: Vec::new(),
@@ -378,7 +381,7 @@ impl Engine {
         // the new listening socket before its own SYN does.
         let shard = &mut self.shards[shard_of(id)];
         if !shard.device.rx.is_empty() {
-            shard.poll(now, &mut self.tx);
+            shard.poll(now, &mut self.tx, self.spare.spare_mut());
         }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
@@ -405,7 +408,7 @@ impl Engine {
         let handle = shard.sockets.add(socket);
         flow.phase = Phase::Open { handle };
         shard.inject(syn);
-        shard.poll(now, &mut self.tx);
+        shard.poll(now, &mut self.tx, self.spare.spare_mut());
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
@@ -551,7 +554,7 @@ impl Engine {
         for _ in 0..8 {
             for shard in &mut self.shards {
                 if shard.active || shard.poll_at.is_some_and(|t| t <= now) {
-                    shard.poll(now, &mut self.tx);
+                    shard.poll(now, &mut self.tx, self.spare.spare_mut());
                 }
             }
             if !self.service_dirty() {
@@ -578,8 +581,7 @@ impl Engine {
 
     /// Gives a written packet's buffer back for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        self.recycle_to = (self.recycle_to + 1) % SHARDS;
-        self.shards[self.recycle_to].device.recycle(buf);
+        self.spare.recycle(buf);
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.
