@@ -447,6 +447,42 @@ fn under_sudo_the_invoking_users_key_and_known_hosts_are_used() {
     let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &strs(&args)));
     tb.assert_curl_index();
     assert_logins(&tb, mark, user.name, "ED25519", &pub_path(&key));
+    // `status` works without root for the user who started the session, and for nobody else.
+    // A copy of the binary other users can run wherever the checkout lives (/root is 0700).
+    let shared_bin = s(&tb.dir.join("mse-vpn-status"));
+    std::fs::copy(crate::harness::bin(), &shared_bin).expect("copy the binary");
+    let status_as = |who: &str| {
+        let state = tb.state_dir();
+        tb.cmd_in(
+            &tb.lap(),
+            &["runuser", "-u", who, "--", &shared_bin, "status", "--json"],
+        )
+        .env("MSE_VPN_STATE_DIR", &state)
+        .output()
+        .expect("run mse-vpn status")
+    };
+    let out = status_as(user.name);
+    assert!(
+        out.status.success(),
+        "status as {}: {}",
+        user.name,
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("\"state\": \"connected\""),
+        "{}",
+        stdout(&out)
+    );
+    let out = status_as("nobody");
+    assert!(
+        !out.status.success(),
+        "nobody may not read the session's status"
+    );
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
     assert!(vpn.interrupt().success());
 
     // An empty known_hosts of the user's, and --accept-new-host-key: the jump host's key is
