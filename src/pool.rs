@@ -219,7 +219,8 @@ pub fn supervise(
     stop: watch::Sender<bool>,
 ) -> Fatal {
     let fatal: Fatal = Arc::new(Mutex::new(None));
-    board.set_links(pool.connected(), pool.size(), None);
+    // What is connected already (the supervisors install it in a moment): at least one.
+    board.set_links(initial.iter().flatten().count(), pool.size(), None);
     for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {
         tokio::spawn(run_slot(
             pool.clone(),
