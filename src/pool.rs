@@ -8,7 +8,7 @@
 //! When a link drops (EOF, keepalive timeout), its supervisor clears the slot, which the
 //! driver sees through [`Pool::subscribe`] and answers by resetting exactly the flows that
 //! were on that link; then the supervisor reconnects with capped exponential backoff and
-//! jitter, forever, unless the failure is one a retry cannot fix (host key, authentication).
+//! jitter (at most 1 s apart for the first 20 s, then growing to 15 s), forever, unless the failure is one a retry cannot fix (host key, authentication).
 //! New flows wait (bounded by the open timeout) for any link to be up.
 
 use std::net::SocketAddr;
@@ -27,6 +27,11 @@ use crate::ssh::{OpenError, Session, SshError, SshOptions};
 const BACKOFF_START: Duration = Duration::from_millis(250);
 /// The longest reconnect delay.
 const BACKOFF_CAP: Duration = Duration::from_secs(15);
+/// For this long after a loss, retries stay at most [`BACKOFF_SHORT_CAP`] apart: a jump host
+/// that restarts (an sshd restart, a short network blip) is back within about a second.
+const BACKOFF_SHORT_PHASE: Duration = Duration::from_secs(20);
+/// The longest reconnect delay during [`BACKOFF_SHORT_PHASE`].
+const BACKOFF_SHORT_CAP: Duration = Duration::from_secs(1);
 
 /// One live connection in a slot. `generation` changes with every reconnect of the slot.
 #[derive(Clone)]
@@ -273,6 +278,7 @@ async fn run_slot(
             board.set_links(pool.connected(), pool.size(), Some(detail));
         }
         let mut delay = BACKOFF_START;
+        let outage = tokio::time::Instant::now();
         session = loop {
             let attempt = tokio::select! {
                 biased;
@@ -303,7 +309,11 @@ async fn run_slot(
                 _ = tokio::time::sleep(delay + jitter) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            delay = delay.mul_f64(1.5).min(BACKOFF_CAP);
+            delay = if outage.elapsed() < BACKOFF_SHORT_PHASE {
+                (delay * 2).min(BACKOFF_SHORT_CAP)
+            } else {
+                delay.mul_f64(1.5).min(BACKOFF_CAP)
+            };
         };
     }
 }

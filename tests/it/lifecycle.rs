@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{Testbed, Vpn, stderr, stdout};
+use crate::outbound::OutputAsync;
 
 /// `mse-vpn status --json` for this testbed's session.
 fn status(tb: &Testbed) -> Value {
@@ -84,7 +85,10 @@ fn slow_download(tb: &Testbed) -> std::process::Child {
 #[test]
 fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     let tb = Testbed::up("lc1", &[]);
-    let vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    let vpn = tb.start(
+        &["10.0.0.0/16"],
+        &["--keepalive", "2", "--open-timeout", "4"],
+    );
     curl_until_ok(&tb, Duration::from_secs(5));
     let fresh = status(&tb);
     assert_eq!(
@@ -111,18 +115,53 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
         msg.contains("reset") || msg.contains("Recv failure") || msg.contains("transfer closed"),
         "curl should see a reset: {msg}"
     );
-    // While the jump host is down, a new connection does not leak past the tunnel: it fails.
+    // While the jump host is down, a new connection waits for a link (bounded by
+    // --open-timeout) and is then refused: it neither leaks past the tunnel nor hangs.
+    let started = Instant::now();
     let out = tb.on_laptop(
-        5,
-        &["curl", "-sS", "-m", "2", "http://10.0.0.10/index.html"],
+        20,
+        &["curl", "-sS", "-m", "15", "http://10.0.0.10/index.html"],
     );
+    let waited = started.elapsed();
     assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Couldn't connect") || stderr(&out).contains("refused"),
+        "refused, not timed out: {}",
+        stderr(&out)
+    );
+    assert!(
+        waited > Duration::from_secs(3) && waited < Duration::from_secs(10),
+        "refused after the open timeout (4 s), took {waited:?}"
+    );
 
-    std::thread::sleep(Duration::from_secs(5));
+    // A connection made while the jump host is still down, shortly before it returns, waits
+    // and goes through.
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(waited));
+    let early = tb
+        .cmd_in(
+            &tb.lap(),
+            &["curl", "-sS", "-m", "10", "http://10.0.0.10/index.html"],
+        )
+        .output_async();
+    std::thread::sleep(Duration::from_millis(500));
     tb.control("sshd-start");
     let back = Instant::now();
-    let took = curl_until_ok(&tb, Duration::from_secs(3));
-    eprintln!("outage seen after {lost:?}; first curl through {took:?} after sshd was back");
+    let out = early.join().expect("curl");
+    let first = back.elapsed();
+    assert!(
+        stdout(&out).contains("hello from the VPC"),
+        "the waiting connection went through: {}",
+        stderr(&out)
+    );
+    assert!(
+        first < Duration::from_secs(3),
+        "through {first:?} after sshd was back"
+    );
+    curl_until_ok(&tb, Duration::from_secs(3));
+    eprintln!(
+        "outage seen after {lost:?}; a new flow refused after {waited:?} (--open-timeout 4); \
+         the flow waiting for the link went through {first:?} after sshd was back"
+    );
     let st = status(&tb);
     assert_eq!(st["state"], "connected", "{st:#}");
     assert_eq!(st["reconnects"], 1, "one outage, one reconnect: {st:#}");

@@ -356,7 +356,7 @@ fn a_slow_reader_still_gets_every_byte_and_a_fast_one_beside_it_is_not_held_back
 }
 
 /// Runs a command to completion on a thread.
-trait OutputAsync {
+pub trait OutputAsync {
     fn output_async(self) -> std::thread::JoinHandle<std::process::Output>;
 }
 
