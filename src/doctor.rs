@@ -237,11 +237,7 @@ async fn routes(args: &UpArgs, jump: &[SocketAddr], state_dir: &Path) -> Vec<Che
     match platform::overlapping_routes(&plan).await {
         Ok(existing) => {
             for r in existing.into_iter().filter(|r| !r.local) {
-                let ours = plan
-                    .routes()
-                    .iter()
-                    .find(|p| p.contains(&r.dst.network()) || r.dst.contains(&p.network()));
-                let Some(ours) = ours else { continue };
+                let ours = &r.planned;
                 let via = r.via.map(|v| format!(" via {v}")).unwrap_or_default();
                 let (verdict, detail, fix) = if r.dst.prefix_len() > ours.prefix_len() {
                     (

@@ -153,6 +153,8 @@ pub struct ExistingRoute {
     /// True for a network reached directly through a local interface (a LAN, a Docker
     /// bridge): routing it into the tunnel would cut it off.
     pub local: bool,
+    /// The planned route it overlaps.
+    pub planned: IpNet,
 }
 
 /// Every existing route (main table, other than the default route) that overlaps a planned

@@ -179,13 +179,11 @@ pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, 
         {
             continue;
         }
-        if let Some(cidr) = plan.routes().iter().find(|w| overlaps(w, &existing.dst)) {
-            return Err(PlatformError::RouteConflict {
-                cidr: *cidr,
-                existing: existing.dst,
-                dev: existing.dev,
-            });
-        }
+        return Err(PlatformError::RouteConflict {
+            cidr: existing.planned,
+            existing: existing.dst,
+            dev: existing.dev,
+        });
     }
     let mut bypass_paths = Vec::new();
     for addr in plan.bypass() {
@@ -209,8 +207,9 @@ pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, 
             if dev == plan.tun_name() || dst.prefix_len() == 0 {
                 continue;
             }
-            if wanted.iter().any(|w| overlaps(w, &dst)) {
+            if let Some(planned) = wanted.iter().find(|w| overlaps(w, &dst)) {
                 out.push(ExistingRoute {
+                    planned: **planned,
                     dst,
                     dev: dev.to_owned(),
                     via: r
