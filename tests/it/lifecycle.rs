@@ -357,9 +357,25 @@ fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
     assert!(report.contains("FAIL  routes"), "{report}");
     assert!(report.contains("overlaps"), "{report}");
 
-    // A jump host that forbids TCP forwarding.
+    // A jump host that binds forwarded ports to loopback only: reverse calls could not
+    // reach the laptop. A warning with the fix, not a failure (outbound still works).
     let conf = tb.dir.join("sshd_config");
     let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("GatewayPorts clientspecified", "GatewayPorts no"),
+    )
+    .unwrap();
+    tb.control("sshd-restart");
+    let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
+    assert!(ok, "{report}");
+    assert!(report.contains("WARN  reverse forwarding"), "{report}");
+    assert!(
+        report.contains("GatewayPorts clientspecified"),
+        "the fix is named: {report}"
+    );
+
+    // A jump host that forbids TCP forwarding.
     std::fs::write(
         &conf,
         text.replace("AllowTcpForwarding yes", "AllowTcpForwarding no"),
