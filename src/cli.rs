@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::reverse::ForwardSpec;
 use crate::ssh::{InvokingUser, JumpHost, SshOptions};
 
 /// mse-vpn: reach a private cloud network (VPC) from this machine through an SSH jump host.
@@ -47,9 +48,58 @@ pub enum Command {
         sudo mse-vpn doctor --cidr 10.0.0.0/16 --proxy admin@bastion.example.com"
     )]
     Doctor(UpArgs),
+    /// Run a provider app that cloud consumers can call: its ports are exposed on the jump
+    /// host while it runs, and it is started (as you, not root) with the settings that make
+    /// Dubbo, Spring Cloud Alibaba (Nacos) and HSF register the jump host's VPC address.
+    #[command(
+        after_help = "Needs a running session (`sudo mse-vpn up ...`). The app must listen on         0.0.0.0 (or the TUN address), not only 127.0.0.1. Exit status: the app's.\n\nExamples:\n          mse-vpn run --expose 20880 -- java -jar provider.jar\n          mse-vpn run --expose 18080:8080 -- ./gradlew bootRun"
+    )]
+    Run(RunArgs),
+    /// Print the registration settings for exposed ports as shell `export` lines (for
+    /// `eval`, or to paste into an IDE run configuration).
+    #[command(
+        after_help = "With --expose the port is added to the session and stays until it         stops; without, the session's first exposed port is used.\n\nExamples:\n          eval \"$(mse-vpn env --expose 20880)\"\n  mse-vpn env"
+    )]
+    Env(EnvArgs),
     /// Show the state of running sessions (no root needed for the user who started them).
     #[command(after_help = "Examples:\n  mse-vpn status\n  mse-vpn status --json | jq .bytes_down")]
     Status(StatusArgs),
+}
+
+/// Options of `mse-vpn run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A port of the app to expose on the jump host while it runs (repeatable; the first one
+    /// is the one registered).
+    #[arg(
+        long = "expose",
+        value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]",
+        required = true
+    )]
+    pub expose: Vec<ForwardSpec>,
+    /// The session using this TUN device (needed only when several run).
+    #[arg(long = "tun", value_name = "NAME")]
+    pub tun: Option<String>,
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// Options of `mse-vpn env`.
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// Expose this port (kept until the session stops) and print its settings (repeatable;
+    /// the first one is the one registered).
+    #[arg(long = "expose", value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]")]
+    pub expose: Vec<ForwardSpec>,
+    /// The session using this TUN device (needed only when several run).
+    #[arg(long = "tun", value_name = "NAME")]
+    pub tun: Option<String>,
 }
 
 /// Options of `mse-vpn status`.
@@ -117,6 +167,16 @@ pub struct UpArgs {
     /// Log file of a --daemon session. Default: STATE_DIR/TUN.log.
     #[arg(long, value_name = "FILE", requires = "daemon")]
     pub log_file: Option<PathBuf>,
+    /// Let cloud callers reach a local port: the jump host listens on REMOTE_PORT (on BIND,
+    /// default all its addresses) and each caller is connected to LOCAL_PORT (default
+    /// REMOTE_PORT) of this machine from the caller's own IP (repeatable). The local app must
+    /// listen on 0.0.0.0 (or the TUN address), not only 127.0.0.1.
+    #[arg(long = "expose", value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]")]
+    pub expose: Vec<ForwardSpec>,
+    /// The jump host's address that VPC callers use, shown for exposed ports and given to
+    /// apps by `mse-vpn run`/`env`. Default: found out from the jump host itself.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 impl UpArgs {
@@ -145,6 +205,7 @@ impl UpArgs {
             agent_socket: user.agent_socket(),
             file_owner: Some((user.uid(), user.gid())),
             jump: self.proxy.clone(),
+            inbound: None,
         }
     }
 }
@@ -203,6 +264,22 @@ mod tests {
         );
         assert!(parse_cidr("bogus").is_err());
         assert!(parse_cidr("").is_err());
+    }
+
+    #[test]
+    fn run_takes_the_command_after_its_options() {
+        let cli = Cli::try_parse_from([
+            "mse-vpn", "run", "--expose", "20880", "--", "java", "-jar", "p.jar", "--expose",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.expose.len(), 1);
+        assert_eq!(run.command, ["java", "-jar", "p.jar", "--expose"]);
+        assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "1", "--"]).is_err());
+        assert!(Cli::try_parse_from(["mse-vpn", "run", "--", "java"]).is_err());
+        assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "x", "--", "j"]).is_err());
     }
 
     #[test]

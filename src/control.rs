@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::engine::EngineStats;
+use crate::reverse::{ForwardSpec, ForwardStatus, Forwards};
 
 /// Errors of the control socket, on either side.
 #[derive(Debug, Error)]
@@ -119,17 +120,44 @@ pub struct Status {
     pub bytes_down: u64,
     /// The last state changes, oldest first (at most 32).
     pub history: Vec<StateChange>,
+    /// Cloud callers' connections to exposed ports accepted since start.
+    #[serde(default)]
+    pub inbound_opened: u64,
+    /// Cloud callers refused because the local app's port was closed or silent.
+    #[serde(default)]
+    pub inbound_refused: u64,
+    /// The exposed ports (`--expose`, `mse-vpn run --expose`).
+    #[serde(default)]
+    pub forwards: Vec<ForwardStatus>,
 }
 
+/// A request line.
 #[derive(Deserialize, Serialize)]
 struct Request {
     cmd: String,
+    /// `expose`: the `--expose` values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    specs: Vec<String>,
+    /// `expose`: remove the new listeners when this connection closes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    hold: bool,
+}
+
+/// The reply to an `expose` request.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ExposeReply {
+    /// The listeners asked for, in order, as `status` shows them.
+    #[serde(default)]
+    pub forwards: Vec<ForwardStatus>,
+    /// Why the request was refused.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Shared, updatable session facts from which [`Status`] documents are made.
-#[derive(Debug)]
 pub struct Board {
     inner: Mutex<Status>,
+    forwards: Mutex<Option<Arc<Forwards>>>,
     stats: Mutex<Option<watch::Receiver<EngineStats>>>,
     started: std::time::Instant,
 }
@@ -169,10 +197,25 @@ impl Board {
                     state: LinkState::Connected,
                     detail: None,
                 }],
+                inbound_opened: 0,
+                inbound_refused: 0,
+                forwards: Vec::new(),
             }),
+            forwards: Mutex::new(None),
             stats: Mutex::new(None),
             started: std::time::Instant::now(),
         })
+    }
+
+    /// The session's exposed ports, shown by `status` and extended by `expose` requests.
+    pub fn set_forwards(&self, forwards: Arc<Forwards>) {
+        if let Ok(mut f) = self.forwards.lock() {
+            *f = Some(forwards);
+        }
+    }
+
+    fn forwards(&self) -> Option<Arc<Forwards>> {
+        self.forwards.lock().ok().and_then(|f| f.clone())
     }
 
     /// Follows the counters of the current driver.
@@ -193,6 +236,8 @@ impl Board {
             st.flows_over_limit += e.flows_over_limit;
             st.bytes_up += e.bytes_up;
             st.bytes_down += e.bytes_down;
+            st.inbound_opened += e.inbound_opened;
+            st.inbound_refused += e.inbound_refused;
         }
     }
 
@@ -256,6 +301,11 @@ impl Board {
             st.flows_over_limit += e.flows_over_limit;
             st.bytes_up += e.bytes_up;
             st.bytes_down += e.bytes_down;
+            st.inbound_opened += e.inbound_opened;
+            st.inbound_refused += e.inbound_refused;
+        }
+        if let Some(f) = self.forwards() {
+            st.forwards = f.status();
         }
         st
     }
@@ -328,22 +378,107 @@ async fn answer(
     let mut line = String::new();
     let mut r = BufReader::new(r).take(4096);
     r.read_line(&mut line).await?;
-    let reply = match serde_json::from_str::<Request>(&line) {
+    let reply_text = match serde_json::from_str::<Request>(&line) {
         Ok(req) if req.cmd == "status" => serde_json::to_string(&board.snapshot())?,
         Ok(req) if req.cmd == "down" => {
             warn!("stop requested through the control socket");
             let _ = stop.send(true);
             r#"{"ok":true}"#.to_owned()
         }
+        Ok(req) if req.cmd == "expose" => {
+            let Some(forwards) = board.forwards() else {
+                return reply(&mut w, &expose_error("this session cannot expose ports")).await;
+            };
+            let mut specs = Vec::new();
+            for text in &req.specs {
+                match text.parse::<ForwardSpec>() {
+                    Ok(spec) => specs.push(spec),
+                    Err(e) => return reply(&mut w, &expose_error(&e.to_string())).await,
+                }
+            }
+            let added = forwards.add(&specs);
+            let ids: Vec<u64> = added.iter().map(|(id, _)| *id).collect();
+            forwards.settled(&ids, EXPOSE_WAIT).await;
+            let out = ExposeReply {
+                forwards: forwards.status_of(&ids),
+                error: None,
+            };
+            reply(&mut w, &serde_json::to_string(&out)?).await?;
+            if req.hold {
+                // The listeners live as long as the requester (`mse-vpn run`) keeps this
+                // connection: when it exits, however it exits, they are removed.
+                let new: Vec<u64> = added
+                    .iter()
+                    .filter(|(_, new)| *new)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut sink = [0u8; 64];
+                let mut r = r.into_inner();
+                while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+                forwards.remove(&new);
+            }
+            return Ok(());
+        }
         _ => r#"{"error":"unknown request"}"#.to_owned(),
     };
-    w.write_all(reply.as_bytes()).await?;
-    w.write_all(b"\n").await?;
+    reply(&mut w, &reply_text).await?;
     w.shutdown().await
+}
+
+/// How long an `expose` request waits for its listeners to be set up.
+const EXPOSE_WAIT: Duration = Duration::from_secs(20);
+
+fn expose_error(msg: &str) -> String {
+    serde_json::to_string(&ExposeReply {
+        forwards: Vec::new(),
+        error: Some(msg.to_owned()),
+    })
+    .unwrap_or_default()
+}
+
+async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    w.write_all(line.as_bytes()).await?;
+    w.write_all(b"\n").await?;
+    w.flush().await
+}
+
+/// Asks the session behind `path` to expose `specs`. With `hold`, the returned stream must
+/// be kept open: the session removes the new listeners when it closes.
+pub async fn expose(
+    path: &Path,
+    specs: &[ForwardSpec],
+    hold: bool,
+) -> Result<(ExposeReply, UnixStream), ControlError> {
+    let req = Request {
+        cmd: "expose".into(),
+        specs: specs.iter().map(ToString::to_string).collect(),
+        hold,
+    };
+    let line = serde_json::to_string(&req).unwrap_or_default();
+    let (reply, stream) = exchange(path, &line).await?;
+    let parsed = serde_json::from_str(&reply).map_err(|source| ControlError::Malformed {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((parsed, stream))
 }
 
 /// Sends one request and returns the reply line.
 pub async fn request(path: &Path, cmd: &str) -> Result<String, ControlError> {
+    let req = serde_json::to_string(&Request {
+        cmd: cmd.to_owned(),
+        specs: Vec::new(),
+        hold: false,
+    })
+    .map_err(|source| ControlError::Malformed {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(exchange(path, &req).await?.0)
+}
+
+/// Sends one request line; returns the reply line and the still open connection.
+async fn exchange(path: &Path, req: &str) -> Result<(String, UnixStream), ControlError> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| match e.kind() {
@@ -359,22 +494,17 @@ pub async fn request(path: &Path, cmd: &str) -> Result<String, ControlError> {
         source,
     };
     let (r, mut w) = stream.into_split();
-    let req = serde_json::to_string(&Request {
-        cmd: cmd.to_owned(),
-    })
-    .map_err(|source| ControlError::Malformed {
-        path: path.to_owned(),
-        source,
-    })?;
     w.write_all(req.as_bytes()).await.map_err(io)?;
     w.write_all(b"\n").await.map_err(io)?;
     let mut line = String::new();
-    BufReader::new(r)
-        .take(1 << 20)
-        .read_line(&mut line)
-        .await
-        .map_err(io)?;
-    Ok(line)
+    let mut r = BufReader::new(r).take(1 << 20);
+    r.read_line(&mut line).await.map_err(io)?;
+    let stream = r
+        .into_inner()
+        .into_inner()
+        .reunite(w)
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    Ok((line, stream))
 }
 
 /// Asks the session behind `path` for its status.
@@ -414,6 +544,27 @@ pub fn render(st: &Status) -> String {
         st.bytes_down,
         st.reconnects
     ));
+    for f in &st.forwards {
+        let remote = f
+            .advertised
+            .clone()
+            .or_else(|| f.remote_port.map(|p| format!("<jump host>:{p}")))
+            .unwrap_or_else(|| f.spec.clone());
+        let state = match f.state {
+            crate::reverse::ForwardState::Listening => "listening",
+            crate::reverse::ForwardState::Waiting => "WAITING",
+            crate::reverse::ForwardState::Failed => "FAILED",
+        };
+        out.push_str(&format!(
+            "exposed     {remote} -> local :{} {state}, {} calls{}\n",
+            f.local_port,
+            f.connections,
+            f.detail
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ));
+    }
     if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
         out.push_str(&format!(
             "last event  {:?} {}\n",

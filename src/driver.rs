@@ -24,19 +24,22 @@
 //! flow's credit allows: backpressure end to end, no unbounded queue.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
 use russh::ChannelMsg;
+use russh::client::ChannelOpenHandle;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey};
 use crate::pool::{LinkId, Pool};
-use crate::ssh::OpenError;
+use crate::reverse::Forwards;
+use crate::ssh::{Inbound, OpenError};
 use crate::tun::Tun;
 
 /// Messages from flow tasks to the driver.
@@ -75,9 +78,17 @@ const TUN_BATCH: usize = 64;
 pub struct DriverConfig {
     /// Engine tunables.
     pub engine: EngineConfig,
-    /// How long a `direct-tcpip` open may take before the app gets a reset.
+    /// How long a `direct-tcpip` open may take before the app gets a reset; also how long a
+    /// local app may take to answer a cloud caller.
     pub open_timeout: Duration,
+    /// The TUN's IPv4 address: cloud callers' connections are made to it.
+    pub local_v4: std::net::Ipv4Addr,
+    /// The TUN's IPv6 address, if it has one (for IPv6 callers).
+    pub local_v6: Option<std::net::Ipv6Addr>,
 }
+
+/// Capacity of the queue of cloud callers' channels waiting for the driver.
+pub const INBOUND_QUEUE: usize = 256;
 
 /// The driver. See the module documentation.
 pub struct Driver {
@@ -94,6 +105,10 @@ pub struct Driver {
     credits: HashMap<FlowId, Arc<Semaphore>>,
     epoch: TokioInstant,
     stats: watch::Sender<crate::engine::EngineStats>,
+    /// Cloud callers' channels from the SSH handlers, and the table of exposed ports.
+    inbound: Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
+    /// Cloud callers' channels waiting for their local app to answer.
+    accepting: HashMap<FlowId, (russh::Channel<russh::client::Msg>, ChannelOpenHandle)>,
 }
 
 impl Driver {
@@ -117,7 +132,16 @@ impl Driver {
             credits: HashMap::new(),
             epoch,
             stats: watch::channel(Default::default()).0,
+            inbound: None,
+            accepting: HashMap::new(),
         }
+    }
+
+    /// Also serves cloud callers (`--expose`): channels arriving on `rx` for the listeners in
+    /// `forwards` become TCP connections to the local app.
+    pub fn with_inbound(mut self, rx: mpsc::Receiver<Inbound>, forwards: Arc<Forwards>) -> Driver {
+        self.inbound = Some((rx, forwards));
+        self
     }
 
     /// A receiver of the engine's counters, updated as the driver runs.
@@ -167,6 +191,15 @@ impl Driver {
                         match self.msgs.try_recv() {
                             Ok(msg) => self.handle_msg(msg),
                             Err(_) => break,
+                        }
+                    }
+                }
+                Some(call) = recv_inbound(&mut self.inbound) => {
+                    self.handle_inbound(call);
+                    for _ in 1..INBOUND_QUEUE {
+                        match self.inbound.as_mut().map(|(rx, _)| rx.try_recv()) {
+                            Some(Ok(call)) => self.handle_inbound(call),
+                            _ => break,
                         }
                     }
                 }
@@ -253,9 +286,17 @@ impl Driver {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::Open { id, key } => self.open(id, key),
+            Event::Connected { id } => self.accept_inbound(id),
             Event::Data { id, data } => self.send_to_writer(id, WriterCmd::Data(data)),
             Event::Eof { id } => self.send_to_writer(id, WriterCmd::Eof),
             Event::Close { id, key, reason } => {
+                if let Some((_, reply)) = self.accepting.remove(&id) {
+                    // The local app refused the cloud caller: the jump host closes its
+                    // connection.
+                    let _ = reply
+                        .reject(russh::ChannelOpenFailure::ConnectFailed)
+                        .now_or_never();
+                }
                 if let Some(w) = self.writers.remove(&id) {
                     let _ = w.try_send(WriterCmd::Close);
                 }
@@ -272,6 +313,68 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// A cloud caller reached an exposed port: connect to the local app from the caller's
+    /// address. The channel is accepted once the app answers ([`Event::Connected`]).
+    fn handle_inbound(&mut self, call: Inbound) {
+        let Some((_, forwards)) = &self.inbound else {
+            return;
+        };
+        let Some(target) = forwards.lookup(call.session, call.listen_port) else {
+            debug!(
+                port = call.listen_port,
+                "a forwarded connection for no exposed port: refused"
+            );
+            return; // dropping the reply refuses the channel
+        };
+        let Some(link) = self.pool.link_of(call.session) else {
+            return;
+        };
+        let Some(caller) = call.caller.map(|c| match c.ip() {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), c.port()),
+                None => c,
+            },
+            _ => c,
+        }) else {
+            warn!("the jump host reported no usable caller address: refused");
+            return;
+        };
+        let local_ip = match caller {
+            SocketAddr::V4(_) => Some(std::net::IpAddr::V4(self.config.local_v4)),
+            SocketAddr::V6(_) => self.config.local_v6.map(std::net::IpAddr::V6),
+        };
+        let Some(local_ip) = local_ip else {
+            warn!(%caller, "an IPv6 caller, and the TUN has no IPv6 address: refused");
+            return;
+        };
+        let local = SocketAddr::new(local_ip, target.local_port);
+        let now = self.now();
+        match self
+            .engine
+            .connect_inbound(now, caller, local, self.config.open_timeout.into())
+        {
+            Ok(id) => {
+                debug!(flow = %id, %caller, %local, "cloud caller");
+                self.links.insert(id, link);
+                self.pool.adopt(link);
+                self.accepting.insert(id, (call.channel, call.reply));
+            }
+            Err(e) => warn!(%caller, %local, "cloud caller refused: {e}"),
+        }
+    }
+
+    /// The local app answered a cloud caller: accept its channel and relay.
+    fn accept_inbound(&mut self, id: FlowId) {
+        let (Some((channel, reply)), Some(key)) =
+            (self.accepting.remove(&id), self.engine.flow_key(id))
+        else {
+            return;
+        };
+        // Accepting only queues a message for the session loop (it never waits).
+        let _ = reply.accept().now_or_never();
+        self.start_flow_tasks(id, key, channel);
     }
 
     fn send_to_writer(&mut self, id: FlowId, cmd: WriterCmd) {
@@ -394,5 +497,15 @@ impl Driver {
             .instrument(span),
         );
         debug!(flow = %id, src = %key.src, dst = %key.dst, "flow open");
+    }
+}
+
+/// The next cloud caller, or never when the session exposes nothing.
+async fn recv_inbound(
+    inbound: &mut Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
+) -> Option<Inbound> {
+    match inbound {
+        Some((rx, _)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

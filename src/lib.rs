@@ -11,6 +11,8 @@
 //!                                              └────────┘  └── SSH session: one
 //!                                                               direct-tcpip channel
 //!                                                               per flow ──▶ jump host ──▶ VPC
+//!  VPC caller ──▶ jump host listener (tcpip-forward, --expose) ──forwarded-tcpip──▶ Driver
+//!        ──▶ Engine: SYN from the caller's own address ──▶ TUN ──▶ local app
 //!  platform crate: TUN address, routes, restore journal (knows nothing of smoltcp or russh)
 //! ```
 //!
@@ -18,7 +20,8 @@
 //! or touch any traffic outside the routed CIDRs.
 //!
 //! Modules: [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns
-//! it; [`ssh`] and [`tun`] are the only modules of this crate that touch the OS.
+//! it; [`reverse`] keeps the `--expose` listeners; [`run`] starts a provider app with the
+//! registration settings that make it publish the jump host's address; [`ssh`] and [`tun`] are the only modules of this crate that touch the OS.
 
 #![forbid(unsafe_code)]
 
@@ -28,5 +31,7 @@ pub mod doctor;
 pub mod driver;
 pub mod engine;
 pub mod pool;
+pub mod reverse;
+pub mod run;
 pub mod ssh;
 pub mod tun;

@@ -17,9 +17,10 @@ use tracing::{info, warn};
 
 use mse_vpn::cli::{Cli, Command, DownArgs, StatusArgs, UpArgs};
 use mse_vpn::control::{self, Board, LinkState};
-use mse_vpn::driver::{Driver, DriverConfig};
+use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
+use mse_vpn::reverse::{self, ForwardState, Forwards};
 use mse_vpn::ssh;
 use mse_vpn::tun::Tun;
 use mse_vpn_platform as platform;
@@ -62,15 +63,18 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
-            Command::Up(args) => up(args, &cli.state_dir).await,
-            Command::Down(args) => down(args, &cli.state_dir).await,
-            Command::Doctor(args) => doctor(args, &cli.state_dir).await,
-            Command::Status(args) => status(args, &cli.state_dir).await,
+            Command::Up(args) => ok(up(args, &cli.state_dir).await),
+            Command::Down(args) => ok(down(args, &cli.state_dir).await),
+            Command::Doctor(args) => ok(doctor(args, &cli.state_dir).await),
+            Command::Status(args) => ok(status(args, &cli.state_dir).await),
+            Command::Run(args) => run(args, &cli.state_dir).await,
+            Command::Env(args) => ok(env(args, &cli.state_dir).await),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("mse-vpn: {e:#}");
             ExitCode::FAILURE
@@ -220,7 +224,10 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             );
         }
     }
-    let opts = args.ssh_options(&user);
+    let mut opts = args.ssh_options(&user);
+    // Cloud callers' channels (`--expose`, `mse-vpn run`), queued for the driver.
+    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
+    opts.inbound = Some(inbound_tx);
     let jump_addrs = resolve(&args.proxy).await?;
     let plan = platform::RoutePlan::new(platform::PlanSpec {
         cidrs: args.cidrs.clone(),
@@ -243,6 +250,19 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         connections = sessions.iter().flatten().count(),
         "connected to the jump host"
     );
+    let advertise = match (args.advertise, sessions.iter().flatten().next()) {
+        (Some(a), _) => Some(a),
+        (None, Some(first)) => {
+            reverse::discover_advertise(first, jump_addrs[0], plan.routes()).await
+        }
+        (None, None) => None,
+    };
+    match advertise {
+        Some(a) => info!(address = %a, "cloud callers reach this session's exposed ports on {a}"),
+        None => warn!(
+            "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
+        ),
+    }
 
     // 3. Host changes, journaled by the platform crate.
     let (stop_tx, stop) = watch::channel(false);
@@ -266,15 +286,6 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     tokio::spawn(server.serve(board.clone(), stop_tx.clone()));
     let tun = Arc::new(Tun::create(plan.tun_name(), args.mtu as u16)?);
     let host = platform::Host::apply(&plan, state_dir).await?;
-    let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
-    println!(
-        "mse-vpn is up: {} via {} (tun {})",
-        routes.join(", "),
-        args.proxy,
-        plan.tun_name()
-    );
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
 
     let config = DriverConfig {
         engine: EngineConfig {
@@ -283,12 +294,74 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),
+        local_v4: plan.tun_v4(),
+        local_v6: plan.tun_v6(),
     };
     let pool = Pool::new(sessions.len());
-    let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop_tx);
-    let driver = Driver::new(config, tun.clone(), pool.clone());
+    let fatal = pool::supervise(
+        &pool,
+        sessions,
+        Arc::new(opts),
+        board.clone(),
+        stop_tx.clone(),
+    );
+    let forwards = Forwards::new();
+    forwards.set_advertise(advertise);
+    board.set_forwards(forwards.clone());
+    let exposed: Vec<u64> = forwards
+        .add(&args.expose)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    tokio::spawn(forwards.clone().keep(pool.clone(), stop.clone()));
+    let driver =
+        Driver::new(config, tun.clone(), pool.clone()).with_inbound(inbound_rx, forwards.clone());
     board.follow(driver.stats());
-    let outcome = driver.run(stop).await.context("TUN device failed");
+    let driver = tokio::spawn(driver.run(stop));
+
+    // The listeners asked for with --expose: up only once each listens, or fail plainly.
+    forwards
+        .settled(&exposed, Duration::from_secs(args.connect_timeout + 5))
+        .await;
+    let rows = forwards.status_of(&exposed);
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|f| f.state != ForwardState::Listening)
+        .map(|f| {
+            format!(
+                "--expose {}: {}",
+                f.spec,
+                f.detail.as_deref().unwrap_or("not listening in time")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
+        println!(
+            "mse-vpn is up: {} via {} (tun {})",
+            routes.join(", "),
+            args.proxy,
+            plan.tun_name()
+        );
+        for f in &rows {
+            println!(
+                "exposed: cloud callers reach {} -> local port {}",
+                f.advertised.clone().unwrap_or_else(|| format!(
+                    "<jump host>:{}",
+                    f.remote_port.unwrap_or_default()
+                )),
+                f.local_port
+            );
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    } else {
+        let _ = stop_tx.send(true);
+    }
+    let outcome = match driver.await {
+        Ok(r) => r.context("TUN device failed"),
+        Err(e) => Err(anyhow::anyhow!("the driver task failed: {e}")),
+    };
     board.set_state(LinkState::Stopping, None);
     pool.disconnect_all().await;
     let fatal = fatal.lock().ok().and_then(|mut f| f.take());
@@ -297,6 +370,10 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     let restored = host.restore().await;
     drop(tun);
     outcome?;
+    if !failed.is_empty() {
+        restored?;
+        bail!("{}", failed.join("\n"));
+    }
     if let Some(e) = fatal {
         restored?;
         return Err(e.into());
@@ -371,6 +448,169 @@ async fn status(args: StatusArgs, state_dir: &Path) -> Result<()> {
         for st in &all {
             print!("{}", control::render(st));
         }
+    }
+    Ok(())
+}
+
+/// The control socket of the one running session (or the one on `tun`).
+fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<std::path::PathBuf> {
+    let socks: Vec<_> = session_sockets(state_dir, tun)
+        .into_iter()
+        .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok() || tun.is_some())
+        .collect();
+    match socks.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no mse-vpn session is running: start one first, e.g. `sudo mse-vpn up --cidr 10.0.0.0/16 --proxy user@jump-host`"
+        ),
+        many => bail!(
+            "{} sessions are running: say which with --tun ({})",
+            many.len(),
+            many.iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Checks an `expose` reply and returns the address to register (the first listener's).
+fn registered_address(reply: &control::ExposeReply) -> Result<std::net::SocketAddr> {
+    if let Some(e) = &reply.error {
+        bail!("the session refused to expose: {e}");
+    }
+    for f in &reply.forwards {
+        if f.state != ForwardState::Listening {
+            bail!(
+                "cannot expose {}: {}",
+                f.spec,
+                f.detail
+                    .as_deref()
+                    .unwrap_or("the jump host did not listen in time")
+            );
+        }
+    }
+    let first = reply
+        .forwards
+        .first()
+        .context("the session exposes no port: pass --expose")?;
+    first
+        .advertised
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| {
+            "the session does not know the jump host's VPC address: restart `mse-vpn up` with --advertise ADDR"
+        })
+}
+
+/// `mse-vpn run`: expose, start the app with the registration settings, wait for it, and
+/// remove the listeners (they live as long as our control connection).
+async fn run(args: mse_vpn::cli::RunArgs, state_dir: &Path) -> Result<ExitCode> {
+    use std::collections::BTreeMap;
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let (reply, held) = control::expose(&path, &args.expose, true).await?;
+    let addr = registered_address(&reply)?;
+    let current: BTreeMap<String, String> = std::env::vars().collect();
+    let reg = mse_vpn::run::registration_env(addr, &current);
+    for kept in &reg.kept {
+        eprintln!("mse-vpn: keeping your own setting {kept}");
+    }
+    for f in &reply.forwards {
+        eprintln!(
+            "mse-vpn: cloud callers reach {} -> local port {} while the app runs",
+            f.advertised.as_deref().unwrap_or("?"),
+            f.local_port
+        );
+    }
+    eprintln!("mse-vpn: the app registers {addr}");
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    for s in &reg.env {
+        cmd.env(&s.name, &s.value);
+    }
+    // Under sudo, the app runs as the user who invoked it, never as root.
+    if nix::unistd::geteuid().is_root() && std::env::var_os("SUDO_UID").is_some() {
+        let user = ssh::InvokingUser::detect().context("cannot tell which user invoked sudo")?;
+        cmd.uid(user.uid())
+            .gid(user.gid())
+            .env("HOME", user.home())
+            .env("USER", user.name())
+            .env("LOGNAME", user.name());
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "mse-vpn: cannot start {}: {e}",
+                args.command[0].to_string_lossy()
+            );
+            return Ok(ExitCode::from(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                },
+            ));
+        }
+    };
+    // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
+    // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+            _ = term.recv() => forward(pid, nix::sys::signal::Signal::SIGTERM),
+            _ = hup.recv() => forward(pid, nix::sys::signal::Signal::SIGHUP),
+        }
+    };
+    drop(held); // the session removes the listeners
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn forward(pid: Option<nix::unistd::Pid>, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+}
+
+/// `mse-vpn env`: the registration settings as `export` lines.
+async fn env(args: mse_vpn::cli::EnvArgs, state_dir: &Path) -> Result<()> {
+    use std::collections::BTreeMap;
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let reply = if args.expose.is_empty() {
+        let st = control::status(&path).await?;
+        control::ExposeReply {
+            forwards: st
+                .forwards
+                .into_iter()
+                .filter(|f| f.state == ForwardState::Listening)
+                .collect(),
+            error: None,
+        }
+    } else {
+        control::expose(&path, &args.expose, false).await?.0
+    };
+    let addr = registered_address(&reply)?;
+    let current: BTreeMap<String, String> = std::env::vars().collect();
+    let reg = mse_vpn::run::registration_env(addr, &current);
+    println!("# mse-vpn: register {addr} (Dubbo, Spring Cloud Alibaba/Nacos, HSF)");
+    for kept in &reg.kept {
+        println!("# kept your own setting {kept}");
+    }
+    for s in &reg.env {
+        println!("export {}={}", s.name, mse_vpn::run::shell_quote(&s.value));
     }
     Ok(())
 }

@@ -155,6 +155,55 @@ impl Pool {
         }
     }
 
+    /// The session of a live link.
+    pub fn session(&self, id: LinkId) -> Option<Arc<Session>> {
+        self.links
+            .borrow()
+            .get(id.slot)
+            .and_then(Option::as_ref)
+            .filter(|l| l.generation == id.generation && !l.session.is_closed())
+            .map(|l| l.session.clone())
+    }
+
+    /// The live link in the lowest slot (where `--expose` listeners are placed).
+    pub fn first_live(&self) -> Option<(LinkId, Arc<Session>)> {
+        self.links
+            .borrow()
+            .iter()
+            .enumerate()
+            .find_map(|(slot, l)| {
+                let l = l.as_ref().filter(|l| !l.session.is_closed())?;
+                Some((
+                    LinkId {
+                        slot,
+                        generation: l.generation,
+                    },
+                    l.session.clone(),
+                ))
+            })
+    }
+
+    /// The live link whose session has [`Session::id`] `session`.
+    pub fn link_of(&self, session: u64) -> Option<LinkId> {
+        self.links
+            .borrow()
+            .iter()
+            .enumerate()
+            .find_map(|(slot, l)| {
+                let l = l.as_ref().filter(|l| l.session.id() == session)?;
+                Some(LinkId {
+                    slot,
+                    generation: l.generation,
+                })
+            })
+    }
+
+    /// Counts a flow that arrived on `id` (a cloud caller's channel) in the link's load;
+    /// [`Pool::release`] undoes it.
+    pub fn adopt(&self, id: LinkId) {
+        self.load[id.slot].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A flow opened on `id` has ended.
     pub fn release(&self, id: LinkId) {
         let current = self.links.borrow().get(id.slot).and_then(|l| {

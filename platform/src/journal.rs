@@ -10,6 +10,9 @@
 //! addr 198.18.0.1/32 mse0
 //! route 10.0.0.0/16 mse0
 //! bypass 10.99.0.2/32 via 10.99.0.1 dev veth0
+//! table-default 28123 dev mse0 inet
+//! rule from 198.18.0.1 prio 5210 main-nodefault
+//! rule from 198.18.0.1 prio 5211 table 28123
 //! ```
 
 use std::fmt;
@@ -42,6 +45,25 @@ pub enum Change {
         /// The link.
         dev: String,
     },
+    /// A default route into the TUN in a table of our own (replies to cloud callers).
+    TableDefault {
+        /// The routing table.
+        table: u32,
+        /// The link.
+        dev: String,
+        /// IPv6 (else IPv4).
+        v6: bool,
+    },
+    /// A policy rule for packets from the TUN's own address: replies to cloud callers
+    /// (`--expose`) go back into the TUN even when the caller is outside the routed networks.
+    Rule {
+        /// The source address it matches (the TUN's address).
+        from: IpAddr,
+        /// Rule priority.
+        priority: u32,
+        /// `None`: the main table, ignoring its default route; `Some(t)`: table `t`.
+        table: Option<u32>,
+    },
     /// A host route keeping the jump host on its pre-TUN path.
     Bypass {
         /// The destination (a host prefix).
@@ -59,6 +81,20 @@ impl fmt::Display for Change {
             Change::Link { name } => write!(f, "link {name}"),
             Change::Addr { addr, dev } => write!(f, "addr {addr} {dev}"),
             Change::Route { dst, dev } => write!(f, "route {dst} {dev}"),
+            Change::TableDefault { table, dev, v6 } => {
+                let fam = if *v6 { "inet6" } else { "inet" };
+                write!(f, "table-default {table} dev {dev} {fam}")
+            }
+            Change::Rule {
+                from,
+                priority,
+                table: None,
+            } => write!(f, "rule from {from} prio {priority} main-nodefault"),
+            Change::Rule {
+                from,
+                priority,
+                table: Some(t),
+            } => write!(f, "rule from {from} prio {priority} table {t}"),
             Change::Bypass {
                 dst,
                 via: Some(v),
@@ -93,6 +129,23 @@ impl Change {
                 dst: d.parse().ok()?,
                 via: Some(v.parse().ok()?),
                 dev: (*dev).to_owned(),
+            }),
+            ["table-default", t, "dev", dev, fam @ ("inet" | "inet6")] => {
+                Some(Change::TableDefault {
+                    table: t.parse().ok()?,
+                    dev: (*dev).to_owned(),
+                    v6: *fam == "inet6",
+                })
+            }
+            ["rule", "from", a, "prio", p, "main-nodefault"] => Some(Change::Rule {
+                from: a.parse().ok()?,
+                priority: p.parse().ok()?,
+                table: None,
+            }),
+            ["rule", "from", a, "prio", p, "table", t] => Some(Change::Rule {
+                from: a.parse().ok()?,
+                priority: p.parse().ok()?,
+                table: Some(t.parse().ok()?),
             }),
             ["bypass", d, "dev", dev] => Some(Change::Bypass {
                 dst: d.parse().ok()?,
@@ -219,6 +272,21 @@ mod tests {
                 dst: "10.99.0.3/32".parse().unwrap(),
                 via: None,
                 dev: "veth0".into(),
+            },
+            Change::TableDefault {
+                table: 28123,
+                dev: "mvj0".into(),
+                v6: true,
+            },
+            Change::Rule {
+                from: "198.18.0.1".parse().unwrap(),
+                priority: 5210,
+                table: None,
+            },
+            Change::Rule {
+                from: "fd6d:7365:7670:6e00::1".parse().unwrap(),
+                priority: 5211,
+                table: Some(28123),
             },
         ];
         let mut j = Journal::create(&path, 4242).unwrap();

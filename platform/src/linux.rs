@@ -354,8 +354,71 @@ async fn configure(
         )
         .await?;
     }
+    // Replies to cloud callers (`--expose`) leave from the TUN's address. Callers inside the
+    // routed networks are reached through the routes above; for the others, packets from the
+    // TUN's address that the main table could only send along its default route (or not at
+    // all) go into the TUN instead. Nothing else on the host is sourced from that address.
+    let table = plan.reply_table();
+    let t = table.to_string();
+    for addr in plan.tun_addrs() {
+        let v6 = matches!(addr, IpNet::V6(_));
+        let fam = family(&addr);
+        make(
+            applied,
+            Change::TableDefault {
+                table,
+                dev: tun.to_owned(),
+                v6,
+            },
+            &[fam, "route", "add", "default", "dev", tun, "table", &t],
+        )
+        .await?;
+        let from = addr.addr();
+        let a = from.to_string();
+        let (p1, p2) = (
+            REPLY_RULE_PRIORITY.to_string(),
+            (REPLY_RULE_PRIORITY + 1).to_string(),
+        );
+        make(
+            applied,
+            Change::Rule {
+                from,
+                priority: REPLY_RULE_PRIORITY,
+                table: None,
+            },
+            &[
+                fam,
+                "rule",
+                "add",
+                "from",
+                &a,
+                "priority",
+                &p1,
+                "lookup",
+                "main",
+                "suppress_prefixlength",
+                "0",
+            ],
+        )
+        .await?;
+        make(
+            applied,
+            Change::Rule {
+                from,
+                priority: REPLY_RULE_PRIORITY + 1,
+                table: Some(table),
+            },
+            &[
+                fam, "rule", "add", "from", &a, "priority", &p2, "lookup", &t,
+            ],
+        )
+        .await?;
+    }
     Ok(())
 }
+
+/// Priority of the reply rules (the second one has this + 1); below the main table's 32766.
+const REPLY_RULE_PRIORITY: u32 = 5210;
 
 /// Undoes one change if it is still there; true if something was removed.
 async fn undo(change: &Change) -> bool {
@@ -377,6 +440,27 @@ async fn undo(change: &Change) -> bool {
         Change::Addr { addr, dev } => {
             let a = addr.to_string();
             ip(&[family(addr), "addr", "del", &a, "dev", dev]).await
+        }
+        Change::TableDefault { table, dev, v6 } => {
+            let t = table.to_string();
+            let fam = if *v6 { "-6" } else { "-4" };
+            ip(&[fam, "route", "del", "default", "dev", dev, "table", &t]).await
+        }
+        Change::Rule {
+            from,
+            priority,
+            table,
+        } => {
+            let fam = family(&IpNet::from(*from));
+            let a = from.to_string();
+            let p = priority.to_string();
+            let t = table.map(|t| t.to_string());
+            let mut args = vec![fam, "rule", "del", "from", &a, "priority", &p];
+            match &t {
+                Some(t) => args.extend(["lookup", t.as_str()]),
+                None => args.extend(["lookup", "main", "suppress_prefixlength", "0"]),
+            }
+            ip(&args).await
         }
         // The TUN of a live session goes away when its fd closes; a dead session's TUN can
         // only remain if something else holds it: delete it only if it is a tun device.

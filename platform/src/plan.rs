@@ -218,6 +218,15 @@ impl RoutePlan {
         &self.routes
     }
 
+    /// The routing table holding the TUN's default route for replies to cloud callers.
+    pub fn reply_table(&self) -> u32 {
+        // One table per TUN name, in a range unlikely to be used by anything else.
+        let hash = self.tun_name().bytes().fold(2_166_136_261u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(16_777_619)
+        });
+        28_000 + hash % 1000
+    }
+
     /// The TUN device name.
     pub fn tun_name(&self) -> &str {
         &self.tun_name

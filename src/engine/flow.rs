@@ -44,6 +44,9 @@ pub enum CloseReason {
     OpenRefused,
     /// The jump host forbids forwarding (`AllowTcpForwarding no` or a `permitopen` rule).
     OpenProhibited,
+    /// The local app did not accept a cloud caller's connection (`--expose`): its port is
+    /// closed, or it did not answer within the open timeout.
+    LocalRefused,
     /// The channel did not open in time (the destination is probably black-holed).
     OpenTimedOut,
     /// The channel was closed by the jump host before it sent EOF (the remote side reset).
@@ -78,6 +81,9 @@ impl fmt::Display for CloseReason {
             CloseReason::AppReset => "reset by the local app",
             CloseReason::OpenRefused => "the jump host could not connect to the destination",
             CloseReason::OpenProhibited => "the jump host forbids TCP forwarding",
+            CloseReason::LocalRefused => {
+                "the local app did not accept the connection (is it listening on 0.0.0.0?)"
+            }
             CloseReason::OpenTimedOut => "the channel open timed out",
             CloseReason::RemoteReset => "closed by the jump host before EOF",
             CloseReason::SessionLost => "the SSH connection was lost",

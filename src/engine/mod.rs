@@ -116,6 +116,12 @@ pub enum Event {
         /// Its 4-tuple.
         key: FlowKey,
     },
+    /// An inbound flow ([`Engine::connect_inbound`]) was answered by the local app: accept
+    /// its channel; data may follow at once.
+    Connected {
+        /// The flow.
+        id: FlowId,
+    },
     /// Send these bytes on the flow's channel, then call [`Engine::handle_sent`].
     Data {
         /// The flow.
@@ -139,6 +145,20 @@ pub enum Event {
     },
 }
 
+/// Why [`Engine::connect_inbound`] could not start a flow (the caller's channel is rejected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    /// The concurrent flow limit (`--max-flows`) is reached.
+    #[error("the flow limit is reached")]
+    FlowLimit,
+    /// A flow with the same 4-tuple is live (a caller port reused too early).
+    #[error("a flow with the same addresses is still open")]
+    Duplicate,
+    /// The caller's and the local address are of different families, or a port is 0.
+    #[error("the caller's address cannot be mapped into the TUN")]
+    Unroutable,
+}
+
 /// Counters since the engine started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -150,6 +170,10 @@ pub struct EngineStats {
     pub flows_over_limit: u64,
     /// Flows whose channel could not be opened.
     pub flows_refused: u64,
+    /// Inbound flows (cloud callers through `--expose` listeners) started.
+    pub inbound_opened: u64,
+    /// Inbound flows the local app refused (closed port) or never answered.
+    pub inbound_refused: u64,
     /// Bytes from apps to the SSH side.
     pub bytes_up: u64,
     /// Bytes from the SSH side to apps.
@@ -189,6 +213,8 @@ struct Flow {
     ending: Option<CloseReason>,
     /// In the dirty list.
     dirty: bool,
+    /// An inbound flow not yet answered by the local app (its SYN is out, no `Connected` yet).
+    connecting: bool,
 }
 
 /// The engine. See the module documentation.
@@ -371,6 +397,7 @@ impl Engine {
             app_eof: false,
             ending: None,
             dirty: false,
+            connecting: false,
         });
         self.events.push_back(Event::Open { id, key });
     }
@@ -390,12 +417,7 @@ impl Engine {
             return;
         };
         let syn = std::mem::take(syn);
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_buffer]),
-        );
-        socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
+        let mut socket = new_socket(self.config.tcp_buffer);
         let endpoint = IpListenEndpoint {
             addr: Some(flow.key.dst.ip().into()),
             port: flow.key.dst.port(),
@@ -421,6 +443,68 @@ impl Engine {
                 reason: CloseReason::OpenRefused,
             });
         }
+    }
+
+    /// A cloud caller reached an `--expose` listener: open a TCP connection into the TUN from
+    /// `caller` (its own address, so the local app sees who called) to `local` (the TUN's
+    /// address and the app's port). [`Event::Connected`] follows once the app answers, or
+    /// [`Event::Close`] with [`CloseReason::LocalRefused`] if it resets the SYN or stays silent
+    /// for `timeout`.
+    pub fn connect_inbound(
+        &mut self,
+        now: Instant,
+        caller: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<FlowId, InboundError> {
+        if caller.is_ipv4() != local.is_ipv4() || caller.port() == 0 || local.port() == 0 {
+            return Err(InboundError::Unroutable);
+        }
+        if self.flows.len() >= self.config.max_flows {
+            self.stats.flows_over_limit += 1;
+            return Err(InboundError::FlowLimit);
+        }
+        let key = FlowKey {
+            src: local,
+            dst: caller,
+        };
+        if self.flows.id_of(&key).is_some() {
+            return Err(InboundError::Duplicate);
+        }
+        let id = self.flows.insert(key, |_| Flow {
+            key,
+            phase: Phase::Opening { syn: Vec::new() },
+            inflight: 0,
+            inflight_msgs: 0,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            ssh_eof: false,
+            channel_closed: false,
+            fin_queued: false,
+            app_eof: false,
+            ending: None,
+            dirty: false,
+            connecting: true,
+        });
+        let mut socket = new_socket(self.config.tcp_buffer);
+        socket.set_timeout(Some(timeout));
+        let shard = &mut self.shards[shard_of(id)];
+        if socket
+            .connect(shard.iface.context(), local, IpListenEndpoint::from(caller))
+            .is_err()
+        {
+            self.flows.remove(id, &key);
+            return Err(InboundError::Unroutable);
+        }
+        let handle = shard.sockets.add(socket);
+        shard.active = true;
+        self.stats.inbound_opened += 1;
+        if let Some(flow) = self.flows.get_mut(id) {
+            flow.phase = Phase::Open { handle };
+            mark_dirty(&mut self.dirty, id, flow);
+        }
+        self.poll(now);
+        Ok(id)
     }
 
     /// The channel for `id` could not be opened: the app gets a TCP reset for its SYN.
@@ -625,6 +709,20 @@ impl Engine {
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         let mut progressed = false;
 
+        if flow.connecting && flow.ending.is_none() {
+            match socket.state() {
+                tcp::State::SynSent | tcp::State::SynReceived => return false,
+                tcp::State::Closed | tcp::State::Listen => {}
+                _ => {
+                    // The local app answered: the caller's channel may be accepted now, before
+                    // any data event of this flow.
+                    flow.connecting = false;
+                    socket.set_timeout(None);
+                    self.events.push_back(Event::Connected { id });
+                }
+            }
+        }
+
         if flow.ending.is_none() {
             // SSH -> app, as far as the socket's send buffer allows.
             let before = flow.pending_len;
@@ -697,6 +795,10 @@ impl Engine {
         }
 
         let reason = match state {
+            _ if flow.connecting && state == tcp::State::Closed => {
+                self.stats.inbound_refused += 1;
+                Some(flow.ending.unwrap_or(CloseReason::LocalRefused))
+            }
             tcp::State::TimeWait => Some(CloseReason::Finished),
             // A SYN-RECEIVED socket that got RST falls back to LISTEN: never keep a listener.
             tcp::State::Listen => Some(flow.ending.unwrap_or(CloseReason::AppReset)),
@@ -721,6 +823,17 @@ impl Engine {
         }
         progressed
     }
+}
+
+/// A TCP socket with the engine's buffers, Nagle and delayed ACK off.
+fn new_socket(tcp_buffer: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; tcp_buffer]),
+        tcp::SocketBuffer::new(vec![0; tcp_buffer]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket
 }
 
 fn mark_dirty(dirty: &mut Vec<FlowId>, id: FlowId, flow: &mut Flow) {

@@ -494,3 +494,151 @@ fn session_loss_resets_open_and_opening_flows() {
         .count();
     assert_eq!(closes, 2);
 }
+
+/// The caller of an inbound flow: a VPC address, as the jump host reports it.
+const CALLER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VPC_V4), 51_000);
+const LOCAL_PORT: u16 = 8080;
+const INBOUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Pair {
+    /// A listening "local app" on `port`.
+    fn listen(&mut self, port: u16) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        );
+        s.set_ack_delay(None);
+        s.listen(port).unwrap();
+        self.app_sockets.add(s)
+    }
+
+    fn local(&self) -> SocketAddr {
+        SocketAddr::new(std::net::IpAddr::V4(APP_V4), LOCAL_PORT)
+    }
+}
+
+#[test]
+fn an_inbound_flow_reaches_the_local_app_from_the_callers_own_address() {
+    let mut p = Pair::new(EngineConfig::default());
+    let h = p.listen(LOCAL_PORT);
+    let local = p.local();
+    let id = p
+        .engine
+        .connect_inbound(p.now, CALLER, local, INBOUND_TIMEOUT)
+        .unwrap();
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+    assert_eq!(
+        p.app(h).remote_endpoint().map(|e| e.port),
+        Some(CALLER.port())
+    );
+    assert_eq!(
+        p.app(h).remote_endpoint().map(|e| e.addr),
+        Some(IpAddress::Ipv4(VPC_V4)),
+        "the app sees the caller's address as its peer"
+    );
+    assert_eq!(p.take_events(), vec![Event::Connected { id }]);
+
+    // Caller -> app, app -> caller, then the caller half-closes and the app still answers.
+    p.engine
+        .handle_channel_data(p.now, id, Bytes::from_static(b"ping"));
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    assert_eq!(p.app_recv_all(h), b"ping");
+    assert!(!p.app(h).may_recv(), "caller EOF maps to FIN");
+    p.app(h).send_slice(b"pong").unwrap();
+    p.app(h).close();
+    p.step();
+    let (up, rest) = p.uploaded();
+    assert_eq!(up, b"pong");
+    assert_eq!(
+        rest,
+        vec![
+            Event::Eof { id },
+            Event::Close {
+                id,
+                key: FlowKey {
+                    src: local,
+                    dst: CALLER
+                },
+                reason: CloseReason::Finished
+            }
+        ],
+        "FIN both ways ends the flow"
+    );
+    assert_eq!(p.engine.stats().inbound_opened, 1);
+}
+
+#[test]
+fn an_inbound_flow_to_a_closed_local_port_is_refused_at_once() {
+    let mut p = Pair::new(EngineConfig::default());
+    let local = p.local();
+    let id = p
+        .engine
+        .connect_inbound(p.now, CALLER, local, INBOUND_TIMEOUT)
+        .unwrap();
+    p.step();
+    let events = p.take_events();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::Close { id: i, reason: CloseReason::LocalRefused, .. }] if *i == id
+        ),
+        "{events:?}"
+    );
+    assert_eq!(p.engine.flow_count(), 0);
+    assert_eq!(p.engine.stats().inbound_refused, 1);
+}
+
+#[test]
+fn an_inbound_flow_the_local_side_never_answers_times_out() {
+    let mut p = Pair::new(EngineConfig::default());
+    let local = p.local();
+    let id = p
+        .engine
+        .connect_inbound(p.now, CALLER, local, Duration::from_secs(3))
+        .unwrap();
+    // The "kernel" swallows every SYN.
+    for _ in 0..8 {
+        p.engine.poll(p.now);
+        while p.engine.poll_transmit().is_some() {}
+        p.now += Duration::from_secs(1);
+    }
+    p.engine.poll(p.now);
+    let mut events = Vec::new();
+    while let Some(e) = p.engine.poll_event() {
+        events.push(e);
+    }
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::Close { id: i, reason: CloseReason::LocalRefused, .. }] if *i == id
+        ),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn inbound_flows_respect_the_flow_limit_and_mismatched_families() {
+    let mut p = Pair::new(EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    });
+    let local = p.local();
+    p.listen(LOCAL_PORT);
+    p.engine
+        .connect_inbound(p.now, CALLER, local, INBOUND_TIMEOUT)
+        .unwrap();
+    let other = SocketAddr::new(CALLER.ip(), CALLER.port() + 1);
+    assert_eq!(
+        p.engine
+            .connect_inbound(p.now, other, local, INBOUND_TIMEOUT),
+        Err(InboundError::FlowLimit)
+    );
+    let mut p = Pair::new(EngineConfig::default());
+    let v6: SocketAddr = "[fd00::1]:5000".parse().unwrap();
+    assert_eq!(
+        p.engine.connect_inbound(p.now, v6, local, INBOUND_TIMEOUT),
+        Err(InboundError::Unroutable)
+    );
+}

@@ -54,7 +54,32 @@ pub struct SshOptions {
     /// Owner for files created under the user's home (known_hosts), when running as root for
     /// another user.
     pub file_owner: Option<(u32, u32)>,
+    /// Where cloud callers' connections to our `tcpip-forward` listeners go. `None` rejects
+    /// them.
+    pub inbound: Option<InboundSender>,
 }
+
+/// A cloud caller's connection to one of our `tcpip-forward` listeners on the jump host,
+/// not yet accepted: accept it once the local app answered, or drop `reply` to refuse it
+/// (the jump host then closes the caller's connection).
+pub struct Inbound {
+    /// [`Session::id`] of the connection it arrived on.
+    pub session: u64,
+    /// The jump host port the caller connected to (the listener's port).
+    pub listen_port: u16,
+    /// The caller's address and port as the jump host reports them (`None` if unparsable).
+    pub caller: Option<SocketAddr>,
+    /// The channel.
+    pub channel: russh::Channel<client::Msg>,
+    /// Accepts or refuses the channel.
+    pub reply: client::ChannelOpenHandle,
+}
+
+/// The bounded queue of [`Inbound`] connections to the driver.
+pub type InboundSender = tokio::sync::mpsc::Sender<Inbound>;
+
+/// Numbers sessions for [`Session::id`].
+static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Why a `direct-tcpip` channel did not open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
@@ -227,6 +252,8 @@ struct Client {
     file_owner: Option<(u32, u32)>,
     check: Arc<Mutex<KeyCheck>>,
     closed: watch::Sender<bool>,
+    inbound: Option<InboundSender>,
+    session: u64,
 }
 
 impl Drop for Client {
@@ -311,6 +338,46 @@ fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result
 impl client::Handler for Client {
     type Error = russh::Error;
 
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // Runs inside the session loop: hand over and return at once. Dropping `reply`
+        // refuses the channel.
+        let (Some(tx), Ok(listen_port)) = (&self.inbound, u16::try_from(connected_port)) else {
+            debug!(
+                connected_port,
+                "a forwarded connection nobody asked for: refused"
+            );
+            return Ok(());
+        };
+        let caller = originator_address
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .zip(u16::try_from(originator_port).ok())
+            .map(|(ip, port)| SocketAddr::new(ip, port));
+        let call = Inbound {
+            session: self.session,
+            listen_port,
+            caller,
+            channel,
+            reply,
+        };
+        if tx.try_send(call).is_err() {
+            warn!(
+                listen_port,
+                "too many cloud connections waiting to be accepted: refused one"
+            );
+        }
+        Ok(())
+    }
+
     async fn check_server_key(
         &mut self,
         server_public_key: &russh::keys::PublicKeyOrCertificate,
@@ -333,6 +400,7 @@ pub struct Session {
     handle: Handle<Client>,
     closed: watch::Receiver<bool>,
     target: String,
+    id: u64,
 }
 
 impl Session {
@@ -344,7 +412,9 @@ impl Session {
             .map_or(target.clone(), |(_, t)| t.to_owned());
         // Authentication bounds each of its requests itself, so that the time a user takes to
         // type a passphrase is not counted.
-        let (mut handle, closed) = bounded(opts, &target, Self::handshake(opts, &target)).await??;
+        let id = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut handle, closed) =
+            bounded(opts, &target, Self::handshake(opts, &target, id)).await??;
         debug!(%target, "handshake done, authenticating");
         authenticate(&mut handle, opts, &target).await?;
         info!(%target, user = %opts.user, "authenticated");
@@ -352,6 +422,7 @@ impl Session {
             handle,
             closed,
             target,
+            id,
         })
     }
 
@@ -359,6 +430,7 @@ impl Session {
     async fn handshake(
         opts: &SshOptions,
         target: &str,
+        id: u64,
     ) -> Result<(Handle<Client>, watch::Receiver<bool>), SshError> {
         let addrs: Vec<SocketAddr> =
             tokio::net::lookup_host((opts.jump.host.as_str(), opts.jump.port))
@@ -421,6 +493,8 @@ impl Session {
             file_owner: opts.file_owner,
             check: check.clone(),
             closed: closed_tx,
+            inbound: opts.inbound.clone(),
+            session: id,
         };
         match client::connect_stream(config, stream, handler).await {
             Ok(handle) => Ok((handle, closed)),
@@ -473,6 +547,35 @@ impl Session {
     pub async fn closed(&self) {
         let mut rx = self.closed.clone();
         let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// A number unique to this connection within the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Runs `command` on the jump host (an `exec` session channel) and returns its standard
+    /// output, or `None` if the jump host refused, the command failed, or it took longer than
+    /// `timeout`. For small discovery commands only: the output is capped at 64 KiB.
+    pub async fn exec(&self, command: &str, timeout: Duration) -> Option<String> {
+        let run = async {
+            let mut channel = self.handle.channel_open_session().await.ok()?;
+            channel.exec(true, command).await.ok()?;
+            let mut out = Vec::new();
+            let mut status = None;
+            while let Some(msg) = channel.wait().await {
+                match msg {
+                    russh::ChannelMsg::Data { data } if out.len() < 64 * 1024 => {
+                        out.extend_from_slice(&data)
+                    }
+                    russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    russh::ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            (status == Some(0)).then(|| String::from_utf8_lossy(&out).into_owned())
+        };
+        tokio::time::timeout(timeout, run).await.ok().flatten()
     }
 
     /// `host:port` of the jump host.

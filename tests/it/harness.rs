@@ -111,7 +111,7 @@ impl Testbed {
     pub fn snapshot(&self) -> String {
         let out = self.sh(
             10,
-            "ip -o link show | sed 's/@[^:]*//' | awk '{print $2}'; ip -o addr show; ip route show table all; ip -6 route show table all",
+            "ip -o link show | sed 's/@[^:]*//' | awk '{print $2}'; ip -o addr show; ip route show table all; ip -6 route show table all; ip rule show; ip -6 rule show",
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
