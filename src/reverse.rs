@@ -89,7 +89,7 @@ impl FromStr for ForwardSpec {
             (Some(b), [r]) => (b, *r, *r),
             (Some(b), [r, l]) => (b, *r, *l),
             (None, [r]) => (String::new(), *r, *r),
-            (None, [b, r]) if !is_port(b) => ((*b).to_owned(), *r, *r),
+            (None, [b, r]) if !b.is_empty() && !is_port(b) => ((*b).to_owned(), *r, *r),
             (None, [r, l]) => (String::new(), *r, *l),
             (None, [b, r, l]) if !b.is_empty() && !is_port(b) => ((*b).to_owned(), *r, *l),
             _ => return Err(shape()),
