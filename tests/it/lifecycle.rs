@@ -9,7 +9,7 @@ use crate::harness::{Testbed, Vpn, stderr, stdout};
 use crate::outbound::OutputAsync;
 
 /// `mse-vpn status --json` for this testbed's session.
-fn status(tb: &Testbed) -> Value {
+pub(crate) fn status(tb: &Testbed) -> Value {
     let out = tb
         .mse_vpn(&["status", "--json", "--tun", &tb.tun()])
         .output()

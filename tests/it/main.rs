@@ -6,3 +6,4 @@ mod auth;
 mod harness;
 mod lifecycle;
 mod outbound;
+mod reverse;

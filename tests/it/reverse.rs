@@ -1,0 +1,383 @@
+//! End-to-end tests of cloud-to-local calls: `--expose` listeners on a real OpenSSH sshd
+//! (`GatewayPorts clientspecified`), callers in the VPC namespace, apps in the laptop
+//! namespace; `mse-vpn run` with a real ZooKeeper registry and a JVM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Testbed, Vpn, stderr, stdout};
+use crate::lifecycle::status;
+
+/// A TCP server for the laptop: greets each caller with "peer IP:PORT", echoes until EOF,
+/// then closes (so a caller's half-close still gets every echoed byte).
+const PEER_SERVER: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1024)
+print("listening", flush=True)
+def serve(c, a):
+    with c:
+        c.sendall(f"peer {a[0]}:{a[1]}\n".encode())
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            c.sendall(d)
+while True:
+    c, a = s.accept()
+    threading.Thread(target=serve, args=(c, a), daemon=True).start()
+"#;
+
+/// A caller for the VPC: N parallel connections to HOST:PORT, each sends its own payload,
+/// half-closes, and checks the greeting and the echo. Prints "ok N PEERS" or fails.
+const CALLERS: &str = r#"
+import socket, sys, threading
+host, port, n, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+errors, peers = [], set()
+def call(i):
+    try:
+        c = socket.socket(); c.settimeout(20)
+        if src != "-": c.bind((src, 0))
+        c.connect((host, port))
+        payload = (f"caller {i} " * 2000).encode()
+        c.sendall(payload); c.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            data += d
+        greeting, _, echo = data.partition(b"\n")
+        peers.add(greeting.decode().split()[1].rsplit(":", 1)[0])
+        assert echo == payload, f"caller {i}: echo of {len(echo)} bytes, sent {len(payload)}"
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+[t.start() for t in ts]; [t.join() for t in ts]
+if errors:
+    print("errors", len(errors), errors[:3]); sys.exit(1)
+print("ok", n, " ".join(sorted(peers)))
+"#;
+
+fn vpc(tb: &Testbed, secs: u32, argv: &[&str]) -> Output {
+    let t = secs.to_string();
+    let mut full = vec!["timeout", t.as_str()];
+    full.extend_from_slice(argv);
+    tb.cmd_in(&format!("{}-vpc", tb.name), &full)
+        .output()
+        .expect("run a command in the VPC namespace")
+}
+
+fn write_script(tb: &Testbed, name: &str, text: &str) -> String {
+    let path = tb.dir.join(name);
+    std::fs::write(&path, text).expect("write a test script");
+    path.to_string_lossy().into_owned()
+}
+
+/// Starts the peer server on `port` in the laptop namespace; killed on drop.
+struct LocalApp(std::process::Child);
+
+impl LocalApp {
+    fn start(tb: &Testbed, port: u16) -> LocalApp {
+        let script = write_script(tb, "peer_server.py", PEER_SERVER);
+        let mut child = tb
+            .cmd_in(&tb.lap(), &["python3", &script, &port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the local app");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+        LocalApp(child)
+    }
+}
+
+impl Drop for LocalApp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn cloud_callers_reach_a_local_app_from_their_own_address() {
+    let tb = Testbed::up("rv1", &["--with", "none"]);
+    let _app = LocalApp::start(&tb, 8080);
+    let vpn = tb.start(
+        &["10.0.0.0/16"],
+        &["--expose", "18080:8080", "--expose", "18081:9"],
+    );
+    // The exposed ports are printed right after the "up" line.
+    let start = Instant::now();
+    while !vpn.stdout().contains("-> local port 9") && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        vpn.stdout()
+            .contains("exposed: cloud callers reach 10.0.0.1:18080 -> local port 8080"),
+        "{}",
+        vpn.stdout()
+    );
+
+    // One caller: the app sees the caller's own VPC address, and the echo comes back.
+    let out = vpc(
+        &tb,
+        10,
+        &[
+            "bash",
+            "-c",
+            "echo hello | socat - TCP:10.0.0.1:18080,shut-down",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("peer 10.0.0.10:"),
+        "the app's peer is the caller: {text} {}",
+        stderr(&out)
+    );
+    assert!(text.ends_with("hello\n"), "{text}");
+
+    // 100 callers at once, each with 40 KB, each half-closing before reading the echo.
+    let callers = write_script(&tb, "callers.py", CALLERS);
+    let start = Instant::now();
+    let out = vpc(
+        &tb,
+        60,
+        &["python3", &callers, "10.0.0.1", "18080", "100", "-"],
+    );
+    let took = start.elapsed();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).trim(), "ok 100 10.0.0.10");
+    println!("100 parallel inbound calls (40 KB each, half-closed) in {took:?}");
+
+    // A closed local port: the caller's connection is closed promptly, not left hanging.
+    let start = Instant::now();
+    let out = vpc(
+        &tb,
+        10,
+        &[
+            "bash",
+            "-c",
+            "echo x | socat -t 5 - TCP:10.0.0.1:18081; echo done",
+        ],
+    );
+    let took = start.elapsed();
+    assert_eq!(stdout(&out).trim(), "done", "{}", stderr(&out));
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    println!("a call to a closed local port was closed after {took:?}");
+
+    let st = status(&tb);
+    let forwards = st["forwards"].as_array().expect("forwards in status");
+    assert_eq!(forwards.len(), 2, "{st}");
+    assert_eq!(forwards[0]["state"], "listening");
+    assert_eq!(forwards[0]["advertised"], "10.0.0.1:18080");
+    assert_eq!(forwards[0]["connections"], 101);
+    assert_eq!(st["inbound_opened"], 102, "{st}");
+    assert_eq!(st["inbound_refused"], 1, "{st}");
+    assert!(vpn.interrupt().success());
+}
+
+#[test]
+fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules() {
+    let tb = Testbed::up("rv2", &["--with", "none"]);
+    let _app = LocalApp::start(&tb, 8080);
+    let before = tb.snapshot();
+    // Only 10.0.0.0/24 is routed; the caller is 10.0.50.20, which the laptop has no
+    // route to at all: only the reply rules bring its answers back into the TUN.
+    let vpn = tb.start(&["10.0.0.0/24"], &["--expose", "18080:8080"]);
+    let callers = write_script(&tb, "callers.py", CALLERS);
+    let out = vpc(
+        &tb,
+        30,
+        &["python3", &callers, "10.0.0.1", "18080", "10", "10.0.50.20"],
+    );
+    assert_eq!(stdout(&out).trim(), "ok 10 10.0.50.20", "{}", stderr(&out));
+    let rules = stdout(&tb.sh(5, "ip rule show"));
+    assert!(
+        rules.contains("from 198.18.0.1 lookup main suppress_prefixlength 0"),
+        "{rules}"
+    );
+    // Outbound still works next to it.
+    assert!(vpn.interrupt().success());
+    assert_eq!(
+        tb.snapshot(),
+        before,
+        "routes, rules and addresses restored"
+    );
+}
+
+#[test]
+fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
+    let tb = Testbed::up("rv3", &["--with", "none"]);
+    let conf = tb.dir.join("sshd_config");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("GatewayPorts clientspecified", "GatewayPorts no"),
+    )
+    .unwrap();
+    tb.control("sshd-restart");
+    let before = tb.snapshot();
+    let args = tb.up_args(&["10.0.0.0/16"], &["--expose", "18080:8080"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    assert!(!status.success());
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "mse-vpn: --expose 18080:8080: the jump host binds forwarded ports to loopback only"
+        ),
+        "{err}"
+    );
+    assert!(last.contains("GatewayPorts clientspecified"), "{last}");
+    assert_eq!(tb.snapshot(), before, "nothing left behind");
+}
+
+/// Compiles tests/it/java/MseDemo.java against Debian's ZooKeeper client.
+fn compile_demo(tb: &Testbed) -> PathBuf {
+    let out_dir = tb.dir.join("java");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/java/MseDemo.java");
+    let out = Command::new("javac")
+        .args(["-cp", "/usr/share/java/zookeeper.jar", "-d"])
+        .arg(&out_dir)
+        .arg(&src)
+        .output()
+        .expect("run javac (scripts/setup installs default-jdk-headless)");
+    assert!(out.status.success(), "javac: {}", stderr(&out));
+    out_dir
+}
+
+#[test]
+fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consumer_calls_it() {
+    let tb = Testbed::up("rv4", &["--with", "zookeeper"]);
+    let classes = compile_demo(&tb);
+    let cp = format!("{}:/usr/share/java/zookeeper.jar", classes.display());
+    let vpn = tb.start(&["10.0.0.0/16"], &[]);
+
+    // A JVM started by `run` sees the registration properties; the user's own
+    // JAVA_TOOL_OPTIONS survive; the app's exit status is run's.
+    let out = tb
+        .mse_vpn(&[
+            "run",
+            "--expose",
+            "20881:8080",
+            "--",
+            "java",
+            "-cp",
+            &cp,
+            "MseDemo",
+            "props",
+        ])
+        .env("JAVA_TOOL_OPTIONS", "-Dkeep.me=yes -Dhsf.server.port=12200")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}{}", stderr(&out));
+    for want in [
+        "prop DUBBO_IP_TO_REGISTRY=10.0.0.1",
+        "prop DUBBO_PORT_TO_REGISTRY=20881",
+        "prop spring.cloud.nacos.discovery.ip=10.0.0.1",
+        "prop spring.cloud.nacos.discovery.port=20881",
+        "prop hsf.server.ip=10.0.0.1",
+        "prop hsf.server.port=12200",
+        "prop keep.me=yes",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    assert!(
+        stderr(&out).contains("keeping your own setting -Dhsf.server.port=12200"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The provider registers in ZooKeeper (reached through the tunnel) the address run
+    // gave it; a consumer in the VPC finds it there and calls it through the jump host.
+    let mut provider = Vpn::spawn({
+        let mut c = tb.mse_vpn(&[
+            "run",
+            "--expose",
+            "20880",
+            "--",
+            "java",
+            "-cp",
+            &cp,
+            "MseDemo",
+            "provider",
+            "10.0.0.14:2181",
+            "com.example.Greeter",
+            "20880",
+        ]);
+        c.env_remove("JAVA_TOOL_OPTIONS");
+        c
+    });
+    let start = Instant::now();
+    while !provider.stdout().contains("registered ") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the provider did not register:\n{}\n{}",
+            provider.stdout(),
+            provider.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        provider
+            .stdout()
+            .contains("registered dubbo://10.0.0.1:20880/com.example.Greeter"),
+        "{}",
+        provider.stdout()
+    );
+    let out = vpc(
+        &tb,
+        30,
+        &[
+            "java",
+            "-cp",
+            &cp,
+            "MseDemo",
+            "consumer",
+            "10.0.0.14:2181",
+            "com.example.Greeter",
+            "world",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("found dubbo://10.0.0.1:20880/com.example.Greeter"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(
+        text.contains("reply hello world from the laptop; your address 10.0.0.10"),
+        "{text}{}",
+        stderr(&out)
+    );
+    let st = status(&tb);
+    assert_eq!(st["forwards"][0]["spec"], "20880:20880", "{st}");
+
+    // The provider stops: run exits with its status, and its listener goes with it.
+    provider.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = provider.wait_exit(Duration::from_secs(15));
+    assert_eq!(code.code(), Some(143), "SIGTERM was passed on to the JVM");
+    let start = Instant::now();
+    while status(&tb)["forwards"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the listener stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = vpc(&tb, 10, &["bash", "-c", "exec 3<>/dev/tcp/10.0.0.1/20880"]);
+    assert!(
+        !out.status.success(),
+        "nothing listens on the jump host any more"
+    );
+    assert!(vpn.interrupt().success());
+}
