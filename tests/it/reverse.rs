@@ -381,3 +381,41 @@ fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consume
     );
     assert!(vpn.interrupt().success());
 }
+
+#[test]
+fn exposed_ports_come_back_after_the_jump_host_restarts() {
+    let tb = Testbed::up("rv5", &["--with", "none"]);
+    let _app = LocalApp::start(&tb, 8080);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--expose", "18080:8080"]);
+    let call = || {
+        vpc(
+            &tb,
+            10,
+            &["bash", "-c", "echo again | socat - TCP:10.0.0.1:18080,shut-down"],
+        )
+    };
+    assert!(stdout(&call()).ends_with("again\n"));
+
+    tb.control("sshd-kill");
+    let start = Instant::now();
+    while status(&tb)["forwards"][0]["state"] == "listening" {
+        assert!(start.elapsed() < Duration::from_secs(10), "the loss was not noticed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!call().status.success(), "nothing listens while sshd is down");
+    tb.control("sshd-start");
+    let back = Instant::now();
+    while status(&tb)["forwards"][0]["state"] != "listening" {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the listener did not come back: {}",
+            status(&tb)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("the exposed port listened again {:?} after sshd was back", back.elapsed());
+    let out = call();
+    assert!(stdout(&out).starts_with("peer 10.0.0.10:"), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("again\n"));
+    assert!(vpn.interrupt().success());
+}
