@@ -456,7 +456,14 @@ async fn status(args: StatusArgs, state_dir: &Path) -> Result<()> {
 fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<std::path::PathBuf> {
     let socks: Vec<_> = session_sockets(state_dir, tun)
         .into_iter()
-        .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok() || tun.is_some())
+        .filter(|p| {
+            // Live sessions, and those we may not use (so the error says so).
+            tun.is_some()
+                || match std::os::unix::net::UnixStream::connect(p) {
+                    Ok(_) => true,
+                    Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+                }
+        })
         .collect();
     match socks.as_slice() {
         [one] => Ok(one.clone()),

@@ -360,15 +360,15 @@ fn ssh_agent_identities_log_in_with_no_key_file() {
 }
 
 /// A throwaway local user, deleted (with its home) on drop, even when the test fails.
-struct TestUser {
-    name: &'static str,
+pub(crate) struct TestUser {
+    pub(crate) name: &'static str,
     uid: u32,
     gid: u32,
     home: PathBuf,
 }
 
 impl TestUser {
-    fn create(name: &'static str) -> TestUser {
+    pub(crate) fn create(name: &'static str) -> TestUser {
         let _ = Command::new("userdel").args(["-r", name]).output();
         let run = |argv: &[&str]| {
             let out = Command::new(argv[0])
@@ -399,7 +399,7 @@ impl TestUser {
     }
 
     /// The environment `sudo` gives root's process on this user's behalf.
-    fn sudo_env(&self) -> [(String, String); 4] {
+    pub(crate) fn sudo_env(&self) -> [(String, String); 4] {
         [
             ("SUDO_USER".into(), self.name.into()),
             ("SUDO_UID".into(), self.uid.to_string()),

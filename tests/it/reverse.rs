@@ -391,7 +391,11 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
         vpc(
             &tb,
             10,
-            &["bash", "-c", "echo again | socat - TCP:10.0.0.1:18080,shut-down"],
+            &[
+                "bash",
+                "-c",
+                "echo again | socat - TCP:10.0.0.1:18080,shut-down",
+            ],
         )
     };
     assert!(stdout(&call()).ends_with("again\n"));
@@ -399,10 +403,16 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
     tb.control("sshd-kill");
     let start = Instant::now();
     while status(&tb)["forwards"][0]["state"] == "listening" {
-        assert!(start.elapsed() < Duration::from_secs(10), "the loss was not noticed");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the loss was not noticed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!call().status.success(), "nothing listens while sshd is down");
+    assert!(
+        !call().status.success(),
+        "nothing listens while sshd is down"
+    );
     tb.control("sshd-start");
     let back = Instant::now();
     while status(&tb)["forwards"][0]["state"] != "listening" {
@@ -413,9 +423,107 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("the exposed port listened again {:?} after sshd was back", back.elapsed());
+    println!(
+        "the exposed port listened again {:?} after sshd was back",
+        back.elapsed()
+    );
     let out = call();
-    assert!(stdout(&out).starts_with("peer 10.0.0.10:"), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("peer 10.0.0.10:"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stdout(&out).ends_with("again\n"));
+    assert!(vpn.interrupt().success());
+}
+
+#[test]
+fn run_starts_the_app_as_the_invoking_user_never_as_root() {
+    let tb = Testbed::up("rv6", &["--with", "none"]);
+    let user = crate::auth::TestUser::create("mvrun");
+    let env = user.sudo_env();
+    // The session was started with sudo by mvrun: its control socket is mvrun's.
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let mut up_args = vec!["up"];
+    up_args.extend(args);
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &up_args));
+    // A copy of the binary other users can run (the checkout may live under /root, 0700).
+    let shared = tb.dir.join("mse-vpn-run");
+    std::fs::copy(crate::harness::bin(), &shared).expect("copy the binary");
+    let shared = shared.to_string_lossy().into_owned();
+    let state = tb.state_dir();
+
+    // mvrun itself, no root: allowed (the socket is theirs), and the app runs as mvrun.
+    let out = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "runuser",
+                "-u",
+                "mvrun",
+                "--",
+                &shared,
+                "run",
+                "--expose",
+                "20881:8080",
+                "--",
+                "id",
+                "-un",
+            ],
+        )
+        .env("MSE_VPN_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "mvrun");
+
+    // `sudo mse-vpn run` by mvrun: root drops to mvrun for the app.
+    let out = tb
+        .mse_vpn_with_env(
+            &env,
+            &[],
+            &[
+                "run",
+                "--expose",
+                "20882:8080",
+                "--",
+                "sh",
+                "-c",
+                "id -un; echo $HOME; exit 5",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "mvrun\n/home/mvrun\n");
+
+    // Another user may not expose ports on mvrun's session.
+    let out = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                &shared,
+                "run",
+                "--expose",
+                "20883:8080",
+                "--",
+                "true",
+            ],
+        )
+        .env("MSE_VPN_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
     assert!(vpn.interrupt().success());
 }
