@@ -235,6 +235,30 @@ fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
     );
     assert!(last.contains("GatewayPorts clientspecified"), "{last}");
     assert_eq!(tb.snapshot(), before, "nothing left behind");
+
+    // A port already taken on the jump host: refused plainly too.
+    std::fs::write(&conf, text).unwrap();
+    tb.control("sshd-restart");
+    let mut taken = tb
+        .cmd_in(
+            &format!("{}-jump", tb.name),
+            &["socat", "TCP6-LISTEN:18090,ipv6only=0,fork", "-"],
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let args = tb.up_args(&["10.0.0.0/16"], &["--expose", "18090:8080"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    let _ = taken.kill();
+    let _ = taken.wait();
+    assert!(!status.success());
+    assert!(
+        err.contains("--expose 18090:8080: the jump host refused to listen on port 18090: the port is taken there"),
+        "{err}"
+    );
+    assert_eq!(tb.snapshot(), before, "nothing left behind");
 }
 
 /// Compiles tests/it/java/MseDemo.java against Debian's ZooKeeper client.
