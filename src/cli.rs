@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::ssh::config::ConfigError;
+use crate::ssh::resolve::{self, Overrides};
 use crate::ssh::{InvokingUser, JumpHost, SshOptions};
 
 /// mse-vpn: reach a private cloud network (VPC) from this machine through an SSH jump host.
@@ -99,13 +101,15 @@ pub struct UpArgs {
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,
-    /// Seconds to wait for the SSH connection to the jump host.
-    #[arg(long, default_value_t = 15, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
-    pub connect_timeout: u64,
+    /// Seconds to wait for the SSH connection to the jump host. Default: ConnectTimeout of
+    /// the ssh config, else 15.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub connect_timeout: Option<u64>,
     /// Seconds between SSH keepalives. A link that answers nothing for three intervals is
-    /// declared dead (15 s by default), its flows are reset, and it is reconnected.
-    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub keepalive: u64,
+    /// declared dead (15 s by default), its flows are reset, and it is reconnected. Default:
+    /// ServerAliveInterval of the ssh config, else 5.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive: Option<u64>,
     /// SSH connections to the jump host. Flows are spread over them: each has its own
     /// encryption and window, so parallel bulk flows use more than one core.
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -117,36 +121,46 @@ pub struct UpArgs {
     /// Log file of a --daemon session. Default: STATE_DIR/TUN.log.
     #[arg(long, value_name = "FILE", requires = "daemon")]
     pub log_file: Option<PathBuf>,
+    /// Reach the jump host through these SSH hosts, in order ([USER@]HOST[:PORT],
+    /// comma-separated; `none` for none). Default: ProxyJump of the ssh config.
+    #[arg(short = 'J', long = "jump", value_name = "HOPS", value_parser = parse_jump)]
+    pub jump: Option<Vec<JumpHost>>,
+    /// Read only this OpenSSH client config file (`none`: none). Default: ~/.ssh/config of
+    /// the invoking user, then /etc/ssh/ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// Read the password for password / keyboard-interactive login from the first line of
+    /// FILE (it must be yours or root's, mode 600). Without it, the password is asked on the
+    /// terminal when the jump host offers password login.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 }
 
 impl UpArgs {
-    /// The SSH options these arguments ask for, with defaults from the invoking user's home.
-    pub fn ssh_options(&self, user: &InvokingUser) -> SshOptions {
-        SshOptions {
-            user: self
-                .proxy
-                .user
-                .clone()
-                .unwrap_or_else(|| user.name().to_owned()),
-            identity_files: if self.identity.is_empty() {
-                user.default_identity_files()
-            } else {
-                self.identity.clone()
-            },
-            known_hosts: self
-                .known_hosts
-                .clone()
-                .unwrap_or_else(|| user.known_hosts_path()),
+    /// The SSH options these arguments ask for: the flags, over the invoking user's ssh
+    /// config for the `--proxy` alias, over the defaults from the invoking user's home.
+    pub fn ssh_options(&self, user: &InvokingUser) -> Result<SshOptions, ConfigError> {
+        let over = Overrides {
+            proxy: Some(self.proxy.clone()),
+            identity: self.identity.clone(),
+            known_hosts: self.known_hosts.clone(),
             accept_new_host_key: self.accept_new_host_key,
-            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
-            keepalive_interval: std::time::Duration::from_secs(self.keepalive),
-            keepalive_max: 2,
-            window_size: 4 * 1024 * 1024,
-            agent_socket: user.agent_socket(),
-            file_owner: Some((user.uid(), user.gid())),
-            jump: self.proxy.clone(),
-        }
+            connect_timeout: self.connect_timeout,
+            keepalive: self.keepalive,
+            jump: self.jump.clone(),
+            ssh_config: self.ssh_config.clone(),
+            password_file: self.password_file.clone(),
+        };
+        resolve::ssh_options(&over, user)
     }
+}
+
+/// Parses `-J`: comma-separated `[USER@]HOST[:PORT]` hops, or `none`.
+pub fn parse_jump(s: &str) -> Result<Vec<JumpHost>, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    crate::ssh::config::parse_hops(s).map_err(|e| e.to_string())
 }
 
 /// Options of `mse-vpn down`.
@@ -226,5 +240,15 @@ mod tests {
         assert_eq!(up.cidrs.len(), 2);
         assert_eq!(up.proxy.port, 2222);
         assert_eq!(up.tun, "mse0");
+        assert_eq!(up.keepalive, None);
+    }
+
+    #[test]
+    fn jump_hops_parse() {
+        let hops = parse_jump("a@h1:2200,h2").unwrap();
+        assert_eq!(hops.len(), 2);
+        assert_eq!(hops[0].to_string(), "a@h1:2200");
+        assert_eq!(parse_jump("none").unwrap(), vec![]);
+        assert!(parse_jump("h1,,h2").is_err());
     }
 }

@@ -137,7 +137,14 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         }
         text
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(args.connect_timeout * 2 + 30);
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs(
+            args.connect_timeout
+                .unwrap_or(ssh::resolve::DEFAULT_CONNECT_TIMEOUT)
+                * 2
+                * (1 + args.jump.as_ref().map_or(1, Vec::len) as u64)
+                + 30,
+        );
     loop {
         let text = read_log();
         if let Some(line) = text.lines().find(|l| l.starts_with("mse-vpn is up")) {
@@ -220,8 +227,14 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             );
         }
     }
-    let opts = args.ssh_options(&user);
-    let jump_addrs = resolve(&args.proxy).await?;
+    let opts = args.ssh_options(&user)?;
+    if let Some(path) = &opts.password_file {
+        ssh::password::read_file(path, user.uid())
+            .with_context(|| format!("cannot use password file {}", path.display()))?;
+    }
+    // Only the first hop is connected to directly: only its address stays out of the tunnel.
+    let (first_host, first_port) = opts.first_hop();
+    let jump_addrs = resolve(first_host, first_port).await?;
     let plan = platform::RoutePlan::new(platform::PlanSpec {
         cidrs: args.cidrs.clone(),
         excludes: args.excludes.clone(),
@@ -239,7 +252,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     //    login leaves nothing behind.
     let sessions = pool::connect_initial(&opts, args.connections as usize).await?;
     info!(
-        jump = %args.proxy,
+        jump = %opts.jump,
         connections = sessions.iter().flatten().count(),
         "connected to the jump host"
     );
@@ -254,7 +267,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         })
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let board = Board::new(
-        format!("{}@{}:{}", opts.user, args.proxy.host, args.proxy.port),
+        format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port),
         plan.tun_name().to_owned(),
         plan.routes().iter().map(ToString::to_string).collect(),
     );
@@ -270,7 +283,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     println!(
         "mse-vpn is up: {} via {} (tun {})",
         routes.join(", "),
-        args.proxy,
+        opts.jump,
         plan.tun_name()
     );
     use std::io::Write;
@@ -320,19 +333,18 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
     Ok(())
 }
 
-async fn resolve(jump: &ssh::JumpHost) -> Result<Vec<IpAddr>> {
-    let addrs: Vec<IpAddr> = tokio::net::lookup_host((jump.host.as_str(), jump.port))
+async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>> {
+    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| {
             format!(
-                "could not resolve the jump host '{}': check the name, or pass its IP address",
-                jump.host
+                "could not resolve the jump host '{host}': check the name, or pass its IP address"
             )
         })?
         .map(|a| a.ip())
         .collect();
     if addrs.is_empty() {
-        bail!("the jump host '{}' resolves to no address", jump.host);
+        bail!("the jump host '{host}' resolves to no address");
     }
     Ok(addrs)
 }
