@@ -124,7 +124,7 @@ pub struct UpArgs {
     /// Reach the jump host through these SSH hosts, in order ([USER@]HOST[:PORT],
     /// comma-separated; `none` for none). Default: ProxyJump of the ssh config.
     #[arg(short = 'J', long = "jump", value_name = "HOPS", value_parser = parse_jump)]
-    pub jump: Option<Vec<JumpHost>>,
+    pub jump: Option<JumpHops>,
     /// Read only this OpenSSH client config file (`none`: none). Default: ~/.ssh/config of
     /// the invoking user, then /etc/ssh/ssh_config.
     #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
@@ -147,7 +147,7 @@ impl UpArgs {
             accept_new_host_key: self.accept_new_host_key,
             connect_timeout: self.connect_timeout,
             keepalive: self.keepalive,
-            jump: self.jump.clone(),
+            jump: self.jump.clone().map(|h| h.0),
             ssh_config: self.ssh_config.clone(),
             password_file: self.password_file.clone(),
         };
@@ -155,12 +155,18 @@ impl UpArgs {
     }
 }
 
+/// The `-J` hops, in order (empty for `none`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JumpHops(pub Vec<JumpHost>);
+
 /// Parses `-J`: comma-separated `[USER@]HOST[:PORT]` hops, or `none`.
-pub fn parse_jump(s: &str) -> Result<Vec<JumpHost>, String> {
+pub fn parse_jump(s: &str) -> Result<JumpHops, String> {
     if s.trim().eq_ignore_ascii_case("none") {
-        return Ok(Vec::new());
+        return Ok(JumpHops(Vec::new()));
     }
-    crate::ssh::config::parse_hops(s).map_err(|e| e.to_string())
+    crate::ssh::config::parse_hops(s)
+        .map(JumpHops)
+        .map_err(|e| e.to_string())
 }
 
 /// Options of `mse-vpn down`.
@@ -245,10 +251,25 @@ mod tests {
 
     #[test]
     fn jump_hops_parse() {
-        let hops = parse_jump("a@h1:2200,h2").unwrap();
+        let hops = parse_jump("a@h1:2200,h2").unwrap().0;
         assert_eq!(hops.len(), 2);
         assert_eq!(hops[0].to_string(), "a@h1:2200");
-        assert_eq!(parse_jump("none").unwrap(), vec![]);
+        assert_eq!(parse_jump("none").unwrap().0, vec![]);
+        let cli = Cli::try_parse_from([
+            "mse-vpn",
+            "up",
+            "--cidr",
+            "10.0.0.0/16",
+            "--proxy",
+            "h",
+            "-J",
+            "a@h1,h2",
+        ])
+        .unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("expected up")
+        };
+        assert_eq!(up.jump.unwrap().0.len(), 2);
         assert!(parse_jump("h1,,h2").is_err());
     }
 }

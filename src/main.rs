@@ -142,7 +142,7 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
             args.connect_timeout
                 .unwrap_or(ssh::resolve::DEFAULT_CONNECT_TIMEOUT)
                 * 2
-                * (1 + args.jump.as_ref().map_or(1, Vec::len) as u64)
+                * (1 + args.jump.as_ref().map_or(1, |h| h.0.len()) as u64)
                 + 30,
         );
     loop {
