@@ -28,5 +28,6 @@ pub mod doctor;
 pub mod driver;
 pub mod engine;
 pub mod pool;
+pub mod profile;
 pub mod ssh;
 pub mod tun;

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use mse_vpn::cli::{Cli, Command, DownArgs, StatusArgs, UpArgs};
+use mse_vpn::cli::{Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs};
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::driver::{Driver, DriverConfig};
 use mse_vpn::engine::EngineConfig;
@@ -27,8 +27,44 @@ use mse_vpn_platform as platform;
 /// Set in the environment of the detached child of `up --daemon`.
 const DAEMON_CHILD: &str = "MSE_VPN_DAEMON_CHILD";
 
+/// Exit status of a usage or configuration mistake (clap's own, too).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when the jump host refused the login (keys, passphrase, password).
+const EXIT_AUTH: u8 = 3;
+/// Exit status when the jump host's key is unknown or changed.
+const EXIT_HOST_KEY: u8 = 4;
+/// Exit status when the jump host (or a ProxyJump hop) cannot be reached in time.
+const EXIT_UNREACHABLE: u8 = 5;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Command::Up(args) | Command::Doctor(args) = &mut cli.command {
+        let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
+        if let Err(e) = with_profile(args, sub) {
+            eprintln!("mse-vpn: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    match &cli.command {
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "mse-vpn", &mut script);
+            return print_bytes(&script);
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                eprintln!("mse-vpn: cannot render the man page: {e}");
+                return ExitCode::FAILURE;
+            }
+            return print_bytes(&page);
+        }
+        _ => {}
+    }
     if let Command::Up(args) = &cli.command
         && args.daemon
     {
@@ -67,15 +103,129 @@ fn main() -> ExitCode {
             Command::Down(args) => down(args, &cli.state_dir).await,
             Command::Doctor(args) => doctor(args, &cli.state_dir).await,
             Command::Status(args) => status(args, &cli.state_dir).await,
+            Command::Config(ConfigCommand::Check { file }) => config_check(file),
+            Command::Completions(_) | Command::Man => Ok(()),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mse-vpn: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mse-vpn: cannot write to stdout: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The documented exit status for an error, from the typed error inside it.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use ssh::SshError as E;
+    for cause in e.chain() {
+        if cause.is::<ssh::config::ConfigError>() || cause.is::<mse_vpn::profile::ProfileError>() {
+            return EXIT_USAGE;
+        }
+        if let Some(ssh) = cause.downcast_ref::<E>() {
+            return match ssh {
+                E::AuthFailed { .. }
+                | E::WrongPassword { .. }
+                | E::PasswordFile { .. }
+                | E::WrongPassphrase { .. }
+                | E::NoTerminalForPassphrase { .. }
+                | E::KeyFile { .. } => EXIT_AUTH,
+                E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => {
+                    EXIT_HOST_KEY
+                }
+                E::Resolve { .. }
+                | E::Unreachable { .. }
+                | E::ConnectTimeout { .. }
+                | E::HopForward { .. } => EXIT_UNREACHABLE,
+                _ => 1,
+            };
+        }
+    }
+    1
+}
+
+/// Applies the profile named on the command line (flags win), then checks that the jump
+/// host and at least one CIDR are known.
+fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
+    if let Some(name) = args.profile.clone() {
+        let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
+        let files = [
+            mse_vpn::profile::user_file(user.home()),
+            std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+        ];
+        let profile = mse_vpn::profile::find(&name, &files)?;
+        for (key, values) in [
+            ("dns", &profile.dns),
+            ("dns_domains", &profile.dns_domains),
+            ("expose", &profile.expose),
+            ("advertise", &profile.advertise),
+        ] {
+            if !values.is_empty() {
+                eprintln!(
+                    "mse-vpn: warning: profile {name}: `{key}` is not supported by this build and is ignored"
+                );
+            }
+        }
+        mse_vpn::profile::apply(args, matches, &profile, user.home());
+    }
+    if args.proxy.is_none() {
+        bail!(
+            "no jump host: pass --proxy [USER@]HOST[:PORT] (or an ~/.ssh/config alias), or name a profile that sets `proxy`"
+        );
+    }
+    if args.cidrs.is_empty() {
+        bail!("no network to route: pass --cidr CIDR, or name a profile that sets `cidrs`");
+    }
+    Ok(())
+}
+
+/// `config check [FILE]`: parses the file(s) and lists their profiles.
+fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
+    let files = match file {
+        Some(f) => {
+            if !f.exists() {
+                bail!("{} does not exist", f.display());
+            }
+            vec![f]
+        }
+        None => {
+            let user =
+                ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
+            vec![
+                mse_vpn::profile::user_file(user.home()),
+                std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+            ]
+        }
+    };
+    for f in files {
+        if !f.exists() {
+            println!("{}: no such file (skipped)", f.display());
+            continue;
+        }
+        let parsed = mse_vpn::profile::load(&f)?;
+        let names: Vec<&str> = parsed.profile.keys().map(String::as_str).collect();
+        println!(
+            "{}: ok, {} profile(s): {}",
+            f.display(),
+            names.len(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `up --daemon`: starts the same command detached, with its output in the log file, and
@@ -158,10 +308,15 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         match child.try_wait() {
             Ok(Some(status)) => {
                 eprint!("{text}");
-                return fail(format!(
+                let _ = fail(format!(
                     "the session did not come up ({status}); log: {}",
                     log_path.display()
                 ));
+                // The same documented exit status as the session's own.
+                return status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .map_or(ExitCode::FAILURE, ExitCode::from);
             }
             Ok(None) if std::time::Instant::now() > deadline => {
                 let _ = child.kill();
@@ -184,6 +339,9 @@ async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
         args.proxy
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
     );
     let checks = mse_vpn::doctor::run(&args, state_dir).await;
     for c in &checks {
@@ -229,8 +387,14 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     }
     let opts = args.ssh_options(&user)?;
     if let Some(path) = &opts.password_file {
-        ssh::password::read_file(path, user.uid())
-            .with_context(|| format!("cannot use password file {}", path.display()))?;
+        // Checked before anything else, so a bad file fails fast (and as the same error a
+        // login would meet).
+        ssh::password::read_file(path, user.uid()).map_err(|source| {
+            ssh::SshError::PasswordFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
     }
     // Only the first hop is connected to directly: only its address stays out of the tunnel.
     let (first_host, first_port) = opts.first_hop();

@@ -266,13 +266,30 @@ fn under_sudo_an_alias_resolves_through_the_users_ssh_config() {
     assert_eq!(sshd_connections(&tb, 2222), 0);
     assert!(vpn.interrupt().success());
 
+    // Port 22 without --known-hosts: the config's known_hosts file has the key for port
+    // 2222 only, so the key is unknown: refused, exit status 4.
+    let mut unknown = args.clone();
+    unknown[4] = "vpc-jump:22".into();
+    let mut vpn = Vpn::spawn(as_user(&tb, &user, &[], &unknown));
+    assert_eq!(
+        vpn.wait_exit(Duration::from_secs(20)).code(),
+        Some(4),
+        "{}",
+        vpn.stderr()
+    );
+    assert!(vpn.stderr().contains("is not known"), "{}", vpn.stderr());
+
     // A bad entry in the included file: refused before anything changes, naming the file
     // and the line.
     let bad = alias.replace("Port 2222", "Port twenty-two");
     user.write(&ssh.join("conf.d/50-vpc.conf"), &bad, 0o600);
     let mut vpn = Vpn::spawn(as_user(&tb, &user, &[], &args));
     let status = vpn.wait_exit(Duration::from_secs(20));
-    assert!(!status.success());
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a configuration mistake exits with 2"
+    );
     assert!(
         vpn.stderr()
             .contains("50-vpc.conf:5: bad value 'twenty-two' for port"),
@@ -379,7 +396,12 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
         "3".into(),
     ]);
     let mut vpn = Vpn::spawn(tb.mse_vpn_with_env(&[], &[], &strs(&bad)));
-    assert!(!vpn.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(
+        vpn.wait_exit(Duration::from_secs(30)).code(),
+        Some(5),
+        "{}",
+        vpn.stderr()
+    );
     assert!(
         vpn.stderr().contains(&format!("hop {hop_addr}:22")) && vpn.stderr().contains("10.0.0.99"),
         "{}",
@@ -457,7 +479,7 @@ fn password_login_from_a_private_file_or_the_terminal() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mark = tb.sshd_log().len();
     let (status, err) = tb.up_fails(&strs(&with_file));
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "{err}");
     assert!(
         err.contains("chmod 600") && err.contains(&s(&file)),
         "{err}"
@@ -468,7 +490,11 @@ fn password_login_from_a_private_file_or_the_terminal() {
     std::fs::write(&file, "not it\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (status, err) = tb.up_fails(&strs(&with_file));
-    assert!(!status.success());
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "an authentication failure exits with 3: {err}"
+    );
     assert!(
         err.contains("password for mvpw3@") && err.contains("refused"),
         "{err}"
@@ -503,5 +529,122 @@ fn password_login_from_a_private_file_or_the_terminal() {
         "password echoed or logged"
     );
     assert!(vpn.interrupt().success());
+    assert_eq!(tb.snapshot(), before);
+}
+
+/// The `status --json` facts that make a session what it is: jump host, TUN, routes, pool.
+fn session_facts(tb: &Testbed) -> (String, String, String, String) {
+    let out = tb.mse_vpn(&["status", "--json"]).output().expect("status");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("status json");
+    let s = &v[0];
+    (
+        s["jump"].to_string(),
+        s["tun"].to_string(),
+        s["routes"].to_string(),
+        s["connections"].to_string(),
+    )
+}
+
+/// The laptop's routes and the TUN's MTU (the snapshot without link indexes and random
+/// link-local addresses, which differ between two runs of the same session).
+fn routes_and_mtu(tb: &Testbed) -> String {
+    let out = tb.sh(
+        5,
+        &format!("ip route show table all; ip -6 route show; ip -o link show dev {} | grep -o 'mtu [0-9]*'", tb.tun()),
+    );
+    stdout(&out)
+        .lines()
+        .filter(|l| !l.contains("fe80::") || !l.starts_with("local"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_profile_brings_up_the_same_session_as_its_flags() {
+    let tb = Testbed::up("cf4", &["--with", "nginx"]);
+    let before = settled_snapshot(&tb);
+    let user = TestUser::create("mvcfg4", None);
+    let key = s(&tb.dir.join("id_ed25519"));
+    let kh = s(&tb.dir.join("known_hosts"));
+    let flags: Vec<String> = [
+        "up",
+        "--proxy",
+        &format!("root@{}", tb.jump_addr),
+        "--cidr",
+        VPC,
+        "--exclude",
+        "10.0.9.0/24",
+        "-i",
+        &key,
+        "--known-hosts",
+        &kh,
+        "--tun",
+        &tb.tun(),
+        "--connections",
+        "3",
+        "--mtu",
+        "9000",
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let vpn = tb.start_cmd(as_user(&tb, &user, &[], &flags));
+    tb.assert_curl_index();
+    let by_flags = (session_facts(&tb), routes_and_mtu(&tb));
+    assert!(vpn.interrupt().success());
+
+    let profile_file = user.home.join(".config/mse-vpn/config.toml");
+    let profile = format!(
+        "# written by the cf4 test\n[profile.other]\ntun = \"nope\"\n\n[profile.vpc]\nproxy = \"root@{}\"\ncidrs = [\"{VPC}\"]\nexcludes = [\"10.0.9.0/24\"]\nidentity = [\"{key}\"]\nknown_hosts = \"{kh}\"\ntun = \"{}\"\nconnections = 3\nmtu = 9000\n",
+        tb.jump_addr,
+        tb.tun()
+    );
+    user.write(&profile_file, &profile, 0o600);
+    let by_name: Vec<String> = ["up", "vpc", "-v"].iter().map(|s| s.to_string()).collect();
+    let vpn = tb.start_cmd(as_user(&tb, &user, &[], &by_name));
+    tb.assert_curl_index();
+    assert_eq!((session_facts(&tb), routes_and_mtu(&tb)), by_flags);
+    assert!(vpn.interrupt().success());
+
+    // A flag given with the profile wins over the profile's value.
+    let mut over = by_name.clone();
+    over.extend(["--mtu".into(), "1500".into()]);
+    let vpn = tb.start_cmd(as_user(&tb, &user, &[], &over));
+    let link = tb.on_laptop(5, &["ip", "link", "show", &tb.tun()]);
+    assert!(stdout(&link).contains("mtu 1500"), "{}", stdout(&link));
+    assert!(vpn.interrupt().success());
+    assert_eq!(tb.snapshot(), before);
+
+    // A bad entry: refused with the file and the line, exit status 2; `config check` says
+    // the same.
+    user.write(
+        &profile_file,
+        &profile.replace("connections = 3", "conections = 3"),
+        0o600,
+    );
+    let mut vpn = Vpn::spawn(as_user(&tb, &user, &[], &by_name));
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    let want = format!("{}:12: ", profile_file.display());
+    assert_eq!(status.code(), Some(2), "{}", vpn.stderr());
+    assert!(
+        vpn.stderr().contains(&want) && vpn.stderr().contains("conections"),
+        "{}",
+        vpn.stderr()
+    );
+    let check_args: Vec<String> = vec!["config".into(), "check".into()];
+    let out = as_user(&tb, &user, &[], &check_args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+    // An unknown profile name lists the ones that exist.
+    user.write(&profile_file, &profile, 0o600);
+    let mut vpn = Vpn::spawn(as_user(&tb, &user, &[], &["up".into(), "nosuch".into()]));
+    assert_eq!(vpn.wait_exit(Duration::from_secs(20)).code(), Some(2));
+    assert!(
+        vpn.stderr().contains("defined: other, vpc"),
+        "{}",
+        vpn.stderr()
+    );
     assert_eq!(tb.snapshot(), before);
 }
