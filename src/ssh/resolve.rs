@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::config::{ConfigError, HostConfig, HostKeyPolicy, Sources};
 use super::{Hop, InvokingUser, JumpHost, SshOptions};
@@ -166,9 +166,17 @@ fn endpoint(
     let ids = if !cli_identity.is_empty() {
         cli_identity.to_vec()
     } else if !cfg.identity_files.is_empty() {
+        // As ssh does, a configured key file that does not exist is skipped.
         cfg.identity_files
             .iter()
             .map(|raw| expand(raw, sources, &typed.host, &jump))
+            .filter(|p| {
+                let exists = p.exists();
+                if !exists {
+                    debug!(path = %p.display(), "IdentityFile does not exist, skipped");
+                }
+                exists
+            })
             .collect()
     } else {
         user.default_identity_files()
@@ -243,6 +251,10 @@ mod tests {
         assert_eq!(o.jump.host, "10.1.2.3");
         assert_eq!(o.jump.port, 2222);
         assert_eq!(o.user, "ops");
+        // A configured key that does not exist is skipped; one that does is used.
+        assert!(o.identity_files.is_empty());
+        std::fs::write(home.join(".ssh/k_ops"), "").unwrap();
+        let o = ssh_options(&over("dev"), &user).unwrap();
         assert_eq!(o.identity_files, [home.join(".ssh/k_ops")]);
         assert_eq!(o.known_hosts, home.join(".ssh/kh_dev"));
         assert!(o.accept_new_host_key);
