@@ -303,6 +303,40 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_the_man_page_cover_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mse-vpn", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in [
+                "up",
+                "down",
+                "doctor",
+                "status",
+                "config",
+                "--proxy",
+                "--password-file",
+            ] {
+                assert!(text.contains(word), "{shell:?} completion lacks {word}");
+            }
+        }
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.starts_with(".ie") && page.contains(".TH mse-vpn 1"),
+            "{page}"
+        );
+        assert!(page.contains("up") && page.contains("completions"));
+    }
+
+    #[test]
     fn jump_hops_parse() {
         let hops = parse_jump("a@h1:2200,h2").unwrap().0;
         assert_eq!(hops.len(), 2);
