@@ -318,8 +318,8 @@ mod tests {
                 "doctor",
                 "status",
                 "config",
-                "--proxy",
-                "--password-file",
+                "proxy",
+                "password-file",
             ] {
                 assert!(text.contains(word), "{shell:?} completion lacks {word}");
             }
