@@ -179,7 +179,21 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
 
     checks.push(forwarding(&session).await);
-    checks.push(reverse_forwarding(&session, reachable.ip()).await);
+    // Through ProxyJump hops, the jump host's own address is the one it is known by from the
+    // last hop (`reachable` is the first hop's).
+    let jump_ip = if opts.hops.is_empty() {
+        Some(reachable.ip())
+    } else {
+        opts.jump.host.parse::<IpAddr>().ok()
+    };
+    match jump_ip {
+        Some(ip) => checks.push(reverse_forwarding(&session, ip).await),
+        None => checks.push(Check::new(
+            "reverse forwarding",
+            Verdict::Skipped,
+            "the jump host is named (not an address) behind ProxyJump hops",
+        )),
+    }
     session.disconnect().await;
     checks
 }

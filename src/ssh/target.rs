@@ -168,6 +168,13 @@ mod tests {
     }
 
     #[test]
+    fn a_typed_port_is_remembered_even_when_it_is_22() {
+        let given = |s: &str| s.parse::<JumpHost>().unwrap().port_given;
+        assert!(given("h:22") && given("u@[::1]:22") && given("h:2222"));
+        assert!(!given("h") && !given("u@h") && !given("[::1]") && !given("2001:db8::1"));
+    }
+
+    #[test]
     fn display_round_trips() {
         for s in ["u@h:22", "h:2222", "u@[fe80::1]:22"] {
             assert_eq!(s.parse::<JumpHost>().unwrap().to_string(), s);

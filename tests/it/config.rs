@@ -386,6 +386,22 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
     tb.assert_curl_index();
     assert!(vpn.interrupt().success());
 
+    // doctor follows the same chain: every check passes, the reverse-forwarding probe
+    // included (it must target the jump host, not the hop).
+    let mut doctor = flags.clone();
+    doctor[0] = "doctor".into();
+    let out = tb
+        .mse_vpn_with_env(&[], &[], &strs(&doctor))
+        .output()
+        .expect("doctor");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("TCP {hop_addr}:22 answers"))
+            && stdout(&out).contains("ok    reverse forwarding"),
+        "{}",
+        stdout(&out)
+    );
+
     // A hop that cannot reach the next host: a clear error naming both.
     let mut bad = args.clone();
     bad[4] = "root@10.0.0.99".into();
