@@ -415,6 +415,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     // 2. The SSH connections, before any change to the host: a bad host key or a failed
     //    login leaves nothing behind.
     let sessions = pool::connect_initial(&opts, args.connections as usize).await?;
+    ssh::password::forbid_prompts();
     info!(
         jump = %opts.jump,
         connections = sessions.iter().flatten().count(),

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use russh::client::{AuthResult, Handle, KeyboardInteractiveAuthResponse};
 use thiserror::Error;
@@ -69,6 +70,15 @@ pub fn read_file(path: &Path, uid: u32) -> Result<Zeroizing<String>, PasswordFil
         return Err(PasswordFileError::Empty);
     }
     Ok(Zeroizing::new(first.to_owned()))
+}
+
+/// Cleared once the session is up: from then on nobody may be watching the terminal, so a
+/// reconnect that needs a password it does not have fails instead of waiting on a prompt.
+static PROMPTS_ALLOWED: AtomicBool = AtomicBool::new(true);
+
+/// Stops asking for passwords on the terminal (call once the first connections are up).
+pub fn forbid_prompts() {
+    PROMPTS_ALLOWED.store(false, Ordering::Relaxed);
 }
 
 /// Passwords that logged in, by `user@host:port`, for the life of the process. The lock is
@@ -168,6 +178,10 @@ async fn obtain(
                 path: path.clone(),
                 source,
             });
+    }
+    if !PROMPTS_ALLOWED.load(Ordering::Relaxed) {
+        debug!("a password is needed, but the session is up: not prompting");
+        return Ok(None);
     }
     let prompt = format!("{user}@{target}'s password: ");
     let answer = tokio::task::spawn_blocking(move || rpassword::prompt_password(prompt)).await;

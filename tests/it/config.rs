@@ -664,3 +664,49 @@ fn a_profile_brings_up_the_same_session_as_its_flags() {
     );
     assert_eq!(tb.snapshot(), before);
 }
+
+#[test]
+fn the_jump_hosts_configured_address_stays_out_of_the_tunnel() {
+    // The jump host at 10.99.0.1, inside the routed 10.0.0.0/8, known only by its alias: the
+    // route plan must keep the config's HostName out of the TUN, or the SSH connection would
+    // try to run through itself.
+    let tb = Testbed::up("cf5", &["--with", "nginx", "--jump-in-cidr"]);
+    let before = settled_snapshot(&tb);
+    let config = tb.dir.join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
+            tb.jump_addr,
+            s(&tb.dir.join("id_ed25519")),
+            s(&tb.dir.join("known_hosts"))
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args: Vec<String> = [
+        "up",
+        "--cidr",
+        "10.0.0.0/8",
+        "--proxy",
+        "vpc",
+        "-F",
+        &s(&config),
+        "--tun",
+        &tb.tun(),
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&[], &[], &strs(&args)));
+    tb.assert_curl_index();
+    let route = tb.on_laptop(5, &["ip", "route", "get", &tb.jump_addr]);
+    assert!(
+        !stdout(&route).contains(&tb.tun()),
+        "the jump host's address goes into the tunnel: {}",
+        stdout(&route)
+    );
+    assert!(vpn.interrupt().success());
+    assert_eq!(tb.snapshot(), before);
+}
