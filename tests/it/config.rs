@@ -162,9 +162,14 @@ fn as_user(tb: &Testbed, user: &TestUser, wrapper: &[&str], args: &[String]) -> 
 
 /// Established TCP connections to the jump host's sshd on `port`, seen from the jump host.
 fn sshd_connections(tb: &Testbed, port: u16) -> usize {
+    connections_in(tb, "jump", port)
+}
+
+/// Established TCP connections to port `port` in namespace NAME-`ns`.
+fn connections_in(tb: &Testbed, ns: &str, port: u16) -> usize {
     let out = tb
         .cmd_in(
-            &format!("{}-jump", tb.name),
+            &format!("{}-{ns}", tb.name),
             &[
                 "ss",
                 "-Htn",
@@ -374,6 +379,13 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
         "no traffic after the jump host came back:\n{}",
         vpn.stderr()
     );
+    // The reconnects redid the chain and let the old hop connections go: one hop
+    // connection per pool connection (4 by default), not one more per reconnect.
+    let start = Instant::now();
+    while connections_in(&tb, "hop", 22) != 4 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(connections_in(&tb, "hop", 22), 4, "hop connections leak");
     assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
 
