@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::reverse::ForwardSpec;
+use crate::ssh::config::ConfigError;
+use crate::ssh::resolve::{self, Overrides};
 use crate::ssh::{InvokingUser, JumpHost, SshOptions};
 
 /// mse-vpn: reach a private cloud network (VPC) from this machine through an SSH jump host.
@@ -36,7 +38,11 @@ pub enum Command {
     /// Bring the tunnel up and keep it up until Ctrl-C / SIGTERM.
     #[command(after_help = "Examples:\n  \
         sudo mse-vpn up --cidr 10.0.0.0/16 --proxy admin@bastion.example.com\n  \
-        sudo mse-vpn up --cidr 10.0.0.0/16 --cidr fd00:1::/64 --exclude 10.0.9.0/24 --proxy ops@203.0.113.7:2222 -i ~/.ssh/id_ed25519")]
+        sudo mse-vpn up --cidr 10.0.0.0/16 --cidr fd00:1::/64 --exclude 10.0.9.0/24 --proxy ops@203.0.113.7:2222 -i ~/.ssh/id_ed25519\n  \
+        sudo mse-vpn up --cidr 10.0.0.0/16 --proxy my-ssh-alias          (HostName, User, Port, ProxyJump from ~/.ssh/config)\n  \
+        sudo mse-vpn up --cidr 10.0.0.0/16 --proxy ops@10.0.0.5 -J ops@bastion.example.com\n  \
+        sudo mse-vpn up dev                     (the profile [profile.dev] of ~/.config/mse-vpn/config.toml)\n  \
+        sudo mse-vpn up dev --connections 8     (a flag overrides the profile)")]
     Up(UpArgs),
     /// Stop a running session; with --force, also undo what a crashed session left.
     #[command(after_help = "Examples:\n  sudo mse-vpn down\n  sudo mse-vpn down --force")]
@@ -64,6 +70,45 @@ pub enum Command {
     /// Show the state of running sessions (no root needed for the user who started them).
     #[command(after_help = "Examples:\n  mse-vpn status\n  mse-vpn status --json | jq .bytes_down")]
     Status(StatusArgs),
+    /// Work with profile files (~/.config/mse-vpn/config.toml, /etc/mse-vpn/config.toml).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        mse-vpn completions bash > /etc/bash_completion.d/mse-vpn\n  \
+        mse-vpn completions zsh > \"${fpath[1]}/_mse-vpn\"\n  \
+        mse-vpn completions fish > ~/.config/fish/completions/mse-vpn.fish")]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) built from these definitions.
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  mse-vpn man > mse-vpn.1 && man ./mse-vpn.1"
+    )]
+    Man,
+}
+
+/// `mse-vpn config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check profile files: every profile must parse, with no unknown key. Without FILE,
+    /// checks the invoking user's file and the system file.
+    #[command(
+        after_help = "Exit status: 0 when the files are valid, 2 when one is not (the message names the file and line).\n\nExamples:\n  \
+        mse-vpn config check\n  mse-vpn config check examples/config.toml"
+    )]
+    Check {
+        /// The file to check.
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+}
+
+/// Options of `mse-vpn completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// Options of `mse-vpn run`.
@@ -118,14 +163,16 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// A private network to route through the tunnel (repeatable; IPv4 or IPv6).
-    #[arg(long = "cidr", value_name = "CIDR", required = true, value_parser = parse_cidr)]
+    /// (Required, here or in the profile.)
+    #[arg(long = "cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub cidrs: Vec<IpNet>,
     /// A network inside a --cidr to keep out of the tunnel (repeatable).
     #[arg(long = "exclude", value_name = "CIDR", value_parser = parse_cidr)]
     pub excludes: Vec<IpNet>,
-    /// The SSH jump host: [USER@]HOST[:PORT].
+    /// The SSH jump host: [USER@]HOST[:PORT], or an alias of ~/.ssh/config (required, here
+    /// or in the profile).
     #[arg(long, value_name = "[USER@]HOST[:PORT]")]
-    pub proxy: JumpHost,
+    pub proxy: Option<JumpHost>,
     /// Private key file (repeatable). Default: the agent, then ~/.ssh/id_ed25519, id_ecdsa,
     /// id_rsa of the invoking user (SUDO_USER under sudo).
     #[arg(short = 'i', long = "identity", value_name = "KEYFILE")]
@@ -149,13 +196,15 @@ pub struct UpArgs {
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,
-    /// Seconds to wait for the SSH connection to the jump host.
-    #[arg(long, default_value_t = 15, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
-    pub connect_timeout: u64,
+    /// Seconds to wait for the SSH connection to the jump host. Default: ConnectTimeout of
+    /// the ssh config, else 15.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub connect_timeout: Option<u64>,
     /// Seconds between SSH keepalives. A link that answers nothing for three intervals is
-    /// declared dead (15 s by default), its flows are reset, and it is reconnected.
-    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub keepalive: u64,
+    /// declared dead (15 s by default), its flows are reset, and it is reconnected. Default:
+    /// ServerAliveInterval of the ssh config, else 5.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive: Option<u64>,
     /// SSH connections to the jump host. Flows are spread over them: each has its own
     /// encryption and window, so parallel bulk flows use more than one core.
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -177,37 +226,56 @@ pub struct UpArgs {
     /// apps by `mse-vpn run`/`env`. Default: found out from the jump host itself.
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<std::net::IpAddr>,
+    /// Reach the jump host through these SSH hosts, in order ([USER@]HOST[:PORT],
+    /// comma-separated; `none` for none). Default: ProxyJump of the ssh config.
+    #[arg(short = 'J', long = "jump", value_name = "HOPS", value_parser = parse_jump)]
+    pub jump: Option<JumpHops>,
+    /// Read only this OpenSSH client config file (`none`: none). Default: ~/.ssh/config of
+    /// the invoking user, then /etc/ssh/ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// Read the password for password / keyboard-interactive login from the first line of
+    /// FILE (it must be yours or root's, mode 600). Without it, the password is asked on the
+    /// terminal when the jump host offers password login.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// A profile of ~/.config/mse-vpn/config.toml (or /etc/mse-vpn/config.toml) holding
+    /// these options; flags given here override it.
+    #[arg(value_name = "PROFILE")]
+    pub profile: Option<String>,
 }
 
 impl UpArgs {
-    /// The SSH options these arguments ask for, with defaults from the invoking user's home.
-    pub fn ssh_options(&self, user: &InvokingUser) -> SshOptions {
-        SshOptions {
-            user: self
-                .proxy
-                .user
-                .clone()
-                .unwrap_or_else(|| user.name().to_owned()),
-            identity_files: if self.identity.is_empty() {
-                user.default_identity_files()
-            } else {
-                self.identity.clone()
-            },
-            known_hosts: self
-                .known_hosts
-                .clone()
-                .unwrap_or_else(|| user.known_hosts_path()),
+    /// The SSH options these arguments ask for: the flags, over the invoking user's ssh
+    /// config for the `--proxy` alias, over the defaults from the invoking user's home.
+    pub fn ssh_options(&self, user: &InvokingUser) -> Result<SshOptions, ConfigError> {
+        let over = Overrides {
+            proxy: self.proxy.clone(),
+            identity: self.identity.clone(),
+            known_hosts: self.known_hosts.clone(),
             accept_new_host_key: self.accept_new_host_key,
-            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
-            keepalive_interval: std::time::Duration::from_secs(self.keepalive),
-            keepalive_max: 2,
-            window_size: 4 * 1024 * 1024,
-            agent_socket: user.agent_socket(),
-            file_owner: Some((user.uid(), user.gid())),
-            jump: self.proxy.clone(),
-            inbound: None,
-        }
+            connect_timeout: self.connect_timeout,
+            keepalive: self.keepalive,
+            jump: self.jump.clone().map(|h| h.0),
+            ssh_config: self.ssh_config.clone(),
+            password_file: self.password_file.clone(),
+        };
+        resolve::ssh_options(&over, user)
     }
+}
+
+/// The `-J` hops, in order (empty for `none`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JumpHops(pub Vec<JumpHost>);
+
+/// Parses `-J`: comma-separated `[USER@]HOST[:PORT]` hops, or `none`.
+pub fn parse_jump(s: &str) -> Result<JumpHops, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(JumpHops(Vec::new()));
+    }
+    crate::ssh::config::parse_hops(s)
+        .map(JumpHops)
+        .map_err(|e| e.to_string())
 }
 
 /// Options of `mse-vpn down`.
@@ -283,9 +351,13 @@ mod tests {
     }
 
     #[test]
-    fn up_requires_a_cidr_and_a_proxy() {
-        assert!(Cli::try_parse_from(["mse-vpn", "up", "--proxy", "h"]).is_err());
-        assert!(Cli::try_parse_from(["mse-vpn", "up", "--cidr", "10.0.0.0/16"]).is_err());
+    fn up_takes_a_profile_name_and_flags() {
+        let cli = Cli::try_parse_from(["mse-vpn", "up", "dev", "--mtu", "1500"]).unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("expected up")
+        };
+        assert_eq!((up.profile.as_deref(), up.mtu), (Some("dev"), 1500));
+        assert!(up.proxy.is_none() && up.cidrs.is_empty());
         let cli = Cli::try_parse_from([
             "mse-vpn",
             "up",
@@ -301,7 +373,66 @@ mod tests {
             panic!("expected up")
         };
         assert_eq!(up.cidrs.len(), 2);
-        assert_eq!(up.proxy.port, 2222);
+        assert_eq!(up.proxy.unwrap().port, 2222);
         assert_eq!(up.tun, "mse0");
+        assert_eq!(up.keepalive, None);
+    }
+
+    #[test]
+    fn completions_and_the_man_page_cover_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mse-vpn", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in [
+                "up",
+                "down",
+                "doctor",
+                "status",
+                "config",
+                "proxy",
+                "password-file",
+            ] {
+                assert!(text.contains(word), "{shell:?} completion lacks {word}");
+            }
+        }
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.starts_with(".ie") && page.contains(".TH mse-vpn 1"),
+            "{page}"
+        );
+        assert!(page.contains("up") && page.contains("completions"));
+    }
+
+    #[test]
+    fn jump_hops_parse() {
+        let hops = parse_jump("a@h1:2200,h2").unwrap().0;
+        assert_eq!(hops.len(), 2);
+        assert_eq!(hops[0].to_string(), "a@h1:2200");
+        assert_eq!(parse_jump("none").unwrap().0, vec![]);
+        let cli = Cli::try_parse_from([
+            "mse-vpn",
+            "up",
+            "--cidr",
+            "10.0.0.0/16",
+            "--proxy",
+            "h",
+            "-J",
+            "a@h1,h2",
+        ])
+        .unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("expected up")
+        };
+        assert_eq!(up.jump.unwrap().0.len(), 2);
+        assert!(parse_jump("h1,,h2").is_err());
     }
 }

@@ -76,16 +76,35 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     checks.push(privileges());
     checks.push(tun_support());
 
-    let jump_addrs = match tokio::net::lookup_host((args.proxy.host.as_str(), args.proxy.port))
-        .await
-    {
+    let user = match InvokingUser::detect() {
+        Ok(u) => u,
+        Err(e) => {
+            checks.push(Check::new("login", Verdict::Fail, e.to_string()));
+            return checks;
+        }
+    };
+    // The ssh config decides the address (HostName, Port, ProxyJump): this machine only ever
+    // connects to the first hop.
+    let mut opts = match args.ssh_options(&user) {
+        Ok(o) => o,
+        Err(e) => {
+            checks.push(
+                Check::new("ssh config", Verdict::Fail, e.to_string())
+                    .fix("correct or remove the entry named above"),
+            );
+            return checks;
+        }
+    };
+    let (first_host, first_port) = opts.first_hop();
+    let first_host = first_host.to_owned();
+    let jump_addrs = match tokio::net::lookup_host((first_host.as_str(), first_port)).await {
         Ok(addrs) => {
             let addrs: Vec<SocketAddr> = addrs.collect();
             let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
             checks.push(Check::new(
                 "jump host name",
                 Verdict::Ok,
-                format!("{} resolves to {}", args.proxy.host, shown.join(", ")),
+                format!("{first_host} resolves to {}", shown.join(", ")),
             ));
             addrs
         }
@@ -94,7 +113,7 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
                 Check::new(
                     "jump host name",
                     Verdict::Fail,
-                    format!("{} does not resolve: {e}", args.proxy.host),
+                    format!("{first_host} does not resolve: {e}"),
                 )
                 .fix("check the name (or the ~/.ssh/config alias), or pass the jump host's IP address"),
             );
@@ -115,14 +134,6 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
         return checks;
     };
 
-    let user = match InvokingUser::detect() {
-        Ok(u) => u,
-        Err(e) => {
-            checks.push(Check::new("login", Verdict::Fail, e.to_string()));
-            return checks;
-        }
-    };
-    let mut opts = args.ssh_options(&user);
     opts.accept_new_host_key = false;
     let session = match Session::connect(&opts).await {
         Ok(s) => {
@@ -168,7 +179,21 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
 
     checks.push(forwarding(&session).await);
-    checks.push(reverse_forwarding(&session, reachable.ip()).await);
+    // Through ProxyJump hops, the jump host's own address is the one it is known by from the
+    // last hop (`reachable` is the first hop's).
+    let jump_ip = if opts.hops.is_empty() {
+        Some(reachable.ip())
+    } else {
+        opts.jump.host.parse::<IpAddr>().ok()
+    };
+    match jump_ip {
+        Some(ip) => checks.push(reverse_forwarding(&session, ip).await),
+        None => checks.push(Check::new(
+            "reverse forwarding",
+            Verdict::Skipped,
+            "the jump host is named (not an address) behind ProxyJump hops",
+        )),
+    }
     session.disconnect().await;
     checks
 }

@@ -31,6 +31,7 @@ pub mod doctor;
 pub mod driver;
 pub mod engine;
 pub mod pool;
+pub mod profile;
 pub mod reverse;
 pub mod run;
 pub mod ssh;

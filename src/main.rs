@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use mse_vpn::cli::{Cli, Command, DownArgs, StatusArgs, UpArgs};
+use mse_vpn::cli::{Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs};
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
@@ -28,8 +28,44 @@ use mse_vpn_platform as platform;
 /// Set in the environment of the detached child of `up --daemon`.
 const DAEMON_CHILD: &str = "MSE_VPN_DAEMON_CHILD";
 
+/// Exit status of a usage or configuration mistake (clap's own, too).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when the jump host refused the login (keys, passphrase, password).
+const EXIT_AUTH: u8 = 3;
+/// Exit status when the jump host's key is unknown or changed.
+const EXIT_HOST_KEY: u8 = 4;
+/// Exit status when the jump host (or a ProxyJump hop) cannot be reached in time.
+const EXIT_UNREACHABLE: u8 = 5;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Command::Up(args) | Command::Doctor(args) = &mut cli.command {
+        let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
+        if let Err(e) = with_profile(args, sub) {
+            eprintln!("mse-vpn: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    match &cli.command {
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "mse-vpn", &mut script);
+            return print_bytes(&script);
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                eprintln!("mse-vpn: cannot render the man page: {e}");
+                return ExitCode::FAILURE;
+            }
+            return print_bytes(&page);
+        }
+        _ => {}
+    }
     if let Command::Up(args) = &cli.command
         && args.daemon
     {
@@ -71,15 +107,124 @@ fn main() -> ExitCode {
             Command::Status(args) => ok(status(args, &cli.state_dir).await),
             Command::Run(args) => run(args, &cli.state_dir).await,
             Command::Env(args) => ok(env(args, &cli.state_dir).await),
+            Command::Config(ConfigCommand::Check { file }) => ok(config_check(file)),
+            Command::Completions(_) | Command::Man => Ok(ExitCode::SUCCESS),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mse-vpn: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mse-vpn: cannot write to stdout: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The documented exit status for an error, from the typed error inside it.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use ssh::SshError as E;
+    for cause in e.chain() {
+        if cause.is::<ssh::config::ConfigError>() || cause.is::<mse_vpn::profile::ProfileError>() {
+            return EXIT_USAGE;
+        }
+        if let Some(ssh) = cause.downcast_ref::<E>() {
+            return match ssh {
+                E::AuthFailed { .. }
+                | E::WrongPassword { .. }
+                | E::PasswordFile { .. }
+                | E::WrongPassphrase { .. }
+                | E::NoTerminalForPassphrase { .. }
+                | E::KeyFile { .. } => EXIT_AUTH,
+                E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => {
+                    EXIT_HOST_KEY
+                }
+                E::Resolve { .. }
+                | E::Unreachable { .. }
+                | E::ConnectTimeout { .. }
+                | E::HopForward { .. } => EXIT_UNREACHABLE,
+                _ => 1,
+            };
+        }
+    }
+    1
+}
+
+/// Applies the profile named on the command line (flags win), then checks that the jump
+/// host and at least one CIDR are known.
+fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
+    if let Some(name) = args.profile.clone() {
+        let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
+        let files = [
+            mse_vpn::profile::user_file(user.home()),
+            std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+        ];
+        let profile = mse_vpn::profile::find(&name, &files)?;
+        for (key, values) in [("dns", &profile.dns), ("dns_domains", &profile.dns_domains)] {
+            if !values.is_empty() {
+                eprintln!(
+                    "mse-vpn: warning: profile {name}: `{key}` is not supported by this build and is ignored"
+                );
+            }
+        }
+        mse_vpn::profile::apply(args, matches, &profile, user.home());
+    }
+    if args.proxy.is_none() {
+        bail!(
+            "no jump host: pass --proxy [USER@]HOST[:PORT] (or an ~/.ssh/config alias), or name a profile that sets `proxy`"
+        );
+    }
+    if args.cidrs.is_empty() {
+        bail!("no network to route: pass --cidr CIDR, or name a profile that sets `cidrs`");
+    }
+    Ok(())
+}
+
+/// `config check [FILE]`: parses the file(s) and lists their profiles.
+fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
+    let files = match file {
+        Some(f) => {
+            if !f.exists() {
+                bail!("{} does not exist", f.display());
+            }
+            vec![f]
+        }
+        None => {
+            let user =
+                ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
+            vec![
+                mse_vpn::profile::user_file(user.home()),
+                std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+            ]
+        }
+    };
+    for f in files {
+        if !f.exists() {
+            println!("{}: no such file (skipped)", f.display());
+            continue;
+        }
+        let parsed = mse_vpn::profile::load(&f)?;
+        let names: Vec<&str> = parsed.profile.keys().map(String::as_str).collect();
+        println!(
+            "{}: ok, {} profile(s): {}",
+            f.display(),
+            names.len(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `up --daemon`: starts the same command detached, with its output in the log file, and
@@ -141,7 +286,14 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         }
         text
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(args.connect_timeout * 2 + 30);
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs(
+            args.connect_timeout
+                .unwrap_or(ssh::resolve::DEFAULT_CONNECT_TIMEOUT)
+                * 2
+                * (1 + args.jump.as_ref().map_or(1, |h| h.0.len()) as u64)
+                + 30,
+        );
     loop {
         let text = read_log();
         if let Some(line) = text.lines().find(|l| l.starts_with("mse-vpn is up")) {
@@ -155,10 +307,15 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         match child.try_wait() {
             Ok(Some(status)) => {
                 eprint!("{text}");
-                return fail(format!(
+                let _ = fail(format!(
                     "the session did not come up ({status}); log: {}",
                     log_path.display()
                 ));
+                // The same documented exit status as the session's own.
+                return status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .map_or(ExitCode::FAILURE, ExitCode::from);
             }
             Ok(None) if std::time::Instant::now() > deadline => {
                 let _ = child.kill();
@@ -181,6 +338,9 @@ async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
         args.proxy
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
     );
     let checks = mse_vpn::doctor::run(&args, state_dir).await;
     for c in &checks {
@@ -224,11 +384,23 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             );
         }
     }
-    let mut opts = args.ssh_options(&user);
+    let mut opts = args.ssh_options(&user)?;
     // Cloud callers' channels (`--expose`, `mse-vpn run`), queued for the driver.
     let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
     opts.inbound = Some(inbound_tx);
-    let jump_addrs = resolve(&args.proxy).await?;
+    if let Some(path) = &opts.password_file {
+        // Checked before anything else, so a bad file fails fast (and as the same error a
+        // login would meet).
+        ssh::password::read_file(path, user.uid()).map_err(|source| {
+            ssh::SshError::PasswordFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    // Only the first hop is connected to directly: only its address stays out of the tunnel.
+    let (first_host, first_port) = opts.first_hop();
+    let jump_addrs = resolve(first_host, first_port).await?;
     let plan = platform::RoutePlan::new(platform::PlanSpec {
         cidrs: args.cidrs.clone(),
         excludes: args.excludes.clone(),
@@ -245,16 +417,22 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     // 2. The SSH connections, before any change to the host: a bad host key or a failed
     //    login leaves nothing behind.
     let sessions = pool::connect_initial(&opts, args.connections as usize).await?;
+    ssh::password::forbid_prompts();
     info!(
-        jump = %args.proxy,
+        jump = %opts.jump,
         connections = sessions.iter().flatten().count(),
         "connected to the jump host"
     );
+    // The jump host's own address, when we know it: behind ProxyJump hops only the hops
+    // see it.
+    let jump_ip = if opts.hops.is_empty() {
+        jump_addrs.first().copied()
+    } else {
+        opts.jump.host.parse().ok()
+    };
     let advertise = match (args.advertise, sessions.iter().flatten().next()) {
         (Some(a), _) => Some(a),
-        (None, Some(first)) => {
-            reverse::discover_advertise(first, jump_addrs[0], plan.routes()).await
-        }
+        (None, Some(first)) => reverse::discover_advertise(first, jump_ip, plan.routes()).await,
         (None, None) => None,
     };
     match advertise {
@@ -274,7 +452,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         })
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let board = Board::new(
-        format!("{}@{}:{}", opts.user, args.proxy.host, args.proxy.port),
+        format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port),
         plan.tun_name().to_owned(),
         plan.routes().iter().map(ToString::to_string).collect(),
     );
@@ -298,6 +476,8 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         local_v6: plan.tun_v6(),
     };
     let pool = Pool::new(sessions.len());
+    let opts_connect_timeout = opts.connect_timeout;
+    let jump_label = opts.jump.to_string();
     let fatal = pool::supervise(
         &pool,
         sessions,
@@ -321,7 +501,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
 
     // The listeners asked for with --expose: up only once each listens, or fail plainly.
     forwards
-        .settled(&exposed, Duration::from_secs(args.connect_timeout + 5))
+        .settled(&exposed, opts_connect_timeout + Duration::from_secs(5))
         .await;
     let rows = forwards.status_of(&exposed);
     let failed: Vec<String> = rows
@@ -340,7 +520,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         println!(
             "mse-vpn is up: {} via {} (tun {})",
             routes.join(", "),
-            args.proxy,
+            jump_label,
             plan.tun_name()
         );
         for f in &rows {
@@ -397,19 +577,18 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
     Ok(())
 }
 
-async fn resolve(jump: &ssh::JumpHost) -> Result<Vec<IpAddr>> {
-    let addrs: Vec<IpAddr> = tokio::net::lookup_host((jump.host.as_str(), jump.port))
+async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>> {
+    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| {
             format!(
-                "could not resolve the jump host '{}': check the name, or pass its IP address",
-                jump.host
+                "could not resolve the jump host '{host}': check the name, or pass its IP address"
             )
         })?
         .map(|a| a.ip())
         .collect();
     if addrs.is_empty() {
-        bail!("the jump host '{}' resolves to no address", jump.host);
+        bail!("the jump host '{host}' resolves to no address");
     }
     Ok(addrs)
 }

@@ -536,11 +536,11 @@ impl Forwards {
 /// jump host without a shell for us).
 pub async fn discover_advertise(
     session: &Session,
-    connected: IpAddr,
+    connected: Option<IpAddr>,
     routes: &[IpNet],
 ) -> Option<IpAddr> {
-    if routes.iter().any(|n| n.contains(&connected)) {
-        return Some(connected);
+    if let Some(ip) = connected.filter(|ip| routes.iter().any(|n| n.contains(ip))) {
+        return Some(ip);
     }
     let first = routes.first()?;
     let probe = match first {

@@ -5,7 +5,10 @@
 //!
 //! Never logged: passphrases, key material, channel payloads.
 
+pub mod config;
 pub mod known_hosts;
+pub mod password;
+pub mod resolve;
 mod target;
 mod user;
 
@@ -57,6 +60,48 @@ pub struct SshOptions {
     /// Where cloud callers' connections to our `tcpip-forward` listeners go. `None` rejects
     /// them.
     pub inbound: Option<InboundSender>,
+    /// `ProxyJump` hops, in order: the first is the only host this machine connects to
+    /// directly; each next one (and finally `jump`) is reached through the one before.
+    pub hops: Vec<Hop>,
+    /// `--password-file`: the password for password / keyboard-interactive authentication
+    /// (otherwise it is asked on the terminal, if the server offers those methods).
+    pub password_file: Option<PathBuf>,
+}
+
+/// One `ProxyJump` hop, resolved through the ssh config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hop {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Login name.
+    pub user: String,
+    /// Key files to try after the agent's identities.
+    pub identity_files: Vec<PathBuf>,
+}
+
+impl SshOptions {
+    /// The host and port this machine opens a TCP connection to: the first `ProxyJump` hop,
+    /// or the jump host itself. Only this address must stay out of the tunnel.
+    pub fn first_hop(&self) -> (&str, u16) {
+        match self.hops.first() {
+            Some(h) => (&h.host, h.port),
+            None => (&self.jump.host, self.jump.port),
+        }
+    }
+}
+
+/// Who logs in where: the jump host or one hop.
+struct Login<'a> {
+    /// Host name or address (for known_hosts and messages).
+    host: &'a str,
+    /// TCP port.
+    port: u16,
+    /// Login name.
+    user: &'a str,
+    /// Key files.
+    identity_files: &'a [PathBuf],
 }
 
 /// A cloud caller's connection to one of our `tcpip-forward` listeners on the jump host,
@@ -210,6 +255,38 @@ pub enum SshError {
         /// What was tried.
         tried: String,
     },
+    /// A `ProxyJump` hop could not reach the next host.
+    #[error(
+        "the ProxyJump hop {hop} could not connect to {target}: {source}. Check the next host's name and port as the hop sees them"
+    )]
+    HopForward {
+        /// The hop, `host:port`.
+        hop: String,
+        /// The next host, `host:port`.
+        target: String,
+        /// The channel-open failure.
+        #[source]
+        source: Box<russh::Error>,
+    },
+    /// The password was refused.
+    #[error(
+        "the password for {user}@{target} was refused. Check it (and the login name), then try again"
+    )]
+    WrongPassword {
+        /// Login name.
+        user: String,
+        /// `host:port`.
+        target: String,
+    },
+    /// The `--password-file` cannot be used.
+    #[error("cannot use password file {path}: {source}")]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: password::PasswordFileError,
+    },
     /// The SSH protocol failed (handshake, connection lost).
     #[error("SSH connection to {target} failed: {source}")]
     Protocol {
@@ -234,6 +311,8 @@ impl SshError {
                 | SshError::NoTerminalForPassphrase { .. }
                 | SshError::WrongPassphrase { .. }
                 | SshError::AuthFailed { .. }
+                | SshError::WrongPassword { .. }
+                | SshError::PasswordFile { .. }
         )
     }
 }
@@ -401,67 +480,112 @@ pub struct Session {
     closed: watch::Receiver<bool>,
     target: String,
     id: u64,
+    /// The `ProxyJump` hops' connections this one is tunnelled through, kept alive with it.
+    _hops: Vec<Handle<Client>>,
 }
 
 impl Session {
-    /// Connects, checks the host key, and authenticates (agent, then key files).
+    /// Connects (through the `ProxyJump` hops, if any), checks each host key, and
+    /// authenticates on each (agent, key files, then password).
     pub async fn connect(opts: &SshOptions) -> Result<Session, SshError> {
-        let target = opts.jump.to_string();
-        let target = target
-            .rsplit_once('@')
-            .map_or(target.clone(), |(_, t)| t.to_owned());
-        // Authentication bounds each of its requests itself, so that the time a user takes to
-        // type a passphrase is not counted.
+        let final_login = Login {
+            host: &opts.jump.host,
+            port: opts.jump.port,
+            user: &opts.user,
+            identity_files: &opts.identity_files,
+        };
+        let mut logins: Vec<Login<'_>> = opts
+            .hops
+            .iter()
+            .map(|h| Login {
+                host: &h.host,
+                port: h.port,
+                user: &h.user,
+                identity_files: &h.identity_files,
+            })
+            .collect();
+        logins.push(final_login);
+        let target_of = |l: &Login<'_>| {
+            JumpHost {
+                user: None,
+                host: l.host.to_owned(),
+                port: l.port,
+                port_given: true,
+            }
+            .to_string()
+        };
+
         let id = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (mut handle, closed) =
-            bounded(opts, &target, Self::handshake(opts, &target, id)).await??;
-        debug!(%target, "handshake done, authenticating");
-        authenticate(&mut handle, opts, &target).await?;
-        info!(%target, user = %opts.user, "authenticated");
-        Ok(Session {
-            handle,
-            closed,
-            target,
-            id,
-        })
+        let first = &logins[0];
+        let first_target = target_of(first);
+        let stream = bounded(opts, &first_target, tcp_connect(first.host, first.port)).await??;
+        let mut hops: Vec<Handle<Client>> = Vec::new();
+        let mut first_session = Some(
+            bounded(
+                opts,
+                &first_target,
+                Self::handshake(opts, first, &first_target, stream, id),
+            )
+            .await??,
+        );
+        let last = logins.len() - 1;
+        for (i, login) in logins.iter().enumerate() {
+            let target = target_of(login);
+            let (mut handle, closed) = match (first_session.take(), hops.last()) {
+                (Some(session), _) => session,
+                (None, Some(prev)) => {
+                    // Through the previous hop: a direct-tcpip channel to this host, as a
+                    // stream.
+                    let open = prev.channel_open_direct_tcpip(
+                        login.host,
+                        login.port.into(),
+                        "127.0.0.1",
+                        0,
+                    );
+                    let channel = bounded(opts, &target, open).await?.map_err(|source| {
+                        SshError::HopForward {
+                            hop: target_of(&logins[i - 1]),
+                            target: target.clone(),
+                            source: Box::new(source),
+                        }
+                    })?;
+                    bounded(
+                        opts,
+                        &target,
+                        Self::handshake(opts, login, &target, channel.into_stream(), id),
+                    )
+                    .await??
+                }
+                (None, None) => unreachable!("every later host has a hop before it"),
+            };
+            debug!(%target, "handshake done, authenticating");
+            authenticate(&mut handle, opts, login, &target).await?;
+            info!(%target, user = %login.user, "authenticated");
+            if i == last {
+                return Ok(Session {
+                    handle,
+                    closed,
+                    target,
+                    id,
+                    _hops: hops,
+                });
+            }
+            hops.push(handle);
+        }
+        unreachable!("the jump host is the last login")
     }
 
-    /// TCP connect and SSH handshake (host key checked).
-    async fn handshake(
+    /// SSH handshake over `stream` (host key checked).
+    async fn handshake<S>(
         opts: &SshOptions,
+        login: &Login<'_>,
         target: &str,
+        stream: S,
         id: u64,
-    ) -> Result<(Handle<Client>, watch::Receiver<bool>), SshError> {
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((opts.jump.host.as_str(), opts.jump.port))
-                .await
-                .map_err(|source| SshError::Resolve {
-                    host: opts.jump.host.clone(),
-                    source,
-                })?
-                .collect();
-        let mut last = None;
-        let mut stream = None;
-        for addr in addrs {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(source) => last = Some(SshError::Unreachable { addr, source }),
-            }
-        }
-        let stream = match stream {
-            Some(s) => s,
-            None => {
-                return Err(last.unwrap_or_else(|| SshError::Resolve {
-                    host: opts.jump.host.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-                }));
-            }
-        };
-        let _ = stream.set_nodelay(true);
-
+    ) -> Result<(Handle<Client>, watch::Receiver<bool>), SshError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let config = Arc::new(client::Config {
             window_size: opts.window_size,
             maximum_packet_size: 65_535,
@@ -486,8 +610,8 @@ impl Session {
         let check = Arc::new(Mutex::new(KeyCheck::default()));
         let (closed_tx, closed) = watch::channel(false);
         let handler = Client {
-            host: opts.jump.host.clone(),
-            port: opts.jump.port,
+            host: login.host.to_owned(),
+            port: login.port,
             known_hosts: opts.known_hosts.clone(),
             accept_new: opts.accept_new_host_key,
             file_owner: opts.file_owner,
@@ -617,9 +741,21 @@ impl Session {
 async fn authenticate(
     handle: &mut Handle<Client>,
     opts: &SshOptions,
+    login: &Login<'_>,
     target: &str,
 ) -> Result<(), SshError> {
+    let user = login.user;
     let mut tried: Vec<String> = Vec::new();
+    // What the server said it still accepts after the last failure.
+    let mut methods: Option<russh::MethodSet> = None;
+    let note = |r: &russh::client::AuthResult, methods: &mut Option<russh::MethodSet>| {
+        if let russh::client::AuthResult::Failure {
+            remaining_methods, ..
+        } = r
+        {
+            *methods = Some(remaining_methods.clone());
+        }
+    };
     let rsa_hash = bounded(opts, target, handle.best_supported_rsa_hash())
         .await?
         .ok()
@@ -640,11 +776,10 @@ async fn authenticate(
                         None
                     };
                     tried.push(format!("agent key {}", known_hosts::fingerprint(&key)));
-                    let auth =
-                        handle.authenticate_publickey_with(&opts.user, key, hash, &mut agent);
+                    let auth = handle.authenticate_publickey_with(user, key, hash, &mut agent);
                     match bounded(opts, target, auth).await? {
                         Ok(r) if r.success() => return Ok(()),
-                        Ok(_) => {}
+                        Ok(r) => note(&r, &mut methods),
                         Err(e) => debug!(error = %e, "agent signing failed"),
                     }
                 }
@@ -653,7 +788,7 @@ async fn authenticate(
         }
     }
 
-    for path in &opts.identity_files {
+    for path in login.identity_files {
         let key = load_key(path)?;
         let hash = if key.algorithm().is_rsa() {
             rsa_hash
@@ -661,7 +796,7 @@ async fn authenticate(
             None
         };
         tried.push(path.display().to_string());
-        let auth = handle.authenticate_publickey(&opts.user, PrivateKeyWithHashAlg::new(key, hash));
+        let auth = handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash));
         let r = bounded(opts, target, auth)
             .await?
             .map_err(|source| SshError::Protocol {
@@ -671,15 +806,70 @@ async fn authenticate(
         if r.success() {
             return Ok(());
         }
+        note(&r, &mut methods);
+    }
+
+    // Then keyboard-interactive and password, if the server offers them.
+    let methods = match methods {
+        Some(m) => m,
+        None => {
+            let r = bounded(opts, target, handle.authenticate_none(user))
+                .await?
+                .map_err(|source| SshError::Protocol {
+                    target: target.to_owned(),
+                    source,
+                })?;
+            if r.success() {
+                return Ok(());
+            }
+            let mut m = None;
+            note(&r, &mut m);
+            m.unwrap_or_else(russh::MethodSet::empty)
+        }
+    };
+    let kbd = methods.contains(&russh::MethodKind::KeyboardInteractive);
+    let pwd = methods.contains(&russh::MethodKind::Password);
+    if kbd || pwd {
+        match password::log_in(handle, opts, user, target, kbd, pwd).await? {
+            password::Outcome::LoggedIn => return Ok(()),
+            password::Outcome::NoPassword => {
+                tried.push("password (no terminal to ask on: use --password-file)".to_owned());
+            }
+        }
     }
     if tried.is_empty() {
         tried.push("no agent and no key file found".to_owned());
     }
     Err(SshError::AuthFailed {
-        user: opts.user.clone(),
+        user: user.to_owned(),
         target: target.to_owned(),
         tried: tried.join(", "),
     })
+}
+
+/// Resolves `host` and opens a TCP connection to the first address that answers.
+async fn tcp_connect(host: &str, port: u16) -> Result<tokio::net::TcpStream, SshError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| SshError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(source) => last = Some(SshError::Unreachable { addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| SshError::Resolve {
+        host: host.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+    }))
 }
 
 /// Runs one network step of connecting, bounded by the connect timeout.

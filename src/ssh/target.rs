@@ -14,6 +14,8 @@ pub struct JumpHost {
     pub host: String,
     /// TCP port (22 unless given).
     pub port: u16,
+    /// True when the port was typed (`:PORT`): it then overrides the ssh config's `Port`.
+    pub port_given: bool,
 }
 
 /// Why a `--proxy` value was refused.
@@ -53,6 +55,8 @@ impl FromStr for JumpHost {
             Ok(0) | Err(_) => Err(JumpHostError::BadPort(p.to_owned())),
             Ok(n) => Ok(n),
         };
+        let port_given = rest.starts_with('[') && rest.contains("]:")
+            || (!rest.starts_with('[') && rest.matches(':').count() == 1);
         let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
             let (host, after) = inner
                 .split_once(']')
@@ -82,7 +86,12 @@ impl FromStr for JumpHost {
         if !valid || host.starts_with('-') {
             return Err(JumpHostError::BadHost(host));
         }
-        Ok(JumpHost { user, host, port })
+        Ok(JumpHost {
+            user,
+            host,
+            port,
+            port_given,
+        })
     }
 }
 
@@ -108,6 +117,7 @@ mod tests {
             user: user.map(str::to_owned),
             host: host.to_owned(),
             port,
+            port_given: port != 22,
         }
     }
 
@@ -155,6 +165,13 @@ mod tests {
             "-oProxyCommand=x".parse::<JumpHost>(),
             Err(JumpHostError::BadHost(_))
         ));
+    }
+
+    #[test]
+    fn a_typed_port_is_remembered_even_when_it_is_22() {
+        let given = |s: &str| s.parse::<JumpHost>().unwrap().port_given;
+        assert!(given("h:22") && given("u@[::1]:22") && given("h:2222"));
+        assert!(!given("h") && !given("u@h") && !given("[::1]") && !given("2001:db8::1"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! them down on drop, even when it fails.
 
 mod auth;
+mod config;
 mod harness;
 mod lifecycle;
 mod outbound;
