@@ -119,6 +119,9 @@ pub struct Status {
     pub bytes_down: u64,
     /// The last state changes, oldest first (at most 32).
     pub history: Vec<StateChange>,
+    /// Split DNS, when `--dns-domain` is in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsStatus>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -132,6 +135,7 @@ pub struct Board {
     inner: Mutex<Status>,
     stats: Mutex<Option<watch::Receiver<EngineStats>>>,
     started: std::time::Instant,
+    dns: Mutex<Option<Arc<crate::dns::DnsCounters>>>,
 }
 
 fn unix_now() -> u64 {
@@ -169,9 +173,11 @@ impl Board {
                     state: LinkState::Connected,
                     detail: None,
                 }],
+                dns: None,
             }),
             stats: Mutex::new(None),
             started: std::time::Instant::now(),
+            dns: Mutex::new(None),
         })
     }
 
@@ -193,6 +199,16 @@ impl Board {
             st.flows_over_limit += e.flows_over_limit;
             st.bytes_up += e.bytes_up;
             st.bytes_down += e.bytes_down;
+        }
+    }
+
+    /// Shows split DNS (its settings, and `counters` as they grow) in the status.
+    pub fn set_dns(&self, dns: crate::dns::DnsStatus, counters: Arc<crate::dns::DnsCounters>) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.dns = Some(dns);
+        }
+        if let Ok(mut c) = self.dns.lock() {
+            *c = Some(counters);
         }
     }
 
@@ -256,6 +272,15 @@ impl Board {
             st.flows_over_limit += e.flows_over_limit;
             st.bytes_up += e.bytes_up;
             st.bytes_down += e.bytes_down;
+        }
+        if let Some(dns) = st.dns.take() {
+            st.dns = Some(match self.dns.lock() {
+                Ok(c) => match c.as_ref() {
+                    Some(c) => dns.with_counters(c),
+                    None => dns,
+                },
+                Err(_) => dns,
+            });
         }
         st
     }
@@ -414,6 +439,20 @@ pub fn render(st: &Status) -> String {
         st.bytes_down,
         st.reconnects
     ));
+    if let Some(d) = &st.dns {
+        out.push_str(&format!(
+            "dns         {} on {} → {} for {}\ndns queries {} via tunnel, {} via original nameservers, {} servfail, {} refused, {} truncated\n",
+            d.mode,
+            d.listen,
+            d.servers.join(", "),
+            d.domains.join(", "),
+            d.via_tunnel,
+            d.via_upstream,
+            d.servfail,
+            d.refused,
+            d.truncated
+        ));
+    }
     if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
         out.push_str(&format!(
             "last event  {:?} {}\n",

@@ -5,6 +5,7 @@
 //!
 //! Never logged: passphrases, key material, channel payloads.
 
+mod exec;
 pub mod known_hosts;
 mod target;
 mod user;
