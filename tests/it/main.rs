@@ -3,6 +3,7 @@
 //! them down on drop, even when it fails.
 
 mod auth;
+mod dns;
 mod harness;
 mod lifecycle;
 mod outbound;
