@@ -165,6 +165,34 @@ pub async fn resolvectl(args: &[&str]) -> Result<String, crate::PlatformError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The links systemd-resolved routes each domain to, from `resolvectl domain` output
+/// (`Link 5 (wg0): ~internal corp.example`): (link name, domain without `~`).
+pub fn resolved_domain_owners(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("Link ") else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (rest.find('('), rest.find("):")) else {
+            continue;
+        };
+        if close < open {
+            continue;
+        }
+        let link = &rest[open + 1..close];
+        for d in rest[close + 2..].split_whitespace() {
+            let d = d
+                .trim_start_matches('~')
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if !d.is_empty() {
+                out.push((link.to_owned(), d));
+            }
+        }
+    }
+    out
+}
+
 /// The backup file for the resolv.conf of the session on `tun`.
 pub fn backup_path(state_dir: &Path, tun: &str) -> PathBuf {
     state_dir.join(format!("{tun}.resolv.conf.orig"))
@@ -341,6 +369,20 @@ mod tests {
             ]
         );
         assert_eq!(cmds[2], ["default-route", "mse0", "false"]);
+    }
+
+    #[test]
+    fn resolved_domain_owners_are_read_per_link() {
+        let text =
+            "Global:\nLink 2 (eth0): ~.\nLink 5 (wg0): ~internal corp.example.\nLink 7 (mse0):\n";
+        assert_eq!(
+            resolved_domain_owners(text),
+            [
+                ("wg0".to_owned(), "internal".to_owned()),
+                ("wg0".to_owned(), "corp.example".to_owned())
+            ]
+        );
+        assert!(resolved_domain_owners("garbage\nLink x): (y\n").is_empty());
     }
 
     #[test]

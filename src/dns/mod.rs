@@ -15,6 +15,7 @@
 //! the I/O. The TUN address is local to the kernel, so packets to the responder never enter
 //! the TUN and the engine is not involved.
 
+pub mod doctor;
 pub mod tunnel;
 pub mod wire;
 pub mod zones;
@@ -29,7 +30,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 pub use tunnel::Tunnel;
 pub use zones::{DnsDomain, Split};
@@ -363,7 +364,7 @@ pub async fn discover(session: &crate::ssh::Session) -> Result<IpAddr, DnsError>
     let found = pick_discovered(&text).ok_or(DnsError::NoResolver {
         why: "it lists no non-loopback nameserver",
     })?;
-    warn!(resolver = %found, "no --dns given: using the jump host's resolver");
+    info!(resolver = %found, "no --dns given: using the jump host's resolver");
     Ok(found)
 }
 

@@ -191,6 +191,45 @@ fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
     let conf = lap_resolv_conf(&tb);
     let original = std::fs::read(&conf).unwrap();
 
+    // doctor: the integration it would use, the original nameserver, the VPC resolver.
+    let mut doctor = tb.up_args(&["10.0.0.0/16"], &DOMAINS);
+    doctor[0] = "doctor".into();
+    let doctor: Vec<&str> = doctor.iter().map(String::as_str).collect();
+    let out = tb.mse_vpn(&doctor).output().expect("doctor");
+    let report = stdout(&out);
+    assert!(out.status.success(), "{report}{}", stderr(&out));
+    assert!(
+        report.contains("dns integration    no systemd-resolved"),
+        "{report}"
+    );
+    assert!(report.contains("keep going to 127.0.0.1"), "{report}");
+    assert!(
+        report.contains("10.0.0.13 answers DNS over TCP through the jump host"),
+        "{report}"
+    );
+    let mut bad = doctor.clone();
+    bad.extend(["--dns", "10.0.0.99"]);
+    let out = tb.mse_vpn(&bad).output().expect("doctor");
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("FAIL  dns resolver"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A jump host whose resolv.conf names only a loopback stub: `up` refuses, clearly, and
+    // changes nothing. (Written in place: sshd's sessions see the bind-mounted inode.)
+    let jump_conf = PathBuf::from(format!("/etc/netns/{}-jump/resolv.conf", tb.name));
+    let jump_orig = std::fs::read(&jump_conf).unwrap();
+    std::fs::write(&jump_conf, "nameserver 127.0.0.53\n").unwrap();
+    let args = tb.up_args(&["10.0.0.0/16"], &DOMAINS);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, err) = tb.up_fails(&args);
+    assert!(!st.success());
+    assert!(err.contains("pass --dns ADDR"), "{err}");
+    assert_eq!(std::fs::read(&conf).unwrap(), original);
+    std::fs::write(&jump_conf, &jump_orig).unwrap();
+
     // No --dns: the jump host's resolv.conf names a loopback stub first, then 10.0.0.13.
     let vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
     assert!(
