@@ -499,6 +499,31 @@ mod tests {
         assert_eq!(st.history.len(), 3);
         assert!(render(&st).contains("keepalive timeout"));
 
+        assert!(st.dns.is_none(), "no dns object without --dns-domain");
+        let counters = Arc::new(crate::dns::DnsCounters::default());
+        board.set_dns(
+            crate::dns::DnsStatus {
+                mode: "resolv.conf".into(),
+                listen: "198.18.0.1:53".into(),
+                servers: vec!["10.0.0.2".into()],
+                domains: vec!["internal".into()],
+                upstream: vec!["127.0.0.1:53".into()],
+                via_tunnel: 0,
+                via_upstream: 0,
+                servfail: 0,
+                refused: 0,
+                truncated: 0,
+            },
+            counters.clone(),
+        );
+        counters
+            .via_tunnel
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        let st = status(&path).await.unwrap();
+        let dns = st.dns.as_ref().expect("a dns object");
+        assert_eq!((dns.via_tunnel, dns.servfail), (3, 0));
+        assert!(render(&st).contains("3 via tunnel"), "{}", render(&st));
+
         request(&path, "down").await.unwrap();
         stop_rx.wait_for(|s| *s).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);

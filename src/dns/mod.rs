@@ -161,7 +161,9 @@ impl Responder {
             source,
         };
         let udp = UdpSocket::bind(config.listen).await.map_err(bind_err)?;
-        let tcp = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+        // Port 0 (tests): TCP on the port UDP got.
+        let listen = udp.local_addr().map_err(bind_err)?;
+        let tcp = TcpListener::bind(listen).await.map_err(bind_err)?;
         Ok(Responder {
             udp: Arc::new(udp),
             tcp,
@@ -173,6 +175,11 @@ impl Responder {
                 busy: Semaphore::new(MAX_CONCURRENT),
             }),
         })
+    }
+
+    /// The address it listens on (UDP and TCP).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
     }
 
     /// Answers queries until `stop` turns true.
@@ -371,6 +378,178 @@ pub async fn discover(session: &crate::ssh::Session) -> Result<IpAddr, DnsError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::Pool;
+
+    /// A query for `name` (type A), with an EDNS0 OPT record of `edns` bytes if given.
+    fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
+        let mut b = id.to_be_bytes().to_vec();
+        b.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+        for label in name.split('.') {
+            b.push(label.len() as u8);
+            b.extend_from_slice(label.as_bytes());
+        }
+        b.extend_from_slice(&[0, 0, 1, 0, 1]);
+        if let Some(size) = edns {
+            b.extend_from_slice(&[0, 0, 41]);
+            b.extend_from_slice(&size.to_be_bytes());
+            b.extend_from_slice(&[0; 6]);
+        }
+        b
+    }
+
+    /// The fake original nameserver's answer: the query as a response plus `extra` bytes of
+    /// answer data (one TXT-like record), so sizes are controlled.
+    fn fake_answer(q: &[u8], extra: usize) -> Vec<u8> {
+        let parsed = Query::parse(q).unwrap();
+        let mut a = q[..parsed.question_end].to_vec();
+        a[2] |= 0x80;
+        a[7] = 1;
+        a.extend_from_slice(&[0xc0, 12, 0, 16, 0, 1, 0, 0, 0, 60]);
+        a.extend_from_slice(&(extra as u16).to_be_bytes());
+        a.extend(std::iter::repeat_n(b'x', extra));
+        a
+    }
+
+    /// A fake original nameserver (UDP and TCP on one port): names starting with "big"
+    /// get a 3000-byte answer, others 20 bytes.
+    async fn fake_upstream() -> SocketAddr {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let size = |q: &[u8]| {
+            if Query::parse(q).unwrap().name.starts_with("big") {
+                3000
+            } else {
+                20
+            }
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                let a = fake_answer(&buf[..n], size(&buf[..n]));
+                let _ = udp.send_to(&a, peer).await;
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).await.unwrap();
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut q).await.unwrap();
+                let a = fake_answer(&q, size(&q));
+                s.write_all(&(a.len() as u16).to_be_bytes()).await.unwrap();
+                s.write_all(&a).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    /// A responder with no SSH link up, running until the returned sender is dropped.
+    async fn responder(
+        upstream: Vec<SocketAddr>,
+    ) -> (SocketAddr, Arc<DnsCounters>, watch::Sender<bool>) {
+        let pool = Pool::new(1); // no SSH link is up
+        let tunnel = Tunnel::spawn(
+            pool,
+            vec![([10, 0, 0, 2], 53).into()],
+            ([127, 0, 0, 1], 53).into(),
+            1,
+            QUERY_TIMEOUT,
+        );
+        let counters = Arc::new(DnsCounters::default());
+        let r = Responder::bind(
+            ResponderConfig {
+                listen: ([127, 0, 0, 1], 0).into(),
+                split: Split::new(vec!["internal".parse().unwrap()], &[]),
+                upstream,
+            },
+            tunnel,
+            counters.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = r.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(r.run(rx));
+        (addr, counters, tx)
+    }
+
+    async fn ask_udp(server: SocketAddr, q: &[u8]) -> Vec<u8> {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(q, server).await.unwrap();
+        let mut buf = vec![0u8; 65_535];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn split_names_fail_fast_without_a_link_others_are_relayed_and_truncated() {
+        let upstream = fake_upstream().await;
+        let (addr, counters, _stop) = responder(vec![upstream]).await;
+
+        let t = std::time::Instant::now();
+        let a = ask_udp(addr, &query(1, "api.internal", None)).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(a[3] & 0x0f, RCODE_SERVFAIL);
+        assert_eq!(wire::id(&a), Some(1));
+
+        let q = query(2, "www.example.org", None);
+        assert_eq!(
+            ask_udp(addr, &q).await,
+            fake_answer(&q, 20),
+            "relayed byte for byte"
+        );
+
+        // 3000 bytes: too big for a classic (512) or a 1232-byte EDNS client, fine for 4096.
+        let big = ask_udp(addr, &query(3, "big.example.org", None)).await;
+        assert_eq!(big[2] & 0x02, 0x02, "TC");
+        assert!(big.len() <= 512);
+        let big = ask_udp(addr, &query(4, "big.example.org", Some(1232))).await;
+        assert_eq!(big[2] & 0x02, 0x02, "TC");
+        let q = query(5, "big.example.org", Some(4096));
+        assert_eq!(ask_udp(addr, &q).await, fake_answer(&q, 3000));
+
+        // Garbage gets no answer and does not disturb the responder.
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&[0xff; 7], addr).await.unwrap();
+        s.send_to(&[0x00; 40], addr).await.unwrap();
+        let q = query(6, "www.example.org", None);
+        assert_eq!(ask_udp(addr, &q).await, fake_answer(&q, 20));
+
+        // TCP: the whole big answer, and several queries on one connection.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for id in [7u16, 8] {
+            let q = query(id, "big.example.org", None);
+            c.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+            c.write_all(&q).await.unwrap();
+            let mut len = [0u8; 2];
+            c.read_exact(&mut len).await.unwrap();
+            let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+            c.read_exact(&mut a).await.unwrap();
+            assert_eq!(a, fake_answer(&q, 3000));
+        }
+
+        assert_eq!(counters.servfail.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.via_upstream.load(Ordering::Relaxed), 7);
+        assert_eq!(counters.truncated.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.via_tunnel.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn without_original_nameservers_outside_names_are_refused() {
+        let (addr, counters, _stop) = responder(Vec::new()).await;
+        let a = ask_udp(addr, &query(9, "www.example.org", None)).await;
+        assert_eq!(a[3] & 0x0f, RCODE_REFUSED);
+        assert_eq!(counters.refused.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn discovery_skips_loopback_stubs() {
