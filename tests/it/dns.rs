@@ -4,6 +4,7 @@
 //! /etc/resolv.conf is /etc/netns/NAME-lap/resolv.conf, which must come back byte for byte.
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -162,6 +163,23 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
             .iter()
             .any(|d| d == "0.10.in-addr.arpa"),
         "{dns:#}"
+    );
+
+    // The VPC resolver dies (the SSH link stays up): SERVFAIL at once, outside names fine.
+    // Only the dnsmasq processes of this testbed's VPC namespace (pkill would see them all).
+    let vpc = format!("{}-vpc", tb.name);
+    let kill = format!(
+        "for p in $(ip netns pids {vpc}); do [ \"$(cat /proc/$p/comm)\" = dnsmasq ] && kill -9 $p; done; true"
+    );
+    let out = Command::new("bash").args(["-c", &kill]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = Instant::now();
+    let out = lap_ok(&tb, "dig +tries=1 +time=5 api.internal");
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(
+        lap_ok(&tb, "dig +short www.example.org").trim(),
+        "192.0.2.80"
     );
 
     assert!(vpn.interrupt().success());
@@ -375,5 +393,28 @@ fn a_thousand_queries_from_fifty_clients_are_all_answered() {
         "{dns:#}"
     );
     assert_eq!(dns["via_upstream"], 250, "{dns:#}");
+    // Pipelined on a few long-lived channels, not one per query: the VPC resolver saw at
+    // most two TCP connections (from the jump host) for 750 queries.
+    let out = tb
+        .cmd_in(
+            &format!("{}-vpc", tb.name),
+            &["ss", "-Htn", "state", "established", "( sport = :53 )"],
+        )
+        .output()
+        .unwrap();
+    let conns = stdout(&out).lines().count();
+    assert!(
+        (1..=2).contains(&conns),
+        "{conns} TCP connections at the VPC resolver:\n{}",
+        stdout(&out)
+    );
+    let queries = vpc_log(&tb)
+        .lines()
+        .filter(|l| l.contains("query[A]") && l.ends_with("from 10.0.0.1"))
+        .count();
+    assert_eq!(
+        queries, 750,
+        "each split query reached the VPC resolver once, from the jump host"
+    );
     assert!(vpn.interrupt().success());
 }
