@@ -244,7 +244,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         connections = sessions.iter().flatten().count(),
         "connected to the jump host"
     );
-    let dns_servers = dns_servers(&args, &sessions).await?;
+    let dns_servers = dns::session::resolvers(&args, &sessions).await?;
 
     // 3. Host changes, journaled by the platform crate.
     let (stop_tx, stop) = watch::channel(false);
@@ -269,21 +269,18 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     let tun = Arc::new(Tun::create(plan.tun_name(), args.mtu as u16)?);
     let mut host = platform::Host::apply(&plan, state_dir).await?;
     let pool = Pool::new(sessions.len());
+    // Split DNS: the responder, then the host resolver pointed at it (journaled).
     if !args.dns_domains.is_empty() {
-        let started = start_dns(
-            &args,
-            &plan,
-            &pool,
-            &mut host,
-            state_dir,
-            &dns_servers,
-            &board,
-        )
-        .await
-        .map(|responder| tokio::spawn(responder.run(stop.clone())));
-        if let Err(e) = started {
-            let _ = host.restore().await;
-            return Err(e);
+        let dns = dns::session::start(&args, &plan, &pool, &mut host, state_dir, &dns_servers);
+        match dns.await {
+            Ok((responder, shown)) => {
+                board.set_dns(shown, responder.counters());
+                tokio::spawn(responder.run(stop.clone()));
+            }
+            Err(e) => {
+                let _ = host.restore().await;
+                return Err(e.into());
+            }
         }
     }
     let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
@@ -323,101 +320,6 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     restored?;
     info!("mse-vpn is down; host routes restored");
     Ok(())
-}
-
-/// The VPC resolvers for split DNS: `--dns`, or the jump host's (read over SSH).
-async fn dns_servers(args: &UpArgs, sessions: &[Option<ssh::Session>]) -> Result<Vec<IpAddr>> {
-    if args.dns_domains.is_empty() || !args.dns_servers.is_empty() {
-        return Ok(args.dns_servers.clone());
-    }
-    let session = sessions
-        .iter()
-        .flatten()
-        .next()
-        .context("no SSH connection to read the jump host's resolver with")?;
-    let found = dns::discover(session).await?;
-    println!(
-        "split DNS: no --dns given; using {found}, the first nameserver in the jump host's /etc/resolv.conf"
-    );
-    Ok(vec![found])
-}
-
-/// Binds the DNS responder on the TUN address, then points the host resolver at it.
-async fn start_dns(
-    args: &UpArgs,
-    plan: &platform::RoutePlan,
-    pool: &Arc<Pool>,
-    host: &mut platform::Host,
-    state_dir: &Path,
-    servers: &[IpAddr],
-    board: &Arc<Board>,
-) -> Result<dns::Responder> {
-    let listen = std::net::SocketAddr::new(plan.tun_v4().into(), 53);
-    let split = dns::Split::new(args.dns_domains.clone(), plan.routes());
-    // The original nameservers, read before the host resolver is changed (glibc's default,
-    // 127.0.0.1, when the file names none).
-    let text = std::fs::read_to_string(platform::dns::RESOLV_CONF).unwrap_or_default();
-    let mut upstream: Vec<std::net::SocketAddr> = platform::dns::nameservers(&text)
-        .into_iter()
-        .filter(|a| *a != listen.ip())
-        .map(|a| (a, 53).into())
-        .collect();
-    if upstream.is_empty() {
-        upstream.push(([127, 0, 0, 1], 53).into());
-    }
-    let tunnel = dns::Tunnel::spawn(
-        pool.clone(),
-        servers.iter().map(|s| (*s, 53).into()).collect(),
-        listen,
-        dns::TUNNEL_CHANNELS,
-        dns::QUERY_TIMEOUT,
-    );
-    let counters = Arc::new(dns::DnsCounters::default());
-    let zones: Vec<String> = split.zones().map(ToString::to_string).collect();
-    let responder = dns::Responder::bind(
-        dns::ResponderConfig {
-            listen,
-            split,
-            upstream: upstream.clone(),
-        },
-        tunnel,
-        counters.clone(),
-    )
-    .await?;
-    let dns_plan = platform::dns::DnsPlan {
-        server: listen.ip(),
-        zones: zones.clone(),
-    };
-    let backend = host
-        .apply_dns(plan.tun_name(), &dns_plan, state_dir)
-        .await?;
-    let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
-    println!(
-        "split DNS ({}): {} → {} through the tunnel; other names as before",
-        backend.name(),
-        args.dns_domains
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        servers.join(", ")
-    );
-    board.set_dns(
-        dns::DnsStatus {
-            mode: backend.name().to_owned(),
-            listen: listen.to_string(),
-            servers,
-            domains: zones,
-            upstream: upstream.iter().map(ToString::to_string).collect(),
-            via_tunnel: 0,
-            via_upstream: 0,
-            servfail: 0,
-            refused: 0,
-            truncated: 0,
-        },
-        counters,
-    );
-    Ok(responder)
 }
 
 fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {

@@ -16,6 +16,7 @@
 //! the TUN and the engine is not involved.
 
 pub mod doctor;
+pub mod session;
 pub mod tunnel;
 pub mod wire;
 pub mod zones;
@@ -70,6 +71,9 @@ pub enum DnsError {
         /// What went wrong.
         why: &'static str,
     },
+    /// The host's resolver configuration could not be pointed at the responder.
+    #[error(transparent)]
+    Host(#[from] mse_vpn_platform::PlatformError),
 }
 
 /// Query counters, shared between the responder and `status`.
@@ -175,6 +179,11 @@ impl Responder {
                 busy: Semaphore::new(MAX_CONCURRENT),
             }),
         })
+    }
+
+    /// Its query counters.
+    pub fn counters(&self) -> Arc<DnsCounters> {
+        self.ctx.counters.clone()
     }
 
     /// The address it listens on (UDP and TCP).
@@ -362,12 +371,11 @@ pub fn pick_discovered(resolv_conf: &str) -> Option<IpAddr> {
 /// Reads the jump host's resolver by running `cat /etc/resolv.conf` on one SSH session.
 pub async fn discover(session: &crate::ssh::Session) -> Result<IpAddr, DnsError> {
     let text = session
-        .exec_output("cat /etc/resolv.conf", QUERY_TIMEOUT * 3)
+        .exec("cat /etc/resolv.conf", QUERY_TIMEOUT * 3)
         .await
-        .map_err(|_| DnsError::NoResolver {
+        .ok_or(DnsError::NoResolver {
             why: "running `cat /etc/resolv.conf` on the jump host failed",
         })?;
-    let text = String::from_utf8_lossy(&text);
     let found = pick_discovered(&text).ok_or(DnsError::NoResolver {
         why: "it lists no non-loopback nameserver",
     })?;
