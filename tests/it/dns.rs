@@ -68,7 +68,7 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
 
     let mut extra = vec!["--dns", "10.0.0.13"];
     extra.extend(DOMAINS);
-    let vpn = tb.start(&["10.0.0.0/16"], &extra);
+    let mut vpn = tb.start(&["10.0.0.0/16", "fd00:10::/64"], &extra);
     assert!(
         vpn.stdout().contains("split DNS (resolv.conf)"),
         "{}",
@@ -137,6 +137,15 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
     );
     let ptr = lap_ok(&tb, "getent hosts 10.0.0.10");
     assert!(ptr.contains("api.internal"), "{ptr}");
+    assert_eq!(
+        lap_ok(&tb, "dig +short -x fd00:10::10").trim(),
+        "v6.internal.",
+        "ip6.arpa PTR for the routed IPv6 prefix"
+    );
+    assert_eq!(
+        lap_ok(&tb, "dig +short AAAA v6.internal").trim(),
+        "fd00:10::10"
+    );
 
     // The VPC resolver saw the split names and the routed PTR, and never an outside name.
     let log = vpc_log(&tb);
@@ -182,7 +191,9 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
         "192.0.2.80"
     );
 
-    assert!(vpn.interrupt().success());
+    let out = tb.mse_vpn(&["down"]).output().expect("mse-vpn down");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(vpn.wait_exit(Duration::from_secs(15)).success());
     assert_eq!(
         std::fs::read(&conf).unwrap(),
         original,
