@@ -54,7 +54,7 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 pub enum DnsError {
     /// The responder's port is taken or the address is not ours.
     #[error(
-        "cannot listen for DNS on {addr}: {source}; is another DNS server bound to all addresses on port 53? Stop it or bind it to specific addresses"
+        "cannot listen for DNS on {addr}: {source}. Another DNS server bound to port 53 of all addresses, or another mse-vpn session with --dns-domain, holds it: stop that one, or bind it to specific addresses"
     )]
     Bind {
         /// The address.
