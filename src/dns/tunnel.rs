@@ -13,27 +13,78 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use russh::ChannelMsg;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::wire;
-use crate::pool::{LinkId, Pool};
+use crate::pool::Pool;
 
 /// Queries one channel carries at once; more wait in the worker's queue.
 const MAX_IN_FLIGHT: usize = 256;
 /// Queries waiting for a worker, per worker.
 const QUEUE: usize = 512;
-/// Largest DNS message over TCP.
-const MAX_MESSAGE: usize = 65_535;
+
+/// A byte stream to a resolver's TCP port 53.
+pub trait DnsStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> DnsStream for T {}
+
+/// An open stream, and what to do once it is closed.
+pub struct Opened {
+    /// The stream (closed when dropped).
+    pub stream: Box<dyn DnsStream>,
+    /// Called once when the worker is done with the stream.
+    pub on_close: Box<dyn FnOnce() + Send>,
+}
+
+/// Where the workers get their streams: the pool's `direct-tcpip` channels in a session, an
+/// in-memory pipe in tests.
+pub trait Connector: Send + Sync + 'static {
+    /// True while a stream could be opened (some SSH link is up).
+    fn is_up(&self) -> bool;
+    /// Opens a stream to `dst`, or `None` after `timeout` or on refusal.
+    fn open(&self, dst: SocketAddr, timeout: Duration) -> BoxFuture<'_, Option<Opened>>;
+}
+
+/// [`Connector`] over the SSH pool: each stream is a `direct-tcpip` channel.
+pub struct PoolConnector {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// The originator address told to the jump host.
+    pub originator: SocketAddr,
+}
+
+impl Connector for PoolConnector {
+    fn is_up(&self) -> bool {
+        self.pool.connected() > 0
+    }
+
+    fn open(&self, dst: SocketAddr, timeout: Duration) -> BoxFuture<'_, Option<Opened>> {
+        Box::pin(async move {
+            match self.pool.open(dst, self.originator, timeout).await {
+                Ok((link, channel)) => {
+                    let pool = self.pool.clone();
+                    Some(Opened {
+                        stream: Box::new(channel.into_stream()),
+                        on_close: Box::new(move || pool.release(link)),
+                    })
+                }
+                Err(e) => {
+                    debug!(%dst, error = %e, "cannot open a DNS channel");
+                    None
+                }
+            }
+        })
+    }
+}
 
 /// The tunnel side of the responder. See the module documentation.
 pub struct Tunnel {
     workers: Vec<mpsc::Sender<Job>>,
     next: AtomicUsize,
-    pool: Arc<Pool>,
+    connector: Arc<dyn Connector>,
     timeout: Duration,
 }
 
@@ -45,9 +96,9 @@ struct Job {
 }
 
 impl Tunnel {
-    /// Starts `channels` workers, each keeping one channel to one of `servers` (port 53 over
-    /// TCP), rotating to the next server when one fails. A query not answered within
-    /// `timeout` fails.
+    /// Starts `channels` workers over the SSH pool, each keeping one channel to one of
+    /// `servers` (port 53 over TCP), rotating to the next server when one fails. A query not
+    /// answered within `timeout` fails.
     pub fn spawn(
         pool: Arc<Pool>,
         servers: Vec<SocketAddr>,
@@ -55,14 +106,28 @@ impl Tunnel {
         channels: usize,
         timeout: Duration,
     ) -> Arc<Tunnel> {
+        Tunnel::with_connector(
+            Arc::new(PoolConnector { pool, originator }),
+            servers,
+            channels,
+            timeout,
+        )
+    }
+
+    /// [`Tunnel::spawn`] over any [`Connector`].
+    pub fn with_connector(
+        connector: Arc<dyn Connector>,
+        servers: Vec<SocketAddr>,
+        channels: usize,
+        timeout: Duration,
+    ) -> Arc<Tunnel> {
         let workers = (0..channels.max(1))
             .map(|i| {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let w = Worker {
-                    pool: pool.clone(),
+                    connector: connector.clone(),
                     servers: servers.clone(),
                     server: i % servers.len().max(1),
-                    originator,
                     timeout,
                     conn: None,
                     pending: HashMap::new(),
@@ -75,7 +140,7 @@ impl Tunnel {
         Arc::new(Tunnel {
             workers,
             next: AtomicUsize::new(0),
-            pool,
+            connector,
             timeout,
         })
     }
@@ -83,7 +148,7 @@ impl Tunnel {
     /// Sends `query` to the VPC resolver; `None` when no link is up, the resolver cannot be
     /// reached, or it does not answer in time.
     pub async fn query(&self, query: &[u8]) -> Option<Vec<u8>> {
-        if self.pool.connected() == 0 {
+        if !self.connector.is_up() {
             return None;
         }
         let (tx, rx) = oneshot::channel();
@@ -119,11 +184,11 @@ impl Tunnel {
     }
 }
 
-/// One open channel: its write half, the frames its reader task decoded, and its link.
+/// One open stream: its write half, the frames its reader task decoded, and its release.
 struct Conn {
-    write: russh::ChannelWriteHalf<russh::client::Msg>,
+    write: WriteHalf<Box<dyn DnsStream>>,
     frames: mpsc::Receiver<Vec<u8>>,
-    link: LinkId,
+    on_close: Box<dyn FnOnce() + Send>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -134,10 +199,9 @@ struct Pending {
 }
 
 struct Worker {
-    pool: Arc<Pool>,
+    connector: Arc<dyn Connector>,
     servers: Vec<SocketAddr>,
     server: usize,
-    originator: SocketAddr,
     timeout: Duration,
     conn: Option<Conn>,
     pending: HashMap<u16, Pending>,
@@ -166,26 +230,25 @@ impl Worker {
     /// Sends one query on the channel, opening one first if needed.
     async fn send(&mut self, job: Job) {
         if self.conn.is_none() {
-            if self.pool.connected() == 0 || self.servers.is_empty() {
+            if !self.connector.is_up() || self.servers.is_empty() {
                 let _ = job.reply.send(None);
                 return;
             }
             let server = self.servers[self.server];
-            match self.pool.open(server, self.originator, self.timeout).await {
-                Ok((link, channel)) => {
+            match self.connector.open(server, self.timeout).await {
+                Some(opened) => {
                     debug!(%server, "DNS channel to the VPC resolver opened");
-                    let (read, write) = channel.split();
+                    let (read, write) = tokio::io::split(opened.stream);
                     let (tx, frames) = mpsc::channel(64);
                     let reader = tokio::spawn(read_frames(read, tx));
                     self.conn = Some(Conn {
                         write,
                         frames,
-                        link,
+                        on_close: opened.on_close,
                         reader,
                     });
                 }
-                Err(e) => {
-                    debug!(%server, error = %e, "cannot open a DNS channel");
+                None => {
                     self.rotate();
                     let _ = job.reply.send(None);
                     return;
@@ -213,8 +276,8 @@ impl Worker {
                 deadline: Instant::now() + self.timeout,
             },
         );
-        let written = match &self.conn {
-            Some(c) => c.write.data_bytes(framed).await.is_ok(),
+        let written = match &mut self.conn {
+            Some(c) => c.write.write_all(&framed).await.is_ok() && c.write.flush().await.is_ok(),
             None => false,
         };
         if !written {
@@ -278,10 +341,8 @@ impl Worker {
     fn close(&mut self) {
         if let Some(c) = self.conn.take() {
             c.reader.abort();
-            self.pool.release(c.link);
-            tokio::spawn(async move {
-                let _ = c.write.close().await;
-            });
+            (c.on_close)();
+            // Dropping both halves closes the stream (the SSH channel).
         }
     }
 
@@ -306,29 +367,208 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Drains the channel (always, so it never stalls the SSH connection) and decodes
-/// length-prefixed DNS messages; ends on EOF, close, or a malformed stream.
-async fn read_frames(mut read: russh::ChannelReadHalf, tx: mpsc::Sender<Vec<u8>>) {
-    let mut buf = BytesMut::new();
-    while let Some(msg) = read.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => buf.extend_from_slice(&data),
-            ChannelMsg::Eof | ChannelMsg::Close => break,
-            _ => continue,
-        }
-        while buf.len() >= 2 {
-            let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-            if buf.len() < 2 + len {
-                break;
-            }
-            buf.advance(2);
-            let frame = buf.split_to(len).to_vec();
-            if wire::is_response(&frame) && tx.send(frame).await.is_err() {
-                return;
-            }
-        }
-        if buf.len() > MAX_MESSAGE + 2 {
+/// Drains the stream (always, so it never stalls the SSH connection) and decodes
+/// length-prefixed DNS messages; ends on EOF, an error, or when the worker is gone.
+async fn read_frames(mut read: ReadHalf<Box<dyn DnsStream>>, tx: mpsc::Sender<Vec<u8>>) {
+    loop {
+        let Ok(len) = read.read_u16().await else {
+            return;
+        };
+        let mut frame = vec![0u8; len as usize];
+        if read.read_exact(&mut frame).await.is_err() {
             return;
         }
+        if wire::is_response(&frame) && tx.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    /// How the fake resolver behind the n-th opened stream behaves.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        /// Reads `n` queries, answers them in reverse order, then answers each as it comes.
+        Reverse(usize),
+        /// Reads one query and closes the stream without answering.
+        DropFirst,
+        /// Reads queries and never answers.
+        Silent,
+    }
+
+    struct Fake {
+        up: AtomicBool,
+        opens: AtomicUsize,
+        plan: Vec<Behaviour>,
+        /// Message IDs seen on the wire.
+        wire_ids: Arc<Mutex<Vec<u16>>>,
+    }
+
+    async fn read_query(s: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
+        let len = s.read_u16().await.ok()?;
+        let mut q = vec![0u8; len as usize];
+        s.read_exact(&mut q).await.ok()?;
+        Some(q)
+    }
+
+    /// The fake answer: the query with QR set.
+    async fn answer(s: &mut tokio::io::DuplexStream, mut q: Vec<u8>) {
+        q[2] |= 0x80;
+        let _ = s.write_u16(q.len() as u16).await;
+        let _ = s.write_all(&q).await;
+    }
+
+    impl Connector for Fake {
+        fn is_up(&self) -> bool {
+            self.up.load(Ordering::Relaxed)
+        }
+
+        fn open(&self, _: SocketAddr, _: Duration) -> BoxFuture<'_, Option<Opened>> {
+            let n = self.opens.fetch_add(1, Ordering::Relaxed);
+            let behaviour = self.plan[n.min(self.plan.len() - 1)];
+            let ids = self.wire_ids.clone();
+            Box::pin(async move {
+                let (client, mut server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(async move {
+                    let mut held = Vec::new();
+                    let mut seen = 0;
+                    while let Some(q) = read_query(&mut server).await {
+                        seen += 1;
+                        ids.lock().unwrap().push(wire::id(&q).unwrap());
+                        match behaviour {
+                            Behaviour::DropFirst => return,
+                            Behaviour::Silent => held.push(q),
+                            Behaviour::Reverse(k) if seen < k => held.push(q),
+                            Behaviour::Reverse(_) => {
+                                held.push(q);
+                                while let Some(q) = held.pop() {
+                                    answer(&mut server, q).await;
+                                }
+                            }
+                        }
+                    }
+                });
+                Some(Opened {
+                    stream: Box::new(client),
+                    on_close: Box::new(|| {}),
+                })
+            })
+        }
+    }
+
+    fn fake(plan: Vec<Behaviour>) -> Arc<Fake> {
+        Arc::new(Fake {
+            up: AtomicBool::new(true),
+            opens: AtomicUsize::new(0),
+            plan,
+            wire_ids: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn tunnel(f: &Arc<Fake>, timeout: Duration) -> Arc<Tunnel> {
+        Tunnel::with_connector(
+            f.clone(),
+            vec![([10, 0, 0, 2], 53).into(), ([10, 0, 0, 3], 53).into()],
+            1,
+            timeout,
+        )
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut b = id.to_be_bytes().to_vec();
+        b.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in name.split('.') {
+            b.push(l.len() as u8);
+            b.extend_from_slice(l.as_bytes());
+        }
+        b.extend_from_slice(&[0, 0, 1, 0, 1]);
+        b
+    }
+
+    #[tokio::test]
+    async fn queries_share_one_channel_with_their_own_ids_and_answers_may_come_in_any_order() {
+        let f = fake(vec![Behaviour::Reverse(3)]);
+        let t = tunnel(&f, Duration::from_secs(2));
+        // Three clients that all picked ID 7.
+        let names = ["a.internal", "b.internal", "c.internal"];
+        let answers = futures::future::join_all(names.iter().map(|n| {
+            let t = t.clone();
+            let q = query(7, n);
+            async move { (q.clone(), t.query(&q).await) }
+        }))
+        .await;
+        for (q, a) in answers {
+            let a = a.expect("an answer");
+            assert_eq!(wire::id(&a), Some(7), "the client's ID is given back");
+            assert_eq!(
+                &a[2..],
+                &{
+                    let mut e = q.clone();
+                    e[2] |= 0x80;
+                    e
+                }[2..],
+                "each client gets the answer to its own question"
+            );
+        }
+        assert_eq!(f.opens.load(Ordering::Relaxed), 1, "one channel for all");
+        let mut ids = f.wire_ids.lock().unwrap().clone();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "distinct IDs on the wire");
+        // The channel stays open for the next query.
+        assert!(t.query(&query(9, "d.internal")).await.is_some());
+        assert_eq!(f.opens.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_channel_is_reopened_and_its_query_retried_once() {
+        let f = fake(vec![Behaviour::DropFirst, Behaviour::Reverse(1)]);
+        let t = tunnel(&f, Duration::from_secs(2));
+        let a = t
+            .query(&query(5, "x.internal"))
+            .await
+            .expect("answered on retry");
+        assert_eq!(wire::id(&a), Some(5));
+        assert_eq!(f.opens.load(Ordering::Relaxed), 2);
+        // Twice lost: the query fails instead of looping.
+        let f = fake(vec![Behaviour::DropFirst]);
+        let t = tunnel(&f, Duration::from_secs(2));
+        assert_eq!(t.query(&query(5, "x.internal")).await, None);
+        assert_eq!(f.opens.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_silent_resolver_fails_the_query_in_time_and_the_channel_is_replaced() {
+        let f = fake(vec![Behaviour::Silent, Behaviour::Reverse(1)]);
+        let t = tunnel(&f, Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        assert_eq!(t.query(&query(1, "x.internal")).await, None);
+        assert!(
+            start.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(t.query(&query(2, "y.internal")).await.is_some());
+        assert_eq!(
+            f.opens.load(Ordering::Relaxed),
+            2,
+            "a new channel after the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_link_fails_at_once_without_opening() {
+        let f = fake(vec![Behaviour::Reverse(1)]);
+        f.up.store(false, Ordering::Relaxed);
+        let t = tunnel(&f, Duration::from_secs(2));
+        let start = std::time::Instant::now();
+        assert_eq!(t.query(&query(1, "x.internal")).await, None);
+        assert!(start.elapsed() < Duration::from_millis(50));
+        assert_eq!(f.opens.load(Ordering::Relaxed), 0);
     }
 }
