@@ -5,6 +5,9 @@
 //! When no SSH link is up, or the resolver does not answer in time, the query fails at once
 //! (the responder answers SERVFAIL), so apps never hang on a dead tunnel.
 //!
+//! The streams come from a [`Connector`]: in a session, [`PoolConnector`] opens
+//! `direct-tcpip` channels on the SSH pool; tests plug in an in-memory resolver.
+//!
 //! Only the responder calls this, and only for names inside the configured domains.
 
 use std::collections::HashMap;
