@@ -435,3 +435,102 @@ fn a_thousand_queries_from_fifty_clients_are_all_answered() {
     );
     assert!(vpn.interrupt().success());
 }
+
+/// Runs mse-vpn as if systemd-resolved were running: inside `ip netns exec` (a private mount
+/// namespace) a tmpfs over /run/systemd holds an empty `resolve` directory, the laptop's
+/// resolv.conf points at resolved's stub, and `resolvectl` is a stub on PATH that records its
+/// arguments. This proves mse-vpn's resolved wiring (detection, journal, commands, undo);
+/// resolved itself cannot run here (no systemd as PID 1).
+fn with_fake_resolved(tb: &Testbed, args: &[&str]) -> Command {
+    let bin = tb.dir.join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = tb.dir.join("resolvectl.log");
+    let stub = format!("#!/bin/sh\necho \"$*\" >>{}\nexit 0\n", log.display());
+    let path = bin.join("resolvectl");
+    std::fs::write(&path, stub).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path_env = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
+    tb.mse_vpn_with_env(
+        &[("PATH", &path_env)],
+        &[
+            "bash",
+            "-c",
+            "mount -t tmpfs mse-vpn-test /run/systemd && mkdir /run/systemd/resolve && exec \"$0\" \"$@\"",
+        ],
+        args,
+    )
+}
+
+#[test]
+fn with_systemd_resolved_only_routing_domains_are_set_on_the_tun_link_and_reverted() {
+    let tb = Testbed::up("dn4", &["--with", "dns"]);
+    let conf = lap_resolv_conf(&tb);
+    std::fs::write(&conf, "nameserver 127.0.0.53\noptions edns0 trust-ad\n").unwrap();
+    let original = std::fs::read(&conf).unwrap();
+    let log = tb.dir.join("resolvectl.log");
+    let tun = tb.tun();
+
+    let mut extra = vec!["--dns", "10.0.0.13"];
+    extra.extend(DOMAINS);
+    let args = tb.up_args(&["10.0.0.0/16"], &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vpn = tb.start_cmd(with_fake_resolved(&tb, &args));
+    assert!(
+        vpn.stdout().contains("split DNS (resolved)"),
+        "{}{}",
+        vpn.stdout(),
+        vpn.stderr()
+    );
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(calls.contains("status\n"), "{calls}");
+    assert!(
+        calls.contains(&format!("dns {tun} 198.18.0.1\n")),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!(
+            "domain {tun} ~internal ~rds.example.com ~0.10.in-addr.arpa\n"
+        )),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!("default-route {tun} false\n")),
+        "{calls}"
+    );
+    assert_eq!(
+        std::fs::read(&conf).unwrap(),
+        original,
+        "with resolved, resolv.conf is never touched"
+    );
+    // What resolved would send to the link is answered through the tunnel.
+    assert_eq!(
+        lap_ok(&tb, "dig +short @198.18.0.1 api.internal").trim(),
+        "10.0.0.10"
+    );
+    assert_eq!(status(&tb)["dns"]["mode"], "resolved");
+
+    assert!(vpn.interrupt().success());
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(calls.ends_with(&format!("revert {tun}\n")), "{calls}");
+
+    // SIGKILL, then `down --force` reverts the link from the journal.
+    let vpn = tb.start_cmd(with_fake_resolved(&tb, &args));
+    vpn.signal(nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&log, "").unwrap();
+    let out = with_fake_resolved(&tb, &["down", "--force"])
+        .output()
+        .expect("down --force");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("undone: resolved-link {tun}")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("revert {tun}\n")
+    );
+    assert_eq!(std::fs::read(&conf).unwrap(), original);
+}
