@@ -29,6 +29,9 @@ use crate::pool::Pool;
 const MAX_IN_FLIGHT: usize = 256;
 /// Queries waiting for a worker, per worker.
 const QUEUE: usize = 512;
+/// After a failed channel open, queries fail at once for this long instead of each waiting
+/// for another open (a resolver the jump host cannot reach must not make every query wait).
+const OPEN_HOLDOFF: Duration = Duration::from_secs(1);
 
 /// A byte stream to a resolver's TCP port 53.
 pub trait DnsStream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -135,6 +138,7 @@ impl Tunnel {
                     conn: None,
                     pending: HashMap::new(),
                     next_id: rand::random(),
+                    failed_open: None,
                 };
                 tokio::spawn(w.run(rx));
                 tx
@@ -209,6 +213,8 @@ struct Worker {
     conn: Option<Conn>,
     pending: HashMap<u16, Pending>,
     next_id: u16,
+    /// When the last channel open failed.
+    failed_open: Option<Instant>,
 }
 
 impl Worker {
@@ -232,14 +238,19 @@ impl Worker {
 
     /// Sends one query on the channel, opening one first if needed.
     async fn send(&mut self, job: Job) {
+        if job.reply.is_closed() {
+            return; // the client gave up waiting
+        }
         if self.conn.is_none() {
-            if !self.connector.is_up() || self.servers.is_empty() {
+            let holding_off = self.failed_open.is_some_and(|t| t.elapsed() < OPEN_HOLDOFF);
+            if holding_off || !self.connector.is_up() || self.servers.is_empty() {
                 let _ = job.reply.send(None);
                 return;
             }
             let server = self.servers[self.server];
             match self.connector.open(server, self.timeout).await {
                 Some(opened) => {
+                    self.failed_open = None;
                     debug!(%server, "DNS channel to the VPC resolver opened");
                     let (read, write) = tokio::io::split(opened.stream);
                     let (tx, frames) = mpsc::channel(64);
@@ -252,6 +263,7 @@ impl Worker {
                     });
                 }
                 None => {
+                    self.failed_open = Some(Instant::now());
                     self.rotate();
                     let _ = job.reply.send(None);
                     return;
@@ -402,6 +414,8 @@ mod tests {
         DropFirst,
         /// Reads queries and never answers.
         Silent,
+        /// The open itself fails, after a while.
+        Refuse,
     }
 
     struct Fake {
@@ -436,6 +450,10 @@ mod tests {
             let behaviour = self.plan[n.min(self.plan.len() - 1)];
             let ids = self.wire_ids.clone();
             Box::pin(async move {
+                if matches!(behaviour, Behaviour::Refuse) {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    return None;
+                }
                 let (client, mut server) = tokio::io::duplex(64 * 1024);
                 tokio::spawn(async move {
                     let mut held = Vec::new();
@@ -444,7 +462,7 @@ mod tests {
                         seen += 1;
                         ids.lock().unwrap().push(wire::id(&q).unwrap());
                         match behaviour {
-                            Behaviour::DropFirst => return,
+                            Behaviour::DropFirst | Behaviour::Refuse => return,
                             Behaviour::Silent => held.push(q),
                             Behaviour::Reverse(k) if seen < k => held.push(q),
                             Behaviour::Reverse(_) => {
@@ -562,6 +580,31 @@ mod tests {
             2,
             "a new channel after the timeout"
         );
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_open_queries_fail_at_once_for_a_while() {
+        let f = fake(vec![Behaviour::Refuse, Behaviour::Reverse(1)]);
+        let t = tunnel(&f, Duration::from_secs(2));
+        assert_eq!(t.query(&query(1, "x.internal")).await, None);
+        let start = std::time::Instant::now();
+        assert_eq!(t.query(&query(2, "x.internal")).await, None);
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            f.opens.load(Ordering::Relaxed),
+            1,
+            "no second open during the hold-off"
+        );
+        tokio::time::sleep(OPEN_HOLDOFF).await;
+        assert!(
+            t.query(&query(3, "x.internal")).await.is_some(),
+            "tried again after it"
+        );
+        assert_eq!(f.opens.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
