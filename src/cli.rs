@@ -243,6 +243,16 @@ pub struct UpArgs {
     /// these options; flags given here override it.
     #[arg(value_name = "PROFILE")]
     pub profile: Option<String>,
+    /// Split DNS: names in this domain (and under it) resolve through the VPC's resolver
+    /// (repeatable). Every other name resolves as before. PTR lookups for the routed CIDRs
+    /// go to the VPC resolver too.
+    #[arg(long = "dns-domain", value_name = "DOMAIN")]
+    pub dns_domains: Vec<crate::dns::DnsDomain>,
+    /// The VPC's resolver for --dns-domain names, reached through the tunnel over TCP port 53
+    /// (repeatable). Default: the first non-loopback nameserver of the jump host's
+    /// /etc/resolv.conf.
+    #[arg(long = "dns", value_name = "ADDR", requires = "dns_domains")]
+    pub dns_servers: Vec<std::net::IpAddr>,
 }
 
 impl UpArgs {
@@ -376,6 +386,7 @@ mod tests {
         assert_eq!(up.proxy.unwrap().port, 2222);
         assert_eq!(up.tun, "mse0");
         assert_eq!(up.keepalive, None);
+        assert!(up.dns_domains.is_empty());
     }
 
     #[test]
@@ -434,5 +445,44 @@ mod tests {
         };
         assert_eq!(up.jump.unwrap().0.len(), 2);
         assert!(parse_jump("h1,,h2").is_err());
+    }
+
+    #[test]
+    fn dns_options_parse_to_typed_values() {
+        let base = ["mse-vpn", "up", "--cidr", "10.0.0.0/16", "--proxy", "h"];
+        let parse = |extra: &[&str]| {
+            let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Up(up) => up,
+                _ => panic!("expected up"),
+            })
+        };
+        let up = parse(&[
+            "--dns",
+            "10.0.0.2",
+            "--dns-domain",
+            "Internal.",
+            "--dns-domain",
+            "rds.example.com",
+        ])
+        .unwrap();
+        assert_eq!(
+            up.dns_servers,
+            ["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let d: Vec<String> = up.dns_domains.iter().map(ToString::to_string).collect();
+        assert_eq!(d, ["internal", "rds.example.com"]);
+        assert!(parse(&["--dns-domain", "a..b"]).is_err());
+        assert!(parse(&["--dns", "not-an-ip", "--dns-domain", "x"]).is_err());
+        assert!(
+            parse(&["--dns", "10.0.0.2"]).is_err(),
+            "--dns alone does nothing: refused"
+        );
+        assert!(
+            parse(&["--dns-domain", "internal"])
+                .unwrap()
+                .dns_servers
+                .is_empty()
+        );
     }
 }

@@ -129,6 +129,9 @@ pub struct Status {
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
+    /// Split DNS, when `--dns-domain` is in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsStatus>,
 }
 
 /// A request line.
@@ -160,6 +163,7 @@ pub struct Board {
     forwards: Mutex<Option<Arc<Forwards>>>,
     stats: Mutex<Option<watch::Receiver<EngineStats>>>,
     started: std::time::Instant,
+    dns: Mutex<Option<Arc<crate::dns::DnsCounters>>>,
 }
 
 fn unix_now() -> u64 {
@@ -200,10 +204,12 @@ impl Board {
                 inbound_opened: 0,
                 inbound_refused: 0,
                 forwards: Vec::new(),
+                dns: None,
             }),
             forwards: Mutex::new(None),
             stats: Mutex::new(None),
             started: std::time::Instant::now(),
+            dns: Mutex::new(None),
         })
     }
 
@@ -238,6 +244,16 @@ impl Board {
             st.bytes_down += e.bytes_down;
             st.inbound_opened += e.inbound_opened;
             st.inbound_refused += e.inbound_refused;
+        }
+    }
+
+    /// Shows split DNS (its settings, and `counters` as they grow) in the status.
+    pub fn set_dns(&self, dns: crate::dns::DnsStatus, counters: Arc<crate::dns::DnsCounters>) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.dns = Some(dns);
+        }
+        if let Ok(mut c) = self.dns.lock() {
+            *c = Some(counters);
         }
     }
 
@@ -306,6 +322,15 @@ impl Board {
         }
         if let Some(f) = self.forwards() {
             st.forwards = f.status();
+        }
+        if let Some(dns) = st.dns.take() {
+            st.dns = Some(match self.dns.lock() {
+                Ok(c) => match c.as_ref() {
+                    Some(c) => dns.with_counters(c),
+                    None => dns,
+                },
+                Err(_) => dns,
+            });
         }
         st
     }
@@ -565,6 +590,20 @@ pub fn render(st: &Status) -> String {
                 .unwrap_or_default()
         ));
     }
+    if let Some(d) = &st.dns {
+        out.push_str(&format!(
+            "dns         {} on {} → {} for {}\ndns queries {} via tunnel, {} via original nameservers, {} servfail, {} refused, {} truncated\n",
+            d.mode,
+            d.listen,
+            d.servers.join(", "),
+            d.domains.join(", "),
+            d.via_tunnel,
+            d.via_upstream,
+            d.servfail,
+            d.refused,
+            d.truncated
+        ));
+    }
     if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
         out.push_str(&format!(
             "last event  {:?} {}\n",
@@ -610,6 +649,31 @@ mod tests {
         assert_eq!(st.state, LinkState::Connected);
         assert_eq!(st.history.len(), 3);
         assert!(render(&st).contains("keepalive timeout"));
+
+        assert!(st.dns.is_none(), "no dns object without --dns-domain");
+        let counters = Arc::new(crate::dns::DnsCounters::default());
+        board.set_dns(
+            crate::dns::DnsStatus {
+                mode: "resolv.conf".into(),
+                listen: "198.18.0.1:53".into(),
+                servers: vec!["10.0.0.2".into()],
+                domains: vec!["internal".into()],
+                upstream: vec!["127.0.0.1:53".into()],
+                via_tunnel: 0,
+                via_upstream: 0,
+                servfail: 0,
+                refused: 0,
+                truncated: 0,
+            },
+            counters.clone(),
+        );
+        counters
+            .via_tunnel
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        let st = status(&path).await.unwrap();
+        let dns = st.dns.as_ref().expect("a dns object");
+        assert_eq!((dns.via_tunnel, dns.servfail), (3, 0));
+        assert!(render(&st).contains("3 via tunnel"), "{}", render(&st));
 
         request(&path, "down").await.unwrap();
         stop_rx.wait_for(|s| *s).await.unwrap();

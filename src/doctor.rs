@@ -39,7 +39,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
+    pub(crate) fn new(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
         Check {
             name,
             verdict,
@@ -48,7 +48,7 @@ impl Check {
         }
     }
 
-    fn fix(mut self, fix: impl Into<String>) -> Check {
+    pub(crate) fn fix(mut self, fix: impl Into<String>) -> Check {
         self.fix = Some(fix.into());
         self
     }
@@ -122,6 +122,9 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
 
     checks.extend(routes(args, &jump_addrs, state_dir).await);
+    if !args.dns_domains.is_empty() {
+        checks.extend(crate::dns::doctor::host_checks(args).await);
+    }
 
     let Some(reachable) = reachability(&jump_addrs, &mut checks).await else {
         for name in ["host key", "login", "forwarding", "reverse forwarding"] {
@@ -193,6 +196,9 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
             Verdict::Skipped,
             "the jump host is named (not an address) behind ProxyJump hops",
         )),
+    }
+    if !args.dns_domains.is_empty() {
+        checks.push(crate::dns::doctor::resolver_check(args, &session).await);
     }
     session.disconnect().await;
     checks

@@ -16,6 +16,10 @@
 //!  platform crate: TUN address, routes, restore journal (knows nothing of smoltcp or russh)
 //! ```
 //!
+//! With `--dns-domain`, [`dns`] answers DNS on the TUN's own address: names in those domains
+//! go to the VPC resolver through the tunnel, every other name to the host's original
+//! nameservers.
+//!
 //! What it does not do: carry UDP or ICMP (they get an ICMP unreachable so apps fail fast),
 //! or touch any traffic outside the routed CIDRs.
 //!
@@ -27,6 +31,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod dns;
 pub mod doctor;
 pub mod driver;
 pub mod engine;

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use mse_vpn::cli::{Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs};
 use mse_vpn::control::{self, Board, LinkState};
+use mse_vpn::dns;
 use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
@@ -172,13 +173,6 @@ fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
             std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
         ];
         let profile = mse_vpn::profile::find(&name, &files)?;
-        for (key, values) in [("dns", &profile.dns), ("dns_domains", &profile.dns_domains)] {
-            if !values.is_empty() {
-                eprintln!(
-                    "mse-vpn: warning: profile {name}: `{key}` is not supported by this build and is ignored"
-                );
-            }
-        }
         mse_vpn::profile::apply(args, matches, &profile, user.home());
     }
     if args.proxy.is_none() {
@@ -441,6 +435,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
         ),
     }
+    let dns_servers = dns::session::resolvers(&args, &sessions).await?;
 
     // 3. Host changes, journaled by the platform crate.
     let (stop_tx, stop) = watch::channel(false);
@@ -463,7 +458,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     )?;
     tokio::spawn(server.serve(board.clone(), stop_tx.clone()));
     let tun = Arc::new(Tun::create(plan.tun_name(), args.mtu as u16)?);
-    let host = platform::Host::apply(&plan, state_dir).await?;
+    let mut host = platform::Host::apply(&plan, state_dir).await?;
 
     let config = DriverConfig {
         engine: EngineConfig {
@@ -485,6 +480,21 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         board.clone(),
         stop_tx.clone(),
     );
+    // Split DNS: the responder, then the host resolver pointed at it (journaled).
+    if !args.dns_domains.is_empty() {
+        let dns = dns::session::start(&args, &plan, &pool, &mut host, state_dir, &dns_servers);
+        match dns.await {
+            Ok((responder, shown)) => {
+                board.set_dns(shown, responder.counters());
+                tokio::spawn(responder.run(stop.clone()));
+            }
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                let _ = host.restore().await;
+                return Err(e.into());
+            }
+        }
+    }
     let forwards = Forwards::new();
     forwards.set_advertise(advertise);
     board.set_forwards(forwards.clone());

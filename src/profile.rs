@@ -119,12 +119,12 @@ pub struct Profile {
     pub ssh_config: Option<String>,
     /// `--password-file`.
     pub password_file: Option<String>,
-    /// DNS servers (passed through as typed; wired by the DNS feature).
-    #[serde(default)]
-    pub dns: Vec<String>,
-    /// DNS domains (passed through as typed; wired by the DNS feature).
-    #[serde(default)]
-    pub dns_domains: Vec<String>,
+    /// `--dns`: the VPC's resolvers.
+    #[serde(default, deserialize_with = "parsed_list")]
+    pub dns: Vec<std::net::IpAddr>,
+    /// `--dns-domain`: the split-DNS domains.
+    #[serde(default, deserialize_with = "parsed_list")]
+    pub dns_domains: Vec<crate::dns::DnsDomain>,
     /// `--expose` specs.
     #[serde(default, deserialize_with = "parsed_list")]
     pub expose: Vec<crate::reverse::ForwardSpec>,
@@ -306,6 +306,12 @@ pub fn apply(args: &mut UpArgs, matches: &ArgMatches, profile: &Profile, home: &
     }
     if !typed("password_file") && profile.password_file.is_some() {
         args.password_file = profile.password_file.as_ref().map(path);
+    }
+    if !typed("dns_servers") && !profile.dns.is_empty() {
+        args.dns_servers = profile.dns.clone();
+    }
+    if !typed("dns_domains") && !profile.dns_domains.is_empty() {
+        args.dns_domains = profile.dns_domains.clone();
     }
     if !typed("expose") && !profile.expose.is_empty() {
         args.expose = profile.expose.clone();

@@ -13,6 +13,8 @@
 //! table-default 28123 dev mse0 inet
 //! rule from 198.18.0.1 prio 5210 main-nodefault
 //! rule from 198.18.0.1 prio 5211 table 28123
+//! resolved-link mse0
+//! resolv-conf /etc/resolv.conf backup /run/mse-vpn/mse0.resolv.conf.orig
 //! ```
 
 use std::fmt;
@@ -73,6 +75,27 @@ pub enum Change {
         /// The output link.
         dev: String,
     },
+    /// systemd-resolved was given per-link DNS settings for a link (undo: `resolvectl
+    /// revert`).
+    ResolvedLink {
+        /// The link.
+        link: String,
+    },
+    /// A resolver configuration file was rewritten in place; its original bytes are in
+    /// `backup`.
+    ResolvConf {
+        /// The file (normally /etc/resolv.conf).
+        file: PathBuf,
+        /// The saved original.
+        backup: PathBuf,
+    },
+    /// A resolver configuration symlink was replaced by a regular file.
+    ResolvConfLink {
+        /// The file (normally /etc/resolv.conf).
+        file: PathBuf,
+        /// Where the symlink pointed.
+        target: PathBuf,
+    },
 }
 
 impl fmt::Display for Change {
@@ -105,6 +128,19 @@ impl fmt::Display for Change {
                 via: None,
                 dev,
             } => write!(f, "bypass {dst} dev {dev}"),
+            Change::ResolvedLink { link } => write!(f, "resolved-link {link}"),
+            Change::ResolvConf { file, backup } => write!(
+                f,
+                "resolv-conf {} backup {}",
+                file.display(),
+                backup.display()
+            ),
+            Change::ResolvConfLink { file, target } => write!(
+                f,
+                "resolv-conf-link {} target {}",
+                file.display(),
+                target.display()
+            ),
         }
     }
 }
@@ -151,6 +187,17 @@ impl Change {
                 dst: d.parse().ok()?,
                 via: None,
                 dev: (*dev).to_owned(),
+            }),
+            ["resolved-link", link] => Some(Change::ResolvedLink {
+                link: (*link).to_owned(),
+            }),
+            ["resolv-conf", file, "backup", backup] => Some(Change::ResolvConf {
+                file: PathBuf::from(file),
+                backup: PathBuf::from(backup),
+            }),
+            ["resolv-conf-link", file, "target", target] => Some(Change::ResolvConfLink {
+                file: PathBuf::from(file),
+                target: PathBuf::from(target),
             }),
             _ => None,
         }
@@ -288,7 +335,21 @@ mod tests {
                 priority: 5211,
                 table: Some(28123),
             },
+            Change::ResolvedLink {
+                link: "mvj0".into(),
+            },
+            Change::ResolvConf {
+                file: "/etc/resolv.conf".into(),
+                backup: "/run/mse-vpn/mvj0.resolv.conf.orig".into(),
+            },
+            Change::ResolvConfLink {
+                file: "/etc/resolv.conf".into(),
+                target: "../run/systemd/resolve/stub-resolv.conf".into(),
+            },
         ];
+        for c in &changes {
+            assert_eq!(Change::parse(&c.to_string()).as_ref(), Some(c), "{c}");
+        }
         let mut j = Journal::create(&path, 4242).unwrap();
         for c in &changes {
             j.record(c).unwrap();

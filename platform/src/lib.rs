@@ -2,8 +2,9 @@
 //!
 //! Host integration for mse-vpn: the [`RoutePlan`] (pure: which prefixes go into the TUN, the
 //! TUN's own addresses, which jump-host addresses bypass it), and the OS side that applies it:
-//! addresses and routes on the TUN link, bypass host routes, and the on-disk restore journal
-//! that lets a crashed session be undone.
+//! addresses and routes on the TUN link, bypass host routes, split DNS ([`dns`]:
+//! systemd-resolved routing domains or the resolv.conf fallback), and the on-disk restore
+//! journal that lets a crashed session be undone.
 //!
 //! It knows nothing of smoltcp or russh. The caller creates the TUN device (and holds its fd);
 //! this crate configures it. Every change is written to the journal before it is made;
@@ -14,6 +15,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod dns;
 pub mod journal;
 pub mod memory;
 pub mod plan;
@@ -108,6 +110,23 @@ pub enum PlatformError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// The resolver configuration could not be changed.
+    #[error("cannot point {path} at the DNS responder: {source}")]
+    Dns {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path that must be written to the journal contains whitespace.
+    #[error(
+        "{path} contains whitespace, which the restore journal cannot record: use a --state-dir without spaces"
+    )]
+    UnsafePath {
+        /// The path.
+        path: PathBuf,
+    },
     /// `ip -j` printed something unexpected.
     #[error("cannot parse the output of `{cmd}`: {source}")]
     Parse {
@@ -176,6 +195,18 @@ impl Host {
         Ok(Host {
             inner: imp::apply(plan, state_dir).await?,
         })
+    }
+
+    /// Points the host resolver at the DNS responder `plan.server` for `plan.zones` only
+    /// (systemd-resolved when it runs, else the resolv.conf fallback), journaled like every
+    /// other change and undone by [`Host::restore`] / [`repair`].
+    pub async fn apply_dns(
+        &mut self,
+        tun: &str,
+        plan: &dns::DnsPlan,
+        state_dir: &Path,
+    ) -> Result<dns::DnsBackend, PlatformError> {
+        imp::apply_dns(&mut self.inner, tun, plan, state_dir).await
     }
 
     /// Undoes every change in reverse order and deletes the journal.

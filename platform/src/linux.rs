@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::process::Command;
 use tracing::{debug, info, warn};
 
+use crate::dns::{self, DnsBackend, DnsPlan};
 use crate::journal::{self, Change, Journal};
 use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
 
@@ -469,6 +470,12 @@ async fn undo(change: &Change) -> bool {
             Ok(_) => return false,
             Err(e) => Err(e),
         },
+        // resolved forgets a link's settings when the link goes; revert covers a link that
+        // is still there.
+        Change::ResolvedLink { link } => dns::resolvectl(&["revert", link]).await,
+        Change::ResolvConf { .. } | Change::ResolvConfLink { .. } => {
+            return dns::undo_resolv_conf(change);
+        }
     };
     match r {
         Ok(_) => true,
@@ -521,4 +528,63 @@ pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
         })?;
     }
     Ok(undone)
+}
+
+/// Points the host resolver at the responder (see [`crate::dns`]), journaling first.
+pub async fn apply_dns(
+    applied: &mut Applied,
+    tun: &str,
+    plan: &DnsPlan,
+    state_dir: &Path,
+) -> Result<DnsBackend, PlatformError> {
+    let backend = dns::detect().await;
+    match backend {
+        DnsBackend::Resolved => {
+            record(
+                applied,
+                Change::ResolvedLink {
+                    link: tun.to_owned(),
+                },
+            )?;
+            for args in dns::resolved_commands(tun, plan) {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                dns::resolvectl(&args).await?;
+            }
+        }
+        DnsBackend::ResolvConf => {
+            let file = Path::new(dns::RESOLV_CONF);
+            let backup = dns::backup_path(state_dir, tun);
+            if backup.to_string_lossy().contains(char::is_whitespace) {
+                return Err(PlatformError::UnsafePath { path: backup });
+            }
+            let mut recorded = None;
+            let result = dns::rewrite_resolv_conf(file, &backup, plan, tun, |c| {
+                applied.journal.record(c)?;
+                recorded = Some(c.clone());
+                Ok(())
+            });
+            // Whatever was journaled is undone on restore, even if the write failed after.
+            if let Some(c) = recorded {
+                applied.changes.push(c);
+            }
+            result.map_err(|source| PlatformError::Dns {
+                path: file.to_owned(),
+                source,
+            })?;
+        }
+    }
+    info!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    Ok(backend)
+}
+
+fn record(applied: &mut Applied, change: Change) -> Result<(), PlatformError> {
+    applied
+        .journal
+        .record(&change)
+        .map_err(|source| PlatformError::Journal {
+            path: applied.journal.path().to_owned(),
+            source,
+        })?;
+    applied.changes.push(change);
+    Ok(())
 }

@@ -26,3 +26,12 @@ pub async fn repair(_: &Path) -> Result<Vec<Change>, PlatformError> {
 pub async fn overlapping_routes(_: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
     Err(PlatformError::Unsupported)
 }
+
+pub async fn apply_dns(
+    _: &mut Applied,
+    _: &str,
+    _: &crate::dns::DnsPlan,
+    _: &Path,
+) -> Result<crate::dns::DnsBackend, PlatformError> {
+    Err(PlatformError::Unsupported)
+}

@@ -4,6 +4,7 @@
 
 mod auth;
 mod config;
+mod dns;
 mod harness;
 mod lifecycle;
 mod outbound;

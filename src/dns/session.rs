@@ -1,0 +1,114 @@
+//! Split DNS in an `up` session: which VPC resolvers to use (`--dns`, or discovered on the
+//! jump host), and starting the responder: bind it on the TUN address, then point the host
+//! resolver at it through the platform crate (journaled). Called by `main` between the host
+//! changes and the "is up" line; prints the user-facing lines about DNS.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use mse_vpn_platform::{self as platform, Host, RoutePlan};
+
+use super::{DnsCounters, DnsError, DnsStatus, Responder, ResponderConfig, Split, Tunnel};
+use crate::cli::UpArgs;
+use crate::pool::Pool;
+use crate::ssh::Session;
+
+/// The VPC resolvers for split DNS: `--dns`, or the jump host's own (read over SSH from one
+/// of `sessions`). Empty without `--dns-domain`.
+pub async fn resolvers(
+    args: &UpArgs,
+    sessions: &[Option<Session>],
+) -> Result<Vec<IpAddr>, DnsError> {
+    if args.dns_domains.is_empty() || !args.dns_servers.is_empty() {
+        return Ok(args.dns_servers.clone());
+    }
+    let session = sessions
+        .iter()
+        .flatten()
+        .next()
+        .ok_or(DnsError::NoResolver {
+            why: "no SSH connection to read it with",
+        })?;
+    let found = super::discover(session).await?;
+    println!(
+        "split DNS: no --dns given; using {found}, the first nameserver in the jump host's /etc/resolv.conf"
+    );
+    Ok(vec![found])
+}
+
+/// Binds the responder on the TUN's IPv4 address, port 53, then points the host resolver at
+/// it for the split zones only. Returns the responder (not yet running) and the `dns` object
+/// for `status`. On error, what was journaled is undone by the caller's `host.restore()`.
+pub async fn start(
+    args: &UpArgs,
+    plan: &RoutePlan,
+    pool: &Arc<Pool>,
+    host: &mut Host,
+    state_dir: &Path,
+    servers: &[IpAddr],
+) -> Result<(Responder, DnsStatus), DnsError> {
+    let listen = SocketAddr::new(plan.tun_v4().into(), 53);
+    let split = Split::new(args.dns_domains.clone(), plan.routes());
+    // The original nameservers, read before the host resolver is changed (glibc's default,
+    // 127.0.0.1, when the file names none). Under resolved this is its stub, which never
+    // sends names outside the routing domains back to us.
+    let text = std::fs::read_to_string(platform::dns::RESOLV_CONF).unwrap_or_default();
+    let mut upstream: Vec<SocketAddr> = platform::dns::nameservers(&text)
+        .into_iter()
+        .filter(|a| *a != listen.ip())
+        .map(|a| (a, 53).into())
+        .collect();
+    if upstream.is_empty() {
+        upstream.push(([127, 0, 0, 1], 53).into());
+    }
+    let tunnel = Tunnel::spawn(
+        pool.clone(),
+        servers.iter().map(|s| (*s, 53).into()).collect(),
+        listen,
+        super::TUNNEL_CHANNELS,
+        super::QUERY_TIMEOUT,
+    );
+    let zones: Vec<String> = split.zones().map(ToString::to_string).collect();
+    let responder = Responder::bind(
+        ResponderConfig {
+            listen,
+            split,
+            upstream: upstream.clone(),
+        },
+        tunnel,
+        Arc::new(DnsCounters::default()),
+    )
+    .await?;
+    let dns_plan = platform::dns::DnsPlan {
+        server: listen.ip(),
+        zones: zones.clone(),
+    };
+    let backend = host
+        .apply_dns(plan.tun_name(), &dns_plan, state_dir)
+        .await?;
+    let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+    println!(
+        "split DNS ({}): {} → {} through the tunnel; other names as before",
+        backend.name(),
+        args.dns_domains
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        servers.join(", ")
+    );
+    let shown = DnsStatus {
+        mode: backend.name().to_owned(),
+        listen: listen.to_string(),
+        servers,
+        domains: zones,
+        upstream: upstream.iter().map(ToString::to_string).collect(),
+        via_tunnel: 0,
+        via_upstream: 0,
+        servfail: 0,
+        refused: 0,
+        truncated: 0,
+    };
+    Ok((responder, shown))
+}
