@@ -266,14 +266,7 @@ pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, Platfo
 }
 
 async fn make(applied: &mut Applied, change: Change, args: &[&str]) -> Result<(), PlatformError> {
-    applied
-        .journal
-        .record(&change)
-        .map_err(|source| PlatformError::Journal {
-            path: applied.journal.path().to_owned(),
-            source,
-        })?;
-    applied.changes.push(change);
+    record(applied, change)?;
     ip(args).await.map(|_| ())
 }
 

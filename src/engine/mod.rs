@@ -217,7 +217,27 @@ struct Flow {
     connecting: bool,
 }
 
-/// The engine. See the module documentation.
+impl Flow {
+    /// A new flow with nothing relayed yet; `connecting` for inbound flows.
+    fn new(key: FlowKey, phase: Phase, connecting: bool) -> Flow {
+        Flow {
+            key,
+            phase,
+            inflight: 0,
+            inflight_msgs: 0,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            ssh_eof: false,
+            channel_closed: false,
+            fin_queued: false,
+            app_eof: false,
+            ending: None,
+            dirty: false,
+            connecting,
+        }
+    }
+}
+
 /// One smoltcp interface with its sockets and packet queues.
 struct Shard {
     iface: Interface,
@@ -273,6 +293,7 @@ fn shard_of(id: FlowId) -> usize {
     (id.0 % SHARDS as u64) as usize
 }
 
+/// The engine. See the module documentation.
 pub struct Engine {
     config: EngineConfig,
     shards: Vec<Shard>,
@@ -384,21 +405,9 @@ impl Engine {
             return;
         }
         self.stats.flows_opened += 1;
-        let id = self.flows.insert(key, |_| Flow {
-            key,
-            phase: Phase::Opening { syn },
-            inflight: 0,
-            inflight_msgs: 0,
-            pending: VecDeque::new(),
-            pending_len: 0,
-            ssh_eof: false,
-            channel_closed: false,
-            fin_queued: false,
-            app_eof: false,
-            ending: None,
-            dirty: false,
-            connecting: false,
-        });
+        let id = self
+            .flows
+            .insert(key, |_| Flow::new(key, Phase::Opening { syn }, false));
         self.events.push_back(Event::Open { id, key });
     }
 
@@ -471,20 +480,9 @@ impl Engine {
         if self.flows.id_of(&key).is_some() {
             return Err(InboundError::Duplicate);
         }
-        let id = self.flows.insert(key, |_| Flow {
-            key,
-            phase: Phase::Opening { syn: Vec::new() },
-            inflight: 0,
-            inflight_msgs: 0,
-            pending: VecDeque::new(),
-            pending_len: 0,
-            ssh_eof: false,
-            channel_closed: false,
-            fin_queued: false,
-            app_eof: false,
-            ending: None,
-            dirty: false,
-            connecting: true,
+        // The socket is added below, once the flow's id (and so its shard) is known.
+        let id = self.flows.insert(key, |_| {
+            Flow::new(key, Phase::Opening { syn: Vec::new() }, true)
         });
         let mut socket = new_socket(self.config.tcp_buffer);
         socket.set_timeout(Some(timeout));

@@ -579,13 +579,7 @@ fn an_inbound_flow_to_a_closed_local_port_is_refused_at_once() {
         .unwrap();
     p.step();
     let events = p.take_events();
-    assert!(
-        matches!(
-            events.as_slice(),
-            [Event::Close { id: i, reason: CloseReason::LocalRefused, .. }] if *i == id
-        ),
-        "{events:?}"
-    );
+    assert_refused_locally(&events, id);
     assert_eq!(p.engine.flow_count(), 0);
     assert_eq!(p.engine.stats().inbound_refused, 1);
 }
@@ -609,9 +603,14 @@ fn an_inbound_flow_the_local_side_never_answers_times_out() {
     while let Some(e) = p.engine.poll_event() {
         events.push(e);
     }
+    assert_refused_locally(&events, id);
+}
+
+/// The only event is the inbound flow's end because the local side did not accept it.
+fn assert_refused_locally(events: &[Event], id: FlowId) {
     assert!(
         matches!(
-            events.as_slice(),
+            events,
             [Event::Close { id: i, reason: CloseReason::LocalRefused, .. }] if *i == id
         ),
         "{events:?}"

@@ -317,6 +317,14 @@ impl SshError {
     }
 }
 
+/// Maps a russh error of a request to `target` into [`SshError::Protocol`].
+fn protocol(target: &str) -> impl Fn(russh::Error) -> SshError + '_ {
+    move |source| SshError::Protocol {
+        target: target.to_owned(),
+        source,
+    }
+}
+
 /// What the handler found about the server key (russh only tells us "rejected").
 #[derive(Debug, Default)]
 struct KeyCheck {
@@ -799,10 +807,7 @@ async fn authenticate(
         let auth = handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash));
         let r = bounded(opts, target, auth)
             .await?
-            .map_err(|source| SshError::Protocol {
-                target: target.to_owned(),
-                source,
-            })?;
+            .map_err(protocol(target))?;
         if r.success() {
             return Ok(());
         }
@@ -815,10 +820,7 @@ async fn authenticate(
         None => {
             let r = bounded(opts, target, handle.authenticate_none(user))
                 .await?
-                .map_err(|source| SshError::Protocol {
-                    target: target.to_owned(),
-                    source,
-                })?;
+                .map_err(protocol(target))?;
             if r.success() {
                 return Ok(());
             }

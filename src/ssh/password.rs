@@ -16,7 +16,7 @@ use thiserror::Error;
 use tracing::debug;
 use zeroize::Zeroizing;
 
-use super::{Client, SshError, SshOptions, bounded};
+use super::{Client, SshError, SshOptions, bounded, protocol};
 
 /// Why a password file is refused.
 #[derive(Debug, Error)]
@@ -110,10 +110,7 @@ pub(super) async fn log_in(
             let auth = handle.authenticate_password(user, password.as_str());
             let r = bounded(opts, target, auth)
                 .await?
-                .map_err(|source| SshError::Protocol {
-                    target: target.to_owned(),
-                    source,
-                })?;
+                .map_err(protocol(target))?;
             matches!(r, AuthResult::Success)
         });
     if !ok {
@@ -134,12 +131,9 @@ async fn keyboard_interactive(
     target: &str,
     password: &Zeroizing<String>,
 ) -> Result<bool, SshError> {
-    let proto = |source| SshError::Protocol {
-        target: target.to_owned(),
-        source,
-    };
+    let proto = protocol(target);
     let start = handle.authenticate_keyboard_interactive_start(user, None);
-    let mut reply = bounded(opts, target, start).await?.map_err(proto)?;
+    let mut reply = bounded(opts, target, start).await?.map_err(&proto)?;
     // A server asks a bounded number of rounds (an info message, then the password).
     for _ in 0..4 {
         match reply {
@@ -157,7 +151,7 @@ async fn keyboard_interactive(
                     })
                     .collect();
                 let respond = handle.authenticate_keyboard_interactive_respond(answers);
-                reply = bounded(opts, target, respond).await?.map_err(proto)?;
+                reply = bounded(opts, target, respond).await?.map_err(&proto)?;
             }
         }
     }

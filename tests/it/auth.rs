@@ -10,49 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::{TestUser, curl_within, s, strs};
 use crate::harness::{Testbed, Vpn, fingerprint, keygen, pub_path, stderr, stdout};
 
 /// The CIDR every test routes.
 const VPC: &str = "10.0.0.0/16";
-
-/// Runs a command on a fresh pseudo-terminal that is its controlling terminal (so `/dev/tty`
-/// works, as in a real shell), copies everything it prints to stdout, and answers each
-/// "Enter passphrase" prompt with the next line of `MV_ANSWERS` after `MV_DELAY` seconds
-/// (a prompt with no answer left is left waiting, as a user who walked away would).
-/// SIGINT/SIGTERM are passed on; the exit code is the command's (128+N for signal N).
-const PTY_DRIVER: &str = r#"
-import os, pty, signal, sys, time
-answers = [a for a in os.environ.pop("MV_ANSWERS", "").split("\n") if a]
-delay = float(os.environ.pop("MV_DELAY", "0"))
-pid, fd = pty.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-def forward(sig, _frame):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-signal.signal(signal.SIGINT, forward)
-signal.signal(signal.SIGTERM, forward)
-seen = b""
-while True:
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        break
-    if not data:
-        break
-    os.write(1, data)
-    seen += data
-    while b"Enter passphrase" in seen:
-        seen = seen.split(b"Enter passphrase", 1)[1]
-        if answers:
-            time.sleep(0.2 + delay)
-            os.write(fd, (answers.pop(0) + "\n").encode())
-_, status = os.waitpid(pid, 0)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"#;
 
 /// The prompt mse-vpn shows for an encrypted key.
 const PROMPT: &str = "Enter passphrase for key";
@@ -84,29 +46,6 @@ fn assert_logins(tb: &Testbed, mark: usize, login: &str, kind: &str, pubkey: &Pa
             "expected {login} with {kind} {fp}, sshd logged: {l}"
         );
     }
-}
-
-/// `args` as `&str`s.
-fn strs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
-}
-
-/// The path as a `String`.
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// Retries a GET of http://10.0.0.10/ for up to `limit`; true once one succeeds.
-fn curl_within(tb: &Testbed, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        let out = tb.on_laptop(5, &["curl", "-sS", "-m", "2", "http://10.0.0.10/"]);
-        if stdout(&out).trim() == "hello from the VPC" {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }
 
 #[test]
@@ -153,15 +92,7 @@ fn encrypted_key(tb: &Testbed, passphrase: &str) -> PathBuf {
 /// `mse-vpn ARGS` on a pseudo-terminal, answering passphrase prompts with `answers` after
 /// `delay_secs` each.
 fn on_pty(tb: &Testbed, answers: &[&str], delay_secs: u32, args: &[String]) -> Vpn {
-    let driver = tb.dir.join("pty_driver.py");
-    std::fs::write(&driver, PTY_DRIVER).expect("write the pty driver");
-    let answers = answers.join("\n");
-    let delay = delay_secs.to_string();
-    let env = [
-        ("MV_ANSWERS", answers.as_str()),
-        ("MV_DELAY", delay.as_str()),
-    ];
-    Vpn::spawn(tb.mse_vpn_with_env(&env, &["python3", &s(&driver)], &strs(args)))
+    tb.on_pty("Enter passphrase", answers, delay_secs, &strs(args))
 }
 
 #[test]
@@ -359,67 +290,11 @@ fn ssh_agent_identities_log_in_with_no_key_file() {
     assert_eq!(tb.snapshot(), before);
 }
 
-/// A throwaway local user, deleted (with its home) on drop, even when the test fails.
-pub(crate) struct TestUser {
-    pub(crate) name: &'static str,
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-impl TestUser {
-    pub(crate) fn create(name: &'static str) -> TestUser {
-        let _ = Command::new("userdel").args(["-r", name]).output();
-        let run = |argv: &[&str]| {
-            let out = Command::new(argv[0])
-                .args(&argv[1..])
-                .output()
-                .expect("run");
-            assert!(out.status.success(), "{argv:?}: {}", stderr(&out));
-        };
-        run(&["useradd", "-m", "-s", "/bin/sh", name]);
-        // An unlocked account ("*": no password login, but not "!" locked, which sshd
-        // refuses without PAM).
-        run(&["usermod", "-p", "*", name]);
-        let user = nix::unistd::User::from_name(name)
-            .expect("passwd lookup")
-            .expect("the new user");
-        TestUser {
-            name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        }
-    }
-
-    /// Gives `path` to this user with `mode`.
-    fn own(&self, path: &Path, mode: u32) {
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).expect("chown");
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
-
-    /// The environment `sudo` gives root's process on this user's behalf.
-    pub(crate) fn sudo_env(&self) -> [(String, String); 4] {
-        [
-            ("SUDO_USER".into(), self.name.into()),
-            ("SUDO_UID".into(), self.uid.to_string()),
-            ("SUDO_GID".into(), self.gid.to_string()),
-            ("HOME".into(), "/root".into()),
-        ]
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").args(["-r", self.name]).output();
-    }
-}
-
 #[test]
 fn under_sudo_the_invoking_users_key_and_known_hosts_are_used() {
     let tb = Testbed::up("au4", &["--with", "nginx"]);
     let before = tb.snapshot();
-    let user = TestUser::create("mvtest");
+    let user = TestUser::create("mvtest", None);
     let ssh_dir = user.home.join(".ssh");
     std::fs::create_dir_all(&ssh_dir).unwrap();
     user.own(&ssh_dir, 0o700);

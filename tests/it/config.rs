@@ -7,46 +7,14 @@
 //! jump host's socket table, so a test cannot pass by some other path getting in.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::harness::{TestUser, curl_within, s, strs};
 use crate::harness::{Testbed, Vpn, fingerprint, keygen, pub_path, stderr, stdout};
 
 /// The CIDR every test routes.
 const VPC: &str = "10.0.0.0/16";
-
-/// `args` as `&str`s.
-fn strs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
-}
-
-/// The path as a `String`.
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// Runs a command and asserts it succeeded.
-fn run(argv: &[&str]) {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{argv:?}: {}", stderr(&out));
-}
-
-/// Retries a GET of http://10.0.0.10/ for up to `limit`; true once one succeeds.
-fn curl_within(tb: &Testbed, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        let out = tb.on_laptop(5, &["curl", "-sS", "-m", "2", "http://10.0.0.10/"]);
-        if stdout(&out).trim() == "hello from the VPC" {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
-}
 
 /// The laptop's snapshot once it stops changing (the kernel adds the link-local IPv6
 /// address of a fresh link a moment after it comes up).
@@ -77,80 +45,6 @@ fn log_lines(log: &str, mark: usize, needle: &str) -> Vec<String> {
 fn host_key(tb: &Testbed, file: &str) -> String {
     let key = std::fs::read_to_string(tb.dir.join(file)).expect("host key");
     key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
-/// A throwaway local user, deleted (with its home) on drop, even when the test fails.
-struct TestUser {
-    name: &'static str,
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-impl TestUser {
-    /// A user with an unlocked account and no password, or with `password`.
-    fn create(name: &'static str, password: Option<&str>) -> TestUser {
-        let _ = Command::new("userdel").args(["-r", name]).output();
-        run(&["useradd", "-m", "-s", "/bin/sh", name]);
-        match password {
-            // "*": no password login, but not "!" (locked), which sshd refuses without PAM.
-            None => run(&["usermod", "-p", "*", name]),
-            Some(p) => {
-                let mut child = Command::new("chpasswd")
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()
-                    .expect("chpasswd");
-                std::io::Write::write_all(
-                    child.stdin.as_mut().unwrap(),
-                    format!("{name}:{p}\n").as_bytes(),
-                )
-                .unwrap();
-                assert!(child.wait().unwrap().success(), "chpasswd");
-            }
-        }
-        let user = nix::unistd::User::from_name(name)
-            .expect("passwd lookup")
-            .expect("the new user");
-        TestUser {
-            name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        }
-    }
-
-    /// Writes `path` (creating its directories, all the user's) with `mode`.
-    fn write(&self, path: &Path, text: &str, mode: u32) {
-        let dir = path.parent().unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        for d in dir.ancestors().take_while(|d| d.starts_with(&self.home)) {
-            self.own(d, 0o700);
-        }
-        std::fs::write(path, text).unwrap();
-        self.own(path, mode);
-    }
-
-    /// Gives `path` to this user with `mode`.
-    fn own(&self, path: &Path, mode: u32) {
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).expect("chown");
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
-
-    /// The environment `sudo` gives root's process on this user's behalf.
-    fn sudo_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("SUDO_USER".into(), self.name.into()),
-            ("SUDO_UID".into(), self.uid.to_string()),
-            ("SUDO_GID".into(), self.gid.to_string()),
-            ("HOME".into(), "/root".into()),
-        ]
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").args(["-r", self.name]).output();
-    }
 }
 
 /// `mse-vpn ARGS` in the laptop namespace on behalf of `user` (as sudo runs it).
@@ -438,43 +332,6 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
     assert_eq!(tb.snapshot(), before);
 }
 
-/// Runs a command on a fresh pseudo-terminal that is its controlling terminal, copies
-/// everything it prints to stdout, and answers each prompt containing `MV_PROMPT` with the
-/// next line of `MV_ANSWERS`. The exit code is the command's (128+N for signal N).
-const PTY_DRIVER: &str = r#"
-import os, pty, signal, sys, time
-answers = [a for a in os.environ.pop("MV_ANSWERS", "").split("\n") if a]
-prompt = os.environ.pop("MV_PROMPT").encode()
-pid, fd = pty.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-def forward(sig, _frame):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-signal.signal(signal.SIGINT, forward)
-signal.signal(signal.SIGTERM, forward)
-seen = b""
-while True:
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        break
-    if not data:
-        break
-    os.write(1, data)
-    seen += data
-    while prompt in seen:
-        seen = seen.split(prompt, 1)[1]
-        if answers:
-            time.sleep(0.2)
-            os.write(fd, (answers.pop(0) + "\n").encode())
-_, status = os.waitpid(pid, 0)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"#;
-
 #[test]
 fn password_login_from_a_private_file_or_the_terminal() {
     let tb = Testbed::up("cf3", &["--with", "nginx", "--password-auth"]);
@@ -531,10 +388,7 @@ fn password_login_from_a_private_file_or_the_terminal() {
 
     // No file: asked once on the terminal (no echo), and the answer serves every connection
     // of the pool and the reconnects.
-    let driver = tb.dir.join("pty_driver.py");
-    std::fs::write(&driver, PTY_DRIVER).unwrap();
-    let env = [("MV_ANSWERS", password), ("MV_PROMPT", "'s password: ")];
-    let vpn = Vpn::spawn(tb.mse_vpn_with_env(&env, &["python3", &s(&driver)], &strs(&args)));
+    let vpn = tb.on_pty("'s password: ", &[password], 0, &strs(&args));
     vpn.wait_up(Duration::from_secs(20));
     tb.assert_curl_index();
     let prompt = format!("{}@{}:22's password: ", user.name, tb.jump_addr);

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::harness::{Testbed, Vpn, stderr, stdout};
+use crate::lifecycle::status;
 
 const DOMAINS: [&str; 4] = [
     "--dns-domain",
@@ -41,16 +40,6 @@ fn lap_ok(tb: &Testbed, script: &str) -> String {
         stderr(&out)
     );
     stdout(&out)
-}
-
-fn status(tb: &Testbed) -> Value {
-    let out = tb
-        .mse_vpn(&["status", "--json", "--tun", &tb.tun()])
-        .output()
-        .expect("run mse-vpn status");
-    assert!(out.status.success(), "status failed: {}", stderr(&out));
-    let all: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
-    all[0].clone()
 }
 
 #[test]

@@ -79,6 +79,15 @@ impl Testbed {
         );
     }
 
+    /// Replaces `from` with `to` in the jump host's sshd_config and restarts sshd.
+    pub fn edit_sshd_config(&self, from: &str, to: &str) {
+        let conf = self.dir.join("sshd_config");
+        let text = std::fs::read_to_string(&conf).expect("read sshd_config");
+        assert!(text.contains(from), "sshd_config has no {from:?}");
+        std::fs::write(&conf, text.replace(from, to)).expect("write sshd_config");
+        self.control("sshd-restart");
+    }
+
     /// Namespace names.
     pub fn lap(&self) -> String {
         format!("{}-lap", self.name)
@@ -384,6 +393,24 @@ impl Testbed {
         self.cmd_in(&self.lap(), &argv)
     }
 
+    /// `mse-vpn ARGS` on a fresh pseudo-terminal (its controlling terminal, so `/dev/tty`
+    /// works as in a real shell), answering each output containing `prompt` with the next of
+    /// `answers` after `delay_secs` (a prompt with no answer left waits, as a user who walked
+    /// away would). Everything printed on the terminal is the returned process's stdout.
+    pub fn on_pty(&self, prompt: &str, answers: &[&str], delay_secs: u32, args: &[&str]) -> Vpn {
+        let driver = self.dir.join("pty_driver.py");
+        std::fs::write(&driver, PTY_DRIVER).expect("write the pty driver");
+        let answers = answers.join("\n");
+        let delay = delay_secs.to_string();
+        let env = [
+            ("MV_ANSWERS", answers.as_str()),
+            ("MV_PROMPT", prompt),
+            ("MV_DELAY", delay.as_str()),
+        ];
+        let driver = driver.to_string_lossy().into_owned();
+        Vpn::spawn(self.mse_vpn_with_env(&env, &["python3", &driver], args))
+    }
+
     /// Spawns `cmd` (an `mse-vpn up`) and waits (20 s at most) for it to report the tunnel up.
     pub fn start_cmd(&self, cmd: Command) -> Vpn {
         let vpn = Vpn::spawn(cmd);
@@ -444,4 +471,154 @@ pub fn fingerprint(pubkey: &Path) -> String {
 /// The public key file next to private key file `path` (`path.pub`).
 pub fn pub_path(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.pub", path.display()))
+}
+
+/// Runs a command on a fresh pseudo-terminal that is its controlling terminal, copies
+/// everything it prints to stdout, and answers each output containing `MV_PROMPT` with the
+/// next line of `MV_ANSWERS` after `MV_DELAY` seconds. SIGINT/SIGTERM are passed on; the
+/// exit code is the command's (128+N for signal N).
+const PTY_DRIVER: &str = r#"
+import os, pty, signal, sys, time
+answers = [a for a in os.environ.pop("MV_ANSWERS", "").split("\n") if a]
+prompt = os.environ.pop("MV_PROMPT").encode()
+delay = float(os.environ.pop("MV_DELAY", "0"))
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+def forward(sig, _frame):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+signal.signal(signal.SIGINT, forward)
+signal.signal(signal.SIGTERM, forward)
+seen = b""
+while True:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    os.write(1, data)
+    seen += data
+    while prompt in seen:
+        seen = seen.split(prompt, 1)[1]
+        if answers:
+            time.sleep(0.2 + delay)
+            os.write(fd, (answers.pop(0) + "\n").encode())
+_, status = os.waitpid(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"#;
+
+/// A throwaway local user, deleted (with its home) on drop, even when the test fails.
+pub struct TestUser {
+    /// Login name.
+    pub name: &'static str,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    /// A user with an unlocked account and no password, or with `password`.
+    pub fn create(name: &'static str, password: Option<&str>) -> TestUser {
+        let _ = Command::new("userdel").args(["-r", name]).output();
+        run_ok(&["useradd", "-m", "-s", "/bin/sh", name]);
+        match password {
+            // "*": no password login, but not "!" (locked), which sshd refuses without PAM.
+            None => run_ok(&["usermod", "-p", "*", name]),
+            Some(p) => {
+                let mut child = Command::new("chpasswd")
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("chpasswd");
+                std::io::Write::write_all(
+                    child.stdin.as_mut().unwrap(),
+                    format!("{name}:{p}\n").as_bytes(),
+                )
+                .unwrap();
+                assert!(child.wait().unwrap().success(), "chpasswd");
+            }
+        }
+        let user = nix::unistd::User::from_name(name)
+            .expect("passwd lookup")
+            .expect("the new user");
+        TestUser {
+            name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }
+    }
+
+    /// Writes `path` (creating its directories, all the user's) with `mode`.
+    pub fn write(&self, path: &Path, text: &str, mode: u32) {
+        let dir = path.parent().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        for d in dir.ancestors().take_while(|d| d.starts_with(&self.home)) {
+            self.own(d, 0o700);
+        }
+        std::fs::write(path, text).unwrap();
+        self.own(path, mode);
+    }
+
+    /// Gives `path` to this user with `mode`.
+    pub fn own(&self, path: &Path, mode: u32) {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).expect("chown");
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    }
+
+    /// The environment `sudo` gives root's process on this user's behalf.
+    pub fn sudo_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SUDO_USER".into(), self.name.into()),
+            ("SUDO_UID".into(), self.uid.to_string()),
+            ("SUDO_GID".into(), self.gid.to_string()),
+            ("HOME".into(), "/root".into()),
+        ]
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["-r", self.name]).output();
+    }
+}
+
+/// Runs a command, which must succeed.
+fn run_ok(argv: &[&str]) {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{argv:?}: {}", stderr(&out));
+}
+
+/// `args` as `&str`s.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The path as a `String`.
+pub fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Retries a GET of http://10.0.0.10/ for up to `limit`; true once one succeeds.
+pub fn curl_within(tb: &Testbed, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let out = tb.on_laptop(5, &["curl", "-sS", "-m", "2", "http://10.0.0.10/"]);
+        if stdout(&out).trim() == "hello from the VPC" {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
 }

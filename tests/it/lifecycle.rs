@@ -359,14 +359,7 @@ fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
 
     // A jump host that binds forwarded ports to loopback only: reverse calls could not
     // reach the laptop. A warning with the fix, not a failure (outbound still works).
-    let conf = tb.dir.join("sshd_config");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        text.replace("GatewayPorts clientspecified", "GatewayPorts no"),
-    )
-    .unwrap();
-    tb.control("sshd-restart");
+    tb.edit_sshd_config("GatewayPorts clientspecified", "GatewayPorts no");
     let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
     assert!(ok, "{report}");
     assert!(report.contains("WARN  reverse forwarding"), "{report}");
@@ -376,12 +369,8 @@ fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
     );
 
     // A jump host that forbids TCP forwarding.
-    std::fs::write(
-        &conf,
-        text.replace("AllowTcpForwarding yes", "AllowTcpForwarding no"),
-    )
-    .unwrap();
-    tb.control("sshd-restart");
+    tb.edit_sshd_config("GatewayPorts no", "GatewayPorts clientspecified");
+    tb.edit_sshd_config("AllowTcpForwarding yes", "AllowTcpForwarding no");
     let (ok, report) = doctor(&tb, &["10.0.0.0/16"]);
     assert!(!ok, "{report}");
     assert!(report.contains("FAIL  forwarding"), "{report}");

@@ -213,14 +213,7 @@ fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules(
 #[test]
 fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
     let tb = Testbed::up("rv3", &["--with", "none"]);
-    let conf = tb.dir.join("sshd_config");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        text.replace("GatewayPorts clientspecified", "GatewayPorts no"),
-    )
-    .unwrap();
-    tb.control("sshd-restart");
+    tb.edit_sshd_config("GatewayPorts clientspecified", "GatewayPorts no");
     let before = tb.snapshot();
     let args = tb.up_args(&["10.0.0.0/16"], &["--expose", "18080:8080"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -237,8 +230,7 @@ fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
     assert_eq!(tb.snapshot(), before, "nothing left behind");
 
     // A port already taken on the jump host: refused plainly too.
-    std::fs::write(&conf, text).unwrap();
-    tb.control("sshd-restart");
+    tb.edit_sshd_config("GatewayPorts no", "GatewayPorts clientspecified");
     let mut taken = tb
         .cmd_in(
             &format!("{}-jump", tb.name),
@@ -464,7 +456,7 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
 #[test]
 fn run_starts_the_app_as_the_invoking_user_never_as_root() {
     let tb = Testbed::up("rv6", &["--with", "none"]);
-    let user = crate::auth::TestUser::create("mvrun");
+    let user = crate::harness::TestUser::create("mvrun", None);
     let env = user.sudo_env();
     // The session was started with sudo by mvrun: its control socket is mvrun's.
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
