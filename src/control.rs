@@ -123,7 +123,8 @@ pub struct Status {
     /// Cloud callers' connections to exposed ports accepted since start.
     #[serde(default)]
     pub inbound_opened: u64,
-    /// Cloud callers refused because the local app's port was closed or silent.
+    /// Cloud callers not accepted on the TUN address (closed or silent port, or an app on
+    /// loopback only, which is then reached over loopback).
     #[serde(default)]
     pub inbound_refused: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).

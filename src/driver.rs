@@ -108,7 +108,16 @@ pub struct Driver {
     /// Cloud callers' channels from the SSH handlers, and the table of exposed ports.
     inbound: Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
     /// Cloud callers' channels waiting for their local app to answer.
-    accepting: HashMap<FlowId, (russh::Channel<russh::client::Msg>, ChannelOpenHandle)>,
+    accepting: HashMap<FlowId, Accepting>,
+}
+
+/// A cloud caller's channel waiting for its local app to answer on the TUN address.
+struct Accepting {
+    channel: russh::Channel<russh::client::Msg>,
+    reply: ChannelOpenHandle,
+    /// The exposed port's entry in [`Forwards`].
+    forward: u64,
+    local_port: u16,
 }
 
 impl Driver {
@@ -290,12 +299,24 @@ impl Driver {
             Event::Data { id, data } => self.send_to_writer(id, WriterCmd::Data(data)),
             Event::Eof { id } => self.send_to_writer(id, WriterCmd::Eof),
             Event::Close { id, key, reason } => {
-                if let Some((_, reply)) = self.accepting.remove(&id) {
-                    // The local app refused the cloud caller: the jump host closes its
-                    // connection.
-                    let _ = reply
-                        .reject(russh::ChannelOpenFailure::ConnectFailed)
-                        .now_or_never();
+                if let Some(waiting) = self.accepting.remove(&id) {
+                    match (&self.inbound, reason) {
+                        // Nothing answered on the TUN address: an app listening on loopback
+                        // only (as `ssh -R` users expect to work) is still reached there.
+                        (Some((_, forwards)), CloseReason::LocalRefused) => {
+                            tokio::spawn(
+                                loopback_fallback(waiting, forwards.clone())
+                                    .instrument(info_span!("flow", id = %id, dst = %key.dst)),
+                            );
+                        }
+                        // The jump host closes the caller's connection.
+                        _ => {
+                            let _ = waiting
+                                .reply
+                                .reject(russh::ChannelOpenFailure::ConnectFailed)
+                                .now_or_never();
+                        }
+                    }
                 }
                 if let Some(w) = self.writers.remove(&id) {
                     let _ = w.try_send(WriterCmd::Close);
@@ -359,7 +380,15 @@ impl Driver {
                 debug!(flow = %id, %caller, %local, "cloud caller");
                 self.links.insert(id, link);
                 self.pool.adopt(link);
-                self.accepting.insert(id, (call.channel, call.reply));
+                self.accepting.insert(
+                    id,
+                    Accepting {
+                        channel: call.channel,
+                        reply: call.reply,
+                        forward: target.id,
+                        local_port: target.local_port,
+                    },
+                );
             }
             Err(e) => warn!(%caller, %local, "cloud caller refused: {e}"),
         }
@@ -367,14 +396,13 @@ impl Driver {
 
     /// The local app answered a cloud caller: accept its channel and relay.
     fn accept_inbound(&mut self, id: FlowId) {
-        let (Some((channel, reply)), Some(key)) =
-            (self.accepting.remove(&id), self.engine.flow_key(id))
+        let (Some(waiting), Some(key)) = (self.accepting.remove(&id), self.engine.flow_key(id))
         else {
             return;
         };
         // Accepting only queues a message for the session loop (it never waits).
-        let _ = reply.accept().now_or_never();
-        self.start_flow_tasks(id, key, channel);
+        let _ = waiting.reply.accept().now_or_never();
+        self.start_flow_tasks(id, key, waiting.channel);
     }
 
     fn send_to_writer(&mut self, id: FlowId, cmd: WriterCmd) {
@@ -508,4 +536,38 @@ async fn recv_inbound(
         Some((rx, _)) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// How long the loopback fallback waits for the local app.
+const LOOPBACK_CONNECT: Duration = Duration::from_secs(2);
+
+/// A cloud caller whose local app did not answer on the TUN address: try 127.0.0.1 (an app
+/// bound to loopback only). The app then sees 127.0.0.1 as its peer, not the caller; the
+/// exposed port's status says so. Refused there too, the channel is refused and the jump
+/// host closes the caller's connection.
+async fn loopback_fallback(waiting: Accepting, forwards: Arc<Forwards>) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], waiting.local_port));
+    let tcp = tokio::time::timeout(LOOPBACK_CONNECT, tokio::net::TcpStream::connect(addr)).await;
+    let Ok(Ok(mut tcp)) = tcp else {
+        debug!(
+            port = waiting.local_port,
+            "nothing listens on the local port: caller refused"
+        );
+        let _ = waiting
+            .reply
+            .reject(russh::ChannelOpenFailure::ConnectFailed)
+            .await;
+        return;
+    };
+    if forwards.note_loopback(waiting.forward) {
+        warn!(
+            port = waiting.local_port,
+            "the app listens on 127.0.0.1 only: cloud calls reach it over loopback and it sees 127.0.0.1 as their address (listen on 0.0.0.0 to see the callers' own)"
+        );
+    }
+    let _ = tcp.set_nodelay(true);
+    waiting.reply.accept().await;
+    let mut channel = waiting.channel.into_stream();
+    // Both directions, with half-close: EOF from either side is passed on as a shutdown.
+    let _ = tokio::io::copy_bidirectional(&mut channel, &mut tcp).await;
 }

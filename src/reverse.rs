@@ -172,6 +172,8 @@ struct Entry {
     removed: bool,
     /// Cloud connections accepted.
     connections: u64,
+    /// Its app was found listening on loopback only.
+    loopback: bool,
 }
 
 /// Every exposed port of the session. Shared by the keeper task, the driver (lookups) and
@@ -266,6 +268,7 @@ impl Forwards {
                     detail: None,
                     removed: false,
                     connections: 0,
+                    loopback: false,
                 });
                 ids.push((id, true));
             }
@@ -297,6 +300,23 @@ impl Forwards {
             id: e.id,
             local_port: e.spec.local_port,
         })
+    }
+
+    /// Records that calls to entry `id` reach its app over loopback (it listens on
+    /// 127.0.0.1 only); true the first time.
+    pub fn note_loopback(&self, id: u64) -> bool {
+        let mut entries = self.lock();
+        let Some(e) = entries.iter_mut().find(|e| e.id == id) else {
+            return false;
+        };
+        let first = !e.loopback;
+        e.loopback = true;
+        if first || e.detail.is_none() {
+            e.detail = Some(
+                "the app listens on 127.0.0.1 only: calls reach it over loopback, from 127.0.0.1 (listen on 0.0.0.0 to see the callers' own addresses)".into(),
+            );
+        }
+        first
     }
 
     /// The rows of `status`.

@@ -9,17 +9,23 @@ use std::time::{Duration, Instant};
 use crate::harness::{Testbed, Vpn, stderr, stdout};
 use crate::lifecycle::status;
 
-/// A TCP server for the laptop: greets each caller with "peer IP:PORT", echoes until EOF,
-/// then closes (so a caller's half-close still gets every echoed byte).
+/// A TCP server for the laptop on PORT [ADDR] (default 0.0.0.0; "::" is dual-stack): greets
+/// each caller with "peer IP:PORT", echoes until EOF, then closes (so a caller's half-close
+/// still gets every echoed byte).
 const PEER_SERVER: &str = r#"
 import socket, sys, threading
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+host = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1024)
+s.bind((host, int(sys.argv[1]))); s.listen(1024)
 print("listening", flush=True)
 def serve(c, a):
     with c:
-        c.sendall(f"peer {a[0]}:{a[1]}\n".encode())
+        peer = a[0].removeprefix("::ffff:")
+        c.sendall(f"peer {peer}:{a[1]}\n".encode())
         while True:
             d = c.recv(65536)
             if not d: break
@@ -79,9 +85,13 @@ struct LocalApp(std::process::Child);
 
 impl LocalApp {
     fn start(tb: &Testbed, port: u16) -> LocalApp {
+        LocalApp::start_on(tb, port, "0.0.0.0")
+    }
+
+    fn start_on(tb: &Testbed, port: u16, addr: &str) -> LocalApp {
         let script = write_script(tb, "peer_server.py", PEER_SERVER);
         let mut child = tb
-            .cmd_in(&tb.lap(), &["python3", &script, &port.to_string()])
+            .cmd_in(&tb.lap(), &["python3", &script, &port.to_string(), addr])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -106,14 +116,22 @@ impl Drop for LocalApp {
 #[test]
 fn cloud_callers_reach_a_local_app_from_their_own_address() {
     let tb = Testbed::up("rv1", &["--with", "none"]);
-    let _app = LocalApp::start(&tb, 8080);
+    let _app = LocalApp::start_on(&tb, 8080, "::");
+    let _loopback_app = LocalApp::start_on(&tb, 8082, "127.0.0.1");
     let vpn = tb.start(
-        &["10.0.0.0/16"],
-        &["--expose", "18080:8080", "--expose", "18081:9"],
+        &["10.0.0.0/16", "fd00:10::/64"],
+        &[
+            "--expose",
+            "18080:8080",
+            "--expose",
+            "18081:9",
+            "--expose",
+            "18082:8082",
+        ],
     );
     // The exposed ports are printed right after the "up" line.
     let start = Instant::now();
-    while !vpn.stdout().contains("-> local port 9") && start.elapsed() < Duration::from_secs(2) {
+    while !vpn.stdout().contains("-> local port 8082") && start.elapsed() < Duration::from_secs(2) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
@@ -140,6 +158,43 @@ fn cloud_callers_reach_a_local_app_from_their_own_address() {
         stderr(&out)
     );
     assert!(text.ends_with("hello\n"), "{text}");
+
+    // An IPv6 caller: its own IPv6 address, through the TUN's IPv6 address.
+    let out = vpc(
+        &tb,
+        10,
+        &[
+            "bash",
+            "-c",
+            "echo hello6 | socat - TCP6:[fd00:10::1]:18080,shut-down",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("peer fd00:10::10:"),
+        "{text} {}",
+        stderr(&out)
+    );
+    assert!(text.ends_with("hello6\n"), "{text}");
+
+    // An app that listens on 127.0.0.1 only is still reached (over loopback, as with
+    // `ssh -R`); it then sees 127.0.0.1, and status says why.
+    let out = vpc(
+        &tb,
+        10,
+        &[
+            "bash",
+            "-c",
+            "echo local | socat - TCP:10.0.0.1:18082,shut-down",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("peer 127.0.0.1:"),
+        "{text} {}",
+        stderr(&out)
+    );
+    assert!(text.ends_with("local\n"), "{text}");
 
     // 100 callers at once, each with 40 KB, each half-closing before reading the echo.
     let callers = write_script(&tb, "callers.py", CALLERS);
@@ -172,12 +227,19 @@ fn cloud_callers_reach_a_local_app_from_their_own_address() {
 
     let st = status(&tb);
     let forwards = st["forwards"].as_array().expect("forwards in status");
-    assert_eq!(forwards.len(), 2, "{st}");
+    assert_eq!(forwards.len(), 3, "{st}");
     assert_eq!(forwards[0]["state"], "listening");
     assert_eq!(forwards[0]["advertised"], "10.0.0.1:18080");
-    assert_eq!(forwards[0]["connections"], 101);
-    assert_eq!(st["inbound_opened"], 102, "{st}");
-    assert_eq!(st["inbound_refused"], 1, "{st}");
+    assert_eq!(forwards[0]["connections"], 102);
+    assert!(
+        forwards[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("listens on 127.0.0.1 only")),
+        "{st}"
+    );
+    // Not accepted on the TUN address: the closed port, and the loopback-only app.
+    assert_eq!(st["inbound_opened"], 104, "{st}");
+    assert_eq!(st["inbound_refused"], 2, "{st}");
     assert!(vpn.interrupt().success());
 }
 
