@@ -417,7 +417,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(journaled, [change.clone()]);
+        assert_eq!(journaled, std::slice::from_ref(&change));
         let now = std::fs::read_to_string(&file).unwrap();
         assert!(now.starts_with(MARKER));
         assert_eq!(
