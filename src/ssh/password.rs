@@ -81,9 +81,17 @@ pub fn forbid_prompts() {
     PROMPTS_ALLOWED.store(false, Ordering::Relaxed);
 }
 
-/// Passwords that logged in, by `user@host:port`, for the life of the process. The lock is
-/// held while asking and trying, so the pool's parallel connections wait for the one answer.
-static ACCEPTED: tokio::sync::Mutex<BTreeMap<String, Arc<Zeroizing<String>>>> =
+/// What became of the password for a `user@host:port`.
+enum Known {
+    /// It logged in: reused by the pool's other connections and by reconnects.
+    Accepted(Arc<Zeroizing<String>>),
+    /// It was refused for good: the pool's other connections do not ask again.
+    Refused,
+}
+
+/// Passwords by `user@host:port`, for the life of the process. The lock is held while asking
+/// and trying, so the pool's parallel connections wait for the one answer.
+static KNOWN: tokio::sync::Mutex<BTreeMap<String, Known>> =
     tokio::sync::Mutex::const_new(BTreeMap::new());
 
 /// Logs in with a password, by keyboard-interactive (`kbd`) or password (`pwd`)
@@ -97,31 +105,53 @@ pub(super) async fn log_in(
     pwd: bool,
 ) -> Result<Outcome, SshError> {
     let key = format!("{user}@{target}");
-    let mut accepted = ACCEPTED.lock().await;
-    let password = match accepted.get(&key) {
-        Some(p) => p.clone(),
+    let mut known = KNOWN.lock().await;
+    let refused = || SshError::WrongPassword {
+        user: user.to_owned(),
+        target: target.to_owned(),
+    };
+    let (mut password, mut prompted) = match known.get(&key) {
+        Some(Known::Accepted(p)) => (p.clone(), false),
+        Some(Known::Refused) => return Err(refused()),
         None => match obtain(opts, user, target).await? {
-            Some(p) => Arc::new(p),
+            Some((p, prompted)) => (Arc::new(p), prompted),
             None => return Ok(Outcome::NoPassword),
         },
     };
-    let ok = (kbd && keyboard_interactive(handle, opts, user, target, &password).await?)
-        || (pwd && {
-            let auth = handle.authenticate_password(user, password.as_str());
-            let r = bounded(opts, target, auth)
-                .await?
-                .map_err(protocol(target))?;
-            matches!(r, AuthResult::Success)
-        });
-    if !ok {
-        return Err(SshError::WrongPassword {
-            user: user.to_owned(),
-            target: target.to_owned(),
-        });
+    let mut attempts = 1;
+    loop {
+        let ok = (kbd && keyboard_interactive(handle, opts, user, target, &password).await?)
+            || (pwd && {
+                let auth = handle.authenticate_password(user, password.as_str());
+                let r = bounded(opts, target, auth)
+                    .await?
+                    .map_err(protocol(target))?;
+                matches!(r, AuthResult::Success)
+            });
+        if ok {
+            known.insert(key, Known::Accepted(password));
+            return Ok(Outcome::LoggedIn);
+        }
+        // A typo at the prompt is asked again, as ssh does; a file's password is not.
+        let again = if prompted && attempts < PROMPT_ATTEMPTS {
+            eprintln!("Permission denied, please try again.");
+            attempts += 1;
+            obtain(opts, user, target).await?
+        } else {
+            None
+        };
+        match again {
+            Some((p, p_prompted)) => (password, prompted) = (Arc::new(p), p_prompted),
+            None => {
+                known.insert(key, Known::Refused);
+                return Err(refused());
+            }
+        }
     }
-    accepted.insert(key, password);
-    Ok(Outcome::LoggedIn)
 }
+
+/// How many times a password typed at the prompt is asked for (OpenSSH's default).
+const PROMPT_ATTEMPTS: u32 = 3;
 
 /// Answers every keyboard-interactive prompt that does not echo with the password.
 async fn keyboard_interactive(
@@ -158,16 +188,17 @@ async fn keyboard_interactive(
     Ok(false)
 }
 
-/// The password from the file, or asked on the terminal; `None` when there is no terminal.
+/// The password from the file, or asked on the terminal (then `true`); `None` when there is
+/// no terminal.
 async fn obtain(
     opts: &SshOptions,
     user: &str,
     target: &str,
-) -> Result<Option<Zeroizing<String>>, SshError> {
+) -> Result<Option<(Zeroizing<String>, bool)>, SshError> {
     if let Some(path) = &opts.password_file {
         let uid = opts.file_owner.map_or(0, |(uid, _)| uid);
         return read_file(path, uid)
-            .map(Some)
+            .map(|p| Some((p, false)))
             .map_err(|source| SshError::PasswordFile {
                 path: path.clone(),
                 source,
@@ -180,7 +211,7 @@ async fn obtain(
     let prompt = format!("{user}@{target}'s password: ");
     let answer = tokio::task::spawn_blocking(move || rpassword::prompt_password(prompt)).await;
     match answer {
-        Ok(Ok(p)) => Ok(Some(Zeroizing::new(p))),
+        Ok(Ok(p)) => Ok(Some((Zeroizing::new(p), true))),
         Ok(Err(e)) => {
             debug!(error = %e, "no terminal to ask for the password on");
             Ok(None)

@@ -412,6 +412,25 @@ fn password_login_from_a_private_file_or_the_terminal() {
     );
     assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
+
+    // A typo at the prompt is asked again (as ssh does), then the right one logs in.
+    let vpn = tb.on_pty("'s password: ", &["not it", password], 0, &strs(&args));
+    vpn.wait_up(Duration::from_secs(20));
+    tb.assert_curl_index();
+    assert_eq!(vpn.stdout().matches(&prompt).count(), 2, "{}", vpn.stdout());
+    assert!(
+        vpn.stdout()
+            .contains("Permission denied, please try again."),
+        "{}",
+        vpn.stdout()
+    );
+    assert!(vpn.interrupt().success());
+    // Three wrong answers: refused with exit status 3, nothing left behind.
+    let mut vpn = tb.on_pty("'s password: ", &["a", "b", "c"], 0, &strs(&args));
+    let status = vpn.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(3), "{}{}", vpn.stdout(), vpn.stderr());
+    assert_eq!(vpn.stdout().matches(&prompt).count(), 3, "{}", vpn.stdout());
+    assert_eq!(tb.snapshot(), before);
 }
 
 /// The `status --json` facts that make a session what it is: jump host, TUN, routes, pool.
