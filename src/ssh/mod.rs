@@ -54,6 +54,8 @@ pub struct SshOptions {
     pub window_size: u32,
     /// ssh-agent socket, if any.
     pub agent_socket: Option<PathBuf>,
+    /// `IdentitiesOnly yes`: of the agent's keys, offer only those of the identity files.
+    pub identities_only: bool,
     /// Owner for files created under the user's home (known_hosts), when running as root for
     /// another user.
     pub file_owner: Option<(u32, u32)>,
@@ -776,8 +778,22 @@ async fn authenticate(
                 let ids = bounded(opts, target, agent.request_identities())
                     .await?
                     .unwrap_or_default();
+                // IdentitiesOnly: only the agent's copies of the configured key files.
+                let allowed: Option<Vec<PublicKey>> = opts.identities_only.then(|| {
+                    login
+                        .identity_files
+                        .iter()
+                        .filter_map(|p| public_key_of(p))
+                        .collect()
+                });
                 for id in ids {
                     let key = id.public_key().into_owned();
+                    if let Some(allowed) = &allowed
+                        && !allowed.iter().any(|a| a.key_data() == key.key_data())
+                    {
+                        debug!(key = %known_hosts::fingerprint(&key), "IdentitiesOnly: agent key skipped");
+                        continue;
+                    }
                     let hash = if key.algorithm().is_rsa() {
                         rsa_hash
                     } else {
@@ -907,6 +923,19 @@ enum Unlock {
 /// and never ask again (nobody may be at the terminal by then). Held while prompting, so
 /// connections that need the same key wait for the one answer.
 static UNLOCKED: Mutex<BTreeMap<PathBuf, Unlock>> = Mutex::new(BTreeMap::new());
+
+/// The public key of an identity file: its `.pub` file, or the key itself if it is not
+/// encrypted. `None` when neither can be read.
+fn public_key_of(path: &Path) -> Option<PublicKey> {
+    let mut pub_path = path.as_os_str().to_owned();
+    pub_path.push(".pub");
+    if let Ok(key) = PublicKey::read_openssh_file(Path::new(&pub_path)) {
+        return Some(key);
+    }
+    russh::keys::load_secret_key(path, None)
+        .ok()
+        .map(|k| k.public_key().clone())
+}
 
 fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
     let key_err = |source| SshError::KeyFile {

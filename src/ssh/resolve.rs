@@ -124,12 +124,9 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
         keepalive_interval: Duration::from_secs(keepalive),
         keepalive_max: cfg.server_alive_count_max.unwrap_or(DEFAULT_KEEPALIVE_MAX),
         window_size: 4 * 1024 * 1024,
-        // IdentitiesOnly: only the key files, never whatever the agent holds.
-        agent_socket: if cfg.identities_only == Some(true) {
-            None
-        } else {
-            user.agent_socket()
-        },
+        agent_socket: user.agent_socket(),
+        // IdentitiesOnly: the key files only (and the agent's copies of them).
+        identities_only: cfg.identities_only == Some(true),
         file_owner: Some((user.uid(), user.gid())),
         jump,
         hops,
@@ -262,7 +259,7 @@ mod tests {
         assert_eq!(o.keepalive_interval, Duration::from_secs(9));
         assert_eq!(o.keepalive_max, 5);
         assert_eq!(o.connect_timeout, Duration::from_secs(4));
-        assert_eq!(o.agent_socket, None);
+        assert!(o.identities_only);
         assert_eq!(o.hops.len(), 1);
         assert_eq!(
             (

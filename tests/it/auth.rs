@@ -193,13 +193,14 @@ fn typing_a_passphrase_slowly_does_not_count_against_the_connect_timeout() {
 }
 
 /// An `ssh-agent -D` on a socket of its own, killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
-    socket: PathBuf,
+    /// Its socket (`SSH_AUTH_SOCK`).
+    pub(crate) socket: PathBuf,
 }
 
 impl Agent {
-    fn start(socket: PathBuf) -> Agent {
+    pub(crate) fn start(socket: PathBuf) -> Agent {
         let _ = std::fs::remove_file(&socket);
         let child = Command::new("ssh-agent")
             .arg("-D")
@@ -222,7 +223,7 @@ impl Agent {
     }
 
     /// `ssh-add ARGS` against this agent.
-    fn add(&self, args: &[&str]) {
+    pub(crate) fn add(&self, args: &[&str]) {
         let out = Command::new("ssh-add")
             .env("SSH_AUTH_SOCK", &self.socket)
             .args(args)

@@ -595,3 +595,67 @@ fn the_jump_hosts_configured_address_stays_out_of_the_tunnel() {
     assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
 }
+
+#[test]
+fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
+    // sshd gives up after one refused key: offering any other agent key first would fail.
+    let tb = Testbed::up("cf6", &["--with", "nginx"]);
+    tb.edit_sshd_config("MaxSessions 100", "MaxSessions 100\nMaxAuthTries 1");
+    let agent = crate::auth::Agent::start(tb.dir.join("agent.sock"));
+    // First in the agent: a key the jump host does not know.
+    let other = tb.dir.join("other_key");
+    keygen(&other, "", &["-t", "ed25519"]);
+    agent.add(&[&s(&other)]);
+    // The configured key: encrypted on disk (no terminal to unlock it here), and in the agent.
+    let key = tb.dir.join("work_key");
+    keygen(&key, "sekrit", &["-t", "ed25519"]);
+    tb.authorize(&pub_path(&key));
+    let plain = tb.dir.join("work_key_plain");
+    std::fs::copy(&key, &plain).unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("ssh-keygen")
+        .args(["-p", "-q", "-P", "sekrit", "-N", "", "-f", &s(&plain)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.add(&[&s(&plain)]);
+    let sock = s(&agent.socket);
+    let run = |identities_only: bool| {
+        let config = tb.dir.join("ssh_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n{}",
+                tb.jump_addr,
+                s(&key),
+                s(&tb.dir.join("known_hosts")),
+                if identities_only { "  IdentitiesOnly yes\n" } else { "" }
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = s(&config);
+        let tun = tb.tun();
+        let args = [
+            "up", "--cidr", VPC, "--proxy", "vpc", "-F", &cfg, "--tun", &tun,
+        ];
+        Vpn::spawn(tb.mse_vpn_with_env(&[("SSH_AUTH_SOCK", &sock)], &[], &args))
+    };
+
+    // Without IdentitiesOnly the agent's first key is offered, and sshd hangs up.
+    let mut vpn = run(false);
+    let status = vpn.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", vpn.stderr());
+
+    // With it, only the agent's copy of the configured key is offered: logged in with it,
+    // and the encrypted file on disk never needed a passphrase.
+    let mark = tb.sshd_log().len();
+    let vpn = run(true);
+    vpn.wait_up(Duration::from_secs(20));
+    tb.assert_curl_index();
+    let fp = fingerprint(&pub_path(&key));
+    let logins = log_lines(&tb.sshd_log(), mark, "Accepted publickey for root");
+    assert!(!logins.is_empty(), "{}", tb.sshd_log());
+    assert!(logins.iter().all(|l| l.contains(&fp)), "{logins:?}");
+    assert!(vpn.interrupt().success());
+}
