@@ -67,6 +67,15 @@ pub enum Command {
         after_help = "With --expose the port is added to the session and stays until it         stops; without, the session's first exposed port is used.\n\nExamples:\n          eval \"$(mse-vpn env --expose 20880)\"\n  mse-vpn env"
     )]
     Env(EnvArgs),
+    /// Expose local ports to cloud callers on a running session, until it stops or
+    /// `unexpose` (what `up --expose` does at start).
+    #[command(
+        after_help = "Examples:\n  mse-vpn expose 20880\n  mse-vpn expose 18080:8080 --tun mse0"
+    )]
+    Expose(ExposeArgs),
+    /// Stop exposing ports on a running session.
+    #[command(after_help = "Examples:\n  mse-vpn unexpose 20880")]
+    Unexpose(ExposeArgs),
     /// Show the state of running sessions (no root needed for the user who started them).
     #[command(after_help = "Examples:\n  mse-vpn status\n  mse-vpn status --json | jq .bytes_down")]
     Status(StatusArgs),
@@ -133,6 +142,17 @@ pub struct RunArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// Options of `mse-vpn expose` and `unexpose`.
+#[derive(Debug, Args)]
+pub struct ExposeArgs {
+    /// The ports, as for `up --expose`.
+    #[arg(value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]", required = true)]
+    pub specs: Vec<ForwardSpec>,
+    /// The session using this TUN device (needed only when several run).
+    #[arg(long = "tun", value_name = "NAME")]
+    pub tun: Option<String>,
 }
 
 /// Options of `mse-vpn env`.

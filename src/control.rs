@@ -411,6 +411,25 @@ async fn answer(
             let _ = stop.send(true);
             r#"{"ok":true}"#.to_owned()
         }
+        Ok(req) if req.cmd == "unexpose" => {
+            let Some(forwards) = board.forwards() else {
+                return reply(&mut w, &expose_error("this session exposes no ports")).await;
+            };
+            let mut specs = Vec::new();
+            for text in &req.specs {
+                match text.parse::<ForwardSpec>() {
+                    Ok(spec) => specs.push(spec),
+                    Err(e) => return reply(&mut w, &expose_error(&e.to_string())).await,
+                }
+            }
+            let removed = forwards.remove_specs(&specs);
+            let out = ExposeReply {
+                forwards: Vec::new(),
+                error: (removed < specs.len())
+                    .then(|| "some of these ports were not exposed".to_owned()),
+            };
+            serde_json::to_string(&out)?
+        }
         Ok(req) if req.cmd == "expose" => {
             let Some(forwards) = board.forwards() else {
                 return reply(&mut w, &expose_error("this session cannot expose ports")).await;
@@ -475,8 +494,22 @@ pub async fn expose(
     specs: &[ForwardSpec],
     hold: bool,
 ) -> Result<(ExposeReply, UnixStream), ControlError> {
+    forward_request(path, "expose", specs, hold).await
+}
+
+/// Asks the session behind `path` to stop exposing `specs`.
+pub async fn unexpose(path: &Path, specs: &[ForwardSpec]) -> Result<ExposeReply, ControlError> {
+    Ok(forward_request(path, "unexpose", specs, false).await?.0)
+}
+
+async fn forward_request(
+    path: &Path,
+    cmd: &str,
+    specs: &[ForwardSpec],
+    hold: bool,
+) -> Result<(ExposeReply, UnixStream), ControlError> {
     let req = Request {
-        cmd: "expose".into(),
+        cmd: cmd.into(),
         specs: specs.iter().map(ToString::to_string).collect(),
         hold,
     };

@@ -108,6 +108,8 @@ fn main() -> ExitCode {
             Command::Status(args) => ok(status(args, &cli.state_dir).await),
             Command::Run(args) => run(args, &cli.state_dir).await,
             Command::Env(args) => ok(env(args, &cli.state_dir).await),
+            Command::Expose(args) => ok(expose(args, &cli.state_dir).await),
+            Command::Unexpose(args) => ok(unexpose(args, &cli.state_dir).await),
             Command::Config(ConfigCommand::Check { file }) => ok(config_check(file)),
             Command::Completions(_) | Command::Man => Ok(ExitCode::SUCCESS),
         }
@@ -670,8 +672,8 @@ fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<std::path::PathBuf
     }
 }
 
-/// Checks an `expose` reply and returns the address to register (the first listener's).
-fn registered_address(reply: &control::ExposeReply) -> Result<std::net::SocketAddr> {
+/// Checks that an `expose` reply says every listener listens.
+fn all_listening(reply: &control::ExposeReply) -> Result<()> {
     if let Some(e) = &reply.error {
         bail!("the session refused to expose: {e}");
     }
@@ -686,6 +688,12 @@ fn registered_address(reply: &control::ExposeReply) -> Result<std::net::SocketAd
             );
         }
     }
+    Ok(())
+}
+
+/// Checks an `expose` reply and returns the address to register (the first listener's).
+fn registered_address(reply: &control::ExposeReply) -> Result<std::net::SocketAddr> {
+    all_listening(reply)?;
     let first = reply
         .forwards
         .first()
@@ -779,6 +787,33 @@ fn forward(pid: Option<nix::unistd::Pid>, sig: nix::sys::signal::Signal) {
     if let Some(pid) = pid {
         let _ = nix::sys::signal::kill(pid, sig);
     }
+}
+
+/// `mse-vpn expose`: adds listeners to the running session (kept until it stops).
+async fn expose(args: mse_vpn::cli::ExposeArgs, state_dir: &Path) -> Result<()> {
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let reply = control::expose(&path, &args.specs, false).await?.0;
+    all_listening(&reply)?;
+    for f in &reply.forwards {
+        println!(
+            "exposed: cloud callers reach {} -> local port {}",
+            f.advertised
+                .clone()
+                .unwrap_or_else(|| format!("<jump host>:{}", f.remote_port.unwrap_or_default())),
+            f.local_port
+        );
+    }
+    Ok(())
+}
+
+/// `mse-vpn unexpose`: removes listeners from the running session.
+async fn unexpose(args: mse_vpn::cli::ExposeArgs, state_dir: &Path) -> Result<()> {
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let reply = control::unexpose(&path, &args.specs).await?;
+    if let Some(e) = reply.error {
+        bail!("{e}");
+    }
+    Ok(())
 }
 
 /// `mse-vpn env`: the registration settings as `export` lines.

@@ -285,6 +285,18 @@ impl Forwards {
         self.wake.notify_one();
     }
 
+    /// Removes the listeners of these specs; returns how many were exposed.
+    pub fn remove_specs(&self, specs: &[ForwardSpec]) -> usize {
+        let ids: Vec<u64> = self
+            .lock()
+            .iter()
+            .filter(|e| !e.removed && specs.contains(&e.spec))
+            .map(|e| e.id)
+            .collect();
+        self.remove(&ids);
+        ids.len()
+    }
+
     /// The local port for a caller that reached `listen_port` through session `session`.
     /// `None` (refuse the caller) for unknown listeners and those not announced yet.
     pub fn lookup(&self, session: u64, listen_port: u16) -> Option<Target> {

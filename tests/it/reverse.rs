@@ -512,6 +512,37 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
         stderr(&out)
     );
     assert!(stdout(&out).ends_with("again\n"));
+
+    // Ports added to, and removed from, the running session.
+    let call2 = || {
+        vpc(
+            &tb,
+            10,
+            &[
+                "bash",
+                "-c",
+                "echo more | socat - TCP:10.0.0.1:18090,shut-down",
+            ],
+        )
+    };
+    let out = tb.mse_vpn(&["expose", "18090:8080"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "exposed: cloud callers reach 10.0.0.1:18090 -> local port 8080\n"
+    );
+    assert!(stdout(&call2()).ends_with("more\n"));
+    let out = tb.mse_vpn(&["unexpose", "18090:8080"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let start = Instant::now();
+    while call2().status.success() {
+        assert!(start.elapsed() < Duration::from_secs(5), "still listening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = tb.mse_vpn(&["unexpose", "18090:8080"]).output().unwrap();
+    assert!(!out.status.success(), "removed twice");
+    assert!(stderr(&out).contains("not exposed"), "{}", stderr(&out));
+    assert_eq!(status(&tb)["forwards"].as_array().map(Vec::len), Some(1));
     assert!(vpn.interrupt().success());
 }
 
