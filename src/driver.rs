@@ -548,7 +548,7 @@ const LOOPBACK_CONNECT: Duration = Duration::from_secs(2);
 async fn loopback_fallback(waiting: Accepting, forwards: Arc<Forwards>) {
     let addr = SocketAddr::from(([127, 0, 0, 1], waiting.local_port));
     let tcp = tokio::time::timeout(LOOPBACK_CONNECT, tokio::net::TcpStream::connect(addr)).await;
-    let Ok(Ok(mut tcp)) = tcp else {
+    let Ok(Ok(tcp)) = tcp else {
         debug!(
             port = waiting.local_port,
             "nothing listens on the local port: caller refused"
@@ -567,7 +567,90 @@ async fn loopback_fallback(waiting: Accepting, forwards: Arc<Forwards>) {
     }
     let _ = tcp.set_nodelay(true);
     waiting.reply.accept().await;
-    let mut channel = waiting.channel.into_stream();
-    // Both directions, with half-close: EOF from either side is passed on as a shutdown.
-    let _ = tokio::io::copy_bidirectional(&mut channel, &mut tcp).await;
+    relay_loopback(waiting.channel, tcp).await;
+}
+
+/// Channel messages a loopback relay may hold for a slow app before it gives up on the call
+/// (each at most one SSH packet, so about 64 MiB at worst).
+const LOOPBACK_QUEUE: usize = 1024;
+
+/// Relays a caller's channel and a loopback connection both ways, with half-close. The
+/// channel is always drained (a channel left unread stalls its whole SSH connection) into
+/// a bounded queue; an app that lets the queue fill is reset.
+async fn relay_loopback(channel: russh::Channel<russh::client::Msg>, tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut read, write) = channel.split();
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(LOOPBACK_QUEUE);
+    let (closed_tx, mut closed) = watch::channel(false);
+    // Caller -> queue, always; true if the app fell too far behind.
+    let drain = async move {
+        let mut overflow = false;
+        while let Some(msg) = read.wait().await {
+            let item = match msg {
+                ChannelMsg::Data { data } => Some(data),
+                ChannelMsg::Eof => None,
+                ChannelMsg::Close => break,
+                _ => continue,
+            };
+            if tx.try_send(item).is_err() {
+                warn!("the app behind a loopback-only port stopped reading: call reset");
+                overflow = true;
+                break;
+            }
+        }
+        let _ = closed_tx.send(true);
+        overflow
+    };
+    // Queue -> app; caller EOF becomes a shutdown of the app's read side.
+    let to_app = async move {
+        while let Some(item) = rx.recv().await {
+            let ok = match item {
+                Some(data) => tcp_write.write_all(&data).await.is_ok(),
+                None => {
+                    let _ = tcp_write.shutdown().await;
+                    false
+                }
+            };
+            if !ok {
+                break;
+            }
+        }
+    };
+    // App -> caller, until the app's EOF or the caller is gone.
+    let to_caller = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                r = tcp_read.read(&mut buf) => match r {
+                    Ok(0) => {
+                        let _ = write.eof().await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if write.data(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                },
+                _ = async { drop(closed.wait_for(|c| *c).await) } => break,
+            }
+        }
+    };
+    let app_side = async { tokio::join!(to_app, to_caller) };
+    tokio::pin!(drain, app_side);
+    tokio::select! {
+        overflow = &mut drain => {
+            // The caller is gone (or the app is hopelessly behind): finish delivering what
+            // is queued unless the app is the problem.
+            if !overflow {
+                app_side.await;
+            }
+        }
+        _ = &mut app_side => {
+            // The app closed both ways; the caller's side is closed below.
+        }
+    }
+    let _ = write.close().await;
 }

@@ -636,3 +636,78 @@ fn run_starts_the_app_as_the_invoking_user_never_as_root() {
     );
     assert!(vpn.interrupt().success());
 }
+
+/// A local app on 127.0.0.1:PORT that accepts connections and never reads from them.
+const DEAF_SERVER: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+print("listening", flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"#;
+
+#[test]
+fn a_loopback_app_that_stops_reading_does_not_stall_the_ssh_connection() {
+    let tb = Testbed::up("rv7", &["--with", "nginx"]);
+    let script = write_script(&tb, "deaf.py", DEAF_SERVER);
+    let mut deaf = tb
+        .cmd_in(&tb.lap(), &["python3", &script, "8083"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(deaf.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+    }
+    // One SSH connection: the stuck call and the download share it.
+    let vpn = tb.start(
+        &["10.0.0.0/16"],
+        &["--connections", "1", "--expose", "18083:8083"],
+    );
+    // A cloud caller pushes 300 MB at the app that never reads.
+    let mut pusher = tb
+        .cmd_in(
+            &format!("{}-vpc", tb.name),
+            &[
+                "timeout",
+                "60",
+                "bash",
+                "-c",
+                "head -c 300000000 /dev/zero | socat -u - TCP:10.0.0.1:18083",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Meanwhile a download over the same SSH connection is not held up.
+    let start = Instant::now();
+    let out = tb.sh(
+        30,
+        "curl -sS -o /dev/null -w '%{size_download}' http://10.0.0.10/10m.bin",
+    );
+    let took = start.elapsed();
+    assert_eq!(stdout(&out), "10485760", "{}", stderr(&out));
+    assert!(took < Duration::from_secs(10), "the download took {took:?}");
+    println!("10 MiB downloaded in {took:?} beside a stuck loopback call");
+    // The stuck call is given up (reset), not buffered without end.
+    let status = pusher.wait().unwrap();
+    assert!(!status.success(), "the stuck call was not reset");
+    assert!(
+        vpn.stderr().contains("stopped reading: call reset"),
+        "{}",
+        vpn.stderr()
+    );
+    let _ = deaf.kill();
+    let _ = deaf.wait();
+    assert!(vpn.interrupt().success());
+}
