@@ -81,6 +81,9 @@ pub struct Hop {
     pub user: String,
     /// Key files to try after the agent's identities.
     pub identity_files: Vec<PathBuf>,
+    /// Its `known_hosts` file (`--known-hosts`, else its own `UserKnownHostsFile`, else
+    /// the user's default).
+    pub known_hosts: PathBuf,
 }
 
 impl SshOptions {
@@ -104,6 +107,8 @@ struct Login<'a> {
     user: &'a str,
     /// Key files.
     identity_files: &'a [PathBuf],
+    /// Where its host key is checked (and, with accept-new, recorded).
+    known_hosts: &'a Path,
 }
 
 /// A cloud caller's connection to one of our `tcpip-forward` listeners on the jump host,
@@ -503,6 +508,7 @@ impl Session {
             port: opts.jump.port,
             user: &opts.user,
             identity_files: &opts.identity_files,
+            known_hosts: &opts.known_hosts,
         };
         let mut logins: Vec<Login<'_>> = opts
             .hops
@@ -512,6 +518,7 @@ impl Session {
                 port: h.port,
                 user: &h.user,
                 identity_files: &h.identity_files,
+                known_hosts: &h.known_hosts,
             })
             .collect();
         logins.push(final_login);
@@ -622,7 +629,7 @@ impl Session {
         let handler = Client {
             host: login.host.to_owned(),
             port: login.port,
-            known_hosts: opts.known_hosts.clone(),
+            known_hosts: login.known_hosts.to_owned(),
             accept_new: opts.accept_new_host_key,
             file_owner: opts.file_owner,
             check: check.clone(),

@@ -108,11 +108,19 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
     for hop in &hops_typed {
         let hop_cfg = HostConfig::load(&sources, &hop.host)?;
         let (hop_jump, hop_ids) = endpoint(hop, &hop_cfg, &sources, user, &over.identity);
+        let hop_known_hosts = over.known_hosts.clone().unwrap_or_else(|| {
+            hop_cfg
+                .user_known_hosts_file
+                .as_deref()
+                .map(|raw| expand(raw, &sources, &hop.host, &hop_jump))
+                .unwrap_or_else(|| user.known_hosts_path())
+        });
         hops.push(Hop {
             user: hop_jump.user.clone().unwrap_or_default(),
             host: hop_jump.host,
             port: hop_jump.port,
             identity_files: hop_ids,
+            known_hosts: hop_known_hosts,
         });
     }
     Ok(SshOptions {
@@ -240,7 +248,7 @@ mod tests {
     const CONFIG: &str = "Host dev\n HostName 10.1.2.3\n User ops\n Port 2222\n IdentityFile ~/.ssh/k_%r\n \
         UserKnownHostsFile ~/.ssh/kh_dev\n StrictHostKeyChecking accept-new\n ServerAliveInterval 9\n \
         ServerAliveCountMax 5\n ConnectTimeout 4\n ProxyJump hop\n IdentitiesOnly yes\n\
-        Host hop\n HostName 192.0.2.1\n User hopper\n";
+        Host hop\n HostName 192.0.2.1\n User hopper\n UserKnownHostsFile ~/.ssh/kh_hop\n";
 
     #[test]
     fn the_config_fills_in_what_was_not_typed() {
@@ -270,6 +278,8 @@ mod tests {
             ("192.0.2.1", 22, "hopper")
         );
         assert_eq!(o.first_hop(), ("192.0.2.1", 22));
+        // Each hop checks its host key in its own known_hosts file.
+        assert_eq!(o.hops[0].known_hosts, home.join(".ssh/kh_hop"));
         std::fs::remove_dir_all(home).unwrap();
     }
 

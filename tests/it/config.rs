@@ -224,12 +224,24 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
         "the laptop reaches the jump host directly"
     );
 
+    // Each host's key in a known_hosts file of its own, as the config names them: the hop's
+    // key is checked against the hop's file, not the jump host's.
+    let all = std::fs::read_to_string(tb.dir.join("known_hosts")).unwrap();
+    let (hop_lines, vpc_lines): (Vec<&str>, Vec<&str>) = all
+        .lines()
+        .partition(|l| l.starts_with(&format!("{hop_addr} ")));
+    assert_eq!(hop_lines.len(), 1, "{all}");
+    let (kh_hop, kh_vpc) = (tb.dir.join("kh_hop"), tb.dir.join("kh_vpc"));
+    std::fs::write(&kh_hop, hop_lines.join("\n") + "\n").unwrap();
+    std::fs::write(&kh_vpc, vpc_lines.join("\n") + "\n").unwrap();
     let config = tb.dir.join("ssh_config");
     std::fs::write(
         &config,
         format!(
-            "Host bastion\n  HostName {hop_addr}\nHost vpc\n  HostName {}\n  ProxyJump bastion\nHost *\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
+            "Host bastion\n  HostName {hop_addr}\n  UserKnownHostsFile {}\nHost vpc\n  HostName {}\n  ProxyJump bastion\n  UserKnownHostsFile {}\nHost *\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
+            s(&kh_hop),
             tb.jump_addr,
+            s(&kh_vpc),
             s(&tb.dir.join("id_ed25519")),
             s(&tb.dir.join("known_hosts"))
         ),
