@@ -412,16 +412,10 @@ async fn answer(
             r#"{"ok":true}"#.to_owned()
         }
         Ok(req) if req.cmd == "unexpose" => {
-            let Some(forwards) = board.forwards() else {
-                return reply(&mut w, &expose_error("this session exposes no ports")).await;
+            let (forwards, specs) = match forward_specs(board, &req) {
+                Ok(f) => f,
+                Err(e) => return reply(&mut w, &expose_error(&e)).await,
             };
-            let mut specs = Vec::new();
-            for text in &req.specs {
-                match text.parse::<ForwardSpec>() {
-                    Ok(spec) => specs.push(spec),
-                    Err(e) => return reply(&mut w, &expose_error(&e.to_string())).await,
-                }
-            }
             let removed = forwards.remove_specs(&specs);
             let out = ExposeReply {
                 forwards: Vec::new(),
@@ -431,16 +425,10 @@ async fn answer(
             serde_json::to_string(&out)?
         }
         Ok(req) if req.cmd == "expose" => {
-            let Some(forwards) = board.forwards() else {
-                return reply(&mut w, &expose_error("this session cannot expose ports")).await;
+            let (forwards, specs) = match forward_specs(board, &req) {
+                Ok(f) => f,
+                Err(e) => return reply(&mut w, &expose_error(&e)).await,
             };
-            let mut specs = Vec::new();
-            for text in &req.specs {
-                match text.parse::<ForwardSpec>() {
-                    Ok(spec) => specs.push(spec),
-                    Err(e) => return reply(&mut w, &expose_error(&e.to_string())).await,
-                }
-            }
             let added = forwards.add(&specs);
             let ids: Vec<u64> = added.iter().map(|(id, _)| *id).collect();
             forwards.settled(&ids, EXPOSE_WAIT).await;
@@ -468,6 +456,23 @@ async fn answer(
     };
     reply(&mut w, &reply_text).await?;
     w.shutdown().await
+}
+
+/// The session's exposed ports and the specs of an `expose`/`unexpose` request, or what to
+/// answer instead.
+fn forward_specs(
+    board: &Board,
+    req: &Request,
+) -> Result<(Arc<Forwards>, Vec<ForwardSpec>), String> {
+    let forwards = board
+        .forwards()
+        .ok_or_else(|| "this session cannot expose ports".to_owned())?;
+    let specs = req
+        .specs
+        .iter()
+        .map(|t| t.parse::<ForwardSpec>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((forwards, specs))
 }
 
 /// How long an `expose` request waits for its listeners to be set up.
