@@ -97,7 +97,27 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
     let (first_host, first_port) = opts.first_hop();
     let first_host = first_host.to_owned();
-    let jump_addrs = match tokio::net::lookup_host((first_host.as_str(), first_port)).await {
+    let lookup = async {
+        match opts.proxy_command {
+            // Nothing is connected to directly: where the command goes is its own business.
+            Some(_) => Ok(Vec::new().into_iter()),
+            None => tokio::net::lookup_host((first_host.as_str(), first_port))
+                .await
+                .map(|a| a.collect::<Vec<_>>().into_iter()),
+        }
+    };
+    let jump_addrs = match lookup.await {
+        Ok(_) if opts.proxy_command.is_some() => {
+            checks.push(Check::new(
+                "jump host name",
+                Verdict::Skipped,
+                format!(
+                    "reached through ProxyCommand `{}`",
+                    opts.proxy_command.as_deref().unwrap_or_default()
+                ),
+            ));
+            Vec::new()
+        }
         Ok(addrs) => {
             let addrs: Vec<SocketAddr> = addrs.collect();
             let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
@@ -126,7 +146,11 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
         checks.extend(crate::dns::doctor::host_checks(args).await);
     }
 
-    let Some(reachable) = reachability(&jump_addrs, &mut checks).await else {
+    let reachable = if opts.proxy_command.is_some() {
+        None
+    } else if let Some(r) = reachability(&jump_addrs, &mut checks).await {
+        Some(r)
+    } else {
         for name in ["host key", "login", "forwarding", "reverse forwarding"] {
             checks.push(Check::new(
                 name,
@@ -182,12 +206,11 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
 
     checks.push(forwarding(&session).await);
-    // Through ProxyJump hops, the jump host's own address is the one it is known by from the
-    // last hop (`reachable` is the first hop's).
-    let jump_ip = if opts.hops.is_empty() {
-        Some(reachable.ip())
-    } else {
-        opts.jump.host.parse::<IpAddr>().ok()
+    // Through ProxyJump hops (or a ProxyCommand), the jump host's own address is the one it
+    // is known by from the far side (`reachable` is the first hop's).
+    let jump_ip = match reachable {
+        Some(r) if opts.hops.is_empty() => Some(r.ip()),
+        _ => opts.jump.host.parse::<IpAddr>().ok(),
     };
     match jump_ip {
         Some(ip) => checks.push(reverse_forwarding(&session, ip).await),

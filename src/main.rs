@@ -157,7 +157,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 E::Resolve { .. }
                 | E::Unreachable { .. }
                 | E::ConnectTimeout { .. }
-                | E::HopForward { .. } => EXIT_UNREACHABLE,
+                | E::HopForward { .. }
+                | E::ProxyCommandEnded { .. } => EXIT_UNREACHABLE,
                 _ => 1,
             };
         }
@@ -395,8 +396,16 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         })?;
     }
     // Only the first hop is connected to directly: only its address stays out of the tunnel.
-    let (first_host, first_port) = opts.first_hop();
-    let jump_addrs = resolve(first_host, first_port).await?;
+    let jump_addrs = match opts.direct_target() {
+        Some((host, port)) => resolve(host, port).await?,
+        None => {
+            info!(
+                command = opts.proxy_command.as_deref().unwrap_or_default(),
+                "the jump host is reached through its ProxyCommand; what the command connects to must not be inside the routed networks (use --exclude)"
+            );
+            Vec::new()
+        }
+    };
     let plan = platform::RoutePlan::new(platform::PlanSpec {
         cidrs: args.cidrs.clone(),
         excludes: args.excludes.clone(),
@@ -421,10 +430,9 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     );
     // The jump host's own address, when we know it: behind ProxyJump hops only the hops
     // see it.
-    let jump_ip = if opts.hops.is_empty() {
-        jump_addrs.first().copied()
-    } else {
-        opts.jump.host.parse().ok()
+    let jump_ip = match opts.direct_target() {
+        Some(_) if opts.hops.is_empty() => jump_addrs.first().copied(),
+        _ => opts.jump.host.parse().ok(),
     };
     let advertise = match (args.advertise, sessions.iter().flatten().next()) {
         (Some(a), _) => Some(a),

@@ -2,8 +2,8 @@
 //! `/etc/ssh/ssh_config`), read the way `ssh` reads it for one host: `Host` blocks with
 //! wildcard and negated patterns, `Include` (globs, relative to `~/.ssh` or `/etc/ssh`), and
 //! the first value of each directive wins. Only the directives mse-vpn acts on are kept;
-//! directives that change how `ssh` would connect and that mse-vpn cannot honour are refused
-//! (`ProxyCommand`) or warned about (`Match`, `CertificateFile`, ...).
+//! directives that change how `ssh` would connect and that mse-vpn cannot honour are warned
+//! about (`Match`, `CertificateFile`, ...).
 //!
 //! This file only reads configuration files; it never connects anywhere.
 
@@ -125,6 +125,8 @@ pub struct HostConfig {
     pub connect_timeout: Option<u64>,
     /// `ProxyJump` hops, in order (`Some(vec![])` for `ProxyJump none`).
     pub proxy_jump: Option<Vec<JumpHost>>,
+    /// `ProxyCommand` as written (tokens not expanded; `none` disables it).
+    pub proxy_command: Option<String>,
     /// Messages about directives that were ignored, for the caller to show.
     pub warnings: Vec<String>,
 }
@@ -397,14 +399,9 @@ impl Reader<'_> {
                         })?
                     });
                 }
-                "proxycommand" if !first.eq_ignore_ascii_case("none") => {
-                    return Err(ConfigError::Unsupported {
-                        path: path.to_owned(),
-                        line,
-                        keyword: "ProxyCommand".to_owned(),
-                        host: self.host.to_owned(),
-                        hint: "use ProxyJump, or a Host block that does not match this alias",
-                    });
+                "proxycommand" if out.proxy_command.is_none() => {
+                    // The rest of the line, as the shell will see it.
+                    out.proxy_command = Some(raw_value(raw).to_owned());
                 }
                 "certificatefile"
                 | "pkcs11provider"
@@ -449,6 +446,16 @@ fn yes_no(s: &str) -> Option<bool> {
 /// Splits a line into its keyword and arguments (`Keyword arg ...` or `Keyword=arg`;
 /// double-quoted arguments may hold spaces; `#` starts a comment). `None` for blank and
 /// comment lines.
+/// The value of a config line as written: everything after the keyword and its separator.
+fn raw_value(line: &str) -> &str {
+    let line = line.trim();
+    let end = line
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(line.len());
+    let rest = line[end..].trim_start();
+    rest.strip_prefix('=').unwrap_or(rest).trim()
+}
+
 fn split_line(line: &str) -> Option<(&str, Vec<String>)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -637,12 +644,18 @@ mod tests {
             e.to_string().contains(":3: bad value 'none' for port"),
             "{e}"
         );
-        // Not applying to this host: not an error.
-        assert!(HostConfig::parse_str("Host b\n ProxyCommand nc %h %p\n", &s, "c").is_ok());
-        let e = HostConfig::parse_str("Host b\n ProxyCommand nc %h %p\n", &s, "b").unwrap_err();
-        assert!(
-            e.to_string().contains(":2: ProxyCommand is not supported"),
-            "{e}"
+        // ProxyCommand is kept as written (quotes and all), for the shell; first one wins.
+        let c = parse(
+            "Host b\n ProxyCommand sh -c \"nc %h %p\"  # via nc\nHost *\n ProxyCommand none\n",
+            "b",
+        );
+        assert_eq!(
+            c.proxy_command.as_deref(),
+            Some("sh -c \"nc %h %p\"  # via nc")
+        );
+        assert_eq!(
+            parse("ProxyCommand=none\n", "b").proxy_command.as_deref(),
+            Some("none")
         );
         let e = HostConfig::parse_str("ProxyJump -x\n", &s, "b").unwrap_err();
         assert!(e.to_string().contains(":1: bad ProxyJump hop"), "{e}");

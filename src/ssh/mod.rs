@@ -5,6 +5,7 @@
 //!
 //! Never logged: passphrases, key material, channel payloads.
 
+mod command;
 pub mod config;
 pub mod known_hosts;
 pub mod password;
@@ -56,6 +57,10 @@ pub struct SshOptions {
     pub agent_socket: Option<PathBuf>,
     /// `IdentitiesOnly yes`: of the agent's keys, offer only those of the identity files.
     pub identities_only: bool,
+    /// `ProxyCommand` (tokens expanded): the jump host is reached through this command's
+    /// standard input and output instead of a TCP connection. Run by `sh -c`, as the invoking
+    /// user. Not with `hops`.
+    pub proxy_command: Option<String>,
     /// Owner for files created under the user's home (known_hosts), when running as root for
     /// another user.
     pub file_owner: Option<(u32, u32)>,
@@ -87,6 +92,12 @@ pub struct Hop {
 }
 
 impl SshOptions {
+    /// The host and port this machine opens a TCP connection to, if it opens one at all (not
+    /// with a `ProxyCommand`). Only this address must stay out of the tunnel.
+    pub fn direct_target(&self) -> Option<(&str, u16)> {
+        self.proxy_command.is_none().then(|| self.first_hop())
+    }
+
     /// The host and port this machine opens a TCP connection to: the first `ProxyJump` hop,
     /// or the jump host itself. Only this address must stay out of the tunnel.
     pub fn first_hop(&self) -> (&str, u16) {
@@ -274,6 +285,25 @@ pub enum SshError {
         /// The channel-open failure.
         #[source]
         source: Box<russh::Error>,
+    },
+    /// The `ProxyCommand` ended (or closed its output) before the SSH handshake was done.
+    #[error(
+        "the ProxyCommand `{command}` ended before an SSH connection to {target} was made (its own message, if any, is above): check that the command reaches the jump host"
+    )]
+    ProxyCommandEnded {
+        /// The command, tokens expanded.
+        command: String,
+        /// `host:port` of the jump host.
+        target: String,
+    },
+    /// The `ProxyCommand` could not be started.
+    #[error("cannot run the ProxyCommand `{command}`: {source}")]
+    ProxyCommand {
+        /// The command, tokens expanded.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The password was refused.
     #[error(
@@ -535,16 +565,36 @@ impl Session {
         let id = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let first = &logins[0];
         let first_target = target_of(first);
-        let stream = bounded(opts, &first_target, tcp_connect(first.host, first.port)).await??;
         let mut hops: Vec<Handle<Client>> = Vec::new();
-        let mut first_session = Some(
-            bounded(
-                opts,
-                &first_target,
-                Self::handshake(opts, first, &first_target, stream, id),
-            )
-            .await??,
-        );
+        let first_session = match &opts.proxy_command {
+            // The first (and only) host through a ProxyCommand's standard input and output.
+            Some(command) => {
+                let stream =
+                    command::CommandStream::spawn(command, opts.file_owner).map_err(|source| {
+                        SshError::ProxyCommand {
+                            command: command.clone(),
+                            source,
+                        }
+                    })?;
+                let handshake = Self::handshake(opts, first, &first_target, stream, id);
+                bounded(opts, &first_target, handshake)
+                    .await?
+                    .map_err(|e| match e {
+                        SshError::Protocol { target, .. } => SshError::ProxyCommandEnded {
+                            command: command.clone(),
+                            target,
+                        },
+                        other => other,
+                    })
+            }
+            None => {
+                let stream =
+                    bounded(opts, &first_target, tcp_connect(first.host, first.port)).await??;
+                let handshake = Self::handshake(opts, first, &first_target, stream, id);
+                bounded(opts, &first_target, handshake).await?
+            }
+        };
+        let mut first_session = Some(first_session?);
         let last = logins.len() - 1;
         for (i, login) in logins.iter().enumerate() {
             let target = target_of(login);

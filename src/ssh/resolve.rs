@@ -123,6 +123,27 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
             known_hosts: hop_known_hosts,
         });
     }
+    // ProxyJump and ProxyCommand: ProxyJump (or -J) wins, as a typed -J would in ssh.
+    let proxy_command = cfg
+        .proxy_command
+        .as_deref()
+        .filter(|c| !c.eq_ignore_ascii_case("none"))
+        .map(|c| {
+            expand(c, &sources, &typed.host, &jump)
+                .to_string_lossy()
+                .into_owned()
+        });
+    let proxy_command = match (proxy_command, hops.is_empty()) {
+        (Some(c), true) => Some(c),
+        (Some(_), false) => {
+            warn!(
+                "ProxyJump is set for {}: its ProxyCommand is not used",
+                typed.host
+            );
+            None
+        }
+        (None, _) => None,
+    };
     Ok(SshOptions {
         user: jump.user.clone().unwrap_or_default(),
         identity_files,
@@ -135,6 +156,7 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
         agent_socket: user.agent_socket(),
         // IdentitiesOnly: the key files only (and the agent's copies of them).
         identities_only: cfg.identities_only == Some(true),
+        proxy_command,
         file_owner: Some((user.uid(), user.gid())),
         jump,
         hops,

@@ -671,3 +671,81 @@ fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
     assert!(logins.iter().all(|l| l.contains(&fp)), "{logins:?}");
     assert!(vpn.interrupt().success());
 }
+
+#[test]
+fn a_proxy_command_carries_the_connection() {
+    let tb = Testbed::up("cf8", &["--with", "nginx"]);
+    let before = settled_snapshot(&tb);
+    let config = tb.dir.join("ssh_config");
+    let write_config = |command: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n  ProxyCommand {command}\n",
+                tb.jump_addr,
+                s(&tb.dir.join("id_ed25519")),
+                s(&tb.dir.join("known_hosts"))
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    // The way netcat-style helpers are used: %h and %p are the jump host's.
+    write_config("socat - TCP:%h:%p");
+    let cfg = s(&config);
+    let tun = tb.tun();
+    let args = [
+        "up", "--cidr", VPC, "--proxy", "vpc", "-F", &cfg, "--tun", &tun,
+    ];
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&[], &[], &args));
+    tb.assert_curl_index();
+    // One command per SSH connection of the pool, and nothing else dialled the jump host.
+    let pattern = format!("socat - TCP:{}:22", tb.jump_addr);
+    let count = |tb: &Testbed| {
+        stdout(&tb.sh(5, &format!("pgrep -c -f '^{pattern}$' || true")))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(count(&tb), "4");
+    assert!(vpn.interrupt().success());
+    assert_eq!(count(&tb), "0", "the commands end with their connections");
+    assert_eq!(tb.snapshot(), before);
+
+    // Under sudo, the command runs as the invoking user, never as root.
+    let user = TestUser::create("mvpc8", None);
+    let mark = std::env::temp_dir().join("mse-vpn-cf8-proxy-user");
+    let _ = std::fs::remove_file(&mark);
+    write_config(&format!(
+        "sh -c 'id -un > {}; exec socat - TCP:%h:%p'",
+        mark.display()
+    ));
+    let env = user.sudo_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &args));
+    tb.assert_curl_index();
+    assert!(vpn.interrupt().success());
+    assert_eq!(
+        std::fs::read_to_string(&mark).unwrap_or_default().trim(),
+        "mvpc8"
+    );
+    let _ = std::fs::remove_file(&mark);
+
+    // A command that cannot reach the jump host: a clear failure, nothing left behind.
+    write_config("socat - TCP:%h:2");
+    let mut vpn = Vpn::spawn(tb.mse_vpn_with_env(&[], &[], &args));
+    let status = vpn.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(5), "{}", vpn.stderr());
+    let err = vpn.stderr();
+    assert!(
+        err.contains("Connection refused"),
+        "the command's own message: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "mse-vpn: the ProxyCommand `socat - TCP:{}:2` ended before an SSH connection",
+            tb.jump_addr
+        )),
+        "{err}"
+    );
+    assert_eq!(tb.snapshot(), before);
+}
