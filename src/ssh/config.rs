@@ -61,22 +61,6 @@ pub enum ConfigError {
         #[source]
         source: JumpHostError,
     },
-    /// A directive that applies to this host and that mse-vpn cannot honour.
-    #[error(
-        "{path}:{line}: {keyword} is not supported by mse-vpn ({hint}); it applies to host {host}"
-    )]
-    Unsupported {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// The directive.
-        keyword: String,
-        /// The alias being resolved.
-        host: String,
-        /// What to do instead.
-        hint: &'static str,
-    },
     /// `Include` nested too deep (a loop?).
     #[error("{path}:{line}: Include nested more than {MAX_INCLUDE_DEPTH} levels deep (a loop?)")]
     IncludeDepth {
