@@ -195,17 +195,21 @@ fn under_sudo_an_alias_resolves_through_the_users_ssh_config() {
         "{}",
         vpn.stderr()
     );
-    // ProxyCommand, which mse-vpn cannot honour, is refused with what to do instead.
-    let pc = alias.replace("Port 2222", "ProxyCommand nc %h %p");
+    // A ProxyCommand of the user's config, with its tokens (HostName and Port 2222), run as
+    // the user.
+    let pc = format!("{alias}  ProxyCommand socat - TCP:%h:%p\n");
     user.write(&ssh.join("conf.d/50-vpc.conf"), &pc, 0o600);
-    let mut vpn = Vpn::spawn(as_user(&tb, &user, &[], &args));
-    assert!(!vpn.wait_exit(Duration::from_secs(20)).success());
-    assert!(
-        vpn.stderr().contains("ProxyCommand is not supported")
-            && vpn.stderr().contains("ProxyJump"),
-        "{}",
-        vpn.stderr()
+    let vpn = tb.start_cmd(as_user(&tb, &user, &[], &args));
+    tb.assert_curl_index();
+    let socats = tb.sh(
+        5,
+        &format!(
+            "ps -o user=,args= -C socat | grep -c '^mvcfg1 .*socat - TCP:{}:2222$'",
+            tb.jump_addr
+        ),
     );
+    assert_eq!(stdout(&socats).trim(), "4", "{}", stderr(&socats));
+    assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
 }
 
