@@ -333,10 +333,20 @@ impl Forwards {
 
     /// The rows of `status`.
     pub fn status(&self) -> Vec<ForwardStatus> {
+        self.rows(|_| true)
+    }
+
+    /// The rows of the given entries.
+    pub fn status_of(&self, ids: &[u64]) -> Vec<ForwardStatus> {
+        self.rows(|e| ids.contains(&e.id))
+    }
+
+    /// The rows of the live entries that `keep` selects, read under one lock.
+    fn rows(&self, keep: impl Fn(&Entry) -> bool) -> Vec<ForwardStatus> {
         let advertise = self.advertise();
         self.lock()
             .iter()
-            .filter(|e| !e.removed)
+            .filter(|e| !e.removed && keep(e))
             .map(|e| ForwardStatus {
                 spec: e.spec.to_string(),
                 local_port: e.spec.local_port,
@@ -351,22 +361,6 @@ impl Forwards {
                 detail: e.detail.clone(),
                 connections: e.connections,
             })
-            .collect()
-    }
-
-    /// The rows of the given entries.
-    pub fn status_of(&self, ids: &[u64]) -> Vec<ForwardStatus> {
-        let live: Vec<u64> = self
-            .lock()
-            .iter()
-            .filter(|e| !e.removed)
-            .map(|e| e.id)
-            .collect();
-        self.status()
-            .into_iter()
-            .zip(live)
-            .filter(|(_, id)| ids.contains(id))
-            .map(|(s, _)| s)
             .collect()
     }
 

@@ -7,6 +7,7 @@
 //! jump host's socket table, so a test cannot pass by some other path getting in.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,44 @@ fn connections_in(tb: &Testbed, ns: &str, port: u16) -> usize {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
+}
+
+/// Writes `text` as this testbed's ssh config file (mode 600, as ssh requires); its path.
+fn write_ssh_config(tb: &Testbed, text: &str) -> String {
+    let config = tb.dir.join("ssh_config");
+    std::fs::write(&config, text).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    s(&config)
+}
+
+/// A `Host vpc` block for the jump host: root, `key`, the testbed's known_hosts, then
+/// `extra` lines.
+fn vpc_host(tb: &Testbed, key: &Path, extra: &str) -> String {
+    format!(
+        "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n{extra}",
+        tb.jump_addr,
+        s(key),
+        s(&tb.dir.join("known_hosts"))
+    )
+}
+
+/// `up --cidr CIDR --proxy vpc -F CONFIG --tun TUN -v`.
+fn up_via_config(tb: &Testbed, cidr: &str, config: &str) -> Vec<String> {
+    [
+        "up",
+        "--cidr",
+        cidr,
+        "--proxy",
+        "vpc",
+        "-F",
+        config,
+        "--tun",
+        &tb.tun(),
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[test]
@@ -238,10 +277,9 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
     let (kh_hop, kh_vpc) = (tb.dir.join("kh_hop"), tb.dir.join("kh_vpc"));
     std::fs::write(&kh_hop, hop_lines.join("\n") + "\n").unwrap();
     std::fs::write(&kh_vpc, vpc_lines.join("\n") + "\n").unwrap();
-    let config = tb.dir.join("ssh_config");
-    std::fs::write(
-        &config,
-        format!(
+    let config = write_ssh_config(
+        &tb,
+        &format!(
             "Host bastion\n  HostName {hop_addr}\n  UserKnownHostsFile {}\nHost vpc\n  HostName {}\n  ProxyJump bastion\n  UserKnownHostsFile {}\nHost *\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
             s(&kh_hop),
             tb.jump_addr,
@@ -249,24 +287,8 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
             s(&tb.dir.join("id_ed25519")),
             s(&tb.dir.join("known_hosts"))
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let args: Vec<String> = [
-        "up",
-        "--cidr",
-        VPC,
-        "--proxy",
-        "vpc",
-        "-F",
-        &s(&config),
-        "--tun",
-        &tb.tun(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
+    let args = up_via_config(&tb, VPC, &config);
     let vpn = tb.start_cmd(tb.mse_vpn_with_env(&[], &[], &strs(&args)));
     tb.assert_curl_index();
     let hop_log = std::fs::read_to_string(tb.dir.join("hop_sshd.log")).unwrap_or_default();
@@ -573,33 +595,8 @@ fn the_jump_hosts_configured_address_stays_out_of_the_tunnel() {
     // try to run through itself.
     let tb = Testbed::up("cf5", &["--with", "nginx", "--jump-in-cidr"]);
     let before = settled_snapshot(&tb);
-    let config = tb.dir.join("ssh_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
-            tb.jump_addr,
-            s(&tb.dir.join("id_ed25519")),
-            s(&tb.dir.join("known_hosts"))
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let args: Vec<String> = [
-        "up",
-        "--cidr",
-        "10.0.0.0/8",
-        "--proxy",
-        "vpc",
-        "-F",
-        &s(&config),
-        "--tun",
-        &tb.tun(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let config = write_ssh_config(&tb, &vpc_host(&tb, &tb.dir.join("id_ed25519"), ""));
+    let args = up_via_config(&tb, "10.0.0.0/8", &config);
     let vpn = tb.start_cmd(tb.mse_vpn_with_env(&[], &[], &strs(&args)));
     tb.assert_curl_index();
     let route = tb.on_laptop(5, &["ip", "route", "get", &tb.jump_addr]);
@@ -637,25 +634,14 @@ fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
     agent.add(&[&s(&plain)]);
     let sock = s(&agent.socket);
     let run = |identities_only: bool| {
-        let config = tb.dir.join("ssh_config");
-        std::fs::write(
-            &config,
-            format!(
-                "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n{}",
-                tb.jump_addr,
-                s(&key),
-                s(&tb.dir.join("known_hosts")),
-                if identities_only { "  IdentitiesOnly yes\n" } else { "" }
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let cfg = s(&config);
-        let tun = tb.tun();
-        let args = [
-            "up", "--cidr", VPC, "--proxy", "vpc", "-F", &cfg, "--tun", &tun,
-        ];
-        Vpn::spawn(tb.mse_vpn_with_env(&[("SSH_AUTH_SOCK", &sock)], &[], &args))
+        let extra = if identities_only {
+            "  IdentitiesOnly yes\n"
+        } else {
+            ""
+        };
+        let config = write_ssh_config(&tb, &vpc_host(&tb, &key, extra));
+        let args = up_via_config(&tb, VPC, &config);
+        Vpn::spawn(tb.mse_vpn_with_env(&[("SSH_AUTH_SOCK", &sock)], &[], &strs(&args)))
     };
 
     // Without IdentitiesOnly the agent's first key is offered, and sshd hangs up.
@@ -680,27 +666,17 @@ fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
 fn a_proxy_command_carries_the_connection() {
     let tb = Testbed::up("cf8", &["--with", "nginx"]);
     let before = settled_snapshot(&tb);
-    let config = tb.dir.join("ssh_config");
+    let key = tb.dir.join("id_ed25519");
     let write_config = |command: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "Host vpc\n  HostName {}\n  User root\n  IdentityFile {}\n  UserKnownHostsFile {}\n  ProxyCommand {command}\n",
-                tb.jump_addr,
-                s(&tb.dir.join("id_ed25519")),
-                s(&tb.dir.join("known_hosts"))
-            ),
+        write_ssh_config(
+            &tb,
+            &vpc_host(&tb, &key, &format!("  ProxyCommand {command}\n")),
         )
-        .unwrap();
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
     // The way netcat-style helpers are used: %h and %p are the jump host's.
-    write_config("socat - TCP:%h:%p");
-    let cfg = s(&config);
-    let tun = tb.tun();
-    let args = [
-        "up", "--cidr", VPC, "--proxy", "vpc", "-F", &cfg, "--tun", &tun,
-    ];
+    let config = write_config("socat - TCP:%h:%p");
+    let args = up_via_config(&tb, VPC, &config);
+    let args = strs(&args);
     let vpn = tb.start_cmd(tb.mse_vpn_with_env(&[], &[], &args));
     tb.assert_curl_index();
     // One command per SSH connection of the pool, and nothing else dialled the jump host.
