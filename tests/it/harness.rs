@@ -36,9 +36,15 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Builds a testbed; `opts` are `scripts/testbed up` options.
+    /// Builds a testbed; `opts` are `scripts/testbed up` options. `MSE_VPN_TB_PREFIX` (a few
+    /// lowercase letters) is put in front of `name`, so two checkouts can run the suite at
+    /// once without sharing namespaces.
     pub fn up(name: &str, opts: &[&str]) -> Testbed {
         must_be_root();
+        let name = &format!(
+            "{}{name}",
+            std::env::var("MSE_VPN_TB_PREFIX").unwrap_or_default()
+        );
         let out = Command::new("bash")
             .arg(root().join("scripts/testbed"))
             .args(["up", name])
