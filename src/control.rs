@@ -127,6 +127,15 @@ pub struct Status {
     /// loopback only, which is then reached over loopback).
     #[serde(default)]
     pub inbound_refused: u64,
+    /// Cloud callers connected right now (counted against `max_inbound`).
+    #[serde(default)]
+    pub inbound_active: u64,
+    /// `--max-flows`: the budget of outbound flows.
+    #[serde(default)]
+    pub max_flows: u64,
+    /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
+    #[serde(default)]
+    pub max_inbound: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
@@ -204,6 +213,9 @@ impl Board {
                 }],
                 inbound_opened: 0,
                 inbound_refused: 0,
+                inbound_active: 0,
+                max_flows: 0,
+                max_inbound: 0,
                 forwards: Vec::new(),
                 dns: None,
             }),
@@ -212,6 +224,14 @@ impl Board {
             started: std::time::Instant::now(),
             dns: Mutex::new(None),
         })
+    }
+
+    /// The flow budgets shown by `status` (`--max-flows`, `--max-inbound`).
+    pub fn set_limits(&self, max_flows: u64, max_inbound: u64) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.max_flows = max_flows;
+            st.max_inbound = max_inbound;
+        }
     }
 
     /// The session's exposed ports, shown by `status` and extended by `expose` requests.
@@ -313,6 +333,7 @@ impl Board {
         {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
+            st.inbound_active = e.inbound_active;
             st.flows_opened += e.flows_opened;
             st.flows_refused += e.flows_refused;
             st.flows_over_limit += e.flows_over_limit;
@@ -608,6 +629,12 @@ pub fn render(st: &Status) -> String {
         st.bytes_down,
         st.reconnects
     ));
+    if st.max_inbound > 0 {
+        out.push_str(&format!(
+            "limits      {} outbound flows; {} cloud callers ({} connected)\n",
+            st.max_flows, st.max_inbound, st.inbound_active
+        ));
+    }
     for f in &st.forwards {
         let remote = f
             .advertised
