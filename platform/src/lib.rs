@@ -129,7 +129,7 @@ pub enum PlatformError {
     },
     /// Some changes could not be undone; they stay in the journal for a later repair.
     #[error(
-        "could not undo {count} host change(s), kept in {path} so that `mse-vpn down --force` (or the next start) tries again; the first: `{first}`: {source}"
+        "could not undo {count} host change(s), kept in {path} so that `mse-vpn down --force` (or the next start) tries again; the first: `{first}`"
     )]
     Undo {
         /// How many changes are left.

@@ -438,11 +438,12 @@ enum Undone {
 
 /// True when a failed `ip ... del` says the thing to delete does not exist.
 fn says_absent(e: &PlatformError) -> bool {
-    const ABSENT: [&str; 5] = [
+    const ABSENT: [&str; 6] = [
         "No such process",                 // route del
         "No such file or directory",       // rule del
         "Cannot assign requested address", // addr del
         "Cannot find device",              // any, once the link is gone
+        "does not exist",                  // link show: Device "mse0" does not exist.
         "No such device",
     ];
     matches!(e, PlatformError::Command { stderr, .. } if ABSENT.iter().any(|a| stderr.contains(a)))
@@ -720,6 +721,7 @@ mod tests {
         assert!(says_absent(&failed(
             "RTNETLINK answers: No such file or directory"
         )));
+        assert!(says_absent(&failed("Device \"mvt0\" does not exist.")));
         assert!(!says_absent(&failed(
             "RTNETLINK answers: Operation not permitted"
         )));
