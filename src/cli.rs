@@ -213,6 +213,10 @@ pub struct UpArgs {
     /// Maximum concurrent TCP flows; new connections beyond it are reset.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_flows: u64,
+    /// Maximum concurrent cloud callers through `--expose` listeners, a budget separate from
+    /// --max-flows so that callers can never crowd out this machine's own connections.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INBOUND as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_inbound: u64,
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,

@@ -127,6 +127,15 @@ pub struct Status {
     /// loopback only, which is then reached over loopback).
     #[serde(default)]
     pub inbound_refused: u64,
+    /// Cloud callers connected right now (counted against `max_inbound`).
+    #[serde(default)]
+    pub inbound_active: u64,
+    /// `--max-flows`: the budget of outbound flows.
+    #[serde(default)]
+    pub max_flows: u64,
+    /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
+    #[serde(default)]
+    pub max_inbound: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
@@ -204,6 +213,9 @@ impl Board {
                 }],
                 inbound_opened: 0,
                 inbound_refused: 0,
+                inbound_active: 0,
+                max_flows: 0,
+                max_inbound: 0,
                 forwards: Vec::new(),
                 dns: None,
             }),
@@ -212,6 +224,14 @@ impl Board {
             started: std::time::Instant::now(),
             dns: Mutex::new(None),
         })
+    }
+
+    /// The flow budgets shown by `status` (`--max-flows`, `--max-inbound`).
+    pub fn set_limits(&self, max_flows: u64, max_inbound: u64) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.max_flows = max_flows;
+            st.max_inbound = max_inbound;
+        }
     }
 
     /// The session's exposed ports, shown by `status` and extended by `expose` requests.
@@ -313,6 +333,7 @@ impl Board {
         {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
+            st.inbound_active = e.inbound_active;
             st.flows_opened += e.flows_opened;
             st.flows_refused += e.flows_refused;
             st.flows_over_limit += e.flows_over_limit;
@@ -374,14 +395,37 @@ impl Server {
 
     /// Serves requests until the process ends; a `down` request sets `stop`.
     pub async fn serve(self, board: Arc<Board>, stop: watch::Sender<bool>) {
+        self.serve_with(board, stop, REQUEST_TIMEOUT).await;
+    }
+
+    /// [`Server::serve`] with a connection's time to send its request (tests shorten it).
+    async fn serve_with(
+        self,
+        board: Arc<Board>,
+        stop: watch::Sender<bool>,
+        request_timeout: Duration,
+    ) {
+        let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors: pause (the listener stays readable; retrying at
+                    // once would spin).
+                    debug!("control socket accept failed: {e}");
+                    crate::fds::after_accept_error(&e).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = clients.clone().try_acquire_owned() else {
+                debug!("too many control connections: closing a new one");
                 continue;
             };
             let board = board.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &board, &stop).await {
+                let _permit = permit;
+                if let Err(e) = answer(stream, &board, &stop, request_timeout).await {
                     debug!("control request failed: {e}");
                 }
             });
@@ -399,11 +443,15 @@ async fn answer(
     stream: UnixStream,
     board: &Board,
     stop: &watch::Sender<bool>,
+    request_timeout: Duration,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = BufReader::new(r).take(4096);
-    r.read_line(&mut line).await?;
+    // A connection that never sends its request is closed (it holds a descriptor).
+    tokio::time::timeout(request_timeout, r.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let reply_text = match serde_json::from_str::<Request>(&line) {
         Ok(req) if req.cmd == "status" => serde_json::to_string(&board.snapshot())?,
         Ok(req) if req.cmd == "down" => {
@@ -477,6 +525,10 @@ fn forward_specs(
 
 /// How long an `expose` request waits for its listeners to be set up.
 const EXPOSE_WAIT: Duration = Duration::from_secs(20);
+/// A control connection must send its request within this long, or it is closed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control connections served at once (each holds a descriptor); more are closed at once.
+const MAX_CLIENTS: usize = 64;
 
 fn expose_error(msg: &str) -> String {
     serde_json::to_string(&ExposeReply {
@@ -608,6 +660,12 @@ pub fn render(st: &Status) -> String {
         st.bytes_down,
         st.reconnects
     ));
+    if st.max_inbound > 0 {
+        out.push_str(&format!(
+            "limits      {} outbound flows; {} cloud callers ({} connected)\n",
+            st.max_flows, st.max_inbound, st.inbound_active
+        ));
+    }
     for f in &st.forwards {
         let remote = f
             .advertised
@@ -716,6 +774,37 @@ mod tests {
 
         request(&path, "down").await.unwrap();
         stop_rx.wait_for(|s| *s).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_and_the_socket_keeps_answering() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-ctl-idle-{}", std::process::id()));
+        let path = socket_path(&dir, "mvtest1");
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let server = Server::bind(&path, uid, gid).unwrap();
+        let board = Board::new("u@h:22".into(), "mvtest1".into(), Vec::new());
+        board.set_limits(500, 40);
+        let (stop_tx, _stop_rx) = watch::channel(false);
+        let timeout = Duration::from_millis(200);
+        tokio::spawn(server.serve_with(board, stop_tx, timeout));
+
+        // Connections that never send a request: more than the server serves at once.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(timeout * 10, idle[0].read(&mut buf))
+            .await
+            .expect("the server closes a silent connection");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        let st = status(&path)
+            .await
+            .expect("answered once the idle ones are gone");
+        assert_eq!((st.max_flows, st.max_inbound), (500, 40));
+        assert!(render(&st).contains("40 cloud callers"), "{}", render(&st));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

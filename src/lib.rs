@@ -35,6 +35,7 @@ pub mod dns;
 pub mod doctor;
 pub mod driver;
 pub mod engine;
+pub mod fds;
 pub mod pool;
 pub mod profile;
 pub mod reverse;

@@ -461,6 +461,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         plan.tun_name().to_owned(),
         plan.routes().iter().map(ToString::to_string).collect(),
     );
+    board.set_limits(args.max_flows, args.max_inbound);
     let server = control::Server::bind(
         &control::socket_path(state_dir, plan.tun_name()),
         user.uid(),
@@ -474,6 +475,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         engine: EngineConfig {
             mtu: args.mtu as usize,
             max_flows: args.max_flows as usize,
+            max_inbound: args.max_inbound as usize,
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),

@@ -100,6 +100,9 @@ pub struct Profile {
     /// `--max-flows`.
     #[serde(default, deserialize_with = "ranged::<_, 1, 1_000_000>")]
     pub max_flows: Option<u64>,
+    /// `--max-inbound`.
+    #[serde(default, deserialize_with = "ranged::<_, 1, 1_000_000>")]
+    pub max_inbound: Option<u64>,
     /// `--open-timeout`.
     #[serde(default, deserialize_with = "ranged::<_, 1, 300>")]
     pub open_timeout: Option<u64>,
@@ -281,6 +284,11 @@ pub fn apply(args: &mut UpArgs, matches: &ArgMatches, profile: &Profile, home: &
         && let Some(v) = profile.max_flows
     {
         args.max_flows = v;
+    }
+    if !typed("max_inbound")
+        && let Some(v) = profile.max_inbound
+    {
+        args.max_inbound = v;
     }
     if !typed("open_timeout")
         && let Some(v) = profile.open_timeout

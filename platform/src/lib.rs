@@ -127,6 +127,21 @@ pub enum PlatformError {
         /// The path.
         path: PathBuf,
     },
+    /// Some changes could not be undone; they stay in the journal for a later repair.
+    #[error(
+        "could not undo {count} host change(s), kept in {path} so that `mse-vpn down --force` (or the next start) tries again; the first: `{first}`"
+    )]
+    Undo {
+        /// How many changes are left.
+        count: usize,
+        /// The first of them.
+        first: Change,
+        /// The journal that keeps them.
+        path: PathBuf,
+        /// Why undoing the first failed.
+        #[source]
+        source: Box<PlatformError>,
+    },
     /// `ip -j` printed something unexpected.
     #[error("cannot parse the output of `{cmd}`: {source}")]
     Parse {

@@ -30,15 +30,20 @@ pub mod flow;
 pub mod packet;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
 pub use device::QueueDevice;
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
@@ -56,14 +61,29 @@ const CHUNK: usize = 64 * 1024;
 /// How often every flow is re-examined even without new packets (catches timer-driven
 /// state changes such as retransmission timeouts).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+/// A flow whose SYN-ACK the app never acknowledges is dropped this long after the SYN-ACK
+/// first went out, as Linux gives up on a SYN-RECEIVED connection after its five SYN-ACK
+/// retransmissions (1 + 2 + 4 + 8 + 16 s, then 32 s for the last one): a spoofed source or a
+/// firewall dropping SYN-ACKs no longer holds a flow slot and an SSH channel forever.
+pub const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_secs(63);
+/// At most one challenge ACK (RFC 5961 §7) per flow in this interval: an RST or SYN storm
+/// cannot turn the engine into an ACK amplifier.
+const CHALLENGE_ACK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default of [`EngineConfig::max_inbound`] (`--max-inbound`).
+pub const DEFAULT_MAX_INBOUND: usize = 1_000;
 
 /// Tunables of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// The TUN MTU: largest IP packet exchanged with the kernel.
     pub mtu: usize,
-    /// Concurrent flows beyond which new SYNs are answered with a reset.
+    /// Concurrent outbound flows (the laptop's own connections) beyond which new SYNs are
+    /// answered with a reset.
     pub max_flows: usize,
+    /// Concurrent inbound flows (cloud callers through `--expose`), a budget of their own so
+    /// that callers can never take the laptop's own connections' slots.
+    pub max_inbound: usize,
     /// Size of each smoltcp socket's receive and send buffers.
     pub tcp_buffer: usize,
     /// Bytes of one flow handed to the SSH side and not yet written there: the app's upload
@@ -85,6 +105,7 @@ impl Default for EngineConfig {
         EngineConfig {
             mtu: 65_000,
             max_flows: 10_000,
+            max_inbound: DEFAULT_MAX_INBOUND,
             tcp_buffer: 512 * 1024,
             max_inflight: 4 * 1024 * 1024,
             max_inflight_msgs: 128,
@@ -162,8 +183,10 @@ pub enum InboundError {
 /// Counters since the engine started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
-    /// Flows live right now (opening or open).
+    /// Flows live right now (opening or open), inbound ones included.
     pub flows_active: u64,
+    /// Inbound flows (cloud callers) live right now.
+    pub inbound_active: u64,
     /// Flows admitted (SYN held, channel requested).
     pub flows_opened: u64,
     /// SYNs refused because of the flow limit.
@@ -182,10 +205,16 @@ pub struct EngineStats {
     pub packets_dropped: u64,
     /// ICMP unreachable replies sent for traffic the tunnel does not carry.
     pub icmp_rejects: u64,
+    /// RSTs and SYNs not taken on an established flow (RFC 5961): in-window RSTs without the
+    /// exact sequence number, SYNs on a synchronized connection, out-of-window RSTs.
+    pub rst_syn_screened: u64,
+    /// Flows dropped because the app never acknowledged their SYN-ACK.
+    pub syn_received_timeouts: u64,
 }
 
 enum Phase {
-    /// The SYN is held while the channel opens.
+    /// The SYN is held while the channel opens (its header only: see
+    /// [`packet::syn_header`]).
     Opening { syn: Vec<u8> },
     /// A smoltcp socket terminates the flow.
     Open { handle: SocketHandle },
@@ -215,6 +244,24 @@ struct Flow {
     dirty: bool,
     /// An inbound flow not yet answered by the local app (its SYN is out, no `Connected` yet).
     connecting: bool,
+    /// What smoltcp last sent on this flow (for screening RSTs and SYNs, RFC 5961).
+    seq: Option<SeqState>,
+    /// When the SYN-ACK first went out (outbound flows): the handshake times out from here.
+    accepted_at: Option<Instant>,
+}
+
+/// The connection's sequence space as smoltcp's own segments to the app show it.
+#[derive(Clone, Copy, Debug)]
+struct SeqState {
+    /// The highest sequence number sent plus one (SND.NXT).
+    snd_nxt: TcpSeqNumber,
+    /// The latest acknowledgement number sent (RCV.NXT when it was sent); `None` until
+    /// smoltcp acknowledged anything (an inbound flow's own SYN carries no ACK).
+    rcv_nxt: Option<TcpSeqNumber>,
+    /// The latest window field sent.
+    window: u16,
+    /// When the last challenge ACK went out.
+    challenged_at: Option<Instant>,
 }
 
 impl Flow {
@@ -234,6 +281,8 @@ impl Flow {
             ending: None,
             dirty: false,
             connecting,
+            seq: None,
+            accepted_at: None,
         }
     }
 }
@@ -249,19 +298,32 @@ struct Shard {
     poll_at: Option<Instant>,
 }
 
+/// A smoltcp interface answering for every address, its random generator seeded with `seed`.
+///
+/// smoltcp draws each connection's initial sequence number from its interface's generator
+/// (a PCG, not a cryptographic one, seeded with 0 unless told otherwise): every interface is
+/// seeded from the engine's CSPRNG, and [`Shard::reseed`] gives it a fresh seed before each
+/// SYN it answers, so an ISN says nothing about the next one (RFC 6528's goal).
+fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64) -> Interface {
+    let mut config = Config::new(HardwareAddress::Ip);
+    config.random_seed = seed;
+    let mut iface = Interface::new(config, device, now);
+    iface.set_any_ip(true);
+    iface.update_ip_addrs(|addrs| {
+        // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
+        let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
+        let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
+    });
+    // Replies go back to whatever address the app used: default routes via ourselves.
+    let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
+    let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+    iface
+}
+
 impl Shard {
-    fn new(mtu: usize, now: Instant) -> Shard {
+    fn new(mtu: usize, now: Instant, seed: u64) -> Shard {
         let mut device = QueueDevice::new(mtu);
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, now);
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|addrs| {
-            // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
-        });
-        // Replies go back to whatever address the app used: default routes via ourselves.
-        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
-        let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+        let iface = new_iface(&mut device, now, seed);
         Shard {
             iface,
             device,
@@ -280,6 +342,13 @@ impl Shard {
         tx.append(&mut self.device.tx);
         self.poll_at = self.iface.poll_at(now, &self.sockets);
         self.active = false;
+    }
+
+    /// Replaces the interface by one seeded with `seed`. The sockets live in the socket set,
+    /// not in the interface, and with IP-only medium and no fragmentation the interface holds
+    /// nothing else that lasts: its addresses and routes are set up again identically.
+    fn reseed(&mut self, now: Instant, seed: u64) {
+        self.iface = new_iface(&mut self.device, now, seed);
     }
 
     fn inject(&mut self, packet: Vec<u8>) {
@@ -310,13 +379,18 @@ pub struct Engine {
     pending_total: usize,
     /// Channel bytes apps' sockets took since the driver last asked.
     consumed: Vec<Consumed>,
+    /// Seeds the shards' generators (initial sequence numbers).
+    rng: StdRng,
 }
 
 impl Engine {
     /// A new engine; `now` is the driver's clock.
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
+        let mut rng = StdRng::from_os_rng();
         Engine {
-            shards: (0..SHARDS).map(|_| Shard::new(config.mtu, now)).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard::new(config.mtu, now, rng.random()))
+                .collect(),
             config,
             tx: VecDeque::new(),
             spare: QueueDevice::new(0),
@@ -327,6 +401,7 @@ impl Engine {
             stats: EngineStats::default(),
             pending_total: 0,
             consumed: Vec::new(),
+            rng,
         }
     }
 
@@ -334,6 +409,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             flows_active: self.flows.len() as u64,
+            inbound_active: self.flows.inbound_len() as u64,
             ..self.stats
         }
     }
@@ -349,7 +425,7 @@ impl Engine {
     }
 
     /// One raw IP packet read from the TUN.
-    pub fn handle_tun_packet(&mut self, _now: Instant, packet: Vec<u8>) {
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: Vec<u8>) {
         match packet::classify(&packet) {
             Ingress::Drop(_) => self.stats.packets_dropped += 1,
             Ingress::Reject(kind) => {
@@ -358,8 +434,8 @@ impl Engine {
                     self.tx.push_back(reply);
                 }
             }
-            Ingress::Tcp { key, flags } => match self.flows.id_of(&key) {
-                Some(id) => self.flow_packet(id, flags, packet),
+            Ingress::Tcp { key, flags, seq } => match self.flows.id_of(&key) {
+                Some(id) => self.flow_packet(now, id, flags, seq, packet),
                 None if flags.is_connect() => self.admit(key, packet),
                 // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
                 None => self.shards[0].inject(packet),
@@ -367,7 +443,17 @@ impl Engine {
         }
     }
 
-    fn flow_packet(&mut self, id: FlowId, flags: TcpFlags, packet: Vec<u8>) {
+    fn flow_packet(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        flags: TcpFlags,
+        seq: TcpSeqNumber,
+        packet: Vec<u8>,
+    ) {
+        if (flags.rst || flags.syn) && !self.screen(now, id, flags, seq) {
+            return;
+        }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -375,7 +461,9 @@ impl Engine {
             Phase::Opening { syn } => {
                 if flags.is_connect() {
                     // A retransmitted SYN: keep the newest, do not open a second channel.
-                    *syn = packet;
+                    if let Some(header) = packet::syn_header(&packet) {
+                        *syn = header;
+                    }
                 } else if flags.rst {
                     // The app gave up before the channel opened.
                     flow.ending = Some(CloseReason::AppReset);
@@ -395,8 +483,115 @@ impl Engine {
         }
     }
 
+    /// Screens an RST or a SYN for a live flow against its sequence space (RFC 5961): true
+    /// to go on with it. An RST is taken only with exactly the next expected sequence number;
+    /// one elsewhere in the window, and a SYN on a synchronized connection, get a challenge
+    /// ACK instead (the real peer answers it with an exact RST, an off-path attacker never
+    /// sees it); an RST outside the window is dropped.
+    fn screen(&mut self, now: Instant, id: FlowId, flags: TcpFlags, seq: TcpSeqNumber) -> bool {
+        let Some(flow) = self.flows.get(id) else {
+            return false;
+        };
+        let handle = match &flow.phase {
+            Phase::Opening { syn } => {
+                // Nothing was sent to the app yet: the only RST it could mean is one at the
+                // sequence number right after its SYN.
+                let take = !flags.rst || packet::tcp_seq(syn).is_some_and(|isn| seq == isn + 1);
+                if !take {
+                    self.stats.rst_syn_screened += 1;
+                }
+                return take;
+            }
+            Phase::Open { handle } => *handle,
+        };
+        let i = shard_of(id);
+        // Queued segments first, so that what smoltcp sent (and so `seq`) is current.
+        if !self.shards[i].device.rx.is_empty() {
+            self.poll_shard(i, now);
+        }
+        let Some(flow) = self.flows.get_mut(id) else {
+            return false;
+        };
+        let socket = self.shards[i].sockets.get::<tcp::Socket>(handle);
+        let state = socket.state();
+        let window = socket
+            .recv_capacity()
+            .saturating_sub(socket.recv_queue())
+            .max(1);
+        let Some((track, rcv_nxt)) = flow.seq.as_mut().and_then(|t| t.rcv_nxt.map(|r| (t, r)))
+        else {
+            return true; // nothing acknowledged yet (an inbound flow's SYN): smoltcp decides
+        };
+        let synchronized = !matches!(
+            state,
+            tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
+        );
+        let challenge = if flags.rst {
+            if state == tcp::State::SynSent || seq == rcv_nxt {
+                return true;
+            }
+            // Sequence numbers wrap: the signed distance says before or after.
+            let offset = seq.0.wrapping_sub(rcv_nxt.0);
+            if offset < 0 || offset as usize >= window {
+                self.stats.rst_syn_screened += 1;
+                return false; // outside the window: dropped silently
+            }
+            true
+        } else {
+            synchronized
+        };
+        if !challenge {
+            return true;
+        }
+        self.stats.rst_syn_screened += 1;
+        if track
+            .challenged_at
+            .is_none_or(|t| now >= t + CHALLENGE_ACK_INTERVAL)
+            && let Some(ack) = packet::ack_segment(&flow.key, track.snd_nxt, rcv_nxt, track.window)
+        {
+            track.challenged_at = Some(now);
+            self.tx.push_back(ack);
+        }
+        false
+    }
+
+    /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
+    fn poll_shard(&mut self, i: usize, now: Instant) {
+        let start = self.tx.len();
+        self.shards[i].poll(now, &mut self.tx, self.spare.spare_mut());
+        for packet in self.tx.range(start..) {
+            let Some(e) = packet::egress(packet) else {
+                continue;
+            };
+            let Some(flow) = self
+                .flows
+                .id_of(&e.key)
+                .and_then(|id| self.flows.get_mut(id))
+            else {
+                continue;
+            };
+            let track = flow.seq.get_or_insert(SeqState {
+                snd_nxt: e.seq_end,
+                rcv_nxt: None,
+                window: e.window,
+                challenged_at: None,
+            });
+            track.snd_nxt = track.snd_nxt.max(e.seq_end);
+            if let Some(ack) = e.ack {
+                // A retransmission never moves RCV.NXT back.
+                track.rcv_nxt = Some(track.rcv_nxt.map_or(ack, |r| r.max(ack)));
+                track.window = e.window;
+            }
+        }
+    }
+
     fn admit(&mut self, key: FlowKey, syn: Vec<u8>) {
-        if self.flows.len() >= self.config.max_flows {
+        // Only the header is held (the app retransmits any data the SYN carried).
+        let Some(syn) = packet::syn_header(&syn) else {
+            self.stats.packets_dropped += 1;
+            return;
+        };
+        if self.flows.len() - self.flows.inbound_len() >= self.config.max_flows {
             self.stats.flows_over_limit += 1;
             tracing::warn!(src = %key.src, dst = %key.dst, limit = self.config.max_flows,
                 "flow limit reached: resetting new connection");
@@ -415,10 +610,12 @@ impl Engine {
     pub fn handle_open_ok(&mut self, now: Instant, id: FlowId) {
         // Drain the shard's queued ingress first so that no packet already queued can reach
         // the new listening socket before its own SYN does.
-        let shard = &mut self.shards[shard_of(id)];
-        if !shard.device.rx.is_empty() {
-            shard.poll(now, &mut self.tx, self.spare.spare_mut());
+        let i = shard_of(id);
+        if !self.shards[i].device.rx.is_empty() {
+            self.poll_shard(i, now);
         }
+        let seed = self.rng.random();
+        let shard = &mut self.shards[i];
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -438,8 +635,15 @@ impl Engine {
         }
         let handle = shard.sockets.add(socket);
         flow.phase = Phase::Open { handle };
+        flow.accepted_at = Some(now);
+        // A fresh seed for the ISN this SYN gets.
+        shard.reseed(now, seed);
         shard.inject(syn);
-        shard.poll(now, &mut self.tx, self.spare.spare_mut());
+        self.poll_shard(i, now);
+        let shard = &mut self.shards[i];
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
@@ -469,7 +673,7 @@ impl Engine {
         if caller.is_ipv4() != local.is_ipv4() || caller.port() == 0 || local.port() == 0 {
             return Err(InboundError::Unroutable);
         }
-        if self.flows.len() >= self.config.max_flows {
+        if self.flows.inbound_len() >= self.config.max_inbound {
             self.stats.flows_over_limit += 1;
             return Err(InboundError::FlowLimit);
         }
@@ -481,12 +685,14 @@ impl Engine {
             return Err(InboundError::Duplicate);
         }
         // The socket is added below, once the flow's id (and so its shard) is known.
-        let id = self.flows.insert(key, |_| {
+        let id = self.flows.insert_inbound(key, |_| {
             Flow::new(key, Phase::Opening { syn: Vec::new() }, true)
         });
         let mut socket = new_socket(self.config.tcp_buffer);
         socket.set_timeout(Some(timeout));
+        let seed = self.rng.random();
         let shard = &mut self.shards[shard_of(id)];
+        shard.reseed(now, seed);
         if socket
             .connect(shard.iface.context(), local, IpListenEndpoint::from(caller))
             .is_err()
@@ -631,17 +837,41 @@ impl Engine {
                 if let Some(flow) = self.flows.get_mut(id) {
                     mark_dirty(&mut self.dirty, id, flow);
                 }
+                self.expire_handshake(now, id);
             }
         }
         for _ in 0..8 {
-            for shard in &mut self.shards {
+            for i in 0..SHARDS {
+                let shard = &self.shards[i];
                 if shard.active || shard.poll_at.is_some_and(|t| t <= now) {
-                    shard.poll(now, &mut self.tx, self.spare.spare_mut());
+                    self.poll_shard(i, now);
                 }
             }
             if !self.service_dirty() {
                 break;
             }
+        }
+    }
+
+    /// Resets an outbound flow whose app has not acknowledged the SYN-ACK within
+    /// [`SYN_RECEIVED_TIMEOUT`]; its channel is closed with [`CloseReason::TimedOut`].
+    fn expire_handshake(&mut self, now: Instant, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        let (Phase::Open { handle }, Some(at)) = (&flow.phase, flow.accepted_at) else {
+            return;
+        };
+        let socket = self.shards[shard_of(id)]
+            .sockets
+            .get::<tcp::Socket>(*handle);
+        if socket.state() != tcp::State::SynReceived {
+            flow.accepted_at = None; // past the handshake: never looked at again
+            return;
+        }
+        if now >= at + SYN_RECEIVED_TIMEOUT {
+            self.stats.syn_received_timeouts += 1;
+            self.abort(id, CloseReason::TimedOut);
         }
     }
 

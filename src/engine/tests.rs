@@ -620,7 +620,7 @@ fn assert_refused_locally(events: &[Event], id: FlowId) {
 #[test]
 fn inbound_flows_respect_the_flow_limit_and_mismatched_families() {
     let mut p = Pair::new(EngineConfig {
-        max_flows: 1,
+        max_inbound: 1,
         ..EngineConfig::default()
     });
     let local = p.local();

@@ -337,8 +337,17 @@ pub enum SshError {
 
 impl SshError {
     /// True for failures that retrying cannot fix (host keys, authentication, key files):
-    /// a reconnect loop must stop on them.
+    /// a reconnect loop must stop on them. A known_hosts file that could not be read for
+    /// want of descriptors or memory is not one of them: that passes, so it is retried.
     pub fn is_fatal(&self) -> bool {
+        if let SshError::KnownHosts {
+            source: russh::keys::Error::IO(e),
+            ..
+        } = self
+            && crate::fds::is_exhaustion(e)
+        {
+            return false;
+        }
         matches!(
             self,
             SshError::UnknownHostKey { .. }
