@@ -7,7 +7,7 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde_json::Value;
 use tokio::process::Command;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::dns::{self, DnsBackend, DnsPlan};
 use crate::journal::{self, Change, Journal};
@@ -95,7 +95,7 @@ pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
 
 /// True if `pid` is a running process. A zombie (killed, not yet reaped by its parent) is
 /// dead: it holds no TUN and will never undo its changes.
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
@@ -254,7 +254,7 @@ pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, Platfo
     };
     match configure(plan, &bypass, &mut applied).await {
         Ok(()) => {
-            info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+            debug!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
             Ok(applied)
         }
         Err(e) => {
@@ -566,7 +566,7 @@ pub async fn apply_dns(
             })?;
         }
     }
-    info!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    debug!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
     Ok(backend)
 }
 
