@@ -3,7 +3,7 @@
 //!
 //! * Default: only lifecycle events and warnings, each as one line like ssh's
 //!   (`mse-vpn: warning: lost the connection to the jump host …`), with a UTC timestamp in
-//!   front when stderr is not a terminal (a `--daemon` log file, journald).
+//!   front in a `--daemon` log file (journald and terminals need none).
 //! * `-v`: mse-vpn's debug events (each connection, flow, setting) with time, level and span
 //!   (`flow{id=7 src=… dst=…}`); `-vv`: mse-vpn's traces; `-vvv`: also the SSH library's own
 //!   messages, with their origin. `RUST_LOG` overrides the filter.
@@ -17,8 +17,9 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Installs the global subscriber for `verbose` (the count of `-v`).
-pub fn init(verbose: u8) {
+/// Installs the global subscriber for `verbose` (the count of `-v`); `timestamps` puts the
+/// time in front of every line of the default format too.
+pub fn init(verbose: u8, timestamps: bool) {
     let default = match verbose {
         0 => "warn,mse_vpn=info,mse_vpn_platform=info",
         1 => "warn,mse_vpn=debug,mse_vpn_platform=debug",
@@ -34,9 +35,7 @@ pub fn init(verbose: u8) {
         .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none());
     let _ = if verbose == 0 {
         builder
-            .event_format(Plain {
-                timestamps: !terminal,
-            })
+            .event_format(Plain { timestamps })
             .try_init()
     } else {
         builder.with_target(verbose >= 3).try_init()
@@ -91,6 +90,11 @@ pub fn one_line<'a>(chain: impl IntoIterator<Item = &'a (dyn Error + 'static)>) 
         line.push_str(&text);
     }
     line
+}
+
+/// [`one_line`] for an error and the causes it reaches through `source()`.
+pub fn error_line(e: &(dyn Error + 'static)) -> String {
+    one_line(std::iter::successors(Some(e), |&e| e.source()))
 }
 
 /// `text` without the " (os error N)" that `std::io::Error` appends.

@@ -71,7 +71,8 @@ fn main() -> ExitCode {
         // it.
         let _ = nix::unistd::setsid();
     }
-    mse_vpn::logging::init(cli.verbose);
+    // A daemon's log file needs the time of each line; a terminal and journald do not.
+    mse_vpn::logging::init(cli.verbose, std::env::var_os(DAEMON_CHILD).is_some());
     // Flow buffers (512 KiB each) straight from mmap: idle flows then cost only the pages
     // they touch. Below the threshold stay the hot path's 64 KiB chunks, which must not pay
     // an mmap/munmap each.
@@ -295,9 +296,14 @@ fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCo
         );
     loop {
         let text = read_log();
-        if let Some(line) = text.lines().find(|l| l.starts_with("mse-vpn is up")) {
+        let lines: Vec<&str> = text.lines().collect();
+        if let Some(up) = lines.iter().position(|l| l.starts_with("mse-vpn is up")) {
+            // What a foreground `up` would have printed, up to its "is up" line.
+            for line in &lines[..=up] {
+                println!("{line}");
+            }
             println!(
-                "{line}\nrunning in the background as pid {}; log: {}; stop it with `mse-vpn down`",
+                "running in the background as pid {}; log: {}; stop it with `mse-vpn down`",
                 child.id(),
                 log_path.display()
             );
@@ -531,13 +537,8 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         })
         .collect();
     if failed.is_empty() {
-        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
-        println!(
-            "mse-vpn is up: {} via {} (tun {})",
-            routes.join(", "),
-            jump_label,
-            plan.tun_name()
-        );
+        // One line per feature asked for, then the "is up" line (last: scripts and
+        // `--daemon` wait for it).
         if let Some(line) = dns_line {
             println!("{line}");
         }
@@ -551,6 +552,13 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
                 f.local_port
             );
         }
+        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
+        println!(
+            "mse-vpn is up: {} via {} (tun {})",
+            routes.join(", "),
+            jump_label,
+            plan.tun_name()
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
     } else {

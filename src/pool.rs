@@ -265,8 +265,9 @@ pub async fn connect_initial(
         Some(e) if failed == sessions.len() => Err(e),
         Some(e) => {
             warn!(
-                "{failed} of {} SSH connections to the jump host failed ({e}); they are retried in the background",
-                sessions.len()
+                "{failed} of {} SSH connections to the jump host failed ({}); they are retried in the background",
+                sessions.len(),
+                crate::logging::error_line(&e)
             );
             Ok(sessions)
         }
@@ -448,15 +449,16 @@ async fn run_slot(
                     return;
                 }
                 Err(e) => {
-                    debug!(slot, "reconnect failed: {e}; retrying in {delay:?}");
+                    let why = crate::logging::error_line(&e);
+                    debug!(slot, "reconnect failed: {why}; retrying in {delay:?}");
                     let lasted = shared.outage().failed(Instant::now());
                     if let Some(lasted) = lasted {
                         warn!(
-                            "still no connection to the jump host after {} s ({e}); retrying",
+                            "still no connection to the jump host after {} s ({why}); retrying",
                             lasted.as_secs()
                         );
                     }
-                    board.set_links(pool.connected(), pool.size(), Some(e.to_string()));
+                    board.set_links(pool.connected(), pool.size(), Some(why));
                 }
             }
             // Up to +20% jitter, so connections (and users) do not retry in lockstep.
