@@ -34,9 +34,7 @@ pub fn init(verbose: u8, timestamps: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none());
     let _ = if verbose == 0 {
-        builder
-            .event_format(Plain { timestamps })
-            .try_init()
+        builder.event_format(Plain { timestamps }).try_init()
     } else {
         builder.with_target(verbose >= 3).try_init()
     };

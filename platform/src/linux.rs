@@ -102,8 +102,10 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid as u32 == std::process::id() {
         return true;
     }
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-        return false;
+    // EPERM: it exists, and belongs to someone else (`status` run by the session's user).
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
     }
     // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
