@@ -278,8 +278,15 @@ pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
         };
         let rec = match journal::read(&path) {
             Ok(rec) => rec,
-            // Removed by its session in the meantime.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Removed by its session in the meantime, or not ours to read: nothing to say.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                continue;
+            }
             Err(source) => return Err(PlatformError::Journal { path, source }),
         };
         if rec.pid.is_some_and(imp::pid_alive) {

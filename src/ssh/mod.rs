@@ -660,9 +660,9 @@ impl Session {
                 }
                 (None, None) => unreachable!("every later host has a hop before it"),
             };
-            debug!(%target, "handshake done, authenticating");
+            tracing::trace!(%target, "handshake done, authenticating");
             authenticate(&mut handle, opts, login, &target).await?;
-            debug!(%target, user = %login.user, "authenticated");
+            debug!(%target, user = %login.user, connection = id, "authenticated");
             if i == last {
                 return Ok(Session {
                     handle,
