@@ -629,8 +629,8 @@ pub fn render(st: &Status) -> String {
         st.flows_opened,
         st.flows_refused,
         st.flows_over_limit,
-        bytes(st.bytes_up),
-        bytes(st.bytes_down),
+        crate::logging::bytes(st.bytes_up),
+        crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
     for f in &st.forwards {
@@ -682,24 +682,6 @@ pub fn render(st: &Status) -> String {
         out.push_str(&format!("last event  {what} ({ago} ago)\n"));
     }
     out
-}
-
-/// A byte count for people: `512 B`, `1.5 KiB`, `59.6 MiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for u in &UNITS[1..] {
-        if v < 1024.0 {
-            break;
-        }
-        v /= 1024.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit}")
 }
 
 /// A duration for people: `18 s`, `3 min`, `2 h 5 min`.
@@ -807,12 +789,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_for_people() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(62_531_928), "59.6 MiB");
-        assert_eq!(bytes(5 << 30), "5.0 GiB");
+    fn durations_for_people() {
         assert_eq!(duration(18), "18 s");
         assert_eq!(duration(600), "10 min");
         assert_eq!(duration(7500), "2 h 5 min");

@@ -1,5 +1,6 @@
-//! What the user reads on stderr: the log format for each verbosity, and errors reported as
-//! one line. Never touches the network or the host.
+//! What the user reads on stderr: the log format for each verbosity, errors reported as one
+//! line, and byte counts for people (`59.6 MiB`, also used by `status`). Never touches the
+//! network or the host.
 //!
 //! * Default: only lifecycle events and warnings, each as one line like ssh's
 //!   (`mse-vpn: warning: lost the connection to the jump host …`), with a UTC timestamp in
@@ -95,6 +96,24 @@ pub fn error_line(e: &(dyn Error + 'static)) -> String {
     one_line(std::iter::successors(Some(e), |&e| e.source()))
 }
 
+/// A byte count for people: `512 B`, `1.5 KiB`, `59.6 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
 /// `text` without the " (os error N)" that `std::io::Error` appends.
 fn without_os_error(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -156,6 +175,15 @@ mod tests {
             one_line(chain),
             "cannot use password file /p: Connection refused"
         );
+    }
+
+    #[test]
+    fn byte_counts_for_people() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(62_531_928), "59.6 MiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
     }
 
     #[test]

@@ -414,7 +414,18 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
 
     // 2. The SSH connections, before any change to the host: a bad host key or a failed
     //    login leaves nothing behind.
-    let connecting = tokio::spawn(say_connecting(opts.jump.to_string(), opts.connect_timeout));
+    let target = match opts.hops.as_slice() {
+        [] => opts.jump.to_string(),
+        hops => format!(
+            "{} via {}",
+            opts.jump,
+            hops.iter()
+                .map(|h| format!("{}@{}:{}", h.user, h.host, h.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let connecting = tokio::spawn(say_connecting(target, opts.connect_timeout));
     let sessions = pool::connect_initial(&opts, args.connections as usize).await;
     connecting.abort();
     let sessions = sessions?;
@@ -604,8 +615,8 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
 }
 
 /// After a second without a connection (a silently dropped port, a slow link), says what
-/// it is waiting for; a prompt for a password or passphrase already on the terminal is
-/// left alone.
+/// it is waiting for (each step of connecting waits up to `timeout`); a prompt for a
+/// password or passphrase already on the terminal is left alone.
 async fn say_connecting(jump: String, timeout: Duration) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     if !ssh::password::prompted() {
