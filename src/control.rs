@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::engine::EngineStats;
-use crate::reverse::{ForwardSpec, ForwardStatus, Forwards};
+use crate::reverse::{ForwardSpec, ForwardState, ForwardStatus, Forwards};
 
 /// Errors of the control socket, on either side.
 #[derive(Debug, Error)]
@@ -308,7 +308,22 @@ impl Board {
         };
         match (state, up) {
             (LinkState::Connected, 0) => self.set_state(LinkState::Reconnecting, detail),
-            (LinkState::Reconnecting, n) if n > 0 => self.set_state(LinkState::Connected, None),
+            (LinkState::Reconnecting, n) if n > 0 => {
+                let lost_at = self.inner.lock().ok().and_then(|st| {
+                    st.history
+                        .iter()
+                        .rev()
+                        .find(|c| c.state == LinkState::Reconnecting)
+                        .map(|c| c.at_unix)
+                });
+                let detail = lost_at.map(|at| {
+                    format!(
+                        "reconnected after {}",
+                        duration(unix_now().saturating_sub(at))
+                    )
+                });
+                self.set_state(LinkState::Connected, detail)
+            }
             (LinkState::Reconnecting, _) => {
                 // Still down: keep the latest reason without growing the history.
                 if let (Ok(mut st), Some(d)) = (self.inner.lock(), detail)
@@ -480,8 +495,18 @@ async fn answer(
             let added = forwards.add(&specs);
             let ids: Vec<u64> = added.iter().map(|(id, _)| *id).collect();
             forwards.settled(&ids, EXPOSE_WAIT).await;
+            let rows = forwards.status_of(&ids);
+            // A port the jump host refused is reported to the requester, not kept as a
+            // failed row in `status`.
+            let refused: Vec<u64> = added
+                .iter()
+                .zip(&rows)
+                .filter(|((_, new), row)| *new && row.state == ForwardState::Failed)
+                .map(|((id, _), _)| *id)
+                .collect();
+            forwards.remove(&refused);
             let out = ExposeReply {
-                forwards: forwards.status_of(&ids),
+                forwards: rows,
                 error: None,
             };
             reply(&mut w, &serde_json::to_string(&out)?).await?;
@@ -656,8 +681,8 @@ pub fn render(st: &Status) -> String {
         st.flows_opened,
         st.flows_refused,
         st.flows_over_limit,
-        st.bytes_up,
-        st.bytes_down,
+        crate::logging::bytes(st.bytes_up),
+        crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
     if st.max_inbound > 0 {
@@ -673,14 +698,15 @@ pub fn render(st: &Status) -> String {
             .or_else(|| f.remote_port.map(|p| format!("<jump host>:{p}")))
             .unwrap_or_else(|| f.spec.clone());
         let state = match f.state {
-            crate::reverse::ForwardState::Listening => "listening",
-            crate::reverse::ForwardState::Waiting => "WAITING",
-            crate::reverse::ForwardState::Failed => "FAILED",
+            ForwardState::Listening => "listening",
+            ForwardState::Waiting => "WAITING",
+            ForwardState::Failed => "FAILED",
         };
         out.push_str(&format!(
-            "exposed     {remote} -> local :{} {state}, {} calls{}\n",
+            "exposed     {remote} -> local :{} {state}, {} call{}{}\n",
             f.local_port,
             f.connections,
+            if f.connections == 1 { "" } else { "s" },
             f.detail
                 .as_deref()
                 .map(|d| format!(" ({d})"))
@@ -701,14 +727,28 @@ pub fn render(st: &Status) -> String {
             d.truncated
         ));
     }
-    if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
-        out.push_str(&format!(
-            "last event  {:?} {}\n",
-            last.state,
-            last.detail.as_deref().unwrap_or("")
-        ));
+    // The latest state change (not the first entry: the session's start).
+    if let Some(last) = st.history.iter().skip(1).next_back() {
+        let ago = duration((st.started_unix + st.uptime_secs).saturating_sub(last.at_unix));
+        let what = match (last.state, last.detail.as_deref()) {
+            (LinkState::Reconnecting, Some(d)) => format!("lost the jump host, reconnecting: {d}"),
+            (LinkState::Reconnecting, None) => "lost the jump host, reconnecting".to_owned(),
+            (LinkState::Connected, Some(d)) => d.to_owned(),
+            (LinkState::Connected, None) => "reconnected".to_owned(),
+            (LinkState::Stopping, _) => "stopping".to_owned(),
+        };
+        out.push_str(&format!("last event  {what} ({ago} ago)\n"));
     }
     out
+}
+
+/// A duration for people: `18 s`, `3 min`, `2 h 5 min`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs / 60 % 60),
+    }
 }
 
 #[cfg(test)]
@@ -745,7 +785,28 @@ mod tests {
         assert_eq!(st.reconnects, 1);
         assert_eq!(st.state, LinkState::Connected);
         assert_eq!(st.history.len(), 3);
-        assert!(render(&st).contains("keepalive timeout"));
+        let table = render(&st);
+        assert!(table.contains("bytes       10 B up, 0 B down"), "{table}");
+        // The last event is the latest change, not an older one with more words.
+        assert!(table.contains("last event  reconnected ("), "{table}");
+        board.set_links(0, 4, Some("cannot reach the jump host".into()));
+        let table = render(&board.snapshot());
+        assert!(
+            table.contains(
+                "last event  lost the jump host, reconnecting: cannot reach the jump host (0 s ago)"
+            ),
+            "{table}"
+        );
+        board.set_links(1, 4, None);
+        let table = render(&board.snapshot());
+        assert!(
+            table.contains("last event  reconnected after 0 s (0 s ago)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("state       connected (1/4 connections up)"),
+            "{table}"
+        );
 
         assert!(st.dns.is_none(), "no dns object without --dns-domain");
         let counters = Arc::new(crate::dns::DnsCounters::default());
@@ -814,5 +875,12 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("no mse-vpn session is running"));
+    }
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(duration(18), "18 s");
+        assert_eq!(duration(600), "10 min");
+        assert_eq!(duration(7500), "2 h 5 min");
     }
 }

@@ -235,3 +235,132 @@ impl Host {
 pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
     imp::repair(state_dir).await
 }
+
+/// A session that is no longer running but left host changes behind (its journal is still
+/// there): what `status` reports and `down` undoes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    /// Its TUN name.
+    pub tun: String,
+    /// Its process id, as journaled.
+    pub pid: Option<i32>,
+    /// What it changed and did not undo, in the order it was done.
+    pub changes: Vec<Change>,
+}
+
+impl Leftover {
+    /// What is left, in a few words ("routes and DNS settings").
+    pub fn describe(&self) -> String {
+        let mut kinds: Vec<&str> = Vec::new();
+        for c in &self.changes {
+            let kind = match c {
+                Change::Link { .. } | Change::Addr { .. } => continue,
+                Change::Route { .. } | Change::TableDefault { .. } | Change::Rule { .. } => {
+                    "routes"
+                }
+                Change::Bypass { .. } => "a host route to the jump host",
+                Change::ResolvedLink { .. }
+                | Change::ResolvConf { .. }
+                | Change::ResolvConfLink { .. } => "DNS settings",
+            };
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        match kinds.as_slice() {
+            [] => "a restore journal".to_owned(),
+            [one] => (*one).to_owned(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        }
+    }
+}
+
+/// The sessions that are no longer running but left changes behind, by their journals in
+/// `state_dir` (read-only: [`repair`] undoes them). The same test as [`repair`]'s decides
+/// what is dead.
+pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return Ok(Vec::new());
+    };
+    let mut left = Vec::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let (Some(tun), Some("journal")) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|e| e.to_str()),
+        ) else {
+            continue;
+        };
+        let rec = match journal::read(&path) {
+            Ok(rec) => rec,
+            // Removed by its session in the meantime, or not ours to read: nothing to say.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                continue;
+            }
+            Err(source) => return Err(PlatformError::Journal { path, source }),
+        };
+        if rec.pid.is_some_and(imp::pid_alive) {
+            continue;
+        }
+        left.push(Leftover {
+            tun: tun.to_owned(),
+            pid: rec.pid,
+            changes: rec.changes,
+        });
+    }
+    left.sort_by(|a, b| a.tun.cmp(&b.tun));
+    Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_are_the_journals_of_dead_sessions() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-left-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(leftovers(&dir).unwrap(), [], "no state dir: nothing left");
+        // A live session (this process) and a dead one (a pid that cannot exist).
+        let mut live =
+            journal::Journal::create(&journal::path_for(&dir, "mvlive"), std::process::id())
+                .unwrap();
+        live.record(&Change::Route {
+            dst: "10.0.0.0/16".parse().unwrap(),
+            dev: "mvlive".into(),
+        })
+        .unwrap();
+        let mut dead =
+            journal::Journal::create(&journal::path_for(&dir, "mvdead"), i32::MAX as u32).unwrap();
+        for c in [
+            Change::Link {
+                name: "mvdead".into(),
+            },
+            Change::Route {
+                dst: "10.0.0.0/16".parse().unwrap(),
+                dev: "mvdead".into(),
+            },
+            Change::ResolvConf {
+                file: "/etc/resolv.conf".into(),
+                backup: dir.join("mvdead.resolv.conf.orig"),
+            },
+        ] {
+            dead.record(&c).unwrap();
+        }
+        std::fs::write(dir.join("other.sock"), "").unwrap();
+        let left = leftovers(&dir).unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].tun.as_str(), left[0].pid),
+            ("mvdead", Some(i32::MAX))
+        );
+        assert_eq!(left[0].changes.len(), 3);
+        assert_eq!(left[0].describe(), "routes and DNS settings");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde_json::Value;
 use tokio::process::Command;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::dns::{self, DnsBackend, DnsPlan};
 use crate::journal::{self, Change, Journal};
@@ -95,15 +95,17 @@ pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
 
 /// True if `pid` is a running process. A zombie (killed, not yet reaped by its parent) is
 /// dead: it holds no TUN and will never undo its changes.
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     if pid as u32 == std::process::id() {
         return true;
     }
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-        return false;
+    // EPERM: it exists, and belongs to someone else (`status` run by the session's user).
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
     }
     // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -254,7 +256,7 @@ pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, Platfo
     };
     match configure(plan, &bypass, &mut applied).await {
         Ok(()) => {
-            info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+            debug!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
             Ok(applied)
         }
         Err(e) => {
@@ -652,7 +654,7 @@ pub async fn apply_dns(
             })?;
         }
     }
-    info!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    debug!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
     Ok(backend)
 }
 

@@ -35,3 +35,8 @@ pub async fn apply_dns(
 ) -> Result<crate::dns::DnsBackend, PlatformError> {
     Err(PlatformError::Unsupported)
 }
+
+/// No session can run here, so none is alive.
+pub(crate) fn pid_alive(_: i32) -> bool {
+    false
+}

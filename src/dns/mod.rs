@@ -31,7 +31,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info};
+use tracing::debug;
 
 pub use tunnel::Tunnel;
 pub use zones::{DnsDomain, Split};
@@ -233,7 +233,7 @@ impl Responder {
                 tokio::time::sleep(pause).await;
             }
         }
-        info!("DNS responder stopped");
+        debug!("DNS responder stopped");
     }
 
     /// Serves a new DNS-over-TCP client. When [`MAX_TCP_CLIENTS`] are connected, the
@@ -445,7 +445,7 @@ pub async fn discover(session: &crate::ssh::Session) -> Result<IpAddr, DnsError>
     let found = pick_discovered(&text).ok_or(DnsError::NoResolver {
         why: "it lists no non-loopback nameserver",
     })?;
-    info!(resolver = %found, "no --dns given: using the jump host's resolver");
+    debug!(resolver = %found, "no --dns given: using the jump host's resolver");
     Ok(found)
 }
 

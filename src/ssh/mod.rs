@@ -7,6 +7,7 @@
 
 mod command;
 pub mod config;
+mod key_file;
 pub mod known_hosts;
 pub mod password;
 pub mod resolve;
@@ -25,8 +26,9 @@ use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{ChannelOpenFailure, Preferred, cipher};
 use thiserror::Error;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+pub use key_file::check as check_key_file;
 pub use known_hosts::Verdict;
 pub use target::{JumpHost, JumpHostError};
 pub use user::{InvokingUser, UserError};
@@ -168,10 +170,25 @@ pub enum OpenError {
 #[derive(Debug, Error)]
 pub enum SshError {
     /// The jump host's name does not resolve.
-    #[error("could not resolve jump host {host}: check the name, or use its IP address")]
+    #[error(
+        "could not resolve the jump host {host}: {source}. Check the name, or use its IP address"
+    )]
     Resolve {
         /// The name.
         host: String,
+        /// The resolver error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The typed jump host does not resolve, and is close to an alias of the ssh config.
+    #[error(
+        "could not resolve the jump host {host}: {source}. Did you mean `{alias}`, a Host of your ssh config?"
+    )]
+    UnknownAlias {
+        /// The name as typed.
+        host: String,
+        /// The alias it is probably a typo of.
+        alias: String,
         /// The resolver error.
         #[source]
         source: std::io::Error,
@@ -242,6 +259,22 @@ pub enum SshError {
         /// The error.
         #[source]
         source: russh::keys::Error,
+    },
+    /// A key file given with `-i` does not exist.
+    #[error(
+        "key file {path} does not exist: pass an existing private key with -i, or omit -i to use the agent and ~/.ssh/id_*"
+    )]
+    NoKeyFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A public key file was given where the private key is needed.
+    #[error("{path} is a public key: pass the private key{}", private.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    PublicKeyFile {
+        /// The file given.
+        path: PathBuf,
+        /// The private key next to it (the same name without `.pub`), if it exists.
+        private: Option<PathBuf>,
     },
     /// An encrypted key needs a passphrase and there is no terminal to ask on.
     #[error(
@@ -354,6 +387,8 @@ impl SshError {
                 | SshError::HostKeyChanged { .. }
                 | SshError::KnownHosts { .. }
                 | SshError::KeyFile { .. }
+                | SshError::NoKeyFile { .. }
+                | SshError::PublicKeyFile { .. }
                 | SshError::NoTerminalForPassphrase { .. }
                 | SshError::WrongPassphrase { .. }
                 | SshError::AuthFailed { .. }
@@ -634,9 +669,9 @@ impl Session {
                 }
                 (None, None) => unreachable!("every later host has a hop before it"),
             };
-            debug!(%target, "handshake done, authenticating");
+            tracing::trace!(%target, "handshake done, authenticating");
             authenticate(&mut handle, opts, login, &target).await?;
-            info!(%target, user = %login.user, "authenticated");
+            debug!(%target, user = %login.user, connection = id, "authenticated");
             if i == last {
                 return Ok(Session {
                     handle,
@@ -1008,6 +1043,7 @@ fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
         path: path.to_owned(),
         source,
     };
+    key_file::check(path)?;
     match russh::keys::load_secret_key(path, None) {
         Ok(k) => return Ok(Arc::new(k)),
         Err(russh::keys::Error::KeyIsEncrypted) => {}
@@ -1059,6 +1095,7 @@ fn passphrase_for(path: &Path) -> Result<String, SshError> {
     {
         return Ok(p);
     }
+    password::note_prompt();
     rpassword::prompt_password(format!("Enter passphrase for key {}: ", path.display())).map_err(
         |_| SshError::NoTerminalForPassphrase {
             path: path.to_owned(),

@@ -3,6 +3,7 @@
 //! them down on drop, even when it fails.
 
 mod auth;
+mod cli;
 mod config;
 mod dns;
 mod harness;

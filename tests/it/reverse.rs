@@ -543,6 +543,41 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
     assert!(!out.status.success(), "removed twice");
     assert!(stderr(&out).contains("not exposed"), "{}", stderr(&out));
     assert_eq!(status(&tb)["forwards"].as_array().map(Vec::len), Some(1));
+    // A port the jump host refuses (another program has it): reported, and not left
+    // behind as a failed row in `status`.
+    let jump = format!("{}-jump", tb.name);
+    let mut taken = tb
+        .cmd_in(&jump, &["socat", "TCP6-LISTEN:18095,ipv6only=0,fork", "-"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !stdout(
+        &tb.cmd_in(&jump, &["ss", "-Hltn", "sport = :18095"])
+            .output()
+            .unwrap(),
+    )
+    .contains("18095")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "socat did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = tb.mse_vpn(&["expose", "18095:8080"]).output().unwrap();
+    let _ = taken.kill();
+    let _ = taken.wait();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("cannot expose 18095:8080: the jump host refused to listen on port 18095"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(status(&tb)["forwards"].as_array().map(Vec::len), Some(1));
+    let table = stdout(&tb.mse_vpn(&["status"]).output().unwrap());
+    assert!(!table.contains("FAILED"), "{table}");
     assert!(vpn.interrupt().success());
 }
 
