@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use mse_vpn::cli::{self, Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs, UpCommand};
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::dns;
-use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
+use mse_vpn::driver::{DEFAULT_MAX_OPENING, Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
 use mse_vpn::reverse::{self, ForwardState, Forwards};
@@ -486,9 +486,11 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             mtu: args.mtu as usize,
             max_flows: args.max_flows as usize,
             max_inbound: args.max_inbound as usize,
+            open_timeout: smoltcp::time::Duration::from_secs(args.open_timeout),
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),
+        max_opening: DEFAULT_MAX_OPENING,
         local_v4: plan.tun_v4(),
         local_v6: plan.tun_v6(),
     };

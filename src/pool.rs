@@ -126,15 +126,17 @@ impl Pool {
             })
     }
 
-    /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `timeout` for a
-    /// link when none is up. A link lost during the open is retried on another one.
+    /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `link_wait` for
+    /// a link when none is up. A link lost during the open is retried on another one. The open
+    /// itself is given up after `cap` (sshd answers every open; its own connect ends first).
     pub async fn open(
         &self,
         dst: SocketAddr,
         originator: SocketAddr,
-        timeout: Duration,
+        link_wait: Duration,
+        cap: Duration,
     ) -> Result<(LinkId, russh::Channel<russh::client::Msg>), OpenError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + link_wait;
         let mut links = self.links.subscribe();
         loop {
             let Some((id, session)) = self.pick() else {
@@ -145,8 +147,7 @@ impl Pool {
                 }
             };
             self.load[id.slot].fetch_add(1, Ordering::Relaxed);
-            let left = deadline.saturating_duration_since(Instant::now());
-            match session.open_direct_tcpip(dst, originator, left).await {
+            match session.open_direct_tcpip(dst, originator, cap).await {
                 Ok(channel) => return Ok((id, channel)),
                 Err(OpenError::SessionLost) if Instant::now() < deadline => {
                     self.release(id);

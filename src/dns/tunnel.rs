@@ -91,7 +91,7 @@ impl Connector for PoolConnector {
 
     fn open(&self, dst: SocketAddr, timeout: Duration) -> BoxFuture<'_, Option<Opened>> {
         Box::pin(async move {
-            match self.pool.open(dst, self.originator, timeout).await {
+            match self.pool.open(dst, self.originator, timeout, timeout).await {
                 Ok((link, channel)) => {
                     let pool = self.pool.clone();
                     Some(Opened {

@@ -34,7 +34,7 @@ impl fmt::Display for FlowKey {
 }
 
 /// Why a flow ended. Recorded in logs and counters; who was at fault is in each variant's doc.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     /// Both directions finished with FIN / EOF: the normal end.
     Finished,
@@ -55,9 +55,9 @@ pub enum CloseReason {
     SessionLost,
     /// The concurrent flow limit (`--max-flows`) was reached when this flow's SYN arrived.
     FlowLimit,
-    /// The app stopped reading while the jump host kept sending: the flow's bounded buffer
-    /// filled up, so the flow was reset rather than let memory grow without limit.
-    AppTooSlow,
+    /// Too many channel opens were pending at the jump host when this flow's SYN arrived
+    /// (a burst of connections to destinations that do not answer, or a SYN flood).
+    OpenLimit,
     /// The TCP stack timed the connection out (the app vanished without closing).
     TimedOut,
     /// mse-vpn is shutting down.
@@ -87,8 +87,8 @@ impl fmt::Display for CloseReason {
             CloseReason::OpenTimedOut => "the channel open timed out",
             CloseReason::RemoteReset => "closed by the jump host before EOF",
             CloseReason::SessionLost => "the SSH connection was lost",
-            CloseReason::FlowLimit => "the concurrent flow limit was reached",
-            CloseReason::AppTooSlow => "the local app stopped reading (buffer limit reached)",
+            CloseReason::FlowLimit => "the concurrent flow limit (--max-flows) was reached",
+            CloseReason::OpenLimit => "too many connections were being opened at once",
             CloseReason::TimedOut => "the TCP connection timed out",
             CloseReason::Shutdown => "mse-vpn is shutting down",
         };

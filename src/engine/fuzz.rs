@@ -183,7 +183,7 @@ fn ssh_side(rng: &mut Rng, engine: &mut Engine, now: Instant, open: &mut Vec<Flo
             Event::Open { id, .. } => open.push(id),
             Event::Data { id, data } => engine.handle_sent(id, data.len()),
             Event::Close { id, .. } => open.retain(|i| *i != id),
-            Event::Connected { .. } | Event::Eof { .. } => {}
+            Event::Connected { .. } | Event::Eof { .. } | Event::Refused { .. } => {}
         }
     }
     if open.is_empty() || rng.below(4) != 0 {

@@ -58,6 +58,9 @@ const IFACE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 
 pub const SHARDS: usize = 64;
 /// Largest chunk read from a socket into one [`Event::Data`].
 const CHUNK: usize = 64 * 1024;
+/// Channel bytes a flow may hold beyond its socket's send buffer before the driver stops
+/// reading its channel ([`Engine::wants_data`]).
+pub const PENDING_LOW: usize = 64 * 1024;
 /// How often every flow is re-examined even without new packets (catches timer-driven
 /// state changes such as retransmission timeouts).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
@@ -92,12 +95,9 @@ pub struct EngineConfig {
     /// [`Event::Data`] messages of one flow not yet acknowledged by [`Engine::handle_sent`]:
     /// with `max_inflight` this bounds the driver's per-flow write queue.
     pub max_inflight_msgs: usize,
-    /// Bytes from the SSH side waiting for one app to read them. russh re-opens the SSH
-    /// window as data arrives, not as it is consumed, so the jump host cannot be slowed per
-    /// flow: this bound is enforced by resetting the flow (reason `AppTooSlow`).
-    pub max_pending: usize,
-    /// The same, summed over all flows: past it, the flow receiving data is reset.
-    pub max_pending_total: usize,
+    /// How long an outbound flow's SYN is held for its channel to open: then the app gets a
+    /// reset ([`CloseReason::OpenTimedOut`]). Checked once a second.
+    pub open_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -109,21 +109,9 @@ impl Default for EngineConfig {
             tcp_buffer: 512 * 1024,
             max_inflight: 4 * 1024 * 1024,
             max_inflight_msgs: 128,
-            max_pending: 128 * 1024 * 1024,
-            max_pending_total: 512 * 1024 * 1024,
+            open_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// Progress of one flow's download into its app socket (see [`Engine::poll_consumed`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Consumed {
-    /// The flow.
-    pub id: FlowId,
-    /// Channel bytes the socket took.
-    pub bytes: usize,
-    /// The socket's send buffer is full with more data waiting: the app is the bottleneck.
-    pub app_limited: bool,
 }
 
 /// What the engine asks the driver to do.
@@ -154,6 +142,13 @@ pub enum Event {
     Eof {
         /// The flow.
         id: FlowId,
+    },
+    /// A new connection was refused at once, without becoming a flow (for logs).
+    Refused {
+        /// Its 4-tuple.
+        key: FlowKey,
+        /// Why ([`CloseReason::FlowLimit`]).
+        reason: CloseReason,
     },
     /// The flow is over: close its channel after any earlier data and forget the id.
     Close {
@@ -248,6 +243,8 @@ struct Flow {
     seq: Option<SeqState>,
     /// When the SYN-ACK first went out (outbound flows): the handshake times out from here.
     accepted_at: Option<Instant>,
+    /// When an outbound flow's held SYN is refused if its channel has not opened.
+    open_deadline: Option<Instant>,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -283,6 +280,7 @@ impl Flow {
             connecting,
             seq: None,
             accepted_at: None,
+            open_deadline: None,
         }
     }
 }
@@ -375,10 +373,8 @@ pub struct Engine {
     dirty: Vec<FlowId>,
     next_sweep: Instant,
     stats: EngineStats,
-    /// Sum of every flow's `pending_len`.
-    pending_total: usize,
-    /// Channel bytes apps' sockets took since the driver last asked.
-    consumed: Vec<Consumed>,
+    /// Flows whose channel the driver may read again (see [`Engine::poll_room`]).
+    room: Vec<FlowId>,
     /// Seeds the shards' generators (initial sequence numbers).
     rng: StdRng,
 }
@@ -399,8 +395,7 @@ impl Engine {
             dirty: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
             stats: EngineStats::default(),
-            pending_total: 0,
-            consumed: Vec::new(),
+            room: Vec::new(),
             rng,
         }
     }
@@ -436,7 +431,7 @@ impl Engine {
             }
             Ingress::Tcp { key, flags, seq } => match self.flows.id_of(&key) {
                 Some(id) => self.flow_packet(now, id, flags, seq, packet),
-                None if flags.is_connect() => self.admit(key, packet),
+                None if flags.is_connect() => self.admit(now, key, packet),
                 // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
                 None => self.shards[0].inject(packet),
             },
@@ -585,7 +580,7 @@ impl Engine {
         }
     }
 
-    fn admit(&mut self, key: FlowKey, syn: Vec<u8>) {
+    fn admit(&mut self, now: Instant, key: FlowKey, syn: Vec<u8>) {
         // Only the header is held (the app retransmits any data the SYN carried).
         let Some(syn) = packet::syn_header(&syn) else {
             self.stats.packets_dropped += 1;
@@ -593,16 +588,21 @@ impl Engine {
         };
         if self.flows.len() - self.flows.inbound_len() >= self.config.max_flows {
             self.stats.flows_over_limit += 1;
-            tracing::warn!(src = %key.src, dst = %key.dst, limit = self.config.max_flows,
-                "flow limit reached: resetting new connection");
+            self.events.push_back(Event::Refused {
+                key,
+                reason: CloseReason::FlowLimit,
+            });
             // No socket listens for it: smoltcp answers the SYN with RST.
             self.shards[0].inject(syn);
             return;
         }
         self.stats.flows_opened += 1;
-        let id = self
-            .flows
-            .insert(key, |_| Flow::new(key, Phase::Opening { syn }, false));
+        let deadline = now + self.config.open_timeout;
+        let id = self.flows.insert(key, |_| {
+            let mut flow = Flow::new(key, Phase::Opening { syn }, false);
+            flow.open_deadline = Some(deadline);
+            flow
+        });
         self.events.push_back(Event::Open { id, key });
     }
 
@@ -727,13 +727,19 @@ impl Engine {
             return;
         };
         self.flows.remove(id, &key);
-        self.stats.flows_refused += 1;
+        match reason {
+            CloseReason::OpenLimit => self.stats.flows_over_limit += 1,
+            _ => self.stats.flows_refused += 1,
+        }
         // With no socket listening, smoltcp answers the held SYN with RST.
         self.shards[shard_of(id)].inject(syn);
         self.events.push_back(Event::Close { id, key, reason });
     }
 
-    /// Bytes that arrived on the flow's channel.
+    /// Bytes that arrived on the flow's channel. Read a flow's channel only while
+    /// [`Engine::wants_data`] says so: the flow then holds at most [`PENDING_LOW`] bytes plus
+    /// one channel message beyond its socket's buffer, and the SSH window, re-opened only as
+    /// the driver reads, carries the app's pace to the jump host.
     pub fn handle_channel_data(&mut self, _now: Instant, id: FlowId, data: Bytes) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
@@ -742,15 +748,22 @@ impl Engine {
             return;
         }
         flow.pending_len += data.len();
-        self.pending_total += data.len();
         flow.pending.push_back(data);
-        if flow.pending_len > self.config.max_pending
-            || self.pending_total > self.config.max_pending_total
-        {
-            self.abort(id, CloseReason::AppTooSlow);
-            return;
-        }
         mark_dirty(&mut self.dirty, id, flow);
+    }
+
+    /// True while the flow can take more channel data (see [`Engine::handle_channel_data`]);
+    /// when it says no, [`Engine::poll_room`] names the flow once it can again. A flow that is
+    /// gone or ending takes anything (and drops it), so its channel never stalls.
+    pub fn wants_data(&self, id: FlowId) -> bool {
+        self.flows
+            .get(id)
+            .is_none_or(|f| f.ending.is_some() || f.pending_len < PENDING_LOW)
+    }
+
+    /// A flow that [`Engine::wants_data`] refused earlier and that can take data again.
+    pub fn poll_room(&mut self) -> Option<FlowId> {
+        self.room.pop()
     }
 
     /// The channel sent EOF: the app gets FIN after the data already received.
@@ -817,7 +830,6 @@ impl Engine {
                 if flow.ending.is_none() {
                     flow.ending = Some(reason);
                     flow.pending.clear();
-                    self.pending_total -= flow.pending_len;
                     flow.pending_len = 0;
                     let shard = &mut self.shards[shard_of(id)];
                     shard.sockets.get_mut::<tcp::Socket>(handle).abort();
@@ -853,12 +865,20 @@ impl Engine {
         }
     }
 
-    /// Resets an outbound flow whose app has not acknowledged the SYN-ACK within
-    /// [`SYN_RECEIVED_TIMEOUT`]; its channel is closed with [`CloseReason::TimedOut`].
+    /// Resets an outbound flow whose channel did not open within the open timeout
+    /// ([`CloseReason::OpenTimedOut`]), or whose app has not acknowledged the SYN-ACK within
+    /// [`SYN_RECEIVED_TIMEOUT`] (its channel is closed with [`CloseReason::TimedOut`]).
     fn expire_handshake(&mut self, now: Instant, id: FlowId) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
+        if let Phase::Opening { syn } = &mut flow.phase {
+            if flow.open_deadline.is_some_and(|d| now >= d) {
+                let syn = std::mem::take(syn);
+                self.refuse(id, syn, CloseReason::OpenTimedOut);
+            }
+            return;
+        }
         let (Phase::Open { handle }, Some(at)) = (&flow.phase, flow.accepted_at) else {
             return;
         };
@@ -878,12 +898,6 @@ impl Engine {
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
-    }
-
-    /// Channel bytes a flow's app socket took since the last call: the driver turns them
-    /// into read credit for the flow's channel (backpressure while the app keeps reading).
-    pub fn poll_consumed(&mut self) -> Option<Consumed> {
-        self.consumed.pop()
     }
 
     /// The next packet to write to the TUN.
@@ -961,7 +975,6 @@ impl Engine {
                 };
                 progressed = true;
                 flow.pending_len -= n;
-                self.pending_total -= n;
                 self.stats.bytes_down += n as u64;
                 if n == front.len() {
                     flow.pending.pop_front();
@@ -969,14 +982,9 @@ impl Engine {
                     front.advance(n);
                 }
             }
-            // The socket is full and data still waits: the app, not the engine, sets the pace.
-            let app_limited = flow.pending_len > 0 && socket.send_queue() == socket.send_capacity();
-            if flow.pending_len < before || app_limited {
-                self.consumed.push(Consumed {
-                    id,
-                    bytes: before - flow.pending_len,
-                    app_limited,
-                });
+            // The driver stopped reading the channel at PENDING_LOW: it may read again.
+            if before >= PENDING_LOW && flow.pending_len < PENDING_LOW {
+                self.room.push(id);
             }
             if flow.ssh_eof && flow.pending.is_empty() && !flow.fin_queued {
                 socket.close();
@@ -1043,7 +1051,6 @@ impl Engine {
             shard.active = true;
         }
         if let Some(reason) = reason {
-            self.pending_total -= flow.pending_len;
             shard.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);

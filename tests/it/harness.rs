@@ -628,3 +628,14 @@ pub fn curl_within(tb: &Testbed, limit: Duration) -> bool {
     }
     false
 }
+
+/// Resident memory of process `pid`, in MiB (from /proc).
+pub fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        / 1024
+}
