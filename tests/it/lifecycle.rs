@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Testbed, Vpn, stderr, stdout};
+use crate::harness::{
+    Testbed, Vpn, cpu_time, idle_fds, nofile, nofile_leaving, set_nofile, stderr, stdout,
+};
 use crate::outbound::OutputAsync;
 
 /// `mse-vpn status --json` for this testbed's session.
@@ -430,4 +432,163 @@ fn daemon_mode_detaches_once_up_and_down_stops_it() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not known"), "{}", stderr(&out));
     assert_eq!(tb.snapshot(), before);
+}
+
+/// Waits until the session's log (after byte `mark`) has `n` lines containing every one of
+/// `words`; panics with the log if it does not within `limit`, or if the session exits.
+fn wait_log_lines(vpn: &mut Vpn, mark: usize, words: &[&str], n: usize, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let log = vpn.stderr();
+        let seen = log
+            .get(mark..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .count();
+        if seen >= n {
+            return;
+        }
+        assert!(
+            vpn.running(),
+            "the session ended while waiting for {n} lines with {words:?}:\n{log}"
+        );
+        assert!(
+            start.elapsed() < limit,
+            "no {n} lines with {words:?} within {limit:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn known_hosts_unreadable_for_want_of_descriptors_during_a_reconnect_is_retried() {
+    let tb = Testbed::up("lc7", &[]);
+    let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    tb.control("sshd-kill");
+    wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
+        st["state"] == "reconnecting" && st["connections_up"] == 0
+    });
+    // One descriptor left: a reconnect gets its TCP socket to the jump host, and then
+    // opening known_hosts to check the host key fails with EMFILE (as when a local user's
+    // DNS flood holds the others).
+    let pid = vpn.pid();
+    let (soft, _) = nofile(pid);
+    set_nofile(pid, nofile_leaving(&idle_fds(pid), 1));
+    let mark = vpn.stderr().len();
+    tb.control("sshd-start");
+    // Retried, not taken for an unknown key: the same failure twice, the session still up.
+    wait_log_lines(
+        &mut vpn,
+        mark,
+        &["reconnect failed", "known_hosts", "Too many open files"],
+        2,
+        Duration::from_secs(15),
+    );
+    set_nofile(pid, soft);
+    let back = curl_until_ok(&tb, Duration::from_secs(15));
+    eprintln!("traffic flowed again {back:?} after descriptors were available again");
+    assert!(vpn.running());
+    let st = status(&tb);
+    assert_eq!(st["state"], "connected", "{st:#}");
+    let log = vpn.stderr();
+    assert!(!log.contains("not known"), "{log}");
+    assert!(vpn.interrupt().success());
+}
+
+#[test]
+fn a_host_key_that_changed_during_a_reconnect_stops_the_session() {
+    let tb = Testbed::up("lc8", &[]);
+    let before = tb.snapshot();
+    let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    tb.control("sshd-kill");
+    wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
+        st["state"] == "reconnecting"
+    });
+    // The jump host comes back with another host key (a man in the middle, or a rebuilt
+    // host): never retried, never accepted.
+    let key = tb.dir.join("ssh_host_ed25519_key");
+    std::fs::remove_file(&key).unwrap();
+    std::fs::remove_file(tb.dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    crate::harness::keygen(&key, "", &["-t", "ed25519"]);
+    tb.control("sshd-start");
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let log = vpn.stderr();
+    assert!(
+        log.contains("CHANGED") && log.contains("known_hosts"),
+        "the session says the key changed: {log}"
+    );
+    assert_eq!(
+        tb.snapshot(),
+        before,
+        "the stopped session restored the host"
+    );
+}
+
+#[test]
+fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
+    let tb = Testbed::up("lc9", &[]);
+    let mut vpn = tb.start(&["10.0.0.0/16"], &[]);
+    let pid = vpn.pid();
+    let (soft, _) = nofile(pid);
+    // Two descriptors left: two connections that never send a request are taken (and held
+    // for the 5 s a request may take); the others wait in the listen queue, and accepting
+    // them fails with EMFILE while it lasts.
+    set_nofile(pid, nofile_leaving(&idle_fds(pid), 2));
+    let sock = tb.state_dir().join(format!("{}.sock", tb.tun()));
+    let mark = vpn.stderr().len();
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..20)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    wait_log_lines(
+        &mut vpn,
+        mark,
+        &["control socket accept failed", "Too many open files"],
+        1,
+        Duration::from_secs(5),
+    );
+    let (cpu, wall) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let busy = (cpu_time(pid) - cpu).as_secs_f64() / wall.elapsed().as_secs_f64();
+    let failures = vpn.stderr()[mark..]
+        .matches("control socket accept failed")
+        .count();
+    eprintln!(
+        "out of descriptors: {:.1} % of a core over 3 s, {failures} failed accepts logged",
+        busy * 100.0
+    );
+    assert!(
+        busy < 0.10,
+        "the accept loop spins: {:.0} % of a core",
+        busy * 100.0
+    );
+    // The clients give up: the queue drains, and the socket answers again without more
+    // descriptors (the loop paused, it did not give up).
+    drop(silent);
+    let back = Instant::now();
+    loop {
+        let out = tb
+            .mse_vpn(&["status", "--json", "--tun", &tb.tun()])
+            .output()
+            .expect("run mse-vpn status");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "status never answered again: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "status answered {:?} after the clients left",
+        back.elapsed()
+    );
+    set_nofile(pid, soft);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    assert!(vpn.interrupt().success());
 }
