@@ -592,3 +592,175 @@ fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
     curl_until_ok(&tb, Duration::from_secs(5));
     assert!(vpn.interrupt().success());
 }
+
+/// The policy rules a session adds for replies to cloud callers, as `ip rule show` prints
+/// them (the TUN's address is 198.18.0.1 when 10.0.0.0/16 is routed).
+const REPLY_RULES: [&str; 2] = [
+    "5210:\tfrom 198.18.0.1 lookup main suppress_prefixlength 0",
+    "5211:\tfrom 198.18.0.1 lookup",
+];
+
+/// A directory holding an `ip` that runs the real one, except that while `flag` exists a
+/// policy-rule deletion runs out of descriptors (the real `ip` under `prlimit --nofile=3`
+/// cannot even load its libraries: EMFILE), as in a session that ran out of them. Returns
+/// a PATH with it first.
+fn ip_out_of_descriptors_for_rule_del(tb: &Testbed, flag: &std::path::Path) -> String {
+    let real = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("iproute2's ip");
+    let bin = tb.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("ip");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e '{flag}' ]; then\n  case \" $* \" in *' rule del '*) exec prlimit --nofile=3 {real} \"$@\";; esac\nfi\nexec {real} \"$@\"\n",
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// `ip rule show` in the laptop namespace.
+fn rules(tb: &Testbed) -> String {
+    stdout(&tb.on_laptop(10, &["ip", "rule", "show"]))
+}
+
+#[test]
+fn an_undo_that_fails_is_kept_reported_and_done_by_the_next_down() {
+    let tb = Testbed::up("lc10", &[]);
+    let before = tb.snapshot();
+    let flag = tb.dir.join("ip-out-of-descriptors");
+    let path = ip_out_of_descriptors_for_rule_del(&tb, &flag);
+    let env = [("PATH", path.as_str())];
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &args));
+    curl_until_ok(&tb, Duration::from_secs(5));
+    let journal = tb.state_dir().join(format!("{}.journal", tb.tun()));
+    assert!(journal.exists());
+
+    // `down` while deleting a rule fails: the session undoes the rest, keeps the two rules
+    // in its journal and says so; so does `down`.
+    std::fs::write(&flag, "").unwrap();
+    let out = tb
+        .mse_vpn_with_env(&env, &[], &["down"])
+        .output()
+        .expect("mse-vpn down");
+    let status = vpn.wait_exit(Duration::from_secs(15));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!status.success(), "the session hides the failed undo");
+    assert!(
+        vpn.stderr()
+            .contains("could not undo 2 host change(s), kept in"),
+        "{}",
+        vpn.stderr()
+    );
+    assert!(!out.status.success(), "down hides the failed undo: {said}");
+    // The change it names is the one whose failure it quotes.
+    assert!(
+        said.contains("could not undo 2 host change(s)")
+            && said.contains(
+                "the first: `rule from 198.18.0.1 prio 5210 main-nodefault`: `ip -4 rule del from 198.18.0.1 priority 5210 "
+            )
+            && said.contains("Error 24"),
+        "{said}"
+    );
+    let kept = std::fs::read_to_string(&journal).expect("the journal is kept");
+    let entries: Vec<&str> = kept
+        .lines()
+        .filter(|l| !l.starts_with("mse-vpn-journal") && !l.starts_with("pid "))
+        .collect();
+    assert!(
+        entries.len() == 2
+            && entries[0] == "rule from 198.18.0.1 prio 5210 main-nodefault"
+            && entries[1].starts_with("rule from 198.18.0.1 prio 5211 table "),
+        "exactly what could not be undone: {kept}"
+    );
+    // Those two are left on the host, and only those.
+    let now = tb.snapshot();
+    for r in REPLY_RULES {
+        assert!(now.contains(r), "{r:?} is left: {now}");
+    }
+    let others: String = now
+        .lines()
+        .filter(|l| !l.starts_with("5210:") && !l.starts_with("5211:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(others, before, "the rest is undone");
+    // status tells too.
+    let out = tb.mse_vpn(&["status"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is no longer running but left routes behind"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The obstacle is gone: the next `down` undoes what was kept, and the host is as before.
+    std::fs::remove_file(&flag).unwrap();
+    let out = tb
+        .mse_vpn_with_env(&env, &[], &["down"])
+        .output()
+        .expect("mse-vpn down");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("undone: rule from 198.18.0.1 prio 5210")
+            && said.contains("undone: rule from 198.18.0.1 prio 5211"),
+        "{said}"
+    );
+    assert!(!journal.exists(), "the journal goes once all is undone");
+    assert_eq!(tb.snapshot(), before);
+}
+
+#[test]
+fn a_failed_up_leaves_a_rule_it_did_not_create() {
+    let tb = Testbed::up("lc11", &[]);
+    // Someone else's rule, identical to the one mse-vpn adds first.
+    let out = tb.on_laptop(
+        10,
+        &[
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "198.18.0.1",
+            "priority",
+            "5210",
+            "lookup",
+            "main",
+            "suppress_prefixlength",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = tb.snapshot();
+    assert!(before.contains(REPLY_RULES[0]), "{before}");
+
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    assert!(!status.success());
+    assert!(err.contains("File exists"), "{err}");
+    // What the failed up made is undone; the rule it did not make is still there.
+    assert_eq!(tb.snapshot(), before, "{err}");
+    let journal = tb.state_dir().join(format!("{}.journal", tb.tun()));
+    assert!(!journal.exists(), "nothing of ours is left to undo");
+    let out = tb.mse_vpn(&["down"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("nothing left behind"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(rules(&tb).contains(REPLY_RULES[0]), "{}", rules(&tb));
+}
