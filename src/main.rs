@@ -937,10 +937,15 @@ async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
     for path in session_sockets(state_dir, args.tun.as_deref()) {
         match control::request(&path, "down").await {
             Ok(_) => {
-                // Wait (bounded) for the session to restore the host and remove its socket.
+                // Wait (bounded) for the session to restore the host, remove its socket and
+                // exit: only then is what it could not undo (kept in its journal) seen below
+                // as left behind.
+                let tun = path.file_stem().unwrap_or_default().to_string_lossy();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-                while path.exists() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                while (path.exists() || platform::session_running(state_dir, &tun))
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if path.exists() {
                     bail!(

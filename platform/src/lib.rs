@@ -275,6 +275,16 @@ impl Leftover {
     }
 }
 
+/// True while the session on `tun` runs, by the pid in its journal (no journal: nothing
+/// runs that could still change the host). A stopping session removes its control socket a
+/// moment before it exits; what it could not undo is final only once it has exited.
+pub fn session_running(state_dir: &Path, tun: &str) -> bool {
+    journal::read(&journal::path_for(state_dir, tun))
+        .ok()
+        .and_then(|rec| rec.pid)
+        .is_some_and(imp::pid_alive)
+}
+
 /// The sessions that are no longer running but left changes behind, by their journals in
 /// `state_dir` (read-only: [`repair`] undoes them). The same test as [`repair`]'s decides
 /// what is dead.

@@ -524,7 +524,7 @@ async fn undo(change: &Change) -> Undone {
 }
 
 /// Undoes `changes` in reverse order with `undo`; returns what was removed, and the changes
-/// whose undo failed (in journal order) with the first failure.
+/// whose undo failed (in journal order) with the failure of the first of them.
 async fn undo_all<F, Fut>(
     changes: &[Change],
     mut undo: F,
@@ -539,8 +539,9 @@ where
             Undone::Removed => removed.push(change.clone()),
             Undone::Absent => {}
             Undone::Failed(e) => {
+                // Undone last to first: this one is first in the journal so far.
                 left.insert(0, change.clone());
-                first = first.or(Some(e));
+                first = Some(e);
             }
         }
     }
@@ -690,11 +691,13 @@ mod tests {
         for c in &changes {
             journal.record(c).unwrap();
         }
-        // Undoing route 2 fails; 1 is gone already; 3 is removed.
+        // Undoing routes 2 and 4 fails; 1 is gone already; 3 is removed.
+        journal.record(&route(4)).unwrap();
+        let changes = [changes, vec![route(4)]].concat();
         let (removed, left, failure) = undo_all(&changes, |c| async move {
             match c {
-                c if c == route(2) => Undone::Failed(PlatformError::Command {
-                    cmd: "ip route del".into(),
+                c if c == route(2) || c == route(4) => Undone::Failed(PlatformError::Command {
+                    cmd: format!("ip route del {}", c.to_string().split(' ').nth(1).unwrap()),
                     stderr: "Too many open files".into(),
                 }),
                 c if c == route(1) => Undone::Absent,
@@ -704,8 +707,22 @@ mod tests {
         .await;
         assert_eq!(removed, vec![route(3)]);
         let err = settle(journal, left, failure).expect_err("a failed undo is reported");
-        assert!(err.to_string().contains("10.2.0.0/16"), "{err}");
-        assert_eq!(journal::read(&path).unwrap().changes, vec![route(2)]);
+        // The change named and the failure quoted are the same one.
+        let PlatformError::Undo {
+            count,
+            first,
+            source,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!((*count, first), (2, &route(2)), "{err}");
+        assert!(source.to_string().contains("10.2.0.0/16"), "{err}");
+        assert_eq!(
+            journal::read(&path).unwrap().changes,
+            vec![route(2), route(4)]
+        );
         // All undone: the journal goes.
         let journal = Journal::open(&path).unwrap();
         settle(journal, Vec::new(), None).unwrap();

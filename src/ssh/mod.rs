@@ -370,10 +370,14 @@ pub enum SshError {
 
 impl SshError {
     /// True for failures that retrying cannot fix (host keys, authentication, key files):
-    /// a reconnect loop must stop on them. A known_hosts file that could not be read for
-    /// want of descriptors or memory is not one of them: that passes, so it is retried.
+    /// a reconnect loop must stop on them. A known_hosts or key file that could not be read
+    /// for want of descriptors or memory is not one of them: that passes, so it is retried.
     pub fn is_fatal(&self) -> bool {
         if let SshError::KnownHosts {
+            source: russh::keys::Error::IO(e),
+            ..
+        }
+        | SshError::KeyFile {
             source: russh::keys::Error::IO(e),
             ..
         } = self
@@ -431,6 +435,10 @@ impl Drop for Client {
     }
 }
 
+/// Held while a connection records a new host key: the pool's connections check the key at
+/// the same moment, and with accept-new each would otherwise append its own copy.
+static LEARNING: Mutex<()> = Mutex::new(());
+
 impl Client {
     fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
         let target = format!("{}:{}", self.host, self.port);
@@ -438,7 +446,24 @@ impl Client {
             path: self.known_hosts.clone(),
             source,
         };
-        match known_hosts::check(&self.host, self.port, key, &self.known_hosts).map_err(kh_err)? {
+        let lookup = || known_hosts::check(&self.host, self.port, key, &self.known_hosts);
+        let verdict = match lookup().map_err(kh_err)? {
+            Verdict::Unknown if self.accept_new => {
+                let _one_at_a_time = LEARNING.lock().unwrap_or_else(PoisonError::into_inner);
+                // Another connection of the pool may have recorded it in the meantime.
+                match lookup().map_err(kh_err)? {
+                    Verdict::Unknown => {
+                        self.learn(key).map_err(kh_err)?;
+                        warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
+                            path = %self.known_hosts.display(), "recorded a new host key");
+                        return Ok(());
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        match verdict {
             Verdict::Known => Ok(()),
             Verdict::Changed { line } => Err(SshError::HostKeyChanged {
                 target,
@@ -446,19 +471,6 @@ impl Client {
                 path: self.known_hosts.clone(),
                 line,
             }),
-            Verdict::Unknown if self.accept_new => {
-                let existed = self.known_hosts.exists();
-                create_parent_dirs(&self.known_hosts, self.file_owner)
-                    .map_err(|e| kh_err(e.into()))?;
-                known_hosts::learn(&self.host, self.port, key, &self.known_hosts)
-                    .map_err(kh_err)?;
-                if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
-                    let _ = std::os::unix::fs::chown(&self.known_hosts, Some(uid), Some(gid));
-                }
-                warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
-                    path = %self.known_hosts.display(), "recorded a new host key");
-                Ok(())
-            }
             Verdict::Unknown => {
                 let algorithm = key.algorithm().to_string();
                 let kind = if algorithm.contains("ed25519") {
@@ -478,13 +490,24 @@ impl Client {
             }
         }
     }
+
+    /// Appends `key` to known_hosts, creating the file and its directories (given to the
+    /// invoking user when running for one).
+    fn learn(&self, key: &PublicKey) -> Result<(), russh::keys::Error> {
+        let existed = self.known_hosts.exists();
+        create_parent_dirs(&self.known_hosts, self.file_owner)?;
+        known_hosts::learn(&self.host, self.port, key, &self.known_hosts)?;
+        if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
+            let _ = std::os::unix::fs::chown(&self.known_hosts, Some(uid), Some(gid));
+        }
+        Ok(())
+    }
 }
 
 /// Creates the missing directories above `file` with mode 0700 (OpenSSH wants `~/.ssh`
 /// private), owned by `owner`: under sudo, a `~/.ssh` created for the user must be theirs,
 /// not root's.
 fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let Some(dir) = file.parent() else {
         return Ok(());
     };
@@ -493,12 +516,25 @@ fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
     for d in missing.into_iter().rev() {
-        std::fs::DirBuilder::new().mode(0o700).create(d)?;
-        if let Some((uid, gid)) = owner
-            && let Err(e) = std::os::unix::fs::chown(d, Some(uid), Some(gid))
-        {
-            warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
-        }
+        create_private_dir(d, owner)?;
+    }
+    Ok(())
+}
+
+/// Creates directory `d` (mode 0700, given to `owner`). A directory that exists already is
+/// not an error: another process, or another connection of the pool, made it since we
+/// looked (and gave it away, if it had to).
+fn create_private_dir(d: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some((uid, gid)) = owner
+        && let Err(e) = std::os::unix::fs::chown(d, Some(uid), Some(gid))
+    {
+        warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
     }
     Ok(())
 }
@@ -1101,4 +1137,96 @@ fn passphrase_for(path: &Path) -> Result<String, SshError> {
             path: path.to_owned(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTl9hKdZcvY9lP5iDplUq5W2CYdhPjPdvK5eS09qX0";
+
+    /// A fresh directory under the system's temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!("mse-vpn-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn accept_new_client(known_hosts: &Path) -> Client {
+        Client {
+            host: "bastion".into(),
+            port: 22,
+            known_hosts: known_hosts.to_owned(),
+            accept_new: true,
+            file_owner: None,
+            check: Arc::default(),
+            closed: watch::channel(false).0,
+            inbound: None,
+            session: 0,
+        }
+    }
+
+    #[test]
+    fn a_directory_made_by_someone_else_in_the_meantime_is_not_an_error() {
+        let tmp = TempDir::new("mkdir");
+        let ssh = tmp.0.join(".ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        // Another connection of the pool created it after we saw it missing.
+        create_private_dir(&ssh, None).expect("an existing directory is fine");
+        // A file in the way is still an error.
+        let file = tmp.0.join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = create_private_dir(&file, None).expect_err("a file is not a directory");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn pool_connections_accepting_a_new_key_at_once_create_the_dirs_and_record_it_once() {
+        let key = PublicKey::from_openssh(ED).unwrap();
+        for round in 0..20 {
+            let tmp = TempDir::new(&format!("accept-new-{round}"));
+            let kh = tmp.0.join("home/user/.ssh/known_hosts");
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let verdicts: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, start, key) = (accept_new_client(&kh), start.clone(), key.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        client.verify(&key).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for v in verdicts {
+                v.join().unwrap().expect("every connection accepts the key");
+            }
+            let text = std::fs::read_to_string(&kh).unwrap();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+            assert_eq!(lines.len(), 1, "recorded once: {text}");
+            assert!(lines[0].starts_with("bastion ssh-ed25519 "), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_key_file_unreadable_for_want_of_descriptors_is_retried() {
+        let emfile = || std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        let key_file = |source| SshError::KeyFile {
+            path: "id_ed25519".into(),
+            source,
+        };
+        assert!(!key_file(russh::keys::Error::IO(emfile())).is_fatal());
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(key_file(russh::keys::Error::IO(denied)).is_fatal());
+    }
 }
