@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod config;
 mod dns;
+mod flow_control;
 mod harness;
 mod lifecycle;
 mod outbound;
