@@ -1246,4 +1246,3 @@ mod tests {
         assert!(key_file(russh::keys::Error::IO(denied)).is_fatal());
     }
 }
-

@@ -496,13 +496,20 @@ fn a_quiet_up_prints_one_line_and_v_shows_each_step() {
     args.push("-v".into());
     let vpn = tb.start_cmd(tb.mse_vpn(&strs(&args)));
     assert!(curl_within(&tb, Duration::from_secs(5)));
+    // The flow's line comes when it has closed (just after curl exits).
+    let start = std::time::Instant::now();
+    while !vpn.stderr().contains("closed (finished)") && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = vpn.stderr();
     for needle in [
         "ControlMaster does not apply to mse-vpn: ignored",
         "authenticated",
         "connected to the jump host",
         "host routes applied",
-        "flow",
+        "flow{id=",
+        "closed (finished) after ",
+        " up, ",
     ] {
         assert!(log.contains(needle), "-v lacks {needle:?}:\n{log}");
     }

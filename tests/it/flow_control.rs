@@ -128,33 +128,68 @@ fn start_pausing(tb: &Testbed, path: &str, first: usize, flows: usize) -> Child 
     child
 }
 
-/// While the apps are paused: samples mse-vpn's RSS, and measures redis PINGs (over the same
-/// single SSH connection). Returns (peak RSS MiB, p99 µs, p50 µs).
-fn during_pause(tb: &Testbed, pid: i32) -> (u64, u64, u64) {
-    let pings = write_script(tb, "pings.py", REDIS_PINGS);
-    // Let the paused flows fill their windows first.
-    std::thread::sleep(Duration::from_secs(5));
-    let mut peak = rss_mib(pid);
-    let pinger = tb
-        .cmd_in(&tb.lap(), &["python3", &pings, "1000"])
+/// Round trips of `n` redis PINGs over one connection, sorted, in µs.
+fn pings(tb: &Testbed, n: usize) -> Child {
+    let script = write_script(tb, "pings.py", REDIS_PINGS);
+    tb.cmd_in(&tb.lap(), &["python3", &script, &n.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(PAUSE_SECS - 15) {
-        peak = peak.max(rss_mib(pid));
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let out = pinger.wait_with_output().unwrap();
+        .unwrap()
+}
+
+fn ping_results(child: Child, n: usize) -> Latency {
+    let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "redis pings: {}", stderr(&out));
     let mut rtts: Vec<u64> = stdout(&out)
         .lines()
         .map(|l| l.trim().parse().unwrap())
         .collect();
-    assert_eq!(rtts.len(), 1000);
+    assert_eq!(rtts.len(), n);
     rtts.sort_unstable();
-    (peak, rtts[989], rtts[499])
+    Latency {
+        p50: rtts[n / 2 - 1],
+        p99: rtts[n * 99 / 100 - 1],
+    }
+}
+
+/// Percentiles of redis PING round trips, µs.
+#[derive(Debug)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+}
+
+/// While the apps are paused: samples mse-vpn's RSS, and measures redis PINGs (over the same
+/// single SSH connection). Returns the peak RSS (MiB) and the PINGs' latency.
+fn during_pause(tb: &Testbed, pid: i32) -> (u64, Latency) {
+    // Let the paused flows fill their windows first.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut peak = rss_mib(pid);
+    let pinger = pings(tb, 1000);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(PAUSE_SECS - 15) {
+        peak = peak.max(rss_mib(pid));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    (peak, ping_results(pinger, 1000))
+}
+
+/// The PINGs beside the paused flows were never held up by them (before flow control, one
+/// unread channel stalled its whole SSH connection for seconds): p99 within 20 ms, or four
+/// times what it was before the pause (a debug build on a busy test machine). The latency
+/// target itself (p99 under 5 ms) is measured on the release build by `scripts/bench`
+/// (workload `paused`).
+fn assert_latency_kept(before: &Latency, during: &Latency) {
+    let bound = 20_000.max(4 * before.p99);
+    assert!(
+        during.p99 <= bound,
+        "redis p99 {} µs (p50 {}) beside paused flows (before them: p99 {}, p50 {}; bound {bound} µs)",
+        during.p99,
+        during.p50,
+        before.p99,
+        before.p50
+    );
 }
 
 /// Waits for the client and checks every download is complete and byte-exact.
@@ -173,14 +208,17 @@ fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
     let tb = Testbed::up("fc1", &["--with", "nginx,redis"]);
     let sha = web_file(&tb, "1g.bin", 1024);
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
+    let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/1g.bin", 16 << 20, 1);
-    let (peak, p99, p50) = during_pause(&tb, vpn.pid());
-    println!("one paused download: peak RSS {peak} MiB; redis PING p50 {p50} µs, p99 {p99} µs");
+    let (peak, during) = during_pause(&tb, vpn.pid());
+    println!(
+        "one paused download: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
+    );
     assert!(
         peak <= WINDOW_MIB + BUFFERS_MIB + SLACK_MIB,
         "mse-vpn grew to {peak} MiB while the app was paused"
     );
-    assert!(p99 < 5_000, "redis p99 {p99} µs beside a paused flow");
+    assert_latency_kept(&before, &during);
     assert_complete(client, 1 << 30, &sha, 1);
     let log = vpn.stderr();
     assert!(!log.contains("reset"), "{log}");
@@ -193,12 +231,15 @@ fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
     let tb = Testbed::up("fc2", &["--with", "nginx,redis"]);
     let sha = web_file(&tb, "64m.bin", 64);
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
+    let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/64m.bin", 8 << 20, FLOWS);
-    let (peak, p99, p50) = during_pause(&tb, vpn.pid());
-    println!("{FLOWS} paused downloads: peak RSS {peak} MiB; redis PING p50 {p50} µs, p99 {p99} µs");
+    let (peak, during) = during_pause(&tb, vpn.pid());
+    println!(
+        "{FLOWS} paused downloads: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
+    );
     let bound = FLOWS as u64 * (WINDOW_MIB + BUFFERS_MIB) + SLACK_MIB;
     assert!(peak <= bound, "mse-vpn grew to {peak} MiB (bound {bound})");
-    assert!(p99 < 5_000, "redis p99 {p99} µs beside {FLOWS} paused flows");
+    assert_latency_kept(&before, &during);
     assert_complete(client, 64 << 20, &sha, FLOWS);
     assert!(vpn.interrupt().success());
 }
