@@ -67,7 +67,7 @@ impl Pair {
             self.engine.poll(self.now);
             while let Some(p) = self.engine.poll_transmit() {
                 moved = true;
-                self.dev.rx.push_back(p);
+                self.dev.rx.push_back(p.into());
             }
             while let Some(e) = self.engine.poll_event() {
                 moved = true;

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey};
+use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey, RxPacket};
 use crate::logging::bytes as human_bytes;
 use crate::pool::{LinkId, Pool};
 use crate::repeats::Repeats;
@@ -280,7 +280,7 @@ impl Driver {
     /// Runs until `shutdown` fires. Flows on a lost SSH connection are reset when it goes;
     /// all flows are reset on exit, and on a TUN error.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-        let mut buf = vec![0u8; self.config.engine.mtu + 64];
+        let mut buf = self.engine.rx_buffer();
         let mut links = self.pool.subscribe();
         let ready = self.ready.clone();
         let result = loop {
@@ -304,12 +304,17 @@ impl Driver {
                         Ok(n) => n,
                         Err(e) => break Err(e),
                     };
+                    // Each packet is read into a pooled buffer the engine keeps: no copy.
                     let now = self.now();
-                    self.engine.handle_tun_packet(now, buf[..n].to_vec());
+                    let packet = std::mem::replace(&mut buf, self.engine.rx_buffer());
+                    self.engine.handle_tun_read(now, RxPacket { buf: packet, len: n });
                     let mut failed = None;
                     for _ in 1..TUN_BATCH {
                         match self.tun.recv(&mut buf).now_or_never() {
-                            Some(Ok(n)) => self.engine.handle_tun_packet(now, buf[..n].to_vec()),
+                            Some(Ok(n)) => {
+                                let packet = std::mem::replace(&mut buf, self.engine.rx_buffer());
+                                self.engine.handle_tun_read(now, RxPacket { buf: packet, len: n });
+                            }
                             Some(Err(e)) => {
                                 failed = Some(e);
                                 break;

@@ -45,7 +45,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
-pub use device::QueueDevice;
+pub use device::{QueueDevice, RxPacket, rx_buffer_len};
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
 pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
 
@@ -332,11 +332,15 @@ impl Shard {
     }
 
     /// Runs smoltcp on this shard and moves what it sent to `tx`. Packet buffers come from
-    /// the engine's one pool of spares, lent to the shard's device for the call.
-    fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>, spare: &mut Vec<Vec<u8>>) {
-        std::mem::swap(self.device.spare_mut(), spare);
+    /// the engine's one pool of spares, lent to the shard's device for the call; the read
+    /// buffers of the packets it processed go back to that pool.
+    fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>, pool: &mut QueueDevice) {
+        std::mem::swap(self.device.spare_mut(), pool.spare_mut());
         self.iface.poll(now, &mut self.device, &mut self.sockets);
-        std::mem::swap(self.device.spare_mut(), spare);
+        std::mem::swap(self.device.spare_mut(), pool.spare_mut());
+        for buf in self.device.rx_spare.drain(..) {
+            pool.recycle_rx(buf);
+        }
         tx.append(&mut self.device.tx);
         self.poll_at = self.iface.poll_at(now, &self.sockets);
         self.active = false;
@@ -349,8 +353,8 @@ impl Shard {
         self.iface = new_iface(&mut self.device, now, seed);
     }
 
-    fn inject(&mut self, packet: Vec<u8>) {
-        self.device.rx.push_back(packet);
+    fn inject(&mut self, packet: impl Into<RxPacket>) {
+        self.device.rx.push_back(packet.into());
         self.active = true;
     }
 }
@@ -387,9 +391,9 @@ impl Engine {
             shards: (0..SHARDS)
                 .map(|_| Shard::new(config.mtu, now, rng.random()))
                 .collect(),
+            spare: QueueDevice::new(config.mtu),
             config,
             tx: VecDeque::new(),
-            spare: QueueDevice::new(0),
             flows: FlowTable::default(),
             events: VecDeque::new(),
             dirty: Vec::new(),
@@ -421,17 +425,36 @@ impl Engine {
 
     /// One raw IP packet read from the TUN.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: Vec<u8>) {
-        match packet::classify(&packet) {
-            Ingress::Drop(_) => self.stats.packets_dropped += 1,
+        self.handle_tun_read(now, packet.into());
+    }
+
+    /// A buffer for the next TUN read ([`rx_buffer_len`] bytes, recycled: no zero-filling).
+    /// Hand it back with [`Engine::handle_tun_read`].
+    pub fn rx_buffer(&mut self) -> Vec<u8> {
+        self.spare.rx_buffer()
+    }
+
+    /// One raw IP packet read from the TUN into a buffer from [`Engine::rx_buffer`].
+    pub fn handle_tun_read(&mut self, now: Instant, packet: RxPacket) {
+        match packet::classify(packet.bytes()) {
+            Ingress::Drop(_) => {
+                self.stats.packets_dropped += 1;
+                self.spare.recycle_rx(packet.buf);
+            }
             Ingress::Reject(kind) => {
-                if let Some(reply) = packet::unreachable_reply(&packet, kind) {
+                if let Some(reply) = packet::unreachable_reply(packet.bytes(), kind) {
                     self.stats.icmp_rejects += 1;
                     self.tx.push_back(reply);
                 }
+                self.spare.recycle_rx(packet.buf);
             }
             Ingress::Tcp { key, flags, seq } => match self.flows.id_of(&key) {
                 Some(id) => self.flow_packet(now, id, flags, seq, packet),
-                None if flags.is_connect() => self.admit(now, key, packet),
+                None if flags.is_connect() => {
+                    let syn = packet::syn_header(packet.bytes());
+                    self.spare.recycle_rx(packet.buf);
+                    self.admit(now, key, syn);
+                }
                 // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
                 None => self.shards[0].inject(packet),
             },
@@ -444,19 +467,21 @@ impl Engine {
         id: FlowId,
         flags: TcpFlags,
         seq: TcpSeqNumber,
-        packet: Vec<u8>,
+        packet: RxPacket,
     ) {
         if (flags.rst || flags.syn) && !self.screen(now, id, flags, seq) {
+            self.spare.recycle_rx(packet.buf);
             return;
         }
         let Some(flow) = self.flows.get_mut(id) else {
+            self.spare.recycle_rx(packet.buf);
             return;
         };
         match &mut flow.phase {
             Phase::Opening { syn } => {
                 if flags.is_connect() {
                     // A retransmitted SYN: keep the newest, do not open a second channel.
-                    if let Some(header) = packet::syn_header(&packet) {
+                    if let Some(header) = packet::syn_header(packet.bytes()) {
                         *syn = header;
                     }
                 } else if flags.rst {
@@ -553,7 +578,7 @@ impl Engine {
     /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
     fn poll_shard(&mut self, i: usize, now: Instant) {
         let start = self.tx.len();
-        self.shards[i].poll(now, &mut self.tx, self.spare.spare_mut());
+        self.shards[i].poll(now, &mut self.tx, &mut self.spare);
         for packet in self.tx.range(start..) {
             let Some(e) = packet::egress(packet) else {
                 continue;
@@ -580,9 +605,9 @@ impl Engine {
         }
     }
 
-    fn admit(&mut self, now: Instant, key: FlowKey, syn: Vec<u8>) {
+    fn admit(&mut self, now: Instant, key: FlowKey, syn: Option<Vec<u8>>) {
         // Only the header is held (the app retransmits any data the SYN carried).
-        let Some(syn) = packet::syn_header(&syn) else {
+        let Some(syn) = syn else {
             self.stats.packets_dropped += 1;
             return;
         };

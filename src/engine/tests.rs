@@ -77,7 +77,7 @@ impl Pair {
             self.engine.poll(self.now);
             while let Some(p) = self.engine.poll_transmit() {
                 moved = true;
-                self.app_dev.rx.push_back(p);
+                self.app_dev.rx.push_back(p.into());
             }
             while let Some(e) = self.engine.poll_event() {
                 moved = true;
