@@ -15,7 +15,11 @@
 //! rule from 198.18.0.1 prio 5211 table 28123
 //! resolved-link mse0
 //! resolv-conf /etc/resolv.conf backup /run/mse-vpn/mse0.resolv.conf.orig
+//! resolver-file /etc/resolver/internal
+//! nrpt-rule {6d73652d-7670-6e00-0000-00006d736530}
 //! ```
+//! (`resolver-file` is macOS's per-domain resolver file, `nrpt-rule` a Windows Name Resolution
+//! Policy Table rule; the other entries are shared by every OS that has them.)
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -96,6 +100,18 @@ pub enum Change {
         /// Where the symlink pointed.
         target: PathBuf,
     },
+    /// macOS: a per-domain resolver file (`/etc/resolver/DOMAIN`) written by mse-vpn (undo:
+    /// remove it if it still carries mse-vpn's marker).
+    ResolverFile {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Windows: a Name Resolution Policy Table rule (a registry key under the DNS client's
+    /// `DnsPolicyConfig`) sending the split zones to the responder (undo: delete the key).
+    NrptRule {
+        /// The rule's key name (GUID-shaped, no whitespace).
+        key: String,
+    },
 }
 
 impl fmt::Display for Change {
@@ -141,6 +157,8 @@ impl fmt::Display for Change {
                 file.display(),
                 target.display()
             ),
+            Change::ResolverFile { file } => write!(f, "resolver-file {}", file.display()),
+            Change::NrptRule { key } => write!(f, "nrpt-rule {key}"),
         }
     }
 }
@@ -198,6 +216,12 @@ impl Change {
             ["resolv-conf-link", file, "target", target] => Some(Change::ResolvConfLink {
                 file: PathBuf::from(file),
                 target: PathBuf::from(target),
+            }),
+            ["resolver-file", file] => Some(Change::ResolverFile {
+                file: PathBuf::from(file),
+            }),
+            ["nrpt-rule", key] => Some(Change::NrptRule {
+                key: (*key).to_owned(),
             }),
             _ => None,
         }
@@ -345,6 +369,12 @@ mod tests {
             Change::ResolvConfLink {
                 file: "/etc/resolv.conf".into(),
                 target: "../run/systemd/resolve/stub-resolv.conf".into(),
+            },
+            Change::ResolverFile {
+                file: "/etc/resolver/internal".into(),
+            },
+            Change::NrptRule {
+                key: "{6d73652d-7670-6e00-0000-00006d736530}".into(),
             },
         ];
         for c in &changes {

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use tokio::process::Command;
 use tracing::{debug, info, warn};
 
 use crate::dns::{self, DnsBackend, DnsPlan};
+use crate::host;
 use crate::journal::{self, Change, Journal};
 use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
 
@@ -21,22 +21,7 @@ pub struct Applied {
 }
 
 async fn ip(args: &[&str]) -> Result<String, PlatformError> {
-    let cmd = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(|source| PlatformError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(PlatformError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    host::run("ip", args).await
 }
 
 async fn ip_json(args: &[&str]) -> Result<Vec<Value>, PlatformError> {
@@ -115,58 +100,9 @@ fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// Journals of other live sessions: (tun, pid, routes).
-fn live_sessions(state_dir: &Path) -> Vec<(String, i32, Vec<IpNet>)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(state_dir) else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "journal") {
-            continue;
-        }
-        let Ok(rec) = journal::read(&path) else {
-            continue;
-        };
-        let Some(pid) = rec
-            .pid
-            .filter(|p| pid_alive(*p) && *p as u32 != std::process::id())
-        else {
-            continue;
-        };
-        let tun = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let routes = rec
-            .changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Route { dst, .. } => Some(*dst),
-                _ => None,
-            })
-            .collect();
-        out.push((tun, pid, routes));
-    }
-    out
-}
-
 pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    for (tun, pid, routes) in live_sessions(state_dir) {
-        if tun == plan.tun_name() {
-            return Err(PlatformError::Busy { tun, pid });
-        }
-        for ours in plan.routes() {
-            if let Some(other) = routes.iter().find(|r| overlaps(r, ours)) {
-                return Err(PlatformError::Overlap {
-                    cidr: *ours,
-                    other: *other,
-                    tun,
-                    pid,
-                });
-            }
-        }
+    if let Some(e) = host::session_conflict(plan, host::live_sessions(state_dir, pid_alive)) {
+        return Err(e);
     }
     // A network this host reaches directly (LAN, Docker bridge, point-to-point VPN link)
     // would be cut off by routing it into the tunnel.
@@ -469,6 +405,8 @@ async fn undo(change: &Change) -> bool {
         Change::ResolvConf { .. } | Change::ResolvConfLink { .. } => {
             return dns::undo_resolv_conf(change);
         }
+        // Other systems' entries; never written on Linux.
+        Change::ResolverFile { .. } | Change::NrptRule { .. } => return false,
     };
     match r {
         Ok(_) => true,
@@ -544,7 +482,8 @@ pub async fn apply_dns(
                 dns::resolvectl(&args).await?;
             }
         }
-        DnsBackend::ResolvConf => {
+        // (`detect` answers the other systems' backends only on those systems.)
+        DnsBackend::ResolvConf | DnsBackend::ResolverDir | DnsBackend::Nrpt => {
             let file = Path::new(dns::RESOLV_CONF);
             let backup = dns::backup_path(state_dir, tun);
             if backup.to_string_lossy().contains(char::is_whitespace) {

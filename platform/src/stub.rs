@@ -1,4 +1,5 @@
-//! Placeholder for operating systems not supported yet: every call says so.
+//! Operating systems other than Linux, macOS and Windows (a BSD, say): every call answers
+//! [`PlatformError::Unsupported`], which says which systems are.
 
 use std::path::Path;
 
