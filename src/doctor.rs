@@ -228,7 +228,7 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
 }
 
 fn privileges() -> Check {
-    if nix::unistd::Uid::effective().is_root() {
+    if mse_vpn_platform::process::is_privileged() {
         Check::new("privileges", Verdict::Ok, "running as root")
     } else {
         Check::new(

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         }
         // The child: a session of its own, so the terminal's hangup and Ctrl-C do not reach
         // it.
-        let _ = nix::unistd::setsid();
+        platform::process::detach();
     }
     init_logging(cli.verbose);
     // Flow buffers (512 KiB each) straight from mmap: idle flows then cost only the pages
@@ -451,10 +451,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     spawn_signal_handler(stop_tx.clone())?;
     std::fs::create_dir_all(state_dir)
-        .and_then(|()| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o755))
-        })
+        .and_then(|()| platform::account::set_mode(state_dir, 0o755))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let board = Board::new(
         format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port),
@@ -584,14 +581,11 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
 }
 
 fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut signals =
+        platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => info!("SIGINT: shutting down"),
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-        }
+        let name = signals.recv().await;
+        info!("{name}: shutting down");
         let _ = stop.send(true);
     });
     Ok(())
@@ -618,16 +612,7 @@ fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<std::path::PathBu
     if let Some(tun) = tun {
         return vec![control::socket_path(state_dir, tun)];
     }
-    let mut socks: Vec<_> = std::fs::read_dir(state_dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .collect()
-        })
-        .unwrap_or_default();
-    socks.sort();
-    socks
+    platform::ipc::endpoints(state_dir)
 }
 
 async fn status(args: StatusArgs, state_dir: &Path) -> Result<()> {
@@ -657,11 +642,7 @@ fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<std::path::PathBuf
         .into_iter()
         .filter(|p| {
             // Live sessions, and those we may not use (so the error says so).
-            tun.is_some()
-                || match std::os::unix::net::UnixStream::connect(p) {
-                    Ok(_) => true,
-                    Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
-                }
+            tun.is_some() || platform::ipc::probe(p)
         })
         .collect();
     match socks.as_slice() {
@@ -741,13 +722,15 @@ async fn run(args: mse_vpn::cli::RunArgs, state_dir: &Path) -> Result<ExitCode> 
         cmd.env(&s.name, &s.value);
     }
     // Under sudo, the app runs as the user who invoked it, never as root.
-    if nix::unistd::geteuid().is_root() && std::env::var_os("SUDO_UID").is_some() {
+    if platform::process::is_privileged() && std::env::var_os("SUDO_UID").is_some() {
         let user = ssh::InvokingUser::detect().context("cannot tell which user invoked sudo")?;
-        cmd.uid(user.uid())
-            .gid(user.gid())
-            .env("HOME", user.home())
-            .env("USER", user.name())
-            .env("LOGNAME", user.name());
+        let account = platform::account::Account {
+            name: user.name().to_owned(),
+            uid: user.uid(),
+            gid: user.gid(),
+            home: user.home().to_owned(),
+        };
+        platform::process::run_as(&mut cmd, &account);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -767,34 +750,14 @@ async fn run(args: mse_vpn::cli::RunArgs, state_dir: &Path) -> Result<ExitCode> 
     };
     // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
     // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let status = loop {
-        tokio::select! {
-            s = child.wait() => break s?,
-            _ = int.recv() => {}
-            _ = quit.recv() => {}
-            _ = term.recv() => forward(pid, nix::sys::signal::Signal::SIGTERM),
-            _ = hup.recv() => forward(pid, nix::sys::signal::Signal::SIGHUP),
-        }
+    let relay = platform::process::relay_signals(child.id());
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        r = relay => match r? {},
     };
     drop(held); // the session removes the listeners
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1);
+    let code = platform::process::exit_code(status);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-fn forward(pid: Option<nix::unistd::Pid>, sig: nix::sys::signal::Signal) {
-    if let Some(pid) = pid {
-        let _ = nix::sys::signal::kill(pid, sig);
-    }
 }
 
 /// `mse-vpn expose`: adds listeners to the running session (kept until it stops).

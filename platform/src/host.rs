@@ -17,6 +17,7 @@ use crate::journal::{self, Change, Journal};
 use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
 
 /// Runs `program ARGS` and returns its standard output; a failure carries its standard error.
+#[cfg_attr(windows, allow(dead_code))]
 pub async fn run(program: &str, args: &[&str]) -> Result<String, PlatformError> {
     let cmd = format!("{program} {}", args.join(" "));
     let out = tokio::process::Command::new(program)

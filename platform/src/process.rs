@@ -61,16 +61,17 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
-/// Makes `cmd` run as `account` (uid, gid, `HOME`, `USER`, `LOGNAME`) when we are root; on
-/// Windows children always run as the current user.
+/// Makes `cmd` run as `account` (uid, gid, and `HOME`, `USER`, `LOGNAME` unless its name is
+/// unknown) when we are root; on Windows children always run as the current user.
 pub fn run_as(cmd: &mut tokio::process::Command, account: &Account) {
     #[cfg(unix)]
     if is_privileged() && account.uid != 0 {
-        cmd.uid(account.uid)
-            .gid(account.gid)
-            .env("HOME", &account.home)
-            .env("USER", &account.name)
-            .env("LOGNAME", &account.name);
+        cmd.uid(account.uid).gid(account.gid);
+        if !account.name.is_empty() {
+            cmd.env("HOME", &account.home)
+                .env("USER", &account.name)
+                .env("LOGNAME", &account.name);
+        }
     }
     #[cfg(windows)]
     let _ = (cmd, account);

@@ -239,9 +239,12 @@ impl Reader<'_> {
             }
         };
         if origin == Origin::User {
-            use std::os::unix::fs::MetadataExt;
-            if let Ok(meta) = std::fs::metadata(path)
-                && ((meta.uid() != self.sources.uid && meta.uid() != 0) || meta.mode() & 0o022 != 0)
+            // As ssh does: owned by the user (or root), not writable by others. Windows: no
+            // modes to check (see mse_vpn_platform::account).
+            if let Some((owner, mode)) = std::fs::metadata(path)
+                .ok()
+                .and_then(|m| mse_vpn_platform::account::owner_and_mode(&m))
+                && ((owner != self.sources.uid && owner != 0) || mode & 0o022 != 0)
             {
                 return Err(ConfigError::Permissions {
                     path: path.to_owned(),
@@ -554,7 +557,7 @@ mod tests {
             system_file: None,
             home: home.to_owned(),
             local_user: "alice".into(),
-            uid: nix::unistd::Uid::current().as_raw(),
+            uid: mse_vpn_platform::account::current().unwrap().unwrap().uid,
         }
     }
 
@@ -679,9 +682,9 @@ mod tests {
         .unwrap();
         std::fs::write(ssh.join("conf.d/10-a.conf"), "User from-a\n").unwrap();
         std::fs::write(ssh.join("conf.d/20-b.conf"), "User from-b\nPort 2\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
+        use mse_vpn_platform::account::set_mode;
         for f in ["config", "conf.d/10-a.conf", "conf.d/20-b.conf"] {
-            std::fs::set_permissions(ssh.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+            set_mode(&ssh.join(f), 0o600).unwrap();
         }
         let c = HostConfig::load(&sources(&home), "b").unwrap();
         assert_eq!(c.user.as_deref(), Some("from-a"));
@@ -689,11 +692,12 @@ mod tests {
         // The include is inside `Host b`: another alias does not see it.
         let c = HostConfig::load(&sources(&home), "z").unwrap();
         assert_eq!((c.user, c.port), (None, Some(1)));
-        // A group-writable user config is refused, as OpenSSH does.
-        std::fs::set_permissions(ssh.join("config"), std::fs::Permissions::from_mode(0o664))
-            .unwrap();
-        let e = HostConfig::load(&sources(&home), "b").unwrap_err();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
+        // A group-writable user config is refused, as OpenSSH does (Windows has no modes).
+        set_mode(&ssh.join("config"), 0o664).unwrap();
+        if cfg!(unix) {
+            let e = HostConfig::load(&sources(&home), "b").unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
         std::fs::remove_dir_all(&home).unwrap();
     }
 }

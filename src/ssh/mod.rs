@@ -5,6 +5,7 @@
 //!
 //! Never logged: passphrases, key material, channel payloads.
 
+mod agent;
 mod command;
 pub mod config;
 pub mod known_hosts;
@@ -409,7 +410,7 @@ impl Client {
                 known_hosts::learn(&self.host, self.port, key, &self.known_hosts)
                     .map_err(kh_err)?;
                 if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
-                    let _ = std::os::unix::fs::chown(&self.known_hosts, Some(uid), Some(gid));
+                    let _ = mse_vpn_platform::account::chown(&self.known_hosts, uid, gid);
                 }
                 warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
                     path = %self.known_hosts.display(), "recorded a new host key");
@@ -440,7 +441,7 @@ impl Client {
 /// private), owned by `owner`: under sudo, a `~/.ssh` created for the user must be theirs,
 /// not root's.
 fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use mse_vpn_platform::account;
     let Some(dir) = file.parent() else {
         return Ok(());
     };
@@ -449,9 +450,9 @@ fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
     for d in missing.into_iter().rev() {
-        std::fs::DirBuilder::new().mode(0o700).create(d)?;
+        account::create_private_dir(d)?;
         if let Some((uid, gid)) = owner
-            && let Err(e) = std::os::unix::fs::chown(d, Some(uid), Some(gid))
+            && let Err(e) = account::chown(d, uid, gid)
         {
             warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
         }
@@ -830,7 +831,7 @@ async fn authenticate(
         .flatten();
 
     if let Some(sock) = &opts.agent_socket {
-        match russh::keys::agent::client::AgentClient::connect_uds(sock).await {
+        match agent::connect(sock).await {
             Ok(mut agent) => {
                 let ids = bounded(opts, target, agent.request_identities())
                     .await?
