@@ -558,7 +558,10 @@ mod tests {
         let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("/internal"), "{e}");
+        assert!(
+            matches!(&e, PlatformError::ResolverTaken { path } if *path == resolver.join("internal")),
+            "{e}"
+        );
         host::restore(&mut mac, applied).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(resolver.join("internal")).unwrap(),

@@ -522,8 +522,16 @@ fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
 /// The files matching an absolute path whose components may hold `*` and `?`, sorted (as
 /// glob(3)); a path without wildcards is returned as is.
 fn glob(path: &Path) -> Vec<PathBuf> {
-    let mut found = vec![PathBuf::from("/")];
-    for comp in path.components().skip(1) {
+    use std::path::Component;
+    // The root: `/`, or on Windows a drive (or UNC) prefix and its root.
+    let mut comps = path.components().peekable();
+    let mut root = PathBuf::new();
+    while let Some(c @ (Component::Prefix(_) | Component::RootDir)) = comps.peek().copied() {
+        root.push(c);
+        comps.next();
+    }
+    let mut found = vec![root];
+    for comp in comps {
         let comp = comp.as_os_str().to_string_lossy();
         let mut next = Vec::new();
         for dir in &found {
