@@ -263,14 +263,14 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(format!("cannot find my own executable: {e}")),
     };
-    let mut child = match std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
         .env(DAEMON_CHILD, "1")
         .stdin(std::process::Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .spawn()
-    {
+        .stderr(err);
+    platform::process::detached(&mut cmd);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the daemon: {e}")),
     };

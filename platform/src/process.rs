@@ -45,6 +45,21 @@ pub fn detach() {
     let _ = nix::unistd::setsid();
 }
 
+/// Starts `cmd` outside the terminal's reach where that is decided at spawn time: on Windows
+/// without a console and in a process group of its own (Ctrl-C in the terminal does not reach
+/// it). On Unix the child calls [`detach`] itself.
+pub fn detached(cmd: &mut std::process::Command) {
+    #[cfg(windows)]
+    {
+        use std::os::windows::process::CommandExt;
+        const DETACHED_PROCESS: u32 = 0x0000_0008;
+        const CREATE_NEW_PROCESS_GROUP: u32 = 0x0000_0200;
+        cmd.creation_flags(DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP);
+    }
+    #[cfg(unix)]
+    let _ = cmd;
+}
+
 /// The exit status a shell would report: the code, or 128 + the signal that ended it.
 pub fn exit_code(status: ExitStatus) -> i32 {
     #[cfg(unix)]
