@@ -2,9 +2,10 @@
 //!
 //! Host integration for mse-vpn: the [`RoutePlan`] (pure: which prefixes go into the TUN, the
 //! TUN's own addresses, which jump-host addresses bypass it), and the OS side that applies it:
-//! addresses and routes on the TUN link, bypass host routes, split DNS ([`dns`]:
-//! systemd-resolved routing domains or the resolv.conf fallback), and the on-disk restore
-//! journal that lets a crashed session be undone.
+//! addresses and routes on the TUN link, bypass host routes, split DNS ([`dns`]: on Linux
+//! systemd-resolved routing domains or the resolv.conf fallback, on macOS `/etc/resolver`
+//! files, on Windows an NRPT rule), and the on-disk restore journal that lets a crashed session
+//! be undone.
 //!
 //! It knows nothing of smoltcp or russh. The caller creates the TUN device (and holds its fd);
 //! this crate configures it. Every change is written to the journal before it is made;
@@ -265,7 +266,8 @@ impl Host {
     }
 
     /// Points the host resolver at the DNS responder `plan.server` for `plan.zones` only
-    /// (systemd-resolved when it runs, else the resolv.conf fallback), journaled like every
+    /// (Linux: systemd-resolved when it runs, else the resolv.conf fallback; macOS: one
+    /// `/etc/resolver` file per zone; Windows: an NRPT rule), journaled like every
     /// other change and undone by [`Host::restore`] / [`repair`].
     pub async fn apply_dns(
         &mut self,
