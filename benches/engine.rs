@@ -73,8 +73,8 @@ impl Pair {
                 moved = true;
                 self.events.push(e);
             }
-            // The driver turns these into read credit; here they are only drained.
-            while self.engine.poll_consumed().is_some() {}
+            // The driver resumes reading these flows' channels; here they are only drained.
+            while self.engine.poll_room().is_some() {}
             if !moved {
                 break;
             }

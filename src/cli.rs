@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::reverse::ForwardSpec;
@@ -11,20 +11,25 @@ use crate::ssh::config::ConfigError;
 use crate::ssh::resolve::{self, Overrides};
 use crate::ssh::{InvokingUser, JumpHost, SshOptions};
 
+/// The help heading of the options every subcommand takes.
+const GLOBAL: &str = "Global options";
+
 /// mse-vpn: reach a private cloud network (VPC) from this machine through an SSH jump host.
 #[derive(Debug, Parser)]
 #[command(name = "mse-vpn", version, about, long_about = None)]
 pub struct Cli {
-    /// More logging: -v for debug, -vv for trace (RUST_LOG overrides).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More logging: -v shows each connection, flow and setting as it happens, -vv traces
+    /// mse-vpn's internals, -vvv adds the SSH library's own messages (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = GLOBAL)]
     pub verbose: u8,
-    /// Where sessions keep their restore journals and control sockets.
+    /// Where sessions keep their restore journals, control sockets and logs.
     #[arg(
         long,
         global = true,
         env = "MSE_VPN_STATE_DIR",
         default_value = mse_vpn_platform::DEFAULT_STATE_DIR,
-        value_name = "DIR"
+        value_name = "DIR",
+        help_heading = GLOBAL
     )]
     pub state_dir: PathBuf,
     /// What to do.
@@ -43,9 +48,10 @@ pub enum Command {
         sudo mse-vpn up --cidr 10.0.0.0/16 --proxy ops@10.0.0.5 -J ops@bastion.example.com\n  \
         sudo mse-vpn up dev                     (the profile [profile.dev] of ~/.config/mse-vpn/config.toml)\n  \
         sudo mse-vpn up dev --connections 8     (a flag overrides the profile)")]
-    Up(UpArgs),
-    /// Stop a running session; with --force, also undo what a crashed session left.
-    #[command(after_help = "Examples:\n  sudo mse-vpn down\n  sudo mse-vpn down --force")]
+    Up(UpCommand),
+    /// Stop the running session(s), and undo what a session that died (kill -9, a crash)
+    /// left behind: routes, DNS settings.
+    #[command(after_help = "Examples:\n  sudo mse-vpn down\n  sudo mse-vpn down --tun mse1")]
     Down(DownArgs),
     /// Check, without changing anything, whether `up` with these options would work: TUN
     /// support, privileges, route conflicts, the jump host, its key, login, and forwarding.
@@ -58,13 +64,18 @@ pub enum Command {
     /// host while it runs, and it is started (as you, not root) with the settings that make
     /// Dubbo, Spring Cloud Alibaba (Nacos) and HSF register the jump host's VPC address.
     #[command(
-        after_help = "Needs a running session (`sudo mse-vpn up ...`). The app must listen on         0.0.0.0 (or the TUN address), not only 127.0.0.1. Exit status: the app's.\n\nExamples:\n          mse-vpn run --expose 20880 -- java -jar provider.jar\n          mse-vpn run --expose 18080:8080 -- ./gradlew bootRun"
+        after_help = "Needs a running session (`sudo mse-vpn up ...`). The app must listen on \
+        0.0.0.0 (or the TUN address), not only 127.0.0.1. Exit status: the app's.\n\nExamples:\n  \
+        mse-vpn run --expose 20880 -- java -jar provider.jar\n  \
+        mse-vpn run --expose 18080:8080 -- ./gradlew bootRun"
     )]
     Run(RunArgs),
     /// Print the registration settings for exposed ports as shell `export` lines (for
     /// `eval`, or to paste into an IDE run configuration).
     #[command(
-        after_help = "With --expose the port is added to the session and stays until it         stops; without, the session's first exposed port is used.\n\nExamples:\n          eval \"$(mse-vpn env --expose 20880)\"\n  mse-vpn env"
+        after_help = "With --expose the port is added to the session and stays until it \
+        stops; without, the session's first exposed port is used.\n\nExamples:\n  \
+        eval \"$(mse-vpn env --expose 20880)\"\n  mse-vpn env"
     )]
     Env(EnvArgs),
     /// Expose local ports to cloud callers on a running session, until it stops or
@@ -77,7 +88,12 @@ pub enum Command {
     #[command(after_help = "Examples:\n  mse-vpn unexpose 20880")]
     Unexpose(ExposeArgs),
     /// Show the state of running sessions (no root needed for the user who started them).
-    #[command(after_help = "Examples:\n  mse-vpn status\n  mse-vpn status --json | jq .bytes_down")]
+    #[command(
+        after_help = "Exit status: 0 when every session found is running (or none is); 1 when \
+        a session that died (kill -9, a crash) left host changes behind: undo them with \
+        `sudo mse-vpn down`.\n\nExamples:\n  mse-vpn status\n  \
+        mse-vpn status --json | jq '.[0].bytes_down'      (one object per session)"
+    )]
     Status(StatusArgs),
     /// Work with profile files (~/.config/mse-vpn/config.toml, /etc/mse-vpn/config.toml).
     #[command(subcommand)]
@@ -88,10 +104,11 @@ pub enum Command {
         mse-vpn completions zsh > \"${fpath[1]}/_mse-vpn\"\n  \
         mse-vpn completions fish > ~/.config/fish/completions/mse-vpn.fish")]
     Completions(CompletionsArgs),
-    /// Print the man page (roff) built from these definitions.
+    /// Print the man page (roff): every command and option, from the same definitions as
+    /// --help.
     #[command(
-        hide = true,
-        after_help = "Examples:\n  mse-vpn man > mse-vpn.1 && man ./mse-vpn.1"
+        after_help = "Examples:\n  mse-vpn man > mse-vpn.1 && man -l mse-vpn.1\n  \
+        mse-vpn man | gzip > /usr/local/share/man/man1/mse-vpn.1.gz"
     )]
     Man,
 }
@@ -179,7 +196,30 @@ pub struct StatusArgs {
     pub tun: Option<String>,
 }
 
-/// Options of `mse-vpn up`.
+/// `mse-vpn up`: the session's options, and how to run it.
+#[derive(Debug, Args)]
+pub struct UpCommand {
+    /// The session's options (shared with `doctor`).
+    #[command(flatten)]
+    pub args: UpArgs,
+    /// Detaching.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// How `up` runs: in the foreground, or detached.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Detach once the tunnel is up (the exit status says whether it came up); logs go to
+    /// --log-file. Stop it with `mse-vpn down`.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Log file of a --daemon session. Default: STATE_DIR/TUN.log.
+    #[arg(long, value_name = "FILE", requires = "daemon")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// The options of `mse-vpn up` that `doctor` checks too.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// A private network to route through the tunnel (repeatable; IPv4 or IPv6).
@@ -205,14 +245,18 @@ pub struct UpArgs {
     #[arg(long)]
     pub accept_new_host_key: bool,
     /// MTU of the TUN device. The TUN never leaves this host, so a large MTU is safe and fast.
-    #[arg(long, default_value_t = 65_000, value_parser = clap::value_parser!(u32).range(1280..=65_535))]
+    #[arg(long, default_value_t = 65_000, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1280..=65_535))]
     pub mtu: u32,
     /// Name of the TUN device.
     #[arg(long = "tun", default_value = mse_vpn_platform::DEFAULT_TUN, value_name = "NAME")]
     pub tun: String,
     /// Maximum concurrent TCP flows; new connections beyond it are reset.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_flows: u64,
+    /// Maximum concurrent cloud callers through `--expose` listeners, a budget separate from
+    /// --max-flows so that callers can never crowd out this machine's own connections.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INBOUND as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_inbound: u64,
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,
@@ -229,13 +273,6 @@ pub struct UpArgs {
     /// encryption and window, so parallel bulk flows use more than one core.
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
     pub connections: u64,
-    /// Detach once the tunnel is up (the exit status says whether it came up); logs go to
-    /// --log-file. Stop it with `mse-vpn down`.
-    #[arg(long)]
-    pub daemon: bool,
-    /// Log file of a --daemon session. Default: STATE_DIR/TUN.log.
-    #[arg(long, value_name = "FILE", requires = "daemon")]
-    pub log_file: Option<PathBuf>,
     /// Let cloud callers reach a local port: the jump host listens on REMOTE_PORT (on BIND,
     /// default all its addresses) and each caller is connected to LOCAL_PORT (default
     /// REMOTE_PORT) of this machine from the caller's own IP (repeatable). The local app must
@@ -311,23 +348,180 @@ pub fn parse_jump(s: &str) -> Result<JumpHops, String> {
 /// Options of `mse-vpn down`.
 #[derive(Debug, Args)]
 pub struct DownArgs {
-    /// Also undo the journaled host changes of sessions that are no longer running
-    /// (after a crash or kill -9).
-    #[arg(long)]
+    /// Accepted for scripts written for older versions: `down` always undoes what a
+    /// session that is no longer running left behind.
+    #[arg(long, hide = true)]
     pub force: bool,
     /// Only the session using this TUN device.
     #[arg(long = "tun", value_name = "NAME")]
     pub tun: Option<String>,
 }
 
-/// Parses a CIDR such as `10.0.0.0/16` or `fd00::/64`; a bare address means that one host.
+/// The completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), BIN, &mut script);
+    if shell != clap_complete::Shell::Bash {
+        return script;
+    }
+    // clap_complete 4.6 (clap-rs/clap#6421): for a hyphenated binary name the dispatch loop
+    // reaches states spelled `mse__vpn__subcmd__up`, but the case arms are spelled
+    // `mse__subcmd__vpn__subcmd__up`, so no subcommand's options ever completed. Spell the
+    // arms as the loop does (a no-op once clap_complete is fixed).
+    String::from_utf8_lossy(&script)
+        .replace("mse__subcmd__vpn", "mse__vpn")
+        .into_bytes()
+}
+
+/// The man page: the top-level page (synopsis, global options), then a section for each
+/// command with its synopsis, description, options and examples, all from the definitions
+/// `--help` shows.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut top = Cli::command().disable_help_subcommand(true);
+    top.build();
+    let man = clap_mangen::Man::new(top.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    page.extend_from_slice(b".SH COMMANDS\n");
+    let mut leaves = Vec::new();
+    for sub in top.get_subcommands().filter(|c| !c.is_hide_set()) {
+        if sub.has_subcommands() {
+            leaves.extend(sub.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+        } else {
+            leaves.push(sub.clone());
+        }
+    }
+    for sub in leaves {
+        // The global options are described once, above.
+        let sub = sub.mut_args(|a| if a.is_global_set() { a.hide(true) } else { a });
+        let name = sub.get_bin_name().unwrap_or(sub.get_name()).to_owned();
+        let man = clap_mangen::Man::new(sub.clone());
+        page.extend_from_slice(format!(".SS \"{}\"\n", name.replace('-', "\\-")).as_bytes());
+        let mut section = Vec::new();
+        man.render_synopsis_section(&mut section)?;
+        man.render_description_section(&mut section)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            man.render_options_section(&mut section)?;
+        }
+        if sub.get_after_help().is_some() {
+            man.render_extra_section(&mut section)?;
+        }
+        // Within a command's section, its parts are paragraphs, not sections; its examples
+        // keep their lines.
+        let mut examples = false;
+        for line in String::from_utf8_lossy(&section).lines() {
+            match line.strip_prefix(".SH ") {
+                Some("SYNOPSIS") => {}
+                Some("DESCRIPTION") => page.extend_from_slice(b".PP\n"),
+                Some("EXTRA") => {
+                    page.extend_from_slice(b".PP\n.nf\n");
+                    examples = true;
+                }
+                Some(_) => page.extend_from_slice(b".PP\nOptions:\n"),
+                None => {
+                    page.extend_from_slice(line.as_bytes());
+                    page.push(b'\n');
+                }
+            }
+        }
+        if examples {
+            page.extend_from_slice(b".fi\n");
+        }
+    }
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    for (code, meaning) in EXIT_STATUSES {
+        page.extend_from_slice(format!(".TP\n{code}\n{}\n", roff_text(meaning)).as_bytes());
+    }
+    page.extend_from_slice(
+        format!(
+            ".SH FILES\n.TP\n{}\n{}\n.TP\n{}\n{}\n.TP\n{}\n{}\n",
+            roff_text("STATE_DIR/TUN.sock, STATE_DIR/TUN.journal, STATE_DIR/TUN.log"),
+            roff_text(
+                "A session's control socket, its restore journal (what it changed on the host, \
+                 undone by `down`), and the log of a --daemon session. STATE_DIR is /run/mse-vpn, \
+                 or --state-dir, or MSE_VPN_STATE_DIR."
+            ),
+            roff_text("~/.config/mse-vpn/config.toml, /etc/mse-vpn/config.toml"),
+            roff_text("Profiles for `up NAME` (`mse-vpn config check` validates them)."),
+            roff_text("~/.ssh/config, /etc/ssh/ssh_config, ~/.ssh/known_hosts"),
+            roff_text("Read as ssh reads them, for the invoking user (SUDO_USER under sudo)."),
+        )
+        .as_bytes(),
+    );
+    Ok(page)
+}
+
+/// `text` as a roff text line: backslashes and hyphens escaped, no leading control dot.
+fn roff_text(text: &str) -> String {
+    let t = text.replace('\\', "\\e").replace('-', "\\-");
+    if t.starts_with(['.', '\'']) {
+        format!("\\&{t}")
+    } else {
+        t
+    }
+}
+
+/// Exit status of a runtime failure not listed below (TUN, routes, a failed `doctor`
+/// check, `up` without root, `status` finding what a dead session left).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status of a usage or configuration mistake (clap's own, too).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status when the jump host refused the login (keys, passphrase, password).
+pub const EXIT_AUTH: u8 = 3;
+/// Exit status when the jump host's key is unknown or changed.
+pub const EXIT_HOST_KEY: u8 = 4;
+/// Exit status when the jump host (or a ProxyJump hop) cannot be resolved or reached in time.
+pub const EXIT_UNREACHABLE: u8 = 5;
+
+/// Every exit status and what it means, as the README and the man page list them.
+pub const EXIT_STATUSES: [(u8, &str); 6] = [
+    (0, "success"),
+    (
+        EXIT_FAILURE,
+        "any other runtime failure: not root, the TUN device, routes, a failed doctor check, \
+         a session that died and left changes behind (status)",
+    ),
+    (
+        EXIT_USAGE,
+        "usage or configuration mistake: bad flags or values, no --proxy or --cidr, an unknown \
+         profile, a bad profile or ssh config entry, a missing config file",
+    ),
+    (
+        EXIT_AUTH,
+        "authentication failed: no key or password accepted, wrong passphrase or password, a \
+         missing or unusable key or password file",
+    ),
+    (
+        EXIT_HOST_KEY,
+        "host key unknown or changed (or known_hosts unusable)",
+    ),
+    (
+        EXIT_UNREACHABLE,
+        "the jump host or a ProxyJump hop cannot be resolved (an unknown name or ssh config \
+         alias), reached, or did not answer in time",
+    ),
+];
+
+/// The binary's name, as completions register it.
+const BIN: &str = "mse-vpn";
+
+/// Parses a CIDR such as `10.0.0.0/16` or `fd00::/64`. A bare address is refused: it is
+/// more often a network whose prefix length was forgotten than the one host it would route;
+/// one host is written with an explicit `/32` (`/128`).
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
     }
     if let Ok(addr) = s.parse::<std::net::IpAddr>() {
-        return Ok(IpNet::from(addr));
+        let host = IpNet::from(addr);
+        return Err(format!(
+            "'{s}' has no prefix length: write the network with its length (e.g. {s}/16), or {host} for this one host"
+        ));
     }
     Err(format!(
         "'{s}' is not a CIDR: expected a network like 10.0.0.0/16 or fd00:1::/64"
@@ -337,7 +531,6 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -354,7 +547,16 @@ mod tests {
             parse_cidr("fd00:1::/64").unwrap().to_string(),
             "fd00:1::/64"
         );
-        assert_eq!(parse_cidr("10.0.3.7").unwrap().to_string(), "10.0.3.7/32");
+        assert_eq!(
+            parse_cidr("10.0.3.7/32").unwrap().to_string(),
+            "10.0.3.7/32"
+        );
+        let bare = parse_cidr("10.0.0.0").unwrap_err();
+        assert!(
+            bare.contains("no prefix length") && bare.contains("10.0.0.0/32"),
+            "{bare}"
+        );
+        assert!(parse_cidr("fd00::1").unwrap_err().contains("fd00::1/128"));
         assert!(
             parse_cidr("10.0.0.0/33")
                 .unwrap_err()
@@ -383,7 +585,7 @@ mod tests {
     #[test]
     fn up_takes_a_profile_name_and_flags() {
         let cli = Cli::try_parse_from(["mse-vpn", "up", "dev", "--mtu", "1500"]).unwrap();
-        let Command::Up(up) = cli.command else {
+        let Command::Up(UpCommand { args: up, .. }) = cli.command else {
             panic!("expected up")
         };
         assert_eq!((up.profile.as_deref(), up.mtu), (Some("dev"), 1500));
@@ -399,7 +601,7 @@ mod tests {
             "admin@bastion:2222",
         ])
         .unwrap();
-        let Command::Up(up) = cli.command else {
+        let Command::Up(UpCommand { args: up, .. }) = cli.command else {
             panic!("expected up")
         };
         assert_eq!(up.cidrs.len(), 2);
@@ -410,15 +612,13 @@ mod tests {
     }
 
     #[test]
-    fn completions_and_the_man_page_cover_every_command() {
+    fn completions_name_every_command_and_the_bash_states_match() {
         for shell in [
             clap_complete::Shell::Bash,
             clap_complete::Shell::Zsh,
             clap_complete::Shell::Fish,
         ] {
-            let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "mse-vpn", &mut out);
-            let text = String::from_utf8(out).unwrap();
+            let text = String::from_utf8(completions(shell)).unwrap();
             for word in [
                 "up",
                 "down",
@@ -431,16 +631,55 @@ mod tests {
                 assert!(text.contains(word), "{shell:?} completion lacks {word}");
             }
         }
-        let mut page = Vec::new();
-        clap_mangen::Man::new(Cli::command())
-            .render(&mut page)
-            .unwrap();
-        let page = String::from_utf8(page).unwrap();
+        // Every state the bash script's dispatch loop can reach has a case arm (clap_complete
+        // 4.6 spells the arms of a hyphenated binary name differently from the loop).
+        let bash = String::from_utf8(completions(clap_complete::Shell::Bash)).unwrap();
+        let states: Vec<&str> = bash
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("cmd=\""))
+            .filter_map(|l| l.strip_suffix('"'))
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert!(states.contains(&"mse__vpn__subcmd__up"), "{states:?}");
+        for state in states {
+            assert!(
+                bash.contains(&format!("\n        {state})\n")),
+                "no case arm for {state}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_man_page_holds_every_command_and_its_options() {
+        let page = String::from_utf8(man_page().unwrap()).unwrap();
+        assert!(page.contains(".TH mse-vpn 1"), "{page}");
+        for command in [
+            "up",
+            "down",
+            "doctor",
+            "status",
+            "config check",
+            "completions",
+            "man",
+        ] {
+            assert!(
+                page.contains(&format!(".SS \"mse\\-vpn {command}\"")),
+                "no section for {command}"
+            );
+        }
+        for option in [
+            "\\-\\-proxy",
+            "\\-\\-connect\\-timeout",
+            "\\-\\-dns\\-domain",
+            "\\-\\-daemon",
+        ] {
+            assert!(page.contains(option), "no {option}");
+        }
         assert!(
-            page.starts_with(".ie") && page.contains(".TH mse-vpn 1"),
-            "{page}"
+            !page.contains("mse\\-vpn\\-up(1)"),
+            "points to a page that does not exist"
         );
-        assert!(page.contains("up") && page.contains("completions"));
+        assert!(!page.contains(".SH EXTRA"), "{page}");
     }
 
     #[test]
@@ -460,7 +699,7 @@ mod tests {
             "a@h1,h2",
         ])
         .unwrap();
-        let Command::Up(up) = cli.command else {
+        let Command::Up(UpCommand { args: up, .. }) = cli.command else {
             panic!("expected up")
         };
         assert_eq!(up.jump.unwrap().0.len(), 2);
@@ -473,7 +712,7 @@ mod tests {
         let parse = |extra: &[&str]| {
             let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
             Cli::try_parse_from(argv).map(|c| match c.command {
-                Command::Up(up) => up,
+                Command::Up(UpCommand { args: up, .. }) => up,
                 _ => panic!("expected up"),
             })
         };

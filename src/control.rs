@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::engine::EngineStats;
-use crate::reverse::{ForwardSpec, ForwardStatus, Forwards};
+use crate::reverse::{ForwardSpec, ForwardState, ForwardStatus, Forwards};
 
 /// Errors of the control socket, on either side.
 #[derive(Debug, Error)]
@@ -128,6 +128,15 @@ pub struct Status {
     /// loopback only, which is then reached over loopback).
     #[serde(default)]
     pub inbound_refused: u64,
+    /// Cloud callers connected right now (counted against `max_inbound`).
+    #[serde(default)]
+    pub inbound_active: u64,
+    /// `--max-flows`: the budget of outbound flows.
+    #[serde(default)]
+    pub max_flows: u64,
+    /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
+    #[serde(default)]
+    pub max_inbound: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
@@ -205,6 +214,9 @@ impl Board {
                 }],
                 inbound_opened: 0,
                 inbound_refused: 0,
+                inbound_active: 0,
+                max_flows: 0,
+                max_inbound: 0,
                 forwards: Vec::new(),
                 dns: None,
             }),
@@ -213,6 +225,14 @@ impl Board {
             started: std::time::Instant::now(),
             dns: Mutex::new(None),
         })
+    }
+
+    /// The flow budgets shown by `status` (`--max-flows`, `--max-inbound`).
+    pub fn set_limits(&self, max_flows: u64, max_inbound: u64) {
+        if let Ok(mut st) = self.inner.lock() {
+            st.max_flows = max_flows;
+            st.max_inbound = max_inbound;
+        }
     }
 
     /// The session's exposed ports, shown by `status` and extended by `expose` requests.
@@ -289,7 +309,22 @@ impl Board {
         };
         match (state, up) {
             (LinkState::Connected, 0) => self.set_state(LinkState::Reconnecting, detail),
-            (LinkState::Reconnecting, n) if n > 0 => self.set_state(LinkState::Connected, None),
+            (LinkState::Reconnecting, n) if n > 0 => {
+                let lost_at = self.inner.lock().ok().and_then(|st| {
+                    st.history
+                        .iter()
+                        .rev()
+                        .find(|c| c.state == LinkState::Reconnecting)
+                        .map(|c| c.at_unix)
+                });
+                let detail = lost_at.map(|at| {
+                    format!(
+                        "reconnected after {}",
+                        duration(unix_now().saturating_sub(at))
+                    )
+                });
+                self.set_state(LinkState::Connected, detail)
+            }
             (LinkState::Reconnecting, _) => {
                 // Still down: keep the latest reason without growing the history.
                 if let (Ok(mut st), Some(d)) = (self.inner.lock(), detail)
@@ -314,6 +349,7 @@ impl Board {
         {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
+            st.inbound_active = e.inbound_active;
             st.flows_opened += e.flows_opened;
             st.flows_refused += e.flows_refused;
             st.flows_over_limit += e.flows_over_limit;
@@ -361,15 +397,38 @@ impl Server {
     }
 
     /// Serves requests until the process ends; a `down` request sets `stop`.
-    pub async fn serve(mut self, board: Arc<Board>, stop: watch::Sender<bool>) {
+    pub async fn serve(self, board: Arc<Board>, stop: watch::Sender<bool>) {
+        self.serve_with(board, stop, REQUEST_TIMEOUT).await;
+    }
+
+    /// [`Server::serve`] with a connection's time to send its request (tests shorten it).
+    async fn serve_with(
+        mut self,
+        board: Arc<Board>,
+        stop: watch::Sender<bool>,
+        request_timeout: Duration,
+    ) {
+        let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
-            let Ok(stream) = self.listener.accept().await else {
+            let stream = match self.listener.accept().await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Out of descriptors: pause (the listener stays readable; retrying at
+                    // once would spin).
+                    debug!("control socket accept failed: {e}");
+                    crate::fds::after_accept_error(&e).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = clients.clone().try_acquire_owned() else {
+                debug!("too many control connections: closing a new one");
                 continue;
             };
             let board = board.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &board, &stop).await {
+                let _permit = permit;
+                if let Err(e) = answer(stream, &board, &stop, request_timeout).await {
                     debug!("control request failed: {e}");
                 }
             });
@@ -377,11 +436,19 @@ impl Server {
     }
 }
 
-async fn answer(stream: Conn, board: &Board, stop: &watch::Sender<bool>) -> std::io::Result<()> {
+async fn answer(
+    stream: Conn,
+    board: &Board,
+    stop: &watch::Sender<bool>,
+    request_timeout: Duration,
+) -> std::io::Result<()> {
     let (r, mut w) = tokio::io::split(stream);
     let mut line = String::new();
     let mut r = BufReader::new(r).take(4096);
-    r.read_line(&mut line).await?;
+    // A connection that never sends its request is closed (it holds a descriptor).
+    tokio::time::timeout(request_timeout, r.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let reply_text = match serde_json::from_str::<Request>(&line) {
         Ok(req) if req.cmd == "status" => serde_json::to_string(&board.snapshot())?,
         Ok(req) if req.cmd == "down" => {
@@ -410,8 +477,18 @@ async fn answer(stream: Conn, board: &Board, stop: &watch::Sender<bool>) -> std:
             let added = forwards.add(&specs);
             let ids: Vec<u64> = added.iter().map(|(id, _)| *id).collect();
             forwards.settled(&ids, EXPOSE_WAIT).await;
+            let rows = forwards.status_of(&ids);
+            // A port the jump host refused is reported to the requester, not kept as a
+            // failed row in `status`.
+            let refused: Vec<u64> = added
+                .iter()
+                .zip(&rows)
+                .filter(|((_, new), row)| *new && row.state == ForwardState::Failed)
+                .map(|((id, _), _)| *id)
+                .collect();
+            forwards.remove(&refused);
             let out = ExposeReply {
-                forwards: forwards.status_of(&ids),
+                forwards: rows,
                 error: None,
             };
             reply(&mut w, &serde_json::to_string(&out)?).await?;
@@ -455,6 +532,10 @@ fn forward_specs(
 
 /// How long an `expose` request waits for its listeners to be set up.
 const EXPOSE_WAIT: Duration = Duration::from_secs(20);
+/// A control connection must send its request within this long, or it is closed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control connections served at once (each holds a descriptor); more are closed at once.
+const MAX_CLIENTS: usize = 64;
 
 fn expose_error(msg: &str) -> String {
     serde_json::to_string(&ExposeReply {
@@ -576,10 +657,16 @@ pub fn render(st: &Status) -> String {
         st.flows_opened,
         st.flows_refused,
         st.flows_over_limit,
-        st.bytes_up,
-        st.bytes_down,
+        crate::logging::bytes(st.bytes_up),
+        crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
+    if st.max_inbound > 0 {
+        out.push_str(&format!(
+            "limits      {} outbound flows; {} cloud callers ({} connected)\n",
+            st.max_flows, st.max_inbound, st.inbound_active
+        ));
+    }
     for f in &st.forwards {
         let remote = f
             .advertised
@@ -587,14 +674,15 @@ pub fn render(st: &Status) -> String {
             .or_else(|| f.remote_port.map(|p| format!("<jump host>:{p}")))
             .unwrap_or_else(|| f.spec.clone());
         let state = match f.state {
-            crate::reverse::ForwardState::Listening => "listening",
-            crate::reverse::ForwardState::Waiting => "WAITING",
-            crate::reverse::ForwardState::Failed => "FAILED",
+            ForwardState::Listening => "listening",
+            ForwardState::Waiting => "WAITING",
+            ForwardState::Failed => "FAILED",
         };
         out.push_str(&format!(
-            "exposed     {remote} -> local :{} {state}, {} calls{}\n",
+            "exposed     {remote} -> local :{} {state}, {} call{}{}\n",
             f.local_port,
             f.connections,
+            if f.connections == 1 { "" } else { "s" },
             f.detail
                 .as_deref()
                 .map(|d| format!(" ({d})"))
@@ -615,14 +703,28 @@ pub fn render(st: &Status) -> String {
             d.truncated
         ));
     }
-    if let Some(last) = st.history.iter().rev().find(|c| c.detail.is_some()) {
-        out.push_str(&format!(
-            "last event  {:?} {}\n",
-            last.state,
-            last.detail.as_deref().unwrap_or("")
-        ));
+    // The latest state change (not the first entry: the session's start).
+    if let Some(last) = st.history.iter().skip(1).next_back() {
+        let ago = duration((st.started_unix + st.uptime_secs).saturating_sub(last.at_unix));
+        let what = match (last.state, last.detail.as_deref()) {
+            (LinkState::Reconnecting, Some(d)) => format!("lost the jump host, reconnecting: {d}"),
+            (LinkState::Reconnecting, None) => "lost the jump host, reconnecting".to_owned(),
+            (LinkState::Connected, Some(d)) => d.to_owned(),
+            (LinkState::Connected, None) => "reconnected".to_owned(),
+            (LinkState::Stopping, _) => "stopping".to_owned(),
+        };
+        out.push_str(&format!("last event  {what} ({ago} ago)\n"));
     }
     out
+}
+
+/// A duration for people: `18 s`, `3 min`, `2 h 5 min`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs / 60 % 60),
+    }
 }
 
 #[cfg(test)]
@@ -658,7 +760,28 @@ mod tests {
         assert_eq!(st.reconnects, 1);
         assert_eq!(st.state, LinkState::Connected);
         assert_eq!(st.history.len(), 3);
-        assert!(render(&st).contains("keepalive timeout"));
+        let table = render(&st);
+        assert!(table.contains("bytes       10 B up, 0 B down"), "{table}");
+        // The last event is the latest change, not an older one with more words.
+        assert!(table.contains("last event  reconnected ("), "{table}");
+        board.set_links(0, 4, Some("cannot reach the jump host".into()));
+        let table = render(&board.snapshot());
+        assert!(
+            table.contains(
+                "last event  lost the jump host, reconnecting: cannot reach the jump host (0 s ago)"
+            ),
+            "{table}"
+        );
+        board.set_links(1, 4, None);
+        let table = render(&board.snapshot());
+        assert!(
+            table.contains("last event  reconnected after 0 s (0 s ago)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("state       connected (1/4 connections up)"),
+            "{table}"
+        );
 
         assert!(st.dns.is_none(), "no dns object without --dns-domain");
         let counters = Arc::new(crate::dns::DnsCounters::default());
@@ -691,10 +814,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_silent_connection_is_closed_and_the_socket_keeps_answering() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-ctl-idle-{}", std::process::id()));
+        let path = socket_path(&dir, "mvtest1");
+        let me = mse_vpn_platform::account::current().unwrap().unwrap();
+        let server = Server::bind(&path, me.uid, me.gid).unwrap();
+        let board = Board::new("u@h:22".into(), "mvtest1".into(), Vec::new());
+        board.set_limits(500, 40);
+        let (stop_tx, _stop_rx) = watch::channel(false);
+        let timeout = Duration::from_millis(200);
+        tokio::spawn(server.serve_with(board, stop_tx, timeout));
+
+        // Connections that never send a request: more than the server serves at once.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            idle.push(ipc::connect(&path).await.unwrap());
+        }
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(timeout * 10, idle[0].read(&mut buf))
+            .await
+            .expect("the server closes a silent connection");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        let st = status(&path)
+            .await
+            .expect("answered once the idle ones are gone");
+        assert_eq!((st.max_flows, st.max_inbound), (500, 40));
+        assert!(render(&st).contains("40 cloud callers"), "{}", render(&st));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn no_session_is_a_clear_error() {
         let e = status(Path::new("/nonexistent/mse-vpn/x.sock"))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("no mse-vpn session is running"));
+    }
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(duration(18), "18 s");
+        assert_eq!(duration(600), "10 min");
+        assert_eq!(duration(7500), "2 h 5 min");
     }
 }

@@ -1,94 +1,205 @@
 //! The driver: the one task that owns the [`Engine`], moving packets between it and the TUN
-//! and bytes between it and SSH channels.
+//! and bytes between it and SSH channels. It spawns no task per flow.
 //!
 //! ```text
-//!            ┌──────────── Driver task (owns Engine; no lock) ─────────────┐
-//!  TUN ─recv─▶ handle_tun_packet ─▶ poll ─▶ poll_transmit ─send─▶ TUN      │
-//!            │                        │                                     │
-//!            │          Event::Open ──┼─▶ open task ─▶ FlowMsg::Opened      │
-//!            │          Event::Data ──┼─▶ per-flow writer (bounded) ─▶ SSH  │
-//!            │   FlowMsg (bounded) ◀──┴── per-flow reader (always drains)   │
-//!            └─────────────────────────────────────────────────────────────┘
+//!            ┌──────────────── Driver task (owns Engine; no lock) ────────────────┐
+//!  TUN ─recv─▶ handle_tun_packet ─▶ poll ─▶ poll_transmit ─send─▶ TUN             │
+//!            │                        │                                            │
+//!            │       Event::Open ─────┼─▶ opening: channel-open futures (bounded)  │
+//!            │       Event::Data ─────┼─▶ per-flow outbox ─▶ one write future ─▶ SSH│
+//!            │  channel reads ◀───────┴── woken flows only, while wants_data       │
+//!            └────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Every flow has a reader task that drains its channel into one shared bounded queue to the
-//! driver; the engine holds each flow's backlog under its own bound. russh re-opens the SSH
-//! window as data arrives and stalls the whole connection when one channel's queue is full,
-//! so the reader paces itself by read credit (what the app has taken, plus
-//! [`READ_CREDIT`]) only while the engine, not the app, is the bottleneck. Once a flow's app
-//! socket is full (the app reads slower than the jump host sends), or a reader waited
-//! [`CREDIT_WAIT`] in vain, that reader drains freely from then on, so one slow app never
-//! paces its connection's other flows, and the engine's buffer limit resets that flow if its
-//! app never catches up. Writes to a channel wait for the
-//! SSH window in the flow's writer task, and the engine reads no more from the app than the
-//! flow's credit allows: backpressure end to end, no unbounded queue.
+//! Backpressure, both ways, through each flow's own SSH window:
+//! - **Download.** A flow's channel is read only while the engine wants more for it
+//!   ([`Engine::wants_data`]: its socket's send buffer plus at most
+//!   [`PENDING_LOW`](crate::engine::PENDING_LOW) bytes);
+//!   the patched russh re-opens the channel's SSH window only as the driver reads. An app that
+//!   stops reading (a breakpoint, a GC pause) therefore stops its own flow at the jump host,
+//!   costs at most its window in memory, and is never reset for being slow; every other
+//!   flow of the connection goes on.
+//! - **Upload.** The engine hands out at most `max_inflight` unwritten bytes per flow; each
+//!   flow has one write in progress at a time, waiting for that channel's window only.
+//!
+//! Channel reads are driven by wakers, not tasks: each flow's channel registers a waker that
+//! puts the flow on [`Ready`]; the driver reads only the flows on it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
-use russh::ChannelMsg;
-use russh::client::ChannelOpenHandle;
-use tokio::sync::{Semaphore, mpsc, watch};
+use futures::future::{AbortHandle, Abortable, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
+use futures::{FutureExt, StreamExt};
+use russh::client::{ChannelOpenHandle, Msg};
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey};
+use crate::logging::bytes as human_bytes;
 use crate::pool::{LinkId, Pool};
+use crate::repeats::Repeats;
 use crate::reverse::Forwards;
 use crate::ssh::{Inbound, OpenError};
 use crate::tun::Tun;
 
-/// Messages from flow tasks to the driver.
-enum FlowMsg {
-    Opened(FlowId, LinkId, russh::Channel<russh::client::Msg>),
-    OpenFailed(FlowId, CloseReason),
-    Data(FlowId, Bytes),
-    Eof(FlowId),
-    Closed(FlowId),
-    Sent(FlowId, usize),
-}
-
-/// Commands to a flow's writer task.
-enum WriterCmd {
-    Data(Bytes),
-    Eof,
-    Close,
-}
-
-/// Channel bytes a flow's reader may forward ahead of what the app has taken. Past it the
-/// reader waits for the app, so a bulk download runs at the app's pace instead of piling up
-/// (russh re-opens the SSH window on arrival, so waiting briefly is the only brake).
-const READ_CREDIT: usize = 16 * 1024 * 1024;
-/// How long a reader waits for credit before deciding the app has stopped reading: it then
-/// drains freely again (a paused channel stalls its whole SSH connection), and the engine's
-/// buffer limit decides the flow's fate.
-const CREDIT_WAIT: Duration = Duration::from_secs(2);
-
-/// Capacity of the shared queue from flow tasks to the driver.
-const FLOW_QUEUE: usize = 4096;
 /// Packets read from the TUN per wake-up before the engine runs.
 const TUN_BATCH: usize = 64;
+/// Channel messages read from one flow before the driver turns to the next (fairness).
+const READ_BATCH: usize = 16;
+/// Longest a channel open is tracked once started. sshd answers every open (its own connect
+/// gives up after about two minutes); past this the open is forgotten.
+const OPEN_CAP: Duration = Duration::from_secs(300);
+/// Repeated warnings of one kind are summarized over this window.
+const WARN_WINDOW: Duration = Duration::from_secs(10);
 
 /// Driver settings.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
-    /// Engine tunables.
+    /// Engine tunables (its `open_timeout` is how long an app waits for its channel).
     pub engine: EngineConfig,
-    /// How long a `direct-tcpip` open may take before the app gets a reset; also how long a
-    /// local app may take to answer a cloud caller.
+    /// How long a local app may take to answer a cloud caller; also how long an open waits
+    /// for an SSH connection when none is up.
     pub open_timeout: Duration,
+    /// Channel opens that may be pending at the jump host at once (counting those whose app
+    /// gave up): SYNs beyond it are reset at once ([`CloseReason::OpenLimit`]).
+    pub max_opening: usize,
     /// The TUN's IPv4 address: cloud callers' connections are made to it.
     pub local_v4: std::net::Ipv4Addr,
     /// The TUN's IPv6 address, if it has one (for IPv6 callers).
     pub local_v6: Option<std::net::Ipv6Addr>,
 }
 
+/// Default for [`DriverConfig::max_opening`].
+pub const DEFAULT_MAX_OPENING: usize = 1024;
+
 /// Capacity of the queue of cloud callers' channels waiting for the driver.
 pub const INBOUND_QUEUE: usize = 256;
+
+/// Flows whose channel has something to read (set by their wakers).
+struct Ready {
+    flows: Mutex<Vec<FlowId>>,
+    driver: AtomicWaker,
+}
+
+impl Ready {
+    fn push(&self, id: FlowId) {
+        self.flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+        self.driver.wake();
+    }
+
+    fn take(&self) -> Vec<FlowId> {
+        std::mem::take(&mut *self.flows.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Resolves once a flow is ready.
+    fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.driver.register(cx.waker());
+            if self
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+    }
+}
+
+/// The waker of one flow's channel: wakes the driver with the flow's id.
+struct FlowWaker {
+    id: FlowId,
+    ready: Arc<Ready>,
+}
+
+impl Wake for FlowWaker {
+    fn wake(self: Arc<Self>) {
+        self.ready.push(self.id);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.push(self.id);
+    }
+}
+
+/// What is written to a flow's channel, in order.
+enum WriteCmd {
+    Data(Bytes),
+    Eof,
+    Close,
+}
+
+/// What a write future reports.
+struct Written {
+    id: FlowId,
+    /// Bytes of data written (0 for EOF / close), or `None` if the channel is gone.
+    bytes: Option<usize>,
+}
+
+type WriteFuture = Abortable<BoxFuture<'static, Written>>;
+type OpenFuture = BoxFuture<'static, (FlowId, Result<(LinkId, russh::Channel<Msg>), OpenError>)>;
+
+/// A flow's lifetime figures, for the line logged when it ends.
+struct FlowLog {
+    since: TokioInstant,
+    up: u64,
+    down: u64,
+}
+
+impl FlowLog {
+    fn new() -> FlowLog {
+        FlowLog {
+            since: TokioInstant::now(),
+            up: 0,
+            down: 0,
+        }
+    }
+}
+
+/// The I/O side of one flow whose channel is open.
+struct FlowIo {
+    link: LinkId,
+    /// The channel's receiving half, until it reported its end.
+    read: Option<ChannelReadHalf>,
+    /// The waker `read` is polled with.
+    waker: Waker,
+    /// Reading stopped because the engine has no room (resumed by [`Engine::poll_room`]).
+    paused: bool,
+    write: Arc<ChannelWriteHalf<Msg>>,
+    /// Writes waiting behind the one in progress.
+    outbox: VecDeque<WriteCmd>,
+    /// The write in progress.
+    writing: Option<AbortHandle>,
+    /// The engine ended the flow: the entry goes once the outbox (ending with the channel's
+    /// close) is written.
+    closing: bool,
+    log: FlowLog,
+}
+
+/// A cloud caller's channel waiting for its local app to answer on the TUN address.
+struct Accepting {
+    channel: russh::Channel<Msg>,
+    reply: ChannelOpenHandle,
+    /// The exposed port's entry in [`Forwards`].
+    forward: u64,
+    local_port: u16,
+    link: LinkId,
+}
 
 /// The driver. See the module documentation.
 pub struct Driver {
@@ -96,35 +207,30 @@ pub struct Driver {
     config: DriverConfig,
     tun: Arc<Tun>,
     pool: Arc<Pool>,
-    /// The link each open flow's channel lives on.
-    links: HashMap<FlowId, LinkId>,
-    msgs_tx: mpsc::Sender<FlowMsg>,
-    msgs: mpsc::Receiver<FlowMsg>,
-    writers: HashMap<FlowId, mpsc::Sender<WriterCmd>>,
-    /// Read credit of each open flow's channel reader.
-    credits: HashMap<FlowId, Arc<Semaphore>>,
+    /// Flows with an open channel.
+    io: HashMap<FlowId, FlowIo>,
+    /// Outbound flows waiting for their channel (gone from here when the app gives up; the
+    /// open itself stays in `opening` until the jump host answers).
+    waiting: HashMap<FlowId, FlowLog>,
+    opening: FuturesUnordered<OpenFuture>,
+    writes: FuturesUnordered<WriteFuture>,
+    ready: Arc<Ready>,
     epoch: TokioInstant,
     stats: watch::Sender<crate::engine::EngineStats>,
     /// Cloud callers' channels from the SSH handlers, and the table of exposed ports.
     inbound: Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
     /// Cloud callers' channels waiting for their local app to answer.
     accepting: HashMap<FlowId, Accepting>,
-}
-
-/// A cloud caller's channel waiting for its local app to answer on the TUN address.
-struct Accepting {
-    channel: russh::Channel<russh::client::Msg>,
-    reply: ChannelOpenHandle,
-    /// The exposed port's entry in [`Forwards`].
-    forward: u64,
-    local_port: u16,
+    /// Flows that failed, by destination and reason: one warning per kind per window.
+    failures: Repeats<(SocketAddr, CloseReason)>,
+    /// Connections refused before becoming flows (flow limit), by reason.
+    refusals: Repeats<CloseReason>,
 }
 
 impl Driver {
     /// A driver moving flows between `tun` and the connections of `pool`.
     pub fn new(config: DriverConfig, tun: Arc<Tun>, pool: Arc<Pool>) -> Driver {
         let epoch = TokioInstant::now();
-        let (msgs_tx, msgs) = mpsc::channel(FLOW_QUEUE);
         let engine = Engine::new(
             config.engine.clone(),
             smoltcp::time::Instant::from_micros(0),
@@ -134,15 +240,20 @@ impl Driver {
             config,
             tun,
             pool,
-            links: HashMap::new(),
-            msgs_tx,
-            msgs,
-            writers: HashMap::new(),
-            credits: HashMap::new(),
+            io: HashMap::new(),
+            waiting: HashMap::new(),
+            opening: FuturesUnordered::new(),
+            writes: FuturesUnordered::new(),
+            ready: Arc::new(Ready {
+                flows: Mutex::new(Vec::new()),
+                driver: AtomicWaker::new(),
+            }),
             epoch,
             stats: watch::channel(Default::default()).0,
             inbound: None,
             accepting: HashMap::new(),
+            failures: Repeats::new(WARN_WINDOW, 64),
+            refusals: Repeats::new(WARN_WINDOW, 8),
         }
     }
 
@@ -167,42 +278,61 @@ impl Driver {
     }
 
     /// Runs until `shutdown` fires. Flows on a lost SSH connection are reset when it goes;
-    /// all flows are reset on exit.
+    /// all flows are reset on exit, and on a TUN error.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let mut buf = vec![0u8; self.config.engine.mtu + 64];
         let mut links = self.pool.subscribe();
-        loop {
+        let ready = self.ready.clone();
+        let result = loop {
             let now = self.now();
-            let deadline = self
+            let mut deadline = self
                 .engine
                 .poll_timeout(now)
                 .map(|t| self.deadline(t))
                 .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(3600));
+            for t in [self.failures.poll_timeout(), self.refusals.poll_timeout()]
+                .into_iter()
+                .flatten()
+            {
+                deadline = deadline.min(TokioInstant::from_std(t));
+            }
             tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
                 Ok(()) = links.changed() => self.reset_lost_flows(),
                 r = self.tun.recv(&mut buf) => {
-                    let n = r?;
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => break Err(e),
+                    };
                     let now = self.now();
                     self.engine.handle_tun_packet(now, buf[..n].to_vec());
+                    let mut failed = None;
                     for _ in 1..TUN_BATCH {
                         match self.tun.recv(&mut buf).now_or_never() {
                             Some(Ok(n)) => self.engine.handle_tun_packet(now, buf[..n].to_vec()),
-                            Some(Err(e)) => return Err(e),
+                            Some(Err(e)) => {
+                                failed = Some(e);
+                                break;
+                            }
                             None => break,
                         }
                     }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
                 }
-                Some(msg) = self.msgs.recv() => {
-                    self.handle_msg(msg);
-                    for _ in 1..FLOW_QUEUE {
-                        match self.msgs.try_recv() {
-                            Ok(msg) => self.handle_msg(msg),
-                            Err(_) => break,
+                () = ready.wait() => {}
+                Some(done) = self.writes.next() => {
+                    if let Ok(done) = done {
+                        self.write_done(done);
+                    }
+                    while let Some(Some(done)) = self.writes.next().now_or_never() {
+                        if let Ok(done) = done {
+                            self.write_done(done);
                         }
                     }
                 }
+                Some((id, result)) = self.opening.next() => self.open_done(id, result),
                 Some(call) = recv_inbound(&mut self.inbound) => {
                     self.handle_inbound(call);
                     for _ in 1..INBOUND_QUEUE {
@@ -214,126 +344,397 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            self.turn().await?;
-        }
+            if let Err(e) = self.turn().await {
+                break Err(e);
+            }
+        };
+        // Stopping, or the TUN failed: every app gets a reset, every channel a close.
         let now = self.now();
-        self.engine.reset_all(now, CloseReason::Shutdown);
-        self.turn().await?;
-        Ok(())
+        let reason = if result.is_ok() {
+            CloseReason::Shutdown
+        } else {
+            CloseReason::SessionLost
+        };
+        self.engine.reset_all(now, reason);
+        let _ = self.turn().await;
+        result
     }
 
     /// A link went down: reset the flows that were on it (their channels are gone).
     fn reset_lost_flows(&mut self) {
         let lost: Vec<FlowId> = self
-            .links
+            .io
             .iter()
-            .filter(|(_, link)| !self.pool.is_live(**link))
+            .filter(|(_, io)| !io.closing && !self.pool.is_live(io.link))
             .map(|(id, _)| *id)
             .collect();
         if !lost.is_empty() {
-            warn!(
+            debug!(
                 flows = lost.len(),
                 "resetting the flows of a lost SSH connection"
             );
         }
         for id in lost {
-            self.links.remove(&id);
             self.engine.abort(id, CloseReason::SessionLost);
         }
     }
 
-    /// Runs the engine once and carries out what it asks for.
+    /// Reads the ready flows' channels, runs the engine, carries out what it asks for, until
+    /// nothing moves; then writes the packets out.
     async fn turn(&mut self) -> std::io::Result<()> {
-        let now = self.now();
-        self.engine.poll(now);
-        while let Some(event) = self.engine.poll_event() {
-            self.handle_event(event);
-        }
-        while let Some(c) = self.engine.poll_consumed() {
-            if c.app_limited {
-                // Pacing this flow would stall every flow of its SSH connection at this app's
-                // speed: let its reader drain freely; the engine's buffer limit bounds it.
-                if let Some(credit) = self.credits.remove(&c.id) {
-                    credit.add_permits(Semaphore::MAX_PERMITS / 2);
+        for _ in 0..8 {
+            // Writes and opens that finished meanwhile (safe to poll without the task's waker:
+            // the select in `run` polls both sets again before it sleeps).
+            while let Some(Some(done)) = self.writes.next().now_or_never() {
+                if let Ok(done) = done {
+                    self.write_done(done);
                 }
-            } else if let Some(credit) = self.credits.get(&c.id) {
-                credit.add_permits(c.bytes);
+            }
+            while let Some(Some((id, result))) = self.opening.next().now_or_never() {
+                self.open_done(id, result);
+            }
+            let read = self.read_ready();
+            let now = self.now();
+            self.engine.poll(now);
+            let mut events = 0;
+            while let Some(event) = self.engine.poll_event() {
+                self.handle_event(event);
+                events += 1;
+            }
+            let mut resumed = 0;
+            while let Some(id) = self.engine.poll_room() {
+                if let Some(io) = self.io.get_mut(&id)
+                    && io.paused
+                {
+                    io.paused = false;
+                    self.ready.push(id);
+                    resumed += 1;
+                }
+            }
+            while let Some(packet) = self.engine.poll_transmit() {
+                self.tun.send(&packet).await?;
+                self.engine.recycle(packet);
+            }
+            if read == 0 && events == 0 && resumed == 0 {
+                break;
             }
         }
-        while let Some(packet) = self.engine.poll_transmit() {
-            self.tun.send(&packet).await?;
-            self.engine.recycle(packet);
-        }
+        self.log_summaries();
         self.stats.send_replace(self.engine.stats());
         Ok(())
     }
 
-    fn handle_msg(&mut self, msg: FlowMsg) {
-        let now = self.now();
-        match msg {
-            FlowMsg::Opened(id, link, channel) => {
-                let Some(key) = self.engine.flow_key(id) else {
-                    // The app gave up while the channel was opening.
-                    self.pool.release(link);
-                    tokio::spawn(async move {
-                        let _ = channel.close().await;
-                    });
-                    return;
-                };
-                self.links.insert(id, link);
-                self.start_flow_tasks(id, key, channel);
-                self.engine.handle_open_ok(now, id);
+    /// Reads what the ready flows' channels hold, as far as the engine takes it. Returns the
+    /// number of channel messages read.
+    fn read_ready(&mut self) -> usize {
+        let mut total = 0;
+        for id in self.ready.take() {
+            let now = self.now();
+            let Some(io) = self.io.get_mut(&id) else {
+                continue;
+            };
+            if io.paused || io.closing {
+                continue;
             }
-            FlowMsg::OpenFailed(id, reason) => self.engine.handle_open_failed(now, id, reason),
-            FlowMsg::Data(id, data) => self.engine.handle_channel_data(now, id, data),
-            FlowMsg::Eof(id) => self.engine.handle_channel_eof(now, id),
-            FlowMsg::Closed(id) => self.engine.handle_channel_closed(now, id),
-            FlowMsg::Sent(id, n) => self.engine.handle_sent(id, n),
+            let mut cx = Context::from_waker(&io.waker);
+            let mut n = 0;
+            while let Some(read) = io.read.as_mut() {
+                if n == READ_BATCH {
+                    // More may be there: come back after the others.
+                    self.ready.push(id);
+                    break;
+                }
+                if !self.engine.wants_data(id) {
+                    io.paused = true;
+                    break;
+                }
+                match read.poll_wait(&mut cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Some(ChannelMsg::Data { data })) => {
+                        n += 1;
+                        io.log.down += data.len() as u64;
+                        self.engine.handle_channel_data(now, id, data);
+                    }
+                    Poll::Ready(Some(ChannelMsg::Eof)) => {
+                        n += 1;
+                        self.engine.handle_channel_eof(now, id);
+                    }
+                    Poll::Ready(Some(ChannelMsg::Close) | None) => {
+                        n += 1;
+                        io.read = None;
+                        self.engine.handle_channel_closed(now, id);
+                    }
+                    Poll::Ready(Some(_)) => n += 1,
+                }
+            }
+            total += n;
         }
+        total
     }
 
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::Open { id, key } => self.open(id, key),
             Event::Connected { id } => self.accept_inbound(id),
-            Event::Data { id, data } => self.send_to_writer(id, WriterCmd::Data(data)),
-            Event::Eof { id } => self.send_to_writer(id, WriterCmd::Eof),
-            Event::Close { id, key, reason } => {
-                if let Some(waiting) = self.accepting.remove(&id) {
-                    match (&self.inbound, reason) {
-                        // Nothing answered on the TUN address: an app listening on loopback
-                        // only (as `ssh -R` users expect to work) is still reached there.
-                        (Some((_, forwards)), CloseReason::LocalRefused) => {
-                            tokio::spawn(
-                                loopback_fallback(waiting, forwards.clone())
-                                    .instrument(info_span!("flow", id = %id, dst = %key.dst)),
-                            );
-                        }
-                        // The jump host closes the caller's connection.
-                        _ => {
-                            let _ = waiting
-                                .reply
-                                .reject(russh::ChannelOpenFailure::ConnectFailed)
-                                .now_or_never();
-                        }
-                    }
+            Event::Data { id, data } => {
+                if let Some(io) = self.io.get_mut(&id) {
+                    io.log.up += data.len() as u64;
                 }
-                if let Some(w) = self.writers.remove(&id) {
-                    let _ = w.try_send(WriterCmd::Close);
+                self.queue_write(id, WriteCmd::Data(data));
+            }
+            Event::Eof { id } => self.queue_write(id, WriteCmd::Eof),
+            Event::Refused { key, reason } => {
+                if self.refusals.hit(std::time::Instant::now(), reason) {
+                    warn!(src = %key.src, dst = %key.dst, "connection refused: {reason}");
                 }
-                if let Some(link) = self.links.remove(&id) {
-                    self.pool.release(link);
+            }
+            Event::Close { id, key, reason } => self.close(id, key, reason),
+        }
+    }
+
+    /// The engine ended a flow: close its channel (after the writes already queued, if it
+    /// ended normally) and log one line for it.
+    fn close(&mut self, id: FlowId, key: FlowKey, reason: CloseReason) {
+        if let Some(waiting) = self.accepting.remove(&id) {
+            self.pool.release(waiting.link);
+            match (&self.inbound, reason) {
+                // Nothing answered on the TUN address: an app listening on loopback only (as
+                // `ssh -R` users expect to work) is still reached there.
+                (Some((_, forwards)), CloseReason::LocalRefused) => {
+                    tokio::spawn(
+                        loopback_fallback(waiting, forwards.clone())
+                            .instrument(info_span!("flow", id = %id, dst = %key.dst)),
+                    );
                 }
-                if let Some(credit) = self.credits.remove(&id) {
-                    credit.close();
-                }
-                if reason.is_normal() {
-                    debug!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
-                } else {
-                    warn!(flow = %id, src = %key.src, dst = %key.dst, %reason, "flow closed");
+                // The jump host closes the caller's connection.
+                _ => {
+                    let _ = waiting
+                        .reply
+                        .reject(russh::ChannelOpenFailure::ConnectFailed)
+                        .now_or_never();
                 }
             }
         }
+        let log = match self.io.get_mut(&id) {
+            Some(io) => {
+                io.closing = true;
+                io.read = None;
+                self.pool.release(io.link);
+                if !reason.is_normal() {
+                    // A reset: what was not written yet is moot.
+                    io.outbox.clear();
+                    if let Some(w) = io.writing.take() {
+                        w.abort();
+                    }
+                }
+                io.outbox.push_back(WriteCmd::Close);
+                let log = std::mem::replace(&mut io.log, FlowLog::new());
+                self.start_write(id);
+                Some(log)
+            }
+            None => self.waiting.remove(&id),
+        };
+        self.log_close(id, key, reason, log);
+    }
+
+    fn log_close(&mut self, id: FlowId, key: FlowKey, reason: CloseReason, log: Option<FlowLog>) {
+        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
+        let _enter = span.enter();
+        let (secs, up, down) = log.map_or((0.0, 0, 0), |l| {
+            (l.since.elapsed().as_secs_f64(), l.up, l.down)
+        });
+        if is_failure(reason)
+            && self
+                .failures
+                .hit(std::time::Instant::now(), (key.dst, reason))
+        {
+            warn!("flow to {} failed: {reason}", key.dst);
+        }
+        debug!(
+            "closed ({reason}) after {secs:.3} s: {} up, {} down",
+            human_bytes(up),
+            human_bytes(down)
+        );
+    }
+
+    /// Logs the summaries of repeated warnings whose window ended.
+    fn log_summaries(&mut self) {
+        let now = std::time::Instant::now();
+        for s in self.failures.poll(now) {
+            match &s.kind {
+                Some((dst, reason)) => warn!("flow to {dst} failed: {reason}: {}", s.tail()),
+                None => warn!("flows to other destinations failed: {}", s.tail()),
+            }
+        }
+        for s in self.refusals.poll(now) {
+            match &s.kind {
+                Some(reason) => warn!("connections refused: {reason}: {}", s.tail()),
+                None => warn!("connections refused: {}", s.tail()),
+            }
+        }
+    }
+
+    fn queue_write(&mut self, id: FlowId, cmd: WriteCmd) {
+        if let Some(io) = self.io.get_mut(&id)
+            && !io.closing
+        {
+            io.outbox.push_back(cmd);
+            self.start_write(id);
+        }
+    }
+
+    /// Starts the flow's next write if none is in progress.
+    fn start_write(&mut self, id: FlowId) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        if io.writing.is_some() {
+            return;
+        }
+        let Some(cmd) = io.outbox.pop_front() else {
+            if io.closing {
+                self.io.remove(&id);
+            }
+            return;
+        };
+        let write = io.write.clone();
+        let fut: BoxFuture<'static, Written> = match cmd {
+            WriteCmd::Data(data) => async move {
+                let n = data.len();
+                let ok = write.data_bytes(data).await.is_ok();
+                Written {
+                    id,
+                    bytes: ok.then_some(n),
+                }
+            }
+            .boxed(),
+            WriteCmd::Eof => async move {
+                let ok = write.eof().await.is_ok();
+                Written {
+                    id,
+                    bytes: ok.then_some(0),
+                }
+            }
+            .boxed(),
+            WriteCmd::Close => async move {
+                let _ = write.close().await;
+                Written { id, bytes: None }
+            }
+            .boxed(),
+        };
+        let (fut, handle) = futures::future::abortable(fut);
+        io.writing = Some(handle);
+        self.writes.push(fut);
+    }
+
+    fn write_done(&mut self, done: Written) {
+        let Some(io) = self.io.get_mut(&done.id) else {
+            return;
+        };
+        io.writing = None;
+        match done.bytes {
+            Some(n) => {
+                if n > 0 {
+                    self.engine.handle_sent(done.id, n);
+                }
+                self.start_write(done.id);
+            }
+            None if io.closing => {
+                // The close went out (or the channel was already gone).
+                io.outbox.clear();
+                self.io.remove(&done.id);
+            }
+            None => {
+                // The channel is gone under a write: the flow cannot go on.
+                self.engine.abort(done.id, CloseReason::RemoteReset);
+            }
+        }
+    }
+
+    /// Starts opening a flow's channel, unless too many opens are pending at the jump host.
+    fn open(&mut self, id: FlowId, key: FlowKey) {
+        let now = self.now();
+        if self.opening.len() >= self.config.max_opening {
+            self.engine
+                .handle_open_failed(now, id, CloseReason::OpenLimit);
+            return;
+        }
+        self.waiting.insert(id, FlowLog::new());
+        let pool = self.pool.clone();
+        let link_wait = self.config.open_timeout;
+        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
+        self.opening.push(
+            async move {
+                let result = pool.open(key.dst, key.src, link_wait, OPEN_CAP).await;
+                (id, result)
+            }
+            .instrument(span)
+            .boxed(),
+        );
+    }
+
+    /// The jump host answered a channel open.
+    fn open_done(&mut self, id: FlowId, result: Result<(LinkId, russh::Channel<Msg>), OpenError>) {
+        let now = self.now();
+        match result {
+            Ok((link, channel)) => {
+                if !self.waiting.contains_key(&id) || self.engine.flow_key(id).is_none() {
+                    self.waiting.remove(&id);
+                    // The app gave up (or timed out) while the jump host was connecting:
+                    // close the channel at once, so its connection in the VPC goes too.
+                    self.pool.release(link);
+                    tokio::spawn(async move {
+                        let _ = channel.close().await;
+                    });
+                    return;
+                }
+                self.start_io(id, link, channel);
+                self.engine.handle_open_ok(now, id);
+            }
+            Err(e) => {
+                let reason = match e {
+                    OpenError::ConnectFailed => CloseReason::OpenRefused,
+                    OpenError::Prohibited => CloseReason::OpenProhibited,
+                    OpenError::Timeout => CloseReason::OpenTimedOut,
+                    OpenError::SessionLost => CloseReason::SessionLost,
+                    _ => CloseReason::OpenRefused,
+                };
+                if matches!(e, OpenError::Prohibited) {
+                    warn!(
+                        "the jump host refused to forward: enable AllowTcpForwarding in its sshd_config"
+                    );
+                }
+                if self.waiting.contains_key(&id) {
+                    self.engine.handle_open_failed(now, id, reason);
+                }
+            }
+        }
+    }
+
+    /// A flow's channel is open: register it for reading and writing.
+    fn start_io(&mut self, id: FlowId, link: LinkId, channel: russh::Channel<Msg>) {
+        let log = self.waiting.remove(&id).unwrap_or_else(FlowLog::new);
+        let (read, write) = channel.split();
+        let waker = Waker::from(Arc::new(FlowWaker {
+            id,
+            ready: self.ready.clone(),
+        }));
+        self.io.insert(
+            id,
+            FlowIo {
+                link,
+                read: Some(read),
+                waker,
+                paused: false,
+                write: Arc::new(write),
+                outbox: VecDeque::new(),
+                writing: None,
+                closing: false,
+                log,
+            },
+        );
+        // Data may already wait in the channel.
+        self.ready.push(id);
     }
 
     /// A cloud caller reached an exposed port: connect to the local app from the caller's
@@ -378,8 +779,8 @@ impl Driver {
         {
             Ok(id) => {
                 debug!(flow = %id, %caller, %local, "cloud caller");
-                self.links.insert(id, link);
                 self.pool.adopt(link);
+                self.waiting.insert(id, FlowLog::new());
                 self.accepting.insert(
                     id,
                     Accepting {
@@ -387,6 +788,7 @@ impl Driver {
                         reply: call.reply,
                         forward: target.id,
                         local_port: target.local_port,
+                        link,
                     },
                 );
             }
@@ -396,136 +798,29 @@ impl Driver {
 
     /// The local app answered a cloud caller: accept its channel and relay.
     fn accept_inbound(&mut self, id: FlowId) {
-        let (Some(waiting), Some(key)) = (self.accepting.remove(&id), self.engine.flow_key(id))
-        else {
+        let Some(waiting) = self.accepting.remove(&id) else {
             return;
         };
+        if self.engine.flow_key(id).is_none() {
+            self.pool.release(waiting.link);
+            return;
+        }
         // Accepting only queues a message for the session loop (it never waits).
         let _ = waiting.reply.accept().now_or_never();
-        self.start_flow_tasks(id, key, waiting.channel);
+        self.start_io(id, waiting.link, waiting.channel);
     }
+}
 
-    fn send_to_writer(&mut self, id: FlowId, cmd: WriterCmd) {
-        if let Some(w) = self.writers.get(&id) {
-            // The queue holds max_inflight_msgs data messages plus EOF and close: the engine's
-            // credit guarantees room. If it is ever full, the flow is broken: reset it.
-            if w.try_send(cmd).is_err() {
-                warn!(flow = %id, "writer queue full: resetting flow");
-                self.engine.abort(id, CloseReason::RemoteReset);
-            }
-        }
-    }
-
-    fn open(&mut self, id: FlowId, key: FlowKey) {
-        let pool = self.pool.clone();
-        let tx = self.msgs_tx.clone();
-        let timeout = self.config.open_timeout;
-        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
-        tokio::spawn(
-            async move {
-                let msg = match pool.open(key.dst, key.src, timeout).await {
-                    Ok((link, channel)) => {
-                        debug!(slot = link.slot, "channel open");
-                        FlowMsg::Opened(id, link, channel)
-                    }
-                    Err(e) => {
-                        let reason = match e {
-                            OpenError::ConnectFailed => CloseReason::OpenRefused,
-                            OpenError::Prohibited => CloseReason::OpenProhibited,
-                            OpenError::Timeout => CloseReason::OpenTimedOut,
-                            OpenError::SessionLost => CloseReason::SessionLost,
-                            _ => CloseReason::OpenRefused,
-                        };
-                        if matches!(e, OpenError::Prohibited) {
-                            warn!("the jump host refused to forward: enable AllowTcpForwarding in its sshd_config");
-                        } else {
-                            debug!(error = ?e, "channel open failed");
-                        }
-                        FlowMsg::OpenFailed(id, reason)
-                    }
-                };
-                let _ = tx.send(msg).await;
-            }
-            .instrument(span),
-        );
-    }
-
-    fn start_flow_tasks(
-        &mut self,
-        id: FlowId,
-        key: FlowKey,
-        channel: russh::Channel<russh::client::Msg>,
-    ) {
-        let (mut read, write) = channel.split();
-        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
-        let tx = self.msgs_tx.clone();
-        let credit = Arc::new(Semaphore::new(READ_CREDIT));
-        self.credits.insert(id, credit.clone());
-        tokio::spawn(
-            async move {
-                let mut paced = true;
-                loop {
-                    let msg = match read.wait().await {
-                        Some(ChannelMsg::Data { data }) => {
-                            if paced {
-                                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                                match tokio::time::timeout(CREDIT_WAIT, credit.acquire_many(n))
-                                    .await
-                                {
-                                    Ok(Ok(permit)) => permit.forget(),
-                                    Ok(Err(_)) => break, // the flow is gone
-                                    Err(_) => {
-                                        debug!("the app is not reading: draining without pacing");
-                                        paced = false;
-                                    }
-                                }
-                            }
-                            FlowMsg::Data(id, data)
-                        }
-                        Some(ChannelMsg::Eof) => FlowMsg::Eof(id),
-                        Some(ChannelMsg::Close) | None => {
-                            let _ = tx.send(FlowMsg::Closed(id)).await;
-                            break;
-                        }
-                        Some(_) => continue,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            .instrument(span.clone()),
-        );
-        let (wtx, mut wrx) = mpsc::channel(self.config.engine.max_inflight_msgs + 2);
-        self.writers.insert(id, wtx);
-        let tx = self.msgs_tx.clone();
-        tokio::spawn(
-            async move {
-                while let Some(cmd) = wrx.recv().await {
-                    match cmd {
-                        WriterCmd::Data(data) => {
-                            let n = data.len();
-                            if write.data_bytes(data).await.is_err() {
-                                break;
-                            }
-                            if tx.send(FlowMsg::Sent(id, n)).await.is_err() {
-                                break;
-                            }
-                        }
-                        WriterCmd::Eof => {
-                            if write.eof().await.is_err() {
-                                break;
-                            }
-                        }
-                        WriterCmd::Close => break,
-                    }
-                }
-                let _ = write.close().await;
-            }
-            .instrument(span),
-        );
-        debug!(flow = %id, src = %key.src, dst = %key.dst, "flow open");
-    }
+/// Failures worth a (rate-limited) warning; every other end of a flow is a debug line.
+fn is_failure(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::OpenRefused
+            | CloseReason::OpenProhibited
+            | CloseReason::OpenTimedOut
+            | CloseReason::OpenLimit
+            | CloseReason::FlowLimit
+    )
 }
 
 /// The next cloud caller, or never when the session exposes nothing.
@@ -570,86 +865,68 @@ async fn loopback_fallback(waiting: Accepting, forwards: Arc<Forwards>) {
     relay_loopback(waiting.channel, tcp).await;
 }
 
-/// Channel messages a loopback relay may hold for a slow app before it gives up on the call
-/// (each at most one SSH packet, so about 64 MiB at worst).
-const LOOPBACK_QUEUE: usize = 1024;
-
 /// Relays a caller's channel and a loopback connection both ways, with half-close. The
-/// channel is always drained (a channel left unread stalls its whole SSH connection) into
-/// a bounded queue; an app that lets the queue fill is reset.
-async fn relay_loopback(channel: russh::Channel<russh::client::Msg>, tcp: tokio::net::TcpStream) {
+/// channel is read only as fast as the app takes the bytes: its SSH window carries the app's
+/// pace to the caller (the channel never holds up the rest of its SSH connection).
+async fn relay_loopback(channel: russh::Channel<Msg>, tcp: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut read, write) = channel.split();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(LOOPBACK_QUEUE);
-    let (closed_tx, mut closed) = watch::channel(false);
-    // Caller -> queue, always; true if the app fell too far behind.
-    let drain = async move {
-        let mut overflow = false;
+    // Caller -> app; the caller's EOF becomes a shutdown of the app's read side. Ends when the
+    // caller is gone or the app stopped taking data.
+    let to_app = async {
         while let Some(msg) = read.wait().await {
-            let item = match msg {
-                ChannelMsg::Data { data } => Some(data),
-                ChannelMsg::Eof => None,
-                ChannelMsg::Close => break,
-                _ => continue,
-            };
-            if tx.try_send(item).is_err() {
-                warn!("the app behind a loopback-only port stopped reading: call reset");
-                overflow = true;
-                break;
-            }
-        }
-        let _ = closed_tx.send(true);
-        overflow
-    };
-    // Queue -> app; caller EOF becomes a shutdown of the app's read side.
-    let to_app = async move {
-        while let Some(item) = rx.recv().await {
-            let ok = match item {
-                Some(data) => tcp_write.write_all(&data).await.is_ok(),
-                None => {
+            let written = match msg {
+                ChannelMsg::Data { data } => tcp_write.write_all(&data).await.is_ok(),
+                ChannelMsg::Eof => {
                     let _ = tcp_write.shutdown().await;
-                    false
+                    return true;
                 }
+                ChannelMsg::Close => return false,
+                _ => true,
             };
-            if !ok {
-                break;
+            if !written {
+                return false;
             }
         }
+        false
     };
-    // App -> caller, until the app's EOF or the caller is gone.
+    // App -> caller, until the app's EOF.
     let to_caller = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            tokio::select! {
-                r = tcp_read.read(&mut buf) => match r {
-                    Ok(0) => {
-                        let _ = write.eof().await;
-                        break;
+            match tcp_read.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = write.eof().await;
+                    return true;
+                }
+                Ok(n) => {
+                    if write
+                        .data_bytes(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        return false;
                     }
-                    Ok(n) => {
-                        if write.data(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
-                },
-                _ = async { drop(closed.wait_for(|c| *c).await) } => break,
+                }
+                Err(_) => return false,
             }
         }
     };
-    let app_side = async { tokio::join!(to_app, to_caller) };
-    tokio::pin!(drain, app_side);
-    tokio::select! {
-        overflow = &mut drain => {
-            // The caller is gone (or the app is hopelessly behind): finish delivering what
-            // is queued unless the app is the problem.
-            if !overflow {
-                app_side.await;
+    tokio::pin!(to_app, to_caller);
+    // Both directions finish (half-close), or one fails and the call ends.
+    let mut app_done = false;
+    let mut caller_done = false;
+    while !(app_done && caller_done) {
+        tokio::select! {
+            ok = &mut to_app, if !app_done => {
+                app_done = true;
+                if !ok { break; }
             }
-        }
-        _ = &mut app_side => {
-            // The app closed both ways; the caller's side is closed below.
+            ok = &mut to_caller, if !caller_done => {
+                caller_done = true;
+                if !ok { break; }
+            }
         }
     }
     let _ = write.close().await;

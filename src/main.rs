@@ -13,12 +13,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, FromArgMatches};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use mse_vpn::cli::{Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs};
+use mse_vpn::cli::{self, Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs, UpCommand};
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::dns;
-use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
+use mse_vpn::driver::{DEFAULT_MAX_OPENING, Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
 use mse_vpn::reverse::{self, ForwardState, Forwards};
@@ -29,14 +29,7 @@ use mse_vpn_platform as platform;
 /// Set in the environment of the detached child of `up --daemon`.
 const DAEMON_CHILD: &str = "MSE_VPN_DAEMON_CHILD";
 
-/// Exit status of a usage or configuration mistake (clap's own, too).
-const EXIT_USAGE: u8 = 2;
-/// Exit status when the jump host refused the login (keys, passphrase, password).
-const EXIT_AUTH: u8 = 3;
-/// Exit status when the jump host's key is unknown or changed.
-const EXIT_HOST_KEY: u8 = 4;
-/// Exit status when the jump host (or a ProxyJump hop) cannot be reached in time.
-const EXIT_UNREACHABLE: u8 = 5;
+use mse_vpn::cli::{EXIT_AUTH, EXIT_FAILURE, EXIT_HOST_KEY, EXIT_UNREACHABLE, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -44,40 +37,42 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if let Command::Up(args) | Command::Doctor(args) = &mut cli.command {
+    // Privileges first, as wg-quick checks them: a non-root `up` reads no profile, contacts
+    // no jump host and touches nothing.
+    if matches!(cli.command, Command::Up(_)) && !platform::process::is_privileged() {
+        eprintln!("mse-vpn: must be run {}", platform::process::PRIVILEGED);
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    if let Command::Up(UpCommand { args, .. }) | Command::Doctor(args) = &mut cli.command {
         let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
         if let Err(e) = with_profile(args, sub) {
-            eprintln!("mse-vpn: {e:#}");
+            eprintln!("mse-vpn: {}", mse_vpn::logging::one_line(e.chain()));
             return ExitCode::from(EXIT_USAGE);
         }
     }
     match &cli.command {
-        Command::Completions(args) => {
-            let mut script = Vec::new();
-            clap_complete::generate(args.shell, &mut Cli::command(), "mse-vpn", &mut script);
-            return print_bytes(&script);
-        }
-        Command::Man => {
-            let mut page = Vec::new();
-            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+        Command::Completions(args) => return print_bytes(&cli::completions(args.shell)),
+        Command::Man => match cli::man_page() {
+            Ok(page) => return print_bytes(&page),
+            Err(e) => {
                 eprintln!("mse-vpn: cannot render the man page: {e}");
                 return ExitCode::FAILURE;
             }
-            return print_bytes(&page);
-        }
+        },
         _ => {}
     }
-    if let Command::Up(args) = &cli.command
-        && args.daemon
+    if let Command::Up(UpCommand { args, daemon }) = &cli.command
+        && daemon.daemon
     {
         if std::env::var_os(DAEMON_CHILD).is_none() {
-            return daemonize(args, &cli.state_dir);
+            return daemonize(args, daemon.log_file.as_deref(), &cli.state_dir);
         }
         // The child: a session of its own, so the terminal's hangup and Ctrl-C do not reach
         // it.
         platform::process::detach();
     }
-    init_logging(cli.verbose);
+    // A daemon's log file needs the time of each line; a terminal and journald do not.
+    mse_vpn::logging::init(cli.verbose, std::env::var_os(DAEMON_CHILD).is_some());
     // Flow buffers (512 KiB each) straight from mmap: idle flows then cost only the pages
     // they touch. Below the threshold stay the hot path's 64 KiB chunks, which must not pay
     // an mmap/munmap each.
@@ -102,10 +97,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
-            Command::Up(args) => ok(up(args, &cli.state_dir).await),
+            Command::Up(UpCommand { args, .. }) => ok(up(args, &cli.state_dir).await),
             Command::Down(args) => ok(down(args, &cli.state_dir).await),
             Command::Doctor(args) => ok(doctor(args, &cli.state_dir).await),
-            Command::Status(args) => ok(status(args, &cli.state_dir).await),
+            Command::Status(args) => status(args, &cli.state_dir).await,
             Command::Run(args) => run(args, &cli.state_dir).await,
             Command::Env(args) => ok(env(args, &cli.state_dir).await),
             Command::Expose(args) => ok(expose(args, &cli.state_dir).await),
@@ -117,7 +112,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mse-vpn: {e:#}");
+            eprintln!("mse-vpn: {}", mse_vpn::logging::one_line(e.chain()));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -140,7 +135,10 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     use ssh::SshError as E;
     for cause in e.chain() {
-        if cause.is::<ssh::config::ConfigError>() || cause.is::<mse_vpn::profile::ProfileError>() {
+        if cause.is::<ssh::config::ConfigError>()
+            || cause.is::<mse_vpn::profile::ProfileError>()
+            || cause.is::<platform::PlanError>()
+        {
             return EXIT_USAGE;
         }
         if let Some(ssh) = cause.downcast_ref::<E>() {
@@ -150,20 +148,23 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 | E::PasswordFile { .. }
                 | E::WrongPassphrase { .. }
                 | E::NoTerminalForPassphrase { .. }
-                | E::KeyFile { .. } => EXIT_AUTH,
+                | E::KeyFile { .. }
+                | E::NoKeyFile { .. }
+                | E::PublicKeyFile { .. } => EXIT_AUTH,
                 E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => {
                     EXIT_HOST_KEY
                 }
                 E::Resolve { .. }
+                | E::UnknownAlias { .. }
                 | E::Unreachable { .. }
                 | E::ConnectTimeout { .. }
                 | E::HopForward { .. }
                 | E::ProxyCommandEnded { .. } => EXIT_UNREACHABLE,
-                _ => 1,
+                _ => EXIT_FAILURE,
             };
         }
     }
-    1
+    EXIT_FAILURE
 }
 
 /// Applies the profile named on the command line (flags win), then checks that the jump
@@ -175,7 +176,10 @@ fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
             mse_vpn::profile::user_file(user.home()),
             std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
         ];
-        let profile = mse_vpn::profile::find(&name, &files)?;
+        let (profile, skipped) = mse_vpn::profile::find(&name, &files)?;
+        for e in skipped {
+            eprintln!("mse-vpn: warning: {e} (that profile is ignored)");
+        }
         mse_vpn::profile::apply(args, matches, &profile, user.home());
     }
     if args.proxy.is_none() {
@@ -193,8 +197,8 @@ fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
 fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
     let files = match file {
         Some(f) => {
-            if !f.exists() {
-                bail!("{} does not exist", f.display());
+            if let Err(source) = std::fs::metadata(&f) {
+                return Err(mse_vpn::profile::ProfileError::Read { path: f, source }.into());
             }
             vec![f]
         }
@@ -226,11 +230,10 @@ fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
 
 /// `up --daemon`: starts the same command detached, with its output in the log file, and
 /// waits until it reports the tunnel up (exit 0) or fails (its exit status, and the log).
-fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
+fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCode {
     use std::io::{Read, Seek, SeekFrom};
-    let log_path = args
-        .log_file
-        .clone()
+    let log_path = log_file
+        .map(Path::to_owned)
         .unwrap_or_else(|| state_dir.join(format!("{}.log", args.tun)));
     let fail = |msg: String| {
         eprintln!("mse-vpn: {msg}");
@@ -293,9 +296,14 @@ fn daemonize(args: &UpArgs, state_dir: &Path) -> ExitCode {
         );
     loop {
         let text = read_log();
-        if let Some(line) = text.lines().find(|l| l.starts_with("mse-vpn is up")) {
+        let lines: Vec<&str> = text.lines().collect();
+        if let Some(up) = lines.iter().position(|l| l.starts_with("mse-vpn is up")) {
+            // What a foreground `up` would have printed, up to its "is up" line.
+            for line in &lines[..=up] {
+                println!("{line}");
+            }
             println!(
-                "{line}\nrunning in the background as pid {}; log: {}; stop it with `mse-vpn down`",
+                "running in the background as pid {}; log: {}; stop it with `mse-vpn down`",
                 child.id(),
                 log_path.display()
             );
@@ -354,32 +362,11 @@ async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "mse_vpn=info,mse_vpn_platform=info",
-        1 => "mse_vpn=debug,mse_vpn_platform=debug",
-        _ => "mse_vpn=trace,mse_vpn_platform=trace,russh=debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}
-
 async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     // 1. Everything the user typed, checked before the host is touched.
     let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
     for key in &args.identity {
-        if !key.is_file() {
-            bail!(
-                "key file {} does not exist: pass an existing private key with -i, or omit -i to use the agent and ~/.ssh/id_*",
-                key.display()
-            );
-        }
+        ssh::check_key_file(key)?;
     }
     let mut opts = args.ssh_options(&user)?;
     // Cloud callers' channels (`--expose`, `mse-vpn run`), queued for the driver.
@@ -397,9 +384,9 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     }
     // Only the first hop is connected to directly: only its address stays out of the tunnel.
     let jump_addrs = match opts.direct_target() {
-        Some((host, port)) => resolve(host, port).await?,
+        Some((host, port)) => resolve(host, port, &args, &user).await?,
         None => {
-            info!(
+            debug!(
                 command = opts.proxy_command.as_deref().unwrap_or_default(),
                 "the jump host is reached through its ProxyCommand; what the command connects to must not be inside the routed networks (use --exclude)"
             );
@@ -414,16 +401,36 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         mtu: args.mtu,
     })?;
     let repaired = platform::repair(state_dir).await?;
-    for change in &repaired {
-        warn!("repaired what a crashed session left: {change}");
+    if !repaired.is_empty() {
+        for change in &repaired {
+            debug!(%change, "undone");
+        }
+        warn!(
+            "repaired what a session that died left behind ({} change(s) undone)",
+            repaired.len()
+        );
     }
     platform::preflight(&plan, state_dir).await?;
 
     // 2. The SSH connections, before any change to the host: a bad host key or a failed
     //    login leaves nothing behind.
-    let sessions = pool::connect_initial(&opts, args.connections as usize).await?;
+    let target = match opts.hops.as_slice() {
+        [] => opts.jump.to_string(),
+        hops => format!(
+            "{} via {}",
+            opts.jump,
+            hops.iter()
+                .map(|h| format!("{}@{}:{}", h.user, h.host, h.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let connecting = tokio::spawn(say_connecting(target, opts.connect_timeout));
+    let sessions = pool::connect_initial(&opts, args.connections as usize).await;
+    connecting.abort();
+    let sessions = sessions?;
     ssh::password::forbid_prompts();
-    info!(
+    debug!(
         jump = %opts.jump,
         connections = sessions.iter().flatten().count(),
         "connected to the jump host"
@@ -440,7 +447,10 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         (None, None) => None,
     };
     match advertise {
-        Some(a) => info!(address = %a, "cloud callers reach this session's exposed ports on {a}"),
+        Some(a) => debug!(address = %a, "cloud callers reach this session's exposed ports on {a}"),
+        None if args.expose.is_empty() => debug!(
+            "could not find out the jump host's VPC address (no shell for us there?): `mse-vpn expose` and `run` will need --advertise ADDR"
+        ),
         None => warn!(
             "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
         ),
@@ -458,6 +468,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         plan.tun_name().to_owned(),
         plan.routes().iter().map(ToString::to_string).collect(),
     );
+    board.set_limits(args.max_flows, args.max_inbound);
     let server = control::Server::bind(
         &control::socket_path(state_dir, plan.tun_name()),
         user.uid(),
@@ -471,9 +482,12 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         engine: EngineConfig {
             mtu: args.mtu as usize,
             max_flows: args.max_flows as usize,
+            max_inbound: args.max_inbound as usize,
+            open_timeout: smoltcp::time::Duration::from_secs(args.open_timeout),
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),
+        max_opening: DEFAULT_MAX_OPENING,
         local_v4: plan.tun_v4(),
         local_v6: plan.tun_v6(),
     };
@@ -488,10 +502,12 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         stop_tx.clone(),
     );
     // Split DNS: the responder, then the host resolver pointed at it (journaled).
+    let mut dns_line = None;
     if !args.dns_domains.is_empty() {
         let dns = dns::session::start(&args, &plan, &pool, &mut host, state_dir, &dns_servers);
         match dns.await {
             Ok((responder, shown)) => {
+                dns_line = Some(dns::session::summary(&args, &shown));
                 board.set_dns(shown, responder.counters());
                 tokio::spawn(responder.run(stop.clone()));
             }
@@ -533,13 +549,11 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         })
         .collect();
     if failed.is_empty() {
-        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
-        println!(
-            "mse-vpn is up: {} via {} (tun {})",
-            routes.join(", "),
-            jump_label,
-            plan.tun_name()
-        );
+        // One line per feature asked for, then the "is up" line (last: scripts and
+        // `--daemon` wait for it).
+        if let Some(line) = dns_line {
+            println!("{line}");
+        }
         for f in &rows {
             println!(
                 "exposed: cloud callers reach {} -> local port {}",
@@ -550,6 +564,13 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
                 f.local_port
             );
         }
+        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
+        println!(
+            "mse-vpn is up: {} via {} (tun {})",
+            routes.join(", "),
+            jump_label,
+            plan.tun_name()
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
     } else {
@@ -576,7 +597,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
         return Err(e.into());
     }
     restored?;
-    info!("mse-vpn is down; host routes restored");
+    info!("stopped; the host's routes and DNS are as they were");
     Ok(())
 }
 
@@ -585,26 +606,60 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
         platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
     tokio::spawn(async move {
         let name = signals.recv().await;
-        info!("{name}: shutting down");
+        debug!("{name}: shutting down");
         let _ = stop.send(true);
     });
     Ok(())
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>> {
-    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .with_context(|| {
-            format!(
-                "could not resolve the jump host '{host}': check the name, or pass its IP address"
-            )
-        })?
-        .map(|a| a.ip())
-        .collect();
-    if addrs.is_empty() {
-        bail!("the jump host '{host}' resolves to no address");
+/// After a second without a connection (a silently dropped port, a slow link), says what
+/// it is waiting for (each step of connecting waits up to `timeout`); a prompt for a
+/// password or passphrase already on the terminal is left alone.
+async fn say_connecting(jump: String, timeout: Duration) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if !ssh::password::prompted() {
+        eprintln!(
+            "mse-vpn: connecting to {jump} (waiting up to {} s)...",
+            timeout.as_secs()
+        );
     }
-    Ok(addrs)
+}
+
+/// The addresses of the first host this machine connects to. A name that does not resolve
+/// but is close to a `Host` alias of the ssh config is reported with that alias.
+async fn resolve(
+    host: &str,
+    port: u16,
+    args: &UpArgs,
+    user: &ssh::InvokingUser,
+) -> Result<Vec<IpAddr>> {
+    let lookup = tokio::net::lookup_host((host, port)).await.and_then(|a| {
+        let addrs: Vec<IpAddr> = a.map(|a| a.ip()).collect();
+        if addrs.is_empty() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address",
+            ))
+        } else {
+            Ok(addrs)
+        }
+    });
+    lookup.map_err(|source| {
+        let typed = args.proxy.as_ref().map(|p| p.host.as_str()).unwrap_or(host);
+        let aliases = ssh::resolve::aliases(args.ssh_config.as_ref(), user);
+        match mse_vpn::suggest::did_you_mean(typed, aliases.iter().map(String::as_str)) {
+            Some(alias) => ssh::SshError::UnknownAlias {
+                host: typed.to_owned(),
+                alias: alias.to_owned(),
+                source,
+            },
+            None => ssh::SshError::Resolve {
+                host: host.to_owned(),
+                source,
+            },
+        }
+        .into()
+    })
 }
 
 /// The control sockets of running sessions (all, or the one using `tun`).
@@ -615,25 +670,48 @@ fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<std::path::PathBu
     platform::ipc::endpoints(state_dir)
 }
 
-async fn status(args: StatusArgs, state_dir: &Path) -> Result<()> {
+/// `status`: the running sessions; and what sessions that died left behind, which makes
+/// the exit status 1.
+async fn status(args: StatusArgs, state_dir: &Path) -> Result<ExitCode> {
     let mut all = Vec::new();
     for path in session_sockets(state_dir, args.tun.as_deref()) {
         match control::status(&path).await {
             Ok(st) => all.push(st),
-            Err(control::ControlError::NotRunning { .. }) if args.tun.is_none() => {}
+            Err(control::ControlError::NotRunning { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
+    let left = leftovers(state_dir, args.tun.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
-    } else if all.is_empty() {
+    } else if all.is_empty() && left.is_empty() {
         println!("no mse-vpn session is running");
     } else {
         for st in &all {
             print!("{}", control::render(st));
         }
     }
-    Ok(())
+    for l in &left {
+        eprintln!(
+            "mse-vpn: the session on {} ({}) is no longer running but left {} behind: undo it with `sudo mse-vpn down`",
+            l.tun,
+            l.pid
+                .map_or("pid unknown".to_owned(), |p| format!("pid {p}")),
+            l.describe()
+        );
+    }
+    Ok(if left.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What sessions that are no longer running left on the host (all, or the one on `tun`).
+fn leftovers(state_dir: &Path, tun: Option<&str>) -> Result<Vec<platform::Leftover>> {
+    let mut left = platform::leftovers(state_dir)?;
+    left.retain(|l| tun.is_none_or(|t| t == l.tun));
+    Ok(left)
 }
 
 /// The control socket of the one running session (or the one on `tun`).
@@ -822,10 +900,15 @@ async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
     for path in session_sockets(state_dir, args.tun.as_deref()) {
         match control::request(&path, "down").await {
             Ok(_) => {
-                // Wait (bounded) for the session to restore the host and remove its socket.
+                // Wait (bounded) for the session to restore the host, remove its socket and
+                // exit: only then is what it could not undo (kept in its journal) seen below
+                // as left behind.
+                let tun = path.file_stem().unwrap_or_default().to_string_lossy();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-                while path.exists() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                while (path.exists() || platform::session_running(state_dir, &tun))
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if path.exists() {
                     bail!(
@@ -840,19 +923,24 @@ async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    if !args.force {
+    // What sessions that died (kill -9, a crash) left: undone too (`--force` is no longer
+    // needed for it).
+    let left = leftovers(state_dir, args.tun.as_deref())?;
+    if left.is_empty() {
         if stopped == 0 {
-            println!(
-                "no mse-vpn session is running (use `mse-vpn down --force` to undo what a crashed one left)"
-            );
+            println!("no mse-vpn session is running; nothing left behind to undo");
         }
         return Ok(());
     }
-    let repaired = platform::repair(state_dir).await?;
-    if repaired.is_empty() {
-        println!("nothing left behind to repair");
+    if !platform::process::is_privileged() {
+        bail!(
+            "the session on {} is no longer running but left {} behind; undoing it must be run {}",
+            left[0].tun,
+            left[0].describe(),
+            platform::process::PRIVILEGED
+        );
     }
-    for change in repaired {
+    for change in platform::repair(state_dir).await? {
         println!("undone: {change}");
     }
     Ok(())

@@ -10,6 +10,11 @@
 //! were on that link; then the supervisor reconnects with capped exponential backoff and
 //! jitter (at most 1 s apart for the first 20 s, then growing to 15 s), forever, unless the failure is one a retry cannot fix (host key, authentication).
 //! New flows wait (bounded by the open timeout) for any link to be up.
+//!
+//! What the user reads about it is one line when the pool has no connection left ("lost
+//! the connection to the jump host …; reconnecting"), one when the first connection is back
+//! ("reconnected … after 18 s"), and, in a long outage, a reminder now and then; each slot's
+//! own losses and retries are debug events.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::control::Board;
 use crate::ssh::{OpenError, Session, SshError, SshOptions};
@@ -121,15 +126,17 @@ impl Pool {
             })
     }
 
-    /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `timeout` for a
-    /// link when none is up. A link lost during the open is retried on another one.
+    /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `link_wait` for
+    /// a link when none is up. A link lost during the open is retried on another one. The open
+    /// itself is given up after `cap` (sshd answers every open; its own connect ends first).
     pub async fn open(
         &self,
         dst: SocketAddr,
         originator: SocketAddr,
-        timeout: Duration,
+        link_wait: Duration,
+        cap: Duration,
     ) -> Result<(LinkId, russh::Channel<russh::client::Msg>), OpenError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + link_wait;
         let mut links = self.links.subscribe();
         loop {
             let Some((id, session)) = self.pick() else {
@@ -140,8 +147,7 @@ impl Pool {
                 }
             };
             self.load[id.slot].fetch_add(1, Ordering::Relaxed);
-            let left = deadline.saturating_duration_since(Instant::now());
-            match session.open_direct_tcpip(dst, originator, left).await {
+            match session.open_direct_tcpip(dst, originator, cap).await {
                 Ok(channel) => return Ok((id, channel)),
                 Err(OpenError::SessionLost) if Instant::now() < deadline => {
                     self.release(id);
@@ -248,15 +254,70 @@ pub async fn connect_initial(
             Ok(s) => sessions.push(Some(s)),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
-                warn!("an SSH connection of the pool failed: {e}; it will be retried");
+                debug!("an SSH connection of the pool failed: {e}");
                 first_err.get_or_insert(e);
                 sessions.push(None);
             }
         }
     }
+    let failed = sessions.iter().filter(|s| s.is_none()).count();
     match first_err {
-        Some(e) if sessions.iter().all(Option::is_none) => Err(e),
-        _ => Ok(sessions),
+        // None connected: that one reason is the error, said once.
+        Some(e) if failed == sessions.len() => Err(e),
+        Some(e) => {
+            warn!(
+                "{failed} of {} SSH connections to the jump host failed ({}); they are retried in the background",
+                sessions.len(),
+                crate::logging::error_line(&e)
+            );
+            Ok(sessions)
+        }
+        None => Ok(sessions),
+    }
+}
+
+/// How often, at most, a long outage is reported again.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(300);
+/// When an outage is first reported again.
+const OUTAGE_FIRST_REMINDER: Duration = Duration::from_secs(60);
+
+/// An outage of the whole pool, as the slots' supervisors report it together: one line when
+/// the last connection is lost, one when the first is back, a reminder now and then.
+#[derive(Default)]
+struct Outage {
+    /// Since when no connection has been up, while that lasts.
+    since: Option<Instant>,
+    /// When to remind the user that the outage goes on.
+    remind_at: Option<Instant>,
+}
+
+impl Outage {
+    /// A slot lost its connection; `left` are still up. True if this loss began an outage.
+    fn lost(&mut self, now: Instant, left: usize) -> bool {
+        if left > 0 || self.since.is_some() {
+            return false;
+        }
+        self.since = Some(now);
+        self.remind_at = Some(now + OUTAGE_FIRST_REMINDER);
+        true
+    }
+
+    /// A reconnect failed: how long the outage has lasted, if the user should be reminded
+    /// of it now.
+    fn failed(&mut self, now: Instant) -> Option<Duration> {
+        match (self.remind_at, self.since) {
+            (Some(at), Some(since)) if now >= at => {
+                self.remind_at = Some(now + OUTAGE_REMINDER);
+                Some(now - since)
+            }
+            _ => None,
+        }
+    }
+
+    /// A slot reconnected: how long the outage lasted, if there was one.
+    fn back(&mut self, now: Instant) -> Option<Duration> {
+        self.remind_at = None;
+        self.since.take().map(|since| now - since)
     }
 }
 
@@ -273,6 +334,7 @@ pub fn supervise(
     stop: watch::Sender<bool>,
 ) -> Fatal {
     let fatal: Fatal = Arc::new(Mutex::new(None));
+    let outage = Arc::new(Mutex::new(Outage::default()));
     // What is connected already (the supervisors install it in a moment): at least one.
     board.set_links(initial.iter().flatten().count(), pool.size(), None);
     for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {
@@ -281,12 +343,31 @@ pub fn supervise(
             slot,
             first,
             opts.clone(),
-            board.clone(),
-            stop.clone(),
-            fatal.clone(),
+            Shared {
+                board: board.clone(),
+                stop: stop.clone(),
+                fatal: fatal.clone(),
+                outage: outage.clone(),
+            },
         ));
     }
     fatal
+}
+
+/// What the slots' supervisors share.
+struct Shared {
+    board: Arc<Board>,
+    stop: watch::Sender<bool>,
+    fatal: Fatal,
+    outage: Arc<Mutex<Outage>>,
+}
+
+impl Shared {
+    fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
+        self.outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 async fn run_slot(
@@ -294,11 +375,10 @@ async fn run_slot(
     slot: usize,
     mut session: Option<Session>,
     opts: Arc<SshOptions>,
-    board: Arc<Board>,
-    stop_tx: watch::Sender<bool>,
-    fatal: Fatal,
+    shared: Shared,
 ) {
-    let mut stop = stop_tx.subscribe();
+    let board = &shared.board;
+    let mut stop = shared.stop.subscribe();
     let mut generation = 0;
     loop {
         if let Some(s) = session.take() {
@@ -322,9 +402,23 @@ async fn run_slot(
                 return;
             }
             pool.set(slot, None);
-            let detail = format!("SSH connection {slot} to {} was lost", opts.jump);
-            warn!(slot, jump = %opts.jump, "lost an SSH connection: its flows are reset; reconnecting");
-            board.set_links(pool.connected(), pool.size(), Some(detail));
+            let left = pool.connected();
+            if shared.outage().lost(Instant::now(), left) {
+                warn!(
+                    "lost the connection to the jump host {}: flows in progress were reset; reconnecting",
+                    opts.jump
+                );
+            } else {
+                debug!(
+                    slot,
+                    left, "lost an SSH connection: its flows are reset; reconnecting it"
+                );
+            }
+            board.set_links(
+                left,
+                pool.size(),
+                Some(format!("lost the connection to {}", opts.jump)),
+            );
         }
         let mut delay = BACKOFF_START;
         let outage = tokio::time::Instant::now();
@@ -336,20 +430,36 @@ async fn run_slot(
             };
             match attempt {
                 Ok(s) => {
-                    info!(slot, jump = %opts.jump, "reconnected");
+                    match shared.outage().back(Instant::now()) {
+                        Some(took) => info!(
+                            "reconnected to the jump host {} after {} s",
+                            opts.jump,
+                            took.as_secs_f64().round()
+                        ),
+                        None => debug!(slot, "reconnected"),
+                    }
                     break Some(s);
                 }
                 Err(e) if e.is_fatal() => {
-                    warn!(slot, "reconnect refused for good: {e}");
-                    if let Ok(mut f) = fatal.lock() {
+                    // The session stops and says why, once.
+                    debug!(slot, "reconnect refused for good: {e}");
+                    if let Ok(mut f) = shared.fatal.lock() {
                         f.get_or_insert(e);
                     }
-                    let _ = stop_tx.send(true);
+                    let _ = shared.stop.send(true);
                     return;
                 }
                 Err(e) => {
-                    warn!(slot, "reconnect failed: {e}; retrying in {delay:?}");
-                    board.set_links(pool.connected(), pool.size(), Some(e.to_string()));
+                    let why = crate::logging::error_line(&e);
+                    debug!(slot, "reconnect failed: {why}; retrying in {delay:?}");
+                    let lasted = shared.outage().failed(Instant::now());
+                    if let Some(lasted) = lasted {
+                        warn!(
+                            "still no connection to the jump host after {} s ({why}); retrying",
+                            lasted.as_secs()
+                        );
+                    }
+                    board.set_links(pool.connected(), pool.size(), Some(why));
                 }
             }
             // Up to +20% jitter, so connections (and users) do not retry in lockstep.
@@ -364,5 +474,37 @@ async fn run_slot(
                 delay.mul_f64(1.5).min(BACKOFF_CAP)
             };
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_reported_once_when_the_last_connection_goes_and_once_when_one_is_back() {
+        let t0 = Instant::now();
+        let mut o = Outage::default();
+        // Four connections drop one after the other: only the last loss begins the outage.
+        assert!(!o.lost(t0, 3));
+        assert!(!o.lost(t0, 2));
+        assert!(!o.lost(t0, 1));
+        assert!(o.lost(t0, 0));
+        assert!(!o.lost(t0, 0), "a slot that was already down says nothing");
+        // Retries during the first minute stay quiet; then a reminder, then every 5 min.
+        assert_eq!(o.failed(t0 + Duration::from_secs(18)), None);
+        assert_eq!(
+            o.failed(t0 + Duration::from_secs(61)),
+            Some(Duration::from_secs(61))
+        );
+        assert_eq!(o.failed(t0 + Duration::from_secs(120)), None);
+        assert!(o.failed(t0 + Duration::from_secs(361)).is_some());
+        // The first slot back ends it; the others say nothing.
+        assert_eq!(
+            o.back(t0 + Duration::from_secs(400)),
+            Some(Duration::from_secs(400))
+        );
+        assert_eq!(o.back(t0 + Duration::from_secs(401)), None);
+        assert_eq!(o.failed(t0 + Duration::from_secs(999)), None);
     }
 }

@@ -27,7 +27,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::pool::{LinkId, Pool};
 use crate::ssh::{OpenError, Session};
@@ -442,7 +442,7 @@ impl Forwards {
                         e.holder = Some((link, session.id()));
                         e.bound = bound;
                         if e.state != ForwardState::Listening {
-                            info!(spec = %spec, port = ?bound, "exposed on the jump host");
+                            debug!(spec = %spec, port = bound, "exposed on the jump host");
                         }
                     }
                     ForwardState::Failed => {

@@ -93,6 +93,17 @@ impl Applied {
         self.changes.push(change);
         Ok(())
     }
+
+    /// The last recorded change was not made (making it failed): journal that, so that undo
+    /// never removes something of the same name this session did not create. If even that
+    /// cannot be written, the change stays journaled and undo tolerates its absence.
+    fn not_made(&mut self) {
+        if let Some(change) = self.changes.pop()
+            && self.journal.record_not_made(&change).is_err()
+        {
+            self.changes.push(change);
+        }
+    }
 }
 
 /// The changes a plan needs, in the order they are made: the link (MTU, up), its addresses,
@@ -274,7 +285,10 @@ pub async fn apply<B: Backend>(
     };
     for change in changes_for(plan, &bypass) {
         let made = match applied.record(change.clone()) {
-            Ok(()) => b.make(&change, plan).await,
+            Ok(()) => b
+                .make(&change, plan)
+                .await
+                .inspect_err(|_| applied.not_made()),
             Err(e) => Err(e),
         };
         if let Err(e) = made {
@@ -296,28 +310,69 @@ pub async fn apply_dns<B: Backend>(
 ) -> Result<DnsBackend, PlatformError> {
     for change in b.dns_changes(tun, plan) {
         applied.record(change.clone())?;
-        b.make_dns(&change, tun, plan).await?;
+        b.make_dns(&change, tun, plan)
+            .await
+            .inspect_err(|_| applied.not_made())?;
     }
     info!(backend = B::DNS.name(), zones = ?plan.zones, "host DNS pointed at the responder");
     Ok(B::DNS)
 }
 
-/// Undoes every change in reverse order (the link goes with the TUN the caller closes) and
-/// deletes the journal.
-pub async fn restore<B: Backend>(b: &mut B, applied: Applied) -> Result<(), PlatformError> {
-    for change in applied.changes.iter().rev() {
-        if matches!(change, Change::Link { .. }) {
-            continue;
-        }
-        if let Err(e) = b.undo(change).await {
-            debug!(%change, "nothing to undo: {e}");
+/// Undoes `changes` in reverse order: what was removed, and the changes whose undo failed (in
+/// journal order) with the failure of the first of them.
+async fn undo_all<B: Backend>(
+    b: &mut B,
+    changes: &[Change],
+) -> (Vec<Change>, Vec<Change>, Option<PlatformError>) {
+    let (mut removed, mut left, mut first) = (Vec::new(), Vec::new(), None);
+    for change in changes.iter().rev() {
+        match b.undo(change).await {
+            Ok(true) => removed.push(change.clone()),
+            Ok(false) => debug!(%change, "nothing to undo"),
+            Err(e) => {
+                warn!(%change, "could not undo: {e}");
+                left.insert(0, change.clone());
+                first = Some(e);
+            }
         }
     }
-    let path = applied.journal.path().to_owned();
-    applied
-        .journal
-        .remove()
-        .map_err(|source| PlatformError::Journal { path, source })
+    (removed, left, first)
+}
+
+/// Keeps `left` in the journal and reports them, or deletes the journal when all is undone.
+pub fn settle(
+    journal: Journal,
+    left: Vec<Change>,
+    failure: Option<PlatformError>,
+) -> Result<(), PlatformError> {
+    let path = journal.path().to_owned();
+    journal
+        .keep(&left)
+        .map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+    match (left.first(), failure) {
+        (Some(first), Some(source)) => Err(PlatformError::Undo {
+            count: left.len(),
+            first: first.clone(),
+            path,
+            source: Box::new(source),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Undoes every change in reverse order (the link goes with the TUN the caller closes); the
+/// journal is deleted, or keeps what could not be undone.
+pub async fn restore<B: Backend>(b: &mut B, applied: Applied) -> Result<(), PlatformError> {
+    let changes: Vec<Change> = applied
+        .changes
+        .into_iter()
+        .filter(|c| !matches!(c, Change::Link { .. }))
+        .collect();
+    let (_, left, failure) = undo_all(b, &changes).await;
+    settle(applied.journal, left, failure)
 }
 
 /// Undoes what dead sessions left (per their journals); returns what was actually undone.
@@ -338,17 +393,13 @@ pub async fn repair<B: Backend>(b: &mut B, state_dir: &Path) -> Result<Vec<Chang
         if rec.pid.is_some_and(|p| b.pid_alive(p)) {
             continue;
         }
-        for change in rec.changes.iter().rev() {
-            match b.undo(change).await {
-                Ok(true) => undone.push(change.clone()),
-                Ok(false) => {}
-                Err(e) => debug!(%change, "nothing to undo: {e}"),
-            }
-        }
-        std::fs::remove_file(&path).map_err(|source| PlatformError::Journal {
+        let (removed, left, failure) = undo_all(b, &rec.changes).await;
+        undone.extend(removed);
+        let journal = Journal::open(&path).map_err(|source| PlatformError::Journal {
             path: path.clone(),
             source,
         })?;
+        settle(journal, left, failure)?;
     }
     Ok(undone)
 }

@@ -15,11 +15,20 @@
 //! rule from 198.18.0.1 prio 5211 table 28123
 //! resolved-link mse0
 //! resolv-conf /etc/resolv.conf backup /run/mse-vpn/mse0.resolv.conf.orig
+//! not-made rule from 198.18.0.1 prio 5211 table 28123
 //! resolver-file /etc/resolver/internal
 //! nrpt-rule {6d73652d-7670-6e00-0000-00006d736530}
 //! ```
 //! (`resolver-file` is macOS's per-domain resolver file, `nrpt-rule` a Windows Name Resolution
 //! Policy Table rule; the other entries are shared by every OS that has them.)
+//!
+//! A change is written before it is made; `not-made <change>` follows it when making it
+//! failed, so that undoing never removes something this session did not create (a rule of
+//! the same name left by someone else, say). A change with no such line was made, or the
+//! session died while making it: undo tolerates "already gone".
+//!
+//! When undoing fails for some changes, the journal is rewritten with exactly those
+//! ([`Journal::keep`]), so `mse-vpn down --force` (or the next start) tries them again.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -229,6 +238,8 @@ impl Change {
 }
 
 const HEADER: &str = "mse-vpn-journal 1";
+/// Prefix of the line cancelling a change whose making failed.
+const NOT_MADE: &str = "not-made ";
 
 /// An open journal being written by the running session.
 #[derive(Debug)]
@@ -271,6 +282,15 @@ impl Journal {
         Ok(j)
     }
 
+    /// Opens an existing journal (of a dead session, for [`Journal::keep`]).
+    pub fn open(path: &Path) -> std::io::Result<Journal> {
+        let file = OpenOptions::new().append(true).open(path)?;
+        Ok(Journal {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
     fn append_line(&mut self, line: &str) -> std::io::Result<()> {
         writeln!(self.file, "{line}")?;
         self.file.sync_data()
@@ -281,9 +301,38 @@ impl Journal {
         self.append_line(&change.to_string())
     }
 
+    /// Records that making `change` (recorded just before) failed: it is not to be undone.
+    pub fn record_not_made(&mut self, change: &Change) -> std::io::Result<()> {
+        self.append_line(&format!("{NOT_MADE}{change}"))
+    }
+
+    /// Rewrites the journal with only `left` (changes whose undo failed), still under the
+    /// session's pid, so that a later repair tries them again. With nothing left, deletes it.
+    pub fn keep(self, left: &[Change]) -> std::io::Result<()> {
+        if left.is_empty() {
+            return self.remove();
+        }
+        // Closed first: Windows refuses to replace or delete a file that is still open.
+        let Journal { file, path } = self;
+        drop(file);
+        let tmp = path.with_extension("journal.tmp");
+        let mut text = format!("{HEADER}\npid {}\n", std::process::id());
+        for c in left {
+            text.push_str(&format!("{c}\n"));
+        }
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()?;
+        }
+        std::fs::rename(&tmp, &path)
+    }
+
     /// Deletes the journal (everything was undone).
     pub fn remove(self) -> std::io::Result<()> {
-        std::fs::remove_file(&self.path)
+        let Journal { file, path } = self;
+        drop(file);
+        std::fs::remove_file(&path)
     }
 
     /// The file's path.
@@ -303,6 +352,11 @@ pub fn read(path: &Path) -> std::io::Result<Recorded> {
         let line = line?;
         if let Some(pid) = line.strip_prefix("pid ") {
             rec.pid = pid.trim().parse().ok();
+        } else if let Some(c) = line.strip_prefix(NOT_MADE).and_then(Change::parse) {
+            // Cancels the latest record of that change: it was never made.
+            if let Some(i) = rec.changes.iter().rposition(|r| *r == c) {
+                rec.changes.remove(i);
+            }
         } else if let Some(c) = Change::parse(&line) {
             rec.changes.push(c);
         }
@@ -396,6 +450,33 @@ mod tests {
         assert_eq!(rec.changes, changes);
         j.remove().unwrap();
         assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn rule(priority: u32) -> Change {
+        Change::Rule {
+            from: "198.18.0.1".parse().unwrap(),
+            priority,
+            table: None,
+        }
+    }
+
+    #[test]
+    fn a_change_that_failed_is_not_undone_and_failed_undos_are_kept() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-journal-nm-{}", std::process::id()));
+        let path = path_for(&dir, "mvj1");
+        let mut j = Journal::create(&path, 4243).unwrap();
+        j.record(&rule(5210)).unwrap();
+        // `ip rule add` failed ("File exists"): someone else's rule, not ours to delete.
+        j.record(&rule(5211)).unwrap();
+        j.record_not_made(&rule(5211)).unwrap();
+        assert_eq!(read(&path).unwrap().changes, vec![rule(5210)]);
+
+        // Undoing 5210 failed (out of descriptors, say): the journal keeps it, and only it.
+        j.keep(&[rule(5210)]).unwrap();
+        let rec = read(&path).unwrap();
+        assert_eq!(rec.changes, vec![rule(5210)]);
+        assert_eq!(rec.pid, Some(std::process::id() as i32));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -195,6 +195,21 @@ pub enum PlatformError {
         /// The path.
         path: PathBuf,
     },
+    /// Some changes could not be undone; they stay in the journal for a later repair.
+    #[error(
+        "could not undo {count} host change(s), kept in {path} so that `mse-vpn down --force` (or the next start) tries again; the first: `{first}`"
+    )]
+    Undo {
+        /// How many changes are left.
+        count: usize,
+        /// The first of them.
+        first: Change,
+        /// The journal that keeps them.
+        path: PathBuf,
+        /// Why undoing the first failed.
+        #[source]
+        source: Box<PlatformError>,
+    },
     /// `ip -j` printed something unexpected.
     #[error("cannot parse the output of `{cmd}`: {source}")]
     Parse {
@@ -288,4 +303,147 @@ impl Host {
 /// returns the changes actually undone. Live sessions are left alone.
 pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
     imp::repair(state_dir).await
+}
+
+/// A session that is no longer running but left host changes behind (its journal is still
+/// there): what `status` reports and `down` undoes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    /// Its TUN name.
+    pub tun: String,
+    /// Its process id, as journaled.
+    pub pid: Option<i32>,
+    /// What it changed and did not undo, in the order it was done.
+    pub changes: Vec<Change>,
+}
+
+impl Leftover {
+    /// What is left, in a few words ("routes and DNS settings").
+    pub fn describe(&self) -> String {
+        let mut kinds: Vec<&str> = Vec::new();
+        for c in &self.changes {
+            let kind = match c {
+                Change::Link { .. } | Change::Addr { .. } => continue,
+                Change::Route { .. } | Change::TableDefault { .. } | Change::Rule { .. } => {
+                    "routes"
+                }
+                Change::Bypass { .. } => "a host route to the jump host",
+                Change::ResolvedLink { .. }
+                | Change::ResolvConf { .. }
+                | Change::ResolvConfLink { .. }
+                | Change::ResolverFile { .. }
+                | Change::NrptRule { .. } => "DNS settings",
+            };
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        match kinds.as_slice() {
+            [] => "a restore journal".to_owned(),
+            [one] => (*one).to_owned(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        }
+    }
+}
+
+/// True while the session on `tun` runs, by the pid in its journal (no journal: nothing
+/// runs that could still change the host). A stopping session removes its control socket a
+/// moment before it exits; what it could not undo is final only once it has exited.
+pub fn session_running(state_dir: &Path, tun: &str) -> bool {
+    journal::read(&journal::path_for(state_dir, tun))
+        .ok()
+        .and_then(|rec| rec.pid)
+        .is_some_and(imp::pid_alive)
+}
+
+/// The sessions that are no longer running but left changes behind, by their journals in
+/// `state_dir` (read-only: [`repair`] undoes them). The same test as [`repair`]'s decides
+/// what is dead.
+pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return Ok(Vec::new());
+    };
+    let mut left = Vec::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let (Some(tun), Some("journal")) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|e| e.to_str()),
+        ) else {
+            continue;
+        };
+        let rec = match journal::read(&path) {
+            Ok(rec) => rec,
+            // Removed by its session in the meantime, or not ours to read: nothing to say.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                continue;
+            }
+            Err(source) => return Err(PlatformError::Journal { path, source }),
+        };
+        if rec.pid.is_some_and(imp::pid_alive) {
+            continue;
+        }
+        left.push(Leftover {
+            tun: tun.to_owned(),
+            pid: rec.pid,
+            changes: rec.changes,
+        });
+    }
+    left.sort_by(|a, b| a.tun.cmp(&b.tun));
+    Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_are_the_journals_of_dead_sessions() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-left-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(leftovers(&dir).unwrap(), [], "no state dir: nothing left");
+        // A live session (this process) and a dead one (a pid that cannot exist).
+        let mut live =
+            journal::Journal::create(&journal::path_for(&dir, "mvlive"), std::process::id())
+                .unwrap();
+        live.record(&Change::Route {
+            dst: "10.0.0.0/16".parse().unwrap(),
+            dev: "mvlive".into(),
+        })
+        .unwrap();
+        let mut dead =
+            journal::Journal::create(&journal::path_for(&dir, "mvdead"), i32::MAX as u32).unwrap();
+        for c in [
+            Change::Link {
+                name: "mvdead".into(),
+            },
+            Change::Route {
+                dst: "10.0.0.0/16".parse().unwrap(),
+                dev: "mvdead".into(),
+            },
+            Change::ResolvConf {
+                file: "/etc/resolv.conf".into(),
+                backup: dir.join("mvdead.resolv.conf.orig"),
+            },
+        ] {
+            dead.record(&c).unwrap();
+        }
+        std::fs::write(dir.join("other.sock"), "").unwrap();
+        let left = leftovers(&dir).unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].tun.as_str(), left[0].pid),
+            ("mvdead", Some(i32::MAX))
+        );
+        assert_eq!(left[0].changes.len(), 3);
+        assert_eq!(left[0].describe(), "routes and DNS settings");
+        // (Closed first: Windows deletes no open file.)
+        drop((live, dead));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

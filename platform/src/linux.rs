@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::dns::{self, DnsBackend, DnsPlan};
 use crate::host;
@@ -80,15 +80,17 @@ pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
 
 /// True if `pid` is a running process. A zombie (killed, not yet reaped by its parent) is
 /// dead: it holds no TUN and will never undo its changes.
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     if pid as u32 == std::process::id() {
         return true;
     }
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-        return false;
+    // EPERM: it exists, and belongs to someone else (`status` run by the session's user).
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
     }
     // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -190,7 +192,7 @@ pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, Platfo
     };
     match configure(plan, &bypass, &mut applied).await {
         Ok(()) => {
-            info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+            debug!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
             Ok(applied)
         }
         Err(e) => {
@@ -201,9 +203,20 @@ pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, Platfo
     }
 }
 
+/// Journals `change`, makes it with `ip args`, and journals a failure as "not made" (so that
+/// undo never removes what this session did not create).
 async fn make(applied: &mut Applied, change: Change, args: &[&str]) -> Result<(), PlatformError> {
     record(applied, change)?;
-    ip(args).await.map(|_| ())
+    if let Err(e) = ip(args).await {
+        if let Some(change) = applied.changes.pop() {
+            // If even this fails, the change stays journaled and undo tolerates its absence.
+            if applied.journal.record_not_made(&change).is_err() {
+                applied.changes.push(change);
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 async fn configure(
@@ -350,8 +363,32 @@ async fn configure(
 /// Priority of the reply rules (the second one has this + 1); below the main table's 32766.
 const REPLY_RULE_PRIORITY: u32 = 5210;
 
-/// Undoes one change if it is still there; true if something was removed.
-async fn undo(change: &Change) -> bool {
+/// What undoing one change came to.
+#[derive(Debug)]
+enum Undone {
+    /// It was there and is gone now.
+    Removed,
+    /// It was not there (any more).
+    Absent,
+    /// It may still be there: undoing it failed (out of descriptors, `ip` missing...).
+    Failed(PlatformError),
+}
+
+/// True when a failed `ip ... del` says the thing to delete does not exist.
+fn says_absent(e: &PlatformError) -> bool {
+    const ABSENT: [&str; 6] = [
+        "No such process",                 // route del
+        "No such file or directory",       // rule del
+        "Cannot assign requested address", // addr del
+        "Cannot find device",              // any, once the link is gone
+        "does not exist",                  // link show: Device "mse0" does not exist.
+        "No such device",
+    ];
+    matches!(e, PlatformError::Command { stderr, .. } if ABSENT.iter().any(|a| stderr.contains(a)))
+}
+
+/// Undoes one change if it is still there.
+async fn undo(change: &Change) -> Undone {
     let r = match change {
         Change::Route { dst, dev } => {
             let d = dst.to_string();
@@ -396,39 +433,68 @@ async fn undo(change: &Change) -> bool {
         // only remain if something else holds it: delete it only if it is a tun device.
         Change::Link { name } => match ip(&["-d", "link", "show", "dev", name]).await {
             Ok(out) if out.contains(" tun ") => ip(&["link", "del", "dev", name]).await,
-            Ok(_) => return false,
+            Ok(_) => return Undone::Absent,
             Err(e) => Err(e),
         },
         // resolved forgets a link's settings when the link goes; revert covers a link that
         // is still there.
         Change::ResolvedLink { link } => dns::resolvectl(&["revert", link]).await,
         Change::ResolvConf { .. } | Change::ResolvConfLink { .. } => {
-            return dns::undo_resolv_conf(change);
+            return match dns::undo_resolv_conf(change) {
+                true => Undone::Removed,
+                false => Undone::Absent,
+            };
         }
         // Other systems' entries; never written on Linux.
-        Change::ResolverFile { .. } | Change::NrptRule { .. } => return false,
+        Change::ResolverFile { .. } | Change::NrptRule { .. } => return Undone::Absent,
     };
     match r {
-        Ok(_) => true,
-        Err(e) => {
+        Ok(_) => Undone::Removed,
+        Err(e) if says_absent(&e) => {
             debug!(%change, "nothing to undo: {e}");
-            false
+            Undone::Absent
+        }
+        Err(e) => {
+            warn!(%change, "could not undo: {e}");
+            Undone::Failed(e)
         }
     }
 }
 
-pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
-    for change in applied.changes.iter().rev() {
-        if matches!(change, Change::Link { .. }) {
-            continue; // the caller closes the TUN, which removes the link
+/// Undoes `changes` in reverse order with `undo`; returns what was removed, and the changes
+/// whose undo failed (in journal order) with the failure of the first of them.
+async fn undo_all<F, Fut>(
+    changes: &[Change],
+    mut undo: F,
+) -> (Vec<Change>, Vec<Change>, Option<PlatformError>)
+where
+    F: FnMut(Change) -> Fut,
+    Fut: std::future::Future<Output = Undone>,
+{
+    let (mut removed, mut left, mut first) = (Vec::new(), Vec::new(), None);
+    for change in changes.iter().rev() {
+        match undo(change.clone()).await {
+            Undone::Removed => removed.push(change.clone()),
+            Undone::Absent => {}
+            Undone::Failed(e) => {
+                // Undone last to first: this one is first in the journal so far.
+                left.insert(0, change.clone());
+                first = Some(e);
+            }
         }
-        undo(change).await;
     }
-    let path = applied.journal.path().to_owned();
-    applied
-        .journal
-        .remove()
-        .map_err(|source| PlatformError::Journal { path, source })
+    (removed, left, first)
+}
+
+pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
+    // The caller closes the TUN, which removes the link.
+    let changes: Vec<Change> = applied
+        .changes
+        .into_iter()
+        .filter(|c| !matches!(c, Change::Link { .. }))
+        .collect();
+    let (_, left, failure) = undo_all(&changes, |c| async move { undo(&c).await }).await;
+    host::settle(applied.journal, left, failure)
 }
 
 pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
@@ -448,15 +514,14 @@ pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
         if rec.pid.is_some_and(pid_alive) {
             continue;
         }
-        for change in rec.changes.iter().rev() {
-            if undo(change).await {
-                undone.push(change.clone());
-            }
-        }
-        std::fs::remove_file(&path).map_err(|source| PlatformError::Journal {
+        let (removed, left, failure) =
+            undo_all(&rec.changes, |c| async move { undo(&c).await }).await;
+        undone.extend(removed);
+        let journal = Journal::open(&path).map_err(|source| PlatformError::Journal {
             path: path.clone(),
             source,
         })?;
+        host::settle(journal, left, failure)?;
     }
     Ok(undone)
 }
@@ -505,7 +570,7 @@ pub async fn apply_dns(
             })?;
         }
     }
-    info!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    debug!(backend = backend.name(), zones = ?plan.zones, "host DNS pointed at the responder");
     Ok(backend)
 }
 
@@ -519,4 +584,85 @@ fn record(applied: &mut Applied, change: Change) -> Result<(), PlatformError> {
         })?;
     applied.changes.push(change);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(n: u8) -> Change {
+        Change::Route {
+            dst: format!("10.{n}.0.0/16").parse().unwrap(),
+            dev: "mvt0".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_keeps_what_it_failed_to_undo_and_says_so() {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-restore-{}", std::process::id()));
+        let path = journal::path_for(&dir, "mvt0");
+        let mut journal = Journal::create(&path, std::process::id()).unwrap();
+        let changes = vec![route(1), route(2), route(3)];
+        for c in &changes {
+            journal.record(c).unwrap();
+        }
+        // Undoing routes 2 and 4 fails; 1 is gone already; 3 is removed.
+        journal.record(&route(4)).unwrap();
+        let changes = [changes, vec![route(4)]].concat();
+        let (removed, left, failure) = undo_all(&changes, |c| async move {
+            match c {
+                c if c == route(2) || c == route(4) => Undone::Failed(PlatformError::Command {
+                    cmd: format!("ip route del {}", c.to_string().split(' ').nth(1).unwrap()),
+                    stderr: "Too many open files".into(),
+                }),
+                c if c == route(1) => Undone::Absent,
+                _ => Undone::Removed,
+            }
+        })
+        .await;
+        assert_eq!(removed, vec![route(3)]);
+        let err = host::settle(journal, left, failure).expect_err("a failed undo is reported");
+        // The change named and the failure quoted are the same one.
+        let PlatformError::Undo {
+            count,
+            first,
+            source,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!((*count, first), (2, &route(2)), "{err}");
+        assert!(source.to_string().contains("10.2.0.0/16"), "{err}");
+        assert_eq!(
+            journal::read(&path).unwrap().changes,
+            vec![route(2), route(4)]
+        );
+        // All undone: the journal goes.
+        let journal = Journal::open(&path).unwrap();
+        host::settle(journal, Vec::new(), None).unwrap();
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_missing_object_counts_as_already_undone() {
+        let failed = |stderr: &str| PlatformError::Command {
+            cmd: "ip".into(),
+            stderr: stderr.into(),
+        };
+        assert!(says_absent(&failed("RTNETLINK answers: No such process")));
+        assert!(says_absent(&failed(
+            "RTNETLINK answers: No such file or directory"
+        )));
+        assert!(says_absent(&failed("Device \"mvt0\" does not exist.")));
+        assert!(!says_absent(&failed(
+            "RTNETLINK answers: Operation not permitted"
+        )));
+        let spawn = PlatformError::Spawn {
+            cmd: "ip".into(),
+            source: std::io::Error::from_raw_os_error(24),
+        };
+        assert!(!says_absent(&spawn), "EMFILE is not 'already gone'");
+    }
 }

@@ -376,6 +376,10 @@ pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
     host::repair(&mut system(), state_dir).await
 }
 
+pub fn pid_alive(pid: i32) -> bool {
+    crate::process::pid_alive(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,12 +495,11 @@ mod tests {
         let p = plan(&["10.0.0.0/16"], &[]);
         let e = host::apply(&mut mac, &p, &dir).await.unwrap_err();
         assert!(e.to_string().contains("File exists"), "{e}");
+        // The route that failed (someone else's of the same name?) is not removed: only what
+        // this session made is undone.
         assert_eq!(
             &mac.runner().ran[3..],
-            [
-                "route -q -n delete -inet 10.0.0.0/16 -interface utun9",
-                "ifconfig utun9 inet 198.18.0.1 -alias",
-            ]
+            ["ifconfig utun9 inet 198.18.0.1 -alias"]
         );
         assert!(!crate::journal::path_for(&dir, "utun9").exists());
         let _ = std::fs::remove_dir_all(&dir);
@@ -595,6 +598,31 @@ mod tests {
             2,
             "the link is not counted: it went with its fd"
         );
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn what_restore_cannot_undo_stays_in_the_journal() {
+        let dir = tmp("keep");
+        let mut mac = Macos::new(Recorder::default(), dir.join("resolver"));
+        let applied = host::apply(&mut mac, &plan(&["10.0.0.0/16"], &[]), &dir)
+            .await
+            .unwrap();
+        mac.runner.fail = Some("route -q -n delete");
+        let e = host::restore(&mut mac, applied).await.unwrap_err();
+        assert!(matches!(&e, PlatformError::Undo { count: 1, .. }), "{e}");
+        let kept = crate::journal::read(&crate::journal::path_for(&dir, "utun9")).unwrap();
+        let lines: Vec<String> = kept.changes.iter().map(ToString::to_string).collect();
+        assert_eq!(lines, ["route 10.0.0.0/16 utun9"]);
+        // The next repair (the session is gone) tries again, and succeeds.
+        mac.runner.fail = None;
+        let path = crate::journal::path_for(&dir, "utun9");
+        let mut j = crate::journal::Journal::create(&path, i32::MAX as u32).unwrap();
+        j.record(&kept.changes[0]).unwrap();
+        drop(j);
+        let undone = host::repair(&mut mac, &dir).await.unwrap();
+        assert_eq!(undone, kept.changes);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

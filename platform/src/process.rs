@@ -29,6 +29,13 @@ pub fn pid_alive(pid: i32) -> bool {
     return crate::win32::pid_alive(pid as u32);
 }
 
+/// How to get the privileges [`is_privileged`] checks, for messages ("must be run ...").
+#[cfg(unix)]
+pub const PRIVILEGED: &str = "as root (use sudo)";
+/// How to get the privileges [`is_privileged`] checks, for messages ("must be run ...").
+#[cfg(windows)]
+pub const PRIVILEGED: &str = "from an elevated prompt (Run as administrator)";
+
 /// True when running with the privileges `up` needs: root on Unix, an elevated token on
 /// Windows.
 pub fn is_privileged() -> bool {

@@ -31,7 +31,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info};
+use tracing::debug;
 
 pub use tunnel::Tunnel;
 pub use zones::{DnsDomain, Split};
@@ -44,8 +44,17 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const TUNNEL_CHANNELS: usize = 2;
 /// Queries handled at once (UDP and TCP together); beyond it, UDP queries get SERVFAIL.
 const MAX_CONCURRENT: usize = 1024;
-/// TCP client connections at once.
-const MAX_TCP_CLIENTS: usize = 256;
+/// Sockets open at once towards the original nameservers (one per query in flight): a flood
+/// of queries while those nameservers are silent must not take every descriptor of the
+/// process (reconnecting to the jump host needs some). Beyond it, queries get SERVFAIL.
+const MAX_UPSTREAM_SOCKETS: usize = 128;
+/// TCP client connections at once. When all are taken, the longest-idle one is closed to
+/// make room, so idle connections cannot lock real queries out.
+const MAX_TCP_CLIENTS: usize = 64;
+/// New TCP connections waiting for an idle one to make room; more are closed at once.
+const MAX_TCP_WAITING: usize = 16;
+/// How long a new TCP connection waits for room.
+const TCP_ROOM_WAIT: Duration = Duration::from_secs(1);
 /// An idle TCP client connection is closed after this long.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -151,6 +160,10 @@ struct Ctx {
     tunnel: Arc<Tunnel>,
     counters: Arc<DnsCounters>,
     busy: Semaphore,
+    /// Sockets to the original nameservers ([`MAX_UPSTREAM_SOCKETS`]).
+    upstream_sockets: Semaphore,
+    /// Wakes the longest-idle TCP client so that it closes (room for a new one).
+    evict: tokio::sync::Notify,
 }
 
 impl Responder {
@@ -177,6 +190,8 @@ impl Responder {
                 tunnel,
                 counters,
                 busy: Semaphore::new(MAX_CONCURRENT),
+                upstream_sockets: Semaphore::new(MAX_UPSTREAM_SOCKETS),
+                evict: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -194,29 +209,70 @@ impl Responder {
     /// Answers queries until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let tcp_clients = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
+        let tcp_waiting = Arc::new(Semaphore::new(MAX_TCP_WAITING));
         let mut buf = vec![0u8; 65_535];
         loop {
+            // Out of descriptors: pause (the listener stays readable; retrying at once would
+            // spin). Outside `select!`, whose other futures are still alive in a branch.
+            let mut pause = None;
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 r = self.udp.recv_from(&mut buf) => {
                     let Ok((n, peer)) = r else { continue };
                     self.udp_query(buf[..n].to_vec(), peer);
                 }
-                r = self.tcp.accept() => {
-                    let Ok((stream, peer)) = r else { continue };
-                    let Ok(permit) = tcp_clients.clone().try_acquire_owned() else {
-                        debug!(%peer, "too many DNS-over-TCP clients: closing");
-                        continue;
-                    };
-                    let ctx = self.ctx.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let _ = tcp_client(stream, &ctx).await;
-                    });
-                }
+                r = self.tcp.accept() => match r {
+                    Ok((stream, peer)) => self.tcp_start(stream, peer, &tcp_clients, &tcp_waiting),
+                    Err(e) => {
+                        debug!(error = %e, "DNS-over-TCP accept failed");
+                        pause = crate::fds::accept_pause(&e);
+                    }
+                },
+            }
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
             }
         }
-        info!("DNS responder stopped");
+        debug!("DNS responder stopped");
+    }
+
+    /// Serves a new DNS-over-TCP client. When [`MAX_TCP_CLIENTS`] are connected, the
+    /// longest-idle one is told to close and the new one waits for its slot (at most
+    /// [`MAX_TCP_WAITING`] wait; more are closed at once).
+    fn tcp_start(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        clients: &Arc<Semaphore>,
+        waiting: &Arc<Semaphore>,
+    ) {
+        let permit = match clients.clone().try_acquire_owned() {
+            Ok(p) => Ok(p),
+            Err(_) => match waiting.clone().try_acquire_owned() {
+                Ok(w) => {
+                    self.ctx.evict.notify_one();
+                    Err(w)
+                }
+                Err(_) => {
+                    debug!(%peer, "too many DNS-over-TCP clients: closing");
+                    return;
+                }
+            },
+        };
+        let ctx = self.ctx.clone();
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let _permit = match permit {
+                Ok(p) => p,
+                Err(_waiting) => {
+                    match tokio::time::timeout(TCP_ROOM_WAIT, clients.acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => return,
+                    }
+                }
+            };
+            let _ = tcp_client(stream, &ctx).await;
+        });
     }
 
     fn udp_query(&self, raw: Vec<u8>, peer: SocketAddr) {
@@ -250,9 +306,13 @@ impl Responder {
 async fn tcp_client(mut stream: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return Ok(()),
+        // Idle: waiting for the next query, first in line to make room for a new client.
+        tokio::select! {
+            r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => match r {
+                Ok(Ok(_)) => {}
+                _ => return Ok(()),
+            },
+            () = ctx.evict.notified() => return Ok(()),
         }
         let mut raw = vec![0u8; u16::from_be_bytes(len) as usize];
         tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut raw))
@@ -293,6 +353,12 @@ impl Ctx {
             c.refused.fetch_add(1, Ordering::Relaxed);
             return wire::error_answer(raw, query, RCODE_REFUSED);
         }
+        // One socket per query in flight: bounded, or a flood takes every descriptor.
+        let Ok(_socket) = self.upstream_sockets.try_acquire() else {
+            debug!("too many queries to the original nameservers in flight: SERVFAIL");
+            c.servfail.fetch_add(1, Ordering::Relaxed);
+            return wire::error_answer(raw, query, RCODE_SERVFAIL);
+        };
         for server in &self.upstream {
             let answer = if tcp {
                 upstream_tcp(*server, raw).await
@@ -379,7 +445,7 @@ pub async fn discover(session: &crate::ssh::Session) -> Result<IpAddr, DnsError>
     let found = pick_discovered(&text).ok_or(DnsError::NoResolver {
         why: "it lists no non-loopback nameserver",
     })?;
-    info!(resolver = %found, "no --dns given: using the jump host's resolver");
+    debug!(resolver = %found, "no --dns given: using the jump host's resolver");
     Ok(found)
 }
 
@@ -557,6 +623,61 @@ mod tests {
         let a = ask_udp(addr, &query(9, "www.example.org", None)).await;
         assert_eq!(a[3] & 0x0f, RCODE_REFUSED);
         assert_eq!(counters.refused.load(Ordering::Relaxed), 1);
+    }
+
+    /// One query over a new TCP connection; `None` if the responder closed it instead.
+    async fn ask_tcp(server: SocketAddr, q: &[u8]) -> Option<Vec<u8>> {
+        let mut c = TcpStream::connect(server).await.ok()?;
+        c.write_all(&(q.len() as u16).to_be_bytes()).await.ok()?;
+        c.write_all(q).await.ok()?;
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len).await.ok()?;
+        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+        c.read_exact(&mut a).await.ok()?;
+        Some(a)
+    }
+
+    #[tokio::test]
+    async fn idle_tcp_clients_make_room_for_a_real_query() {
+        let upstream = fake_upstream().await;
+        let (addr, _, _stop) = responder(vec![upstream]).await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_TCP_CLIENTS + MAX_TCP_WAITING + 8 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let q = query(11, "www.example.org", None);
+        let a = tokio::time::timeout(Duration::from_secs(3), ask_tcp(addr, &q))
+            .await
+            .expect("in time");
+        assert_eq!(
+            a,
+            Some(fake_answer(&q, 20)),
+            "answered despite the idle clients"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_original_nameservers_cannot_take_every_descriptor() {
+        // A nameserver that never answers: each query holds its socket for QUERY_TIMEOUT.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (addr, counters, _stop) = responder(vec![silent.local_addr().unwrap()]).await;
+        let flood = MAX_UPSTREAM_SOCKETS + 64;
+        let client = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        for id in 0..flood {
+            let q = query(id as u16, "www.example.org", None);
+            client.send_to(&q, addr).await.unwrap();
+        }
+        // Beyond the bound, queries fail at once instead of opening more sockets.
+        let mut fast = 0;
+        let mut buf = vec![0u8; 512];
+        while let Ok(Ok(_)) = tokio::time::timeout(QUERY_TIMEOUT / 4, client.recv(&mut buf)).await {
+            assert_eq!(buf[3] & 0x0f, RCODE_SERVFAIL);
+            fast += 1;
+        }
+        assert!(fast >= flood - MAX_UPSTREAM_SOCKETS, "{fast} fast answers");
+        assert!(counters.servfail.load(Ordering::Relaxed) >= fast as u64);
+        drop(silent);
     }
 
     #[test]

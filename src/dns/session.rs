@@ -1,7 +1,7 @@
 //! Split DNS in an `up` session: which VPC resolvers to use (`--dns`, or discovered on the
 //! jump host), and starting the responder: bind it on the TUN address, then point the host
 //! resolver at it through the platform crate (journaled). Called by `main` between the host
-//! changes and the "is up" line; prints the user-facing lines about DNS.
+//! changes and the "is up" line; [`summary`] is the one line `up` prints about DNS.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -31,9 +31,6 @@ pub async fn resolvers(
             why: "no SSH connection to read it with",
         })?;
     let found = super::discover(session).await?;
-    println!(
-        "split DNS: no --dns given; using {found}, the first nameserver in the jump host's /etc/resolv.conf"
-    );
     Ok(vec![found])
 }
 
@@ -88,16 +85,6 @@ pub async fn start(
         .apply_dns(plan.tun_name(), &dns_plan, state_dir)
         .await?;
     let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
-    println!(
-        "split DNS ({}): {} → {} through the tunnel; other names as before",
-        backend.name(),
-        args.dns_domains
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        servers.join(", ")
-    );
     let shown = DnsStatus {
         mode: backend.name().to_owned(),
         listen: listen.to_string(),
@@ -111,4 +98,21 @@ pub async fn start(
         truncated: 0,
     };
     Ok((responder, shown))
+}
+
+/// The line `up` prints about split DNS: which names go where, and how the host resolver was
+/// pointed at the responder.
+pub fn summary(args: &UpArgs, shown: &DnsStatus) -> String {
+    let domains: Vec<String> = args.dns_domains.iter().map(ToString::to_string).collect();
+    format!(
+        "split DNS ({}): {} → {}{} through the tunnel; other names as before",
+        shown.mode,
+        domains.join(", "),
+        shown.servers.join(", "),
+        if args.dns_servers.is_empty() {
+            " (the jump host's resolver)"
+        } else {
+            ""
+        }
+    )
 }

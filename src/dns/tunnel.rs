@@ -8,6 +8,11 @@
 //! The streams come from a [`Connector`]: in a session, [`PoolConnector`] opens
 //! `direct-tcpip` channels on the SSH pool; tests plug in an in-memory resolver.
 //!
+//! Some resolvers serve one TCP connection at a time (dnsmasq in debug mode, some
+//! appliances): the second channel is accepted but never answered. When a channel's queries
+//! wait [`STALL_AFTER`] while another channel answered within [`LIVE_WINDOW`], they move to
+//! that live channel, and the silent one is closed and passed over for [`STALL_BACKOFF`].
+//!
 //! Only the responder calls this, and only for names inside the configured domains.
 
 use std::collections::HashMap;
@@ -32,6 +37,23 @@ const QUEUE: usize = 512;
 /// After a failed channel open, queries fail at once for this long instead of each waiting
 /// for another open (a resolver the jump host cannot reach must not make every query wait).
 const OPEN_HOLDOFF: Duration = Duration::from_secs(1);
+/// A channel whose oldest query waited this long while another channel answers is stalled.
+const STALL_AFTER: Duration = Duration::from_millis(300);
+/// A channel that answered within this long is live (its queries can take others').
+const LIVE_WINDOW: Duration = Duration::from_secs(10);
+/// A stalled channel is passed over for new queries this long.
+const STALL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the workers know of each other's channels.
+#[derive(Clone, Copy, Default)]
+struct Health {
+    /// When this worker's channel last answered.
+    answered: Option<Instant>,
+    /// Passed over for new queries until then.
+    stalled_until: Option<Instant>,
+}
+
+type Board = Arc<std::sync::Mutex<Vec<Health>>>;
 
 /// A byte stream to a resolver's TCP port 53.
 pub trait DnsStream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -69,7 +91,7 @@ impl Connector for PoolConnector {
 
     fn open(&self, dst: SocketAddr, timeout: Duration) -> BoxFuture<'_, Option<Opened>> {
         Box::pin(async move {
-            match self.pool.open(dst, self.originator, timeout).await {
+            match self.pool.open(dst, self.originator, timeout, timeout).await {
                 Ok((link, channel)) => {
                     let pool = self.pool.clone();
                     Some(Opened {
@@ -89,6 +111,7 @@ impl Connector for PoolConnector {
 /// The tunnel side of the responder. See the module documentation.
 pub struct Tunnel {
     workers: Vec<mpsc::Sender<Job>>,
+    health: Board,
     next: AtomicUsize,
     connector: Arc<dyn Connector>,
     timeout: Duration,
@@ -127,25 +150,30 @@ impl Tunnel {
         channels: usize,
         timeout: Duration,
     ) -> Arc<Tunnel> {
-        let workers = (0..channels.max(1))
-            .map(|i| {
-                let (tx, rx) = mpsc::channel(QUEUE);
-                let w = Worker {
-                    connector: connector.clone(),
-                    servers: servers.clone(),
-                    server: i % servers.len().max(1),
-                    timeout,
-                    conn: None,
-                    pending: HashMap::new(),
-                    next_id: rand::random(),
-                    failed_open: None,
-                };
-                tokio::spawn(w.run(rx));
-                tx
-            })
-            .collect();
+        let n = channels.max(1);
+        let health: Board = Arc::new(std::sync::Mutex::new(vec![Health::default(); n]));
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(QUEUE)).unzip();
+        // Weak: a worker must not keep its peers' queues (or its own) open.
+        let peers: Vec<mpsc::WeakSender<Job>> = senders.iter().map(|s| s.downgrade()).collect();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let w = Worker {
+                index: i,
+                health: health.clone(),
+                peers: peers.clone(),
+                connector: connector.clone(),
+                servers: servers.clone(),
+                server: i % servers.len().max(1),
+                timeout,
+                conn: None,
+                pending: HashMap::new(),
+                next_id: rand::random(),
+                failed_open: None,
+            };
+            tokio::spawn(w.run(rx));
+        }
         Arc::new(Tunnel {
-            workers,
+            workers: senders,
+            health,
             next: AtomicUsize::new(0),
             connector,
             timeout,
@@ -166,9 +194,20 @@ impl Tunnel {
         };
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Stalled channels last, so a live one gets the query while there is one.
+        let now = Instant::now();
+        let stalled = |i: usize| {
+            self.health
+                .lock()
+                .ok()
+                .and_then(|h| h[i].stalled_until)
+                .is_some_and(|t| t > now)
+        };
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        order.sort_by_key(|&i| stalled(i));
         let mut sent = false;
-        for i in 0..n {
-            match self.workers[(start + i) % n].try_send(job) {
+        for i in order {
+            match self.workers[i].try_send(job) {
                 Ok(()) => {
                     sent = true;
                     break;
@@ -202,10 +241,16 @@ struct Conn {
 struct Pending {
     orig_id: u16,
     job: Job,
+    /// When it was written to the channel.
+    sent: Instant,
     deadline: Instant,
 }
 
 struct Worker {
+    /// Its place in `health` and `peers`.
+    index: usize,
+    health: Board,
+    peers: Vec<mpsc::WeakSender<Job>>,
     connector: Arc<dyn Connector>,
     servers: Vec<SocketAddr>,
     server: usize,
@@ -221,6 +266,7 @@ impl Worker {
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         loop {
             let next_deadline = self.pending.values().map(|p| p.deadline).min();
+            let stall_check = self.pending.values().map(|p| p.sent + STALL_AFTER).min();
             tokio::select! {
                 job = jobs.recv(), if self.pending.len() < MAX_IN_FLIGHT => {
                     let Some(job) = job else { break };
@@ -231,6 +277,7 @@ impl Worker {
                     None => self.lost("the resolver closed the channel").await,
                 },
                 () = sleep_until(next_deadline) => self.expire().await,
+                () = sleep_until(stall_check) => self.hand_over_if_stalled(),
             }
         }
         self.close();
@@ -283,12 +330,14 @@ impl Worker {
         framed.extend_from_slice(&(job.query.len() as u16).to_be_bytes());
         framed.extend_from_slice(&job.query);
         wire::set_id(&mut framed[2..], id);
+        let now = Instant::now();
         self.pending.insert(
             id,
             Pending {
                 orig_id,
                 job,
-                deadline: Instant::now() + self.timeout,
+                sent: now,
+                deadline: now + self.timeout,
             },
         );
         let written = match &mut self.conn {
@@ -302,10 +351,60 @@ impl Worker {
 
     fn answer(&mut self, mut resp: Vec<u8>) {
         let Some(id) = wire::id(&resp) else { return };
+        if let Ok(mut h) = self.health.lock() {
+            h[self.index].answered = Some(Instant::now());
+        }
         if let Some(p) = self.pending.remove(&id) {
             wire::set_id(&mut resp, p.orig_id);
             let _ = p.job.reply.send(Some(resp));
         }
+    }
+
+    /// The oldest query waited [`STALL_AFTER`]: if another channel answered lately, this one
+    /// is served last or not at all by its resolver. Its queries move to the live channel
+    /// (a later answer here would be ignored), and it is closed and passed over for a while.
+    fn hand_over_if_stalled(&mut self) {
+        let now = Instant::now();
+        let Some(oldest) = self.pending.values().map(|p| p.sent).min() else {
+            return;
+        };
+        if oldest + STALL_AFTER > now {
+            return;
+        }
+        let live = self.health.lock().ok().and_then(|mut h| {
+            let me = h[self.index];
+            let peer = (0..h.len()).find(|&i| {
+                i != self.index
+                    && h[i].answered.is_some_and(|t| {
+                        now.duration_since(t) < LIVE_WINDOW && me.answered.is_none_or(|m| t > m)
+                    })
+                    && h[i].stalled_until.is_none_or(|t| t <= now)
+            })?;
+            h[self.index].stalled_until = Some(now + STALL_BACKOFF);
+            Some(peer)
+        });
+        let Some(peer) = live.and_then(|i| self.peers[i].upgrade()) else {
+            // No live channel to move to: wait for the answers or the deadline. Looked at
+            // again when the next query is written here.
+            for p in self.pending.values_mut() {
+                p.sent = p.sent.max(p.deadline);
+            }
+            return;
+        };
+        debug!(
+            queries = self.pending.len(),
+            "a DNS channel is silent while another answers: moving its queries"
+        );
+        for (_, mut p) in self.pending.drain() {
+            wire::set_id(&mut p.job.query, p.orig_id);
+            if let Err(e) = peer.try_send(p.job) {
+                let job = match e {
+                    mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+                };
+                let _ = job.reply.send(None);
+            }
+        }
+        self.close();
     }
 
     /// Fails the queries whose time is up; the channel they were on is not trusted any more.
@@ -605,6 +704,38 @@ mod tests {
             "tried again after it"
         );
         assert_eq!(f.opens.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn queries_on_a_silent_channel_move_to_the_one_that_answers() {
+        // A resolver serving one TCP connection at a time: the first channel is answered,
+        // the second accepted and never served.
+        let f = fake(vec![Behaviour::Reverse(1), Behaviour::Silent]);
+        let t = Tunnel::with_connector(
+            f.clone(),
+            vec![([10, 0, 0, 2], 53).into()],
+            2,
+            Duration::from_secs(2),
+        );
+        assert!(
+            t.query(&query(1, "a.internal")).await.is_some(),
+            "first channel"
+        );
+        let start = std::time::Instant::now();
+        let a = t.query(&query(2, "aaaa.internal")).await;
+        assert_eq!(a.as_ref().and_then(|a| wire::id(a)), Some(2), "answered");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "moved to the live channel in {:?}, not failed after the timeout",
+            start.elapsed()
+        );
+        // The silent channel is passed over: the next queries go to the live one at once.
+        for id in 3..6 {
+            let start = std::time::Instant::now();
+            assert!(t.query(&query(id, "b.internal")).await.is_some());
+            assert!(start.elapsed() < STALL_AFTER, "{:?}", start.elapsed());
+        }
+        assert_eq!(f.opens.load(Ordering::Relaxed), 2, "no third channel");
     }
 
     #[tokio::test]

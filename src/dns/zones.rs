@@ -26,6 +26,9 @@ pub enum DomainError {
     /// A character outside letters, digits, '-' and '_'.
     #[error("a DNS domain has only letters, digits, '-', '_' and dots")]
     BadChar,
+    /// `.internal`: a leading dot, as in a search list or `no_proxy`.
+    #[error("drop the leading dot: write {0}")]
+    LeadingDot(String),
 }
 
 impl FromStr for DnsDomain {
@@ -36,6 +39,12 @@ impl FromStr for DnsDomain {
         let s = s.strip_prefix("~").unwrap_or(&s).to_owned();
         if s.is_empty() {
             return Err(DomainError::Empty);
+        }
+        if let Some(rest) = s.strip_prefix('.')
+            && !rest.is_empty()
+            && !rest.starts_with('.')
+        {
+            return Err(DomainError::LeadingDot(rest.to_owned()));
         }
         if s.len() > 253 {
             return Err(DomainError::TooLong);
@@ -184,6 +193,9 @@ mod tests {
         );
         assert_eq!("a b".parse::<DnsDomain>(), Err(DomainError::BadChar));
         assert_eq!("a/b".parse::<DnsDomain>(), Err(DomainError::BadChar));
+        let e = ".internal".parse::<DnsDomain>().unwrap_err();
+        assert_eq!(e, DomainError::LeadingDot("internal".into()));
+        assert_eq!(e.to_string(), "drop the leading dot: write internal");
         let long = vec!["abcdefghi"; 26].join(".");
         assert_eq!(long.parse::<DnsDomain>(), Err(DomainError::TooLong));
     }

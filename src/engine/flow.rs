@@ -3,7 +3,7 @@
 //!
 //! This file owns no sockets and no I/O; the engine (`mod.rs`) drives the state kept here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -34,7 +34,7 @@ impl fmt::Display for FlowKey {
 }
 
 /// Why a flow ended. Recorded in logs and counters; who was at fault is in each variant's doc.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     /// Both directions finished with FIN / EOF: the normal end.
     Finished,
@@ -55,9 +55,9 @@ pub enum CloseReason {
     SessionLost,
     /// The concurrent flow limit (`--max-flows`) was reached when this flow's SYN arrived.
     FlowLimit,
-    /// The app stopped reading while the jump host kept sending: the flow's bounded buffer
-    /// filled up, so the flow was reset rather than let memory grow without limit.
-    AppTooSlow,
+    /// Too many channel opens were pending at the jump host when this flow's SYN arrived
+    /// (a burst of connections to destinations that do not answer, or a SYN flood).
+    OpenLimit,
     /// The TCP stack timed the connection out (the app vanished without closing).
     TimedOut,
     /// mse-vpn is shutting down.
@@ -87,8 +87,8 @@ impl fmt::Display for CloseReason {
             CloseReason::OpenTimedOut => "the channel open timed out",
             CloseReason::RemoteReset => "closed by the jump host before EOF",
             CloseReason::SessionLost => "the SSH connection was lost",
-            CloseReason::FlowLimit => "the concurrent flow limit was reached",
-            CloseReason::AppTooSlow => "the local app stopped reading (buffer limit reached)",
+            CloseReason::FlowLimit => "the concurrent flow limit (--max-flows) was reached",
+            CloseReason::OpenLimit => "too many connections were being opened at once",
             CloseReason::TimedOut => "the TCP connection timed out",
             CloseReason::Shutdown => "mse-vpn is shutting down",
         };
@@ -101,6 +101,8 @@ impl fmt::Display for CloseReason {
 pub struct FlowTable<T> {
     by_id: HashMap<FlowId, T>,
     by_key: HashMap<FlowKey, FlowId>,
+    /// The inbound flows among them (a budget of their own).
+    inbound: HashSet<FlowId>,
     next_id: u64,
 }
 
@@ -109,6 +111,7 @@ impl<T> Default for FlowTable<T> {
         FlowTable {
             by_id: HashMap::new(),
             by_key: HashMap::new(),
+            inbound: HashSet::new(),
             next_id: 1,
         }
     }
@@ -134,6 +137,18 @@ impl<T> FlowTable<T> {
         id
     }
 
+    /// [`FlowTable::insert`] for an inbound flow (counted in [`FlowTable::inbound_len`]).
+    pub fn insert_inbound(&mut self, key: FlowKey, make: impl FnOnce(FlowId) -> T) -> FlowId {
+        let id = self.insert(key, make);
+        self.inbound.insert(id);
+        id
+    }
+
+    /// Number of live inbound flows.
+    pub fn inbound_len(&self) -> usize {
+        self.inbound.len()
+    }
+
     /// The flow currently using `key`, if any.
     pub fn id_of(&self, key: &FlowKey) -> Option<FlowId> {
         self.by_key.get(key).copied()
@@ -154,6 +169,7 @@ impl<T> FlowTable<T> {
         if self.by_key.get(key) == Some(&id) {
             self.by_key.remove(key);
         }
+        self.inbound.remove(&id);
         self.by_id.remove(&id)
     }
 
@@ -194,5 +210,17 @@ mod tests {
         let b = t.insert(KEY_A, |_| "b");
         assert_ne!(a, b, "ids are never reused");
         assert_eq!(t.len(), 1);
+        let key_c = FlowKey {
+            dst: KEY_A.src,
+            src: KEY_A.dst,
+        };
+        let c = t.insert_inbound(key_c, |_| "c");
+        assert_eq!((t.len(), t.inbound_len()), (2, 1));
+        t.remove(c, &key_c);
+        assert_eq!(
+            (t.len(), t.inbound_len()),
+            (1, 0),
+            "inbound count follows removal"
+        );
     }
 }

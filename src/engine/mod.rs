@@ -30,15 +30,20 @@ pub mod flow;
 pub mod packet;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
 pub use device::QueueDevice;
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
@@ -53,17 +58,35 @@ const IFACE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 
 pub const SHARDS: usize = 64;
 /// Largest chunk read from a socket into one [`Event::Data`].
 const CHUNK: usize = 64 * 1024;
+/// Channel bytes a flow may hold beyond its socket's send buffer before the driver stops
+/// reading its channel ([`Engine::wants_data`]).
+pub const PENDING_LOW: usize = 64 * 1024;
 /// How often every flow is re-examined even without new packets (catches timer-driven
 /// state changes such as retransmission timeouts).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
+/// A flow whose SYN-ACK the app never acknowledges is dropped this long after the SYN-ACK
+/// first went out, as Linux gives up on a SYN-RECEIVED connection after its five SYN-ACK
+/// retransmissions (1 + 2 + 4 + 8 + 16 s, then 32 s for the last one): a spoofed source or a
+/// firewall dropping SYN-ACKs no longer holds a flow slot and an SSH channel forever.
+pub const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_secs(63);
+/// At most one challenge ACK (RFC 5961 §7) per flow in this interval: an RST or SYN storm
+/// cannot turn the engine into an ACK amplifier.
+const CHALLENGE_ACK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default of [`EngineConfig::max_inbound`] (`--max-inbound`).
+pub const DEFAULT_MAX_INBOUND: usize = 1_000;
 
 /// Tunables of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// The TUN MTU: largest IP packet exchanged with the kernel.
     pub mtu: usize,
-    /// Concurrent flows beyond which new SYNs are answered with a reset.
+    /// Concurrent outbound flows (the laptop's own connections) beyond which new SYNs are
+    /// answered with a reset.
     pub max_flows: usize,
+    /// Concurrent inbound flows (cloud callers through `--expose`), a budget of their own so
+    /// that callers can never take the laptop's own connections' slots.
+    pub max_inbound: usize,
     /// Size of each smoltcp socket's receive and send buffers.
     pub tcp_buffer: usize,
     /// Bytes of one flow handed to the SSH side and not yet written there: the app's upload
@@ -72,12 +95,9 @@ pub struct EngineConfig {
     /// [`Event::Data`] messages of one flow not yet acknowledged by [`Engine::handle_sent`]:
     /// with `max_inflight` this bounds the driver's per-flow write queue.
     pub max_inflight_msgs: usize,
-    /// Bytes from the SSH side waiting for one app to read them. russh re-opens the SSH
-    /// window as data arrives, not as it is consumed, so the jump host cannot be slowed per
-    /// flow: this bound is enforced by resetting the flow (reason `AppTooSlow`).
-    pub max_pending: usize,
-    /// The same, summed over all flows: past it, the flow receiving data is reset.
-    pub max_pending_total: usize,
+    /// How long an outbound flow's SYN is held for its channel to open: then the app gets a
+    /// reset ([`CloseReason::OpenTimedOut`]). Checked once a second.
+    pub open_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -85,24 +105,13 @@ impl Default for EngineConfig {
         EngineConfig {
             mtu: 65_000,
             max_flows: 10_000,
+            max_inbound: DEFAULT_MAX_INBOUND,
             tcp_buffer: 512 * 1024,
             max_inflight: 4 * 1024 * 1024,
             max_inflight_msgs: 128,
-            max_pending: 128 * 1024 * 1024,
-            max_pending_total: 512 * 1024 * 1024,
+            open_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// Progress of one flow's download into its app socket (see [`Engine::poll_consumed`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Consumed {
-    /// The flow.
-    pub id: FlowId,
-    /// Channel bytes the socket took.
-    pub bytes: usize,
-    /// The socket's send buffer is full with more data waiting: the app is the bottleneck.
-    pub app_limited: bool,
 }
 
 /// What the engine asks the driver to do.
@@ -134,6 +143,13 @@ pub enum Event {
         /// The flow.
         id: FlowId,
     },
+    /// A new connection was refused at once, without becoming a flow (for logs).
+    Refused {
+        /// Its 4-tuple.
+        key: FlowKey,
+        /// Why ([`CloseReason::FlowLimit`]).
+        reason: CloseReason,
+    },
     /// The flow is over: close its channel after any earlier data and forget the id.
     Close {
         /// The flow.
@@ -162,8 +178,10 @@ pub enum InboundError {
 /// Counters since the engine started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
-    /// Flows live right now (opening or open).
+    /// Flows live right now (opening or open), inbound ones included.
     pub flows_active: u64,
+    /// Inbound flows (cloud callers) live right now.
+    pub inbound_active: u64,
     /// Flows admitted (SYN held, channel requested).
     pub flows_opened: u64,
     /// SYNs refused because of the flow limit.
@@ -182,10 +200,16 @@ pub struct EngineStats {
     pub packets_dropped: u64,
     /// ICMP unreachable replies sent for traffic the tunnel does not carry.
     pub icmp_rejects: u64,
+    /// RSTs and SYNs not taken on an established flow (RFC 5961): in-window RSTs without the
+    /// exact sequence number, SYNs on a synchronized connection, out-of-window RSTs.
+    pub rst_syn_screened: u64,
+    /// Flows dropped because the app never acknowledged their SYN-ACK.
+    pub syn_received_timeouts: u64,
 }
 
 enum Phase {
-    /// The SYN is held while the channel opens.
+    /// The SYN is held while the channel opens (its header only: see
+    /// [`packet::syn_header`]).
     Opening { syn: Vec<u8> },
     /// A smoltcp socket terminates the flow.
     Open { handle: SocketHandle },
@@ -215,6 +239,26 @@ struct Flow {
     dirty: bool,
     /// An inbound flow not yet answered by the local app (its SYN is out, no `Connected` yet).
     connecting: bool,
+    /// What smoltcp last sent on this flow (for screening RSTs and SYNs, RFC 5961).
+    seq: Option<SeqState>,
+    /// When the SYN-ACK first went out (outbound flows): the handshake times out from here.
+    accepted_at: Option<Instant>,
+    /// When an outbound flow's held SYN is refused if its channel has not opened.
+    open_deadline: Option<Instant>,
+}
+
+/// The connection's sequence space as smoltcp's own segments to the app show it.
+#[derive(Clone, Copy, Debug)]
+struct SeqState {
+    /// The highest sequence number sent plus one (SND.NXT).
+    snd_nxt: TcpSeqNumber,
+    /// The latest acknowledgement number sent (RCV.NXT when it was sent); `None` until
+    /// smoltcp acknowledged anything (an inbound flow's own SYN carries no ACK).
+    rcv_nxt: Option<TcpSeqNumber>,
+    /// The latest window field sent.
+    window: u16,
+    /// When the last challenge ACK went out.
+    challenged_at: Option<Instant>,
 }
 
 impl Flow {
@@ -234,6 +278,9 @@ impl Flow {
             ending: None,
             dirty: false,
             connecting,
+            seq: None,
+            accepted_at: None,
+            open_deadline: None,
         }
     }
 }
@@ -249,19 +296,32 @@ struct Shard {
     poll_at: Option<Instant>,
 }
 
+/// A smoltcp interface answering for every address, its random generator seeded with `seed`.
+///
+/// smoltcp draws each connection's initial sequence number from its interface's generator
+/// (a PCG, not a cryptographic one, seeded with 0 unless told otherwise): every interface is
+/// seeded from the engine's CSPRNG, and [`Shard::reseed`] gives it a fresh seed before each
+/// SYN it answers, so an ISN says nothing about the next one (RFC 6528's goal).
+fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64) -> Interface {
+    let mut config = Config::new(HardwareAddress::Ip);
+    config.random_seed = seed;
+    let mut iface = Interface::new(config, device, now);
+    iface.set_any_ip(true);
+    iface.update_ip_addrs(|addrs| {
+        // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
+        let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
+        let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
+    });
+    // Replies go back to whatever address the app used: default routes via ourselves.
+    let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
+    let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+    iface
+}
+
 impl Shard {
-    fn new(mtu: usize, now: Instant) -> Shard {
+    fn new(mtu: usize, now: Instant, seed: u64) -> Shard {
         let mut device = QueueDevice::new(mtu);
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut device, now);
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|addrs| {
-            // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(IFACE_V4), 32));
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(IFACE_V6), 128));
-        });
-        // Replies go back to whatever address the app used: default routes via ourselves.
-        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_V4);
-        let _ = iface.routes_mut().add_default_ipv6_route(IFACE_V6);
+        let iface = new_iface(&mut device, now, seed);
         Shard {
             iface,
             device,
@@ -280,6 +340,13 @@ impl Shard {
         tx.append(&mut self.device.tx);
         self.poll_at = self.iface.poll_at(now, &self.sockets);
         self.active = false;
+    }
+
+    /// Replaces the interface by one seeded with `seed`. The sockets live in the socket set,
+    /// not in the interface, and with IP-only medium and no fragmentation the interface holds
+    /// nothing else that lasts: its addresses and routes are set up again identically.
+    fn reseed(&mut self, now: Instant, seed: u64) {
+        self.iface = new_iface(&mut self.device, now, seed);
     }
 
     fn inject(&mut self, packet: Vec<u8>) {
@@ -306,17 +373,20 @@ pub struct Engine {
     dirty: Vec<FlowId>,
     next_sweep: Instant,
     stats: EngineStats,
-    /// Sum of every flow's `pending_len`.
-    pending_total: usize,
-    /// Channel bytes apps' sockets took since the driver last asked.
-    consumed: Vec<Consumed>,
+    /// Flows whose channel the driver may read again (see [`Engine::poll_room`]).
+    room: Vec<FlowId>,
+    /// Seeds the shards' generators (initial sequence numbers).
+    rng: StdRng,
 }
 
 impl Engine {
     /// A new engine; `now` is the driver's clock.
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
+        let mut rng = StdRng::from_os_rng();
         Engine {
-            shards: (0..SHARDS).map(|_| Shard::new(config.mtu, now)).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard::new(config.mtu, now, rng.random()))
+                .collect(),
             config,
             tx: VecDeque::new(),
             spare: QueueDevice::new(0),
@@ -325,8 +395,8 @@ impl Engine {
             dirty: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
             stats: EngineStats::default(),
-            pending_total: 0,
-            consumed: Vec::new(),
+            room: Vec::new(),
+            rng,
         }
     }
 
@@ -334,6 +404,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             flows_active: self.flows.len() as u64,
+            inbound_active: self.flows.inbound_len() as u64,
             ..self.stats
         }
     }
@@ -349,7 +420,7 @@ impl Engine {
     }
 
     /// One raw IP packet read from the TUN.
-    pub fn handle_tun_packet(&mut self, _now: Instant, packet: Vec<u8>) {
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: Vec<u8>) {
         match packet::classify(&packet) {
             Ingress::Drop(_) => self.stats.packets_dropped += 1,
             Ingress::Reject(kind) => {
@@ -358,16 +429,26 @@ impl Engine {
                     self.tx.push_back(reply);
                 }
             }
-            Ingress::Tcp { key, flags } => match self.flows.id_of(&key) {
-                Some(id) => self.flow_packet(id, flags, packet),
-                None if flags.is_connect() => self.admit(key, packet),
+            Ingress::Tcp { key, flags, seq } => match self.flows.id_of(&key) {
+                Some(id) => self.flow_packet(now, id, flags, seq, packet),
+                None if flags.is_connect() => self.admit(now, key, packet),
                 // A segment of no known flow: smoltcp answers with RST (or ignores an RST).
                 None => self.shards[0].inject(packet),
             },
         }
     }
 
-    fn flow_packet(&mut self, id: FlowId, flags: TcpFlags, packet: Vec<u8>) {
+    fn flow_packet(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        flags: TcpFlags,
+        seq: TcpSeqNumber,
+        packet: Vec<u8>,
+    ) {
+        if (flags.rst || flags.syn) && !self.screen(now, id, flags, seq) {
+            return;
+        }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -375,7 +456,9 @@ impl Engine {
             Phase::Opening { syn } => {
                 if flags.is_connect() {
                     // A retransmitted SYN: keep the newest, do not open a second channel.
-                    *syn = packet;
+                    if let Some(header) = packet::syn_header(&packet) {
+                        *syn = header;
+                    }
                 } else if flags.rst {
                     // The app gave up before the channel opened.
                     flow.ending = Some(CloseReason::AppReset);
@@ -395,19 +478,131 @@ impl Engine {
         }
     }
 
-    fn admit(&mut self, key: FlowKey, syn: Vec<u8>) {
-        if self.flows.len() >= self.config.max_flows {
+    /// Screens an RST or a SYN for a live flow against its sequence space (RFC 5961): true
+    /// to go on with it. An RST is taken only with exactly the next expected sequence number;
+    /// one elsewhere in the window, and a SYN on a synchronized connection, get a challenge
+    /// ACK instead (the real peer answers it with an exact RST, an off-path attacker never
+    /// sees it); an RST outside the window is dropped.
+    fn screen(&mut self, now: Instant, id: FlowId, flags: TcpFlags, seq: TcpSeqNumber) -> bool {
+        let Some(flow) = self.flows.get(id) else {
+            return false;
+        };
+        let handle = match &flow.phase {
+            Phase::Opening { syn } => {
+                // Nothing was sent to the app yet: the only RST it could mean is one at the
+                // sequence number right after its SYN.
+                let take = !flags.rst || packet::tcp_seq(syn).is_some_and(|isn| seq == isn + 1);
+                if !take {
+                    self.stats.rst_syn_screened += 1;
+                }
+                return take;
+            }
+            Phase::Open { handle } => *handle,
+        };
+        let i = shard_of(id);
+        // Queued segments first, so that what smoltcp sent (and so `seq`) is current.
+        if !self.shards[i].device.rx.is_empty() {
+            self.poll_shard(i, now);
+        }
+        let Some(flow) = self.flows.get_mut(id) else {
+            return false;
+        };
+        let socket = self.shards[i].sockets.get::<tcp::Socket>(handle);
+        let state = socket.state();
+        let window = socket
+            .recv_capacity()
+            .saturating_sub(socket.recv_queue())
+            .max(1);
+        let Some((track, rcv_nxt)) = flow.seq.as_mut().and_then(|t| t.rcv_nxt.map(|r| (t, r)))
+        else {
+            return true; // nothing acknowledged yet (an inbound flow's SYN): smoltcp decides
+        };
+        let synchronized = !matches!(
+            state,
+            tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
+        );
+        let challenge = if flags.rst {
+            if state == tcp::State::SynSent || seq == rcv_nxt {
+                return true;
+            }
+            // Sequence numbers wrap: the signed distance says before or after.
+            let offset = seq.0.wrapping_sub(rcv_nxt.0);
+            if offset < 0 || offset as usize >= window {
+                self.stats.rst_syn_screened += 1;
+                return false; // outside the window: dropped silently
+            }
+            true
+        } else {
+            synchronized
+        };
+        if !challenge {
+            return true;
+        }
+        self.stats.rst_syn_screened += 1;
+        if track
+            .challenged_at
+            .is_none_or(|t| now >= t + CHALLENGE_ACK_INTERVAL)
+            && let Some(ack) = packet::ack_segment(&flow.key, track.snd_nxt, rcv_nxt, track.window)
+        {
+            track.challenged_at = Some(now);
+            self.tx.push_back(ack);
+        }
+        false
+    }
+
+    /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
+    fn poll_shard(&mut self, i: usize, now: Instant) {
+        let start = self.tx.len();
+        self.shards[i].poll(now, &mut self.tx, self.spare.spare_mut());
+        for packet in self.tx.range(start..) {
+            let Some(e) = packet::egress(packet) else {
+                continue;
+            };
+            let Some(flow) = self
+                .flows
+                .id_of(&e.key)
+                .and_then(|id| self.flows.get_mut(id))
+            else {
+                continue;
+            };
+            let track = flow.seq.get_or_insert(SeqState {
+                snd_nxt: e.seq_end,
+                rcv_nxt: None,
+                window: e.window,
+                challenged_at: None,
+            });
+            track.snd_nxt = track.snd_nxt.max(e.seq_end);
+            if let Some(ack) = e.ack {
+                // A retransmission never moves RCV.NXT back.
+                track.rcv_nxt = Some(track.rcv_nxt.map_or(ack, |r| r.max(ack)));
+                track.window = e.window;
+            }
+        }
+    }
+
+    fn admit(&mut self, now: Instant, key: FlowKey, syn: Vec<u8>) {
+        // Only the header is held (the app retransmits any data the SYN carried).
+        let Some(syn) = packet::syn_header(&syn) else {
+            self.stats.packets_dropped += 1;
+            return;
+        };
+        if self.flows.len() - self.flows.inbound_len() >= self.config.max_flows {
             self.stats.flows_over_limit += 1;
-            tracing::warn!(src = %key.src, dst = %key.dst, limit = self.config.max_flows,
-                "flow limit reached: resetting new connection");
+            self.events.push_back(Event::Refused {
+                key,
+                reason: CloseReason::FlowLimit,
+            });
             // No socket listens for it: smoltcp answers the SYN with RST.
             self.shards[0].inject(syn);
             return;
         }
         self.stats.flows_opened += 1;
-        let id = self
-            .flows
-            .insert(key, |_| Flow::new(key, Phase::Opening { syn }, false));
+        let deadline = now + self.config.open_timeout;
+        let id = self.flows.insert(key, |_| {
+            let mut flow = Flow::new(key, Phase::Opening { syn }, false);
+            flow.open_deadline = Some(deadline);
+            flow
+        });
         self.events.push_back(Event::Open { id, key });
     }
 
@@ -415,10 +610,12 @@ impl Engine {
     pub fn handle_open_ok(&mut self, now: Instant, id: FlowId) {
         // Drain the shard's queued ingress first so that no packet already queued can reach
         // the new listening socket before its own SYN does.
-        let shard = &mut self.shards[shard_of(id)];
-        if !shard.device.rx.is_empty() {
-            shard.poll(now, &mut self.tx, self.spare.spare_mut());
+        let i = shard_of(id);
+        if !self.shards[i].device.rx.is_empty() {
+            self.poll_shard(i, now);
         }
+        let seed = self.rng.random();
+        let shard = &mut self.shards[i];
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -438,8 +635,15 @@ impl Engine {
         }
         let handle = shard.sockets.add(socket);
         flow.phase = Phase::Open { handle };
+        flow.accepted_at = Some(now);
+        // A fresh seed for the ISN this SYN gets.
+        shard.reseed(now, seed);
         shard.inject(syn);
-        shard.poll(now, &mut self.tx, self.spare.spare_mut());
+        self.poll_shard(i, now);
+        let shard = &mut self.shards[i];
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
@@ -469,7 +673,7 @@ impl Engine {
         if caller.is_ipv4() != local.is_ipv4() || caller.port() == 0 || local.port() == 0 {
             return Err(InboundError::Unroutable);
         }
-        if self.flows.len() >= self.config.max_flows {
+        if self.flows.inbound_len() >= self.config.max_inbound {
             self.stats.flows_over_limit += 1;
             return Err(InboundError::FlowLimit);
         }
@@ -481,12 +685,14 @@ impl Engine {
             return Err(InboundError::Duplicate);
         }
         // The socket is added below, once the flow's id (and so its shard) is known.
-        let id = self.flows.insert(key, |_| {
+        let id = self.flows.insert_inbound(key, |_| {
             Flow::new(key, Phase::Opening { syn: Vec::new() }, true)
         });
         let mut socket = new_socket(self.config.tcp_buffer);
         socket.set_timeout(Some(timeout));
+        let seed = self.rng.random();
         let shard = &mut self.shards[shard_of(id)];
+        shard.reseed(now, seed);
         if socket
             .connect(shard.iface.context(), local, IpListenEndpoint::from(caller))
             .is_err()
@@ -521,13 +727,19 @@ impl Engine {
             return;
         };
         self.flows.remove(id, &key);
-        self.stats.flows_refused += 1;
+        match reason {
+            CloseReason::OpenLimit => self.stats.flows_over_limit += 1,
+            _ => self.stats.flows_refused += 1,
+        }
         // With no socket listening, smoltcp answers the held SYN with RST.
         self.shards[shard_of(id)].inject(syn);
         self.events.push_back(Event::Close { id, key, reason });
     }
 
-    /// Bytes that arrived on the flow's channel.
+    /// Bytes that arrived on the flow's channel. Read a flow's channel only while
+    /// [`Engine::wants_data`] says so: the flow then holds at most [`PENDING_LOW`] bytes plus
+    /// one channel message beyond its socket's buffer, and the SSH window, re-opened only as
+    /// the driver reads, carries the app's pace to the jump host.
     pub fn handle_channel_data(&mut self, _now: Instant, id: FlowId, data: Bytes) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
@@ -536,15 +748,22 @@ impl Engine {
             return;
         }
         flow.pending_len += data.len();
-        self.pending_total += data.len();
         flow.pending.push_back(data);
-        if flow.pending_len > self.config.max_pending
-            || self.pending_total > self.config.max_pending_total
-        {
-            self.abort(id, CloseReason::AppTooSlow);
-            return;
-        }
         mark_dirty(&mut self.dirty, id, flow);
+    }
+
+    /// True while the flow can take more channel data (see [`Engine::handle_channel_data`]);
+    /// when it says no, [`Engine::poll_room`] names the flow once it can again. A flow that is
+    /// gone or ending takes anything (and drops it), so its channel never stalls.
+    pub fn wants_data(&self, id: FlowId) -> bool {
+        self.flows
+            .get(id)
+            .is_none_or(|f| f.ending.is_some() || f.pending_len < PENDING_LOW)
+    }
+
+    /// A flow that [`Engine::wants_data`] refused earlier and that can take data again.
+    pub fn poll_room(&mut self) -> Option<FlowId> {
+        self.room.pop()
     }
 
     /// The channel sent EOF: the app gets FIN after the data already received.
@@ -611,7 +830,6 @@ impl Engine {
                 if flow.ending.is_none() {
                     flow.ending = Some(reason);
                     flow.pending.clear();
-                    self.pending_total -= flow.pending_len;
                     flow.pending_len = 0;
                     let shard = &mut self.shards[shard_of(id)];
                     shard.sockets.get_mut::<tcp::Socket>(handle).abort();
@@ -631,12 +849,14 @@ impl Engine {
                 if let Some(flow) = self.flows.get_mut(id) {
                     mark_dirty(&mut self.dirty, id, flow);
                 }
+                self.expire_handshake(now, id);
             }
         }
         for _ in 0..8 {
-            for shard in &mut self.shards {
+            for i in 0..SHARDS {
+                let shard = &self.shards[i];
                 if shard.active || shard.poll_at.is_some_and(|t| t <= now) {
-                    shard.poll(now, &mut self.tx, self.spare.spare_mut());
+                    self.poll_shard(i, now);
                 }
             }
             if !self.service_dirty() {
@@ -645,15 +865,39 @@ impl Engine {
         }
     }
 
+    /// Resets an outbound flow whose channel did not open within the open timeout
+    /// ([`CloseReason::OpenTimedOut`]), or whose app has not acknowledged the SYN-ACK within
+    /// [`SYN_RECEIVED_TIMEOUT`] (its channel is closed with [`CloseReason::TimedOut`]).
+    fn expire_handshake(&mut self, now: Instant, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        if let Phase::Opening { syn } = &mut flow.phase {
+            if flow.open_deadline.is_some_and(|d| now >= d) {
+                let syn = std::mem::take(syn);
+                self.refuse(id, syn, CloseReason::OpenTimedOut);
+            }
+            return;
+        }
+        let (Phase::Open { handle }, Some(at)) = (&flow.phase, flow.accepted_at) else {
+            return;
+        };
+        let socket = self.shards[shard_of(id)]
+            .sockets
+            .get::<tcp::Socket>(*handle);
+        if socket.state() != tcp::State::SynReceived {
+            flow.accepted_at = None; // past the handshake: never looked at again
+            return;
+        }
+        if now >= at + SYN_RECEIVED_TIMEOUT {
+            self.stats.syn_received_timeouts += 1;
+            self.abort(id, CloseReason::TimedOut);
+        }
+    }
+
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
-    }
-
-    /// Channel bytes a flow's app socket took since the last call: the driver turns them
-    /// into read credit for the flow's channel (backpressure while the app keeps reading).
-    pub fn poll_consumed(&mut self) -> Option<Consumed> {
-        self.consumed.pop()
     }
 
     /// The next packet to write to the TUN.
@@ -731,7 +975,6 @@ impl Engine {
                 };
                 progressed = true;
                 flow.pending_len -= n;
-                self.pending_total -= n;
                 self.stats.bytes_down += n as u64;
                 if n == front.len() {
                     flow.pending.pop_front();
@@ -739,14 +982,9 @@ impl Engine {
                     front.advance(n);
                 }
             }
-            // The socket is full and data still waits: the app, not the engine, sets the pace.
-            let app_limited = flow.pending_len > 0 && socket.send_queue() == socket.send_capacity();
-            if flow.pending_len < before || app_limited {
-                self.consumed.push(Consumed {
-                    id,
-                    bytes: before - flow.pending_len,
-                    app_limited,
-                });
+            // The driver stopped reading the channel at PENDING_LOW: it may read again.
+            if before >= PENDING_LOW && flow.pending_len < PENDING_LOW {
+                self.room.push(id);
             }
             if flow.ssh_eof && flow.pending.is_empty() && !flow.fin_queued {
                 socket.close();
@@ -813,7 +1051,6 @@ impl Engine {
             shard.active = true;
         }
         if let Some(reason) = reason {
-            self.pending_total -= flow.pending_len;
             shard.sockets.remove(handle);
             let key = flow.key;
             self.flows.remove(id, &key);

@@ -10,7 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
-    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket,
+    Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
+    Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 use super::flow::FlowKey;
@@ -57,6 +58,8 @@ pub enum Ingress {
         key: FlowKey,
         /// Its flags.
         flags: TcpFlags,
+        /// Its sequence number (screened against the flow's receive window for RST and SYN).
+        seq: TcpSeqNumber,
     },
     /// Traffic the tunnel does not carry (UDP, ICMP echo, other protocols): answer with
     /// an ICMP destination-unreachable built by [`unreachable_reply`].
@@ -148,6 +151,7 @@ fn transport(
                     ack: tcp.ack(),
                     rst: tcp.rst(),
                 },
+                seq: tcp.seq_number(),
             }
         }
         IpProtocol::Udp => Ingress::Reject(Unreachable::Port),
@@ -227,6 +231,120 @@ pub fn unreachable_reply(packet: &[u8], kind: Unreachable) -> Option<Vec<u8>> {
         }
         _ => None,
     }
+}
+
+/// The IP addresses and the TCP bytes of a well-formed IPv4/IPv6 packet (no checks beyond
+/// lengths: used on packets that [`classify`] accepted or that smoltcp built).
+fn ip_tcp(packet: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            let tcp = ip.payload();
+            (ip.next_header() == IpProtocol::Tcp)
+                .then(|| (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()), tcp))
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let tcp = ip.payload();
+            (ip.next_header() == IpProtocol::Tcp)
+                .then(|| (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()), tcp))
+        }
+        _ => None,
+    }
+}
+
+/// Builds an IPv4/IPv6 packet around `tcp` (checksums computed); `None` if the two
+/// addresses are of different families.
+pub(crate) fn emit_tcp(src: IpAddr, dst: IpAddr, tcp: &TcpRepr) -> Option<Vec<u8>> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    let caps = ChecksumCapabilities::default();
+    let (s, d) = (IpAddress::from(src), IpAddress::from(dst));
+    let ip = IpRepr::new(s, d, IpProtocol::Tcp, tcp.buffer_len(), 64);
+    let mut buf = vec![0u8; ip.buffer_len()];
+    ip.emit(&mut buf[..], &caps);
+    let header = ip.header_len();
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[header..]),
+        &s,
+        &d,
+        &caps,
+    );
+    Some(buf)
+}
+
+/// The SYN `packet` (accepted by [`classify`]) rebuilt without its payload: a held SYN costs
+/// its header only, whatever data (raw or TCP Fast Open) it carried. The data is not lost:
+/// the SYN-ACK acknowledges only the SYN, so the app retransmits it. Options smoltcp does not
+/// use (a Fast Open cookie among them) are dropped too.
+pub fn syn_header(packet: &[u8]) -> Option<Vec<u8>> {
+    let (src, dst, tcp) = ip_tcp(packet)?;
+    let tcp = TcpPacket::new_checked(tcp).ok()?;
+    let caps = ChecksumCapabilities::ignored();
+    let mut repr = TcpRepr::parse(&tcp, &src.into(), &dst.into(), &caps).ok()?;
+    repr.payload = &[];
+    emit_tcp(src, dst, &repr)
+}
+
+/// The sequence number of a TCP packet (one [`classify`] accepted).
+pub fn tcp_seq(packet: &[u8]) -> Option<TcpSeqNumber> {
+    let (_, _, tcp) = ip_tcp(packet)?;
+    Some(TcpPacket::new_checked(tcp).ok()?.seq_number())
+}
+
+/// What a segment smoltcp sent towards the app says about its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Egress {
+    /// The flow it belongs to (the app's address is the segment's destination).
+    pub key: FlowKey,
+    /// The sequence number after this segment (SND.NXT as far as it reaches).
+    pub seq_end: TcpSeqNumber,
+    /// Its acknowledgement number: RCV.NXT when it was sent.
+    pub ack: Option<TcpSeqNumber>,
+    /// Its window field, as sent (already scaled down).
+    pub window: u16,
+}
+
+/// Reads a segment smoltcp emitted (trusted bytes; `None` for anything but TCP).
+pub fn egress(packet: &[u8]) -> Option<Egress> {
+    let (src, dst, tcp) = ip_tcp(packet)?;
+    let tcp = TcpPacket::new_checked(tcp).ok()?;
+    let data = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
+    Some(Egress {
+        key: FlowKey {
+            src: SocketAddr::new(dst, tcp.dst_port()),
+            dst: SocketAddr::new(src, tcp.src_port()),
+        },
+        seq_end: tcp.seq_number() + data,
+        ack: tcp.ack().then(|| tcp.ack_number()),
+        window: tcp.window_len(),
+    })
+}
+
+/// An empty ACK segment from the flow's destination to its app (a challenge ACK, RFC 5961):
+/// `seq` is our SND.NXT, `ack` our RCV.NXT.
+pub fn ack_segment(
+    key: &FlowKey,
+    seq: TcpSeqNumber,
+    ack: TcpSeqNumber,
+    window: u16,
+) -> Option<Vec<u8>> {
+    let tcp = TcpRepr {
+        src_port: key.dst.port(),
+        dst_port: key.src.port(),
+        control: TcpControl::None,
+        seq_number: seq,
+        ack_number: Some(ack),
+        window_len: window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    emit_tcp(key.dst.ip(), key.src.ip(), &tcp)
 }
 
 #[cfg(test)]
@@ -334,7 +452,7 @@ pub(crate) mod tests {
     fn syn_is_a_connect_of_its_flow() {
         let syn = tcp_v4((APP_V4, 40000), (VPC_V4, 80), TcpControl::Syn);
         match classify(&syn) {
-            Ingress::Tcp { key, flags } => {
+            Ingress::Tcp { key, flags, .. } => {
                 assert_eq!(key.src, SocketAddr::new(APP_V4.into(), 40000));
                 assert_eq!(key.dst, SocketAddr::new(VPC_V4.into(), 80));
                 assert!(flags.is_connect());

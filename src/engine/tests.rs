@@ -227,6 +227,34 @@ fn refused_channel_resets_the_app_connection_at_once() {
 }
 
 #[test]
+fn a_channel_that_does_not_open_in_time_resets_the_app() {
+    let mut p = Pair::new(EngineConfig {
+        open_timeout: Duration::from_secs(3),
+        ..EngineConfig::default()
+    });
+    let h = p.connect(APP_PORT, DST);
+    let id = p.open_id();
+    p.advance(Duration::from_millis(2500));
+    assert_eq!(p.take_events(), vec![], "still waiting");
+    assert_ne!(p.app(h).state(), tcp::State::Closed);
+    p.advance(Duration::from_millis(1600));
+    assert_eq!(p.app(h).state(), tcp::State::Closed, "RST at the timeout");
+    assert_eq!(
+        p.take_events(),
+        vec![Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::OpenTimedOut
+        }]
+    );
+    // The channel opens too late: the engine has forgotten the flow.
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.take_events(), vec![]);
+    assert_eq!(p.engine.flow_count(), 0);
+}
+
+#[test]
 fn retransmitted_syn_does_not_open_a_second_channel() {
     let mut p = Pair::new(EngineConfig::default());
     let h = p.connect(APP_PORT, DST);
@@ -297,7 +325,16 @@ fn flow_limit_resets_new_syns_and_keeps_existing_flows() {
         tcp::State::Closed,
         "over the limit: reset"
     );
-    assert_eq!(p.take_events(), vec![], "no channel requested");
+    assert!(
+        matches!(
+            p.take_events().as_slice(),
+            [Event::Refused {
+                reason: CloseReason::FlowLimit,
+                ..
+            }]
+        ),
+        "no channel requested, the refusal reported"
+    );
     assert_eq!(p.engine.stats().flows_over_limit, 1);
     p.app(a).send_slice(b"still-works").unwrap();
     p.step();
@@ -378,10 +415,24 @@ fn upload_pauses_at_the_inflight_limit_until_the_ssh_side_catches_up() {
     assert_eq!(received, payload, "every byte arrives, in order");
 }
 
+/// Feeds `flow` channel messages of `size` bytes, numbered from `*next`, while the engine
+/// wants them (the driver's rule); returns how many it took.
+fn feed_while_wanted(p: &mut Pair, flow: FlowId, size: usize, next: &mut u8, max: usize) -> usize {
+    let mut taken = 0;
+    while taken < max && p.engine.wants_data(flow) {
+        p.engine
+            .handle_channel_data(p.now, flow, Bytes::from(vec![*next; size]));
+        *next = next.wrapping_add(1);
+        taken += 1;
+        p.step();
+    }
+    taken
+}
+
 #[test]
-fn an_app_that_stops_reading_is_reset_at_the_buffer_limit() {
+fn a_flow_whose_app_stops_reading_stops_taking_channel_data_and_is_never_reset() {
+    const MSG: usize = 16 * 1024;
     let mut p = Pair::new(EngineConfig {
-        max_pending: 100_000,
         tcp_buffer: 16 * 1024,
         ..EngineConfig::default()
     });
@@ -389,66 +440,70 @@ fn an_app_that_stops_reading_is_reset_at_the_buffer_limit() {
     let id = p.open_id();
     p.engine.handle_open_ok(p.now, id);
     p.step();
-    // The app never reads: its receive buffer (256 KiB) and ours fill up.
-    for _ in 0..40 {
-        p.engine
-            .handle_channel_data(p.now, id, Bytes::from(vec![7u8; 16 * 1024]));
-        p.step();
+    // The app does not read: the engine takes what its socket and the app's buffer hold, plus
+    // at most PENDING_LOW, then says no.
+    let mut next = 0u8;
+    let taken = feed_while_wanted(&mut p, id, MSG, &mut next, 1000);
+    assert!(taken < 1000, "the engine stops taking data");
+    for _ in 0..100 {
+        p.advance(Duration::from_millis(500));
     }
-    assert!(p.take_events().contains(&Event::Close {
-        id,
-        key: p.key_of(id),
-        reason: CloseReason::AppTooSlow
-    }));
-    let _ = p.app_recv_all(h);
+    assert!(!p.engine.wants_data(id), "still full while the app sleeps");
+    assert!(p.engine.poll_room().is_none());
+    assert!(
+        !p.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Close { .. })),
+        "a paused app is never reset"
+    );
+    // The app reads: the flow has room again, and every byte arrives in order.
+    let mut got = p.app_recv_all(h);
     p.step();
-    assert_eq!(p.app(h).state(), tcp::State::Closed);
+    assert_eq!(p.engine.poll_room(), Some(id));
+    let more = feed_while_wanted(&mut p, id, MSG, &mut next, 1000);
+    assert!(more > 0);
+    for _ in 0..200 {
+        got.extend(p.app_recv_all(h));
+        p.step();
+        if got.len() == (taken + more) * MSG {
+            break;
+        }
+    }
+    let expected: Vec<u8> = (0..taken + more)
+        .flat_map(|i| std::iter::repeat_n(i as u8, MSG))
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "every byte, in order");
 }
 
 #[test]
-fn the_total_buffer_budget_resets_the_flow_that_overflows_it_and_spares_the_others() {
+fn a_stalled_flow_does_not_keep_another_from_taking_data() {
     let mut p = Pair::new(EngineConfig {
-        max_pending: 1_000_000,
-        max_pending_total: 150_000,
         tcp_buffer: 16 * 1024,
         ..EngineConfig::default()
     });
-    let h1 = p.connect(APP_PORT, DST);
+    let _stalled_app = p.connect(APP_PORT, DST);
     let a = p.open_id();
     p.engine.handle_open_ok(p.now, a);
-    let h2 = p.connect(APP_PORT + 1, DST);
+    let reading_app = p.connect(APP_PORT + 1, DST);
     let b = p.open_id();
     p.engine.handle_open_ok(p.now, b);
     p.step();
-    // Flow a's app does not read yet: its socket buffers fill (~272 KiB) and ~48 KiB wait in
-    // the engine. Then flow b's data, also unread, overflows the budget.
-    for _ in 0..20 {
-        p.engine
-            .handle_channel_data(p.now, a, Bytes::from(vec![1u8; 16 * 1024]));
-        p.step();
-    }
-    for _ in 0..30 {
-        p.engine
-            .handle_channel_data(p.now, b, Bytes::from(vec![2u8; 16 * 1024]));
-        p.step();
-    }
-    let closes: Vec<(FlowId, CloseReason)> = p
-        .take_events()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Close { id, reason, .. } => Some((id, reason)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(closes, vec![(b, CloseReason::AppTooSlow)]);
-    // Flow a still delivers everything it was sent once its app reads.
+    let mut next = 0u8;
+    feed_while_wanted(&mut p, a, 16 * 1024, &mut next, 1000);
+    assert!(!p.engine.wants_data(a));
+    // Flow b moves 4 MiB while flow a stays full.
     let mut got = 0;
-    for _ in 0..50 {
-        got += p.app_recv_all(h1).len();
+    for _ in 0..10_000 {
+        if got >= 4 << 20 {
+            break;
+        }
+        feed_while_wanted(&mut p, b, 16 * 1024, &mut next, 4);
+        got += p.app_recv_all(reading_app).len();
         p.step();
     }
-    assert_eq!(got, 20 * 16 * 1024);
-    let _ = p.app_recv_all(h2);
+    assert!(got >= 4 << 20, "flow b moved {got} bytes");
+    assert!(!p.engine.wants_data(a));
 }
 
 #[test]
@@ -620,7 +675,7 @@ fn assert_refused_locally(events: &[Event], id: FlowId) {
 #[test]
 fn inbound_flows_respect_the_flow_limit_and_mismatched_families() {
     let mut p = Pair::new(EngineConfig {
-        max_flows: 1,
+        max_inbound: 1,
         ..EngineConfig::default()
     });
     let local = p.local();

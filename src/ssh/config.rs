@@ -111,8 +111,15 @@ pub struct HostConfig {
     pub proxy_jump: Option<Vec<JumpHost>>,
     /// `ProxyCommand` as written (tokens not expanded; `none` disables it).
     pub proxy_command: Option<String>,
-    /// Messages about directives that were ignored, for the caller to show.
+    /// Messages about directives that were ignored although they change how `ssh` would
+    /// connect (`Match`, `CertificateFile`, ...): the caller warns.
     pub warnings: Vec<String>,
+    /// Messages about directives that were ignored and do not change how mse-vpn connects
+    /// (`ControlMaster`, `ControlPath`, ...): shown with `-v` only.
+    pub notes: Vec<String>,
+    /// Every literal `Host` name of the files read (no patterns), whatever host was asked
+    /// for: the candidates for "did you mean".
+    pub aliases: Vec<String>,
 }
 
 /// Where to read configuration from, and how to expand `~` and `%u`.
@@ -278,6 +285,11 @@ impl Reader<'_> {
             match keyword.as_str() {
                 "host" => {
                     active = host_matches(&args, self.host);
+                    for a in &args {
+                        if !a.contains(['*', '?', '!']) && !self.out.aliases.contains(a) {
+                            self.out.aliases.push(a.clone());
+                        }
+                    }
                     continue;
                 }
                 "match" => {
@@ -343,7 +355,7 @@ impl Reader<'_> {
                 }
                 "userknownhostsfile" if out.user_known_hosts_file.is_none() => {
                     if args.len() > 1 {
-                        out.warnings.push(format!(
+                        out.notes.push(format!(
                             "{}:{line}: only the first UserKnownHostsFile ({first}) is used",
                             path.display()
                         ));
@@ -395,15 +407,21 @@ impl Reader<'_> {
                 | "securitykeyprovider"
                 | "hostkeyalias"
                 | "canonicalizehostname"
-                | "localcommand"
-                | "remotecommand"
-                | "controlpath"
-                | "controlmaster"
                 | "globalknownhostsfile"
                 | "addressfamily"
                 | "bindaddress" => {
                     out.warnings.push(format!(
                         "{}:{line}: {} is not supported by mse-vpn and is ignored",
+                        path.display(),
+                        split_line(raw).map_or("", |(k, _)| k)
+                    ));
+                }
+                // Connection sharing and commands run around a login: mse-vpn opens its own
+                // connections and runs no shell, so these change nothing for it.
+                "controlmaster" | "controlpath" | "controlpersist" | "localcommand"
+                | "permitlocalcommand" | "remotecommand" | "requesttty" | "sessiontype" => {
+                    out.notes.push(format!(
+                        "{}:{line}: {} does not apply to mse-vpn: ignored",
                         path.display(),
                         split_line(raw).map_or("", |(k, _)| k)
                     ));
@@ -619,7 +637,11 @@ mod tests {
         );
         assert_eq!(c.strict_host_key_checking, Some(HostKeyPolicy::AcceptNew));
         assert_eq!(c.user_known_hosts_file.as_deref(), Some("~/kh"));
-        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(
+            (c.warnings.len(), c.notes.len()),
+            (0, 1),
+            "only the first file is used"
+        );
         let hops = c.proxy_jump.unwrap();
         assert_eq!(hops.len(), 2);
         assert_eq!(hops[0].to_string(), "u@hop1:2200");
@@ -657,6 +679,30 @@ mod tests {
         let c = parse("Match host b\n User m\nHost *\n CertificateFile ~/c\n", "b");
         assert_eq!(c.user, None);
         assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn connection_sharing_is_ignored_quietly() {
+        let c = parse(
+            "Host *\n ControlMaster auto\n ControlPath ~/.ssh/cm-%r@%h:%p\n ControlPersist 10m\n SendEnv LANG\n",
+            "10.0.0.5",
+        );
+        assert_eq!(c.warnings, Vec::<String>::new());
+        assert_eq!(c.notes.len(), 3, "{:?}", c.notes);
+        assert!(
+            c.notes[0].contains(":2: ControlMaster does not apply"),
+            "{:?}",
+            c.notes
+        );
+    }
+
+    #[test]
+    fn literal_host_names_are_collected_as_aliases() {
+        let c = parse(
+            "Host uxjump db-prod\n User a\nHost *.corp !bad.corp\n User b\nHost db?\n",
+            "other",
+        );
+        assert_eq!(c.aliases, ["uxjump", "db-prod"]);
     }
 
     #[test]

@@ -24,13 +24,30 @@ pub enum Verdict {
 }
 
 /// Looks `key` up for `host`:`port` in `path` (a missing file means every key is unknown).
+///
+/// A file that exists but cannot be opened (no descriptor left, a permission or path error)
+/// is an error, never "unknown": russh's helper returns an empty list on *any* open error,
+/// so the file is opened here first, and again after an empty answer (in case the helper's
+/// own open failed in between). Out of descriptors, the error is transient: the caller retries
+/// ([`crate::ssh::SshError::is_fatal`]).
 pub fn check(
     host: &str,
     port: u16,
     key: &PublicKey,
     path: &Path,
 ) -> Result<Verdict, russh::keys::Error> {
+    let readable = || match std::fs::File::open(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(russh::keys::Error::IO(e)),
+    };
+    if !readable()? {
+        return Ok(Verdict::Unknown);
+    }
     let entries = russh::keys::known_hosts::known_host_keys_path(host, port, path)?;
+    if entries.is_empty() {
+        readable()?;
+    }
     let mut changed = None;
     for (line, recorded) in entries {
         if recorded.algorithm() != key.algorithm() {
@@ -124,6 +141,37 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
+    }
+
+    #[test]
+    fn out_of_descriptors_is_retried_a_changed_key_is_not() {
+        let kh = |e: std::io::Error| crate::ssh::SshError::KnownHosts {
+            path: "known_hosts".into(),
+            source: russh::keys::Error::IO(e),
+        };
+        let emfile = crate::fds::emfile();
+        assert!(!kh(emfile).is_fatal(), "EMFILE passes: reconnect again");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(kh(denied).is_fatal(), "a lasting error stops the session");
+    }
+
+    // Unix: Windows reports a path through a regular file as not found, like a missing file.
+    #[cfg(unix)]
+    #[test]
+    fn an_unopenable_file_is_an_error_not_an_unknown_key() {
+        let (_dir, path) = file(ED_A);
+        // A path through a regular file: open fails with ENOTDIR (not "missing").
+        let bad = path.join("known_hosts");
+        let r = check("bastion", 22, &key(ED_A), &bad);
+        assert!(
+            matches!(r, Err(russh::keys::Error::IO(_))),
+            "{r:?}: a read error must not look like an unknown host key"
+        );
+        let missing = path.with_file_name("absent");
+        assert_eq!(
+            check("bastion", 22, &key(ED_A), &missing).unwrap(),
+            Verdict::Unknown
+        );
     }
 
     #[test]

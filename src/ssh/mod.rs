@@ -8,6 +8,7 @@
 mod agent;
 mod command;
 pub mod config;
+mod key_file;
 pub mod known_hosts;
 pub mod password;
 pub mod resolve;
@@ -26,8 +27,9 @@ use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{ChannelOpenFailure, Preferred, cipher};
 use thiserror::Error;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+pub use key_file::check as check_key_file;
 pub use known_hosts::Verdict;
 pub use target::{JumpHost, JumpHostError};
 pub use user::{InvokingUser, UserError};
@@ -169,10 +171,25 @@ pub enum OpenError {
 #[derive(Debug, Error)]
 pub enum SshError {
     /// The jump host's name does not resolve.
-    #[error("could not resolve jump host {host}: check the name, or use its IP address")]
+    #[error(
+        "could not resolve the jump host {host}: {source}. Check the name, or use its IP address"
+    )]
     Resolve {
         /// The name.
         host: String,
+        /// The resolver error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The typed jump host does not resolve, and is close to an alias of the ssh config.
+    #[error(
+        "could not resolve the jump host {host}: {source}. Did you mean `{alias}`, a Host of your ssh config?"
+    )]
+    UnknownAlias {
+        /// The name as typed.
+        host: String,
+        /// The alias it is probably a typo of.
+        alias: String,
         /// The resolver error.
         #[source]
         source: std::io::Error,
@@ -243,6 +260,22 @@ pub enum SshError {
         /// The error.
         #[source]
         source: russh::keys::Error,
+    },
+    /// A key file given with `-i` does not exist.
+    #[error(
+        "key file {path} does not exist: pass an existing private key with -i, or omit -i to use the agent and ~/.ssh/id_*"
+    )]
+    NoKeyFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A public key file was given where the private key is needed.
+    #[error("{path} is a public key: pass the private key{}", private.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    PublicKeyFile {
+        /// The file given.
+        path: PathBuf,
+        /// The private key next to it (the same name without `.pub`), if it exists.
+        private: Option<PathBuf>,
     },
     /// An encrypted key needs a passphrase and there is no terminal to ask on.
     #[error(
@@ -338,14 +371,29 @@ pub enum SshError {
 
 impl SshError {
     /// True for failures that retrying cannot fix (host keys, authentication, key files):
-    /// a reconnect loop must stop on them.
+    /// a reconnect loop must stop on them. A known_hosts or key file that could not be read
+    /// for want of descriptors or memory is not one of them: that passes, so it is retried.
     pub fn is_fatal(&self) -> bool {
+        if let SshError::KnownHosts {
+            source: russh::keys::Error::IO(e),
+            ..
+        }
+        | SshError::KeyFile {
+            source: russh::keys::Error::IO(e),
+            ..
+        } = self
+            && crate::fds::is_exhaustion(e)
+        {
+            return false;
+        }
         matches!(
             self,
             SshError::UnknownHostKey { .. }
                 | SshError::HostKeyChanged { .. }
                 | SshError::KnownHosts { .. }
                 | SshError::KeyFile { .. }
+                | SshError::NoKeyFile { .. }
+                | SshError::PublicKeyFile { .. }
                 | SshError::NoTerminalForPassphrase { .. }
                 | SshError::WrongPassphrase { .. }
                 | SshError::AuthFailed { .. }
@@ -388,6 +436,10 @@ impl Drop for Client {
     }
 }
 
+/// Held while a connection records a new host key: the pool's connections check the key at
+/// the same moment, and with accept-new each would otherwise append its own copy.
+static LEARNING: Mutex<()> = Mutex::new(());
+
 impl Client {
     fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
         let target = format!("{}:{}", self.host, self.port);
@@ -395,7 +447,24 @@ impl Client {
             path: self.known_hosts.clone(),
             source,
         };
-        match known_hosts::check(&self.host, self.port, key, &self.known_hosts).map_err(kh_err)? {
+        let lookup = || known_hosts::check(&self.host, self.port, key, &self.known_hosts);
+        let verdict = match lookup().map_err(kh_err)? {
+            Verdict::Unknown if self.accept_new => {
+                let _one_at_a_time = LEARNING.lock().unwrap_or_else(PoisonError::into_inner);
+                // Another connection of the pool may have recorded it in the meantime.
+                match lookup().map_err(kh_err)? {
+                    Verdict::Unknown => {
+                        self.learn(key).map_err(kh_err)?;
+                        warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
+                            path = %self.known_hosts.display(), "recorded a new host key");
+                        return Ok(());
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        match verdict {
             Verdict::Known => Ok(()),
             Verdict::Changed { line } => Err(SshError::HostKeyChanged {
                 target,
@@ -403,19 +472,6 @@ impl Client {
                 path: self.known_hosts.clone(),
                 line,
             }),
-            Verdict::Unknown if self.accept_new => {
-                let existed = self.known_hosts.exists();
-                create_parent_dirs(&self.known_hosts, self.file_owner)
-                    .map_err(|e| kh_err(e.into()))?;
-                known_hosts::learn(&self.host, self.port, key, &self.known_hosts)
-                    .map_err(kh_err)?;
-                if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
-                    let _ = mse_vpn_platform::account::chown(&self.known_hosts, uid, gid);
-                }
-                warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
-                    path = %self.known_hosts.display(), "recorded a new host key");
-                Ok(())
-            }
             Verdict::Unknown => {
                 let algorithm = key.algorithm().to_string();
                 let kind = if algorithm.contains("ed25519") {
@@ -435,13 +491,24 @@ impl Client {
             }
         }
     }
+
+    /// Appends `key` to known_hosts, creating the file and its directories (given to the
+    /// invoking user when running for one).
+    fn learn(&self, key: &PublicKey) -> Result<(), russh::keys::Error> {
+        let existed = self.known_hosts.exists();
+        create_parent_dirs(&self.known_hosts, self.file_owner)?;
+        known_hosts::learn(&self.host, self.port, key, &self.known_hosts)?;
+        if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
+            let _ = mse_vpn_platform::account::chown(&self.known_hosts, uid, gid);
+        }
+        Ok(())
+    }
 }
 
 /// Creates the missing directories above `file` with mode 0700 (OpenSSH wants `~/.ssh`
 /// private), owned by `owner`: under sudo, a `~/.ssh` created for the user must be theirs,
 /// not root's.
 fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use mse_vpn_platform::account;
     let Some(dir) = file.parent() else {
         return Ok(());
     };
@@ -450,12 +517,25 @@ fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
     for d in missing.into_iter().rev() {
-        account::create_private_dir(d)?;
-        if let Some((uid, gid)) = owner
-            && let Err(e) = account::chown(d, uid, gid)
-        {
-            warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
-        }
+        create_private_dir(d, owner)?;
+    }
+    Ok(())
+}
+
+/// Creates directory `d` (mode 0700, given to `owner`). A directory that exists already is
+/// not an error: another process, or another connection of the pool, made it since we
+/// looked (and gave it away, if it had to).
+fn create_private_dir(d: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use mse_vpn_platform::account;
+    match account::create_private_dir(d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some((uid, gid)) = owner
+        && let Err(e) = account::chown(d, uid, gid)
+    {
+        warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
     }
     Ok(())
 }
@@ -626,9 +706,9 @@ impl Session {
                 }
                 (None, None) => unreachable!("every later host has a hop before it"),
             };
-            debug!(%target, "handshake done, authenticating");
+            tracing::trace!(%target, "handshake done, authenticating");
             authenticate(&mut handle, opts, login, &target).await?;
-            info!(%target, user = %login.user, "authenticated");
+            debug!(%target, user = %login.user, connection = id, "authenticated");
             if i == last {
                 return Ok(Session {
                     handle,
@@ -663,16 +743,19 @@ impl Session {
             keepalive_max: opts.keepalive_max as usize,
             nodelay: true,
             preferred: Preferred {
-                // AES-GCM first: with AES-NI it is markedly faster than ChaCha20-Poly1305.
+                // AES-GCM first: with AES-NI it is markedly faster than ChaCha20-Poly1305, and
+                // AES-128 does a third less AES work than AES-256.
                 cipher: std::borrow::Cow::Borrowed(&[
+                    cipher::AES_128_GCM,
                     cipher::AES_256_GCM,
-                    cipher::CHACHA20_POLY1305,
-                    cipher::AES_256_CTR,
-                    cipher::AES_192_CTR,
                     cipher::AES_128_CTR,
+                    cipher::AES_192_CTR,
+                    cipher::AES_256_CTR,
+                    cipher::CHACHA20_POLY1305,
                 ]),
                 ..Preferred::default()
             },
+            limits: rekey_limits(),
             ..client::Config::default()
         });
         let check = Arc::new(Mutex::new(KeyCheck::default()));
@@ -1000,6 +1083,7 @@ fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
         path: path.to_owned(),
         source,
     };
+    key_file::check(path)?;
     match russh::keys::load_secret_key(path, None) {
         Ok(k) => return Ok(Arc::new(k)),
         Err(russh::keys::Error::KeyIsEncrypted) => {}
@@ -1051,9 +1135,115 @@ fn passphrase_for(path: &Path) -> Result<String, SshError> {
     {
         return Ok(p);
     }
+    password::note_prompt();
     rpassword::prompt_password(format!("Enter passphrase for key {}: ", path.display())).map_err(
         |_| SshError::NoTerminalForPassphrase {
             path: path.to_owned(),
         },
     )
+}
+
+/// Data volume after which a connection is re-keyed: OpenSSH's default for ciphers with
+/// 16-byte blocks (2^32 blocks, 64 GiB), which are all mse-vpn prefers (russh's own default,
+/// 1 GiB, re-keys a busy tunnel every few seconds). ChaCha20-Poly1305, offered last, has no
+/// block-count bound of its own (its nonce is the packet's sequence number); OpenSSH's
+/// smaller figure for it comes only from its nominal 8-byte block.
+fn rekey_limits() -> russh::Limits {
+    russh::Limits {
+        rekey_write_limit: 64 << 30,
+        rekey_read_limit: 64 << 30,
+        rekey_time_limit: Duration::from_secs(3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTl9hKdZcvY9lP5iDplUq5W2CYdhPjPdvK5eS09qX0";
+
+    /// A fresh directory under the system's temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!("mse-vpn-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn accept_new_client(known_hosts: &Path) -> Client {
+        Client {
+            host: "bastion".into(),
+            port: 22,
+            known_hosts: known_hosts.to_owned(),
+            accept_new: true,
+            file_owner: None,
+            check: Arc::default(),
+            closed: watch::channel(false).0,
+            inbound: None,
+            session: 0,
+        }
+    }
+
+    #[test]
+    fn a_directory_made_by_someone_else_in_the_meantime_is_not_an_error() {
+        let tmp = TempDir::new("mkdir");
+        let ssh = tmp.0.join(".ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        // Another connection of the pool created it after we saw it missing.
+        create_private_dir(&ssh, None).expect("an existing directory is fine");
+        // A file in the way is still an error.
+        let file = tmp.0.join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = create_private_dir(&file, None).expect_err("a file is not a directory");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn pool_connections_accepting_a_new_key_at_once_create_the_dirs_and_record_it_once() {
+        let key = PublicKey::from_openssh(ED).unwrap();
+        for round in 0..20 {
+            let tmp = TempDir::new(&format!("accept-new-{round}"));
+            let kh = tmp.0.join("home/user/.ssh/known_hosts");
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let verdicts: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, start, key) = (accept_new_client(&kh), start.clone(), key.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        client.verify(&key).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for v in verdicts {
+                v.join().unwrap().expect("every connection accepts the key");
+            }
+            let text = std::fs::read_to_string(&kh).unwrap();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+            assert_eq!(lines.len(), 1, "recorded once: {text}");
+            assert!(lines[0].starts_with("bastion ssh-ed25519 "), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_key_file_unreadable_for_want_of_descriptors_is_retried() {
+        let emfile = crate::fds::emfile;
+        let key_file = |source| SshError::KeyFile {
+            path: "id_ed25519".into(),
+            source,
+        };
+        assert!(!key_file(russh::keys::Error::IO(emfile())).is_fatal());
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(key_file(russh::keys::Error::IO(denied)).is_fatal());
+    }
 }

@@ -81,6 +81,20 @@ pub fn forbid_prompts() {
     PROMPTS_ALLOWED.store(false, Ordering::Relaxed);
 }
 
+/// Set once a password or passphrase prompt was put on the terminal.
+static PROMPTED: AtomicBool = AtomicBool::new(false);
+
+/// True once a password or passphrase was asked for on the terminal: progress messages
+/// must not be written into the middle of the prompt.
+pub fn prompted() -> bool {
+    PROMPTED.load(Ordering::Relaxed)
+}
+
+/// Records that a prompt is about to be shown.
+pub(super) fn note_prompt() {
+    PROMPTED.store(true, Ordering::Relaxed);
+}
+
 /// What became of the password for a `user@host:port`.
 enum Known {
     /// It logged in: reused by the pool's other connections and by reconnects.
@@ -209,6 +223,7 @@ async fn obtain(
         return Ok(None);
     }
     let prompt = format!("{user}@{target}'s password: ");
+    note_prompt();
     let answer = tokio::task::spawn_blocking(move || rpassword::prompt_password(prompt)).await;
     match answer {
         Ok(Ok(p)) => Ok(Some((Zeroizing::new(p), true))),

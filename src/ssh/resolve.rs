@@ -60,6 +60,14 @@ pub fn sources(user: &InvokingUser, only: Option<&PathBuf>) -> Sources {
     }
 }
 
+/// The literal `Host` names of the configuration `user` would read (`-F` file when given):
+/// the candidates when a typed jump host does not resolve. Empty when it cannot be read.
+pub fn aliases(ssh_config: Option<&PathBuf>, user: &InvokingUser) -> Vec<String> {
+    HostConfig::load(&sources(user, ssh_config), "")
+        .map(|c| c.aliases)
+        .unwrap_or_default()
+}
+
 /// Resolves the options for `over.proxy` (which must be set) on behalf of `user`.
 pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, ConfigError> {
     let sources = sources(user, over.ssh_config.as_ref());
@@ -70,6 +78,9 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
     let cfg = HostConfig::load(&sources, &typed.host)?;
     for w in &cfg.warnings {
         warn!("{w}");
+    }
+    for n in &cfg.notes {
+        debug!("{n}");
     }
     let (jump, identity_files) = endpoint(&typed, &cfg, &sources, user, &over.identity);
 

@@ -36,6 +36,9 @@ pub enum JumpHostError {
     /// Characters that cannot be in a host name.
     #[error("'{0}' is not a valid host name or address")]
     BadHost(String),
+    /// A URL of another scheme than `ssh://`.
+    #[error("'{0}' is not an SSH address: write [USER@]HOST[:PORT] (or ssh://[USER@]HOST[:PORT])")]
+    Scheme(String),
 }
 
 impl FromStr for JumpHost {
@@ -43,6 +46,14 @@ impl FromStr for JumpHost {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        // `ssh://[USER@]HOST[:PORT]`, as ssh(1) accepts it.
+        let s = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("ssh") => {
+                rest.strip_suffix('/').unwrap_or(rest)
+            }
+            Some(_) => return Err(JumpHostError::Scheme(s.to_owned())),
+            None => s,
+        };
         if s.is_empty() {
             return Err(JumpHostError::Empty);
         }
@@ -139,6 +150,15 @@ mod tests {
         assert_eq!("[2001:db8::1]".parse(), Ok(jh(None, "2001:db8::1", 22)));
         assert_eq!("2001:db8::1".parse(), Ok(jh(None, "2001:db8::1", 22)));
         assert_eq!("a@b@host".parse(), Ok(jh(Some("a@b"), "host", 22)));
+        assert_eq!(
+            "ssh://ops@h.example:2222".parse(),
+            Ok(jh(Some("ops"), "h.example", 2222))
+        );
+        assert_eq!("SSH://h/".parse(), Ok(jh(None, "h", 22)));
+        assert_eq!(
+            "ssh://u@[fe80::1]:2222".parse(),
+            Ok(jh(Some("u"), "fe80::1", 2222))
+        );
     }
 
     #[test]
@@ -164,6 +184,10 @@ mod tests {
         assert!(matches!(
             "-oProxyCommand=x".parse::<JumpHost>(),
             Err(JumpHostError::BadHost(_))
+        ));
+        assert!(matches!(
+            "https://u@h".parse::<JumpHost>(),
+            Err(JumpHostError::Scheme(_))
         ));
     }
 

@@ -251,7 +251,8 @@ fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
     // No --dns: the jump host's resolv.conf names a loopback stub first, then 10.0.0.13.
     let vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
     assert!(
-        vpn.stdout().contains("using 10.0.0.13"),
+        vpn.stdout()
+            .contains("→ 10.0.0.13 (the jump host's resolver) through the tunnel"),
         "discovered resolver: {}",
         vpn.stdout()
     );

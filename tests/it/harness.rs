@@ -297,6 +297,11 @@ impl Vpn {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
     }
 
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGINT, then waits for a clean exit.
     pub fn interrupt(mut self) -> ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGINT);
@@ -334,6 +339,94 @@ pub fn stdout(o: &Output) -> String {
 /// Text of an output's stderr.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+// ----- A process's descriptors and CPU time, from /proc (used by tests/it/lifecycle.rs) -----
+
+/// The descriptors `pid` has open, ascending.
+pub fn open_fds(pid: i32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// [`open_fds`] once it stopped changing (two reads 300 ms apart agree): what the process
+/// holds when idle, without a short-lived descriptor in flight.
+pub fn idle_fds(pid: i32) -> Vec<i32> {
+    let mut last = open_fds(pid);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = open_fds(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the descriptors of {pid} never settled: {last:?}");
+}
+
+/// The soft `RLIMIT_NOFILE` that leaves exactly `free` more descriptors to a process holding
+/// `held` (a new descriptor takes the lowest free number, and numbers at or above the limit
+/// are refused with EMFILE).
+pub fn nofile_leaving(held: &[i32], free: usize) -> u64 {
+    let nth_free = (0..)
+        .filter(|n| !held.contains(n))
+        .nth(free - 1)
+        .expect("a free number");
+    nth_free as u64 + 1
+}
+
+/// `pid`'s soft and hard `RLIMIT_NOFILE`.
+pub fn nofile(pid: i32) -> (u64, u64) {
+    let out = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            "--nofile",
+            "--raw",
+            "--noheadings",
+        ])
+        .args(["--output", "SOFT,HARD"])
+        .output()
+        .expect("run prlimit");
+    let text = stdout(&out);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number"))
+        .collect();
+    assert_eq!(v.len(), 2, "prlimit: {text}{}", stderr(&out));
+    (v[0], v[1])
+}
+
+/// Sets `pid`'s soft `RLIMIT_NOFILE` (the hard limit stays).
+pub fn set_nofile(pid: i32, soft: u64) {
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .output()
+        .expect("run prlimit");
+    assert!(out.status.success(), "prlimit: {}", stderr(&out));
+    assert_eq!(nofile(pid).0, soft);
+}
+
+/// CPU time `pid` has used so far (user + system, all threads).
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // After "pid (comm) ": state is field 3, utime 14, stime 15.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / per_sec)
 }
 
 // ----- Authentication helpers (used by tests/it/auth.rs) -----
@@ -627,4 +720,15 @@ pub fn curl_within(tb: &Testbed, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     false
+}
+
+/// Resident memory of process `pid`, in MiB (from /proc).
+pub fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        / 1024
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Testbed, Vpn, stderr, stdout};
+use crate::harness::{
+    Testbed, Vpn, cpu_time, idle_fds, nofile, nofile_leaving, set_nofile, stderr, stdout,
+};
 use crate::outbound::OutputAsync;
 
 /// `mse-vpn status --json` for this testbed's session.
@@ -430,4 +432,335 @@ fn daemon_mode_detaches_once_up_and_down_stops_it() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not known"), "{}", stderr(&out));
     assert_eq!(tb.snapshot(), before);
+}
+
+/// Waits until the session's log (after byte `mark`) has `n` lines containing every one of
+/// `words`; panics with the log if it does not within `limit`, or if the session exits.
+fn wait_log_lines(vpn: &mut Vpn, mark: usize, words: &[&str], n: usize, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let log = vpn.stderr();
+        let seen = log
+            .get(mark..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .count();
+        if seen >= n {
+            return;
+        }
+        assert!(
+            vpn.running(),
+            "the session ended while waiting for {n} lines with {words:?}:\n{log}"
+        );
+        assert!(
+            start.elapsed() < limit,
+            "no {n} lines with {words:?} within {limit:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn known_hosts_unreadable_for_want_of_descriptors_during_a_reconnect_is_retried() {
+    let tb = Testbed::up("lc7", &[]);
+    let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    tb.control("sshd-kill");
+    wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
+        st["state"] == "reconnecting" && st["connections_up"] == 0
+    });
+    // One descriptor left: a reconnect gets its TCP socket to the jump host, and then
+    // opening known_hosts to check the host key fails with EMFILE (as when a local user's
+    // DNS flood holds the others).
+    let pid = vpn.pid();
+    let (soft, _) = nofile(pid);
+    set_nofile(pid, nofile_leaving(&idle_fds(pid), 1));
+    let mark = vpn.stderr().len();
+    tb.control("sshd-start");
+    // Retried, not taken for an unknown key: the same failure twice, the session still up.
+    wait_log_lines(
+        &mut vpn,
+        mark,
+        &["reconnect failed", "known_hosts", "Too many open files"],
+        2,
+        Duration::from_secs(15),
+    );
+    set_nofile(pid, soft);
+    let back = curl_until_ok(&tb, Duration::from_secs(15));
+    eprintln!("traffic flowed again {back:?} after descriptors were available again");
+    assert!(vpn.running());
+    let st = status(&tb);
+    assert_eq!(st["state"], "connected", "{st:#}");
+    let log = vpn.stderr();
+    assert!(!log.contains("not known"), "{log}");
+    assert!(vpn.interrupt().success());
+}
+
+#[test]
+fn a_host_key_that_changed_during_a_reconnect_stops_the_session() {
+    let tb = Testbed::up("lc8", &[]);
+    let before = tb.snapshot();
+    let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    tb.control("sshd-kill");
+    wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
+        st["state"] == "reconnecting"
+    });
+    // The jump host comes back with another host key (a man in the middle, or a rebuilt
+    // host): never retried, never accepted.
+    let key = tb.dir.join("ssh_host_ed25519_key");
+    std::fs::remove_file(&key).unwrap();
+    std::fs::remove_file(tb.dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    crate::harness::keygen(&key, "", &["-t", "ed25519"]);
+    tb.control("sshd-start");
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let log = vpn.stderr();
+    assert!(
+        log.contains("CHANGED") && log.contains("known_hosts"),
+        "the session says the key changed: {log}"
+    );
+    assert_eq!(
+        tb.snapshot(),
+        before,
+        "the stopped session restored the host"
+    );
+}
+
+#[test]
+fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
+    let tb = Testbed::up("lc9", &[]);
+    let mut vpn = tb.start(&["10.0.0.0/16"], &[]);
+    let pid = vpn.pid();
+    let (soft, _) = nofile(pid);
+    // Two descriptors left: two connections that never send a request are taken (and held
+    // for the 5 s a request may take); the others wait in the listen queue, and accepting
+    // them fails with EMFILE while it lasts.
+    set_nofile(pid, nofile_leaving(&idle_fds(pid), 2));
+    let sock = tb.state_dir().join(format!("{}.sock", tb.tun()));
+    let mark = vpn.stderr().len();
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..20)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    wait_log_lines(
+        &mut vpn,
+        mark,
+        &["control socket accept failed", "Too many open files"],
+        1,
+        Duration::from_secs(5),
+    );
+    let (cpu, wall) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let busy = (cpu_time(pid) - cpu).as_secs_f64() / wall.elapsed().as_secs_f64();
+    let failures = vpn.stderr()[mark..]
+        .matches("control socket accept failed")
+        .count();
+    eprintln!(
+        "out of descriptors: {:.1} % of a core over 3 s, {failures} failed accepts logged",
+        busy * 100.0
+    );
+    assert!(
+        busy < 0.10,
+        "the accept loop spins: {:.0} % of a core",
+        busy * 100.0
+    );
+    // The clients give up: the queue drains, and the socket answers again without more
+    // descriptors (the loop paused, it did not give up).
+    drop(silent);
+    let back = Instant::now();
+    loop {
+        let out = tb
+            .mse_vpn(&["status", "--json", "--tun", &tb.tun()])
+            .output()
+            .expect("run mse-vpn status");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "status never answered again: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "status answered {:?} after the clients left",
+        back.elapsed()
+    );
+    set_nofile(pid, soft);
+    curl_until_ok(&tb, Duration::from_secs(5));
+    assert!(vpn.interrupt().success());
+}
+
+/// The policy rules a session adds for replies to cloud callers, as `ip rule show` prints
+/// them (the TUN's address is 198.18.0.1 when 10.0.0.0/16 is routed).
+const REPLY_RULES: [&str; 2] = [
+    "5210:\tfrom 198.18.0.1 lookup main suppress_prefixlength 0",
+    "5211:\tfrom 198.18.0.1 lookup",
+];
+
+/// A directory holding an `ip` that runs the real one, except that while `flag` exists a
+/// policy-rule deletion runs out of descriptors (the real `ip` under `prlimit --nofile=3`
+/// cannot even load its libraries: EMFILE), as in a session that ran out of them. Returns
+/// a PATH with it first.
+fn ip_out_of_descriptors_for_rule_del(tb: &Testbed, flag: &std::path::Path) -> String {
+    let real = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("iproute2's ip");
+    let bin = tb.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("ip");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e '{flag}' ]; then\n  case \" $* \" in *' rule del '*) exec prlimit --nofile=3 {real} \"$@\";; esac\nfi\nexec {real} \"$@\"\n",
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// `ip rule show` in the laptop namespace.
+fn rules(tb: &Testbed) -> String {
+    stdout(&tb.on_laptop(10, &["ip", "rule", "show"]))
+}
+
+#[test]
+fn an_undo_that_fails_is_kept_reported_and_done_by_the_next_down() {
+    let tb = Testbed::up("lc10", &[]);
+    let before = tb.snapshot();
+    let flag = tb.dir.join("ip-out-of-descriptors");
+    let path = ip_out_of_descriptors_for_rule_del(&tb, &flag);
+    let env = [("PATH", path.as_str())];
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vpn = tb.start_cmd(tb.mse_vpn_with_env(&env, &[], &args));
+    curl_until_ok(&tb, Duration::from_secs(5));
+    let journal = tb.state_dir().join(format!("{}.journal", tb.tun()));
+    assert!(journal.exists());
+
+    // `down` while deleting a rule fails: the session undoes the rest, keeps the two rules
+    // in its journal and says so; so does `down`.
+    std::fs::write(&flag, "").unwrap();
+    let out = tb
+        .mse_vpn_with_env(&env, &[], &["down"])
+        .output()
+        .expect("mse-vpn down");
+    let status = vpn.wait_exit(Duration::from_secs(15));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!status.success(), "the session hides the failed undo");
+    assert!(
+        vpn.stderr()
+            .contains("could not undo 2 host change(s), kept in"),
+        "{}",
+        vpn.stderr()
+    );
+    assert!(!out.status.success(), "down hides the failed undo: {said}");
+    // The change it names is the one whose failure it quotes.
+    assert!(
+        said.contains("could not undo 2 host change(s)")
+            && said.contains(
+                "the first: `rule from 198.18.0.1 prio 5210 main-nodefault`: `ip -4 rule del from 198.18.0.1 priority 5210 "
+            )
+            && said.contains("Error 24"),
+        "{said}"
+    );
+    let kept = std::fs::read_to_string(&journal).expect("the journal is kept");
+    let entries: Vec<&str> = kept
+        .lines()
+        .filter(|l| !l.starts_with("mse-vpn-journal") && !l.starts_with("pid "))
+        .collect();
+    assert!(
+        entries.len() == 2
+            && entries[0] == "rule from 198.18.0.1 prio 5210 main-nodefault"
+            && entries[1].starts_with("rule from 198.18.0.1 prio 5211 table "),
+        "exactly what could not be undone: {kept}"
+    );
+    // Those two are left on the host, and only those.
+    let now = tb.snapshot();
+    for r in REPLY_RULES {
+        assert!(now.contains(r), "{r:?} is left: {now}");
+    }
+    let others: String = now
+        .lines()
+        .filter(|l| !l.starts_with("5210:") && !l.starts_with("5211:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(others, before, "the rest is undone");
+    // status tells too.
+    let out = tb.mse_vpn(&["status"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is no longer running but left routes behind"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The obstacle is gone: the next `down` undoes what was kept, and the host is as before.
+    std::fs::remove_file(&flag).unwrap();
+    let out = tb
+        .mse_vpn_with_env(&env, &[], &["down"])
+        .output()
+        .expect("mse-vpn down");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("undone: rule from 198.18.0.1 prio 5210")
+            && said.contains("undone: rule from 198.18.0.1 prio 5211"),
+        "{said}"
+    );
+    assert!(!journal.exists(), "the journal goes once all is undone");
+    assert_eq!(tb.snapshot(), before);
+}
+
+#[test]
+fn a_failed_up_leaves_a_rule_it_did_not_create() {
+    let tb = Testbed::up("lc11", &[]);
+    // Someone else's rule, identical to the one mse-vpn adds first.
+    let out = tb.on_laptop(
+        10,
+        &[
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "198.18.0.1",
+            "priority",
+            "5210",
+            "lookup",
+            "main",
+            "suppress_prefixlength",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = tb.snapshot();
+    assert!(before.contains(REPLY_RULES[0]), "{before}");
+
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, err) = tb.up_fails(&args);
+    assert!(!status.success());
+    assert!(err.contains("File exists"), "{err}");
+    // What the failed up made is undone; the rule it did not make is still there.
+    assert_eq!(tb.snapshot(), before, "{err}");
+    let journal = tb.state_dir().join(format!("{}.journal", tb.tun()));
+    assert!(!journal.exists(), "nothing of ours is left to undo");
+    let out = tb.mse_vpn(&["down"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("nothing left behind"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(rules(&tb).contains(REPLY_RULES[0]), "{}", rules(&tb));
 }

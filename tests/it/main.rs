@@ -6,8 +6,10 @@
 #![cfg(target_os = "linux")]
 
 mod auth;
+mod cli;
 mod config;
 mod dns;
+mod flow_control;
 mod harness;
 mod lifecycle;
 mod outbound;

@@ -317,7 +317,8 @@ for c in held:
     assert!(text.contains("third refused"), "{text}{}", stderr(&out));
     assert_eq!(text.matches("held: HTTP/1.1 200").count(), 2, "{text}");
     assert!(
-        vpn.stderr().contains("flow limit reached"),
+        vpn.stderr()
+            .contains("flow limit (--max-flows) was reached"),
         "{}",
         vpn.stderr()
     );

@@ -1,0 +1,394 @@
+//! Packet-vector tests of the engine against hostile or broken peers on the TUN side:
+//! unpredictable initial sequence numbers, blind RST and SYN injection (RFC 5961), SYNs
+//! carrying data, handshakes that never complete, and the inbound flow budget. Segments are
+//! built with smoltcp's emitters; time is virtual.
+
+use std::net::{IpAddr, SocketAddr};
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{
+    IpAddress, IpProtocol, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+use super::packet::tests::{APP_V4, VPC_V4};
+use super::*;
+
+const T0: Instant = Instant::from_millis_const(5_000);
+const APP_PORT: u16 = 41_000;
+const DST_PORT: u16 = 5432;
+/// The app's initial sequence number.
+const APP_ISN: TcpSeqNumber = TcpSeqNumber(0x1234_5678);
+/// Bytes a SYN with data carries (a raw SYN with payload, or TCP Fast Open).
+const SYN_DATA: usize = 60_000;
+
+fn app(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(APP_V4), port)
+}
+
+/// A segment from the app (`port`) to the destination.
+fn from_app(
+    port: u16,
+    control: TcpControl,
+    seq: TcpSeqNumber,
+    ack: Option<TcpSeqNumber>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port: port,
+        dst_port: DST_PORT,
+        control,
+        seq_number: seq,
+        ack_number: ack,
+        window_len: 64_000,
+        window_scale: None,
+        max_seg_size: (control == TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload,
+    };
+    packet::emit_tcp(IpAddr::V4(APP_V4), IpAddr::V4(VPC_V4), &tcp).expect("v4")
+}
+
+/// A segment the engine sent to the app, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    control: TcpControl,
+    seq: TcpSeqNumber,
+    ack: Option<TcpSeqNumber>,
+    len: usize,
+}
+
+fn parse(p: &[u8]) -> Seen {
+    let ip = Ipv4Packet::new_checked(p).expect("IPv4");
+    assert_eq!(ip.next_header(), IpProtocol::Tcp);
+    let tcp = TcpPacket::new_checked(ip.payload()).expect("TCP");
+    let repr = TcpRepr::parse(
+        &tcp,
+        &IpAddress::Ipv4(ip.src_addr()),
+        &IpAddress::Ipv4(ip.dst_addr()),
+        &ChecksumCapabilities::default(),
+    )
+    .expect("a valid segment");
+    Seen {
+        control: repr.control,
+        seq: repr.seq_number,
+        ack: repr.ack_number,
+        len: repr.payload.len(),
+    }
+}
+
+/// The engine alone; the test plays both the app's kernel and the SSH side.
+struct Rig {
+    now: Instant,
+    engine: Engine,
+}
+
+impl Rig {
+    fn new(config: EngineConfig) -> Rig {
+        Rig {
+            now: T0,
+            engine: Engine::new(config, T0),
+        }
+    }
+
+    fn send(&mut self, p: Vec<u8>) {
+        self.engine.handle_tun_packet(self.now, p);
+        self.engine.poll(self.now);
+    }
+
+    fn sent(&mut self) -> Vec<Seen> {
+        std::iter::from_fn(|| self.engine.poll_transmit())
+            .map(|p| parse(&p))
+            .collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.engine.poll_event()).collect()
+    }
+
+    /// SYN from `port`, channel opened: returns the flow and the SYN-ACK.
+    fn accept(&mut self, port: u16) -> (FlowId, Seen) {
+        self.send(from_app(port, TcpControl::Syn, APP_ISN, None, &[]));
+        let id = match self.events().as_slice() {
+            [Event::Open { id, .. }] => *id,
+            other => panic!("expected one Open, got {other:?}"),
+        };
+        self.engine.handle_open_ok(self.now, id);
+        self.engine.poll(self.now);
+        let sent = self.sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].control, TcpControl::Syn);
+        assert_eq!(sent[0].ack, Some(APP_ISN + 1));
+        (id, sent[0].clone())
+    }
+
+    /// An established flow from `port`: returns it and the engine's next sequence number.
+    fn establish(&mut self, port: u16) -> (FlowId, TcpSeqNumber) {
+        let (id, syn_ack) = self.accept(port);
+        let ours = syn_ack.seq + 1;
+        self.send(from_app(
+            port,
+            TcpControl::None,
+            APP_ISN + 1,
+            Some(ours),
+            &[],
+        ));
+        assert_eq!(self.sent(), vec![], "nothing answers a pure ACK");
+        (id, ours)
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.engine.poll(self.now);
+    }
+}
+
+#[test]
+fn initial_sequence_numbers_differ_between_flows_and_between_engines() {
+    let mut a = Rig::new(EngineConfig::default());
+    let mut b = Rig::new(EngineConfig::default());
+    let mut isns = Vec::new();
+    // Flows 1 and 1 + SHARDS share a shard: its generator must not repeat either.
+    for port in 0..(SHARDS as u16 + 1) {
+        isns.push(a.accept(APP_PORT + port).1.seq);
+    }
+    isns.push(b.accept(APP_PORT).1.seq);
+    let mut unique = isns.clone();
+    unique.sort_by_key(|s| s.0);
+    unique.dedup();
+    assert_eq!(unique.len(), isns.len(), "repeated ISN in {isns:?}");
+}
+
+#[test]
+fn an_in_window_rst_gets_a_challenge_ack_and_only_the_exact_one_resets() {
+    let mut r = Rig::new(EngineConfig::default());
+    let (id, ours) = r.establish(APP_PORT);
+    let rcv_nxt = APP_ISN + 1;
+
+    // A blind attacker's RST somewhere in the window: the flow survives, the app is asked.
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Rst,
+        rcv_nxt + 1000,
+        None,
+        &[],
+    ));
+    assert_eq!(r.events(), vec![], "the flow is not reset");
+    let challenge = r.sent();
+    assert_eq!(
+        challenge,
+        vec![Seen {
+            control: TcpControl::None,
+            seq: ours,
+            ack: Some(rcv_nxt),
+            len: 0
+        }],
+        "a challenge ACK with the exact next sequence numbers"
+    );
+    // A storm of them: at most one challenge ACK per interval.
+    for k in 2..50 {
+        r.send(from_app(
+            APP_PORT,
+            TcpControl::Rst,
+            rcv_nxt + k * 997,
+            None,
+            &[],
+        ));
+    }
+    assert_eq!(r.sent(), vec![], "challenge ACKs are rate limited");
+    // Out of the window: dropped silently.
+    r.advance(CHALLENGE_ACK_INTERVAL);
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Rst,
+        rcv_nxt + (1 << 30),
+        None,
+        &[],
+    ));
+    r.send(from_app(APP_PORT, TcpControl::Rst, APP_ISN, None, &[]));
+    assert_eq!(r.sent(), vec![], "no answer outside the window");
+    assert_eq!(r.engine.flow_count(), 1);
+
+    // Data still flows after the storm.
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Psh,
+        rcv_nxt,
+        Some(ours),
+        b"ping",
+    ));
+    assert!(r.events().contains(&Event::Data {
+        id,
+        data: bytes::Bytes::from_static(b"ping")
+    }));
+    let rcv_nxt = rcv_nxt + 4;
+    assert_eq!(r.sent()[0].ack, Some(rcv_nxt));
+
+    // The real peer answers a challenge ACK with an RST at exactly RCV.NXT: taken.
+    r.send(from_app(APP_PORT, TcpControl::Rst, rcv_nxt, None, &[]));
+    assert!(
+        r.events().iter().any(|e| matches!(
+            e,
+            Event::Close { id: i, reason: CloseReason::AppReset, .. } if *i == id
+        )),
+        "the exact RST resets the flow"
+    );
+    assert_eq!(r.engine.flow_count(), 0);
+    assert!(r.engine.stats().rst_syn_screened >= 50);
+}
+
+#[test]
+fn a_syn_on_an_established_flow_gets_a_challenge_ack() {
+    let mut r = Rig::new(EngineConfig::default());
+    let (_, ours) = r.establish(APP_PORT);
+    let other_isn = TcpSeqNumber(0x0bad_cafe);
+    r.send(from_app(APP_PORT, TcpControl::Syn, other_isn, None, &[]));
+    assert_eq!(r.events(), vec![], "no second Open, no reset");
+    assert_eq!(
+        r.sent(),
+        vec![Seen {
+            control: TcpControl::None,
+            seq: ours,
+            ack: Some(APP_ISN + 1),
+            len: 0
+        }]
+    );
+    assert_eq!(r.engine.flow_count(), 1);
+}
+
+#[test]
+fn a_blind_rst_cannot_end_a_flow_whose_channel_is_opening() {
+    let mut r = Rig::new(EngineConfig::default());
+    r.send(from_app(APP_PORT, TcpControl::Syn, APP_ISN, None, &[]));
+    let _ = r.events();
+    r.send(from_app(APP_PORT, TcpControl::Rst, APP_ISN + 77, None, &[]));
+    assert_eq!(r.events(), vec![]);
+    assert_eq!(r.engine.flow_count(), 1);
+    r.send(from_app(APP_PORT, TcpControl::Rst, APP_ISN + 1, None, &[]));
+    assert!(matches!(
+        r.events().as_slice(),
+        [Event::Close {
+            reason: CloseReason::AppReset,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_syn_with_data_is_held_without_its_payload() {
+    let mut r = Rig::new(EngineConfig::default());
+    let data = vec![0x5a; SYN_DATA];
+    let syn = from_app(APP_PORT, TcpControl::Syn, APP_ISN, None, &data);
+    let header = syn.len() - SYN_DATA;
+    r.send(syn.clone());
+    let id = match r.events().as_slice() {
+        [Event::Open { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let held = |r: &Rig| match &r.engine.flows.get(id).expect("flow").phase {
+        Phase::Opening { syn } => (syn.len(), syn.capacity()),
+        Phase::Open { .. } => panic!("still opening"),
+    };
+    assert_eq!(held(&r), (header, header), "only the header is held");
+    // A retransmission likewise.
+    r.send(syn);
+    assert_eq!(held(&r), (header, header));
+    // The SYN-ACK acknowledges the SYN only: the app sends its data again.
+    r.engine.handle_open_ok(r.now, id);
+    r.engine.poll(r.now);
+    let syn_ack = r.sent();
+    assert_eq!(syn_ack.len(), 1);
+    assert_eq!(syn_ack[0].ack, Some(APP_ISN + 1));
+    let ours = syn_ack[0].seq + 1;
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Psh,
+        APP_ISN + 1,
+        Some(ours),
+        &data[..1000],
+    ));
+    let up: usize = r
+        .events()
+        .iter()
+        .map(|e| match e {
+            Event::Data { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(up, 1000, "the retransmitted data is relayed once");
+}
+
+#[test]
+fn a_handshake_the_app_never_completes_times_out_and_closes_the_channel() {
+    let mut r = Rig::new(EngineConfig::default());
+    let (id, _) = r.accept(APP_PORT);
+    // The app (a spoofed source, or a firewall eating SYN-ACKs) never answers.
+    let step = Duration::from_millis(500);
+    let mut waited = Duration::ZERO;
+    while waited + step < SYN_RECEIVED_TIMEOUT {
+        r.advance(step);
+        waited += step;
+        let _ = r.sent(); // SYN-ACK retransmissions
+        assert_eq!(r.events(), vec![], "still waiting at {waited}");
+    }
+    r.advance(SWEEP_INTERVAL + step);
+    let _ = r.sent();
+    assert!(
+        matches!(
+            r.events().as_slice(),
+            [Event::Close { id: i, reason: CloseReason::TimedOut, .. }] if *i == id
+        ),
+        "the flow ends and its channel is closed"
+    );
+    assert_eq!(r.engine.flow_count(), 0);
+    assert_eq!(r.engine.stats().syn_received_timeouts, 1);
+    // A completed handshake never times out.
+    let (id, _) = r.establish(APP_PORT + 1);
+    r.advance(SYN_RECEIVED_TIMEOUT * 2);
+    let _ = r.sent();
+    assert_eq!(r.events(), vec![]);
+    assert!(r.engine.flow_key(id).is_some());
+}
+
+#[test]
+fn inbound_callers_have_a_budget_of_their_own() {
+    let mut r = Rig::new(EngineConfig {
+        max_flows: 1,
+        max_inbound: 2,
+        ..EngineConfig::default()
+    });
+    let local = app(8080);
+    let caller = |port| SocketAddr::new(IpAddr::V4(VPC_V4), port);
+    let timeout = Duration::from_secs(10);
+    // Callers fill their own budget...
+    for port in [50_000, 50_001] {
+        r.engine
+            .connect_inbound(r.now, caller(port), local, timeout)
+            .expect("within the inbound budget");
+    }
+    assert_eq!(
+        r.engine
+            .connect_inbound(r.now, caller(50_002), local, timeout),
+        Err(InboundError::FlowLimit)
+    );
+    let _ = r.sent();
+    // ...and the laptop's own connection still gets its slot.
+    r.send(from_app(APP_PORT, TcpControl::Syn, APP_ISN, None, &[]));
+    assert!(matches!(r.events().as_slice(), [Event::Open { .. }]));
+    // Past its own budget, an outbound SYN is reset.
+    r.send(from_app(APP_PORT + 1, TcpControl::Syn, APP_ISN, None, &[]));
+    assert!(matches!(
+        r.events().as_slice(),
+        [Event::Refused {
+            reason: CloseReason::FlowLimit,
+            ..
+        }]
+    ));
+    let reset = r.sent();
+    assert!(
+        matches!(reset.as_slice(), [s] if s.control == TcpControl::Rst),
+        "{reset:?}"
+    );
+}

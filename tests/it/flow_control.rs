@@ -1,0 +1,209 @@
+//! Flow control end to end, against a real sshd: an app that stops reading in the middle of
+//! a download (a debugger breakpoint, a long GC pause) pauses only its own flow at the jump
+//! host, costs mse-vpn at most that flow's windows in memory, is never reset, and gets every
+//! byte once it reads again; other flows on the same SSH connection keep their latency.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Testbed, rss_mib, sha256_file, stderr, stdout};
+
+/// How long the apps stop reading (the issue's figure).
+const PAUSE_SECS: u64 = 60;
+/// The SSH window mse-vpn keeps open per channel, and the per-flow buffers behind it
+/// (smoltcp's send buffer and the engine's read-ahead), in MiB, rounded up.
+const WINDOW_MIB: u64 = 4;
+const BUFFERS_MIB: u64 = 1;
+/// Slack the issue allows on top of the windows and buffers.
+const SLACK_MIB: u64 = 50;
+
+/// A client of nginx in the VPC that reads `--first` bytes of `--path`, stops reading for
+/// `--pause` seconds (printing "paused" then), then reads the rest and prints the body's
+/// sha256; `--flows N` runs N such downloads at once.
+const PAUSING_CLIENT: &str = r#"
+import hashlib, socket, sys, threading, time
+path, first, pause, flows = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+results = [None] * flows
+paused = threading.Barrier(flows + 1)
+def one(i):
+    s = socket.create_connection(("10.0.0.10", 80), timeout=PAUSE_TIMEOUT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\nHost: vpc\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    h = hashlib.sha256()
+    got = 0
+    while got < first:
+        b = s.recv(min(65536, first - got))
+        if not b:
+            break
+        h.update(b); got += len(b)
+    paused.wait()
+    time.sleep(pause)
+    try:
+        while True:
+            b = s.recv(1 << 20)
+            if not b:
+                break
+            h.update(b); got += len(b)
+        results[i] = (got, h.hexdigest())
+    except OSError as e:
+        results[i] = (got, "error: " + type(e).__name__ + " " + str(e))
+ts = [threading.Thread(target=one, args=(i,)) for i in range(flows)]
+for t in ts: t.start()
+paused.wait()
+print("paused", flush=True)
+for t in ts: t.join()
+for got, digest in results:
+    print(got, digest, flush=True)
+"#;
+
+/// PINGs redis in the VPC `n` times over one connection; prints each round trip in µs.
+const REDIS_PINGS: &str = r#"
+import socket, sys, time
+s = socket.create_connection(("10.0.0.11", 6379), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    s.sendall(b"PING\r\n")
+    assert s.recv(64) == b"+PONG\r\n"
+    print(int((time.perf_counter() - t) * 1e6))
+    time.sleep(0.02)
+"#;
+
+fn write_script(tb: &Testbed, name: &str, text: &str) -> String {
+    let path = tb.dir.join(name);
+    std::fs::write(
+        &path,
+        text.replace("PAUSE_TIMEOUT", &(PAUSE_SECS * 3).to_string()),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// A file of `mib` random MiB in the VPC's web root; returns its sha256.
+fn web_file(tb: &Testbed, name: &str, mib: usize) -> String {
+    let path = tb.dir.join("www").join(name);
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "head -c {} /dev/urandom > {p} && chmod 644 {p}",
+                mib << 20,
+                p = path.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    sha256_file(&path)
+}
+
+/// Starts the pausing client; returns once every flow is paused.
+fn start_pausing(tb: &Testbed, path: &str, first: usize, flows: usize) -> Child {
+    let script = write_script(tb, "pausing.py", PAUSING_CLIENT);
+    let mut child = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "python3",
+                &script,
+                path,
+                &first.to_string(),
+                &PAUSE_SECS.to_string(),
+                &flows.to_string(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "paused", "the client did not reach its pause");
+    child
+}
+
+/// While the apps are paused: samples mse-vpn's RSS, and measures redis PINGs (over the same
+/// single SSH connection). Returns (peak RSS MiB, p99 µs, p50 µs).
+fn during_pause(tb: &Testbed, pid: i32) -> (u64, u64, u64) {
+    let pings = write_script(tb, "pings.py", REDIS_PINGS);
+    // Let the paused flows fill their windows first.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut peak = rss_mib(pid);
+    let pinger = tb
+        .cmd_in(&tb.lap(), &["python3", &pings, "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(PAUSE_SECS - 15) {
+        peak = peak.max(rss_mib(pid));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = pinger.wait_with_output().unwrap();
+    assert!(out.status.success(), "redis pings: {}", stderr(&out));
+    let mut rtts: Vec<u64> = stdout(&out)
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(rtts.len(), 1000);
+    rtts.sort_unstable();
+    (peak, rtts[989], rtts[499])
+}
+
+/// Waits for the client and checks every download is complete and byte-exact.
+fn assert_complete(child: Child, size: usize, sha: &str, flows: usize) {
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    let results: Vec<&str> = text.lines().collect();
+    assert_eq!(results.len(), flows, "{text}{}", stderr(&out));
+    for r in results {
+        assert_eq!(r, format!("{size} {sha}"), "a download after the pause");
+    }
+}
+
+#[test]
+fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
+    let tb = Testbed::up("fc1", &["--with", "nginx,redis"]);
+    let sha = web_file(&tb, "1g.bin", 1024);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
+    let client = start_pausing(&tb, "/1g.bin", 16 << 20, 1);
+    let (peak, p99, p50) = during_pause(&tb, vpn.pid());
+    println!("one paused download: peak RSS {peak} MiB; redis PING p50 {p50} µs, p99 {p99} µs");
+    assert!(
+        peak <= WINDOW_MIB + BUFFERS_MIB + SLACK_MIB,
+        "mse-vpn grew to {peak} MiB while the app was paused"
+    );
+    assert!(p99 < 5_000, "redis p99 {p99} µs beside a paused flow");
+    assert_complete(client, 1 << 30, &sha, 1);
+    let log = vpn.stderr();
+    assert!(!log.contains("reset"), "{log}");
+    assert!(vpn.interrupt().success());
+}
+
+#[test]
+fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
+    const FLOWS: usize = 50;
+    let tb = Testbed::up("fc2", &["--with", "nginx,redis"]);
+    let sha = web_file(&tb, "64m.bin", 64);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
+    let client = start_pausing(&tb, "/64m.bin", 8 << 20, FLOWS);
+    let (peak, p99, p50) = during_pause(&tb, vpn.pid());
+    println!(
+        "{FLOWS} paused downloads: peak RSS {peak} MiB; redis PING p50 {p50} µs, p99 {p99} µs"
+    );
+    let bound = FLOWS as u64 * (WINDOW_MIB + BUFFERS_MIB) + SLACK_MIB;
+    assert!(peak <= bound, "mse-vpn grew to {peak} MiB (bound {bound})");
+    assert!(
+        p99 < 5_000,
+        "redis p99 {p99} µs beside {FLOWS} paused flows"
+    );
+    assert_complete(client, 64 << 20, &sha, FLOWS);
+    assert!(vpn.interrupt().success());
+}
