@@ -27,7 +27,7 @@ pub struct Cli {
         long,
         global = true,
         env = "MSE_VPN_STATE_DIR",
-        default_value = "/run/mse-vpn",
+        default_value = mse_vpn_platform::DEFAULT_STATE_DIR,
         value_name = "DIR",
         help_heading = GLOBAL
     )]
@@ -248,7 +248,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 65_000, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1280..=65_535))]
     pub mtu: u32,
     /// Name of the TUN device.
-    #[arg(long = "tun", default_value = "mse0", value_name = "NAME")]
+    #[arg(long = "tun", default_value = mse_vpn_platform::DEFAULT_TUN, value_name = "NAME")]
     pub tun: String,
     /// Maximum concurrent TCP flows; new connections beyond it are reset.
     #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -606,7 +606,7 @@ mod tests {
         };
         assert_eq!(up.cidrs.len(), 2);
         assert_eq!(up.proxy.unwrap().port, 2222);
-        assert_eq!(up.tun, "mse0");
+        assert_eq!(up.tun, mse_vpn_platform::DEFAULT_TUN);
         assert_eq!(up.keepalive, None);
         assert!(up.dns_domains.is_empty());
     }

@@ -1,5 +1,6 @@
 //! The control socket: a running session answers `status` and `down` requests on a Unix
-//! socket at `/run/mse-vpn/<tun>.sock`, readable by root and the user who started it only.
+//! socket at `/run/mse-vpn/<tun>.sock`, readable by root and the user who started it only (on
+//! Windows a named pipe with an owner-only ACL: the transport is `mse_vpn_platform::ipc`).
 //!
 //! Protocol: one JSON request line (`{"cmd":"status"}` or `{"cmd":"down"}`), one JSON reply
 //! line. The reply to `status` is a [`Status`]; its fields are the stable, documented
@@ -9,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mse_vpn_platform::ipc::{self, Conn, Listener};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, WriteHalf};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -375,37 +376,24 @@ impl Board {
 
 /// The socket path of the session using TUN `tun`.
 pub fn socket_path(state_dir: &Path, tun: &str) -> PathBuf {
-    state_dir.join(format!("{tun}.sock"))
+    ipc::endpoint(state_dir, tun)
 }
 
 /// A bound control socket; removed from disk when dropped.
 pub struct Server {
-    listener: UnixListener,
-    path: PathBuf,
+    listener: Listener,
 }
 
 impl Server {
     /// Binds the socket, readable and writable only by `owner_uid` (and root).
     pub fn bind(path: &Path, owner_uid: u32, owner_gid: u32) -> Result<Server, ControlError> {
-        let io = |source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        // A socket file left by a crashed session: nobody answers on it.
-        if std::os::unix::net::UnixStream::connect(path).is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path).map_err(io)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-        std::os::unix::fs::chown(path, Some(owner_uid), Some(owner_gid)).map_err(io)?;
-        Ok(Server {
-            listener,
-            path: path.to_owned(),
-        })
+        // (A socket file left by a crashed session, which nobody answers on, is replaced.)
+        let listener =
+            Listener::bind(path, (owner_uid, owner_gid)).map_err(|source| ControlError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Server { listener })
     }
 
     /// Serves requests until the process ends; a `down` request sets `stop`.
@@ -415,7 +403,7 @@ impl Server {
 
     /// [`Server::serve`] with a connection's time to send its request (tests shorten it).
     async fn serve_with(
-        self,
+        mut self,
         board: Arc<Board>,
         stop: watch::Sender<bool>,
         request_timeout: Duration,
@@ -423,7 +411,7 @@ impl Server {
         let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
             let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(e) => {
                     // Out of descriptors: pause (the listener stays readable; retrying at
                     // once would spin).
@@ -448,19 +436,13 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 async fn answer(
-    stream: UnixStream,
+    stream: Conn,
     board: &Board,
     stop: &watch::Sender<bool>,
     request_timeout: Duration,
 ) -> std::io::Result<()> {
-    let (r, mut w) = stream.into_split();
+    let (r, mut w) = tokio::io::split(stream);
     let mut line = String::new();
     let mut r = BufReader::new(r).take(4096);
     // A connection that never sends its request is closed (it holds a descriptor).
@@ -563,7 +545,7 @@ fn expose_error(msg: &str) -> String {
     .unwrap_or_default()
 }
 
-async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+async fn reply(w: &mut WriteHalf<Conn>, line: &str) -> std::io::Result<()> {
     w.write_all(line.as_bytes()).await?;
     w.write_all(b"\n").await?;
     w.flush().await
@@ -575,7 +557,7 @@ pub async fn expose(
     path: &Path,
     specs: &[ForwardSpec],
     hold: bool,
-) -> Result<(ExposeReply, UnixStream), ControlError> {
+) -> Result<(ExposeReply, Conn), ControlError> {
     forward_request(path, "expose", specs, hold).await
 }
 
@@ -589,7 +571,7 @@ async fn forward_request(
     cmd: &str,
     specs: &[ForwardSpec],
     hold: bool,
-) -> Result<(ExposeReply, UnixStream), ControlError> {
+) -> Result<(ExposeReply, Conn), ControlError> {
     let req = Request {
         cmd: cmd.into(),
         specs: specs.iter().map(ToString::to_string).collect(),
@@ -619,32 +601,26 @@ pub async fn request(path: &Path, cmd: &str) -> Result<String, ControlError> {
 }
 
 /// Sends one request line; returns the reply line and the still open connection.
-async fn exchange(path: &Path, req: &str) -> Result<(String, UnixStream), ControlError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => ControlError::Denied {
-                path: path.to_owned(),
-            },
-            _ => ControlError::NotRunning {
-                path: path.to_owned(),
-            },
-        })?;
+async fn exchange(path: &Path, req: &str) -> Result<(String, Conn), ControlError> {
+    let stream = ipc::connect(path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ControlError::Denied {
+            path: path.to_owned(),
+        },
+        _ => ControlError::NotRunning {
+            path: path.to_owned(),
+        },
+    })?;
     let io = |source| ControlError::Io {
         path: path.to_owned(),
         source,
     };
-    let (r, mut w) = stream.into_split();
+    let (r, mut w) = tokio::io::split(stream);
     w.write_all(req.as_bytes()).await.map_err(io)?;
     w.write_all(b"\n").await.map_err(io)?;
     let mut line = String::new();
     let mut r = BufReader::new(r).take(1 << 20);
     r.read_line(&mut line).await.map_err(io)?;
-    let stream = r
-        .into_inner()
-        .into_inner()
-        .reunite(w)
-        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    let stream = r.into_inner().into_inner().unsplit(w);
     Ok((line, stream))
 }
 
@@ -759,9 +735,8 @@ mod tests {
     async fn status_and_down_round_trip_over_the_socket() {
         let dir = std::env::temp_dir().join(format!("mse-vpn-ctl-{}", std::process::id()));
         let path = socket_path(&dir, "mvtest0");
-        let uid = nix::unistd::getuid().as_raw();
-        let gid = nix::unistd::getgid().as_raw();
-        let server = Server::bind(&path, uid, gid).unwrap();
+        let me = mse_vpn_platform::account::current().unwrap().unwrap();
+        let server = Server::bind(&path, me.uid, me.gid).unwrap();
         let board = Board::new(
             "u@h:22".into(),
             "mvtest0".into(),
@@ -842,9 +817,8 @@ mod tests {
     async fn a_silent_connection_is_closed_and_the_socket_keeps_answering() {
         let dir = std::env::temp_dir().join(format!("mse-vpn-ctl-idle-{}", std::process::id()));
         let path = socket_path(&dir, "mvtest1");
-        let uid = nix::unistd::getuid().as_raw();
-        let gid = nix::unistd::getgid().as_raw();
-        let server = Server::bind(&path, uid, gid).unwrap();
+        let me = mse_vpn_platform::account::current().unwrap().unwrap();
+        let server = Server::bind(&path, me.uid, me.gid).unwrap();
         let board = Board::new("u@h:22".into(), "mvtest1".into(), Vec::new());
         board.set_limits(500, 40);
         let (stop_tx, _stop_rx) = watch::channel(false);
@@ -854,7 +828,7 @@ mod tests {
         // Connections that never send a request: more than the server serves at once.
         let mut idle = Vec::new();
         for _ in 0..MAX_CLIENTS {
-            idle.push(UnixStream::connect(&path).await.unwrap());
+            idle.push(ipc::connect(&path).await.unwrap());
         }
         let mut buf = [0u8; 1];
         let closed = tokio::time::timeout(timeout * 10, idle[0].read(&mut buf))

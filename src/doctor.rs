@@ -228,18 +228,52 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
 }
 
 fn privileges() -> Check {
-    if nix::unistd::Uid::effective().is_root() {
-        Check::new("privileges", Verdict::Ok, "running as root")
-    } else {
-        Check::new(
-            "privileges",
-            Verdict::Fail,
-            "not root: `up` creates a TUN device and routes",
+    let (ok, not, fix) = if cfg!(windows) {
+        (
+            "running elevated",
+            "not elevated: `up` creates a TUN adapter and routes",
+            "run it from an elevated prompt (Run as administrator; status works without it)",
         )
-        .fix("run it with sudo (status works without root)")
+    } else {
+        (
+            "running as root",
+            "not root: `up` creates a TUN device and routes",
+            "run it with sudo (status works without root)",
+        )
+    };
+    if mse_vpn_platform::process::is_privileged() {
+        Check::new("privileges", Verdict::Ok, ok)
+    } else {
+        Check::new("privileges", Verdict::Fail, not).fix(fix)
     }
 }
 
+/// macOS: utun is part of the kernel.
+#[cfg(target_os = "macos")]
+fn tun_support() -> Check {
+    Check::new("tun", Verdict::Ok, "utun is built into macOS")
+}
+
+/// Windows: the wintun driver ships as wintun.dll, loaded from beside the executable (or the
+/// DLL search path).
+#[cfg(windows)]
+fn tun_support() -> Check {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("wintun.dll")));
+    let system = std::env::var_os("SystemRoot").map(|r| {
+        std::path::PathBuf::from(r)
+            .join("System32")
+            .join("wintun.dll")
+    });
+    match [beside, system].into_iter().flatten().find(|p| p.is_file()) {
+        Some(dll) => Check::new("tun", Verdict::Ok, format!("{} found", dll.display())),
+        None => Check::new("tun", Verdict::Fail, "wintun.dll not found")
+            .fix("download wintun from wintun.net and put the wintun.dll for your CPU beside mse-vpn.exe"),
+    }
+}
+
+#[cfg(not(any(target_os = "macos", windows)))]
 fn tun_support() -> Check {
     // Opening the clone device creates nothing until TUNSETIFF, which we do not issue.
     match std::fs::OpenOptions::new()

@@ -37,6 +37,16 @@ mod errno {
     }
 }
 
+/// An "out of descriptors" error as this OS reports it (EMFILE; WSAEMFILE on Windows), for
+/// tests.
+#[cfg(test)]
+pub fn emfile() -> io::Error {
+    #[cfg(unix)]
+    return io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+    #[cfg(not(unix))]
+    return io::Error::from_raw_os_error(10024);
+}
+
 /// What an accept loop does after `accept` failed with `e`: a pause of [`ACCEPT_BACKOFF`] for
 /// resource exhaustion (the listener stays readable, so retrying at once would spin), none
 /// for per-connection errors (the peer reset before we took the connection).

@@ -39,8 +39,8 @@ fn main() -> ExitCode {
     };
     // Privileges first, as wg-quick checks them: a non-root `up` reads no profile, contacts
     // no jump host and touches nothing.
-    if matches!(cli.command, Command::Up(_)) && !nix::unistd::geteuid().is_root() {
-        eprintln!("mse-vpn: must be run as root (use sudo)");
+    if matches!(cli.command, Command::Up(_)) && !platform::process::is_privileged() {
+        eprintln!("mse-vpn: must be run {}", platform::process::PRIVILEGED);
         return ExitCode::from(EXIT_FAILURE);
     }
     if let Command::Up(UpCommand { args, .. }) | Command::Doctor(args) = &mut cli.command {
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         }
         // The child: a session of its own, so the terminal's hangup and Ctrl-C do not reach
         // it.
-        let _ = nix::unistd::setsid();
+        platform::process::detach();
     }
     // A daemon's log file needs the time of each line; a terminal and journald do not.
     mse_vpn::logging::init(cli.verbose, std::env::var_os(DAEMON_CHILD).is_some());
@@ -272,14 +272,14 @@ fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCo
         Ok(e) => e,
         Err(e) => return fail(format!("cannot find my own executable: {e}")),
     };
-    let mut child = match std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
         .env(DAEMON_CHILD, "1")
         .stdin(std::process::Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .spawn()
-    {
+        .stderr(err);
+    platform::process::detached(&mut cmd);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the daemon: {e}")),
     };
@@ -467,10 +467,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     spawn_signal_handler(stop_tx.clone())?;
     std::fs::create_dir_all(state_dir)
-        .and_then(|()| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o755))
-        })
+        .and_then(|()| platform::account::set_mode(state_dir, 0o755))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let board = Board::new(
         format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port),
@@ -611,14 +608,11 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
 }
 
 fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut signals =
+        platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => debug!("SIGINT: shutting down"),
-            _ = term.recv() => debug!("SIGTERM: shutting down"),
-        }
+        let name = signals.recv().await;
+        debug!("{name}: shutting down");
         let _ = stop.send(true);
     });
     Ok(())
@@ -679,16 +673,7 @@ fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<std::path::PathBu
     if let Some(tun) = tun {
         return vec![control::socket_path(state_dir, tun)];
     }
-    let mut socks: Vec<_> = std::fs::read_dir(state_dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .collect()
-        })
-        .unwrap_or_default();
-    socks.sort();
-    socks
+    platform::ipc::endpoints(state_dir)
 }
 
 /// `status`: the running sessions; and what sessions that died left behind, which makes
@@ -741,11 +726,7 @@ fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<std::path::PathBuf
         .into_iter()
         .filter(|p| {
             // Live sessions, and those we may not use (so the error says so).
-            tun.is_some()
-                || match std::os::unix::net::UnixStream::connect(p) {
-                    Ok(_) => true,
-                    Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
-                }
+            tun.is_some() || platform::ipc::probe(p)
         })
         .collect();
     match socks.as_slice() {
@@ -825,13 +806,15 @@ async fn run(args: mse_vpn::cli::RunArgs, state_dir: &Path) -> Result<ExitCode> 
         cmd.env(&s.name, &s.value);
     }
     // Under sudo, the app runs as the user who invoked it, never as root.
-    if nix::unistd::geteuid().is_root() && std::env::var_os("SUDO_UID").is_some() {
+    if platform::process::is_privileged() && std::env::var_os("SUDO_UID").is_some() {
         let user = ssh::InvokingUser::detect().context("cannot tell which user invoked sudo")?;
-        cmd.uid(user.uid())
-            .gid(user.gid())
-            .env("HOME", user.home())
-            .env("USER", user.name())
-            .env("LOGNAME", user.name());
+        let account = platform::account::Account {
+            name: user.name().to_owned(),
+            uid: user.uid(),
+            gid: user.gid(),
+            home: user.home().to_owned(),
+        };
+        platform::process::run_as(&mut cmd, &account);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -851,34 +834,14 @@ async fn run(args: mse_vpn::cli::RunArgs, state_dir: &Path) -> Result<ExitCode> 
     };
     // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
     // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let status = loop {
-        tokio::select! {
-            s = child.wait() => break s?,
-            _ = int.recv() => {}
-            _ = quit.recv() => {}
-            _ = term.recv() => forward(pid, nix::sys::signal::Signal::SIGTERM),
-            _ = hup.recv() => forward(pid, nix::sys::signal::Signal::SIGHUP),
-        }
+    let relay = platform::process::relay_signals(child.id());
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        r = relay => match r? {},
     };
     drop(held); // the session removes the listeners
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1);
+    let code = platform::process::exit_code(status);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-fn forward(pid: Option<nix::unistd::Pid>, sig: nix::sys::signal::Signal) {
-    if let Some(pid) = pid {
-        let _ = nix::sys::signal::kill(pid, sig);
-    }
 }
 
 /// `mse-vpn expose`: adds listeners to the running session (kept until it stops).
@@ -975,11 +938,12 @@ async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
         }
         return Ok(());
     }
-    if !nix::unistd::geteuid().is_root() {
+    if !platform::process::is_privileged() {
         bail!(
-            "the session on {} is no longer running but left {} behind; undoing it must be run as root (use sudo)",
+            "the session on {} is no longer running but left {} behind; undoing it must be run {}",
             left[0].tun,
-            left[0].describe()
+            left[0].describe(),
+            platform::process::PRIVILEGED
         );
     }
     for change in platform::repair(state_dir).await? {

@@ -10,11 +10,9 @@ use thiserror::Error;
 /// Failure to create the TUN device.
 #[derive(Debug, Error)]
 pub enum TunError {
-    /// The device could not be created (no `/dev/net/tun`, not root, or the name is in use).
-    #[error(
-        "could not create TUN device {name}: {source}. mse-vpn needs root (sudo) and /dev/net/tun; \
-         if the name is in use by another session, pick another with --tun"
-    )]
+    /// The device could not be created (no `/dev/net/tun`, not root, or the name is in use;
+    /// on macOS a name that is not `utunN`; on Windows no `wintun.dll` or no elevation).
+    #[error("could not create TUN device {name}: {source}. {HINT}")]
     Create {
         /// The requested name.
         name: String,
@@ -24,7 +22,22 @@ pub enum TunError {
     },
 }
 
-/// An open TUN device; packets are raw IPv4/IPv6 datagrams without a header.
+/// What to check when the device cannot be created.
+#[cfg(target_os = "linux")]
+const HINT: &str = "mse-vpn needs root (sudo) and /dev/net/tun; if the name is in use by another session, pick another with --tun";
+/// What to check when the device cannot be created.
+#[cfg(target_os = "macos")]
+const HINT: &str = "mse-vpn needs root (sudo), and macOS names its TUN devices utun0, utun1, ...: pass --tun utunN with a number no other VPN uses";
+/// What to check when the device cannot be created.
+#[cfg(windows)]
+const HINT: &str = "mse-vpn needs an elevated prompt (Run as administrator) and wintun.dll from wintun.net beside mse-vpn.exe; if the name is in use by another session, pick another with --tun";
+/// What to check when the device cannot be created.
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+const HINT: &str =
+    "this operating system is not supported: mse-vpn runs on Linux, macOS and Windows";
+
+/// An open TUN device; packets are raw IPv4/IPv6 datagrams without a header (macOS's 4-byte
+/// utun protocol header is added and removed by the `tun` crate).
 pub struct Tun {
     dev: tun::AsyncDevice,
     name: String,
@@ -35,9 +48,27 @@ impl Tun {
     pub fn create(name: &str, mtu: u16) -> Result<Tun, TunError> {
         let mut config = tun::Configuration::default();
         config.tun_name(name).mtu(mtu).layer(tun::Layer::L3);
-        // Configuration (addresses, MTU, up) is done by the platform crate over netlink.
+        // Configuration (addresses, up, routes) is done by the platform crate.
+        #[cfg(target_os = "linux")]
         config.platform_config(|p| {
             p.ensure_root_privileges(false);
+        });
+        // utun carries a 4-byte protocol family header on every packet: the crate strips it on
+        // reads and adds it on writes. It adds no routes of its own.
+        #[cfg(target_os = "macos")]
+        config.platform_config(|p| {
+            p.packet_information(true).enable_routing(false);
+        });
+        // wintun.dll is loaded from the executable's directory (then the DLL search path).
+        #[cfg(windows)]
+        config.platform_config(|p| {
+            if let Some(dll) = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("wintun.dll")))
+                .filter(|dll| dll.is_file())
+            {
+                p.wintun_file(dll);
+            }
         });
         let dev = tun::create_as_async(&config).map_err(|source| TunError::Create {
             name: name.to_owned(),

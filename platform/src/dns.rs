@@ -33,6 +33,7 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// First line of a resolv.conf written by mse-vpn.
 pub const MARKER: &str = "# mse-vpn split DNS";
 /// Where systemd-resolved keeps its runtime state (present while it runs).
+#[cfg(not(any(target_os = "macos", windows)))]
 const RESOLVED_RUN_DIR: &str = "/run/systemd/resolve";
 
 /// How the host resolver is pointed at the responder.
@@ -42,6 +43,10 @@ pub enum DnsBackend {
     Resolved,
     /// /etc/resolv.conf rewritten (fallback).
     ResolvConf,
+    /// macOS: one `/etc/resolver/DOMAIN` file per split zone.
+    ResolverDir,
+    /// Windows: a Name Resolution Policy Table rule for the split zones.
+    Nrpt,
 }
 
 impl DnsBackend {
@@ -50,6 +55,8 @@ impl DnsBackend {
         match self {
             DnsBackend::Resolved => "resolved",
             DnsBackend::ResolvConf => "resolv.conf",
+            DnsBackend::ResolverDir => "/etc/resolver",
+            DnsBackend::Nrpt => "nrpt",
         }
     }
 }
@@ -123,8 +130,22 @@ pub fn resolved_commands(link: &str, plan: &DnsPlan) -> Vec<Vec<String>> {
     ]
 }
 
-/// Which backend this host would use: resolved if it is running (its runtime directory
-/// exists and `resolvectl status` answers) and resolv.conf sends lookups to it.
+/// Which backend this host would use: on macOS its `/etc/resolver` files, on Windows an NRPT
+/// rule; on Linux resolved if it is running (its runtime directory exists and `resolvectl
+/// status` answers) and resolv.conf sends lookups to it, else the resolv.conf fallback.
+#[cfg(target_os = "macos")]
+pub async fn detect() -> DnsBackend {
+    DnsBackend::ResolverDir
+}
+
+/// See the Linux version.
+#[cfg(windows)]
+pub async fn detect() -> DnsBackend {
+    DnsBackend::Nrpt
+}
+
+/// See the macOS version.
+#[cfg(not(any(target_os = "macos", windows)))]
 pub async fn detect() -> DnsBackend {
     let file = Path::new(RESOLV_CONF);
     let text = std::fs::read_to_string(file).unwrap_or_default();
@@ -301,7 +322,7 @@ pub fn undo_resolv_conf(change: &Change) -> bool {
             }
             let tmp = file.with_extension("mse-vpn.tmp");
             let _ = std::fs::remove_file(&tmp);
-            let ok = std::os::unix::fs::symlink(target, &tmp)
+            let ok = crate::account::symlink(target, &tmp)
                 .and_then(|()| std::fs::rename(&tmp, file))
                 .is_ok();
             sync_dir(file);
@@ -406,8 +427,11 @@ mod tests {
         // No trailing newline, odd bytes: must come back exactly.
         let original = b"nameserver 127.0.0.1\nsearch x\n# \xff no newline".to_vec();
         std::fs::write(&file, &original).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        let inode = std::fs::metadata(&file).unwrap().ino();
+        #[cfg(unix)]
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&file).unwrap().ino()
+        };
         let mut journaled = Vec::new();
         let change = rewrite_resolv_conf(&file, &backup, &plan(), "t", |c| {
             // Journaled before the file changes: the backup exists, the file is untouched.
@@ -420,11 +444,12 @@ mod tests {
         assert_eq!(journaled, std::slice::from_ref(&change));
         let now = std::fs::read_to_string(&file).unwrap();
         assert!(now.starts_with(MARKER));
-        assert_eq!(
-            std::fs::metadata(&file).unwrap().ino(),
-            inode,
-            "written in place"
-        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let now = std::fs::metadata(&file).unwrap().ino();
+            assert_eq!(now, inode, "written in place");
+        }
         assert!(undo_resolv_conf(&change));
         assert_eq!(std::fs::read(&file).unwrap(), original);
         assert!(!backup.exists());
@@ -464,6 +489,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_symlink_is_replaced_and_put_back() {
         let dir = tmp("link");

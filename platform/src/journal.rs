@@ -16,7 +16,12 @@
 //! resolved-link mse0
 //! resolv-conf /etc/resolv.conf backup /run/mse-vpn/mse0.resolv.conf.orig
 //! not-made rule from 198.18.0.1 prio 5211 table 28123
+//! resolver-file /etc/resolver/internal
+//! nrpt-rule {6d73652d-7670-6e00-0000-00006d736530}
 //! ```
+//! (`resolver-file` is macOS's per-domain resolver file, `nrpt-rule` a Windows Name Resolution
+//! Policy Table rule; the other entries are shared by every OS that has them.)
+//!
 //! A change is written before it is made; `not-made <change>` follows it when making it
 //! failed, so that undoing never removes something this session did not create (a rule of
 //! the same name left by someone else, say). A change with no such line was made, or the
@@ -104,6 +109,18 @@ pub enum Change {
         /// Where the symlink pointed.
         target: PathBuf,
     },
+    /// macOS: a per-domain resolver file (`/etc/resolver/DOMAIN`) written by mse-vpn (undo:
+    /// remove it if it still carries mse-vpn's marker).
+    ResolverFile {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Windows: a Name Resolution Policy Table rule (a registry key under the DNS client's
+    /// `DnsPolicyConfig`) sending the split zones to the responder (undo: delete the key).
+    NrptRule {
+        /// The rule's key name (GUID-shaped, no whitespace).
+        key: String,
+    },
 }
 
 impl fmt::Display for Change {
@@ -149,6 +166,8 @@ impl fmt::Display for Change {
                 file.display(),
                 target.display()
             ),
+            Change::ResolverFile { file } => write!(f, "resolver-file {}", file.display()),
+            Change::NrptRule { key } => write!(f, "nrpt-rule {key}"),
         }
     }
 }
@@ -206,6 +225,12 @@ impl Change {
             ["resolv-conf-link", file, "target", target] => Some(Change::ResolvConfLink {
                 file: PathBuf::from(file),
                 target: PathBuf::from(target),
+            }),
+            ["resolver-file", file] => Some(Change::ResolverFile {
+                file: PathBuf::from(file),
+            }),
+            ["nrpt-rule", key] => Some(Change::NrptRule {
+                key: (*key).to_owned(),
             }),
             _ => None,
         }
@@ -287,7 +312,10 @@ impl Journal {
         if left.is_empty() {
             return self.remove();
         }
-        let tmp = self.path.with_extension("journal.tmp");
+        // Closed first: Windows refuses to replace or delete a file that is still open.
+        let Journal { file, path } = self;
+        drop(file);
+        let tmp = path.with_extension("journal.tmp");
         let mut text = format!("{HEADER}\npid {}\n", std::process::id());
         for c in left {
             text.push_str(&format!("{c}\n"));
@@ -297,12 +325,14 @@ impl Journal {
             f.write_all(text.as_bytes())?;
             f.sync_data()?;
         }
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &path)
     }
 
     /// Deletes the journal (everything was undone).
     pub fn remove(self) -> std::io::Result<()> {
-        std::fs::remove_file(&self.path)
+        let Journal { file, path } = self;
+        drop(file);
+        std::fs::remove_file(&path)
     }
 
     /// The file's path.
@@ -393,6 +423,12 @@ mod tests {
             Change::ResolvConfLink {
                 file: "/etc/resolv.conf".into(),
                 target: "../run/systemd/resolve/stub-resolv.conf".into(),
+            },
+            Change::ResolverFile {
+                file: "/etc/resolver/internal".into(),
+            },
+            Change::NrptRule {
+                key: "{6d73652d-7670-6e00-0000-00006d736530}".into(),
             },
         ];
         for c in &changes {

@@ -2,30 +2,81 @@
 //!
 //! Host integration for mse-vpn: the [`RoutePlan`] (pure: which prefixes go into the TUN, the
 //! TUN's own addresses, which jump-host addresses bypass it), and the OS side that applies it:
-//! addresses and routes on the TUN link, bypass host routes, split DNS ([`dns`]:
-//! systemd-resolved routing domains or the resolv.conf fallback), and the on-disk restore
-//! journal that lets a crashed session be undone.
+//! addresses and routes on the TUN link, bypass host routes, split DNS ([`dns`]: on Linux
+//! systemd-resolved routing domains or the resolv.conf fallback, on macOS `/etc/resolver`
+//! files, on Windows an NRPT rule), and the on-disk restore journal that lets a crashed session
+//! be undone.
 //!
 //! It knows nothing of smoltcp or russh. The caller creates the TUN device (and holds its fd);
 //! this crate configures it. Every change is written to the journal before it is made;
 //! [`Host::restore`] undoes them in reverse; [`repair`] undoes what a dead session left.
 //!
-//! Linux is implemented with iproute2's `ip` command (JSON output for reading); other systems
-//! compile against a stub that returns [`PlatformError::Unsupported`].
+//! One backend file per OS, selected by `cfg`:
+//!
+//! | OS | file | addresses, routes | split DNS | control channel |
+//! |---|---|---|---|---|
+//! | Linux | `linux.rs` | iproute2's `ip` (JSON output for reading) | systemd-resolved or resolv.conf | Unix socket |
+//! | macOS | `macos.rs` | `ifconfig`, `route`, `netstat -rn` | `/etc/resolver/DOMAIN` files | Unix socket |
+//! | Windows | `windows.rs` + `win32.rs` | IP Helper API | an NRPT rule | named pipe, owner-only ACL |
+//!
+//! macOS and Windows share the journaling driver in `host.rs`; their plan/journal/undo logic
+//! is unit-tested on every OS (the exact commands and API calls are asserted). Other systems
+//! compile against a stub that returns [`PlatformError::Unsupported`]. The small OS adapters
+//! the rest of mse-vpn needs live here too: [`account`] (users, file ownership), [`process`]
+//! (signals, privileges, running as the invoking user) and [`ipc`] (the control channel).
+//! `unsafe` code is confined to `memory.rs` (glibc's allocator) and `win32.rs` (Win32 calls).
 
 #![deny(unsafe_code)]
 
+#[cfg(not(any(unix, windows)))]
+compile_error!("mse-vpn runs on Linux, macOS and Windows only");
+
+pub mod account;
 pub mod dns;
+pub mod ipc;
 pub mod journal;
 pub mod memory;
 pub mod plan;
+pub mod process;
+
+#[cfg_attr(not(any(target_os = "macos", windows, test)), allow(dead_code))]
+mod host;
+#[cfg(any(target_os = "macos", test))]
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+mod macos;
+#[cfg(windows)]
+mod win32;
+#[cfg(any(windows, test))]
+#[cfg_attr(not(windows), allow(dead_code))]
+mod windows;
 
 #[cfg(target_os = "linux")]
 #[path = "linux.rs"]
 mod imp;
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "macos")]
+use macos as imp;
+#[cfg(windows)]
+use windows as imp;
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 #[path = "stub.rs"]
 mod imp;
+
+/// The default TUN name: macOS names its utun devices itself (`utunN`); elsewhere any name.
+#[cfg(target_os = "macos")]
+pub const DEFAULT_TUN: &str = "utun9";
+/// The default TUN name: macOS names its utun devices itself (`utunN`); elsewhere any name.
+#[cfg(not(target_os = "macos"))]
+pub const DEFAULT_TUN: &str = "mse0";
+
+/// The default state directory (journals, control sockets, daemon logs).
+#[cfg(target_os = "linux")]
+pub const DEFAULT_STATE_DIR: &str = "/run/mse-vpn";
+/// The default state directory (journals, control sockets, daemon logs).
+#[cfg(all(unix, not(target_os = "linux")))]
+pub const DEFAULT_STATE_DIR: &str = "/var/run/mse-vpn";
+/// The default state directory (journals, daemon logs).
+#[cfg(windows)]
+pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\mse-vpn";
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -39,8 +90,8 @@ pub use plan::{PlanError, PlanSpec, RoutePlan};
 /// Failures of host integration. Messages say what to do.
 #[derive(Debug, Error)]
 pub enum PlatformError {
-    /// This OS is not supported yet.
-    #[error("this operating system is not supported yet (Linux only for now)")]
+    /// This OS is not supported.
+    #[error("this operating system is not supported: mse-vpn runs on Linux, macOS and Windows")]
     Unsupported,
     /// A routed CIDR overlaps a network the host already reaches through a local interface.
     #[error(
@@ -116,6 +167,23 @@ pub enum PlatformError {
         /// The file.
         path: PathBuf,
         /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// macOS: another tool already resolves a split domain through `/etc/resolver`.
+    #[error(
+        "{path} exists and was not written by mse-vpn (another VPN's split DNS?): remove it, or drop that --dns-domain"
+    )]
+    ResolverTaken {
+        /// The resolver file.
+        path: PathBuf,
+    },
+    /// Windows: a system call failed.
+    #[error("{call} failed: {source}")]
+    Os {
+        /// The call (and its argument, where it helps).
+        call: String,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
@@ -213,7 +281,8 @@ impl Host {
     }
 
     /// Points the host resolver at the DNS responder `plan.server` for `plan.zones` only
-    /// (systemd-resolved when it runs, else the resolv.conf fallback), journaled like every
+    /// (Linux: systemd-resolved when it runs, else the resolv.conf fallback; macOS: one
+    /// `/etc/resolver` file per zone; Windows: an NRPT rule), journaled like every
     /// other change and undone by [`Host::restore`] / [`repair`].
     pub async fn apply_dns(
         &mut self,
@@ -261,7 +330,9 @@ impl Leftover {
                 Change::Bypass { .. } => "a host route to the jump host",
                 Change::ResolvedLink { .. }
                 | Change::ResolvConf { .. }
-                | Change::ResolvConfLink { .. } => "DNS settings",
+                | Change::ResolvConfLink { .. }
+                | Change::ResolverFile { .. }
+                | Change::NrptRule { .. } => "DNS settings",
             };
             if !kinds.contains(&kind) {
                 kinds.push(kind);
@@ -371,6 +442,8 @@ mod tests {
         );
         assert_eq!(left[0].changes.len(), 3);
         assert_eq!(left[0].describe(), "routes and DNS settings");
+        // (Closed first: Windows deletes no open file.)
+        drop((live, dead));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

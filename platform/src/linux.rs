@@ -6,10 +6,10 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use tokio::process::Command;
 use tracing::{debug, warn};
 
 use crate::dns::{self, DnsBackend, DnsPlan};
+use crate::host;
 use crate::journal::{self, Change, Journal};
 use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
 
@@ -21,22 +21,7 @@ pub struct Applied {
 }
 
 async fn ip(args: &[&str]) -> Result<String, PlatformError> {
-    let cmd = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(|source| PlatformError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(PlatformError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    host::run("ip", args).await
 }
 
 async fn ip_json(args: &[&str]) -> Result<Vec<Value>, PlatformError> {
@@ -117,58 +102,9 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// Journals of other live sessions: (tun, pid, routes).
-fn live_sessions(state_dir: &Path) -> Vec<(String, i32, Vec<IpNet>)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(state_dir) else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "journal") {
-            continue;
-        }
-        let Ok(rec) = journal::read(&path) else {
-            continue;
-        };
-        let Some(pid) = rec
-            .pid
-            .filter(|p| pid_alive(*p) && *p as u32 != std::process::id())
-        else {
-            continue;
-        };
-        let tun = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let routes = rec
-            .changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Route { dst, .. } => Some(*dst),
-                _ => None,
-            })
-            .collect();
-        out.push((tun, pid, routes));
-    }
-    out
-}
-
 pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    for (tun, pid, routes) in live_sessions(state_dir) {
-        if tun == plan.tun_name() {
-            return Err(PlatformError::Busy { tun, pid });
-        }
-        for ours in plan.routes() {
-            if let Some(other) = routes.iter().find(|r| overlaps(r, ours)) {
-                return Err(PlatformError::Overlap {
-                    cidr: *ours,
-                    other: *other,
-                    tun,
-                    pid,
-                });
-            }
-        }
+    if let Some(e) = host::session_conflict(plan, host::live_sessions(state_dir, pid_alive)) {
+        return Err(e);
     }
     // A network this host reaches directly (LAN, Docker bridge, point-to-point VPN link)
     // would be cut off by routing it into the tunnel.
@@ -509,6 +445,8 @@ async fn undo(change: &Change) -> Undone {
                 false => Undone::Absent,
             };
         }
+        // Other systems' entries; never written on Linux.
+        Change::ResolverFile { .. } | Change::NrptRule { .. } => return Undone::Absent,
     };
     match r {
         Ok(_) => Undone::Removed,
@@ -548,30 +486,6 @@ where
     (removed, left, first)
 }
 
-/// Keeps `left` in the journal and reports them, or deletes the journal when all is undone.
-fn settle(
-    journal: Journal,
-    left: Vec<Change>,
-    failure: Option<PlatformError>,
-) -> Result<(), PlatformError> {
-    let path = journal.path().to_owned();
-    journal
-        .keep(&left)
-        .map_err(|source| PlatformError::Journal {
-            path: path.clone(),
-            source,
-        })?;
-    match (left.first(), failure) {
-        (Some(first), Some(source)) => Err(PlatformError::Undo {
-            count: left.len(),
-            first: first.clone(),
-            path,
-            source: Box::new(source),
-        }),
-        _ => Ok(()),
-    }
-}
-
 pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
     // The caller closes the TUN, which removes the link.
     let changes: Vec<Change> = applied
@@ -580,7 +494,7 @@ pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
         .filter(|c| !matches!(c, Change::Link { .. }))
         .collect();
     let (_, left, failure) = undo_all(&changes, |c| async move { undo(&c).await }).await;
-    settle(applied.journal, left, failure)
+    host::settle(applied.journal, left, failure)
 }
 
 pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
@@ -607,7 +521,7 @@ pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
             path: path.clone(),
             source,
         })?;
-        settle(journal, left, failure)?;
+        host::settle(journal, left, failure)?;
     }
     Ok(undone)
 }
@@ -633,7 +547,8 @@ pub async fn apply_dns(
                 dns::resolvectl(&args).await?;
             }
         }
-        DnsBackend::ResolvConf => {
+        // (`detect` answers the other systems' backends only on those systems.)
+        DnsBackend::ResolvConf | DnsBackend::ResolverDir | DnsBackend::Nrpt => {
             let file = Path::new(dns::RESOLV_CONF);
             let backup = dns::backup_path(state_dir, tun);
             if backup.to_string_lossy().contains(char::is_whitespace) {
@@ -706,7 +621,7 @@ mod tests {
         })
         .await;
         assert_eq!(removed, vec![route(3)]);
-        let err = settle(journal, left, failure).expect_err("a failed undo is reported");
+        let err = host::settle(journal, left, failure).expect_err("a failed undo is reported");
         // The change named and the failure quoted are the same one.
         let PlatformError::Undo {
             count,
@@ -725,7 +640,7 @@ mod tests {
         );
         // All undone: the journal goes.
         let journal = Journal::open(&path).unwrap();
-        settle(journal, Vec::new(), None).unwrap();
+        host::settle(journal, Vec::new(), None).unwrap();
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

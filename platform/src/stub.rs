@@ -1,4 +1,5 @@
-//! Placeholder for operating systems not supported yet: every call says so.
+//! Operating systems other than Linux, macOS and Windows (a BSD, say): every call answers
+//! [`PlatformError::Unsupported`], which says which systems are.
 
 use std::path::Path;
 
@@ -38,5 +39,9 @@ pub async fn apply_dns(
 
 /// No session can run here, so none is alive.
 pub(crate) fn pid_alive(_: i32) -> bool {
+    false
+}
+
+pub fn pid_alive(_: i32) -> bool {
     false
 }

@@ -92,6 +92,23 @@ pub async fn host_checks(args: &UpArgs) -> Vec<Check> {
                 Some((detail, fix)) => Check::new("dns conflicts", Verdict::Warn, detail).fix(fix),
             });
         }
+        // Per-domain mechanisms: names outside the domains never reach mse-vpn.
+        backend @ (DnsBackend::ResolverDir | DnsBackend::Nrpt) => {
+            let how = if backend == DnsBackend::ResolverDir {
+                "one /etc/resolver file per domain"
+            } else {
+                "a Name Resolution Policy Table rule"
+            };
+            checks.push(Check::new(
+                "dns integration",
+                Verdict::Ok,
+                format!(
+                    "{how} sends {} to mse-vpn's responder while up (removed on down); other names keep the system's resolvers",
+                    domains.join(", ")
+                ),
+            ));
+            return checks;
+        }
     }
     let originals = pdns::nameservers(&text);
     checks.push(if originals.is_empty() {

@@ -71,9 +71,7 @@ impl QueueDevice {
 
     /// A read buffer of [`rx_buffer_len`] bytes: a pooled one, or a new (zeroed) one.
     pub fn rx_buffer(&mut self) -> Vec<u8> {
-        self.rx_spare
-            .pop()
-            .unwrap_or_else(|| vec![0; self.rx_len])
+        self.rx_spare.pop().unwrap_or_else(|| vec![0; self.rx_len])
     }
 
     /// Gives a read buffer back to the pool (only full-size ones are kept).

@@ -20,25 +20,30 @@ pub struct CommandStream {
 }
 
 impl CommandStream {
-    /// Starts `command` with `sh -c`. As root on behalf of `owner` (uid, gid), the command
-    /// runs as that user, with the user's home as `HOME`.
+    /// Starts `command` with `sh -c` (Windows: `cmd /C`). As root on behalf of `owner` (uid,
+    /// gid), the command runs as that user, with the user's home as `HOME`.
     pub fn spawn(command: &str, owner: Option<(u32, u32)>) -> std::io::Result<CommandStream> {
+        #[cfg(unix)]
         let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("exec {command}"))
-            .stdin(std::process::Stdio::piped())
+        #[cfg(unix)]
+        cmd.arg("-c").arg(format!("exec {command}"));
+        #[cfg(windows)]
+        let mut cmd = tokio::process::Command::new("cmd");
+        #[cfg(windows)]
+        cmd.arg("/C").raw_arg(command);
+        cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true);
-        if let Some((uid, gid)) = owner.filter(|(uid, _)| *uid != 0)
-            && nix::unistd::geteuid().is_root()
-        {
-            cmd.uid(uid).gid(gid);
-            if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                cmd.env("HOME", &user.dir)
-                    .env("USER", &user.name)
-                    .env("LOGNAME", &user.name);
-            }
+        if let Some((uid, gid)) = owner {
+            use mse_vpn_platform::account::{Account, by_uid};
+            let account = by_uid(uid).unwrap_or_else(|| Account {
+                name: String::new(),
+                uid,
+                gid,
+                home: Default::default(),
+            });
+            mse_vpn_platform::process::run_as(&mut cmd, &Account { gid, ..account });
         }
         let mut child = cmd.spawn()?;
         let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
@@ -97,8 +102,11 @@ impl AsyncWrite for CommandStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
+    #[cfg(unix)]
+    use tokio::io::AsyncWriteExt;
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn bytes_go_through_the_command_both_ways() {
         let mut s = CommandStream::spawn("cat", None).unwrap();

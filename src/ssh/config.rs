@@ -246,9 +246,12 @@ impl Reader<'_> {
             }
         };
         if origin == Origin::User {
-            use std::os::unix::fs::MetadataExt;
-            if let Ok(meta) = std::fs::metadata(path)
-                && ((meta.uid() != self.sources.uid && meta.uid() != 0) || meta.mode() & 0o022 != 0)
+            // As ssh does: owned by the user (or root), not writable by others. Windows: no
+            // modes to check (see mse_vpn_platform::account).
+            if let Some((owner, mode)) = std::fs::metadata(path)
+                .ok()
+                .and_then(|m| mse_vpn_platform::account::owner_and_mode(&m))
+                && ((owner != self.sources.uid && owner != 0) || mode & 0o022 != 0)
             {
                 return Err(ConfigError::Permissions {
                     path: path.to_owned(),
@@ -537,8 +540,16 @@ fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
 /// The files matching an absolute path whose components may hold `*` and `?`, sorted (as
 /// glob(3)); a path without wildcards is returned as is.
 fn glob(path: &Path) -> Vec<PathBuf> {
-    let mut found = vec![PathBuf::from("/")];
-    for comp in path.components().skip(1) {
+    use std::path::Component;
+    // The root: `/`, or on Windows a drive (or UNC) prefix and its root.
+    let mut comps = path.components().peekable();
+    let mut root = PathBuf::new();
+    while let Some(c @ (Component::Prefix(_) | Component::RootDir)) = comps.peek().copied() {
+        root.push(c);
+        comps.next();
+    }
+    let mut found = vec![root];
+    for comp in comps {
         let comp = comp.as_os_str().to_string_lossy();
         let mut next = Vec::new();
         for dir in &found {
@@ -572,7 +583,7 @@ mod tests {
             system_file: None,
             home: home.to_owned(),
             local_user: "alice".into(),
-            uid: nix::unistd::Uid::current().as_raw(),
+            uid: mse_vpn_platform::account::current().unwrap().unwrap().uid,
         }
     }
 
@@ -725,9 +736,9 @@ mod tests {
         .unwrap();
         std::fs::write(ssh.join("conf.d/10-a.conf"), "User from-a\n").unwrap();
         std::fs::write(ssh.join("conf.d/20-b.conf"), "User from-b\nPort 2\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
+        use mse_vpn_platform::account::set_mode;
         for f in ["config", "conf.d/10-a.conf", "conf.d/20-b.conf"] {
-            std::fs::set_permissions(ssh.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+            set_mode(&ssh.join(f), 0o600).unwrap();
         }
         let c = HostConfig::load(&sources(&home), "b").unwrap();
         assert_eq!(c.user.as_deref(), Some("from-a"));
@@ -735,11 +746,12 @@ mod tests {
         // The include is inside `Host b`: another alias does not see it.
         let c = HostConfig::load(&sources(&home), "z").unwrap();
         assert_eq!((c.user, c.port), (None, Some(1)));
-        // A group-writable user config is refused, as OpenSSH does.
-        std::fs::set_permissions(ssh.join("config"), std::fs::Permissions::from_mode(0o664))
-            .unwrap();
-        let e = HostConfig::load(&sources(&home), "b").unwrap_err();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
+        // A group-writable user config is refused, as OpenSSH does (Windows has no modes).
+        set_mode(&ssh.join("config"), 0o664).unwrap();
+        if cfg!(unix) {
+            let e = HostConfig::load(&sources(&home), "b").unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
         std::fs::remove_dir_all(&home).unwrap();
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Never logged: passphrases, key material, channel payloads.
 
+mod agent;
 mod command;
 pub mod config;
 mod key_file;
@@ -498,7 +499,7 @@ impl Client {
         create_parent_dirs(&self.known_hosts, self.file_owner)?;
         known_hosts::learn(&self.host, self.port, key, &self.known_hosts)?;
         if let Some((uid, gid)) = self.file_owner.filter(|_| !existed) {
-            let _ = std::os::unix::fs::chown(&self.known_hosts, Some(uid), Some(gid));
+            let _ = mse_vpn_platform::account::chown(&self.known_hosts, uid, gid);
         }
         Ok(())
     }
@@ -525,14 +526,14 @@ fn create_parent_dirs(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result
 /// not an error: another process, or another connection of the pool, made it since we
 /// looked (and gave it away, if it had to).
 fn create_private_dir(d: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+    use mse_vpn_platform::account;
+    match account::create_private_dir(d) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => return Ok(()),
         Err(e) => return Err(e),
     }
     if let Some((uid, gid)) = owner
-        && let Err(e) = std::os::unix::fs::chown(d, Some(uid), Some(gid))
+        && let Err(e) = account::chown(d, uid, gid)
     {
         warn!(dir = %d.display(), error = %e, "cannot give the new directory to its user");
     }
@@ -913,7 +914,7 @@ async fn authenticate(
         .flatten();
 
     if let Some(sock) = &opts.agent_socket {
-        match russh::keys::agent::client::AgentClient::connect_uds(sock).await {
+        match agent::connect(sock).await {
             Ok(mut agent) => {
                 let ids = bounded(opts, target, agent.request_identities())
                     .await?
@@ -1236,7 +1237,7 @@ mod tests {
 
     #[test]
     fn a_key_file_unreadable_for_want_of_descriptors_is_retried() {
-        let emfile = || std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        let emfile = crate::fds::emfile;
         let key_file = |source| SshError::KeyFile {
             path: "id_ed25519".into(),
             source,

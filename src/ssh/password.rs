@@ -52,17 +52,17 @@ pub(super) enum Outcome {
 }
 
 /// Reads the password from `path`: its first line, without the line end. The file must be
-/// owned by `uid` or root and be private (no group or other permission bits).
+/// owned by `uid` or root and be private (no group or other permission bits). Windows has no
+/// modes to check (see `mse_vpn_platform::account`).
 pub fn read_file(path: &Path, uid: u32) -> Result<Zeroizing<String>, PasswordFileError> {
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(PasswordFileError::Read)?;
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Err(PasswordFileError::Owner { owner: meta.uid() });
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(PasswordFileError::Exposed {
-            mode: meta.mode() & 0o777,
-        });
+    if let Some((owner, mode)) = mse_vpn_platform::account::owner_and_mode(&meta) {
+        if owner != uid && owner != 0 {
+            return Err(PasswordFileError::Owner { owner });
+        }
+        if mode & 0o077 != 0 {
+            return Err(PasswordFileError::Exposed { mode: mode & 0o777 });
+        }
     }
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(PasswordFileError::Read)?);
     let first = text.lines().next().unwrap_or_default();
@@ -235,7 +235,7 @@ async fn obtain(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

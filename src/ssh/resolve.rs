@@ -237,21 +237,19 @@ fn expand(raw: &str, sources: &Sources, alias: &str, jump: &JumpHost) -> PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use mse_vpn_platform::account;
 
     fn alice(home: &std::path::Path) -> InvokingUser {
-        let me = nix::unistd::User::from_uid(nix::unistd::Uid::current())
-            .unwrap()
-            .unwrap();
+        let me = account::current().unwrap().unwrap();
         InvokingUser::resolve(
             false,
             None,
             Some(PathBuf::from("/tmp/agent")),
             |_| Ok(None),
             || {
-                Ok(Some(nix::unistd::User {
+                Ok(Some(account::Account {
                     name: "alice".into(),
-                    dir: home.to_owned(),
+                    home: home.to_owned(),
                     ..me.clone()
                 }))
             },
@@ -265,7 +263,7 @@ mod tests {
         std::fs::create_dir_all(home.join(".ssh")).unwrap();
         let f = home.join(".ssh/config");
         std::fs::write(&f, text).unwrap();
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        account::set_mode(&f, 0o600).unwrap();
         let user = alice(&home);
         (home, user)
     }

@@ -1,9 +1,11 @@
 //! Who invoked mse-vpn. Under `sudo` that is `SUDO_USER`, not root: their `~/.ssh` holds the
-//! keys and `known_hosts` the user trusts, and files we create there must belong to them.
+//! keys and `known_hosts` the user trusts, and files we create there must belong to them. On
+//! Windows, where an elevated prompt runs as the same user, it is the current user and their
+//! profile directory (the account lookups are `mse_vpn_platform::account`'s).
 
 use std::path::PathBuf;
 
-use nix::unistd::{Uid, User};
+use mse_vpn_platform::account::{self, Account};
 use thiserror::Error;
 
 /// The invoking user could not be determined.
@@ -14,7 +16,7 @@ pub enum UserError {
     Unknown(String),
     /// The passwd lookup failed.
     #[error("passwd lookup failed: {0}")]
-    Lookup(#[source] nix::Error),
+    Lookup(#[source] std::io::Error),
 }
 
 /// The human behind this process.
@@ -33,12 +35,14 @@ impl InvokingUser {
     pub fn detect() -> Result<InvokingUser, UserError> {
         let sudo_user = std::env::var("SUDO_USER").ok();
         let agent = std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from);
+        #[cfg(windows)]
+        let agent = agent.or_else(|| Some(PathBuf::from(super::agent::DEFAULT_AGENT)));
         Self::resolve(
-            Uid::current().is_root(),
+            cfg!(unix) && mse_vpn_platform::process::is_privileged(),
             sudo_user.as_deref(),
             agent,
-            User::from_name,
-            || User::from_uid(Uid::current()),
+            account::by_name,
+            account::current,
         )
     }
 
@@ -47,8 +51,8 @@ impl InvokingUser {
         is_root: bool,
         sudo_user: Option<&str>,
         agent_socket: Option<PathBuf>,
-        by_name: impl Fn(&str) -> nix::Result<Option<User>>,
-        current: impl Fn() -> nix::Result<Option<User>>,
+        by_name: impl Fn(&str) -> std::io::Result<Option<Account>>,
+        current: impl Fn() -> std::io::Result<Option<Account>>,
     ) -> Result<InvokingUser, UserError> {
         let user = match sudo_user.filter(|u| is_root && !u.is_empty() && *u != "root") {
             Some(name) => by_name(name)
@@ -60,9 +64,9 @@ impl InvokingUser {
         };
         Ok(InvokingUser {
             name: user.name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
+            uid: user.uid,
+            gid: user.gid,
+            home: user.home,
             agent_socket: agent_socket.filter(|p| !p.as_os_str().is_empty()),
         })
     }
@@ -111,17 +115,13 @@ impl InvokingUser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::unistd::Gid;
 
-    fn user(name: &str, uid: u32, home: &str) -> User {
-        User {
+    fn user(name: &str, uid: u32, home: &str) -> Account {
+        Account {
             name: name.into(),
-            passwd: Default::default(),
-            uid: Uid::from_raw(uid),
-            gid: Gid::from_raw(uid),
-            gecos: Default::default(),
-            dir: home.into(),
-            shell: "/bin/sh".into(),
+            uid,
+            gid: uid,
+            home: home.into(),
         }
     }
 

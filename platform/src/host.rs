@@ -1,0 +1,405 @@
+//! The OS-neutral half of the macOS and Windows backends: which [`Change`]s a plan needs and in
+//! what order, each journaled before it is made, undone in reverse, other live sessions'
+//! networks refused, dead sessions' leftovers repaired. A [`Backend`] only knows how to read
+//! the host's routes and make or undo one change; this file never touches the OS itself.
+//!
+//! Linux keeps its own `ip`-based driver (`linux.rs`, with policy rules for reply routing that
+//! the other systems do not need) and shares [`live_sessions`] and [`session_conflict`].
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::dns::{DnsBackend, DnsPlan};
+use crate::journal::{self, Change, Journal};
+use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
+
+/// Runs `program ARGS` and returns its standard output; a failure carries its standard error.
+#[cfg_attr(windows, allow(dead_code))]
+pub async fn run(program: &str, args: &[&str]) -> Result<String, PlatformError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| PlatformError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(PlatformError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A route the host has, as a backend reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// Its destination.
+    pub dst: IpNet,
+    /// Its interface.
+    pub dev: String,
+    /// Its gateway, if any.
+    pub via: Option<IpAddr>,
+    /// A network reached directly through a local interface.
+    pub local: bool,
+}
+
+/// What one OS must provide; everything else is shared.
+pub trait Backend {
+    /// The DNS integration this backend uses.
+    const DNS: DnsBackend;
+    /// True if process `pid` is running.
+    fn pid_alive(&self, pid: i32) -> bool;
+    /// The current path to `addr`.
+    async fn path_to(&mut self, addr: IpAddr) -> Result<PathInfo, PlatformError>;
+    /// The host's routes, default routes excluded.
+    async fn routes(&mut self) -> Result<Vec<RouteEntry>, PlatformError>;
+    /// Makes one change of `plan` (already journaled).
+    async fn make(&mut self, change: &Change, plan: &RoutePlan) -> Result<(), PlatformError>;
+    /// The changes that point the host resolver at `plan.server` for `plan.zones`.
+    fn dns_changes(&self, tun: &str, plan: &DnsPlan) -> Vec<Change>;
+    /// Makes one of [`Backend::dns_changes`] (already journaled).
+    async fn make_dns(
+        &mut self,
+        change: &Change,
+        tun: &str,
+        plan: &DnsPlan,
+    ) -> Result<(), PlatformError>;
+    /// Undoes one change if it is still there: `Ok(true)` if something was removed.
+    async fn undo(&mut self, change: &Change) -> Result<bool, PlatformError>;
+}
+
+/// The changes of one session, with its open journal.
+#[derive(Debug)]
+pub struct Applied {
+    journal: Journal,
+    changes: Vec<Change>,
+}
+
+impl Applied {
+    fn record(&mut self, change: Change) -> Result<(), PlatformError> {
+        self.journal
+            .record(&change)
+            .map_err(|source| PlatformError::Journal {
+                path: self.journal.path().to_owned(),
+                source,
+            })?;
+        self.changes.push(change);
+        Ok(())
+    }
+
+    /// The last recorded change was not made (making it failed): journal that, so that undo
+    /// never removes something of the same name this session did not create. If even that
+    /// cannot be written, the change stays journaled and undo tolerates its absence.
+    fn not_made(&mut self) {
+        if let Some(change) = self.changes.pop()
+            && self.journal.record_not_made(&change).is_err()
+        {
+            self.changes.push(change);
+        }
+    }
+}
+
+/// The changes a plan needs, in the order they are made: the link (MTU, up), its addresses,
+/// the bypass host routes (before any route could capture the jump host), then the routes.
+pub fn changes_for(plan: &RoutePlan, bypass: &[(IpAddr, PathInfo)]) -> Vec<Change> {
+    let tun = plan.tun_name();
+    let mut out = vec![Change::Link {
+        name: tun.to_owned(),
+    }];
+    out.extend(plan.tun_addrs().into_iter().map(|addr| Change::Addr {
+        addr,
+        dev: tun.to_owned(),
+    }));
+    out.extend(bypass.iter().map(|(addr, path)| Change::Bypass {
+        dst: IpNet::from(*addr),
+        via: path.via,
+        dev: path.dev.clone(),
+    }));
+    out.extend(plan.routes().iter().map(|dst| Change::Route {
+        dst: *dst,
+        dev: tun.to_owned(),
+    }));
+    out
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+/// Journals of other live sessions in `state_dir`: (tun, pid, routed networks).
+pub fn live_sessions(
+    state_dir: &Path,
+    alive: impl Fn(i32) -> bool,
+) -> Vec<(String, i32, Vec<IpNet>)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let Ok(rec) = journal::read(&path) else {
+            continue;
+        };
+        let Some(pid) = rec
+            .pid
+            .filter(|p| alive(*p) && *p as u32 != std::process::id())
+        else {
+            continue;
+        };
+        let tun = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let routes = rec
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Route { dst, .. } => Some(*dst),
+                _ => None,
+            })
+            .collect();
+        out.push((tun, pid, routes));
+    }
+    out
+}
+
+/// The first conflict of `plan` with another live session: its TUN name, or an overlapping
+/// network.
+pub fn session_conflict(
+    plan: &RoutePlan,
+    live: Vec<(String, i32, Vec<IpNet>)>,
+) -> Option<PlatformError> {
+    for (tun, pid, routes) in live {
+        if tun == plan.tun_name() {
+            return Some(PlatformError::Busy { tun, pid });
+        }
+        for ours in plan.routes() {
+            if let Some(other) = routes.iter().find(|r| overlaps(r, ours)) {
+                return Some(PlatformError::Overlap {
+                    cidr: *ours,
+                    other: *other,
+                    tun,
+                    pid,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Every existing route that overlaps a planned one (read-only).
+pub async fn overlapping_routes<B: Backend>(
+    b: &mut B,
+    plan: &RoutePlan,
+) -> Result<Vec<ExistingRoute>, PlatformError> {
+    let mut out = Vec::new();
+    for r in b.routes().await? {
+        if r.dev == plan.tun_name() || r.dst.prefix_len() == 0 {
+            continue;
+        }
+        if let Some(planned) = plan.routes().iter().find(|w| overlaps(w, &r.dst)) {
+            out.push(ExistingRoute {
+                planned: *planned,
+                dst: r.dst,
+                dev: r.dev,
+                via: r.via,
+                local: r.local,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Read-only checks: other live sessions, networks reached directly, paths to the bypass
+/// addresses.
+pub async fn preflight<B: Backend>(
+    b: &mut B,
+    plan: &RoutePlan,
+    state_dir: &Path,
+) -> Result<Preflight, PlatformError> {
+    if let Some(e) = session_conflict(plan, live_sessions(state_dir, |p| b.pid_alive(p))) {
+        return Err(e);
+    }
+    for existing in overlapping_routes(b, plan).await? {
+        if !existing.local
+            || plan
+                .bypass()
+                .iter()
+                .any(|a| IpNet::from(*a) == existing.dst)
+        {
+            continue;
+        }
+        return Err(PlatformError::RouteConflict {
+            cidr: existing.planned,
+            existing: existing.dst,
+            dev: existing.dev,
+        });
+    }
+    let mut bypass_paths = Vec::new();
+    for addr in plan.bypass() {
+        bypass_paths.push((*addr, b.path_to(*addr).await?));
+    }
+    Ok(Preflight { bypass_paths })
+}
+
+/// Applies `plan`, journaling each change before it is made; on failure undoes what was done.
+pub async fn apply<B: Backend>(
+    b: &mut B,
+    plan: &RoutePlan,
+    state_dir: &Path,
+) -> Result<Applied, PlatformError> {
+    let path = journal::path_for(state_dir, plan.tun_name());
+    if let Ok(rec) = journal::read(&path)
+        && let Some(pid) = rec
+            .pid
+            .filter(|p| b.pid_alive(*p) && *p as u32 != std::process::id())
+    {
+        return Err(PlatformError::Busy {
+            tun: plan.tun_name().to_owned(),
+            pid,
+        });
+    }
+    // Paths for bypass addresses are looked up before any route of ours exists.
+    let mut bypass = Vec::new();
+    for addr in plan.bypass() {
+        bypass.push((*addr, b.path_to(*addr).await?));
+    }
+    let journal =
+        Journal::create(&path, std::process::id()).map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+    let mut applied = Applied {
+        journal,
+        changes: Vec::new(),
+    };
+    for change in changes_for(plan, &bypass) {
+        let made = match applied.record(change.clone()) {
+            Ok(()) => b
+                .make(&change, plan)
+                .await
+                .inspect_err(|_| applied.not_made()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
+            warn!("setting up the host failed ({e}); undoing what was done");
+            let _ = restore(b, applied).await;
+            return Err(e);
+        }
+    }
+    info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+    Ok(applied)
+}
+
+/// Points the host resolver at the responder, journaling each change first.
+pub async fn apply_dns<B: Backend>(
+    b: &mut B,
+    applied: &mut Applied,
+    tun: &str,
+    plan: &DnsPlan,
+) -> Result<DnsBackend, PlatformError> {
+    for change in b.dns_changes(tun, plan) {
+        applied.record(change.clone())?;
+        b.make_dns(&change, tun, plan)
+            .await
+            .inspect_err(|_| applied.not_made())?;
+    }
+    info!(backend = B::DNS.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    Ok(B::DNS)
+}
+
+/// Undoes `changes` in reverse order: what was removed, and the changes whose undo failed (in
+/// journal order) with the failure of the first of them.
+async fn undo_all<B: Backend>(
+    b: &mut B,
+    changes: &[Change],
+) -> (Vec<Change>, Vec<Change>, Option<PlatformError>) {
+    let (mut removed, mut left, mut first) = (Vec::new(), Vec::new(), None);
+    for change in changes.iter().rev() {
+        match b.undo(change).await {
+            Ok(true) => removed.push(change.clone()),
+            Ok(false) => debug!(%change, "nothing to undo"),
+            Err(e) => {
+                warn!(%change, "could not undo: {e}");
+                left.insert(0, change.clone());
+                first = Some(e);
+            }
+        }
+    }
+    (removed, left, first)
+}
+
+/// Keeps `left` in the journal and reports them, or deletes the journal when all is undone.
+pub fn settle(
+    journal: Journal,
+    left: Vec<Change>,
+    failure: Option<PlatformError>,
+) -> Result<(), PlatformError> {
+    let path = journal.path().to_owned();
+    journal
+        .keep(&left)
+        .map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+    match (left.first(), failure) {
+        (Some(first), Some(source)) => Err(PlatformError::Undo {
+            count: left.len(),
+            first: first.clone(),
+            path,
+            source: Box::new(source),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Undoes every change in reverse order (the link goes with the TUN the caller closes); the
+/// journal is deleted, or keeps what could not be undone.
+pub async fn restore<B: Backend>(b: &mut B, applied: Applied) -> Result<(), PlatformError> {
+    let changes: Vec<Change> = applied
+        .changes
+        .into_iter()
+        .filter(|c| !matches!(c, Change::Link { .. }))
+        .collect();
+    let (_, left, failure) = undo_all(b, &changes).await;
+    settle(applied.journal, left, failure)
+}
+
+/// Undoes what dead sessions left (per their journals); returns what was actually undone.
+pub async fn repair<B: Backend>(b: &mut B, state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
+    let mut undone = Vec::new();
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return Ok(undone);
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let rec = journal::read(&path).map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+        if rec.pid.is_some_and(|p| b.pid_alive(p)) {
+            continue;
+        }
+        let (removed, left, failure) = undo_all(b, &rec.changes).await;
+        undone.extend(removed);
+        let journal = Journal::open(&path).map_err(|source| PlatformError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+        settle(journal, left, failure)?;
+    }
+    Ok(undone)
+}
