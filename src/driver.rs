@@ -281,6 +281,8 @@ impl Driver {
     /// all flows are reset on exit, and on a TUN error.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let mut buf = self.engine.rx_buffer();
+        // Every packet read has the TUN's header in front (see `EngineConfig::tun`).
+        let header = self.config.engine.tun.header;
         let mut links = self.pool.subscribe();
         let ready = self.ready.clone();
         let result = loop {
@@ -307,13 +309,16 @@ impl Driver {
                     // Each packet is read into a pooled buffer the engine keeps: no copy.
                     let now = self.now();
                     let packet = std::mem::replace(&mut buf, self.engine.rx_buffer());
-                    self.engine.handle_tun_read(now, RxPacket { buf: packet, len: n });
+                    self.engine.handle_tun_read(now, RxPacket { buf: packet, start: header, len: n });
                     let mut failed = None;
                     for _ in 1..TUN_BATCH {
                         match self.tun.recv(&mut buf).now_or_never() {
                             Some(Ok(n)) => {
                                 let packet = std::mem::replace(&mut buf, self.engine.rx_buffer());
-                                self.engine.handle_tun_read(now, RxPacket { buf: packet, len: n });
+                                self.engine.handle_tun_read(
+                                    now,
+                                    RxPacket { buf: packet, start: header, len: n },
+                                );
                             }
                             Some(Err(e)) => {
                                 failed = Some(e);

@@ -19,7 +19,7 @@ use mse_vpn::cli::{self, Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpAr
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::dns;
 use mse_vpn::driver::{DEFAULT_MAX_OPENING, Driver, DriverConfig, INBOUND_QUEUE};
-use mse_vpn::engine::EngineConfig;
+use mse_vpn::engine::{EngineConfig, TunFormat};
 use mse_vpn::pool::{self, Pool};
 use mse_vpn::reverse::{self, ForwardState, Forwards};
 use mse_vpn::ssh;
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     // Flow buffers (512 KiB each) straight from mmap: idle flows then cost only the pages
     // they touch. Below the threshold stay the hot path's 64 KiB chunks, which must not pay
     // an mmap/munmap each.
-    platform::memory::pin_mmap_threshold(256 * 1024);
+    platform::sys::pin_mmap_threshold(256 * 1024);
     // One thread runs everything (the driver, every SSH connection): measured on the
     // benchmark testbed it moved a GB for about a fifth less CPU than a worker per core, at
     // the same throughput, since no packet waits for another thread to wake up.
@@ -490,6 +490,10 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             max_flows: args.max_flows as usize,
             max_inbound: args.max_inbound as usize,
             open_timeout: smoltcp::time::Duration::from_secs(args.open_timeout),
+            tun: TunFormat {
+                header: tun.header_len(),
+                checksum_offload: tun.checksum_offload(),
+            },
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),

@@ -36,22 +36,41 @@ const HINT: &str = "mse-vpn needs an elevated prompt (Run as administrator) and 
 const HINT: &str =
     "this operating system is not supported: mse-vpn runs on Linux, macOS and Windows";
 
-/// An open TUN device; packets are raw IPv4/IPv6 datagrams without a header (macOS's 4-byte
-/// utun protocol header is added and removed by the `tun` crate).
+/// An open TUN device; packets are raw IPv4/IPv6 datagrams (macOS's 4-byte utun protocol
+/// header is added and removed by the `tun` crate). On Linux each packet is preceded by a
+/// virtio-net header of [`Tun::header_len`] bytes, with checksum offload when the kernel
+/// accepts it ([`Tun::checksum_offload`]).
 pub struct Tun {
     dev: tun::AsyncDevice,
     name: String,
+    header_len: usize,
+    checksum_offload: bool,
 }
+
+/// The size of `struct virtio_net_hdr` (linux/virtio_net.h), the TUN's default header size.
+pub const VNET_HDR_LEN: usize = 10;
 
 impl Tun {
     /// Creates the TUN device `name` (it disappears, with its routes, when this is dropped).
     pub fn create(name: &str, mtu: u16) -> Result<Tun, TunError> {
+        #[cfg(target_os = "linux")]
+        {
+            // A virtio-net header on each packet, for checksum offload; a kernel that refuses
+            // the header gets a plain device.
+            if let Ok(tun) = Tun::open(name, mtu, true) {
+                return Ok(tun);
+            }
+        }
+        Tun::open(name, mtu, false)
+    }
+
+    fn open(name: &str, mtu: u16, vnet: bool) -> Result<Tun, TunError> {
         let mut config = tun::Configuration::default();
         config.tun_name(name).mtu(mtu).layer(tun::Layer::L3);
         // Configuration (addresses, up, routes) is done by the platform crate.
         #[cfg(target_os = "linux")]
         config.platform_config(|p| {
-            p.ensure_root_privileges(false);
+            p.ensure_root_privileges(false).vnet_hdr(vnet);
         });
         // utun carries a 4-byte protocol family header on every packet: the crate strips it on
         // reads and adds it on writes. It adds no routes of its own.
@@ -74,10 +93,25 @@ impl Tun {
             name: name.to_owned(),
             source,
         })?;
+        let checksum_offload = vnet && offload(&dev);
         Ok(Tun {
             dev,
             name: name.to_owned(),
+            header_len: if vnet { VNET_HDR_LEN } else { 0 },
+            checksum_offload,
         })
+    }
+
+    /// Bytes of header in front of every packet read or written (the virtio-net header).
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// The kernel leaves TCP checksums of packets that stay on this machine to nobody: it
+    /// hands ours over unverified and takes ours marked "checksum needed" (see the engine's
+    /// `checksum_offload`).
+    pub fn checksum_offload(&self) -> bool {
+        self.checksum_offload
     }
 
     /// The device name.
@@ -94,4 +128,21 @@ impl Tun {
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.dev.send(packet).await
     }
+}
+
+/// Turns on checksum offload; false (software checksums) if the kernel refuses.
+#[cfg(target_os = "linux")]
+fn offload(dev: &tun::AsyncDevice) -> bool {
+    match mse_vpn_platform::sys::tun_checksum_offload(&**dev) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("TUN checksum offload refused ({e}): checksums in software");
+            false
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn offload(_dev: &tun::AsyncDevice) -> bool {
+    false
 }

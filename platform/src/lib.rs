@@ -24,7 +24,8 @@
 //! compile against a stub that returns [`PlatformError::Unsupported`]. The small OS adapters
 //! the rest of mse-vpn needs live here too: [`account`] (users, file ownership), [`process`]
 //! (signals, privileges, running as the invoking user) and [`ipc`] (the control channel).
-//! `unsafe` code is confined to `memory.rs` (glibc's allocator) and `win32.rs` (Win32 calls).
+//! `unsafe` code is confined to `sys.rs` (glibc's allocator, the TUN offload ioctl) and
+//! `win32.rs` (Win32 calls).
 
 #![deny(unsafe_code)]
 
@@ -35,9 +36,9 @@ pub mod account;
 pub mod dns;
 pub mod ipc;
 pub mod journal;
-pub mod memory;
 pub mod plan;
 pub mod process;
+pub mod sys;
 
 #[cfg_attr(not(any(target_os = "macos", windows, test)), allow(dead_code))]
 mod host;

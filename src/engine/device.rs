@@ -8,30 +8,117 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-/// A received packet: the first `len` bytes of `buf`. The buffer is usually longer (a
-/// pooled buffer the TUN was read into, see [`QueueDevice::rx_spare`]).
+/// A received packet: bytes `start..len` of `buf`. The buffer is usually longer (a pooled
+/// buffer the TUN was read into, see [`QueueDevice::rx_spare`]), and `start` skips the
+/// header the TUN put in front.
 #[derive(Debug)]
 pub struct RxPacket {
     /// The buffer.
     pub buf: Vec<u8>,
-    /// The packet's length.
+    /// Where the IP packet starts.
+    pub start: usize,
+    /// Where it ends.
     pub len: usize,
 }
 
 impl RxPacket {
     /// The packet's bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.buf.get(..self.len).unwrap_or(&self.buf)
+        self.buf.get(self.start..self.len).unwrap_or_default()
     }
 }
 
 impl From<Vec<u8>> for RxPacket {
     fn from(buf: Vec<u8>) -> RxPacket {
         RxPacket {
+            start: 0,
             len: buf.len(),
             buf,
         }
     }
+}
+
+/// How packets look on the TUN: a header in front of each (Linux's virtio-net header when
+/// the TUN has one), and whether TCP checksums are offloaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunFormat {
+    /// Bytes of header before each packet (0, or [`VNET_HDR_LEN`]).
+    pub header: usize,
+    /// TCP checksums are neither verified nor computed: packets to the TUN carry only the
+    /// pseudo-header sum and a virtio-net header asking for the rest
+    /// (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), which the kernel honours for local delivery without
+    /// ever computing it, and computes for a packet it forwards elsewhere.
+    pub checksum_offload: bool,
+}
+
+/// The size of `struct virtio_net_hdr`.
+pub const VNET_HDR_LEN: usize = 10;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const VNET_F_NEEDS_CSUM: u8 = 1;
+/// Offset of the checksum field in a TCP header.
+const TCP_CHECKSUM_AT: usize = 16;
+
+/// Writes the virtio-net header in front of `packet` (`buf[..header]`), and for TCP with
+/// offload the pseudo-header sum into its checksum field.
+fn finish_tx(format: TunFormat, buf: &mut [u8]) {
+    if format.header != VNET_HDR_LEN {
+        return;
+    }
+    let (hdr, packet) = buf.split_at_mut(VNET_HDR_LEN);
+    hdr.fill(0);
+    if !format.checksum_offload {
+        return;
+    }
+    let Some((ip_len, sum)) = tcp_pseudo_sum(packet) else {
+        return;
+    };
+    let Some(field) = packet.get_mut(ip_len + TCP_CHECKSUM_AT..ip_len + TCP_CHECKSUM_AT + 2) else {
+        return;
+    };
+    field.copy_from_slice(&sum.to_be_bytes());
+    // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (legacy virtio-net: the
+    // host's byte order).
+    hdr[0] = VNET_F_NEEDS_CSUM;
+    hdr[6..8].copy_from_slice(&(ip_len as u16).to_ne_bytes());
+    hdr[8..10].copy_from_slice(&(TCP_CHECKSUM_AT as u16).to_ne_bytes());
+}
+
+/// For a TCP packet: its IP header length and the folded (not complemented) sum of its
+/// pseudo-header, as a `CHECKSUM_PARTIAL` checksum field holds it.
+fn tcp_pseudo_sum(packet: &[u8]) -> Option<(usize, u16)> {
+    let mut sum: u32 = 0;
+    let add = |sum: &mut u32, bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            *sum += hi | pair.get(1).map_or(0, |b| u32::from(*b));
+        }
+    };
+    let ip_len = match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet.first()? & 0x0f) * 4;
+            if *packet.get(9)? != 6 {
+                return None;
+            }
+            let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+            add(&mut sum, packet.get(12..20)?);
+            sum += 6 + u32::try_from(total.checked_sub(ihl)?).ok()?;
+            ihl
+        }
+        6 => {
+            if *packet.get(6)? != 6 {
+                return None;
+            }
+            let payload = u32::from(u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]));
+            add(&mut sum, packet.get(8..40)?);
+            sum += 6 + payload;
+            40
+        }
+        _ => return None,
+    };
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    Some((ip_len, sum as u16))
 }
 
 /// Most read buffers a pool keeps.
@@ -54,11 +141,18 @@ pub struct QueueDevice {
     pub rx_spare: Vec<Vec<u8>>,
     /// The length of a pooled read buffer.
     rx_len: usize,
+    /// How packets look on the TUN.
+    format: TunFormat,
 }
 
 impl QueueDevice {
     /// A device whose largest packet is `mtu` bytes.
     pub fn new(mtu: usize) -> Self {
+        QueueDevice::with_format(mtu, TunFormat::default())
+    }
+
+    /// A device for a TUN whose packets look like `format`.
+    pub fn with_format(mtu: usize, format: TunFormat) -> Self {
         QueueDevice {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -66,6 +160,7 @@ impl QueueDevice {
             spare: Vec::new(),
             rx_spare: Vec::new(),
             rx_len: rx_buffer_len(mtu),
+            format,
         }
     }
 
@@ -122,6 +217,7 @@ impl Device for QueueDevice {
             TxToken {
                 tx: &mut self.tx,
                 spare: &mut self.spare,
+                format: self.format,
             },
         ))
     }
@@ -130,6 +226,7 @@ impl Device for QueueDevice {
         Some(TxToken {
             tx: &mut self.tx,
             spare: &mut self.spare,
+            format: self.format,
         })
     }
 
@@ -138,10 +235,15 @@ impl Device for QueueDevice {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
         // The engine verifies TCP checksums while classifying each packet and the kernel
-        // verified the IP header: smoltcp only computes checksums on transmit.
+        // verified the IP header: smoltcp only computes checksums on transmit, and not even
+        // TCP's with offload (see `TunFormat`).
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;
-        checksum.tcp = Checksum::Tx;
+        checksum.tcp = if self.format.checksum_offload {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         caps.checksum = checksum;
         caps
     }
@@ -169,6 +271,7 @@ impl phy::RxToken for RxToken<'_> {
 pub struct TxToken<'a> {
     tx: &'a mut VecDeque<Vec<u8>>,
     spare: &'a mut Vec<Vec<u8>>,
+    format: TunFormat,
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -178,9 +281,101 @@ impl phy::TxToken for TxToken<'_> {
     {
         let mut buf = self.spare.pop().unwrap_or_default();
         // Only growth is zero-filled; what is kept is overwritten by `f`.
-        buf.resize(len, 0);
-        let r = f(&mut buf);
+        let header = self.format.header;
+        buf.resize(header + len, 0);
+        let r = f(&mut buf[header..]);
+        finish_tx(self.format, &mut buf);
         self.tx.push_back(buf);
         r
+    }
+}
+
+/// `packet` with the TUN's header in front (for packets the engine builds itself, whose
+/// checksums are complete).
+pub fn with_header(format: TunFormat, packet: Vec<u8>) -> Vec<u8> {
+    if format.header == 0 {
+        return packet;
+    }
+    let mut buf = vec![0; format.header];
+    buf.extend_from_slice(&packet);
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use smoltcp::phy::TxToken as _;
+    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket};
+
+    use super::*;
+
+    #[test]
+    fn an_offloaded_tcp_packet_carries_the_partial_sum_and_a_needs_csum_header() {
+        let format = TunFormat {
+            header: VNET_HDR_LEN,
+            checksum_offload: true,
+        };
+        let mut dev = QueueDevice::with_format(1500, format);
+        let (src, dst) = (
+            Ipv4Address::new(10, 0, 0, 10),
+            Ipv4Address::new(198, 18, 0, 1),
+        );
+        let payload = b"hello through the tunnel";
+        let tcp_len = 20 + payload.len();
+        let token = dev.transmit(Instant::from_millis(0)).unwrap();
+        token.consume(20 + tcp_len, |buf| {
+            let ip = Ipv4Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp_len,
+                hop_limit: 64,
+            };
+            let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+            ip.emit(&mut p, &ChecksumCapabilities::default());
+            let mut t = TcpPacket::new_unchecked(p.payload_mut());
+            t.set_src_port(80);
+            t.set_dst_port(40000);
+            t.set_header_len(20);
+            t.payload_mut().copy_from_slice(payload);
+            t.set_checksum(0xdead); // smoltcp leaves it alone with offload
+        });
+        let out = dev.tx.pop_front().unwrap();
+        let (hdr, packet) = out.split_at(VNET_HDR_LEN);
+        assert_eq!(hdr[0], VNET_F_NEEDS_CSUM);
+        assert_eq!(u16::from_ne_bytes([hdr[6], hdr[7]]), 20, "csum_start");
+        assert_eq!(u16::from_ne_bytes([hdr[8], hdr[9]]), 16, "csum_offset");
+        // What the kernel does: sum from csum_start to the end (the field holds the
+        // pseudo-header sum), complement, store. The result must be the real checksum.
+        let mut done = packet.to_vec();
+        let mut sum: u32 = 0;
+        for pair in done[20..].chunks(2) {
+            sum += (u32::from(pair[0]) << 8) | pair.get(1).map_or(0, |b| u32::from(*b));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        done[36..38].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let ip = Ipv4Packet::new_checked(&done[..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)));
+    }
+
+    #[test]
+    fn without_offload_the_header_is_zero_and_packets_are_untouched() {
+        let format = TunFormat {
+            header: VNET_HDR_LEN,
+            checksum_offload: false,
+        };
+        let mut dev = QueueDevice::with_format(1500, format);
+        let token = dev.transmit(Instant::from_millis(0)).unwrap();
+        token.consume(4, |buf| buf.copy_from_slice(&[0x45, 1, 2, 3]));
+        assert_eq!(
+            dev.tx.pop_front().unwrap(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x45, 1, 2, 3]
+        );
+        assert_eq!(
+            with_header(format, vec![9]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]
+        );
     }
 }

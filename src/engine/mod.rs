@@ -45,7 +45,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
-pub use device::{QueueDevice, RxPacket, rx_buffer_len};
+pub use device::{QueueDevice, RxPacket, TunFormat, VNET_HDR_LEN, rx_buffer_len};
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
 pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
 
@@ -98,6 +98,8 @@ pub struct EngineConfig {
     /// How long an outbound flow's SYN is held for its channel to open: then the app gets a
     /// reset ([`CloseReason::OpenTimedOut`]). Checked once a second.
     pub open_timeout: Duration,
+    /// How packets look on the TUN (a header in front, checksum offload).
+    pub tun: TunFormat,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +112,7 @@ impl Default for EngineConfig {
             max_inflight: 4 * 1024 * 1024,
             max_inflight_msgs: 128,
             open_timeout: Duration::from_secs(10),
+            tun: TunFormat::default(),
         }
     }
 }
@@ -319,8 +322,8 @@ fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64) -> Interface {
 }
 
 impl Shard {
-    fn new(mtu: usize, now: Instant, seed: u64) -> Shard {
-        let mut device = QueueDevice::new(mtu);
+    fn new(mtu: usize, tun: TunFormat, now: Instant, seed: u64) -> Shard {
+        let mut device = QueueDevice::with_format(mtu, tun);
         let iface = new_iface(&mut device, now, seed);
         Shard {
             iface,
@@ -389,9 +392,9 @@ impl Engine {
         let mut rng = StdRng::from_os_rng();
         Engine {
             shards: (0..SHARDS)
-                .map(|_| Shard::new(config.mtu, now, rng.random()))
+                .map(|_| Shard::new(config.mtu, config.tun, now, rng.random()))
                 .collect(),
-            spare: QueueDevice::new(config.mtu),
+            spare: QueueDevice::with_format(config.mtu, config.tun),
             config,
             tx: VecDeque::new(),
             flows: FlowTable::default(),
@@ -436,7 +439,7 @@ impl Engine {
 
     /// One raw IP packet read from the TUN into a buffer from [`Engine::rx_buffer`].
     pub fn handle_tun_read(&mut self, now: Instant, packet: RxPacket) {
-        match packet::classify(packet.bytes()) {
+        match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload) {
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
                 self.spare.recycle_rx(packet.buf);
@@ -444,7 +447,8 @@ impl Engine {
             Ingress::Reject(kind) => {
                 if let Some(reply) = packet::unreachable_reply(packet.bytes(), kind) {
                     self.stats.icmp_rejects += 1;
-                    self.tx.push_back(reply);
+                    self.tx
+                        .push_back(device::with_header(self.config.tun, reply));
                 }
                 self.spare.recycle_rx(packet.buf);
             }
@@ -570,7 +574,7 @@ impl Engine {
             && let Some(ack) = packet::ack_segment(&flow.key, track.snd_nxt, rcv_nxt, track.window)
         {
             track.challenged_at = Some(now);
-            self.tx.push_back(ack);
+            self.tx.push_back(device::with_header(self.config.tun, ack));
         }
         false
     }
@@ -578,9 +582,10 @@ impl Engine {
     /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
     fn poll_shard(&mut self, i: usize, now: Instant) {
         let start = self.tx.len();
+        let header = self.config.tun.header;
         self.shards[i].poll(now, &mut self.tx, &mut self.spare);
         for packet in self.tx.range(start..) {
-            let Some(e) = packet::egress(packet) else {
+            let Some(e) = packet.get(header..).and_then(packet::egress) else {
                 continue;
             };
             let Some(flow) = self

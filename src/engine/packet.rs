@@ -86,6 +86,12 @@ fn unicast(addr: IpAddr) -> bool {
 
 /// Classifies one raw IP packet from the TUN. Never panics.
 pub fn classify(packet: &[u8]) -> Ingress {
+    classify_with(packet, true)
+}
+
+/// [`classify`], checking TCP checksums only if `verify_tcp` (with TUN checksum offload the
+/// kernel hands over local packets whose checksum nobody computed).
+pub fn classify_with(packet: &[u8], verify_tcp: bool) -> Ingress {
     let caps = ChecksumCapabilities::default();
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
@@ -99,7 +105,7 @@ pub fn classify(packet: &[u8]) -> Ingress {
                 return Ingress::Drop(DropReason::Fragment);
             }
             let (src, dst) = (IpAddr::V4(repr.src_addr), IpAddr::V4(repr.dst_addr));
-            transport(src, dst, repr.next_header, ip.payload(), |p| {
+            transport(src, dst, repr.next_header, ip.payload(), verify_tcp, |p| {
                 Icmpv4Packet::new_checked(p)
                     .ok()
                     .map(|i| matches!(i.msg_type(), Icmpv4Message::EchoRequest))
@@ -113,7 +119,7 @@ pub fn classify(packet: &[u8]) -> Ingress {
                 return Ingress::Drop(DropReason::Malformed);
             };
             let (src, dst) = (IpAddr::V6(repr.src_addr), IpAddr::V6(repr.dst_addr));
-            transport(src, dst, repr.next_header, ip.payload(), |p| {
+            transport(src, dst, repr.next_header, ip.payload(), verify_tcp, |p| {
                 Icmpv6Packet::new_checked(p)
                     .ok()
                     .map(|i| u8::from(i.msg_type()) == 128)
@@ -128,6 +134,7 @@ fn transport(
     dst: IpAddr,
     proto: IpProtocol,
     payload: &[u8],
+    verify_tcp: bool,
     is_echo_request: impl FnOnce(&[u8]) -> Option<bool>,
 ) -> Ingress {
     if !unicast(src) || !unicast(dst) {
@@ -138,7 +145,7 @@ fn transport(
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
                 return Ingress::Drop(DropReason::BadTcp);
             };
-            if !tcp.verify_checksum(&src.into(), &dst.into()) {
+            if verify_tcp && !tcp.verify_checksum(&src.into(), &dst.into()) {
                 return Ingress::Drop(DropReason::BadTcp);
             }
             Ingress::Tcp {
