@@ -4,26 +4,21 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, FromArgMatches};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use mse_vpn::cli::{self, Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs, UpCommand};
-use mse_vpn::control::{self, Board, LinkState};
-use mse_vpn::dns;
-use mse_vpn::driver::{DEFAULT_MAX_OPENING, Driver, DriverConfig, INBOUND_QUEUE};
-use mse_vpn::engine::{EngineConfig, TunFormat};
-use mse_vpn::pool::{self, Pool};
-use mse_vpn::reverse::{self, ForwardState, Forwards};
+use mse_vpn::cli::{
+    self, Cli, Command, ConfigCommand, DownArgs, SetupError, StatusArgs, UpArgs, UpCommand,
+};
+use mse_vpn::control;
+use mse_vpn::reverse::ForwardState;
+use mse_vpn::session::{Session, SessionError, Stopper};
 use mse_vpn::ssh;
-use mse_vpn::tun::Tun;
 use mse_vpn_platform as platform;
 
 /// Set in the environment of the detached child of `up --daemon`.
@@ -103,7 +98,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
-            Command::Up(UpCommand { args, .. }) => ok(up(args, &cli.state_dir).await),
+            Command::Up(UpCommand { args, daemon }) => {
+                let log = (daemon.daemon && std::env::var_os(DAEMON_CHILD).is_some())
+                    .then(|| daemon_log_path(&args, daemon.log_file.as_deref(), &cli.state_dir));
+                ok(up(args, &cli.state_dir, log.as_deref()).await)
+            }
             Command::Down(args) => ok(down(args, &cli.state_dir).await),
             Command::Doctor(args) => ok(doctor(args, &cli.state_dir).await),
             Command::Status(args) => status(args, &cli.state_dir).await,
@@ -139,38 +138,52 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 
 /// The documented exit status for an error, from the typed error inside it.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    use ssh::SshError as E;
     for cause in e.chain() {
         if cause.is::<ssh::config::ConfigError>()
-            || cause.is::<mse_vpn::profile::ProfileError>()
+            || cause.is::<mse_vpn::cli::profile::ProfileError>()
             || cause.is::<platform::PlanError>()
         {
             return EXIT_USAGE;
         }
-        if let Some(ssh) = cause.downcast_ref::<E>() {
-            return match ssh {
-                E::AuthFailed { .. }
-                | E::WrongPassword { .. }
-                | E::PasswordFile { .. }
-                | E::WrongPassphrase { .. }
-                | E::NoTerminalForPassphrase { .. }
-                | E::KeyFile { .. }
-                | E::NoKeyFile { .. }
-                | E::PublicKeyFile { .. } => EXIT_AUTH,
-                E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => {
-                    EXIT_HOST_KEY
-                }
-                E::Resolve { .. }
-                | E::UnknownAlias { .. }
-                | E::Unreachable { .. }
-                | E::ConnectTimeout { .. }
-                | E::HopForward { .. }
-                | E::ProxyCommandEnded { .. } => EXIT_UNREACHABLE,
-                _ => EXIT_FAILURE,
-            };
+        if let Some(ssh) = cause.downcast_ref::<ssh::SshError>() {
+            return ssh_exit_code(ssh);
+        }
+        // The layers that carry the errors above transparently.
+        match cause.downcast_ref::<SessionError>() {
+            Some(SessionError::Ssh(ssh)) => return ssh_exit_code(ssh),
+            Some(SessionError::Plan(_)) => return EXIT_USAGE,
+            Some(_) => return EXIT_FAILURE,
+            None => {}
+        }
+        match cause.downcast_ref::<SetupError>() {
+            Some(SetupError::Ssh(ssh)) => return ssh_exit_code(ssh),
+            Some(SetupError::Config(_)) => return EXIT_USAGE,
+            None => {}
         }
     }
     EXIT_FAILURE
+}
+
+fn ssh_exit_code(e: &ssh::SshError) -> u8 {
+    use ssh::SshError as E;
+    match e {
+        E::AuthFailed { .. }
+        | E::WrongPassword { .. }
+        | E::PasswordFile { .. }
+        | E::WrongPassphrase { .. }
+        | E::NoTerminalForPassphrase { .. }
+        | E::KeyFile { .. }
+        | E::NoKeyFile { .. }
+        | E::PublicKeyFile { .. } => EXIT_AUTH,
+        E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => EXIT_HOST_KEY,
+        E::Resolve { .. }
+        | E::UnknownAlias { .. }
+        | E::Unreachable { .. }
+        | E::ConnectTimeout { .. }
+        | E::HopForward { .. }
+        | E::ProxyCommandEnded { .. } => EXIT_UNREACHABLE,
+        _ => EXIT_FAILURE,
+    }
 }
 
 /// Applies the profile named on the command line (flags win), then checks that the jump
@@ -179,14 +192,14 @@ fn with_profile(args: &mut UpArgs, matches: &clap::ArgMatches) -> Result<()> {
     if let Some(name) = args.profile.clone() {
         let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
         let files = [
-            mse_vpn::profile::user_file(user.home()),
-            std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+            mse_vpn::cli::profile::user_file(user.home()),
+            std::path::PathBuf::from(mse_vpn::cli::profile::SYSTEM_FILE),
         ];
-        let (profile, skipped) = mse_vpn::profile::find(&name, &files)?;
+        let (profile, skipped) = mse_vpn::cli::profile::find(&name, &files)?;
         for e in skipped {
             eprintln!("mse-vpn: warning: {e} (that profile is ignored)");
         }
-        mse_vpn::profile::apply(args, matches, &profile, user.home());
+        mse_vpn::cli::profile::apply(args, matches, &profile, user.home());
     }
     if args.proxy.is_none() {
         bail!(
@@ -204,7 +217,7 @@ fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
     let files = match file {
         Some(f) => {
             if let Err(source) = std::fs::metadata(&f) {
-                return Err(mse_vpn::profile::ProfileError::Read { path: f, source }.into());
+                return Err(mse_vpn::cli::profile::ProfileError::Read { path: f, source }.into());
             }
             vec![f]
         }
@@ -212,8 +225,8 @@ fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
             let user =
                 ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
             vec![
-                mse_vpn::profile::user_file(user.home()),
-                std::path::PathBuf::from(mse_vpn::profile::SYSTEM_FILE),
+                mse_vpn::cli::profile::user_file(user.home()),
+                std::path::PathBuf::from(mse_vpn::cli::profile::SYSTEM_FILE),
             ]
         }
     };
@@ -222,7 +235,7 @@ fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
             println!("{}: no such file (skipped)", f.display());
             continue;
         }
-        let parsed = mse_vpn::profile::load(&f)?;
+        let parsed = mse_vpn::cli::profile::load(&f)?;
         let names: Vec<&str> = parsed.profile.keys().map(String::as_str).collect();
         println!(
             "{}: ok, {} profile(s): {}",
@@ -234,13 +247,21 @@ fn config_check(file: Option<std::path::PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// `up --daemon`: starts the same command detached, with its output in the log file, and
-/// waits until it reports the tunnel up (exit 0) or fails (its exit status, and the log).
-fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCode {
-    use std::io::{Read, Seek, SeekFrom};
-    let log_path = log_file
+/// The log file of `up --daemon`.
+fn daemon_log_path(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> PathBuf {
+    log_file
         .map(Path::to_owned)
-        .unwrap_or_else(|| state_dir.join(format!("{}.log", args.tun)));
+        .unwrap_or_else(|| state_dir.join(format!("{}.log", args.tun)))
+}
+
+/// `up --daemon`: starts the same command detached, its stderr (the log) in the log file and
+/// its stdout a pipe to us. The child writes the lines a foreground `up` prints to the pipe
+/// once the tunnel is up, then points its stdout at the log file: we print those lines and
+/// exit 0 at the pipe's end. A child that fails ends without them: we print the log and exit
+/// with its status.
+fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCode {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let log_path = daemon_log_path(args, log_file, state_dir);
     let fail = |msg: String| {
         eprintln!("mse-vpn: {msg}");
         ExitCode::FAILURE
@@ -264,9 +285,9 @@ fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCo
         }
     };
     let start = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let (out, err) = match (log.try_clone(), log.try_clone()) {
-        (Ok(a), Ok(b)) => (a, b),
-        _ => return fail("cannot duplicate the log file handle".into()),
+    let (ready, ready_writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot create a pipe: {e}")),
     };
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -276,13 +297,31 @@ fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCo
     cmd.args(std::env::args_os().skip(1))
         .env(DAEMON_CHILD, "1")
         .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err);
+        .stdout(ready_writer)
+        .stderr(log);
     platform::process::detached(&mut cmd);
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    drop(cmd); // our copy of the pipe's writing end: the pipe ends when the child's does
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the daemon: {e}")),
     };
+    // The pipe, read in a thread so that a child that hangs can be given up on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let lines: Vec<String> = std::io::BufReader::new(ready)
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let _ = tx.send(lines);
+    });
+    let limit = Duration::from_secs(
+        args.connect_timeout
+            .unwrap_or(ssh::resolve::DEFAULT_CONNECT_TIMEOUT)
+            * 2
+            * (1 + args.jump.as_ref().map_or(1, |h| h.0.len()) as u64)
+            + 30,
+    );
     let read_log = || {
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&log_path)
@@ -292,52 +331,41 @@ fn daemonize(args: &UpArgs, log_file: Option<&Path>, state_dir: &Path) -> ExitCo
         }
         text
     };
-    let deadline = std::time::Instant::now()
-        + Duration::from_secs(
-            args.connect_timeout
-                .unwrap_or(ssh::resolve::DEFAULT_CONNECT_TIMEOUT)
-                * 2
-                * (1 + args.jump.as_ref().map_or(1, |h| h.0.len()) as u64)
-                + 30,
+    let lines = match rx.recv_timeout(limit) {
+        Ok(lines) => lines,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprint!("{}", read_log());
+            return fail("the session did not come up in time; stopped it".into());
+        }
+    };
+    if lines.last().is_some_and(|l| l.starts_with("mse-vpn is up")) {
+        for line in &lines {
+            println!("{line}");
+        }
+        println!(
+            "running in the background as pid {}; log: {}; stop it with `mse-vpn down`",
+            child.id(),
+            log_path.display()
         );
-    loop {
-        let text = read_log();
-        let lines: Vec<&str> = text.lines().collect();
-        if let Some(up) = lines.iter().position(|l| l.starts_with("mse-vpn is up")) {
-            // What a foreground `up` would have printed, up to its "is up" line.
-            for line in &lines[..=up] {
-                println!("{line}");
-            }
-            println!(
-                "running in the background as pid {}; log: {}; stop it with `mse-vpn down`",
-                child.id(),
-                log_path.display()
-            );
-            return ExitCode::SUCCESS;
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                eprint!("{text}");
-                let _ = fail(format!(
-                    "the session did not come up ({status}); log: {}",
-                    log_path.display()
-                ));
-                // The same documented exit status as the session's own.
-                return status
-                    .code()
-                    .and_then(|c| u8::try_from(c).ok())
-                    .map_or(ExitCode::FAILURE, ExitCode::from);
-            }
-            Ok(None) if std::time::Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                eprint!("{text}");
-                return fail("the session did not come up in time; stopped it".into());
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return fail(format!("cannot wait for the daemon: {e}")),
-        }
+        return ExitCode::SUCCESS;
     }
+    // No "is up": the child ended (or is ending) without the tunnel.
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot wait for the daemon: {e}")),
+    };
+    eprint!("{}", read_log());
+    let _ = fail(format!(
+        "the session did not come up ({status}); log: {}",
+        log_path.display()
+    ));
+    // The same documented exit status as the session's own.
+    status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from)
 }
 
 async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
@@ -353,7 +381,8 @@ async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
             .map(ToString::to_string)
             .unwrap_or_default()
     );
-    let checks = mse_vpn::doctor::run(&args, state_dir).await;
+    let checks =
+        mse_vpn::doctor::run(|user| args.ssh_options(user), &args.network(), state_dir).await;
     for c in &checks {
         println!("  {c}");
     }
@@ -368,308 +397,73 @@ async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
-    // 1. Everything the user typed, checked before the host is touched.
+/// `up`: the session, brought up and run until Ctrl-C / SIGTERM / `down`. In the daemon's
+/// child, the lines a foreground `up` prints go to the parent (its stdout is a pipe the
+/// parent reads), then stdout is pointed at the log file.
+async fn up(args: UpArgs, state_dir: &Path, daemon_log: Option<&Path>) -> Result<()> {
     let user = ssh::InvokingUser::detect().context("cannot tell which user invoked mse-vpn")?;
-    for key in &args.identity {
-        ssh::check_key_file(key)?;
-    }
-    let mut opts = args.ssh_options(&user)?;
-    // Cloud callers' channels (`--expose`, `mse-vpn run`), queued for the driver.
-    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
-    opts.inbound = Some(inbound_tx);
-    if let Some(path) = &opts.password_file {
-        // Checked before anything else, so a bad file fails fast (and as the same error a
-        // login would meet).
-        ssh::password::read_file(path, user.uid()).map_err(|source| {
-            ssh::SshError::PasswordFile {
-                path: path.clone(),
-                source,
-            }
-        })?;
-    }
-    // Only the first hop is connected to directly: only its address stays out of the tunnel.
-    let jump_addrs = match opts.direct_target() {
-        Some((host, port)) => resolve(host, port, &args, &user).await?,
-        None => {
-            debug!(
-                command = opts.proxy_command.as_deref().unwrap_or_default(),
-                "the jump host is reached through its ProxyCommand; what the command connects to must not be inside the routed networks (use --exclude)"
-            );
-            Vec::new()
+    let session = Session::new(args.session_config(&user, state_dir)?);
+    spawn_signal_handler(session.stopper())?;
+    let running = match session.start().await {
+        Ok(r) => r,
+        Err(SessionError::Ssh(e)) => return Err(with_alias_hint(e, &args, &user).into()),
+        Err(e) => return Err(e.into()),
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for line in running.report().lines() {
+            let _ = writeln!(out, "{line}");
         }
-    };
-    let plan = platform::RoutePlan::new(platform::PlanSpec {
-        cidrs: args.cidrs.clone(),
-        excludes: args.excludes.clone(),
-        jump_addrs: jump_addrs.clone(),
-        tun_name: args.tun.clone(),
-        mtu: args.mtu,
-    })?;
-    let repaired = platform::repair(state_dir).await?;
-    if !repaired.is_empty() {
-        for change in &repaired {
-            debug!(%change, "undone");
-        }
-        warn!(
-            "repaired what a session that died left behind ({} change(s) undone)",
-            repaired.len()
-        );
+        let _ = out.flush();
     }
-    platform::preflight(&plan, state_dir).await?;
-
-    // 2. The SSH connections, before any change to the host: a bad host key or a failed
-    //    login leaves nothing behind.
-    let target = match opts.hops.as_slice() {
-        [] => opts.jump.to_string(),
-        hops => format!(
-            "{} via {}",
-            opts.jump,
-            hops.iter()
-                .map(|h| format!("{}@{}:{}", h.user, h.host, h.port))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let connecting = tokio::spawn(say_connecting(target, opts.connect_timeout));
-    let sessions = pool::connect_initial(&opts, args.connections as usize).await;
-    connecting.abort();
-    let sessions = sessions?;
-    ssh::password::forbid_prompts();
-    debug!(
-        jump = %opts.jump,
-        connections = sessions.iter().flatten().count(),
-        "connected to the jump host"
-    );
-    // The jump host's own address, when we know it: behind ProxyJump hops only the hops
-    // see it.
-    let jump_ip = match opts.direct_target() {
-        Some(_) if opts.hops.is_empty() => jump_addrs.first().copied(),
-        _ => opts.jump.host.parse().ok(),
-    };
-    let advertise = match (args.advertise, sessions.iter().flatten().next()) {
-        (Some(a), _) => Some(a),
-        (None, Some(first)) => reverse::discover_advertise(first, jump_ip, plan.routes()).await,
-        (None, None) => None,
-    };
-    match advertise {
-        Some(a) => debug!(address = %a, "cloud callers reach this session's exposed ports on {a}"),
-        None if args.expose.is_empty() => debug!(
-            "could not find out the jump host's VPC address (no shell for us there?): `mse-vpn expose` and `run` will need --advertise ADDR"
-        ),
-        None => warn!(
-            "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
-        ),
-    }
-    let dns_servers = dns::session::resolvers(&args, &sessions).await?;
-
-    // 3. Host changes, journaled by the platform crate.
-    let (stop_tx, stop) = watch::channel(false);
-    spawn_signal_handler(stop_tx.clone())?;
-    std::fs::create_dir_all(state_dir)
-        .and_then(|()| platform::account::set_mode(state_dir, 0o755))
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let board = Board::new(
-        format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port),
-        plan.tun_name().to_owned(),
-        plan.routes().iter().map(ToString::to_string).collect(),
-    );
-    board.set_limits(args.max_flows, args.max_inbound);
-    let server = control::Server::bind(
-        &control::socket_path(state_dir, plan.tun_name()),
-        user.uid(),
-        user.gid(),
-    )?;
-    tokio::spawn(server.serve(board.clone(), stop_tx.clone()));
-    let tun = Arc::new(Tun::create(plan.tun_name(), args.mtu as u16)?);
-    let mut host = platform::Host::apply(&plan, state_dir).await?;
-
-    let config = DriverConfig {
-        engine: EngineConfig {
-            mtu: args.mtu as usize,
-            max_flows: args.max_flows as usize,
-            max_inbound: args.max_inbound as usize,
-            open_timeout: smoltcp::time::Duration::from_secs(args.open_timeout),
-            tun: TunFormat {
-                header: tun.header_len(),
-                checksum_offload: tun.checksum_offload(),
-            },
-            ..EngineConfig::default()
-        },
-        open_timeout: Duration::from_secs(args.open_timeout),
-        max_opening: DEFAULT_MAX_OPENING,
-        local_v4: plan.tun_v4(),
-        local_v6: plan.tun_v6(),
-    };
-    let pool = Pool::new(sessions.len());
-    let opts_connect_timeout = opts.connect_timeout;
-    let jump_label = opts.jump.to_string();
-    let fatal = pool::supervise(
-        &pool,
-        sessions,
-        Arc::new(opts),
-        board.clone(),
-        stop_tx.clone(),
-    );
-    // Split DNS: the responder, then the host resolver pointed at it (journaled).
-    let mut dns_line = None;
-    if !args.dns_domains.is_empty() {
-        let dns = dns::session::start(&args, &plan, &pool, &mut host, state_dir, &dns_servers);
-        match dns.await {
-            Ok((responder, shown)) => {
-                dns_line = Some(dns::session::summary(&args, &shown));
-                board.set_dns(shown, responder.counters());
-                tokio::spawn(responder.run(stop.clone()));
-            }
-            Err(e) => {
-                let _ = stop_tx.send(true);
-                let _ = host.restore().await;
-                return Err(e.into());
-            }
-        }
-    }
-    let forwards = Forwards::new();
-    forwards.set_advertise(advertise);
-    board.set_forwards(forwards.clone());
-    let exposed: Vec<u64> = forwards
-        .add(&args.expose)
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    tokio::spawn(forwards.clone().keep(pool.clone(), stop.clone()));
-    let driver =
-        Driver::new(config, tun.clone(), pool.clone()).with_inbound(inbound_rx, forwards.clone());
-    board.follow(driver.stats());
-    let driver = tokio::spawn(driver.run(stop));
-
-    // The listeners asked for with --expose: up only once each listens, or fail plainly.
-    forwards
-        .settled(&exposed, opts_connect_timeout + Duration::from_secs(5))
-        .await;
-    let rows = forwards.status_of(&exposed);
-    let failed: Vec<String> = rows
-        .iter()
-        .filter(|f| f.state != ForwardState::Listening)
-        .map(|f| {
-            format!(
-                "--expose {}: {}",
-                f.spec,
-                f.detail.as_deref().unwrap_or("not listening in time")
-            )
-        })
-        .collect();
-    if failed.is_empty() {
-        // One line per feature asked for, then the "is up" line (last: scripts and
-        // `--daemon` wait for it).
-        if let Some(line) = dns_line {
+    if let Some(log) = daemon_log {
+        // The parent has what it waited for: from now on stdout is the log file too.
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open the log file {}", log.display()))?;
+        platform::process::redirect_stdout(file).context("cannot redirect stdout to the log")?;
+        // And the log says it too.
+        for line in running.report().lines() {
             println!("{line}");
         }
-        for f in &rows {
-            println!(
-                "exposed: cloud callers reach {} -> local port {}",
-                f.advertised.clone().unwrap_or_else(|| format!(
-                    "<jump host>:{}",
-                    f.remote_port.unwrap_or_default()
-                )),
-                f.local_port
-            );
-        }
-        let routes: Vec<String> = plan.routes().iter().map(ToString::to_string).collect();
-        println!(
-            "mse-vpn is up: {} via {} (tun {})",
-            routes.join(", "),
-            jump_label,
-            plan.tun_name()
-        );
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-    } else {
-        let _ = stop_tx.send(true);
     }
-    let outcome = match driver.await {
-        Ok(r) => r.context("TUN device failed"),
-        Err(e) => Err(anyhow::anyhow!("the driver task failed: {e}")),
-    };
-    board.set_state(LinkState::Stopping, None);
-    pool.disconnect_all().await;
-    let fatal = fatal.lock().ok().and_then(|mut f| f.take());
-
-    // 4. Undo: routes and addresses first (while the link exists), then the TUN itself.
-    let restored = host.restore().await;
-    drop(tun);
-    outcome?;
-    if !failed.is_empty() {
-        restored?;
-        bail!("{}", failed.join("\n"));
-    }
-    if let Some(e) = fatal {
-        restored?;
-        return Err(e.into());
-    }
-    restored?;
-    info!("stopped; the host's routes and DNS are as they were");
+    running.wait().await?;
     Ok(())
 }
 
-fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<()> {
+fn spawn_signal_handler(stop: Stopper) -> Result<()> {
     let mut signals =
         platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
     tokio::spawn(async move {
         let name = signals.recv().await;
         debug!("{name}: shutting down");
-        let _ = stop.send(true);
+        stop.stop();
     });
     Ok(())
 }
 
-/// After a second without a connection (a silently dropped port, a slow link), says what
-/// it is waiting for (each step of connecting waits up to `timeout`); a prompt for a
-/// password or passphrase already on the terminal is left alone.
-async fn say_connecting(jump: String, timeout: Duration) {
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    if !ssh::password::prompted() {
-        eprintln!(
-            "mse-vpn: connecting to {jump} (waiting up to {} s)...",
-            timeout.as_secs()
-        );
+/// A jump host name that does not resolve but is close to a `Host` alias of the ssh config
+/// is reported with that alias.
+fn with_alias_hint(e: ssh::SshError, args: &UpArgs, user: &ssh::InvokingUser) -> ssh::SshError {
+    let ssh::SshError::Resolve { host, source } = e else {
+        return e;
+    };
+    let typed = args
+        .proxy
+        .as_ref()
+        .map(|p| p.host.as_str())
+        .unwrap_or(&host);
+    let aliases = ssh::resolve::aliases(args.ssh_config.as_ref(), user);
+    match mse_vpn::suggest::did_you_mean(typed, aliases.iter().map(String::as_str)) {
+        Some(alias) => ssh::SshError::UnknownAlias {
+            host: typed.to_owned(),
+            alias: alias.to_owned(),
+            source,
+        },
+        None => ssh::SshError::Resolve { host, source },
     }
-}
-
-/// The addresses of the first host this machine connects to. A name that does not resolve
-/// but is close to a `Host` alias of the ssh config is reported with that alias.
-async fn resolve(
-    host: &str,
-    port: u16,
-    args: &UpArgs,
-    user: &ssh::InvokingUser,
-) -> Result<Vec<IpAddr>> {
-    let lookup = tokio::net::lookup_host((host, port)).await.and_then(|a| {
-        let addrs: Vec<IpAddr> = a.map(|a| a.ip()).collect();
-        if addrs.is_empty() {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no address",
-            ))
-        } else {
-            Ok(addrs)
-        }
-    });
-    lookup.map_err(|source| {
-        let typed = args.proxy.as_ref().map(|p| p.host.as_str()).unwrap_or(host);
-        let aliases = ssh::resolve::aliases(args.ssh_config.as_ref(), user);
-        match mse_vpn::suggest::did_you_mean(typed, aliases.iter().map(String::as_str)) {
-            Some(alias) => ssh::SshError::UnknownAlias {
-                host: typed.to_owned(),
-                alias: alias.to_owned(),
-                source,
-            },
-            None => ssh::SshError::Resolve {
-                host: host.to_owned(),
-                source,
-            },
-        }
-        .into()
-    })
 }
 
 /// The control sockets of running sessions (all, or the one using `tun`).

@@ -52,6 +52,15 @@ pub fn detach() {
     let _ = nix::unistd::setsid();
 }
 
+/// Points this process's standard output at `file` (the `--daemon` child, once the parent
+/// has read what it waited for from the pipe that was its stdout).
+pub fn redirect_stdout(file: std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return nix::unistd::dup2_stdout(&file).map_err(std::io::Error::from);
+    #[cfg(windows)]
+    return crate::win32::set_stdout(file);
+}
+
 /// Starts `cmd` outside the terminal's reach where that is decided at spawn time: on Windows
 /// without a console and in a process group of its own (Ctrl-C in the terminal does not reach
 /// it). On Unix the child calls [`detach`] itself.

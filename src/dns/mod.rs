@@ -15,7 +15,6 @@
 //! the I/O. The TUN address is local to the kernel, so packets to the responder never enter
 //! the TUN and the engine is not involved.
 
-pub mod doctor;
 pub mod session;
 pub mod tunnel;
 pub mod wire;
@@ -27,6 +26,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// What split DNS a session serves: the domains sent to the VPC (none: DNS is not touched),
+/// and the VPC resolvers (none: the jump host's own, read over SSH).
+#[derive(Clone, Debug, Default)]
+pub struct DnsSettings {
+    /// `--dns-domain`s.
+    pub domains: Vec<DnsDomain>,
+    /// `--dns` resolvers.
+    pub servers: Vec<IpAddr>,
+}
+
+impl DnsSettings {
+    /// True when the session does split DNS.
+    pub fn enabled(&self) -> bool {
+        !self.domains.is_empty()
+    }
+}
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};

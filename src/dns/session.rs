@@ -1,7 +1,8 @@
 //! Split DNS in an `up` session: which VPC resolvers to use (`--dns`, or discovered on the
 //! jump host), and starting the responder: bind it on the TUN address, then point the host
 //! resolver at it through the platform crate (journaled). Called by `main` between the host
-//! changes and the "is up" line; [`summary`] is the one line `up` prints about DNS.
+//! changes and the "is up" line ([`crate::session`]); [`summary`] is the one line `up` prints
+//! about DNS.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -9,19 +10,20 @@ use std::sync::Arc;
 
 use mse_vpn_platform::{self as platform, Host, RoutePlan};
 
-use super::{DnsCounters, DnsError, DnsStatus, Responder, ResponderConfig, Split, Tunnel};
-use crate::cli::UpArgs;
+use super::{
+    DnsCounters, DnsError, DnsSettings, DnsStatus, Responder, ResponderConfig, Split, Tunnel,
+};
 use crate::pool::Pool;
 use crate::ssh::Session;
 
 /// The VPC resolvers for split DNS: `--dns`, or the jump host's own (read over SSH from one
 /// of `sessions`). Empty without `--dns-domain`.
 pub async fn resolvers(
-    args: &UpArgs,
+    dns: &DnsSettings,
     sessions: &[Option<Session>],
 ) -> Result<Vec<IpAddr>, DnsError> {
-    if args.dns_domains.is_empty() || !args.dns_servers.is_empty() {
-        return Ok(args.dns_servers.clone());
+    if !dns.enabled() || !dns.servers.is_empty() {
+        return Ok(dns.servers.clone());
     }
     let session = sessions
         .iter()
@@ -38,7 +40,7 @@ pub async fn resolvers(
 /// it for the split zones only. Returns the responder (not yet running) and the `dns` object
 /// for `status`. On error, what was journaled is undone by the caller's `host.restore()`.
 pub async fn start(
-    args: &UpArgs,
+    dns: &DnsSettings,
     plan: &RoutePlan,
     pool: &Arc<Pool>,
     host: &mut Host,
@@ -46,7 +48,7 @@ pub async fn start(
     servers: &[IpAddr],
 ) -> Result<(Responder, DnsStatus), DnsError> {
     let listen = SocketAddr::new(plan.tun_v4().into(), 53);
-    let split = Split::new(args.dns_domains.clone(), plan.routes());
+    let split = Split::new(dns.domains.clone(), plan.routes());
     // The original nameservers, read before the host resolver is changed (glibc's default,
     // 127.0.0.1, when the file names none). Under resolved this is its stub, which never
     // sends names outside the routing domains back to us.
@@ -102,14 +104,14 @@ pub async fn start(
 
 /// The line `up` prints about split DNS: which names go where, and how the host resolver was
 /// pointed at the responder.
-pub fn summary(args: &UpArgs, shown: &DnsStatus) -> String {
-    let domains: Vec<String> = args.dns_domains.iter().map(ToString::to_string).collect();
+pub fn summary(dns: &DnsSettings, shown: &DnsStatus) -> String {
+    let domains: Vec<String> = dns.domains.iter().map(ToString::to_string).collect();
     format!(
         "split DNS ({}): {} → {}{} through the tunnel; other names as before",
         shown.mode,
         domains.join(", "),
         shown.servers.join(", "),
-        if args.dns_servers.is_empty() {
+        if dns.servers.is_empty() {
             " (the jump host's resolver)"
         } else {
             ""

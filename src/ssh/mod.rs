@@ -95,6 +95,21 @@ pub struct Hop {
 }
 
 impl SshOptions {
+    /// The jump host as `user@host:port`, with the ProxyJump hops it is reached through.
+    pub fn target_label(&self) -> String {
+        match self.hops.as_slice() {
+            [] => self.jump.to_string(),
+            hops => format!(
+                "{} via {}",
+                self.jump,
+                hops.iter()
+                    .map(|h| format!("{}@{}:{}", h.user, h.host, h.port))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
     /// The host and port this machine opens a TCP connection to, if it opens one at all (not
     /// with a `ProxyCommand`). Only this address must stay out of the tunnel.
     pub fn direct_target(&self) -> Option<(&str, u16)> {

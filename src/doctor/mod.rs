@@ -1,6 +1,9 @@
 //! `mse-vpn doctor`: read-only checks of everything `up` needs, each with a verdict and, when
 //! it is not fine, what to do. Nothing on the host or the jump host is changed (the
 //! reverse-forwarding probe opens a listener on the jump host and cancels it at once).
+//! [`dns`] holds the split-DNS checks.
+
+pub mod dns;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -9,8 +12,9 @@ use std::time::Duration;
 
 use mse_vpn_platform as platform;
 
-use crate::cli::UpArgs;
-use crate::ssh::{InvokingUser, OpenError, Session, SshError};
+use crate::session::NetworkConfig;
+use crate::ssh::config::ConfigError;
+use crate::ssh::{InvokingUser, OpenError, Session, SshError, SshOptions};
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +74,14 @@ impl fmt::Display for Check {
     }
 }
 
-/// Runs every check for an `up` with these arguments.
-pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
+/// Runs every check for an `up` that would route `network`, connecting as `ssh_options`
+/// says for the invoking user (the ssh config and flags decide; an error there is a failed
+/// check).
+pub async fn run(
+    ssh_options: impl FnOnce(&InvokingUser) -> Result<SshOptions, ConfigError>,
+    network: &NetworkConfig,
+    state_dir: &Path,
+) -> Vec<Check> {
     let mut checks = Vec::new();
     checks.push(privileges());
     checks.push(tun_support());
@@ -85,7 +95,7 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
     };
     // The ssh config decides the address (HostName, Port, ProxyJump): this machine only ever
     // connects to the first hop.
-    let mut opts = match args.ssh_options(&user) {
+    let mut opts = match ssh_options(&user) {
         Ok(o) => o,
         Err(e) => {
             checks.push(
@@ -141,9 +151,9 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
         }
     };
 
-    checks.extend(routes(args, &jump_addrs, state_dir).await);
-    if !args.dns_domains.is_empty() {
-        checks.extend(crate::dns::doctor::host_checks(args).await);
+    checks.extend(routes(network, &jump_addrs, state_dir).await);
+    if network.dns.enabled() {
+        checks.extend(dns::host_checks(&network.dns, &network.tun).await);
     }
 
     let reachable = if opts.proxy_command.is_some() {
@@ -220,8 +230,8 @@ pub async fn run(args: &UpArgs, state_dir: &Path) -> Vec<Check> {
             "the jump host is named (not an address) behind ProxyJump hops",
         )),
     }
-    if !args.dns_domains.is_empty() {
-        checks.push(crate::dns::doctor::resolver_check(args, &session).await);
+    if network.dns.enabled() {
+        checks.push(dns::resolver_check(&network.dns, &session).await);
     }
     session.disconnect().await;
     checks
@@ -292,13 +302,13 @@ fn tun_support() -> Check {
     }
 }
 
-async fn routes(args: &UpArgs, jump: &[SocketAddr], state_dir: &Path) -> Vec<Check> {
+async fn routes(network: &NetworkConfig, jump: &[SocketAddr], state_dir: &Path) -> Vec<Check> {
     let plan = match platform::RoutePlan::new(platform::PlanSpec {
-        cidrs: args.cidrs.clone(),
-        excludes: args.excludes.clone(),
+        cidrs: network.cidrs.clone(),
+        excludes: network.excludes.clone(),
         jump_addrs: jump.iter().map(|a| a.ip()).collect(),
-        tun_name: args.tun.clone(),
-        mtu: args.mtu,
+        tun_name: network.tun.clone(),
+        mtu: network.mtu,
     }) {
         Ok(p) => p,
         Err(e) => return vec![Check::new("routes", Verdict::Fail, e.to_string())],

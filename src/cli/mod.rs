@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::dns::DnsSettings;
+use crate::driver::DEFAULT_MAX_OPENING;
 use crate::reverse::ForwardSpec;
+use crate::session::{NetworkConfig, SessionConfig};
 use crate::ssh::config::ConfigError;
 use crate::ssh::resolve::{self, Overrides};
-use crate::ssh::{InvokingUser, JumpHost, SshOptions};
+use crate::ssh::{InvokingUser, JumpHost, SshError, SshOptions};
 
 /// The help heading of the options every subcommand takes.
 const GLOBAL: &str = "Global options";
@@ -329,6 +332,65 @@ impl UpArgs {
         };
         resolve::ssh_options(&over, user)
     }
+
+    /// What these arguments route and serve.
+    pub fn network(&self) -> NetworkConfig {
+        NetworkConfig {
+            cidrs: self.cidrs.clone(),
+            excludes: self.excludes.clone(),
+            tun: self.tun.clone(),
+            mtu: self.mtu,
+            dns: DnsSettings {
+                domains: self.dns_domains.clone(),
+                servers: self.dns_servers.clone(),
+            },
+        }
+    }
+
+    /// The session these arguments ask for, for `user`. Key and password files are checked
+    /// here, so a bad one fails before anything else (as the same error a login would meet).
+    pub fn session_config(
+        &self,
+        user: &InvokingUser,
+        state_dir: &std::path::Path,
+    ) -> Result<SessionConfig, SetupError> {
+        for key in &self.identity {
+            crate::ssh::check_key_file(key)?;
+        }
+        let ssh = self.ssh_options(user)?;
+        if let Some(path) = &ssh.password_file {
+            crate::ssh::password::read_file(path, user.uid()).map_err(|source| {
+                SshError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(SessionConfig {
+            ssh,
+            network: self.network(),
+            user: user.clone(),
+            state_dir: state_dir.to_owned(),
+            connections: self.connections as usize,
+            max_flows: self.max_flows as usize,
+            max_inbound: self.max_inbound as usize,
+            max_opening: DEFAULT_MAX_OPENING,
+            open_timeout: std::time::Duration::from_secs(self.open_timeout),
+            expose: self.expose.clone(),
+            advertise: self.advertise,
+        })
+    }
+}
+
+/// Why the arguments do not make a session: the user's input is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A bad ssh config entry (or alias).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key or password file that cannot be used.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
 }
 
 /// The `-J` hops, in order (empty for `none`).
@@ -527,6 +589,8 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         "'{s}' is not a CIDR: expected a network like 10.0.0.0/16 or fd00:1::/64"
     ))
 }
+
+pub mod profile;
 
 #[cfg(test)]
 mod tests {

@@ -654,7 +654,7 @@ mod tests {
 
     #[test]
     fn the_example_file_is_valid() {
-        let f = p(include_str!("../examples/config.toml")).unwrap();
+        let f = p(include_str!("../../examples/config.toml")).unwrap();
         let dev = &f.profile["dev"];
         assert_eq!(dev.proxy.as_ref().unwrap().host, "bastion.example.com");
         assert!(!dev.cidrs.is_empty());

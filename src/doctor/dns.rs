@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use mse_vpn_platform::dns::{self as pdns, DnsBackend};
 
-use crate::cli::UpArgs;
-use crate::doctor::{Check, Verdict};
+use super::{Check, Verdict};
+use crate::dns::DnsSettings;
 use crate::ssh::Session;
 
 /// Checks of the host side: integration, conflicts, original nameservers.
-pub async fn host_checks(args: &UpArgs) -> Vec<Check> {
+pub async fn host_checks(dns: &DnsSettings, tun: &str) -> Vec<Check> {
     let mut checks = Vec::new();
-    let domains: Vec<String> = args.dns_domains.iter().map(ToString::to_string).collect();
+    let domains: Vec<String> = dns.domains.iter().map(ToString::to_string).collect();
     let file = Path::new(pdns::RESOLV_CONF);
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let link = std::fs::read_link(file).ok();
@@ -36,9 +36,7 @@ pub async fn host_checks(args: &UpArgs) -> Vec<Check> {
                 .unwrap_or_default();
             let taken: Vec<String> = owners
                 .iter()
-                .filter(|(l, d)| {
-                    *l != args.tun && args.dns_domains.iter().any(|ours| ours.contains(d))
-                })
+                .filter(|(l, d)| *l != tun && dns.domains.iter().any(|ours| ours.contains(d)))
                 .map(|(l, d)| format!("{d} on {l}"))
                 .collect();
             checks.push(if taken.is_empty() {
@@ -136,9 +134,9 @@ pub async fn host_checks(args: &UpArgs) -> Vec<Check> {
 
 /// Checks the VPC resolver (given, or discovered on the jump host) answers on TCP port 53
 /// through the jump host.
-pub async fn resolver_check(args: &UpArgs, session: &Session) -> Check {
-    let servers: Vec<IpAddr> = if args.dns_servers.is_empty() {
-        match super::discover(session).await {
+pub async fn resolver_check(dns: &DnsSettings, session: &Session) -> Check {
+    let servers: Vec<IpAddr> = if dns.servers.is_empty() {
+        match crate::dns::discover(session).await {
             Ok(a) => vec![a],
             Err(e) => {
                 return Check::new("dns resolver", Verdict::Fail, e.to_string())
@@ -146,7 +144,7 @@ pub async fn resolver_check(args: &UpArgs, session: &Session) -> Check {
             }
         }
     } else {
-        args.dns_servers.clone()
+        dns.servers.clone()
     };
     let origin: SocketAddr = ([127, 0, 0, 1], 0).into();
     let mut bad = Vec::new();

@@ -1,0 +1,503 @@
+//! A session: the whole life of `up` as a library type, from a typed [`SessionConfig`] to a
+//! [`Running`] tunnel and back to a host left as it was found.
+//!
+//! ```text
+//!  Session::new(config) ──start()──▶ 1. checks: jump host resolved, route plan, repair of a
+//!                                        dead session, preflight (nothing changed yet)
+//!                                     2. SSH connections (a bad key or login changes nothing)
+//!                                     3. host changes (journaled): control socket, TUN,
+//!                                        routes, split DNS, --expose listeners, the driver
+//!                    ◀── Running ─────  (the tunnel is up; `report()` says what is served)
+//!  Running::wait()  ─────────────────▶ 4. until stopped (a Stopper: Ctrl-C, `down`, an
+//!                                        unrecoverable SSH failure), then the undo: routes
+//!                                        and DNS restored, the TUN gone
+//! ```
+//!
+//! It prints nothing: progress and problems go to `tracing`, and what `up` shows the user is
+//! returned ([`UpReport`]). What it does not do: parse flags or profiles (the CLI builds the
+//! config), or install signal handlers (the CLI wires them to a [`Stopper`]).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use mse_vpn_platform::{self as platform, PlanError, PlatformError};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::control::{self, Board, ControlError, LinkState};
+use crate::dns::{self, DnsError, DnsSettings};
+use crate::driver::{Driver, DriverConfig, INBOUND_QUEUE};
+use crate::engine::{EngineConfig, TunFormat};
+use crate::pool::{self, Pool};
+use crate::reverse::{self, ForwardSpec, ForwardState, Forwards};
+use crate::ssh::{self, InvokingUser, SshError, SshOptions};
+use crate::tun::{Tun, TunError};
+
+/// What the session routes and serves on this host, independent of how the jump host is
+/// reached.
+#[derive(Clone, Debug)]
+pub struct NetworkConfig {
+    /// The VPC networks routed into the TUN.
+    pub cidrs: Vec<IpNet>,
+    /// Networks inside them that stay outside the tunnel.
+    pub excludes: Vec<IpNet>,
+    /// The TUN device's name.
+    pub tun: String,
+    /// The TUN's MTU.
+    pub mtu: u32,
+    /// Split DNS.
+    pub dns: DnsSettings,
+}
+
+/// Everything a session needs, typed (the CLI builds it from flags, profile and ssh config).
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// How to reach and log in to the jump host.
+    pub ssh: SshOptions,
+    /// What is routed and served.
+    pub network: NetworkConfig,
+    /// Who started the session (owner of the control socket).
+    pub user: InvokingUser,
+    /// Where the journal, the control socket and logs live.
+    pub state_dir: PathBuf,
+    /// SSH connections in the pool.
+    pub connections: usize,
+    /// Concurrent outbound flows.
+    pub max_flows: usize,
+    /// Concurrent cloud callers (`--expose`).
+    pub max_inbound: usize,
+    /// Channel opens pending at the jump host at once.
+    pub max_opening: usize,
+    /// How long an app waits for its channel (and a local app for a cloud caller).
+    pub open_timeout: Duration,
+    /// Jump host ports to listen on for cloud callers.
+    pub expose: Vec<ForwardSpec>,
+    /// The address cloud callers use for the jump host, if given.
+    pub advertise: Option<IpAddr>,
+}
+
+/// Why a session could not start, or ended badly. Most variants carry the lower layer's
+/// error, whose message says what happened and what to do.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// Reaching or logging in to the jump host failed (address, host key, authentication).
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// The routes asked for cannot be set up (the user's input is at fault).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The host could not be changed or restored (routes, addresses, DNS, journal).
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// The TUN device could not be created.
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    /// Split DNS could not be set up.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    /// The control socket could not be opened.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The state directory could not be created.
+    #[error("cannot create {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An `--expose` listener could not be set up in time (each line says which and why).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Expose(Vec<ExposeFailure>),
+    /// The TUN device failed while the session ran.
+    #[error("the TUN device failed")]
+    TunFailed(#[source] std::io::Error),
+    /// The driver task ended abnormally (a bug).
+    #[error("the driver task failed: {0}")]
+    Driver(#[source] tokio::task::JoinError),
+    /// Stopped (Ctrl-C, SIGTERM) before the tunnel was up; nothing was left changed.
+    #[error("stopped before the tunnel was up")]
+    Stopped,
+}
+
+/// An `--expose` that did not come up.
+#[derive(Debug)]
+pub struct ExposeFailure {
+    /// The spec as given.
+    pub spec: String,
+    /// Why (None: not listening in time).
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for ExposeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--expose {}: {}",
+            self.spec,
+            self.detail.as_deref().unwrap_or("not listening in time")
+        )
+    }
+}
+
+/// Asks a session to stop (it then restores the host); clones share one session.
+#[derive(Clone, Debug)]
+pub struct Stopper(watch::Sender<bool>);
+
+impl Stopper {
+    /// Stops the session.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+
+    /// True once asked to stop.
+    pub fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once asked to stop.
+    pub async fn stopped(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// What an `up` serves, once it is up: the lines `up` prints.
+#[derive(Clone, Debug)]
+pub struct UpReport {
+    /// The split-DNS line, with `--dns-domain`.
+    pub dns: Option<String>,
+    /// Each `--expose`: (the address cloud callers reach, the local port).
+    pub exposed: Vec<(String, u16)>,
+    /// The routed networks.
+    pub routes: Vec<String>,
+    /// `user@host:port` of the jump host.
+    pub jump: String,
+    /// The TUN device.
+    pub tun: String,
+}
+
+impl UpReport {
+    /// The lines `up` prints, the "is up" line last (scripts and `--daemon` wait for it).
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self.dns.iter().cloned().collect();
+        for (reach, port) in &self.exposed {
+            lines.push(format!(
+                "exposed: cloud callers reach {reach} -> local port {port}"
+            ));
+        }
+        lines.push(format!(
+            "mse-vpn is up: {} via {} (tun {})",
+            self.routes.join(", "),
+            self.jump,
+            self.tun
+        ));
+        lines
+    }
+}
+
+/// A session not started yet. See the module documentation.
+pub struct Session {
+    config: SessionConfig,
+    stop: watch::Sender<bool>,
+}
+
+/// A session whose tunnel is up.
+pub struct Running {
+    report: UpReport,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<Result<(), SessionError>>,
+}
+
+impl Session {
+    /// A session for `config`; nothing happens until [`Session::start`].
+    pub fn new(config: SessionConfig) -> Session {
+        Session {
+            config,
+            stop: watch::channel(false).0,
+        }
+    }
+
+    /// Stops the session, whenever it is asked to (before it is up too).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
+    }
+
+    /// Brings the tunnel up (see the module documentation). On error, whatever was changed
+    /// on the host is restored first.
+    pub async fn start(self) -> Result<Running, SessionError> {
+        let Session { config, stop } = self;
+        let stopper = Stopper(stop.clone());
+        let net = &config.network;
+        let mut opts = config.ssh.clone();
+
+        // 1. Checks, before the host is touched. Only the first hop is connected to
+        //    directly: only its address stays out of the tunnel.
+        let jump_addrs = match opts.direct_target() {
+            Some((host, port)) => resolve(host, port).await?,
+            None => {
+                debug!(
+                    command = opts.proxy_command.as_deref().unwrap_or_default(),
+                    "the jump host is reached through its ProxyCommand; what the command connects to must not be inside the routed networks (use --exclude)"
+                );
+                Vec::new()
+            }
+        };
+        let plan = platform::RoutePlan::new(platform::PlanSpec {
+            cidrs: net.cidrs.clone(),
+            excludes: net.excludes.clone(),
+            jump_addrs: jump_addrs.clone(),
+            tun_name: net.tun.clone(),
+            mtu: net.mtu,
+        })?;
+        let state_dir = &config.state_dir;
+        let repaired = platform::repair(state_dir).await?;
+        if !repaired.is_empty() {
+            for change in &repaired {
+                debug!(%change, "undone");
+            }
+            warn!(
+                "repaired what a session that died left behind ({} change(s) undone)",
+                repaired.len()
+            );
+        }
+        platform::preflight(&plan, state_dir).await?;
+
+        // 2. The SSH connections, before any change to the host: a bad host key or a failed
+        //    login leaves nothing behind. Cloud callers' channels are queued for the driver.
+        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
+        opts.inbound = Some(inbound_tx);
+        let connecting = tokio::spawn(say_connecting(opts.target_label(), opts.connect_timeout));
+        let sessions = tokio::select! {
+            s = pool::connect_initial(&opts, config.connections) => s,
+            () = stopper.stopped() => {
+                connecting.abort();
+                return Err(SessionError::Stopped);
+            }
+        };
+        connecting.abort();
+        let sessions = sessions?;
+        ssh::password::forbid_prompts();
+        debug!(
+            jump = %opts.jump,
+            connections = sessions.iter().flatten().count(),
+            "connected to the jump host"
+        );
+        // The jump host's own address, when we know it: behind ProxyJump hops only the hops
+        // see it.
+        let jump_ip = match opts.direct_target() {
+            Some(_) if opts.hops.is_empty() => jump_addrs.first().copied(),
+            _ => opts.jump.host.parse().ok(),
+        };
+        let advertise = match (config.advertise, sessions.iter().flatten().next()) {
+            (Some(a), _) => Some(a),
+            (None, Some(first)) => reverse::discover_advertise(first, jump_ip, plan.routes()).await,
+            (None, None) => None,
+        };
+        match advertise {
+            Some(a) => {
+                debug!(address = %a, "cloud callers reach this session's exposed ports on {a}")
+            }
+            None if config.expose.is_empty() => debug!(
+                "could not find out the jump host's VPC address (no shell for us there?): `mse-vpn expose` and `run` will need --advertise ADDR"
+            ),
+            None => warn!(
+                "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
+            ),
+        }
+        let dns_servers = dns::session::resolvers(&net.dns, &sessions).await?;
+        if stopper.is_stopped() {
+            return Err(SessionError::Stopped);
+        }
+
+        // 3. Host changes, journaled by the platform crate.
+        std::fs::create_dir_all(state_dir)
+            .and_then(|()| platform::account::set_mode(state_dir, 0o755))
+            .map_err(|source| SessionError::StateDir {
+                path: state_dir.clone(),
+                source,
+            })?;
+        let jump = format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port);
+        let board = Board::new(
+            jump.clone(),
+            plan.tun_name().to_owned(),
+            plan.routes().iter().map(ToString::to_string).collect(),
+        );
+        board.set_limits(config.max_flows as u64, config.max_inbound as u64);
+        let server = control::Server::bind(
+            &control::socket_path(state_dir, plan.tun_name()),
+            config.user.uid(),
+            config.user.gid(),
+        )?;
+        let stop_rx = stop.subscribe();
+        tokio::spawn(server.serve(board.clone(), stop.clone()));
+        let tun = Arc::new(Tun::create(plan.tun_name(), net.mtu as u16)?);
+        let mut host = platform::Host::apply(&plan, state_dir).await?;
+
+        let driver_config = DriverConfig {
+            engine: EngineConfig {
+                mtu: net.mtu as usize,
+                max_flows: config.max_flows,
+                max_inbound: config.max_inbound,
+                open_timeout: config.open_timeout.into(),
+                tun: TunFormat {
+                    header: tun.header_len(),
+                    checksum_offload: tun.checksum_offload(),
+                },
+                ..EngineConfig::default()
+            },
+            open_timeout: config.open_timeout,
+            max_opening: config.max_opening,
+            local_v4: plan.tun_v4(),
+            local_v6: plan.tun_v6(),
+        };
+        let pool = Pool::new(sessions.len());
+        let connect_timeout = opts.connect_timeout;
+        let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());
+        // Split DNS: the responder, then the host resolver pointed at it (journaled).
+        let mut dns_line = None;
+        if net.dns.enabled() {
+            let started =
+                dns::session::start(&net.dns, &plan, &pool, &mut host, state_dir, &dns_servers)
+                    .await;
+            match started {
+                Ok((responder, shown)) => {
+                    dns_line = Some(dns::session::summary(&net.dns, &shown));
+                    board.set_dns(shown, responder.counters());
+                    tokio::spawn(responder.run(stop_rx.clone()));
+                }
+                Err(e) => {
+                    let _ = stop.send(true);
+                    let _ = host.restore().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let forwards = Forwards::new();
+        forwards.set_advertise(advertise);
+        board.set_forwards(forwards.clone());
+        let exposed: Vec<u64> = forwards
+            .add(&config.expose)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        tokio::spawn(forwards.clone().keep(pool.clone(), stop_rx.clone()));
+        let driver = Driver::new(driver_config, tun.clone(), pool.clone())
+            .with_inbound(inbound_rx, forwards.clone());
+        board.follow(driver.stats());
+        let driver = tokio::spawn(driver.run(stop_rx));
+
+        // The listeners asked for with --expose: up only once each listens, or fail plainly.
+        forwards
+            .settled(&exposed, connect_timeout + Duration::from_secs(5))
+            .await;
+        let rows = forwards.status_of(&exposed);
+        let failed: Vec<ExposeFailure> = rows
+            .iter()
+            .filter(|f| f.state != ForwardState::Listening)
+            .map(|f| ExposeFailure {
+                spec: f.spec.clone(),
+                detail: f.detail.clone(),
+            })
+            .collect();
+        let report = UpReport {
+            dns: dns_line,
+            exposed: rows
+                .iter()
+                .map(|f| {
+                    let reach = f.advertised.clone().unwrap_or_else(|| {
+                        format!("<jump host>:{}", f.remote_port.unwrap_or_default())
+                    });
+                    (reach, f.local_port)
+                })
+                .collect(),
+            routes: plan.routes().iter().map(ToString::to_string).collect(),
+            jump: jump.clone(),
+            tun: plan.tun_name().to_owned(),
+        };
+        let finish = async move {
+            let outcome = match driver.await {
+                Ok(r) => r.map_err(SessionError::TunFailed),
+                Err(e) => Err(SessionError::Driver(e)),
+            };
+            board.set_state(LinkState::Stopping, None);
+            pool.disconnect_all().await;
+            let fatal = fatal.lock().ok().and_then(|mut f| f.take());
+            // 4. Undo: routes and addresses first (while the link exists), then the TUN.
+            let restored = host.restore().await;
+            drop(tun);
+            outcome?;
+            if let Some(e) = fatal {
+                restored?;
+                return Err(e.into());
+            }
+            restored?;
+            info!("stopped; the host's routes and DNS are as they were");
+            Ok(())
+        };
+        if !failed.is_empty() {
+            let _ = stop.send(true);
+            finish.await?;
+            return Err(SessionError::Expose(failed));
+        }
+        Ok(Running {
+            report,
+            stop,
+            done: tokio::spawn(finish),
+        })
+    }
+}
+
+impl Running {
+    /// What the session serves.
+    pub fn report(&self) -> &UpReport {
+        &self.report
+    }
+
+    /// Stops the session.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
+    }
+
+    /// Waits until the session stopped and the host is restored.
+    pub async fn wait(self) -> Result<(), SessionError> {
+        self.done.await.map_err(SessionError::Driver)?
+    }
+}
+
+/// After a second without a connection (a silently dropped port, a slow link), says what
+/// it is waiting for (each step of connecting waits up to `timeout`); a prompt for a
+/// password or passphrase already on the terminal is left alone.
+async fn say_connecting(jump: String, timeout: Duration) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if !ssh::password::prompted() {
+        info!(
+            "connecting to {jump} (waiting up to {} s)...",
+            timeout.as_secs()
+        );
+    }
+}
+
+/// The addresses of the first host this machine connects to.
+async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, SshError> {
+    let lookup = tokio::net::lookup_host((host, port)).await.and_then(|a| {
+        let addrs: Vec<IpAddr> = a.map(|a| a.ip()).collect();
+        if addrs.is_empty() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address",
+            ))
+        } else {
+            Ok(addrs)
+        }
+    });
+    lookup.map_err(|source| SshError::Resolve {
+        host: host.to_owned(),
+        source,
+    })
+}
