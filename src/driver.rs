@@ -37,18 +37,18 @@ use futures::future::{AbortHandle, Abortable, BoxFuture};
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
-use russh::client::{ChannelOpenHandle, Msg};
+use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant as TokioInstant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey, RxPacket};
 use crate::logging::bytes as human_bytes;
-use crate::pool::{LinkId, Pool};
+use crate::pool::{INBOUND_QUEUE, InboundCall, InboundCalls, LinkId, Pool};
 use crate::repeats::Repeats;
-use crate::reverse::Forwards;
-use crate::ssh::{Inbound, OpenError};
+use crate::reverse::{self, Forwards, Waiting};
+use crate::ssh::OpenError;
 use crate::tun::Tun;
 
 /// Packets read from the TUN per wake-up before the engine runs.
@@ -60,6 +60,10 @@ const READ_BATCH: usize = 16;
 const OPEN_CAP: Duration = Duration::from_secs(300);
 /// Repeated warnings of one kind are summarized over this window.
 const WARN_WINDOW: Duration = Duration::from_secs(10);
+/// Destinations whose channel opened within this long keep a reserve of open slots.
+const ANSWERED_FOR: Duration = Duration::from_secs(600);
+/// The most destinations remembered as having answered.
+const ANSWERED_MAX: usize = 4096;
 
 /// Driver settings.
 #[derive(Clone, Debug)]
@@ -80,9 +84,6 @@ pub struct DriverConfig {
 
 /// Default for [`DriverConfig::max_opening`].
 pub const DEFAULT_MAX_OPENING: usize = 1024;
-
-/// Capacity of the queue of cloud callers' channels waiting for the driver.
-pub const INBOUND_QUEUE: usize = 256;
 
 /// Flows whose channel has something to read (set by their wakers).
 struct Ready {
@@ -191,16 +192,6 @@ struct FlowIo {
     log: FlowLog,
 }
 
-/// A cloud caller's channel waiting for its local app to answer on the TUN address.
-struct Accepting {
-    channel: russh::Channel<Msg>,
-    reply: ChannelOpenHandle,
-    /// The exposed port's entry in [`Forwards`].
-    forward: u64,
-    local_port: u16,
-    link: LinkId,
-}
-
 /// The driver. See the module documentation.
 pub struct Driver {
     engine: Engine,
@@ -217,14 +208,20 @@ pub struct Driver {
     ready: Arc<Ready>,
     epoch: TokioInstant,
     stats: watch::Sender<crate::engine::EngineStats>,
-    /// Cloud callers' channels from the SSH handlers, and the table of exposed ports.
-    inbound: Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
+    /// Cloud callers' channels (from the pool), and the table of exposed ports.
+    inbound: Option<(InboundCalls, Arc<Forwards>)>,
     /// Cloud callers' channels waiting for their local app to answer.
-    accepting: HashMap<FlowId, Accepting>,
+    accepting: HashMap<FlowId, Waiting>,
     /// Flows that failed, by destination and reason: one warning per kind per window.
     failures: Repeats<(SocketAddr, CloseReason)>,
     /// Connections refused before becoming flows (flow limit), by reason.
     refusals: Repeats<CloseReason>,
+    /// Destinations whose channel opened lately, with when: opens to them may use a reserve
+    /// of `max_opening / 4` slots beyond the bound. Opens to silent destinations (a SYN
+    /// flood) stay pending at the jump host until its own connect gives up (two minutes on
+    /// Linux), whether or not their app still waits; the reserve keeps the services in use
+    /// reachable meanwhile.
+    answered: HashMap<SocketAddr, TokioInstant>,
 }
 
 impl Driver {
@@ -254,13 +251,14 @@ impl Driver {
             accepting: HashMap::new(),
             failures: Repeats::new(WARN_WINDOW, 64),
             refusals: Repeats::new(WARN_WINDOW, 8),
+            answered: HashMap::new(),
         }
     }
 
     /// Also serves cloud callers (`--expose`): channels arriving on `rx` for the listeners in
     /// `forwards` become TCP connections to the local app.
-    pub fn with_inbound(mut self, rx: mpsc::Receiver<Inbound>, forwards: Arc<Forwards>) -> Driver {
-        self.inbound = Some((rx, forwards));
+    pub fn with_inbound(mut self, calls: InboundCalls, forwards: Arc<Forwards>) -> Driver {
+        self.inbound = Some((calls, forwards));
         self
     }
 
@@ -346,9 +344,9 @@ impl Driver {
                 Some(call) = recv_inbound(&mut self.inbound) => {
                     self.handle_inbound(call);
                     for _ in 1..INBOUND_QUEUE {
-                        match self.inbound.as_mut().map(|(rx, _)| rx.try_recv()) {
-                            Some(Ok(call)) => self.handle_inbound(call),
-                            _ => break,
+                        match self.inbound.as_mut().and_then(|(calls, _)| calls.try_recv()) {
+                            Some(call) => self.handle_inbound(call),
+                            None => break,
                         }
                     }
                 }
@@ -506,23 +504,18 @@ impl Driver {
     /// ended normally) and log one line for it.
     fn close(&mut self, id: FlowId, key: FlowKey, reason: CloseReason) {
         if let Some(waiting) = self.accepting.remove(&id) {
-            self.pool.release(waiting.link);
+            self.pool.release(waiting.call.link);
             match (&self.inbound, reason) {
                 // Nothing answered on the TUN address: an app listening on loopback only (as
                 // `ssh -R` users expect to work) is still reached there.
                 (Some((_, forwards)), CloseReason::LocalRefused) => {
                     tokio::spawn(
-                        loopback_fallback(waiting, forwards.clone())
+                        reverse::loopback_fallback(waiting, forwards.clone())
                             .instrument(info_span!("flow", id = %id, dst = %key.dst)),
                     );
                 }
                 // The jump host closes the caller's connection.
-                _ => {
-                    let _ = waiting
-                        .reply
-                        .reject(russh::ChannelOpenFailure::ConnectFailed)
-                        .now_or_never();
-                }
+                _ => waiting.refuse(),
             }
         }
         let log = match self.io.get_mut(&id) {
@@ -553,7 +546,12 @@ impl Driver {
         let (secs, up, down) = log.map_or((0.0, 0, 0), |l| {
             (l.since.elapsed().as_secs_f64(), l.up, l.down)
         });
-        if is_failure(reason)
+        if reason == CloseReason::OpenLimit {
+            // A local condition, not the destination's: one line per window for all of them.
+            if self.refusals.hit(std::time::Instant::now(), reason) {
+                warn!("connection refused: {reason}");
+            }
+        } else if is_failure(reason)
             && self
                 .failures
                 .hit(std::time::Instant::now(), (key.dst, reason))
@@ -664,7 +662,16 @@ impl Driver {
     /// Starts opening a flow's channel, unless too many opens are pending at the jump host.
     fn open(&mut self, id: FlowId, key: FlowKey) {
         let now = self.now();
-        if self.opening.len() >= self.config.max_opening {
+        let answered = self
+            .answered
+            .get(&key.dst)
+            .is_some_and(|at| at.elapsed() < ANSWERED_FOR);
+        let limit = if answered {
+            self.config.max_opening + self.config.max_opening.div_ceil(4)
+        } else {
+            self.config.max_opening
+        };
+        if self.opening.len() >= limit {
             self.engine
                 .handle_open_failed(now, id, CloseReason::OpenLimit);
             return;
@@ -688,6 +695,9 @@ impl Driver {
         let now = self.now();
         match result {
             Ok((link, channel)) => {
+                if let Some(key) = self.engine.flow_key(id) {
+                    self.note_answered(key.dst);
+                }
                 if !self.waiting.contains_key(&id) || self.engine.flow_key(id).is_none() {
                     self.waiting.remove(&id);
                     // The app gave up (or timed out) while the jump host was connecting:
@@ -721,6 +731,24 @@ impl Driver {
         }
     }
 
+    /// Remembers that `dst` answered an open (forgetting the oldest when full).
+    fn note_answered(&mut self, dst: SocketAddr) {
+        let now = TokioInstant::now();
+        if self.answered.len() >= ANSWERED_MAX && !self.answered.contains_key(&dst) {
+            self.answered.retain(|_, at| at.elapsed() < ANSWERED_FOR);
+            if self.answered.len() >= ANSWERED_MAX
+                && let Some(oldest) = self
+                    .answered
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(d, _)| *d)
+            {
+                self.answered.remove(&oldest);
+            }
+        }
+        self.answered.insert(dst, now);
+    }
+
     /// A flow's channel is open: register it for reading and writing.
     fn start_io(&mut self, id: FlowId, link: LinkId, channel: russh::Channel<Msg>) {
         let log = self.waiting.remove(&id).unwrap_or_else(FlowLog::new);
@@ -748,61 +776,36 @@ impl Driver {
     }
 
     /// A cloud caller reached an exposed port: connect to the local app from the caller's
-    /// address. The channel is accepted once the app answers ([`Event::Connected`]).
-    fn handle_inbound(&mut self, call: Inbound) {
+    /// address (where, [`Forwards::route`] decides). The channel is accepted once the app
+    /// answers ([`Event::Connected`]).
+    fn handle_inbound(&mut self, call: InboundCall) {
         let Some((_, forwards)) = &self.inbound else {
             return;
         };
-        let Some(target) = forwards.lookup(call.session, call.listen_port) else {
-            debug!(
-                port = call.listen_port,
-                "a forwarded connection for no exposed port: refused"
-            );
-            return; // dropping the reply refuses the channel
-        };
-        let Some(link) = self.pool.link_of(call.session) else {
-            return;
-        };
-        let Some(caller) = call.caller.map(|c| match c.ip() {
-            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => SocketAddr::new(v4.into(), c.port()),
-                None => c,
-            },
-            _ => c,
-        }) else {
-            warn!("the jump host reported no usable caller address: refused");
-            return;
-        };
-        let local_ip = match caller {
-            SocketAddr::V4(_) => Some(std::net::IpAddr::V4(self.config.local_v4)),
-            SocketAddr::V6(_) => self.config.local_v6.map(std::net::IpAddr::V6),
-        };
-        let Some(local_ip) = local_ip else {
-            warn!(%caller, "an IPv6 caller, and the TUN has no IPv6 address: refused");
-            return;
-        };
-        let local = SocketAddr::new(local_ip, target.local_port);
-        let now = self.now();
-        match self
-            .engine
-            .connect_inbound(now, caller, local, self.config.open_timeout.into())
-        {
-            Ok(id) => {
-                debug!(flow = %id, %caller, %local, "cloud caller");
-                self.pool.adopt(link);
-                self.waiting.insert(id, FlowLog::new());
-                self.accepting.insert(
-                    id,
-                    Accepting {
-                        channel: call.channel,
-                        reply: call.reply,
-                        forward: target.id,
-                        local_port: target.local_port,
-                        link,
-                    },
-                );
+        let route = match forwards.route(&call, self.config.local_v4, self.config.local_v6) {
+            Ok(route) => route,
+            Err(refused) => {
+                // Dropping the call refuses its channel: the jump host closes the caller.
+                debug!(port = call.listen_port, "cloud caller refused: {refused}");
+                return;
             }
-            Err(e) => warn!(%caller, %local, "cloud caller refused: {e}"),
+        };
+        let now = self.now();
+        match self.engine.connect_inbound(
+            now,
+            route.caller,
+            route.local,
+            self.config.open_timeout.into(),
+        ) {
+            Ok(id) => {
+                debug!(flow = %id, caller = %route.caller, local = %route.local, "cloud caller");
+                self.pool.adopt(call.link);
+                self.waiting.insert(id, FlowLog::new());
+                self.accepting.insert(id, Waiting { call, route });
+            }
+            Err(e) => {
+                warn!(caller = %route.caller, local = %route.local, "cloud caller refused: {e}")
+            }
         }
     }
 
@@ -811,13 +814,14 @@ impl Driver {
         let Some(waiting) = self.accepting.remove(&id) else {
             return;
         };
+        let link = waiting.call.link;
         if self.engine.flow_key(id).is_none() {
-            self.pool.release(waiting.link);
+            self.pool.release(link);
             return;
         }
         // Accepting only queues a message for the session loop (it never waits).
-        let _ = waiting.reply.accept().now_or_never();
-        self.start_io(id, waiting.link, waiting.channel);
+        let _ = waiting.call.reply.accept().now_or_never();
+        self.start_io(id, link, waiting.call.channel);
     }
 }
 
@@ -834,110 +838,9 @@ fn is_failure(reason: CloseReason) -> bool {
 }
 
 /// The next cloud caller, or never when the session exposes nothing.
-async fn recv_inbound(
-    inbound: &mut Option<(mpsc::Receiver<Inbound>, Arc<Forwards>)>,
-) -> Option<Inbound> {
+async fn recv_inbound(inbound: &mut Option<(InboundCalls, Arc<Forwards>)>) -> Option<InboundCall> {
     match inbound {
-        Some((rx, _)) => rx.recv().await,
+        Some((calls, _)) => calls.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// How long the loopback fallback waits for the local app.
-const LOOPBACK_CONNECT: Duration = Duration::from_secs(2);
-
-/// A cloud caller whose local app did not answer on the TUN address: try 127.0.0.1 (an app
-/// bound to loopback only). The app then sees 127.0.0.1 as its peer, not the caller; the
-/// exposed port's status says so. Refused there too, the channel is refused and the jump
-/// host closes the caller's connection.
-async fn loopback_fallback(waiting: Accepting, forwards: Arc<Forwards>) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], waiting.local_port));
-    let tcp = tokio::time::timeout(LOOPBACK_CONNECT, tokio::net::TcpStream::connect(addr)).await;
-    let Ok(Ok(tcp)) = tcp else {
-        debug!(
-            port = waiting.local_port,
-            "nothing listens on the local port: caller refused"
-        );
-        let _ = waiting
-            .reply
-            .reject(russh::ChannelOpenFailure::ConnectFailed)
-            .await;
-        return;
-    };
-    if forwards.note_loopback(waiting.forward) {
-        warn!(
-            port = waiting.local_port,
-            "the app listens on 127.0.0.1 only: cloud calls reach it over loopback and it sees 127.0.0.1 as their address (listen on 0.0.0.0 to see the callers' own)"
-        );
-    }
-    let _ = tcp.set_nodelay(true);
-    waiting.reply.accept().await;
-    relay_loopback(waiting.channel, tcp).await;
-}
-
-/// Relays a caller's channel and a loopback connection both ways, with half-close. The
-/// channel is read only as fast as the app takes the bytes: its SSH window carries the app's
-/// pace to the caller (the channel never holds up the rest of its SSH connection).
-async fn relay_loopback(channel: russh::Channel<Msg>, tcp: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut read, write) = channel.split();
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    // Caller -> app; the caller's EOF becomes a shutdown of the app's read side. Ends when the
-    // caller is gone or the app stopped taking data.
-    let to_app = async {
-        while let Some(msg) = read.wait().await {
-            let written = match msg {
-                ChannelMsg::Data { data } => tcp_write.write_all(&data).await.is_ok(),
-                ChannelMsg::Eof => {
-                    let _ = tcp_write.shutdown().await;
-                    return true;
-                }
-                ChannelMsg::Close => return false,
-                _ => true,
-            };
-            if !written {
-                return false;
-            }
-        }
-        false
-    };
-    // App -> caller, until the app's EOF.
-    let to_caller = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match tcp_read.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = write.eof().await;
-                    return true;
-                }
-                Ok(n) => {
-                    if write
-                        .data_bytes(Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-    };
-    tokio::pin!(to_app, to_caller);
-    // Both directions finish (half-close), or one fails and the call ends.
-    let mut app_done = false;
-    let mut caller_done = false;
-    while !(app_done && caller_done) {
-        tokio::select! {
-            ok = &mut to_app, if !app_done => {
-                app_done = true;
-                if !ok { break; }
-            }
-            ok = &mut to_caller, if !caller_done => {
-                caller_done = true;
-                if !ok { break; }
-            }
-        }
-    }
-    let _ = write.close().await;
 }

@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::control::Board;
-use crate::ssh::{OpenError, Session, SshError, SshOptions};
+use crate::ssh::{Inbound, InboundSender, OpenError, Session, SshError, SshOptions};
 
 /// The first reconnect delay.
 const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -61,17 +61,107 @@ pub struct Pool {
     links: watch::Sender<Vec<Option<Link>>>,
     load: Vec<AtomicUsize>,
     next: AtomicUsize,
+    /// Cloud callers' channels from every connection of the pool (each connection's handler
+    /// holds the sender), until [`Pool::inbound_calls`] takes the receiving end.
+    inbound: (InboundSender, Mutex<Option<mpsc::Receiver<Inbound>>>),
+}
+
+/// Capacity of the queue of cloud callers' channels waiting for the driver.
+pub const INBOUND_QUEUE: usize = 256;
+
+/// A cloud caller's `forwarded-tcpip` channel, and the link of the pool it arrived on.
+pub struct InboundCall {
+    /// The link: the listener it came through is held by this connection.
+    pub link: LinkId,
+    /// The jump host port the caller connected to (the listener's port).
+    pub listen_port: u16,
+    /// The caller's address and port as the jump host reports them (`None` if unparsable).
+    pub caller: Option<SocketAddr>,
+    /// The channel.
+    pub channel: russh::Channel<russh::client::Msg>,
+    /// Accepts it, or refuses it (dropping it refuses it too).
+    pub reply: russh::client::ChannelOpenHandle,
+}
+
+/// The cloud callers of every connection of the pool, as they arrive.
+pub struct InboundCalls {
+    rx: mpsc::Receiver<Inbound>,
+    pool: Arc<Pool>,
+}
+
+impl InboundCalls {
+    /// The next cloud caller. One that arrived on a connection no longer in the pool is
+    /// refused (its listener went with the connection).
+    pub async fn recv(&mut self) -> Option<InboundCall> {
+        loop {
+            let call = self.rx.recv().await?;
+            if let Some(link) = self.pool.link_of(call.session) {
+                return Some(InboundCall {
+                    link,
+                    listen_port: call.listen_port,
+                    caller: call.caller,
+                    channel: call.channel,
+                    reply: call.reply,
+                });
+            }
+            debug!("a cloud caller on a connection no longer in use: refused");
+        }
+    }
+
+    /// The next cloud caller if one is waiting.
+    pub fn try_recv(&mut self) -> Option<InboundCall> {
+        while let Ok(call) = self.rx.try_recv() {
+            if let Some(link) = self.pool.link_of(call.session) {
+                return Some(InboundCall {
+                    link,
+                    listen_port: call.listen_port,
+                    caller: call.caller,
+                    channel: call.channel,
+                    reply: call.reply,
+                });
+            }
+        }
+        None
+    }
 }
 
 impl Pool {
     /// An empty pool of `size` slots.
     pub fn new(size: usize) -> Arc<Pool> {
         let size = size.max(1);
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
         Arc::new(Pool {
             links: watch::channel(vec![None; size]).0,
             load: (0..size).map(|_| AtomicUsize::new(0)).collect(),
             next: AtomicUsize::new(0),
+            inbound: (tx, Mutex::new(Some(rx))),
         })
+    }
+
+    /// The cloud callers of all the pool's connections (once: the driver takes them).
+    pub fn inbound_calls(self: &Arc<Self>) -> Option<InboundCalls> {
+        let rx = self.inbound.1.lock().ok()?.take()?;
+        Some(InboundCalls {
+            rx,
+            pool: self.clone(),
+        })
+    }
+
+    /// `opts` with this pool's queue for cloud callers.
+    fn with_inbound(&self, opts: &SshOptions) -> SshOptions {
+        let mut opts = opts.clone();
+        opts.inbound = Some(self.inbound.0.clone());
+        opts
+    }
+
+    /// Connects the pool's connections at once, before anything on the host changes. Fails
+    /// if none connects, or if any failure is one a retry cannot fix; slots that failed
+    /// otherwise start empty and their supervisors keep trying.
+    pub async fn connect_initial(
+        &self,
+        opts: &SshOptions,
+    ) -> Result<Vec<Option<Session>>, SshError> {
+        connect_initial(&self.with_inbound(opts), self.size()).await
     }
 
     /// Number of slots.
@@ -239,13 +329,8 @@ impl Pool {
     }
 }
 
-/// Connects `size` connections at once, before anything on the host changes. Fails if none
-/// connects, or if any failure is one a retry cannot fix; slots that failed otherwise start
-/// empty and their supervisors keep trying.
-pub async fn connect_initial(
-    opts: &SshOptions,
-    size: usize,
-) -> Result<Vec<Option<Session>>, SshError> {
+/// Connects `size` connections with `opts` at once (see [`Pool::connect_initial`]).
+async fn connect_initial(opts: &SshOptions, size: usize) -> Result<Vec<Option<Session>>, SshError> {
     let results = futures::future::join_all((0..size.max(1)).map(|_| Session::connect(opts))).await;
     let mut sessions = Vec::with_capacity(results.len());
     let mut first_err = None;
@@ -335,6 +420,8 @@ pub fn supervise(
 ) -> Fatal {
     let fatal: Fatal = Arc::new(Mutex::new(None));
     let outage = Arc::new(Mutex::new(Outage::default()));
+    // Reconnected links hand their cloud callers to the pool's queue too.
+    let opts = Arc::new(pool.with_inbound(&opts));
     // What is connected already (the supervisors install it in a moment): at least one.
     board.set_links(initial.iter().flatten().count(), pool.size(), None);
     for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::control::{self, Board, ControlError, LinkState};
 use crate::dns::{self, DnsError, DnsSettings};
-use crate::driver::{Driver, DriverConfig, INBOUND_QUEUE};
+use crate::driver::{Driver, DriverConfig};
 use crate::engine::{EngineConfig, TunFormat};
 use crate::pool::{self, Pool};
 use crate::reverse::{self, ForwardSpec, ForwardState, Forwards};
@@ -234,7 +234,7 @@ impl Session {
         let Session { config, stop } = self;
         let stopper = Stopper(stop.clone());
         let net = &config.network;
-        let mut opts = config.ssh.clone();
+        let opts = config.ssh.clone();
 
         // 1. Checks, before the host is touched. Only the first hop is connected to
         //    directly: only its address stays out of the tunnel.
@@ -269,12 +269,11 @@ impl Session {
         platform::preflight(&plan, state_dir).await?;
 
         // 2. The SSH connections, before any change to the host: a bad host key or a failed
-        //    login leaves nothing behind. Cloud callers' channels are queued for the driver.
-        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
-        opts.inbound = Some(inbound_tx);
+        //    login leaves nothing behind.
+        let pool = Pool::new(config.connections);
         let connecting = tokio::spawn(say_connecting(opts.target_label(), opts.connect_timeout));
         let sessions = tokio::select! {
-            s = pool::connect_initial(&opts, config.connections) => s,
+            s = pool.connect_initial(&opts) => s,
             () = stopper.stopped() => {
                 connecting.abort();
                 return Err(SessionError::Stopped);
@@ -356,7 +355,6 @@ impl Session {
             local_v4: plan.tun_v4(),
             local_v6: plan.tun_v6(),
         };
-        let pool = Pool::new(sessions.len());
         let connect_timeout = opts.connect_timeout;
         let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());
         // Split DNS: the responder, then the host resolver pointed at it (journaled).
@@ -387,8 +385,10 @@ impl Session {
             .map(|(id, _)| id)
             .collect();
         tokio::spawn(forwards.clone().keep(pool.clone(), stop_rx.clone()));
-        let driver = Driver::new(driver_config, tun.clone(), pool.clone())
-            .with_inbound(inbound_rx, forwards.clone());
+        let mut driver = Driver::new(driver_config, tun.clone(), pool.clone());
+        if let Some(calls) = pool.inbound_calls() {
+            driver = driver.with_inbound(calls, forwards.clone());
+        }
         board.follow(driver.stats());
         let driver = tokio::spawn(driver.run(stop_rx));
 
