@@ -257,6 +257,11 @@ pub struct UpArgs {
     /// --max-flows so that callers can never crowd out this machine's own connections.
     #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INBOUND as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_inbound: u64,
+    /// Maximum channel opens pending at the jump host at once: connections whose destination
+    /// has not answered yet, counting those whose app already gave up (the jump host keeps
+    /// connecting until its own connect ends). New connections beyond it are reset at once.
+    #[arg(long, default_value_t = crate::driver::DEFAULT_MAX_OPENING as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_opening: u64,
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,

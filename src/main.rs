@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use mse_vpn::cli::{self, Cli, Command, ConfigCommand, DownArgs, StatusArgs, UpArgs, UpCommand};
 use mse_vpn::control::{self, Board, LinkState};
 use mse_vpn::dns;
-use mse_vpn::driver::{DEFAULT_MAX_OPENING, Driver, DriverConfig, INBOUND_QUEUE};
+use mse_vpn::driver::{Driver, DriverConfig, INBOUND_QUEUE};
 use mse_vpn::engine::EngineConfig;
 use mse_vpn::pool::{self, Pool};
 use mse_vpn::reverse::{self, ForwardState, Forwards};
@@ -496,7 +496,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> Result<()> {
             ..EngineConfig::default()
         },
         open_timeout: Duration::from_secs(args.open_timeout),
-        max_opening: DEFAULT_MAX_OPENING,
+        max_opening: args.max_opening as usize,
         local_v4: plan.tun_v4(),
         local_v6: plan.tun_v6(),
     };
