@@ -7,7 +7,6 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::dns::DnsSettings;
-use crate::driver::DEFAULT_MAX_OPENING;
 use crate::reverse::ForwardSpec;
 use crate::session::{NetworkConfig, SessionConfig};
 use crate::ssh::config::ConfigError;
@@ -260,6 +259,11 @@ pub struct UpArgs {
     /// --max-flows so that callers can never crowd out this machine's own connections.
     #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INBOUND as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_inbound: u64,
+    /// Maximum channel opens pending at the jump host at once: connections whose destination
+    /// has not answered yet, counting those whose app already gave up (the jump host keeps
+    /// connecting until its own connect ends). New connections beyond it are reset at once.
+    #[arg(long, default_value_t = crate::driver::DEFAULT_MAX_OPENING as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_opening: u64,
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,
@@ -374,7 +378,7 @@ impl UpArgs {
             connections: self.connections as usize,
             max_flows: self.max_flows as usize,
             max_inbound: self.max_inbound as usize,
-            max_opening: DEFAULT_MAX_OPENING,
+            max_opening: self.max_opening as usize,
             open_timeout: std::time::Duration::from_secs(self.open_timeout),
             expose: self.expose.clone(),
             advertise: self.advertise,

@@ -114,6 +114,13 @@ pub struct Profile {
     /// `--max-inbound`.
     #[serde(default, deserialize_with = "ranged::<_, 1, 1_000_000>")]
     pub max_inbound: Option<u64>,
+    /// `--max-opening`.
+    #[serde(
+        default,
+        alias = "max-opening",
+        deserialize_with = "ranged::<_, 1, 1_000_000>"
+    )]
+    pub max_opening: Option<u64>,
     /// `--open-timeout`.
     #[serde(
         default,
@@ -164,7 +171,7 @@ pub struct Profile {
 }
 
 /// The keys of a profile, as the file spells them (for "did you mean").
-const KEYS: [&str; 20] = [
+const KEYS: [&str; 22] = [
     "proxy",
     "cidrs",
     "excludes",
@@ -174,6 +181,8 @@ const KEYS: [&str; 20] = [
     "mtu",
     "tun",
     "max_flows",
+    "max_inbound",
+    "max_opening",
     "open_timeout",
     "connect_timeout",
     "keepalive",
@@ -605,6 +614,11 @@ pub fn apply(args: &mut UpArgs, matches: &ArgMatches, profile: &Profile, home: &
     {
         args.max_inbound = v;
     }
+    if !typed("max_opening")
+        && let Some(v) = profile.max_opening
+    {
+        args.max_opening = v;
+    }
     if !typed("open_timeout")
         && let Some(v) = profile.open_timeout
     {
@@ -743,7 +757,7 @@ mod tests {
     fn keys_may_be_spelled_as_their_flags() {
         let f = p(
             "[profile.a]\ncidr = [\"10.0.0.0/16\"]\nexclude = [\"10.0.9.0/24\"]\n\
-             dns-domain = [\"internal\"]\nmax-flows = 5\nconnect-timeout = 3\n\
+             dns-domain = [\"internal\"]\nmax-flows = 5\nmax-opening = 64\nconnect-timeout = 3\n\
              accept-new-host-key = true\nknown-hosts = \"~/kh\"\n",
         )
         .unwrap();
@@ -751,6 +765,7 @@ mod tests {
         assert_eq!((a.cidrs.len(), a.excludes.len()), (1, 1));
         assert_eq!(a.dns_domains[0].as_str(), "internal");
         assert_eq!((a.max_flows, a.connect_timeout), (Some(5), Some(3)));
+        assert_eq!(a.max_opening, Some(64));
         assert_eq!(a.accept_new_host_key, Some(true));
         assert_eq!(a.known_hosts.as_deref(), Some("~/kh"));
         // Both spellings at once is one key given twice.
@@ -798,7 +813,7 @@ mod tests {
         use clap::{CommandFactory, FromArgMatches};
         let f = p(
             "[profile.dev]\nproxy = \"ops@h\"\ncidrs = [\"10.0.0.0/16\"]\nmtu = 1500\n\
-                   tun = \"p0\"\nidentity = [\"~/.ssh/k\"]\nkeepalive = 9\n",
+                   tun = \"p0\"\nidentity = [\"~/.ssh/k\"]\nkeepalive = 9\nmax_opening = 32\n",
         )
         .unwrap();
         let matches = crate::cli::Cli::command()
@@ -817,6 +832,7 @@ mod tests {
         assert_eq!(up.tun, "cli0");
         assert_eq!(up.keepalive, Some(2));
         assert_eq!(up.identity, [PathBuf::from("/home/a/.ssh/k")]);
+        assert_eq!(up.max_opening, 32);
         assert_eq!(up.connections, 4, "the default stays when neither sets it");
     }
 

@@ -11,6 +11,7 @@ mod config;
 mod dns;
 mod flow_control;
 mod harness;
+mod hostile;
 mod lifecycle;
 mod outbound;
 mod reverse;
