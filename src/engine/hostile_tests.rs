@@ -288,8 +288,8 @@ fn a_syn_with_data_is_held_without_its_payload() {
         other => panic!("{other:?}"),
     };
     let held = |r: &Rig| match &r.engine.flows.get(id).expect("flow").phase {
-        Phase::Opening { syn } => (syn.len(), syn.capacity()),
-        Phase::Open { .. } => panic!("still opening"),
+        Phase::Opening { syn, .. } => (syn.len(), syn.capacity()),
+        _ => panic!("not opening any more"),
     };
     assert_eq!(held(&r), (header, header), "only the header is held");
     // A retransmission likewise.

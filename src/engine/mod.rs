@@ -210,12 +210,81 @@ pub struct EngineStats {
     pub syn_received_timeouts: u64,
 }
 
+/// Where a flow is in its life.
+///
+/// ```text
+///  outbound:  Opening ──channel open──▶ Open ──FIN both ways / RST──▶ (reaped)
+///  inbound:   Connecting ──app answers──▶ Open
+///  any phase with a socket ──engine resets it──▶ Ending ──RST out──▶ (reaped)
+/// ```
 enum Phase {
-    /// The SYN is held while the channel opens (its header only: see
-    /// [`packet::syn_header`]).
-    Opening { syn: Vec<u8> },
-    /// A smoltcp socket terminates the flow.
-    Open { handle: SocketHandle },
+    /// Outbound: the app's SYN is held (its header only: see [`packet::syn_header`]) while
+    /// the channel opens; refused at `deadline`.
+    Opening { syn: Vec<u8>, deadline: Instant },
+    /// Inbound: our SYN, from the caller's address, is out to the local app; no answer yet.
+    Connecting { handle: SocketHandle },
+    /// A smoltcp socket terminates the flow and bytes are relayed.
+    Open { handle: SocketHandle, relay: Relay },
+    /// The engine reset the flow; it is reaped once smoltcp's RST is out.
+    Ending {
+        handle: SocketHandle,
+        reason: CloseReason,
+    },
+}
+
+impl Phase {
+    /// The flow's socket, once it has one.
+    fn handle(&self) -> Option<SocketHandle> {
+        match self {
+            Phase::Opening { .. } => None,
+            Phase::Connecting { handle }
+            | Phase::Open { handle, .. }
+            | Phase::Ending { handle, .. } => Some(*handle),
+        }
+    }
+}
+
+/// The two directions of an open flow.
+struct Relay {
+    /// SSH → app.
+    down: Down,
+    /// App → SSH.
+    up: Up,
+    /// When the SYN-ACK first went out, until the app acknowledges it (outbound flows): the
+    /// handshake times out from here.
+    handshake: Option<Instant>,
+}
+
+impl Relay {
+    fn new(handshake: Option<Instant>) -> Relay {
+        Relay {
+            down: Down::Open,
+            up: Up::Open,
+            handshake,
+        }
+    }
+}
+
+/// SSH → app.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// Channel data goes to the app.
+    Open,
+    /// The channel sent EOF: the app gets FIN once what is pending is in its socket.
+    Eof,
+    /// The FIN is queued on the socket.
+    FinQueued,
+}
+
+/// App → SSH.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Up {
+    /// The app's bytes go to the channel.
+    Open,
+    /// The app sent FIN and all its data was handed over ([`Event::Eof`]).
+    Eof,
+    /// The channel is closed: the app's bytes have nowhere to go and are dropped.
+    Gone,
 }
 
 struct Flow {
@@ -228,26 +297,10 @@ struct Flow {
     /// Bytes from the SSH side waiting for room in the socket's send buffer.
     pending: VecDeque<Bytes>,
     pending_len: usize,
-    /// The channel sent EOF: send FIN to the app once `pending` is empty.
-    ssh_eof: bool,
-    /// The channel is closed: nothing more can be sent on it.
-    channel_closed: bool,
-    /// `close()` was called on the socket (FIN queued).
-    fin_queued: bool,
-    /// `Event::Eof` was emitted (the app sent FIN and all its data was handed over).
-    app_eof: bool,
-    /// Set when the engine decided to end the flow; the reason reported at reaping.
-    ending: Option<CloseReason>,
     /// In the dirty list.
     dirty: bool,
-    /// An inbound flow not yet answered by the local app (its SYN is out, no `Connected` yet).
-    connecting: bool,
     /// What smoltcp last sent on this flow (for screening RSTs and SYNs, RFC 5961).
     seq: Option<SeqState>,
-    /// When the SYN-ACK first went out (outbound flows): the handshake times out from here.
-    accepted_at: Option<Instant>,
-    /// When an outbound flow's held SYN is refused if its channel has not opened.
-    open_deadline: Option<Instant>,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -265,8 +318,8 @@ struct SeqState {
 }
 
 impl Flow {
-    /// A new flow with nothing relayed yet; `connecting` for inbound flows.
-    fn new(key: FlowKey, phase: Phase, connecting: bool) -> Flow {
+    /// A new flow in `phase` with nothing relayed yet.
+    fn new(key: FlowKey, phase: Phase) -> Flow {
         Flow {
             key,
             phase,
@@ -274,17 +327,14 @@ impl Flow {
             inflight_msgs: 0,
             pending: VecDeque::new(),
             pending_len: 0,
-            ssh_eof: false,
-            channel_closed: false,
-            fin_queued: false,
-            app_eof: false,
-            ending: None,
             dirty: false,
-            connecting,
             seq: None,
-            accepted_at: None,
-            open_deadline: None,
         }
+    }
+
+    /// The engine reset it.
+    fn ending(&self) -> bool {
+        matches!(self.phase, Phase::Ending { .. })
     }
 }
 
@@ -482,7 +532,7 @@ impl Engine {
             return;
         };
         match &mut flow.phase {
-            Phase::Opening { syn } => {
+            Phase::Opening { syn, .. } => {
                 if flags.is_connect() {
                     // A retransmitted SYN: keep the newest, do not open a second channel.
                     if let Some(header) = packet::syn_header(packet.bytes()) {
@@ -490,7 +540,6 @@ impl Engine {
                     }
                 } else if flags.rst {
                     // The app gave up before the channel opened.
-                    flow.ending = Some(CloseReason::AppReset);
                     let key = flow.key;
                     self.flows.remove(id, &key);
                     self.events.push_back(Event::Close {
@@ -500,7 +549,7 @@ impl Engine {
                     });
                 }
             }
-            Phase::Open { .. } => {
+            Phase::Connecting { .. } | Phase::Open { .. } | Phase::Ending { .. } => {
                 self.shards[shard_of(id)].inject(packet);
                 mark_dirty(&mut self.dirty, id, flow);
             }
@@ -517,7 +566,7 @@ impl Engine {
             return false;
         };
         let handle = match &flow.phase {
-            Phase::Opening { syn } => {
+            Phase::Opening { syn, .. } => {
                 // Nothing was sent to the app yet: the only RST it could mean is one at the
                 // sequence number right after its SYN.
                 let take = !flags.rst || packet::tcp_seq(syn).is_some_and(|isn| seq == isn + 1);
@@ -526,7 +575,9 @@ impl Engine {
                 }
                 return take;
             }
-            Phase::Open { handle } => *handle,
+            Phase::Connecting { handle }
+            | Phase::Open { handle, .. }
+            | Phase::Ending { handle, .. } => *handle,
         };
         let i = shard_of(id);
         // Queued segments first, so that what smoltcp sent (and so `seq`) is current.
@@ -628,11 +679,9 @@ impl Engine {
         }
         self.stats.flows_opened += 1;
         let deadline = now + self.config.open_timeout;
-        let id = self.flows.insert(key, |_| {
-            let mut flow = Flow::new(key, Phase::Opening { syn }, false);
-            flow.open_deadline = Some(deadline);
-            flow
-        });
+        let id = self
+            .flows
+            .insert(key, |_| Flow::new(key, Phase::Opening { syn, deadline }));
         self.events.push_back(Event::Open { id, key });
     }
 
@@ -649,7 +698,7 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        let Phase::Opening { syn } = &mut flow.phase else {
+        let Phase::Opening { syn, .. } = &mut flow.phase else {
             return;
         };
         let syn = std::mem::take(syn);
@@ -664,8 +713,10 @@ impl Engine {
             return;
         }
         let handle = shard.sockets.add(socket);
-        flow.phase = Phase::Open { handle };
-        flow.accepted_at = Some(now);
+        flow.phase = Phase::Open {
+            handle,
+            relay: Relay::new(Some(now)),
+        };
         // A fresh seed for the ISN this SYN gets.
         shard.reseed(now, seed);
         shard.inject(syn);
@@ -716,7 +767,13 @@ impl Engine {
         }
         // The socket is added below, once the flow's id (and so its shard) is known.
         let id = self.flows.insert_inbound(key, |_| {
-            Flow::new(key, Phase::Opening { syn: Vec::new() }, true)
+            Flow::new(
+                key,
+                Phase::Opening {
+                    syn: Vec::new(),
+                    deadline: now,
+                },
+            )
         });
         let mut socket = new_socket(self.config.tcp_buffer);
         socket.set_timeout(Some(timeout));
@@ -734,7 +791,7 @@ impl Engine {
         shard.active = true;
         self.stats.inbound_opened += 1;
         if let Some(flow) = self.flows.get_mut(id) {
-            flow.phase = Phase::Open { handle };
+            flow.phase = Phase::Connecting { handle };
             mark_dirty(&mut self.dirty, id, flow);
         }
         self.poll(now);
@@ -746,7 +803,7 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        if let Phase::Opening { syn } = &mut flow.phase {
+        if let Phase::Opening { syn, .. } = &mut flow.phase {
             let syn = std::mem::take(syn);
             self.refuse(id, syn, reason);
         }
@@ -774,7 +831,12 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        if flow.ending.is_some() || flow.ssh_eof || data.is_empty() {
+        let takes = match &flow.phase {
+            Phase::Opening { .. } | Phase::Ending { .. } => false,
+            Phase::Connecting { .. } => true,
+            Phase::Open { relay, .. } => relay.down == Down::Open,
+        };
+        if !takes || data.is_empty() {
             return;
         }
         flow.pending_len += data.len();
@@ -788,7 +850,7 @@ impl Engine {
     pub fn wants_data(&self, id: FlowId) -> bool {
         self.flows
             .get(id)
-            .is_none_or(|f| f.ending.is_some() || f.pending_len < PENDING_LOW)
+            .is_none_or(|f| f.ending() || f.pending_len < PENDING_LOW)
     }
 
     /// A flow that [`Engine::wants_data`] refused earlier and that can take data again.
@@ -798,8 +860,11 @@ impl Engine {
 
     /// The channel sent EOF: the app gets FIN after the data already received.
     pub fn handle_channel_eof(&mut self, _now: Instant, id: FlowId) {
-        if let Some(flow) = self.flows.get_mut(id) {
-            flow.ssh_eof = true;
+        if let Some(flow) = self.flows.get_mut(id)
+            && let Phase::Open { relay, .. } = &mut flow.phase
+            && relay.down == Down::Open
+        {
+            relay.down = Down::Eof;
             mark_dirty(&mut self.dirty, id, flow);
         }
     }
@@ -809,11 +874,16 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        flow.channel_closed = true;
-        if flow.ssh_eof {
-            mark_dirty(&mut self.dirty, id, flow);
-        } else {
-            self.abort(id, CloseReason::RemoteReset);
+        match &mut flow.phase {
+            // After its EOF: the app still gets what is pending, then FIN; what it sends has
+            // nowhere to go.
+            Phase::Open { relay, .. } if relay.down != Down::Open => {
+                if relay.up == Up::Open {
+                    relay.up = Up::Gone;
+                }
+                mark_dirty(&mut self.dirty, id, flow);
+            }
+            _ => self.abort(id, CloseReason::RemoteReset),
         }
     }
 
@@ -832,7 +902,7 @@ impl Engine {
         let ids: Vec<FlowId> = self.flows.ids().collect();
         for id in ids {
             let opening = match self.flows.get_mut(id).map(|f| &mut f.phase) {
-                Some(Phase::Opening { syn }) => Some(std::mem::take(syn)),
+                Some(Phase::Opening { syn, .. }) => Some(std::mem::take(syn)),
                 _ => None,
             };
             match opening {
@@ -848,25 +918,22 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        match flow.phase {
-            Phase::Opening { .. } => {
-                if let Phase::Opening { syn } =
-                    std::mem::replace(&mut flow.phase, Phase::Opening { syn: Vec::new() })
-                {
-                    self.refuse(id, syn, reason);
-                }
+        match &mut flow.phase {
+            Phase::Opening { syn, .. } => {
+                let syn = std::mem::take(syn);
+                self.refuse(id, syn, reason);
             }
-            Phase::Open { handle } => {
-                if flow.ending.is_none() {
-                    flow.ending = Some(reason);
-                    flow.pending.clear();
-                    flow.pending_len = 0;
-                    let shard = &mut self.shards[shard_of(id)];
-                    shard.sockets.get_mut::<tcp::Socket>(handle).abort();
-                    shard.active = true;
-                }
+            Phase::Connecting { handle } | Phase::Open { handle, .. } => {
+                let handle = *handle;
+                flow.phase = Phase::Ending { handle, reason };
+                flow.pending.clear();
+                flow.pending_len = 0;
+                let shard = &mut self.shards[shard_of(id)];
+                shard.sockets.get_mut::<tcp::Socket>(handle).abort();
+                shard.active = true;
                 mark_dirty(&mut self.dirty, id, flow);
             }
+            Phase::Ending { .. } => mark_dirty(&mut self.dirty, id, flow),
         }
     }
 
@@ -902,21 +969,24 @@ impl Engine {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        if let Phase::Opening { syn } = &mut flow.phase {
-            if flow.open_deadline.is_some_and(|d| now >= d) {
+        if let Phase::Opening { syn, deadline } = &mut flow.phase {
+            if now >= *deadline {
                 let syn = std::mem::take(syn);
                 self.refuse(id, syn, CloseReason::OpenTimedOut);
             }
             return;
         }
-        let (Phase::Open { handle }, Some(at)) = (&flow.phase, flow.accepted_at) else {
+        let Phase::Open { handle, relay } = &mut flow.phase else {
+            return;
+        };
+        let Some(at) = relay.handshake else {
             return;
         };
         let socket = self.shards[shard_of(id)]
             .sockets
             .get::<tcp::Socket>(*handle);
         if socket.state() != tcp::State::SynReceived {
-            flow.accepted_at = None; // past the handshake: never looked at again
+            relay.handshake = None; // past the handshake: never looked at again
             return;
         }
         if now >= at + SYN_RECEIVED_TIMEOUT {
@@ -974,28 +1044,43 @@ impl Engine {
             return false;
         };
         flow.dirty = false;
-        let Phase::Open { handle } = flow.phase else {
+        let Some(handle) = flow.phase.handle() else {
             return false;
         };
         let shard = &mut self.shards[shard_of(id)];
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         let mut progressed = false;
 
-        if flow.connecting && flow.ending.is_none() {
+        if let Phase::Connecting { .. } = flow.phase {
             match socket.state() {
                 tcp::State::SynSent | tcp::State::SynReceived => return false,
-                tcp::State::Closed | tcp::State::Listen => {}
+                tcp::State::Closed | tcp::State::Listen => {
+                    // The local app refused the caller (closed port) or never answered.
+                    self.stats.inbound_refused += 1;
+                    shard.sockets.remove(handle);
+                    let key = flow.key;
+                    self.flows.remove(id, &key);
+                    self.events.push_back(Event::Close {
+                        id,
+                        key,
+                        reason: CloseReason::LocalRefused,
+                    });
+                    return false;
+                }
                 _ => {
                     // The local app answered: the caller's channel may be accepted now, before
                     // any data event of this flow.
-                    flow.connecting = false;
                     socket.set_timeout(None);
+                    flow.phase = Phase::Open {
+                        handle,
+                        relay: Relay::new(None),
+                    };
                     self.events.push_back(Event::Connected { id });
                 }
             }
         }
 
-        if flow.ending.is_none() {
+        if let Phase::Open { relay, .. } = &mut flow.phase {
             // SSH -> app, as far as the socket's send buffer allows.
             let before = flow.pending_len;
             while let Some(front) = flow.pending.front_mut() {
@@ -1016,9 +1101,9 @@ impl Engine {
             if before >= PENDING_LOW && flow.pending_len < PENDING_LOW {
                 self.room.push(id);
             }
-            if flow.ssh_eof && flow.pending.is_empty() && !flow.fin_queued {
+            if relay.down == Down::Eof && flow.pending.is_empty() {
                 socket.close();
-                flow.fin_queued = true;
+                relay.down = Down::FinQueued;
                 progressed = true;
             }
             // App -> SSH, within the flow's credit.
@@ -1037,7 +1122,7 @@ impl Engine {
                     break;
                 }
                 progressed = true;
-                if flow.channel_closed {
+                if relay.up == Up::Gone {
                     continue; // nowhere to send it: the far end is gone
                 }
                 self.stats.bytes_up += data.len() as u64;
@@ -1045,35 +1130,35 @@ impl Engine {
                 flow.inflight_msgs += 1;
                 self.events.push_back(Event::Data { id, data });
             }
+            let fin_received = matches!(
+                socket.state(),
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+            );
+            if fin_received && relay.up == Up::Open && !socket.can_recv() {
+                relay.up = Up::Eof;
+                self.events.push_back(Event::Eof { id });
+            }
         }
 
         let state = socket.state();
-        let fin_received = matches!(
-            state,
-            tcp::State::CloseWait
-                | tcp::State::LastAck
-                | tcp::State::Closing
-                | tcp::State::TimeWait
-        );
-        if fin_received && !flow.app_eof && !socket.can_recv() && flow.ending.is_none() {
-            flow.app_eof = true;
-            self.events.push_back(Event::Eof { id });
-        }
-
-        let reason = match state {
-            _ if flow.connecting && state == tcp::State::Closed => {
-                self.stats.inbound_refused += 1;
-                Some(flow.ending.unwrap_or(CloseReason::LocalRefused))
+        let reason = match (&flow.phase, state) {
+            (Phase::Ending { reason, .. }, tcp::State::Closed | tcp::State::Listen) => {
+                Some(*reason)
             }
-            tcp::State::TimeWait => Some(CloseReason::Finished),
+            (_, tcp::State::TimeWait) => Some(CloseReason::Finished),
             // A SYN-RECEIVED socket that got RST falls back to LISTEN: never keep a listener.
-            tcp::State::Listen => Some(flow.ending.unwrap_or(CloseReason::AppReset)),
-            tcp::State::Closed if socket.remote_endpoint().is_none() => {
-                Some(flow.ending.unwrap_or(if flow.app_eof && flow.fin_queued {
+            (_, tcp::State::Listen) => Some(CloseReason::AppReset),
+            (Phase::Open { relay, .. }, tcp::State::Closed)
+                if socket.remote_endpoint().is_none() =>
+            {
+                Some(if relay.up == Up::Eof && relay.down == Down::FinQueued {
                     CloseReason::Finished
                 } else {
                     CloseReason::AppReset
-                }))
+                })
             }
             _ => None,
         };

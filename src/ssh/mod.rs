@@ -969,7 +969,7 @@ async fn authenticate(
     }
 
     for path in login.identity_files {
-        let key = load_key(path)?;
+        let key = load_key(path).await?;
         let hash = if key.algorithm().is_rsa() {
             rsa_hash
         } else {
@@ -1077,8 +1077,10 @@ enum Unlock {
 /// Encrypted keys by path, as their passphrase prompt left them, for the life of the
 /// process: the pool's other connections and every reconnect use the key decrypted once,
 /// and never ask again (nobody may be at the terminal by then). Held while prompting, so
-/// connections that need the same key wait for the one answer.
-static UNLOCKED: Mutex<BTreeMap<PathBuf, Unlock>> = Mutex::new(BTreeMap::new());
+/// connections that need the same key wait for the one answer (an async lock: waiting never
+/// blocks a thread of the runtime).
+static UNLOCKED: tokio::sync::Mutex<BTreeMap<PathBuf, Unlock>> =
+    tokio::sync::Mutex::const_new(BTreeMap::new());
 
 /// The public key of an identity file: its `.pub` file, or the key itself if it is not
 /// encrypted. `None` when neither can be read.
@@ -1093,7 +1095,7 @@ fn public_key_of(path: &Path) -> Option<PublicKey> {
         .map(|k| k.public_key().clone())
 }
 
-fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
+async fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
     let key_err = |source| SshError::KeyFile {
         path: path.to_owned(),
         source,
@@ -1104,11 +1106,15 @@ fn load_key(path: &Path) -> Result<Arc<russh::keys::PrivateKey>, SshError> {
         Err(russh::keys::Error::KeyIsEncrypted) => {}
         Err(e) => return Err(key_err(e)),
     }
-    let mut unlocked = UNLOCKED.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut unlocked = UNLOCKED.lock().await;
     let outcome = match unlocked.get(path) {
         Some(outcome) => outcome.clone(),
         None => {
-            let outcome = unlock(path);
+            // The terminal prompt and the key derivation block: off the runtime's threads.
+            let owned = path.to_owned();
+            let outcome = tokio::task::spawn_blocking(move || unlock(&owned))
+                .await
+                .unwrap_or(Unlock::NoTerminal);
             unlocked.insert(path.to_owned(), outcome.clone());
             outcome
         }
