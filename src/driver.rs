@@ -192,11 +192,34 @@ struct FlowIo {
     log: FlowLog,
 }
 
+/// Where the driver reads and writes packets: the TUN device, or a test's queues. Each
+/// packet has the TUN's header (`EngineConfig::tun`) in front.
+pub trait PacketIo: Send + Sync + 'static {
+    /// Reads one packet into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send;
+    /// Writes one packet.
+    fn send(&self, packet: &[u8]) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl PacketIo for Tun {
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send {
+        Tun::recv(self, buf)
+    }
+
+    fn send(&self, packet: &[u8]) -> impl Future<Output = std::io::Result<usize>> + Send {
+        Tun::send(self, packet)
+    }
+}
+
 /// The driver. See the module documentation.
-pub struct Driver {
+///
+/// Generic over its packet side ([`PacketIo`]: the TUN, or a test's queues). Its SSH side is
+/// the [`Pool`] itself: channels are russh's own types, which only a real SSH session makes,
+/// so in-process tests run the pool against an in-process SSH server (tests/inproc).
+pub struct Driver<T: PacketIo = Tun> {
     engine: Engine,
     config: DriverConfig,
-    tun: Arc<Tun>,
+    tun: Arc<T>,
     pool: Arc<Pool>,
     /// Flows with an open channel.
     io: HashMap<FlowId, FlowIo>,
@@ -224,9 +247,9 @@ pub struct Driver {
     answered: HashMap<SocketAddr, TokioInstant>,
 }
 
-impl Driver {
+impl<T: PacketIo> Driver<T> {
     /// A driver moving flows between `tun` and the connections of `pool`.
-    pub fn new(config: DriverConfig, tun: Arc<Tun>, pool: Arc<Pool>) -> Driver {
+    pub fn new(config: DriverConfig, tun: Arc<T>, pool: Arc<Pool>) -> Driver<T> {
         let epoch = TokioInstant::now();
         let engine = Engine::new(
             config.engine.clone(),
@@ -257,7 +280,7 @@ impl Driver {
 
     /// Also serves cloud callers (`--expose`): channels arriving on `rx` for the listeners in
     /// `forwards` become TCP connections to the local app.
-    pub fn with_inbound(mut self, calls: InboundCalls, forwards: Arc<Forwards>) -> Driver {
+    pub fn with_inbound(mut self, calls: InboundCalls, forwards: Arc<Forwards>) -> Driver<T> {
         self.inbound = Some((calls, forwards));
         self
     }
