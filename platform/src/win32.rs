@@ -488,6 +488,23 @@ pub fn create_pipe(name: &OsStr, first: bool) -> io::Result<NamedPipeServer> {
     }
 }
 
+/// Makes `file` the process's standard output (`SetStdHandle`): Rust's `stdout()` looks the
+/// handle up on each write, so later output goes there. The handle is handed over to the
+/// process's standard output for good (never closed).
+pub fn set_stdout(file: std::fs::File) -> io::Result<()> {
+    use std::os::windows::io::IntoRawHandle;
+    use windows_sys::Win32::System::Console::{STD_OUTPUT_HANDLE, SetStdHandle};
+    let handle = file.into_raw_handle();
+    // SAFETY: SetStdHandle takes a handle value and a constant; it reads no memory of ours.
+    // The handle is owned by nobody else now (into_raw_handle), so it stays valid.
+    let ok = unsafe { SetStdHandle(STD_OUTPUT_HANDLE, handle as _) };
+    if ok == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,22 +531,5 @@ mod tests {
             let ip: IpAddr = a.parse().unwrap();
             assert_eq!(from_sockaddr(&sockaddr(ip)), Some(ip));
         }
-    }
-}
-
-/// Makes `file` the process's standard output (`SetStdHandle`): Rust's `stdout()` looks the
-/// handle up on each write, so later output goes there. The handle is handed over to the
-/// process's standard output for good (never closed).
-pub fn set_stdout(file: std::fs::File) -> io::Result<()> {
-    use std::os::windows::io::IntoRawHandle;
-    use windows_sys::Win32::System::Console::{STD_OUTPUT_HANDLE, SetStdHandle};
-    let handle = file.into_raw_handle();
-    // SAFETY: SetStdHandle takes a handle value and a constant; it reads no memory of ours.
-    // The handle is owned by nobody else now (into_raw_handle), so it stays valid.
-    let ok = unsafe { SetStdHandle(STD_OUTPUT_HANDLE, handle as _) };
-    if ok == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
