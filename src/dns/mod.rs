@@ -503,9 +503,20 @@ mod tests {
     /// A fake original nameserver (UDP and TCP on one port): names starting with "big"
     /// get a 3000-byte answer, others 20 bytes.
     async fn fake_upstream() -> SocketAddr {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // UDP picks a free port; TCP may already use that number (Wine hit it): pick again.
+        let mut tries = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, addr, tcp),
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                }
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let size = |q: &[u8]| {
             if Query::parse(q).unwrap().name.starts_with("big") {
                 3000
