@@ -5,6 +5,9 @@
 //! Protocol: one JSON request line (`{"cmd":"status"}` or `{"cmd":"down"}`), one JSON reply
 //! line. The reply to `status` is a [`Status`]; its fields are the stable, documented
 //! `status --json` format (new fields may be added; none are renamed or removed).
+//!
+//! The [`Board`] a status is made from follows the pool's link events ([`LinkObserver`]) and
+//! the current driver's counters.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::engine::EngineStats;
+use crate::pool::{LinkEvent, LinkObserver};
 use crate::reverse::{ForwardSpec, ForwardState, ForwardStatus, Forwards};
 
 /// Errors of the control socket, on either side.
@@ -371,6 +375,12 @@ impl Board {
             });
         }
         st
+    }
+}
+
+impl LinkObserver for Board {
+    fn link_event(&self, event: LinkEvent) {
+        self.set_links(event.up, event.total, event.detail);
     }
 }
 
