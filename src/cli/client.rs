@@ -92,11 +92,23 @@ fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<PathBuf> {
     }
 }
 
+/// Asks the session behind `path` to expose `specs` (see [`control::expose`]); a refusal
+/// is an error that says so.
+async fn expose_specs(
+    path: &Path,
+    specs: &[crate::reverse::ForwardSpec],
+    hold: bool,
+) -> Result<(ExposeReply, platform::ipc::Conn)> {
+    match control::expose(path, specs, hold).await {
+        Err(ControlError::Refused { message, .. }) => {
+            bail!("the session refused to expose: {message}")
+        }
+        r => Ok(r?),
+    }
+}
+
 /// Checks that an `expose` reply says every listener listens.
 fn all_listening(reply: &ExposeReply) -> Result<()> {
-    if let Some(e) = &reply.error {
-        bail!("the session refused to expose: {e}");
-    }
     for f in &reply.forwards {
         if f.state != ForwardState::Listening {
             bail!(
@@ -132,7 +144,7 @@ fn registered_address(reply: &ExposeReply) -> Result<std::net::SocketAddr> {
 pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
     use std::collections::BTreeMap;
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let (reply, held) = control::expose(&path, &args.expose, true).await?;
+    let (reply, held) = expose_specs(&path, &args.expose, true).await?;
     let addr = registered_address(&reply)?;
     let current: BTreeMap<String, String> = std::env::vars().collect();
     let reg = crate::run::registration_env(addr, &current);
@@ -194,7 +206,7 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
 /// `mse-vpn expose`: adds listeners to the running session (kept until it stops).
 pub async fn expose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let reply = control::expose(&path, &args.specs, false).await?.0;
+    let reply = expose_specs(&path, &args.specs, false).await?.0;
     all_listening(&reply)?;
     for f in &reply.forwards {
         println!(
@@ -211,11 +223,10 @@ pub async fn expose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
 /// `mse-vpn unexpose`: removes listeners from the running session.
 pub async fn unexpose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let reply = control::unexpose(&path, &args.specs).await?;
-    if let Some(e) = reply.error {
-        bail!("{e}");
+    match control::unexpose(&path, &args.specs).await {
+        Err(ControlError::Refused { message, .. }) => bail!("{message}"),
+        r => Ok(r?),
     }
-    Ok(())
 }
 
 /// `mse-vpn env`: the registration settings as `export` lines.
@@ -230,10 +241,9 @@ pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
                 .into_iter()
                 .filter(|f| f.state == ForwardState::Listening)
                 .collect(),
-            error: None,
         }
     } else {
-        control::expose(&path, &args.expose, false).await?.0
+        expose_specs(&path, &args.expose, false).await?.0
     };
     let addr = registered_address(&reply)?;
     let current: BTreeMap<String, String> = std::env::vars().collect();
@@ -251,8 +261,8 @@ pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
 pub async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
     let mut stopped = 0;
     for path in session_sockets(state_dir, args.tun.as_deref()) {
-        match control::request(&path, "down").await {
-            Ok(_) => {
+        match control::down(&path).await {
+            Ok(()) => {
                 // Wait (bounded) for the session to restore the host, remove its socket and
                 // exit: only then is what it could not undo (kept in its journal) seen below
                 // as left behind.
