@@ -14,7 +14,7 @@
 //! - [`board`]: the [`Board`] that gathers a running session's facts into a [`Status`].
 //! - [`server`]: the session's side (accept, answer, `down` → the stop signal).
 //! - [`client`]: the CLI's side: a request out, a typed reply or [`ControlError`] back.
-//! - [`render`]: the human table of `mse-vpn status`.
+//! - [`render`](mod@render): the human table of `mse-vpn status`.
 //!
 //! Nothing here prints; the CLI does.
 

@@ -1,8 +1,8 @@
-//! The session side of the control socket: accepts connections (at most [`MAX_CLIENTS`] at
-//! once, each given [`REQUEST_TIMEOUT`] to send its request), answers each typed
-//! [`Request`] from the [`Board`] and the session's [`Forwards`], and sets the session's stop
-//! signal on `down`. A failing `accept` (out of descriptors) pauses the loop instead of
-//! spinning, with one warning per [`WARN_WINDOW`].
+//! The session side of the control socket: accepts connections (at most 64 at once, each
+//! given 5 s to send its request), answers each typed [`Request`] from the [`Board`] and the
+//! session's [`Forwards`], and sets the session's stop signal on `down`. A failed `accept`
+//! (out of descriptors, say) pauses the loop for 100 ms instead of letting it spin, with one
+//! warning a minute per kind of error.
 
 use std::io;
 use std::path::Path;
