@@ -23,9 +23,28 @@
 //! What it does not do: carry UDP or ICMP (they get an ICMP unreachable so apps fail fast),
 //! or touch any traffic outside the routed CIDRs.
 //!
-//! Modules: [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns
-//! it; [`reverse`] keeps the `--expose` listeners; [`run`] starts a provider app with the
-//! registration settings that make it publish the jump host's address; [`ssh`] and [`tun`] are the only modules of this crate that touch the OS.
+//! Modules, in layers: each imports only from the layers below it (no import circles), and
+//! nothing outside [`cli`] imports [`cli`].
+//!
+//! ```text
+//!  main.rs    parse and dispatch
+//!  cli        clap, one file per command; prints, maps errors to exit statuses
+//!  doctor     read-only checks of what `up` needs
+//!  session    `up` as a library type: checks, connections, host changes, teardown
+//!  driver     the one task that owns the engine (TUN I/O, channel reads and writes)
+//!  control    the control socket: typed protocol, status board, server, client, table
+//!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
+//!  pool       the SSH connections; publishes link events (the status board follows them)
+//!  engine, ssh, tun, fds, logging, repeats, suggest, run
+//! ```
+//!
+//! [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns it;
+//! [`reverse`] keeps the `--expose` listeners; [`run`] makes the registration settings for a
+//! provider app that should publish the jump host's address. The OS is reached through
+//! [`tun`], [`ssh`], the sockets of [`control`] and [`dns`], and the platform crate (routes,
+//! DNS configuration, processes); `unsafe` is forbidden in this crate. Library code returns
+//! values and logs through `tracing`; only [`cli`] prints (and [`ssh`]'s password prompt, on the
+//! terminal, as OpenSSH's does).
 
 #![forbid(unsafe_code)]
 

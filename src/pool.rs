@@ -15,6 +15,10 @@
 //! the connection to the jump host …; reconnecting"), one when the first connection is back
 //! ("reconnected … after 18 s"), and, in a long outage, a reminder now and then; each slot's
 //! own losses and retries are debug events.
+//!
+//! The pool knows nothing of who shows its state: every change of the number of connected
+//! links is published as a [`LinkEvent`] to a [`LinkObserver`] (the control socket's status
+//! board subscribes; the pool does not import it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +29,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::control::Board;
 use crate::ssh::{Inbound, InboundSender, OpenError, Session, SshError, SshOptions};
 
 /// The first reconnect delay.
@@ -406,16 +409,33 @@ impl Outage {
     }
 }
 
+/// The pool's links changed: one came up, one went down, or a reconnect failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkEvent {
+    /// Links connected right now.
+    pub up: usize,
+    /// Links in the pool.
+    pub total: usize,
+    /// Why (a loss, or why a reconnect failed).
+    pub detail: Option<String>,
+}
+
+/// Follows the pool's [`LinkEvent`]s, in order (the status board).
+pub trait LinkObserver: Send + Sync {
+    /// Called by the supervisors on every change; must not block.
+    fn link_event(&self, event: LinkEvent);
+}
+
 /// What ends a running pool for good: an error no reconnect can fix.
 pub type Fatal = Arc<Mutex<Option<SshError>>>;
 
-/// Starts one supervisor per slot. A fatal reconnect error is stored in the returned cell and
-/// stops the session through `stop`.
+/// Starts one supervisor per slot, which report their links to `links`. A fatal reconnect
+/// error is stored in the returned cell and stops the session through `stop`.
 pub fn supervise(
     pool: &Arc<Pool>,
     initial: Vec<Option<Session>>,
     opts: Arc<SshOptions>,
-    board: Arc<Board>,
+    links: Arc<dyn LinkObserver>,
     stop: watch::Sender<bool>,
 ) -> Fatal {
     let fatal: Fatal = Arc::new(Mutex::new(None));
@@ -423,7 +443,11 @@ pub fn supervise(
     // Reconnected links hand their cloud callers to the pool's queue too.
     let opts = Arc::new(pool.with_inbound(&opts));
     // What is connected already (the supervisors install it in a moment): at least one.
-    board.set_links(initial.iter().flatten().count(), pool.size(), None);
+    links.link_event(LinkEvent {
+        up: initial.iter().flatten().count(),
+        total: pool.size(),
+        detail: None,
+    });
     for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {
         tokio::spawn(run_slot(
             pool.clone(),
@@ -431,7 +455,7 @@ pub fn supervise(
             first,
             opts.clone(),
             Shared {
-                board: board.clone(),
+                links: links.clone(),
                 stop: stop.clone(),
                 fatal: fatal.clone(),
                 outage: outage.clone(),
@@ -443,13 +467,23 @@ pub fn supervise(
 
 /// What the slots' supervisors share.
 struct Shared {
-    board: Arc<Board>,
+    /// Who follows the links' state.
+    links: Arc<dyn LinkObserver>,
     stop: watch::Sender<bool>,
     fatal: Fatal,
     outage: Arc<Mutex<Outage>>,
 }
 
 impl Shared {
+    /// Publishes the pool's current link count.
+    fn publish(&self, pool: &Pool, detail: Option<String>) {
+        self.links.link_event(LinkEvent {
+            up: pool.connected(),
+            total: pool.size(),
+            detail,
+        });
+    }
+
     fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
         self.outage
             .lock()
@@ -464,7 +498,6 @@ async fn run_slot(
     opts: Arc<SshOptions>,
     shared: Shared,
 ) {
-    let board = &shared.board;
     let mut stop = shared.stop.subscribe();
     let mut generation = 0;
     loop {
@@ -478,7 +511,7 @@ async fn run_slot(
                     session: s.clone(),
                 }),
             );
-            board.set_links(pool.connected(), pool.size(), None);
+            shared.publish(&pool, None);
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
@@ -501,11 +534,7 @@ async fn run_slot(
                     left, "lost an SSH connection: its flows are reset; reconnecting it"
                 );
             }
-            board.set_links(
-                left,
-                pool.size(),
-                Some(format!("lost the connection to {}", opts.jump)),
-            );
+            shared.publish(&pool, Some(format!("lost the connection to {}", opts.jump)));
         }
         let mut delay = BACKOFF_START;
         let outage = tokio::time::Instant::now();
@@ -546,7 +575,7 @@ async fn run_slot(
                             lasted.as_secs()
                         );
                     }
-                    board.set_links(pool.connected(), pool.size(), Some(why));
+                    shared.publish(&pool, Some(why));
                 }
             }
             // Up to +20% jitter, so connections (and users) do not retry in lockstep.

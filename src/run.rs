@@ -1,6 +1,6 @@
 //! `mse-vpn run` and `mse-vpn env`: the settings that make a provider app register the
 //! address cloud consumers can actually reach (the jump host's VPC address and the exposed
-//! port) instead of the laptop's LAN address, and starting the app with them.
+//! port) instead of the laptop's LAN address.
 //!
 //! | framework | knob | versions |
 //! |---|---|---|
@@ -9,8 +9,9 @@
 //! | HSF (EDAS / Pandora Boot) | `-Dhsf.server.ip`, `-Dhsf.server.port` | HSF 2.2+ |
 //!
 //! JVM system properties go through `JAVA_TOOL_OPTIONS`, appended to what the user already set;
-//! a property or variable the user set explicitly is kept, never overridden. This module
-//! owns no sockets; it talks to the session through [`crate::control`].
+//! a property or variable the user set explicitly is kept, never overridden. This module is
+//! pure (an environment in, settings out): it owns no sockets and starts no process; the
+//! `run` and `env` commands of the CLI ask the session to expose the ports and start the app.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,5 +1,14 @@
 //! The command line: clap definitions, and parsing of every argument into a typed value at
-//! the edge (CIDRs, the jump host, the TUN name), so the rest of the program never sees text.
+//! the edge (CIDRs, the jump host, the TUN name), so the rest of the program never sees text;
+//! and the commands themselves, one file each, which print what users read and turn errors
+//! into the documented exit statuses. The library below them returns values and logs through
+//! `tracing`; `main.rs` only parses and dispatches.
+//!
+//! - [`up`], [`daemon`] (`up --daemon`), [`doctor`]: a session, started here;
+//! - [`client`]: `status`, `down`, `expose`, `unexpose`, `env`, `run`, through the control
+//!   socket of a running session;
+//! - [`config`] (`config check`, profiles applied under the flags), [`profile`] (the files);
+//! - [`exit`]: which exit status an error maps to.
 
 use std::path::PathBuf;
 
@@ -594,7 +603,13 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     ))
 }
 
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod exit;
 pub mod profile;
+pub mod up;
 
 #[cfg(test)]
 mod tests {

@@ -15,7 +15,6 @@
 //! the I/O. The TUN address is local to the kernel, so packets to the responder never enter
 //! the TUN and the engine is not involved.
 
-pub mod session;
 pub mod tunnel;
 pub mod wire;
 pub mod zones;

@@ -17,6 +17,8 @@
 //! returned ([`UpReport`]). What it does not do: parse flags or profiles (the CLI builds the
 //! config), or install signal handlers (the CLI wires them to a [`Stopper`]).
 
+pub mod dns;
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::control::{self, Board, ControlError, LinkState};
-use crate::dns::{self, DnsError, DnsSettings};
+use crate::dns::{DnsError, DnsSettings};
 use crate::driver::{Driver, DriverConfig};
 use crate::engine::{EngineConfig, TunFormat};
 use crate::pool::{self, Pool};
@@ -309,7 +311,7 @@ impl Session {
                 "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
             ),
         }
-        let dns_servers = dns::session::resolvers(&net.dns, &sessions).await?;
+        let dns_servers = self::dns::resolvers(&net.dns, &sessions).await?;
         if stopper.is_stopped() {
             return Err(SessionError::Stopped);
         }
@@ -361,11 +363,10 @@ impl Session {
         let mut dns_line = None;
         if net.dns.enabled() {
             let started =
-                dns::session::start(&net.dns, &plan, &pool, &mut host, state_dir, &dns_servers)
-                    .await;
+                self::dns::start(&net.dns, &plan, &pool, &mut host, state_dir, &dns_servers).await;
             match started {
                 Ok((responder, shown)) => {
-                    dns_line = Some(dns::session::summary(&net.dns, &shown));
+                    dns_line = Some(self::dns::summary(&net.dns, &shown));
                     board.set_dns(shown, responder.counters());
                     tokio::spawn(responder.run(stop_rx.clone()));
                 }

@@ -1,8 +1,8 @@
 //! Split DNS in an `up` session: which VPC resolvers to use (`--dns`, or discovered on the
 //! jump host), and starting the responder: bind it on the TUN address, then point the host
-//! resolver at it through the platform crate (journaled). Called by `main` between the host
-//! changes and the "is up" line ([`crate::session`]); [`summary`] is the one line `up` prints
-//! about DNS.
+//! resolver at it through the platform crate (journaled). Called by [`super::Session::start`]
+//! between the host changes and the "is up" line; [`summary`] is the one line of the
+//! [`super::UpReport`] about DNS. The responder itself is [`crate::dns`]'s.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use mse_vpn_platform::{self as platform, Host, RoutePlan};
 
-use super::{
+use crate::dns::{
     DnsCounters, DnsError, DnsSettings, DnsStatus, Responder, ResponderConfig, Split, Tunnel,
 };
 use crate::pool::Pool;
@@ -32,7 +32,7 @@ pub async fn resolvers(
         .ok_or(DnsError::NoResolver {
             why: "no SSH connection to read it with",
         })?;
-    let found = super::discover(session).await?;
+    let found = crate::dns::discover(session).await?;
     Ok(vec![found])
 }
 
@@ -65,8 +65,8 @@ pub async fn start(
         pool.clone(),
         servers.iter().map(|s| (*s, 53).into()).collect(),
         listen,
-        super::TUNNEL_CHANNELS,
-        super::QUERY_TIMEOUT,
+        crate::dns::TUNNEL_CHANNELS,
+        crate::dns::QUERY_TIMEOUT,
     );
     let zones: Vec<String> = split.zones().map(ToString::to_string).collect();
     let responder = Responder::bind(

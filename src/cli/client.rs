@@ -1,0 +1,310 @@
+//! The commands that talk to a running session over its control socket: `status`, `down`,
+//! `expose`, `unexpose`, `env` and `run`; finding the session (its socket) and what sessions
+//! that died left behind. They print what the user reads; the requests and replies are
+//! [`crate::control`]'s.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use mse_vpn_platform as platform;
+
+use super::{DownArgs, EnvArgs, ExposeArgs, RunArgs, StatusArgs};
+use crate::control::{self, ControlError, ExposeReply};
+use crate::reverse::ForwardState;
+use crate::ssh;
+
+/// The control sockets of running sessions (all, or the one using `tun`).
+fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<PathBuf> {
+    if let Some(tun) = tun {
+        return vec![control::socket_path(state_dir, tun)];
+    }
+    platform::ipc::endpoints(state_dir)
+}
+
+/// `status`: the running sessions; and what sessions that died left behind, which makes
+/// the exit status 1.
+pub async fn status(args: StatusArgs, state_dir: &Path) -> Result<ExitCode> {
+    let mut all = Vec::new();
+    for path in session_sockets(state_dir, args.tun.as_deref()) {
+        match control::status(&path).await {
+            Ok(st) => all.push(st),
+            Err(ControlError::NotRunning { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let left = leftovers(state_dir, args.tun.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() && left.is_empty() {
+        println!("no mse-vpn session is running");
+    } else {
+        for st in &all {
+            print!("{}", control::render(st));
+        }
+    }
+    for l in &left {
+        eprintln!(
+            "mse-vpn: the session on {} ({}) is no longer running but left {} behind: undo it with `sudo mse-vpn down`",
+            l.tun,
+            l.pid
+                .map_or("pid unknown".to_owned(), |p| format!("pid {p}")),
+            l.describe()
+        );
+    }
+    Ok(if left.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What sessions that are no longer running left on the host (all, or the one on `tun`).
+fn leftovers(state_dir: &Path, tun: Option<&str>) -> Result<Vec<platform::Leftover>> {
+    let mut left = platform::leftovers(state_dir)?;
+    left.retain(|l| tun.is_none_or(|t| t == l.tun));
+    Ok(left)
+}
+
+/// The control socket of the one running session (or the one on `tun`).
+fn one_session(state_dir: &Path, tun: Option<&str>) -> Result<PathBuf> {
+    let socks: Vec<_> = session_sockets(state_dir, tun)
+        .into_iter()
+        .filter(|p| {
+            // Live sessions, and those we may not use (so the error says so).
+            tun.is_some() || platform::ipc::probe(p)
+        })
+        .collect();
+    match socks.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no mse-vpn session is running: start one first, e.g. `sudo mse-vpn up --cidr 10.0.0.0/16 --proxy user@jump-host`"
+        ),
+        many => bail!(
+            "{} sessions are running: say which with --tun ({})",
+            many.len(),
+            many.iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Asks the session behind `path` to expose `specs` (see [`control::expose`]); a refusal
+/// is an error that says so.
+async fn expose_specs(
+    path: &Path,
+    specs: &[crate::reverse::ForwardSpec],
+    hold: bool,
+) -> Result<(ExposeReply, platform::ipc::Conn)> {
+    match control::expose(path, specs, hold).await {
+        Err(ControlError::Refused { message, .. }) => {
+            bail!("the session refused to expose: {message}")
+        }
+        r => Ok(r?),
+    }
+}
+
+/// Checks that an `expose` reply says every listener listens.
+fn all_listening(reply: &ExposeReply) -> Result<()> {
+    for f in &reply.forwards {
+        if f.state != ForwardState::Listening {
+            bail!(
+                "cannot expose {}: {}",
+                f.spec,
+                f.detail
+                    .as_deref()
+                    .unwrap_or("the jump host did not listen in time")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks an `expose` reply and returns the address to register (the first listener's).
+fn registered_address(reply: &ExposeReply) -> Result<std::net::SocketAddr> {
+    all_listening(reply)?;
+    let first = reply
+        .forwards
+        .first()
+        .context("the session exposes no port: pass --expose")?;
+    first
+        .advertised
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| {
+            "the session does not know the jump host's VPC address: restart `mse-vpn up` with --advertise ADDR"
+        })
+}
+
+/// `mse-vpn run`: expose, start the app with the registration settings, wait for it, and
+/// remove the listeners (they live as long as our control connection).
+pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
+    use std::collections::BTreeMap;
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let (reply, held) = expose_specs(&path, &args.expose, true).await?;
+    let addr = registered_address(&reply)?;
+    let current: BTreeMap<String, String> = std::env::vars().collect();
+    let reg = crate::run::registration_env(addr, &current);
+    for kept in &reg.kept {
+        eprintln!("mse-vpn: keeping your own setting {kept}");
+    }
+    for f in &reply.forwards {
+        eprintln!(
+            "mse-vpn: cloud callers reach {} -> local port {} while the app runs",
+            f.advertised.as_deref().unwrap_or("?"),
+            f.local_port
+        );
+    }
+    eprintln!("mse-vpn: the app registers {addr}");
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    for s in &reg.env {
+        cmd.env(&s.name, &s.value);
+    }
+    // Under sudo, the app runs as the user who invoked it, never as root.
+    if platform::process::is_privileged() && std::env::var_os("SUDO_UID").is_some() {
+        let user = ssh::InvokingUser::detect().context("cannot tell which user invoked sudo")?;
+        let account = platform::account::Account {
+            name: user.name().to_owned(),
+            uid: user.uid(),
+            gid: user.gid(),
+            home: user.home().to_owned(),
+        };
+        platform::process::run_as(&mut cmd, &account);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "mse-vpn: cannot start {}: {e}",
+                args.command[0].to_string_lossy()
+            );
+            return Ok(ExitCode::from(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                },
+            ));
+        }
+    };
+    // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
+    // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
+    let relay = platform::process::relay_signals(child.id());
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        r = relay => match r? {},
+    };
+    drop(held); // the session removes the listeners
+    let code = platform::process::exit_code(status);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// `mse-vpn expose`: adds listeners to the running session (kept until it stops).
+pub async fn expose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let reply = expose_specs(&path, &args.specs, false).await?.0;
+    all_listening(&reply)?;
+    for f in &reply.forwards {
+        println!(
+            "exposed: cloud callers reach {} -> local port {}",
+            f.advertised
+                .clone()
+                .unwrap_or_else(|| format!("<jump host>:{}", f.remote_port.unwrap_or_default())),
+            f.local_port
+        );
+    }
+    Ok(())
+}
+
+/// `mse-vpn unexpose`: removes listeners from the running session.
+pub async fn unexpose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    match control::unexpose(&path, &args.specs).await {
+        Err(ControlError::Refused { message, .. }) => bail!("{message}"),
+        r => Ok(r?),
+    }
+}
+
+/// `mse-vpn env`: the registration settings as `export` lines.
+pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
+    use std::collections::BTreeMap;
+    let path = one_session(state_dir, args.tun.as_deref())?;
+    let reply = if args.expose.is_empty() {
+        let st = control::status(&path).await?;
+        ExposeReply {
+            forwards: st
+                .forwards
+                .into_iter()
+                .filter(|f| f.state == ForwardState::Listening)
+                .collect(),
+        }
+    } else {
+        expose_specs(&path, &args.expose, false).await?.0
+    };
+    let addr = registered_address(&reply)?;
+    let current: BTreeMap<String, String> = std::env::vars().collect();
+    let reg = crate::run::registration_env(addr, &current);
+    println!("# mse-vpn: register {addr} (Dubbo, Spring Cloud Alibaba/Nacos, HSF)");
+    for kept in &reg.kept {
+        println!("# kept your own setting {kept}");
+    }
+    for s in &reg.env {
+        println!("export {}={}", s.name, crate::run::shell_quote(&s.value));
+    }
+    Ok(())
+}
+
+pub async fn down(args: DownArgs, state_dir: &Path) -> Result<()> {
+    let mut stopped = 0;
+    for path in session_sockets(state_dir, args.tun.as_deref()) {
+        match control::down(&path).await {
+            Ok(()) => {
+                // Wait (bounded) for the session to restore the host, remove its socket and
+                // exit: only then is what it could not undo (kept in its journal) seen below
+                // as left behind.
+                let tun = path.file_stem().unwrap_or_default().to_string_lossy();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while (path.exists() || platform::session_running(state_dir, &tun))
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if path.exists() {
+                    bail!(
+                        "the session behind {} did not stop within 20 s",
+                        path.display()
+                    );
+                }
+                println!("stopped the session on {}", path.display());
+                stopped += 1;
+            }
+            Err(ControlError::NotRunning { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // What sessions that died (kill -9, a crash) left: undone too (`--force` is no longer
+    // needed for it).
+    let left = leftovers(state_dir, args.tun.as_deref())?;
+    if left.is_empty() {
+        if stopped == 0 {
+            println!("no mse-vpn session is running; nothing left behind to undo");
+        }
+        return Ok(());
+    }
+    if !platform::process::is_privileged() {
+        bail!(
+            "the session on {} is no longer running but left {} behind; undoing it must be run {}",
+            left[0].tun,
+            left[0].describe(),
+            platform::process::PRIVILEGED
+        );
+    }
+    for change in platform::repair(state_dir).await? {
+        println!("undone: {change}");
+    }
+    Ok(())
+}
