@@ -1,0 +1,164 @@
+//! The pool against the in-process jump host: connecting, spreading channels over the
+//! links, refusals, and a link that drops and comes back.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use russh::ChannelMsg;
+use russh::client::Msg;
+
+use mse_vpn::ssh::OpenError;
+
+use crate::app::{VPC_V4, closed_port, echo_server, pattern};
+use crate::jump::Jump;
+use crate::{LIMIT, start_pool, wait_for};
+
+const ORIGINATOR: SocketAddr = SocketAddr::new(IpAddr::V4(crate::app::APP_V4), 40_000);
+const OPEN_CAP: Duration = Duration::from_secs(5);
+
+/// `data` through `channel` and back (to an echo server); the channel ends with EOF.
+async fn echo_through(channel: russh::Channel<Msg>, data: &[u8]) -> Vec<u8> {
+    let (mut read, write) = channel.split();
+    write.data_bytes(data.to_vec()).await.expect("write");
+    write.eof().await.expect("eof");
+    let mut got = Vec::new();
+    let read_all = async {
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => got.extend_from_slice(&data),
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read_all)
+        .await
+        .expect("echo in time");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_spread_over_every_link_and_echo_byte_exact() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 2).await;
+    assert_eq!(jump.accepted(), 2, "one login per slot");
+
+    // The destination is a VPC address; the jump host (not the pool) maps it to the server.
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    let mut slots = Vec::new();
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        let (link, channel) = pool
+            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .await
+            .expect("open");
+        assert!(pool.is_live(link));
+        slots.push(link.slot);
+        channels.push(channel);
+    }
+    slots.sort_unstable();
+    assert_eq!(
+        slots,
+        [0, 0, 1, 1],
+        "each new flow goes to the least loaded link"
+    );
+    assert!(
+        jump.opens()
+            .iter()
+            .all(|(host, port)| *host == VPC_V4.to_string() && *port == echo.port()),
+        "the jump host is asked for the VPC destination: {:?}",
+        jump.opens()
+    );
+    let data = pattern(300_000);
+    for channel in channels {
+        assert_eq!(echo_through(channel, &data).await, data);
+    }
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_destination_port_is_a_connect_failure_not_a_lost_link() {
+    let jump = Jump::start().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), closed_port());
+    let err = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(err, OpenError::ConnectFailed);
+    assert_eq!(pool.connected(), 1, "a refused channel leaves the link up");
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_link_reconnects_by_itself_and_new_opens_use_the_new_link() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    let (old, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open");
+    let mut links = pool.subscribe();
+    links.borrow_and_update();
+
+    jump.drop_connections();
+
+    // The flow's channel ends with its connection, and the pool says so.
+    let (mut read, _write) = channel.split();
+    let ended = tokio::time::timeout(LIMIT, async {
+        while let Some(msg) = read.wait().await {
+            if matches!(msg, ChannelMsg::Close) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the channel of a dropped link ends");
+    tokio::time::timeout(LIMIT, links.wait_for(|l| l[0].is_none()))
+        .await
+        .expect("the slot is cleared")
+        .expect("pool alive");
+    assert!(!pool.is_live(old));
+
+    // The supervisor reconnects (first retry after 250 ms) and the slot is filled again.
+    tokio::time::timeout(LIMIT, links.wait_for(|l| l[0].is_some()))
+        .await
+        .expect("reconnected in time")
+        .expect("pool alive");
+    assert_eq!(jump.accepted(), 2, "one new login");
+    let (new, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open after the reconnect");
+    assert_eq!(new.slot, old.slot);
+    assert!(
+        new.generation > old.generation,
+        "a new generation: {new:?} after {old:?}"
+    );
+    assert!(!pool.is_live(old) && pool.is_live(new));
+    let data = pattern(10_000);
+    assert_eq!(echo_through(channel, &data).await, data);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_while_no_link_is_up_waits_for_the_reconnect() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    jump.drop_connections();
+    wait_for(LIMIT, || pool.connected() == 0).await;
+    // No link now: the open waits (bounded by its link wait) instead of failing at once.
+    let (link, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open once a link is back");
+    assert!(pool.is_live(link));
+    let data = pattern(1_000);
+    assert_eq!(echo_through(channel, &data).await, data);
+    let _ = stop.send(true);
+}
