@@ -44,6 +44,9 @@ fn lap_ok(tb: &Testbed, script: &str) -> String {
 
 #[test]
 fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn1", &["--with", "nginx,dns"]);
     let conf = lap_resolv_conf(&tb);
     let original = std::fs::read(&conf).unwrap();
@@ -205,6 +208,9 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
 
 #[test]
 fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn2", &["--with", "nginx,dns"]);
     let conf = lap_resolv_conf(&tb);
     let original = std::fs::read(&conf).unwrap();
@@ -381,6 +387,9 @@ sys.exit(0 if len(lat) == 1000 and not bad else 1)
 
 #[test]
 fn a_thousand_queries_from_fifty_clients_are_all_answered() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn3", &["--with", "dns"]);
     let mut extra = vec!["--dns", "10.0.0.13"];
     extra.extend(DOMAINS);
@@ -454,6 +463,9 @@ fn with_fake_resolved(tb: &Testbed, args: &[&str]) -> Command {
 
 #[test]
 fn with_systemd_resolved_only_routing_domains_are_set_on_the_tun_link_and_reverted() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn4", &["--with", "dns"]);
     let conf = lap_resolv_conf(&tb);
     std::fs::write(&conf, "nameserver 127.0.0.53\noptions edns0 trust-ad\n").unwrap();

@@ -18,6 +18,38 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mse-vpn")
 }
 
+/// True (after saying so on the terminal) when this process is not root: the end-to-end
+/// tests build network namespaces and TUN devices, so as a non-root user each one is
+/// reported as skipped and passes. Call it first thing in every test that needs root:
+///
+/// ```ignore
+/// if crate::harness::skip_unless_root() {
+///     return;
+/// }
+/// ```
+pub fn skip_unless_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return false;
+    }
+    use std::io::Write;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let name = std::thread::current()
+        .name()
+        .map(|n| n.rsplit("::").next().unwrap_or(n).to_owned())
+        .unwrap_or_default();
+    // Written to the process's stderr directly: the test harness captures `eprintln!` and
+    // shows it only for failing tests, and a skip must be visible.
+    let mut err = std::io::stderr().lock();
+    ONCE.call_once(|| {
+        let _ = writeln!(
+            err,
+            "\nthe end-to-end tests need root (network namespaces, TUN devices): skipping them; run `sudo -E cargo test --test it` (CI runs them as root)"
+        );
+    });
+    let _ = writeln!(err, "test {name} skipped: needs root (network namespaces)");
+    true
+}
+
 fn must_be_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),

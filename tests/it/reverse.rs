@@ -115,6 +115,9 @@ impl Drop for LocalApp {
 
 #[test]
 fn cloud_callers_reach_a_local_app_from_their_own_address() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv1", &["--with", "none"]);
     let _app = LocalApp::start_on(&tb, 8080, "::");
     let _loopback_app = LocalApp::start_on(&tb, 8082, "127.0.0.1");
@@ -245,6 +248,9 @@ fn cloud_callers_reach_a_local_app_from_their_own_address() {
 
 #[test]
 fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv2", &["--with", "none"]);
     let _app = LocalApp::start(&tb, 8080);
     let before = tb.snapshot();
@@ -274,6 +280,9 @@ fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules(
 
 #[test]
 fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv3", &["--with", "none"]);
     tb.edit_sshd_config("GatewayPorts clientspecified", "GatewayPorts no");
     let before = tb.snapshot();
@@ -331,6 +340,9 @@ fn compile_demo(tb: &Testbed) -> PathBuf {
 
 #[test]
 fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consumer_calls_it() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv4", &["--with", "zookeeper"]);
     let classes = compile_demo(&tb);
     let cp = format!("{}:/usr/share/java/zookeeper.jar", classes.display());
@@ -462,6 +474,9 @@ fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consume
 
 #[test]
 fn exposed_ports_come_back_after_the_jump_host_restarts() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv5", &["--with", "none"]);
     let _app = LocalApp::start(&tb, 8080);
     let vpn = tb.start(&["10.0.0.0/16"], &["--expose", "18080:8080"]);
@@ -583,6 +598,9 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
 
 #[test]
 fn run_starts_the_app_as_the_invoking_user_never_as_root() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv6", &["--with", "none"]);
     let user = crate::harness::TestUser::create("mvrun", None);
     let env = user.sudo_env();
@@ -687,6 +705,9 @@ while True:
 
 #[test]
 fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv7", &["--with", "nginx"]);
     let script = write_script(&tb, "deaf.py", DEAF_SERVER);
     let mut deaf = tb
