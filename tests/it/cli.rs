@@ -617,20 +617,15 @@ fn after_kill_9_with_split_dns_status_reports_the_leftovers_and_down_undoes_them
     let tb = Testbed::up("cl4", &["--with", "nginx,dns"]);
     let conf = std::path::PathBuf::from(format!("/etc/netns/{}/resolv.conf", tb.lap()));
     let original = std::fs::read(&conf).unwrap();
-    let vpn: Vpn = tb.start(&[VPC], &["--dns", "10.0.0.13", "--dns-domain", "internal"]);
+    let mut vpn: Vpn = tb.start(&[VPC], &["--dns", "10.0.0.13", "--dns-domain", "internal"]);
     assert!(
         vpn.stdout()
             .contains("split DNS (resolv.conf): internal → 10.0.0.13 through the tunnel"),
         "{}",
         vpn.stdout()
     );
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    let start = Instant::now();
-    while std::path::Path::new(&format!("/proc/{}", vpn.pid())).exists()
-        && start.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Gone for good (reaped: a zombie would keep /proc/PID).
+    vpn.kill9();
     assert_ne!(
         std::fs::read(&conf).unwrap(),
         original,

@@ -149,6 +149,47 @@ impl Testbed {
             .expect("run a command in the laptop namespace")
     }
 
+    /// Waits until something listens on TCP `port` in namespace `ns` (a server the test
+    /// just spawned is ready); panics after `limit`.
+    pub fn wait_listening(&self, ns: &str, port: u16, limit: Duration) {
+        let filter = format!("sport = :{port}");
+        self.wait_ss(
+            ns,
+            &["-Hltn", &filter],
+            limit,
+            &format!("a listener on port {port}"),
+        );
+    }
+
+    /// Waits until namespace `ns` has an established TCP connection to `dst` (`ADDR:PORT`):
+    /// a client the test just spawned is under way; panics after `limit`.
+    pub fn wait_established(&self, ns: &str, dst: &str, limit: Duration) {
+        let filter = format!("dst {dst}");
+        self.wait_ss(
+            ns,
+            &["-Htn", "state", "established", &filter],
+            limit,
+            &format!("a connection to {dst}"),
+        );
+    }
+
+    fn wait_ss(&self, ns: &str, args: &[&str], limit: Duration, what: &str) {
+        let start = Instant::now();
+        let mut argv = vec!["ss"];
+        argv.extend_from_slice(args);
+        loop {
+            let out = self.cmd_in(ns, &argv).output().expect("run ss");
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no {what} in {ns} within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs a shell snippet in the laptop namespace.
     pub fn sh(&self, timeout: u32, script: &str) -> Output {
         self.on_laptop(timeout, &["bash", "-c", script])
@@ -238,6 +279,10 @@ pub struct Vpn {
     up_rx: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// One message from each output reader when it has read its pipe to the end.
+    drained: mpsc::Receiver<()>,
+    /// Readers that reported their end.
+    readers_done: usize,
 }
 
 impl Vpn {
@@ -251,6 +296,8 @@ impl Vpn {
             .env_remove("SSH_AUTH_SOCK");
         let mut child = cmd.spawn().expect("spawn mse-vpn");
         let (tx, up_rx) = mpsc::channel();
+        let (drained_tx, drained) = mpsc::channel();
+        let drained_err = drained_tx.clone();
         let stdout = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().unwrap();
         let so = stdout.clone();
@@ -261,6 +308,7 @@ impl Vpn {
                     let _ = tx.send(line);
                 }
             }
+            let _ = drained_tx.send(());
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
@@ -269,12 +317,15 @@ impl Vpn {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 se.lock().unwrap().push_str(&format!("{line}\n"));
             }
+            let _ = drained_err.send(());
         });
         Vpn {
             child,
             up_rx,
             stderr,
             stdout,
+            drained,
+            readers_done: 0,
         }
     }
 
@@ -309,8 +360,13 @@ impl Vpn {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
-                // Let the output threads catch up.
-                std::thread::sleep(Duration::from_millis(100));
+                // The output threads have read everything once both pipes hit EOF (a
+                // `--daemon` child may hold them open longer: bounded).
+                while self.readers_done < 2
+                    && self.drained.recv_timeout(Duration::from_secs(2)).is_ok()
+                {
+                    self.readers_done += 1;
+                }
                 return st;
             }
             if start.elapsed() > limit {
@@ -327,6 +383,13 @@ impl Vpn {
     /// Sends a signal to the process (`ip netns exec` execs, so the pid is mse-vpn's).
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// SIGKILL, then waits until the process is gone (reaped: its TUN and sockets are
+    /// closed by the kernel by then).
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
     }
 
     /// True while the process runs.

@@ -102,7 +102,12 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     );
     assert_eq!(fresh["state"], "connected", "{fresh:#}");
     let download = slow_download(&tb);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_status(
+        &tb,
+        Duration::from_secs(5),
+        "the download under way",
+        |st| st["flows_active"].as_u64().unwrap() >= 1 && st["bytes_down"].as_u64().unwrap() > 0,
+    );
 
     // sshd and all its children die at once.
     tb.control("sshd-kill");
@@ -142,13 +147,20 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     // A connection made while the jump host is still down, shortly before it returns, waits
     // and goes through.
     std::thread::sleep(Duration::from_secs(5).saturating_sub(waited));
+    let opened = status(&tb)["flows_opened"].as_u64().unwrap();
     let early = tb
         .cmd_in(
             &tb.lap(),
             &["curl", "-sS", "-m", "10", "http://10.0.0.10/index.html"],
         )
         .output_async();
-    std::thread::sleep(Duration::from_millis(500));
+    // Its SYN is held, waiting for a link, when sshd comes back.
+    wait_status(
+        &tb,
+        Duration::from_secs(3),
+        "the early connection waiting",
+        |st| st["flows_opened"].as_u64().unwrap() > opened,
+    );
     tb.control("sshd-start");
     let back = Instant::now();
     let out = early.join().expect("curl");
@@ -226,7 +238,7 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
     let tb = Testbed::up("lc3", &["--jump-in-cidr"]);
     let before = tb.snapshot();
 
-    let vpn = tb.start(&["10.0.0.0/8"], &[]);
+    let mut vpn = tb.start(&["10.0.0.0/8"], &[]);
     // A second session may not take the same TUN or overlapping networks.
     let args = tb.up_args(&["10.0.0.0/16"], &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -241,8 +253,7 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
     assert!(!st.success());
     assert!(err.contains("overlap"), "{err}");
 
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    vpn.kill9();
     let left = tb.snapshot();
     assert_ne!(left, before, "SIGKILL left nothing to repair?");
     assert!(
@@ -268,9 +279,8 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
     assert!(stdout(&out).contains("nothing left"), "{}", stdout(&out));
 
     // Again, but this time the next `up` repairs it.
-    let vpn = tb.start(&["10.0.0.0/8"], &[]);
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut vpn = tb.start(&["10.0.0.0/8"], &[]);
+    vpn.kill9();
     assert_ne!(tb.snapshot(), before);
     let vpn: Vpn = tb.start(&["10.0.0.0/8"], &[]);
     assert!(vpn.stderr().contains("repaired"), "{}", vpn.stderr());
@@ -295,6 +305,7 @@ fn status_json_shows_flows_and_bytes_moving_during_traffic() {
         st["flows_active"].as_u64().unwrap() >= 1 && st["bytes_down"].as_u64().unwrap() > 0
     });
     let a = status(&tb);
+    // The measurement: one second of traffic between two samples.
     std::thread::sleep(Duration::from_secs(1));
     let b = status(&tb);
     let (da, db) = (

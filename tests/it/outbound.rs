@@ -140,7 +140,7 @@ fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
         )
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    tb.wait_listening(&format!("{}-vpc", tb.name), 7000, Duration::from_secs(5));
     let out = tb.on_laptop(20, &["python3", "-c", HALF_CLOSE_CLIENT]);
     let _ = server.kill();
     let _ = server.wait();
@@ -359,7 +359,7 @@ fn a_slow_reader_still_gets_every_byte_and_a_fast_one_beside_it_is_not_held_back
             ],
         )
         .output_async();
-    std::thread::sleep(Duration::from_millis(500));
+    tb.wait_established(&tb.lap(), "10.0.0.10:80", Duration::from_secs(5));
     let started = Instant::now();
     let out = tb.sh(30, "curl -sS -m 25 http://10.0.0.10/10m.bin | sha256sum");
     let fast = started.elapsed();

@@ -310,7 +310,7 @@ fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    tb.wait_listening(&format!("{}-jump", tb.name), 18090, Duration::from_secs(5));
     let args = tb.up_args(&["10.0.0.0/16"], &["--expose", "18090:8080"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, err) = tb.up_fails(&args);
@@ -566,20 +566,7 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !stdout(
-        &tb.cmd_in(&jump, &["ss", "-Hltn", "sport = :18095"])
-            .output()
-            .unwrap(),
-    )
-    .contains("18095")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "socat did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tb.wait_listening(&jump, 18095, Duration::from_secs(5));
     let out = tb.mse_vpn(&["expose", "18095:8080"]).output().unwrap();
     let _ = taken.kill();
     let _ = taken.wait();
@@ -744,6 +731,8 @@ fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Not a readiness wait: two seconds of pushing fill the call's SSH window and every
+    // buffer behind it, so the download below shares the connection with a stuck channel.
     std::thread::sleep(Duration::from_secs(2));
     // Meanwhile a download over the same SSH connection is not held up.
     let start = Instant::now();
