@@ -36,6 +36,11 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::with_open_timeout(OPEN_TIMEOUT).await
+    }
+
+    /// A rig whose apps wait `open_timeout` for their channel.
+    async fn with_open_timeout(open_timeout: Duration) -> Rig {
         let jump = Jump::start().await;
         let (pool, stop) = start_pool(&jump, 1).await;
         let (app, queues) = App::new();
@@ -43,7 +48,7 @@ impl Rig {
             engine: EngineConfig {
                 mtu: app::MTU,
                 tcp_buffer: 256 * 1024,
-                open_timeout: OPEN_TIMEOUT.into(),
+                open_timeout: open_timeout.into(),
                 tun: TunFormat {
                     header: 0,
                     checksum_offload: false,
@@ -180,6 +185,36 @@ async fn a_refused_destination_resets_the_app_at_once() {
     assert!(rig.until_no_flows().await);
     assert_eq!(rig.stats.borrow().flows_refused, 1);
     assert_eq!(rig.pool.connected(), 1, "a refusal keeps the link");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_never_answers_is_reset_after_the_open_timeout() {
+    // The engine checks held SYNs once a second: the reset comes 1 to 2 s after the SYN.
+    const SHORT: Duration = Duration::from_secs(1);
+    let mut rig = Rig::with_open_timeout(SHORT).await;
+    let silent = closed_port();
+    rig.jump.silence(silent);
+    let h = rig.app.connect(Rig::vpc(silent));
+    let started = tokio::time::Instant::now();
+    let mut established = false;
+    let closed = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            established |= s.state() == State::Established;
+            s.state() == State::Closed
+        })
+        .await;
+    let took = started.elapsed();
+    assert!(closed, "the app's connect ends");
+    assert!(!established, "never a SYN-ACK for an unanswered open");
+    assert!(
+        took >= SHORT && took < SHORT * 3,
+        "reset at the open timeout, took {took:?}"
+    );
+    assert_eq!(rig.jump.opens(), [(VPC_V4.to_string(), silent)]);
+    assert!(rig.until_no_flows().await);
     rig.stop().await;
 }
 

@@ -53,6 +53,11 @@ struct State {
     next_port: u16,
     /// Every `direct-tcpip` asked for: (host, port).
     opens: Vec<(String, u16)>,
+    /// Ports whose `direct-tcpip` opens are never answered (a destination that drops SYNs,
+    /// while sshd's own connect waits).
+    silent: Vec<u16>,
+    /// The opens held unanswered (dropping one would refuse it).
+    held: Vec<(Channel<Msg>, server::ChannelOpenHandle)>,
 }
 
 /// The in-process jump host. Dropping it stops accepting (connections already made go on
@@ -158,6 +163,11 @@ impl Jump {
     /// TCP connections accepted so far (each login of the pool, each reconnect).
     pub fn accepted(&self) -> usize {
         self.state.lock().unwrap().conns.len()
+    }
+
+    /// `direct-tcpip` opens to `port` are left unanswered from now on.
+    pub fn silence(&self, port: u16) {
+        self.state.lock().unwrap().silent.push(port);
     }
 
     /// Every `direct-tcpip` destination asked for so far.
@@ -290,11 +300,14 @@ impl server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let port = u16::try_from(port_to_connect).unwrap_or(0);
-        self.state
-            .lock()
-            .unwrap()
-            .opens
-            .push((host_to_connect.to_owned(), port));
+        {
+            let mut state = self.state.lock().unwrap();
+            state.opens.push((host_to_connect.to_owned(), port));
+            if state.silent.contains(&port) {
+                state.held.push((channel, reply));
+                return Ok(());
+            }
+        }
         // As sshd does: answer the open once the connect is done. Off the session loop.
         tokio::spawn(async move {
             match TcpStream::connect(("127.0.0.1", port)).await {

@@ -9,7 +9,7 @@ use russh::client::Msg;
 
 use mse_vpn::ssh::OpenError;
 
-use crate::app::{VPC_V4, closed_port, echo_server, pattern};
+use crate::app::{VPC_V4, closed_port, echo_server, pattern, source_server};
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool, wait_for};
 
@@ -160,5 +160,54 @@ async fn an_open_while_no_link_is_up_waits_for_the_reconnect() {
     assert!(pool.is_live(link));
     let data = pattern(1_000);
     assert_eq!(echo_through(channel, &data).await, data);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_nobody_reads_holds_up_only_itself() {
+    // Stock russh stalls the whole connection once one channel's queue is full; the
+    // patched one (vendor/russh) pauses only that channel, at its SSH window.
+    const BULK: usize = 16 * 1024 * 1024;
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let source = source_server(BULK).await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let (_, stuck) = pool
+        .open(
+            SocketAddr::new(IpAddr::V4(VPC_V4), source.port()),
+            ORIGINATOR,
+            LIMIT,
+            OPEN_CAP,
+        )
+        .await
+        .expect("open the bulk channel");
+    // Nobody reads `stuck` while the server pushes 16 MiB at it, far beyond its window and
+    // its queue. Not a readiness wait: the pause lets the window and the queue fill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    for _ in 0..3 {
+        let (_, channel) = pool
+            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .await
+            .expect("a new channel on the same connection");
+        let data = pattern(100_000);
+        assert_eq!(echo_through(channel, &data).await, data);
+    }
+    // Then the stuck channel is read after all, and every byte is there.
+    let (mut read, _write) = stuck.split();
+    let mut got = 0;
+    let read_all = async {
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => got += data.len(),
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read_all)
+        .await
+        .expect("the rest in time");
+    assert_eq!(got, BULK);
     let _ = stop.send(true);
 }
