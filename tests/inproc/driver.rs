@@ -15,7 +15,9 @@ use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
 use mse_vpn::pool::Pool;
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
-use crate::app::{self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern};
+use crate::app::{
+    self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern, source_server,
+};
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
 
@@ -219,6 +221,46 @@ async fn a_destination_that_never_answers_is_reset_after_the_open_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_byte() {
+    const BULK: usize = 8 * 1024 * 1024;
+    let mut rig = Rig::start().await;
+    let source = source_server(BULK).await;
+    let echo = echo_server().await;
+    let paused = rig.app.connect(Rig::vpc(source.port()));
+    // The app never reads `paused`: its receive buffer fills (256 KiB), then the engine's
+    // socket (256 KiB), then the driver stops reading the channel.
+    let stats = rig.stats.clone();
+    let filled = rig
+        .app
+        .until(LIMIT, |_| stats.borrow().bytes_down >= 256 * 1024)
+        .await;
+    assert!(filled, "the download started and filled the app's buffer");
+    // Not a readiness wait: the pause is the test. Nothing more is taken in than buffers.
+    rig.app.until(Duration::from_millis(300), |_| false).await;
+    let held = stats.borrow().bytes_down;
+    assert!(
+        held < 1024 * 1024,
+        "a paused flow costs its buffers, not the whole download: {held} bytes taken in"
+    );
+    // Another flow on the same SSH connection is not held up.
+    let other = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(200_000);
+    assert_eq!(
+        rig.app.exchange(other, &data, data.len(), LIMIT).await,
+        data
+    );
+    // The app reads again: every byte, in order.
+    let mut got = Vec::new();
+    assert!(
+        rig.app.read_to_fin(paused, &mut got, LIMIT).await,
+        "the FIN at the end"
+    );
+    assert_eq!(got.len(), BULK);
+    assert!(got == pattern(BULK), "byte-exact after the pause");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_link_resets_its_flows_and_the_next_connection_goes_through_the_new_one() {
     let mut rig = Rig::start().await;
     let echo = echo_server().await;
@@ -276,18 +318,9 @@ async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
         Some(CALLER.into()),
         "the app sees the caller's own address"
     );
-    let mut channel = None;
-    let mut call = Some(call);
-    rig.app
-        .until(LIMIT, |_| {
-            if let Some(c) = call.take_if(|c| c.is_finished()) {
-                channel = Some(c);
-            }
-            channel.is_some()
-        })
-        .await;
-    let channel = channel
-        .expect("the open completed")
+    let opened = rig.app.until(LIMIT, |_| call.is_finished()).await;
+    assert!(opened, "the jump host's open completes");
+    let channel = call
         .await
         .expect("no panic")
         .expect("the channel was accepted");
@@ -301,21 +334,26 @@ async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
         .exchange(listener, b"pong", "ping from the cloud".len(), LIMIT)
         .await;
     assert_eq!(got, b"ping from the cloud");
-    let reply = tokio::time::timeout(LIMIT, async {
+    // The app answers and closes: the caller gets the answer, then EOF.
+    rig.app.tcp(listener).close();
+    let caller_side = tokio::time::timeout(LIMIT, async {
+        let mut got = Vec::new();
         loop {
             match read.wait().await {
-                Some(russh::ChannelMsg::Data { data }) => break data.to_vec(),
+                Some(russh::ChannelMsg::Data { data }) => got.extend_from_slice(&data),
+                Some(russh::ChannelMsg::Eof) => break (got, true),
                 Some(_) => continue,
-                None => panic!("channel ended"),
+                None => break (got, false),
             }
         }
     });
-    // The app's reply was written while pumping; keep pumping while waiting for it.
-    let reply = tokio::select! {
-        r = reply => r.expect("reply in time"),
-        _ = rig.app.until(LIMIT, |_| false) => panic!("no reply"),
+    // The app side keeps running while the caller reads.
+    let (reply, eof) = tokio::select! {
+        r = caller_side => r.expect("the answer in time"),
+        _ = rig.app.until(LIMIT, |_| false) => panic!("no answer"),
     };
     assert_eq!(reply, b"pong");
+    assert!(eof, "the app's FIN reaches the caller as EOF");
     assert_eq!(rig.stats.borrow().inbound_opened, 1);
     rig.stop().await;
 }
