@@ -33,17 +33,19 @@ pub fn skip_unless_root() -> bool {
     }
     use std::io::Write;
     static ONCE: std::sync::Once = std::sync::Once::new();
-    let name = std::thread::current()
-        .name()
-        .map(|n| n.rsplit("::").next().unwrap_or(n).to_owned())
-        .unwrap_or_default();
+    // The harness names each test's thread after the test (`module::name`); a test run on
+    // the main thread is just "this test".
+    let name = match std::thread::current().name() {
+        Some(n) if n != "main" => n.to_owned(),
+        _ => "(this test)".to_owned(),
+    };
     // Written to the process's stderr directly: the test harness captures `eprintln!` and
     // shows it only for failing tests, and a skip must be visible.
     let mut err = std::io::stderr().lock();
     ONCE.call_once(|| {
         let _ = writeln!(
             err,
-            "\nthe end-to-end tests need root (network namespaces, TUN devices): skipping them; run `sudo -E cargo test --test it` (CI runs them as root)"
+            "\nthe end-to-end tests (tests/it) build network namespaces and TUN devices and need root: each is skipped; run them as root (`bash scripts/test`, as CI does)"
         );
     });
     let _ = writeln!(err, "test {name} skipped: needs root (network namespaces)");
