@@ -273,6 +273,25 @@ pub async fn source_server(n: usize) -> SocketAddr {
     addr
 }
 
+/// A "VPC" server that reads each connection to its end and reports how it ended: the
+/// bytes read, and whether it ended with EOF (`Ok`) or an error (`Err`).
+pub async fn watch_server() -> (SocketAddr, mpsc::Receiver<std::io::Result<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let end = s.read_to_end(&mut all).await;
+                let _ = tx.send(end).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// A port on 127.0.0.1 where nothing listens (bound, then released).
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

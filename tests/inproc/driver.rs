@@ -17,6 +17,7 @@ use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
     self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern, source_server,
+    watch_server,
 };
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
@@ -157,6 +158,41 @@ async fn the_apps_fin_arrives_as_eof_and_the_reply_still_flows_back() {
     );
     assert_eq!(String::from_utf8_lossy(&reply), "got 70000 bytes");
     assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_reset_closes_its_channel_and_the_server_connection_ends() {
+    let mut rig = Rig::start().await;
+    let (server, mut ends) = watch_server().await;
+    let h = rig.app.connect(Rig::vpc(server.port()));
+    let data = pattern(30_000);
+    let mut sent = 0;
+    let written = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).expect("send");
+            }
+            sent == data.len() && s.send_queue() == 0
+        })
+        .await;
+    assert!(written, "the data is out and acknowledged");
+    // The app resets its connection: the flow ends, its channel is closed, and the jump
+    // host's connection to the server goes with it.
+    rig.app.tcp(h).abort();
+    assert!(rig.until_no_flows().await, "the flow is reaped");
+    let end = tokio::select! {
+        end = ends.recv() => end.expect("the server saw its connection end"),
+        _ = rig.app.until(LIMIT, |_| false) => panic!("the server's connection stayed"),
+    };
+    assert_eq!(
+        end.expect("closed, not failed"),
+        data.len(),
+        "every byte arrived first"
+    );
+    assert_eq!(rig.pool.connected(), 1, "a reset flow leaves the link up");
     rig.stop().await;
 }
 
