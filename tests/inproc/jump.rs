@@ -58,6 +58,11 @@ struct State {
     silent: Vec<u16>,
     /// The opens held unanswered (dropping one would refuse it).
     held: Vec<(Channel<Msg>, server::ChannelOpenHandle)>,
+    /// Down: every TCP connection is closed at once, before the SSH greeting (an sshd that
+    /// is not running behind a port that still answers).
+    down: bool,
+    /// When each TCP connection arrived, logins or not (on tokio's clock).
+    attempts: Vec<tokio::time::Instant>,
 }
 
 /// The in-process jump host. Dropping it stops accepting (connections already made go on
@@ -160,6 +165,16 @@ impl Jump {
         }
     }
 
+    /// Goes down (every new connection is closed at once) or comes back.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+    }
+
+    /// When each TCP connection arrived so far, refused ones included.
+    pub fn attempts(&self) -> Vec<tokio::time::Instant> {
+        self.state.lock().unwrap().attempts.clone()
+    }
+
     /// TCP connections accepted so far (each login of the pool, each reconnect).
     pub fn accepted(&self) -> usize {
         self.state.lock().unwrap().conns.len()
@@ -244,6 +259,13 @@ async fn accept_loop(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        {
+            let mut s = state.lock().unwrap();
+            s.attempts.push(tokio::time::Instant::now());
+            if s.down {
+                continue;
+            }
+        }
         // A second handle on the socket, to cut it from the test.
         let std = stream.into_std().expect("into_std");
         let killer = std.try_clone().expect("clone socket");

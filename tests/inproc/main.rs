@@ -4,10 +4,13 @@
 //! as the laptop's kernel ([`app`]). No root, no namespaces, no real sshd: the suite runs in
 //! seconds. The end-to-end tier (tests/it) proves the same paths with real OpenSSH.
 //!
-//! Time is real: the SSH connections are real loopback TCP, so `tokio::time::pause` (whose
-//! clock jumps ahead whenever the runtime idles, I/O pending or not) would fire the open
-//! and keepalive timeouts early. Waits are deadline loops that end as soon as the condition
-//! holds; the limits are only there to fail a broken build in seconds instead of hanging.
+//! Most tests run on the real clock, multi-threaded, and wait with deadline loops that end as
+//! soon as their condition holds (the limits only fail a broken build in seconds instead of
+//! hanging). Where a timeout or a schedule is the point (the open timeout, reconnect
+//! backoff), the test runs on tokio's paused clock (`start_paused`, one thread): time jumps
+//! to the next timer only when every task waits, and a loopback write is readable at once,
+//! so the SSH traffic between the client and the in-process server is never overtaken by
+//! the clock; ten virtual seconds pass in a fraction of a real one.
 
 mod app;
 mod driver;

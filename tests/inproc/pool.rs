@@ -211,3 +211,59 @@ async fn a_channel_nobody_reads_holds_up_only_itself() {
     assert_eq!(got, BULK);
     let _ = stop.send(true);
 }
+
+/// On a virtual clock: the reconnect schedule while the jump host stays down (at most about
+/// a second apart for the first 20 s, then backing off towards 15 s), and the reconnect once
+/// it is back.
+#[tokio::test(start_paused = true)]
+async fn while_the_jump_host_is_down_retries_back_off_and_the_pool_comes_back() {
+    let jump = Jump::start().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    jump.set_down(true);
+    jump.drop_connections();
+    let lost = tokio::time::Instant::now();
+    wait_for(LIMIT, || pool.connected() == 0).await;
+
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let tries: Vec<Duration> = jump
+        .attempts()
+        .into_iter()
+        .filter(|t| *t >= lost)
+        .map(|t| t - lost)
+        .collect();
+    let gaps: Vec<(Duration, Duration)> = tries.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+    // The first retry at once, the next after 250 ms (+ up to 20% jitter).
+    assert!(
+        tries[0] < Duration::from_millis(50),
+        "first retry at {:?}",
+        tries[0]
+    );
+    assert!(
+        gaps[0].1 >= Duration::from_millis(250) && gaps[0].1 <= Duration::from_millis(301),
+        "second retry {:?} after the first",
+        gaps[0].1
+    );
+    for (at, gap) in &gaps {
+        if *at < Duration::from_secs(19) {
+            assert!(
+                *gap <= Duration::from_millis(1_201),
+                "{gap:?} between retries {at:?} into the outage"
+            );
+        }
+        assert!(
+            *gap <= Duration::from_secs(18),
+            "{gap:?} at {at:?}: over the cap"
+        );
+    }
+    let (_, last) = gaps.last().expect("several retries");
+    assert!(
+        *last > Duration::from_secs(3),
+        "backing off after the first 20 s: {gaps:?}"
+    );
+    assert!(tries.len() < 40, "{} retries in 90 s", tries.len());
+
+    // The jump host is back: the next retry (at most 18 s away) logs in.
+    jump.set_down(false);
+    wait_for(Duration::from_secs(20), || pool.connected() == 1).await;
+    let _ = stop.send(true);
+}
