@@ -4,8 +4,11 @@
 //! the requested port on 127.0.0.1 (whatever host was asked for: the test's echo servers
 //! play the VPC), answers `tcpip-forward` by recording the listener, and opens
 //! `forwarded-tcpip` channels when the test says a cloud caller arrives ([`Jump::call`]).
-//! [`Jump::drop_connections`] shuts the TCP connections down under both ends, as a network
-//! outage or a dead sshd would.
+//!
+//! What the test can do to it: [`Jump::drop_connections`] shuts the TCP connections down
+//! under both ends, as a network outage or a dead sshd would; [`Jump::set_down`] closes every
+//! new connection before the SSH greeting (sshd not running); [`Jump::silence`] leaves the
+//! channel opens to a port unanswered (a destination that drops SYNs).
 //!
 //! What it does not do: listen on the forwarded ports for real, run commands (`exec` is
 //! refused, like a jump host without a shell for us), or check the user name.
