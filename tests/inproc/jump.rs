@@ -66,6 +66,8 @@ struct State {
     down: bool,
     /// When each TCP connection arrived, logins or not (on tokio's clock).
     attempts: Vec<tokio::time::Instant>,
+    /// The server configuration new connections get (its host key).
+    config: Option<Arc<server::Config>>,
 }
 
 /// The in-process jump host. Dropping it stops accepting (connections already made go on
@@ -113,21 +115,13 @@ impl Jump {
         )
         .expect("write known_hosts");
 
-        let config = Arc::new(server::Config {
-            keys: vec![host_key],
-            auth_rejection_time: Duration::ZERO,
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            inactivity_timeout: None,
-            nodelay: true,
-            ..server::Config::default()
-        });
         let state = Arc::new(Mutex::new(State {
             next_port: 20_000,
+            config: Some(server_config(host_key)),
             ..State::default()
         }));
         let accept = tokio::spawn(accept_loop(
             listener,
-            config,
             user_key.public_key().clone(),
             state.clone(),
         ));
@@ -166,6 +160,16 @@ impl Jump {
             hops: Vec::new(),
             password_file: None,
         }
+    }
+
+    /// The client's known_hosts file (holding the jump host's first key).
+    pub fn known_hosts(&self) -> &Path {
+        &self.known_hosts
+    }
+
+    /// New connections get a new host key (a reinstalled jump host, or an impostor).
+    pub fn change_host_key(&self) {
+        self.state.lock().unwrap().config = Some(server_config(ed25519()));
     }
 
     /// Goes down (every new connection is closed at once) or comes back.
@@ -252,12 +256,19 @@ fn write_private(path: &Path, key: &PrivateKey) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    config: Arc<server::Config>,
-    user: PublicKey,
-    state: Arc<Mutex<State>>,
-) {
+/// The server's configuration with `host_key`; no delay on failed logins.
+fn server_config(host_key: PrivateKey) -> Arc<server::Config> {
+    Arc::new(server::Config {
+        keys: vec![host_key],
+        auth_rejection_time: Duration::ZERO,
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: None,
+        nodelay: true,
+        ..server::Config::default()
+    })
+}
+
+async fn accept_loop(listener: TcpListener, user: PublicKey, state: Arc<Mutex<State>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -273,17 +284,19 @@ async fn accept_loop(
         let std = stream.into_std().expect("into_std");
         let killer = std.try_clone().expect("clone socket");
         let stream = TcpStream::from_std(std).expect("from_std");
-        let conn = {
+        let (conn, config) = {
             let mut s = state.lock().unwrap();
             s.conns.push(Some(killer));
-            s.conns.len() - 1
+            (
+                s.conns.len() - 1,
+                s.config.clone().expect("a configuration"),
+            )
         };
         let handler = Conn {
             conn,
             user: user.clone(),
             state: state.clone(),
         };
-        let config = config.clone();
         tokio::spawn(async move {
             if let Ok(session) = server::run_stream(config, stream, handler).await {
                 let _ = session.await;

@@ -34,6 +34,16 @@ pub const LIMIT: Duration = Duration::from_secs(10);
 /// A running pool of `size` connections to `jump`, supervised (reconnects), and the switch
 /// that stops it.
 pub async fn start_pool(jump: &Jump, size: usize) -> (Arc<Pool>, watch::Sender<bool>) {
+    let (pool, stop, _) = start_pool_fatal(jump, size).await;
+    (pool, stop)
+}
+
+/// [`start_pool`], and where the pool's supervisors leave an error no reconnect can fix
+/// (they stop the session through the switch).
+pub async fn start_pool_fatal(
+    jump: &Jump,
+    size: usize,
+) -> (Arc<Pool>, watch::Sender<bool>, mpool::Fatal) {
     let opts = jump.options();
     let pool = Pool::new(size);
     let sessions = pool
@@ -46,10 +56,11 @@ pub async fn start_pool(jump: &Jump, size: usize) -> (Arc<Pool>, watch::Sender<b
         "inproc".into(),
         vec!["10.0.0.0/16".into()],
     );
-    mpool::supervise(&pool, sessions, Arc::new(opts), board, stop.clone());
+    // The coupling with the status board (src/control) is here only.
+    let fatal = mpool::supervise(&pool, sessions, Arc::new(opts), board, stop.clone());
     // The supervisors install the links in a moment.
     wait_for(LIMIT, || pool.connected() == size).await;
-    (pool, stop)
+    (pool, stop, fatal)
 }
 
 /// Polls `cond` every few milliseconds until it holds; panics after `limit`.

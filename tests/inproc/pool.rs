@@ -7,11 +7,11 @@ use std::time::Duration;
 use russh::ChannelMsg;
 use russh::client::Msg;
 
-use mse_vpn::ssh::OpenError;
+use mse_vpn::ssh::{OpenError, SshError};
 
 use crate::app::{VPC_V4, closed_port, echo_server, pattern, source_server};
 use crate::jump::Jump;
-use crate::{LIMIT, start_pool, wait_for};
+use crate::{LIMIT, start_pool, start_pool_fatal, wait_for};
 
 const ORIGINATOR: SocketAddr = SocketAddr::new(IpAddr::V4(crate::app::APP_V4), 40_000);
 const OPEN_CAP: Duration = Duration::from_secs(5);
@@ -266,4 +266,39 @@ async fn while_the_jump_host_is_down_retries_back_off_and_the_pool_comes_back() 
     jump.set_down(false);
     wait_for(Duration::from_secs(20), || pool.connected() == 1).await;
     let _ = stop.send(true);
+}
+
+/// On a virtual clock, to watch a minute for retries that must not come.
+#[tokio::test(start_paused = true)]
+async fn a_host_key_that_changed_during_a_reconnect_stops_the_pool_for_good() {
+    let jump = Jump::start().await;
+    let (pool, stop, fatal) = start_pool_fatal(&jump, 1).await;
+    let mut stopped = stop.subscribe();
+    jump.change_host_key();
+    jump.drop_connections();
+    // The reconnect meets another host key: no retry can fix that, so the session stops.
+    tokio::time::timeout(LIMIT, stopped.wait_for(|s| *s))
+        .await
+        .expect("the session is stopped")
+        .expect("switch alive");
+    let err = fatal.lock().unwrap().take().expect("the reason is kept");
+    // The message names the known_hosts line that holds the old key.
+    let line = std::fs::read_to_string(jump.known_hosts())
+        .expect("known_hosts")
+        .lines()
+        .position(|l| !l.trim().is_empty())
+        .expect("the recorded key")
+        + 1;
+    assert!(
+        matches!(err, SshError::HostKeyChanged { line: l, .. } if l == line),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("remove line {line} of")),
+        "{err}"
+    );
+    assert_eq!(pool.connected(), 0);
+    let accepted = jump.accepted();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(jump.accepted(), accepted, "no retries after a fatal error");
 }
