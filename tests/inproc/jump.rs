@@ -248,12 +248,15 @@ impl Jump {
     }
 }
 
-/// Writes `key` as an OpenSSH private key file, mode 0600.
+/// Writes `key` as an OpenSSH private key file (mode 0600 on Unix).
 fn write_private(path: &Path, key: &PrivateKey) {
-    use std::os::unix::fs::PermissionsExt;
     let text = key.to_openssh(LineEnding::LF).expect("encode key");
     std::fs::write(path, text.as_bytes()).expect("write key");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    }
 }
 
 /// The server's configuration with `host_key`; no delay on failed logins.
