@@ -50,6 +50,9 @@ fn assert_logins(tb: &Testbed, mark: usize, login: &str, kind: &str, pubkey: &Pa
 
 #[test]
 fn rsa_ecdsa_and_ed25519_key_files_each_log_in_and_carry_traffic() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("au1", &["--with", "nginx"]);
     let kh = s(&tb.dir.join("known_hosts"));
     // (file, ssh-keygen options, sshd's name for the type)
@@ -97,6 +100,9 @@ fn on_pty(tb: &Testbed, answers: &[&str], delay_secs: u32, args: &[String]) -> V
 
 #[test]
 fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal_once() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("au2", &["--with", "nginx"]);
     let before = tb.snapshot();
     let key = encrypted_key(&tb, "correct horse");
@@ -170,6 +176,9 @@ fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal_once() {
 
 #[test]
 fn typing_a_passphrase_slowly_does_not_count_against_the_connect_timeout() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("au5", &["--with", "nginx"]);
     let key = encrypted_key(&tb, "slow typist");
     let kh = s(&tb.dir.join("known_hosts"));
@@ -244,6 +253,9 @@ impl Drop for Agent {
 
 #[test]
 fn ssh_agent_identities_log_in_with_no_key_file() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("au3", &["--with", "nginx"]);
     let before = tb.snapshot();
     let agent = Agent::start(tb.dir.join("agent.sock"));
@@ -293,6 +305,9 @@ fn ssh_agent_identities_log_in_with_no_key_file() {
 
 #[test]
 fn under_sudo_the_invoking_users_key_and_known_hosts_are_used() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("au4", &["--with", "nginx"]);
     let before = tb.snapshot();
     let user = TestUser::create("mvtest", None);

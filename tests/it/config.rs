@@ -121,6 +121,9 @@ fn up_via_config(tb: &Testbed, cidr: &str, config: &str) -> Vec<String> {
 
 #[test]
 fn under_sudo_an_alias_resolves_through_the_users_ssh_config() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("cf1", &["--with", "nginx", "--extra-port", "2222"]);
     let before = settled_snapshot(&tb);
     let user = TestUser::create("mvcfg1", None);
@@ -254,6 +257,9 @@ fn under_sudo_an_alias_resolves_through_the_users_ssh_config() {
 
 #[test]
 fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("cf2", &["--with", "nginx", "--hop"]);
     let before = settled_snapshot(&tb);
     let hop_addr = std::fs::read_to_string(tb.dir.join("hop_addr"))
@@ -372,6 +378,9 @@ fn proxy_jump_reaches_a_jump_host_the_laptop_cannot_route_to() {
 
 #[test]
 fn password_login_from_a_private_file_or_the_terminal() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("cf3", &["--with", "nginx", "--password-auth"]);
     let before = settled_snapshot(&tb);
     let password = "Tr0ub4dor&3 horse";
@@ -501,6 +510,9 @@ fn routes_and_mtu(tb: &Testbed) -> String {
 
 #[test]
 fn a_profile_brings_up_the_same_session_as_its_flags() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("cf4", &["--with", "nginx"]);
     let before = settled_snapshot(&tb);
     let user = TestUser::create("mvcfg4", None);
@@ -590,6 +602,9 @@ fn a_profile_brings_up_the_same_session_as_its_flags() {
 
 #[test]
 fn the_jump_hosts_configured_address_stays_out_of_the_tunnel() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     // The jump host at 10.99.0.1, inside the routed 10.0.0.0/8, known only by its alias: the
     // route plan must keep the config's HostName out of the TUN, or the SSH connection would
     // try to run through itself.
@@ -611,6 +626,9 @@ fn the_jump_hosts_configured_address_stays_out_of_the_tunnel() {
 
 #[test]
 fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     // sshd gives up after one refused key: offering any other agent key first would fail.
     let tb = Testbed::up("cf6", &["--with", "nginx"]);
     tb.edit_sshd_config("MaxSessions 100", "MaxSessions 100\nMaxAuthTries 1");
@@ -664,6 +682,9 @@ fn identities_only_offers_just_the_agents_copy_of_the_configured_key() {
 
 #[test]
 fn a_proxy_command_carries_the_connection() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("cf8", &["--with", "nginx"]);
     let before = settled_snapshot(&tb);
     let key = tb.dir.join("id_ed25519");

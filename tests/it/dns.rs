@@ -44,6 +44,9 @@ fn lap_ok(tb: &Testbed, script: &str) -> String {
 
 #[test]
 fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn1", &["--with", "nginx,dns"]);
     let conf = lap_resolv_conf(&tb);
     let original = std::fs::read(&conf).unwrap();
@@ -205,6 +208,9 @@ fn vpc_names_resolve_through_the_tunnel_and_other_names_as_before() {
 
 #[test]
 fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn2", &["--with", "nginx,dns"]);
     let conf = lap_resolv_conf(&tb);
     let original = std::fs::read(&conf).unwrap();
@@ -249,7 +255,7 @@ fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
     std::fs::write(&jump_conf, &jump_orig).unwrap();
 
     // No --dns: the jump host's resolv.conf names a loopback stub first, then 10.0.0.13.
-    let vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
+    let mut vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
     assert!(
         vpn.stdout()
             .contains("→ 10.0.0.13 (the jump host's resolver) through the tunnel"),
@@ -302,8 +308,7 @@ fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
     }
 
     // SIGKILL: resolv.conf stays rewritten until `down --force` restores it.
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    vpn.kill9();
     assert_ne!(std::fs::read(&conf).unwrap(), original);
     let out = tb
         .mse_vpn(&["down", "--force"])
@@ -322,9 +327,8 @@ fn servfail_at_once_when_the_jump_host_dies_and_sigkill_is_repaired() {
     );
 
     // Again, and this time the next `up` repairs it, then restores on its own down.
-    let vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
+    vpn.kill9();
     let vpn: Vpn = tb.start(&["10.0.0.0/16"], &DOMAINS);
     assert!(vpn.stderr().contains("repaired"), "{}", vpn.stderr());
     assert_eq!(lap_ok(&tb, "dig +short api.internal").trim(), "10.0.0.10");
@@ -381,6 +385,9 @@ sys.exit(0 if len(lat) == 1000 and not bad else 1)
 
 #[test]
 fn a_thousand_queries_from_fifty_clients_are_all_answered() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn3", &["--with", "dns"]);
     let mut extra = vec!["--dns", "10.0.0.13"];
     extra.extend(DOMAINS);
@@ -454,6 +461,9 @@ fn with_fake_resolved(tb: &Testbed, args: &[&str]) -> Command {
 
 #[test]
 fn with_systemd_resolved_only_routing_domains_are_set_on_the_tun_link_and_reverted() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("dn4", &["--with", "dns"]);
     let conf = lap_resolv_conf(&tb);
     std::fs::write(&conf, "nameserver 127.0.0.53\noptions edns0 trust-ad\n").unwrap();
@@ -505,9 +515,8 @@ fn with_systemd_resolved_only_routing_domains_are_set_on_the_tun_link_and_revert
     assert!(calls.ends_with(&format!("revert {tun}\n")), "{calls}");
 
     // SIGKILL, then `down --force` reverts the link from the journal.
-    let vpn = tb.start_cmd(with_fake_resolved(&tb, &args));
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut vpn = tb.start_cmd(with_fake_resolved(&tb, &args));
+    vpn.kill9();
     std::fs::write(&log, "").unwrap();
     let out = with_fake_resolved(&tb, &["down", "--force"])
         .output()

@@ -205,6 +205,9 @@ fn assert_complete(child: Child, size: usize, sha: &str, flows: usize) {
 
 #[test]
 fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("fc1", &["--with", "nginx,redis"]);
     let sha = web_file(&tb, "1g.bin", 1024);
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
@@ -227,6 +230,9 @@ fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
 
 #[test]
 fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     const FLOWS: usize = 50;
     let tb = Testbed::up("fc2", &["--with", "nginx,redis"]);
     let sha = web_file(&tb, "64m.bin", 64);

@@ -18,6 +18,40 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mse-vpn")
 }
 
+/// True (after saying so on the terminal) when this process is not root: the end-to-end
+/// tests build network namespaces and TUN devices, so as a non-root user each one is
+/// reported as skipped and passes. Call it first thing in every test that needs root:
+///
+/// ```ignore
+/// if crate::harness::skip_unless_root() {
+///     return;
+/// }
+/// ```
+pub fn skip_unless_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return false;
+    }
+    use std::io::Write;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // The harness names each test's thread after the test (`module::name`); a test run on
+    // the main thread is just "this test".
+    let name = match std::thread::current().name() {
+        Some(n) if n != "main" => n.to_owned(),
+        _ => "(this test)".to_owned(),
+    };
+    // Written to the process's stderr directly: the test harness captures `eprintln!` and
+    // shows it only for failing tests, and a skip must be visible.
+    let mut err = std::io::stderr().lock();
+    ONCE.call_once(|| {
+        let _ = writeln!(
+            err,
+            "\nthe end-to-end tests (tests/it) build network namespaces and TUN devices and need root: each is skipped; run them as root (`bash scripts/test`, as CI does)"
+        );
+    });
+    let _ = writeln!(err, "test {name} skipped: needs root (network namespaces)");
+    true
+}
+
 fn must_be_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),
@@ -117,6 +151,47 @@ impl Testbed {
             .expect("run a command in the laptop namespace")
     }
 
+    /// Waits until something listens on TCP `port` in namespace `ns` (a server the test
+    /// just spawned is ready); panics after `limit`.
+    pub fn wait_listening(&self, ns: &str, port: u16, limit: Duration) {
+        let filter = format!("sport = :{port}");
+        self.wait_ss(
+            ns,
+            &["-Hltn", &filter],
+            limit,
+            &format!("a listener on port {port}"),
+        );
+    }
+
+    /// Waits until namespace `ns` has an established TCP connection to `dst` (`ADDR:PORT`):
+    /// a client the test just spawned is under way; panics after `limit`.
+    pub fn wait_established(&self, ns: &str, dst: &str, limit: Duration) {
+        let filter = format!("dst {dst}");
+        self.wait_ss(
+            ns,
+            &["-Htn", "state", "established", &filter],
+            limit,
+            &format!("a connection to {dst}"),
+        );
+    }
+
+    fn wait_ss(&self, ns: &str, args: &[&str], limit: Duration, what: &str) {
+        let start = Instant::now();
+        let mut argv = vec!["ss"];
+        argv.extend_from_slice(args);
+        loop {
+            let out = self.cmd_in(ns, &argv).output().expect("run ss");
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no {what} in {ns} within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs a shell snippet in the laptop namespace.
     pub fn sh(&self, timeout: u32, script: &str) -> Output {
         self.on_laptop(timeout, &["bash", "-c", script])
@@ -206,6 +281,10 @@ pub struct Vpn {
     up_rx: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// One message from each output reader when it has read its pipe to the end.
+    drained: mpsc::Receiver<()>,
+    /// Readers that reported their end.
+    readers_done: usize,
 }
 
 impl Vpn {
@@ -219,6 +298,8 @@ impl Vpn {
             .env_remove("SSH_AUTH_SOCK");
         let mut child = cmd.spawn().expect("spawn mse-vpn");
         let (tx, up_rx) = mpsc::channel();
+        let (drained_tx, drained) = mpsc::channel();
+        let drained_err = drained_tx.clone();
         let stdout = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().unwrap();
         let so = stdout.clone();
@@ -229,6 +310,7 @@ impl Vpn {
                     let _ = tx.send(line);
                 }
             }
+            let _ = drained_tx.send(());
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
@@ -237,12 +319,15 @@ impl Vpn {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 se.lock().unwrap().push_str(&format!("{line}\n"));
             }
+            let _ = drained_err.send(());
         });
         Vpn {
             child,
             up_rx,
             stderr,
             stdout,
+            drained,
+            readers_done: 0,
         }
     }
 
@@ -277,8 +362,13 @@ impl Vpn {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
-                // Let the output threads catch up.
-                std::thread::sleep(Duration::from_millis(100));
+                // The output threads have read everything once both pipes hit EOF (a
+                // `--daemon` child may hold them open longer: bounded).
+                while self.readers_done < 2
+                    && self.drained.recv_timeout(Duration::from_secs(2)).is_ok()
+                {
+                    self.readers_done += 1;
+                }
                 return st;
             }
             if start.elapsed() > limit {
@@ -295,6 +385,13 @@ impl Vpn {
     /// Sends a signal to the process (`ip netns exec` execs, so the pid is mse-vpn's).
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// SIGKILL, then waits until the process is gone (reaped: its TUN and sockets are
+    /// closed by the kernel by then).
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
     }
 
     /// True while the process runs.

@@ -268,6 +268,9 @@ fn rtts(pings: &[(f64, u64)], from: f64, to: f64) -> Vec<u64> {
 /// by the jump host's connect timeout, not by the flood's end.
 #[test]
 fn a_syn_flood_is_bounded_at_the_jump_host_and_recovers() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("hos1", &["--with", "nginx,redis"]);
     silence(&tb);
     shorten_jump_connects(&tb);
@@ -464,6 +467,9 @@ const IDLE_CPU_MAX: Duration = Duration::from_millis(500);
 /// the jump host, and mse-vpn stays idle with no flow.
 #[test]
 fn a_channel_that_opens_after_its_app_gave_up_is_closed_at_once() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("hos2", &["--with", "none"]);
     let vpc = format!("{}-vpc", tb.name);
     let nft = |rules: &str| {
@@ -672,6 +678,9 @@ impl Drop for Bound {
 /// host answers them; then connections work again.
 #[test]
 fn connects_over_the_opening_bound_are_reset_at_once_with_few_warnings() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("hos3", &["--with", "nginx"]);
     silence(&tb);
     shorten_jump_connects(&tb);
@@ -813,6 +822,9 @@ const REFUSALS_GROWTH_MIB: u64 = 2;
 /// session's lifetime); with our russh patch 0004, 21 to 21.
 #[test]
 fn refused_connections_leave_nothing_behind() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("hos4", &["--with", "nginx"]);
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
     let pid = vpn.pid();

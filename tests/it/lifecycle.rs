@@ -86,6 +86,9 @@ fn slow_download(tb: &Testbed) -> std::process::Child {
 
 #[test]
 fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc1", &[]);
     let vpn = tb.start(
         &["10.0.0.0/16"],
@@ -99,7 +102,12 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     );
     assert_eq!(fresh["state"], "connected", "{fresh:#}");
     let download = slow_download(&tb);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_status(
+        &tb,
+        Duration::from_secs(5),
+        "the download under way",
+        |st| st["flows_active"].as_u64().unwrap() >= 1 && st["bytes_down"].as_u64().unwrap() > 0,
+    );
 
     // sshd and all its children die at once.
     tb.control("sshd-kill");
@@ -139,13 +147,20 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
     // A connection made while the jump host is still down, shortly before it returns, waits
     // and goes through.
     std::thread::sleep(Duration::from_secs(5).saturating_sub(waited));
+    let opened = status(&tb)["flows_opened"].as_u64().unwrap();
     let early = tb
         .cmd_in(
             &tb.lap(),
             &["curl", "-sS", "-m", "10", "http://10.0.0.10/index.html"],
         )
         .output_async();
-    std::thread::sleep(Duration::from_millis(500));
+    // Its SYN is held, waiting for a link, when sshd comes back.
+    wait_status(
+        &tb,
+        Duration::from_secs(3),
+        "the early connection waiting",
+        |st| st["flows_opened"].as_u64().unwrap() > opened,
+    );
     tb.control("sshd-start");
     let back = Instant::now();
     let out = early.join().expect("curl");
@@ -182,6 +197,9 @@ fn sshd_killed_and_restarted_the_tunnel_comes_back_by_itself() {
 
 #[test]
 fn a_black_holed_link_is_detected_by_keepalive_and_recovers() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc2", &[]);
     let vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "3"]);
     curl_until_ok(&tb, Duration::from_secs(5));
@@ -211,13 +229,16 @@ fn a_black_holed_link_is_detected_by_keepalive_and_recovers() {
 
 #[test]
 fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     // The jump host inside the routed CIDR: mse-vpn adds a bypass host route via the
     // laptop's gateway, which outlives a SIGKILLed process (the TUN and its routes do not:
     // the kernel deletes a non-persistent TUN with its last file descriptor).
     let tb = Testbed::up("lc3", &["--jump-in-cidr"]);
     let before = tb.snapshot();
 
-    let vpn = tb.start(&["10.0.0.0/8"], &[]);
+    let mut vpn = tb.start(&["10.0.0.0/8"], &[]);
     // A second session may not take the same TUN or overlapping networks.
     let args = tb.up_args(&["10.0.0.0/16"], &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -232,8 +253,7 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
     assert!(!st.success());
     assert!(err.contains("overlap"), "{err}");
 
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    vpn.kill9();
     let left = tb.snapshot();
     assert_ne!(left, before, "SIGKILL left nothing to repair?");
     assert!(
@@ -259,9 +279,8 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
     assert!(stdout(&out).contains("nothing left"), "{}", stdout(&out));
 
     // Again, but this time the next `up` repairs it.
-    let vpn = tb.start(&["10.0.0.0/8"], &[]);
-    vpn.signal(nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut vpn = tb.start(&["10.0.0.0/8"], &[]);
+    vpn.kill9();
     assert_ne!(tb.snapshot(), before);
     let vpn: Vpn = tb.start(&["10.0.0.0/8"], &[]);
     assert!(vpn.stderr().contains("repaired"), "{}", vpn.stderr());
@@ -276,6 +295,9 @@ fn after_sigkill_down_force_and_the_next_up_remove_exactly_the_leftovers() {
 
 #[test]
 fn status_json_shows_flows_and_bytes_moving_during_traffic() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc4", &[]);
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "2"]);
     let download = slow_download(&tb);
@@ -283,6 +305,7 @@ fn status_json_shows_flows_and_bytes_moving_during_traffic() {
         st["flows_active"].as_u64().unwrap() >= 1 && st["bytes_down"].as_u64().unwrap() > 0
     });
     let a = status(&tb);
+    // The measurement: one second of traffic between two samples.
     std::thread::sleep(Duration::from_secs(1));
     let b = status(&tb);
     let (da, db) = (
@@ -335,6 +358,9 @@ fn doctor(tb: &Testbed, cidrs: &[&str]) -> (bool, String) {
 
 #[test]
 fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc5", &[]);
     let before = tb.snapshot();
 
@@ -398,6 +424,9 @@ fn doctor_changes_nothing_and_names_each_problem_with_its_fix() {
 
 #[test]
 fn daemon_mode_detaches_once_up_and_down_stops_it() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc6", &[]);
     let before = tb.snapshot();
     let args = tb.up_args(&["10.0.0.0/16"], &["--daemon"]);
@@ -463,6 +492,9 @@ fn wait_log_lines(vpn: &mut Vpn, mark: usize, words: &[&str], n: usize, limit: D
 
 #[test]
 fn known_hosts_unreadable_for_want_of_descriptors_during_a_reconnect_is_retried() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc7", &[]);
     let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
     curl_until_ok(&tb, Duration::from_secs(5));
@@ -499,6 +531,9 @@ fn known_hosts_unreadable_for_want_of_descriptors_during_a_reconnect_is_retried(
 
 #[test]
 fn a_host_key_that_changed_during_a_reconnect_stops_the_session() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc8", &[]);
     let before = tb.snapshot();
     let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
@@ -530,6 +565,9 @@ fn a_host_key_that_changed_during_a_reconnect_stops_the_session() {
 
 #[test]
 fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc9", &[]);
     let mut vpn = tb.start(&["10.0.0.0/16"], &[]);
     let pid = vpn.pid();
@@ -636,6 +674,9 @@ fn rules(tb: &Testbed) -> String {
 
 #[test]
 fn an_undo_that_fails_is_kept_reported_and_done_by_the_next_down() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc10", &[]);
     let before = tb.snapshot();
     let flag = tb.dir.join("ip-out-of-descriptors");
@@ -724,6 +765,9 @@ fn an_undo_that_fails_is_kept_reported_and_done_by_the_next_down() {
 
 #[test]
 fn a_failed_up_leaves_a_rule_it_did_not_create() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lc11", &[]);
     // Someone else's rule, identical to the one mse-vpn adds first.
     let out = tb.on_laptop(

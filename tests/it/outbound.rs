@@ -34,6 +34,9 @@ print(reply.decode())
 
 #[test]
 fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("ob", &["--with", "nginx,redis,postgres"]);
     let before = tb.snapshot();
     let vpn = tb.start(&["10.0.0.0/16", "fd00:10::/64"], &[]);
@@ -137,7 +140,7 @@ fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
         )
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    tb.wait_listening(&format!("{}-vpc", tb.name), 7000, Duration::from_secs(5));
     let out = tb.on_laptop(20, &["python3", "-c", HALF_CLOSE_CLIENT]);
     let _ = server.kill();
     let _ = server.wait();
@@ -173,6 +176,9 @@ fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
 
 #[test]
 fn the_jump_host_inside_the_routed_cidr_keeps_its_own_path() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("jin", &["--with", "nginx", "--jump-in-cidr"]);
     assert!(tb.jump_addr.starts_with("10."));
     let before = tb.snapshot();
@@ -195,6 +201,9 @@ fn the_jump_host_inside_the_routed_cidr_keeps_its_own_path() {
 
 #[test]
 fn host_keys_are_checked_strictly() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("hk", &["--with", "nginx"]);
     let before = tb.snapshot();
     let kh = tb.dir.join("known_hosts");
@@ -248,6 +257,9 @@ fn host_keys_are_checked_strictly() {
 
 #[test]
 fn bad_input_is_refused_before_the_host_is_touched() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("bad", &["--with", "nginx"]);
     let before = tb.snapshot();
     let cases: &[(&[&str], &str, &[&str])] = &[
@@ -297,6 +309,9 @@ fn bad_input_is_refused_before_the_host_is_touched() {
 
 #[test]
 fn the_flow_limit_resets_new_connections_and_keeps_the_others() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("lim", &["--with", "nginx"]);
     let vpn = tb.start(&["10.0.0.0/16"], &["--max-flows", "2"]);
     let script = r#"
@@ -327,6 +342,9 @@ for c in held:
 
 #[test]
 fn a_slow_reader_still_gets_every_byte_and_a_fast_one_beside_it_is_not_held_back() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("slw", &[]);
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
     // A reader at 3 MB/s of a 10 MiB body (the jump host sends far faster), and, on the same
@@ -341,7 +359,7 @@ fn a_slow_reader_still_gets_every_byte_and_a_fast_one_beside_it_is_not_held_back
             ],
         )
         .output_async();
-    std::thread::sleep(Duration::from_millis(500));
+    tb.wait_established(&tb.lap(), "10.0.0.10:80", Duration::from_secs(5));
     let started = Instant::now();
     let out = tb.sh(30, "curl -sS -m 25 http://10.0.0.10/10m.bin | sha256sum");
     let fast = started.elapsed();

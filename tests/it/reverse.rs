@@ -115,6 +115,9 @@ impl Drop for LocalApp {
 
 #[test]
 fn cloud_callers_reach_a_local_app_from_their_own_address() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv1", &["--with", "none"]);
     let _app = LocalApp::start_on(&tb, 8080, "::");
     let _loopback_app = LocalApp::start_on(&tb, 8082, "127.0.0.1");
@@ -245,6 +248,9 @@ fn cloud_callers_reach_a_local_app_from_their_own_address() {
 
 #[test]
 fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv2", &["--with", "none"]);
     let _app = LocalApp::start(&tb, 8080);
     let before = tb.snapshot();
@@ -274,6 +280,9 @@ fn a_caller_outside_the_routed_networks_is_answered_and_down_restores_the_rules(
 
 #[test]
 fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv3", &["--with", "none"]);
     tb.edit_sshd_config("GatewayPorts clientspecified", "GatewayPorts no");
     let before = tb.snapshot();
@@ -301,7 +310,7 @@ fn a_jump_host_that_binds_loopback_only_is_reported_with_the_fix() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    tb.wait_listening(&format!("{}-jump", tb.name), 18090, Duration::from_secs(5));
     let args = tb.up_args(&["10.0.0.0/16"], &["--expose", "18090:8080"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, err) = tb.up_fails(&args);
@@ -331,6 +340,9 @@ fn compile_demo(tb: &Testbed) -> PathBuf {
 
 #[test]
 fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consumer_calls_it() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv4", &["--with", "zookeeper"]);
     let classes = compile_demo(&tb);
     let cp = format!("{}:/usr/share/java/zookeeper.jar", classes.display());
@@ -462,6 +474,9 @@ fn a_provider_started_by_run_registers_the_jump_host_address_and_a_cloud_consume
 
 #[test]
 fn exposed_ports_come_back_after_the_jump_host_restarts() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv5", &["--with", "none"]);
     let _app = LocalApp::start(&tb, 8080);
     let vpn = tb.start(&["10.0.0.0/16"], &["--expose", "18080:8080"]);
@@ -551,20 +566,7 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !stdout(
-        &tb.cmd_in(&jump, &["ss", "-Hltn", "sport = :18095"])
-            .output()
-            .unwrap(),
-    )
-    .contains("18095")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "socat did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tb.wait_listening(&jump, 18095, Duration::from_secs(5));
     let out = tb.mse_vpn(&["expose", "18095:8080"]).output().unwrap();
     let _ = taken.kill();
     let _ = taken.wait();
@@ -583,6 +585,9 @@ fn exposed_ports_come_back_after_the_jump_host_restarts() {
 
 #[test]
 fn run_starts_the_app_as_the_invoking_user_never_as_root() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv6", &["--with", "none"]);
     let user = crate::harness::TestUser::create("mvrun", None);
     let env = user.sudo_env();
@@ -687,6 +692,9 @@ while True:
 
 #[test]
 fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
     let tb = Testbed::up("rv7", &["--with", "nginx"]);
     let script = write_script(&tb, "deaf.py", DEAF_SERVER);
     let mut deaf = tb
@@ -723,6 +731,8 @@ fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Not a readiness wait: two seconds of pushing fill the call's SSH window and every
+    // buffer behind it, so the download below shares the connection with a stuck channel.
     std::thread::sleep(Duration::from_secs(2));
     // Meanwhile a download over the same SSH connection is not held up.
     let start = Instant::now();

@@ -1,0 +1,404 @@
+//! The driver between an in-memory TUN (an app-side smoltcp interface) and a pool connected
+//! to the in-process jump host: an app's TCP connection to a VPC address becomes a
+//! `direct-tcpip` channel and back, byte-exact; FIN and EOF, resets and refusals map as
+//! the README says; a cloud caller reaches a local app from its own address.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smoltcp::socket::tcp::State;
+use tokio::sync::watch;
+
+use mse_vpn::driver::{Driver, DriverConfig};
+use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
+use mse_vpn::pool::Pool;
+use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
+
+use crate::app::{
+    self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern, source_server,
+    watch_server,
+};
+use crate::jump::Jump;
+use crate::{LIMIT, start_pool};
+
+/// How long an app's SYN is held for its channel: long, so a reset well before it is a
+/// refusal, not a timeout.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A driver running between `app` and a pool on a fresh jump host.
+struct Rig {
+    jump: Jump,
+    pool: Arc<Pool>,
+    app: App,
+    forwards: Arc<Forwards>,
+    stats: watch::Receiver<EngineStats>,
+    stop: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        Rig::with_open_timeout(OPEN_TIMEOUT).await
+    }
+
+    /// A rig whose apps wait `open_timeout` for their channel.
+    async fn with_open_timeout(open_timeout: Duration) -> Rig {
+        let jump = Jump::start().await;
+        let (pool, stop) = start_pool(&jump, 1).await;
+        let (app, queues) = App::new();
+        let config = DriverConfig {
+            engine: EngineConfig {
+                mtu: app::MTU,
+                tcp_buffer: 256 * 1024,
+                open_timeout: open_timeout.into(),
+                tun: TunFormat {
+                    header: 0,
+                    checksum_offload: false,
+                },
+                ..EngineConfig::default()
+            },
+            open_timeout: Duration::from_secs(5),
+            max_opening: 64,
+            local_v4: APP_V4,
+            local_v6: None,
+        };
+        let forwards = Forwards::new();
+        tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));
+        let driver = Driver::new(config, queues, pool.clone())
+            .with_inbound(pool.inbound_calls().expect("calls"), forwards.clone());
+        let stats = driver.stats();
+        let driver = tokio::spawn(driver.run(stop.subscribe()));
+        Rig {
+            jump,
+            pool,
+            app,
+            forwards,
+            stats,
+            stop,
+            driver,
+        }
+    }
+
+    /// Stops the driver; it must end cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let ended = tokio::time::timeout(LIMIT, self.driver).await;
+        ended
+            .expect("the driver stops")
+            .expect("no panic")
+            .expect("no TUN error");
+    }
+
+    fn vpc(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(VPC_V4), port)
+    }
+
+    /// Pumps the app until no flow is live in the engine.
+    async fn until_no_flows(&mut self) -> bool {
+        let stats = self.stats.clone();
+        self.app
+            .until(LIMIT, |_| stats.borrow().flows_active == 0)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_connection_to_a_vpc_address_echoes_byte_exact_and_closes_cleanly() {
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(500_000);
+    let got = rig.app.exchange(h, &data, data.len(), LIMIT).await;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes come back as sent");
+    assert_eq!(
+        rig.jump.opens(),
+        [(VPC_V4.to_string(), echo.port())],
+        "one channel, to the address the app dialled"
+    );
+
+    // The app closes: its FIN is the channel's EOF, the echo server closes, its EOF is the
+    // app's FIN; then the flow is gone from the engine.
+    rig.app.tcp(h).close();
+    let mut rest = Vec::new();
+    assert!(rig.app.read_to_fin(h, &mut rest, LIMIT).await, "FIN back");
+    assert!(rest.is_empty());
+    assert!(rig.until_no_flows().await, "the flow is reaped");
+    let stats = *rig.stats.borrow();
+    assert_eq!((stats.bytes_up, stats.bytes_down), (500_000, 500_000));
+    assert_eq!(stats.flows_opened, 1);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_fin_arrives_as_eof_and_the_reply_still_flows_back() {
+    let mut rig = Rig::start().await;
+    let server = count_server().await;
+    let h = rig.app.connect(Rig::vpc(server.port()));
+    let data = pattern(70_000);
+    // The app writes everything, then shuts its write side (FIN after the data).
+    let mut queued = 0;
+    let written = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.can_send() && queued < data.len() {
+                queued += s.send_slice(&data[queued..]).expect("send");
+            }
+            queued == data.len()
+        })
+        .await;
+    assert!(written);
+    rig.app.tcp(h).close();
+    let mut reply = Vec::new();
+    assert!(
+        rig.app.read_to_fin(h, &mut reply, LIMIT).await,
+        "the server's FIN"
+    );
+    assert_eq!(String::from_utf8_lossy(&reply), "got 70000 bytes");
+    assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_reset_closes_its_channel_and_the_server_connection_ends() {
+    let mut rig = Rig::start().await;
+    let (server, mut ends) = watch_server().await;
+    let h = rig.app.connect(Rig::vpc(server.port()));
+    let data = pattern(30_000);
+    let mut sent = 0;
+    let written = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.can_send() && sent < data.len() {
+                sent += s.send_slice(&data[sent..]).expect("send");
+            }
+            sent == data.len() && s.send_queue() == 0
+        })
+        .await;
+    assert!(written, "the data is out and acknowledged");
+    // The app resets its connection: the flow ends, its channel is closed, and the jump
+    // host's connection to the server goes with it.
+    rig.app.tcp(h).abort();
+    assert!(rig.until_no_flows().await, "the flow is reaped");
+    let end = tokio::select! {
+        end = ends.recv() => end.expect("the server saw its connection end"),
+        _ = rig.app.until(LIMIT, |_| false) => panic!("the server's connection stayed"),
+    };
+    assert_eq!(
+        end.expect("closed, not failed"),
+        data.len(),
+        "every byte arrived first"
+    );
+    assert_eq!(rig.pool.connected(), 1, "a reset flow leaves the link up");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_destination_resets_the_app_at_once() {
+    let mut rig = Rig::start().await;
+    let h = rig.app.connect(Rig::vpc(closed_port()));
+    let started = tokio::time::Instant::now();
+    let mut established = false;
+    let closed = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            established |= s.state() == State::Established;
+            s.state() == State::Closed
+        })
+        .await;
+    assert!(closed, "the app's connect ends");
+    assert!(
+        !established,
+        "the SYN is held until the channel opens: never a SYN-ACK"
+    );
+    assert!(
+        started.elapsed() < OPEN_TIMEOUT / 10,
+        "a reset on the refusal, not the open timeout ({:?})",
+        started.elapsed()
+    );
+    assert!(rig.until_no_flows().await);
+    assert_eq!(rig.stats.borrow().flows_refused, 1);
+    assert_eq!(rig.pool.connected(), 1, "a refusal keeps the link");
+    rig.stop().await;
+}
+
+/// On a virtual clock (`start_paused`: time jumps ahead whenever every task waits, and the
+/// loopback sockets' readiness is seen before it does): the open timeout's 10 s pass in
+/// no time, and the reset comes exactly when the engine's once-a-second check finds the
+/// held SYN expired.
+#[tokio::test(start_paused = true)]
+async fn a_destination_that_never_answers_is_reset_at_the_open_timeout() {
+    const OPEN: Duration = Duration::from_secs(10);
+    let mut rig = Rig::with_open_timeout(OPEN).await;
+    let silent = closed_port();
+    rig.jump.silence(silent);
+    let h = rig.app.connect(Rig::vpc(silent));
+    let started = tokio::time::Instant::now();
+    let mut established = false;
+    let closed = rig
+        .app
+        .until(OPEN * 2, |app| {
+            let s = app.tcp(h);
+            established |= s.state() == State::Established;
+            s.state() == State::Closed
+        })
+        .await;
+    let took = started.elapsed();
+    assert!(closed, "the app's connect ends");
+    assert!(!established, "never a SYN-ACK for an unanswered open");
+    assert!(
+        took >= OPEN && took <= OPEN + Duration::from_millis(1_100),
+        "reset at the open timeout (checked once a second), took {took:?}"
+    );
+    assert_eq!(rig.jump.opens(), [(VPC_V4.to_string(), silent)]);
+    assert_eq!(rig.stats.borrow().flows_refused, 1);
+    assert!(rig.until_no_flows().await);
+    assert_eq!(
+        rig.pool.connected(),
+        1,
+        "the link outlives the unanswered open"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_byte() {
+    const BULK: usize = 8 * 1024 * 1024;
+    let mut rig = Rig::start().await;
+    let source = source_server(BULK).await;
+    let echo = echo_server().await;
+    let paused = rig.app.connect(Rig::vpc(source.port()));
+    // The app never reads `paused`: its receive buffer fills (256 KiB), then the engine's
+    // socket (256 KiB), then the driver stops reading the channel.
+    let stats = rig.stats.clone();
+    let filled = rig
+        .app
+        .until(LIMIT, |_| stats.borrow().bytes_down >= 256 * 1024)
+        .await;
+    assert!(filled, "the download started and filled the app's buffer");
+    // Not a readiness wait: the pause is the test. Nothing more is taken in than buffers.
+    rig.app.until(Duration::from_millis(300), |_| false).await;
+    let held = stats.borrow().bytes_down;
+    assert!(
+        held < 1024 * 1024,
+        "a paused flow costs its buffers, not the whole download: {held} bytes taken in"
+    );
+    // Another flow on the same SSH connection is not held up.
+    let other = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(200_000);
+    assert_eq!(
+        rig.app.exchange(other, &data, data.len(), LIMIT).await,
+        data
+    );
+    // The app reads again: every byte, in order.
+    let mut got = Vec::new();
+    assert!(
+        rig.app.read_to_fin(paused, &mut got, LIMIT).await,
+        "the FIN at the end"
+    );
+    assert_eq!(got.len(), BULK);
+    assert!(got == pattern(BULK), "byte-exact after the pause");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_link_resets_its_flows_and_the_next_connection_goes_through_the_new_one() {
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(20_000);
+    assert_eq!(rig.app.exchange(h, &data, data.len(), LIMIT).await, data);
+
+    rig.jump.drop_connections();
+    let reset = rig
+        .app
+        .until(LIMIT, |app| app.tcp(h).state() == State::Closed)
+        .await;
+    assert!(reset, "the app's connection is reset when its link goes");
+    assert!(rig.until_no_flows().await);
+
+    // The pool reconnects by itself; a new connection is carried on the new link.
+    let pool = rig.pool.clone();
+    assert!(rig.app.until(LIMIT, |_| pool.connected() == 1).await);
+    let h2 = rig.app.connect(Rig::vpc(echo.port()));
+    assert_eq!(rig.app.exchange(h2, &data, data.len(), LIMIT).await, data);
+    assert_eq!(rig.jump.accepted(), 2);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
+    const LOCAL_PORT: u16 = 8080;
+    const CALLER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 7, 9)), 40_022);
+    let mut rig = Rig::start().await;
+    let ids: Vec<u64> = rig
+        .forwards
+        .add(&[ForwardSpec {
+            bind: String::new(),
+            remote_port: 0,
+            local_port: LOCAL_PORT,
+        }])
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    rig.forwards.settled(&ids, LIMIT).await;
+    let row = rig.forwards.status_of(&ids).remove(0);
+    assert_eq!(row.state, ForwardState::Listening);
+    let port = row.remote_port.expect("port");
+
+    let listener = rig.app.listen(LOCAL_PORT);
+    // The jump host's open completes once the local app answered: run it beside the app.
+    let call = tokio::spawn(rig.jump.call(port, CALLER));
+    let answered = rig
+        .app
+        .until(LIMIT, |app| app.tcp(listener).state() == State::Established)
+        .await;
+    assert!(answered, "the local app accepts the caller's connection");
+    assert_eq!(
+        rig.app.tcp(listener).remote_endpoint(),
+        Some(CALLER.into()),
+        "the app sees the caller's own address"
+    );
+    let opened = rig.app.until(LIMIT, |_| call.is_finished()).await;
+    assert!(opened, "the jump host's open completes");
+    let channel = call
+        .await
+        .expect("no panic")
+        .expect("the channel was accepted");
+    let (mut read, write) = channel.split();
+    write
+        .data_bytes(&b"ping from the cloud"[..])
+        .await
+        .expect("send");
+    let got = rig
+        .app
+        .exchange(listener, b"pong", "ping from the cloud".len(), LIMIT)
+        .await;
+    assert_eq!(got, b"ping from the cloud");
+    // The app answers and closes: the caller gets the answer, then EOF.
+    rig.app.tcp(listener).close();
+    let caller_side = tokio::time::timeout(LIMIT, async {
+        let mut got = Vec::new();
+        loop {
+            match read.wait().await {
+                Some(russh::ChannelMsg::Data { data }) => got.extend_from_slice(&data),
+                Some(russh::ChannelMsg::Eof) => break (got, true),
+                Some(_) => continue,
+                None => break (got, false),
+            }
+        }
+    });
+    // The app side keeps running while the caller reads.
+    let (reply, eof) = tokio::select! {
+        r = caller_side => r.expect("the answer in time"),
+        _ = rig.app.until(LIMIT, |_| false) => panic!("no answer"),
+    };
+    assert_eq!(reply, b"pong");
+    assert!(eof, "the app's FIN reaches the caller as EOF");
+    assert_eq!(rig.stats.borrow().inbound_opened, 1);
+    rig.stop().await;
+}

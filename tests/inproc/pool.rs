@@ -1,0 +1,304 @@
+//! The pool against the in-process jump host: connecting, spreading channels over the
+//! links, refusals, and a link that drops and comes back.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use russh::ChannelMsg;
+use russh::client::Msg;
+
+use mse_vpn::ssh::{OpenError, SshError};
+
+use crate::app::{VPC_V4, closed_port, echo_server, pattern, source_server};
+use crate::jump::Jump;
+use crate::{LIMIT, start_pool, start_pool_fatal, wait_for};
+
+const ORIGINATOR: SocketAddr = SocketAddr::new(IpAddr::V4(crate::app::APP_V4), 40_000);
+const OPEN_CAP: Duration = Duration::from_secs(5);
+
+/// `data` through `channel` and back (to an echo server); the channel ends with EOF.
+async fn echo_through(channel: russh::Channel<Msg>, data: &[u8]) -> Vec<u8> {
+    let (mut read, write) = channel.split();
+    write.data_bytes(data.to_vec()).await.expect("write");
+    write.eof().await.expect("eof");
+    let mut got = Vec::new();
+    let read_all = async {
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => got.extend_from_slice(&data),
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read_all)
+        .await
+        .expect("echo in time");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_spread_over_every_link_and_echo_byte_exact() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 2).await;
+    assert_eq!(jump.accepted(), 2, "one login per slot");
+
+    // The destination is a VPC address; the jump host (not the pool) maps it to the server.
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    let mut slots = Vec::new();
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        let (link, channel) = pool
+            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .await
+            .expect("open");
+        assert!(pool.is_live(link));
+        slots.push(link.slot);
+        channels.push(channel);
+    }
+    slots.sort_unstable();
+    assert_eq!(
+        slots,
+        [0, 0, 1, 1],
+        "each new flow goes to the least loaded link"
+    );
+    assert!(
+        jump.opens()
+            .iter()
+            .all(|(host, port)| *host == VPC_V4.to_string() && *port == echo.port()),
+        "the jump host is asked for the VPC destination: {:?}",
+        jump.opens()
+    );
+    let data = pattern(300_000);
+    for channel in channels {
+        assert_eq!(echo_through(channel, &data).await, data);
+    }
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_destination_port_is_a_connect_failure_not_a_lost_link() {
+    let jump = Jump::start().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), closed_port());
+    let err = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(err, OpenError::ConnectFailed);
+    assert_eq!(pool.connected(), 1, "a refused channel leaves the link up");
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_link_reconnects_by_itself_and_new_opens_use_the_new_link() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    let (old, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open");
+    let mut links = pool.subscribe();
+    links.borrow_and_update();
+
+    jump.drop_connections();
+
+    // The flow's channel ends with its connection, and the pool says so.
+    let (mut read, _write) = channel.split();
+    let ended = tokio::time::timeout(LIMIT, async {
+        while let Some(msg) = read.wait().await {
+            if matches!(msg, ChannelMsg::Close) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the channel of a dropped link ends");
+    tokio::time::timeout(LIMIT, links.wait_for(|l| l[0].is_none()))
+        .await
+        .expect("the slot is cleared")
+        .expect("pool alive");
+    assert!(!pool.is_live(old));
+
+    // The supervisor reconnects (first retry after 250 ms) and the slot is filled again.
+    tokio::time::timeout(LIMIT, links.wait_for(|l| l[0].is_some()))
+        .await
+        .expect("reconnected in time")
+        .expect("pool alive");
+    assert_eq!(jump.accepted(), 2, "one new login");
+    let (new, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open after the reconnect");
+    assert_eq!(new.slot, old.slot);
+    assert!(
+        new.generation > old.generation,
+        "a new generation: {new:?} after {old:?}"
+    );
+    assert!(!pool.is_live(old) && pool.is_live(new));
+    let data = pattern(10_000);
+    assert_eq!(echo_through(channel, &data).await, data);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_while_no_link_is_up_waits_for_the_reconnect() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    jump.drop_connections();
+    wait_for(LIMIT, || pool.connected() == 0).await;
+    // No link now: the open waits (bounded by its link wait) instead of failing at once.
+    let (link, channel) = pool
+        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .await
+        .expect("open once a link is back");
+    assert!(pool.is_live(link));
+    let data = pattern(1_000);
+    assert_eq!(echo_through(channel, &data).await, data);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_nobody_reads_holds_up_only_itself() {
+    // Stock russh stalls the whole connection once one channel's queue is full; the
+    // patched one (vendor/russh) pauses only that channel, at its SSH window.
+    const BULK: usize = 16 * 1024 * 1024;
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let source = source_server(BULK).await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    let (_, stuck) = pool
+        .open(
+            SocketAddr::new(IpAddr::V4(VPC_V4), source.port()),
+            ORIGINATOR,
+            LIMIT,
+            OPEN_CAP,
+        )
+        .await
+        .expect("open the bulk channel");
+    // Nobody reads `stuck` while the server pushes 16 MiB at it, far beyond its window and
+    // its queue. Not a readiness wait: the pause lets the window and the queue fill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    for _ in 0..3 {
+        let (_, channel) = pool
+            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .await
+            .expect("a new channel on the same connection");
+        let data = pattern(100_000);
+        assert_eq!(echo_through(channel, &data).await, data);
+    }
+    // Then the stuck channel is read after all, and every byte is there.
+    let (mut read, _write) = stuck.split();
+    let mut got = 0;
+    let read_all = async {
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => got += data.len(),
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read_all)
+        .await
+        .expect("the rest in time");
+    assert_eq!(got, BULK);
+    let _ = stop.send(true);
+}
+
+/// On a virtual clock: the reconnect schedule while the jump host stays down (at most about
+/// a second apart for the first 20 s, then backing off towards 15 s), and the reconnect once
+/// it is back.
+#[tokio::test(start_paused = true)]
+async fn while_the_jump_host_is_down_retries_back_off_and_the_pool_comes_back() {
+    let jump = Jump::start().await;
+    let (pool, stop) = start_pool(&jump, 1).await;
+    jump.set_down(true);
+    jump.drop_connections();
+    let lost = tokio::time::Instant::now();
+    wait_for(LIMIT, || pool.connected() == 0).await;
+
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let tries: Vec<Duration> = jump
+        .attempts()
+        .into_iter()
+        .filter(|t| *t >= lost)
+        .map(|t| t - lost)
+        .collect();
+    let gaps: Vec<(Duration, Duration)> = tries.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+    // The first retry at once, the next after 250 ms (+ up to 20% jitter).
+    assert!(
+        tries[0] < Duration::from_millis(50),
+        "first retry at {:?}",
+        tries[0]
+    );
+    assert!(
+        gaps[0].1 >= Duration::from_millis(250) && gaps[0].1 <= Duration::from_millis(301),
+        "second retry {:?} after the first",
+        gaps[0].1
+    );
+    for (at, gap) in &gaps {
+        if *at < Duration::from_secs(19) {
+            assert!(
+                *gap <= Duration::from_millis(1_201),
+                "{gap:?} between retries {at:?} into the outage"
+            );
+        }
+        assert!(
+            *gap <= Duration::from_secs(18),
+            "{gap:?} at {at:?}: over the cap"
+        );
+    }
+    let (_, last) = gaps.last().expect("several retries");
+    assert!(
+        *last > Duration::from_secs(3),
+        "backing off after the first 20 s: {gaps:?}"
+    );
+    assert!(tries.len() < 40, "{} retries in 90 s", tries.len());
+
+    // The jump host is back: the next retry (at most 18 s away) logs in.
+    jump.set_down(false);
+    wait_for(Duration::from_secs(20), || pool.connected() == 1).await;
+    let _ = stop.send(true);
+}
+
+/// On a virtual clock, to watch a minute for retries that must not come.
+#[tokio::test(start_paused = true)]
+async fn a_host_key_that_changed_during_a_reconnect_stops_the_pool_for_good() {
+    let jump = Jump::start().await;
+    let (pool, stop, fatal) = start_pool_fatal(&jump, 1).await;
+    let mut stopped = stop.subscribe();
+    jump.change_host_key();
+    jump.drop_connections();
+    // The reconnect meets another host key: no retry can fix that, so the session stops.
+    tokio::time::timeout(LIMIT, stopped.wait_for(|s| *s))
+        .await
+        .expect("the session is stopped")
+        .expect("switch alive");
+    let err = fatal.lock().unwrap().take().expect("the reason is kept");
+    // The message names the known_hosts line that holds the old key.
+    let line = std::fs::read_to_string(jump.known_hosts())
+        .expect("known_hosts")
+        .lines()
+        .position(|l| !l.trim().is_empty())
+        .expect("the recorded key")
+        + 1;
+    assert!(
+        matches!(err, SshError::HostKeyChanged { line: l, .. } if l == line),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("remove line {line} of")),
+        "{err}"
+    );
+    assert_eq!(pool.connected(), 0);
+    let accepted = jump.accepted();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(jump.accepted(), accepted, "no retries after a fatal error");
+}
