@@ -28,6 +28,7 @@
 mod device;
 pub mod flow;
 pub mod packet;
+mod sockets;
 
 #[cfg(test)]
 mod fuzz;
@@ -301,6 +302,8 @@ struct Flow {
     dirty: bool,
     /// What smoltcp last sent on this flow (for screening RSTs and SYNs, RFC 5961).
     seq: Option<SeqState>,
+    /// Bytes that went through the socket's buffers, both ways (see [`sockets`]).
+    moved: u64,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -329,6 +332,7 @@ impl Flow {
             pending_len: 0,
             dirty: false,
             seq: None,
+            moved: 0,
         }
     }
 
@@ -434,6 +438,8 @@ pub struct Engine {
     room: Vec<FlowId>,
     /// Seeds the shards' generators (initial sequence numbers).
     rng: StdRng,
+    /// Closed sockets for the next flows.
+    sockets: sockets::SocketPool,
 }
 
 impl Engine {
@@ -445,6 +451,7 @@ impl Engine {
                 .map(|_| Shard::new(config.mtu, config.tun, now, rng.random()))
                 .collect(),
             spare: QueueDevice::with_format(config.mtu, config.tun),
+            sockets: sockets::SocketPool::new(config.tcp_buffer),
             config,
             tx: VecDeque::new(),
             flows: FlowTable::default(),
@@ -702,7 +709,7 @@ impl Engine {
             return;
         };
         let syn = std::mem::take(syn);
-        let mut socket = new_socket(self.config.tcp_buffer);
+        let mut socket = self.sockets.take();
         let endpoint = IpListenEndpoint {
             addr: Some(flow.key.dst.ip().into()),
             port: flow.key.dst.port(),
@@ -728,7 +735,7 @@ impl Engine {
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
-            shard.sockets.remove(handle);
+            self.sockets.give(shard.sockets.remove(handle), 0);
             let key = flow.key;
             self.flows.remove(id, &key);
             self.events.push_back(Event::Close {
@@ -775,7 +782,7 @@ impl Engine {
                 },
             )
         });
-        let mut socket = new_socket(self.config.tcp_buffer);
+        let mut socket = self.sockets.take();
         socket.set_timeout(Some(timeout));
         let seed = self.rng.random();
         let shard = &mut self.shards[shard_of(id)];
@@ -1057,7 +1064,7 @@ impl Engine {
                 tcp::State::Closed | tcp::State::Listen => {
                     // The local app refused the caller (closed port) or never answered.
                     self.stats.inbound_refused += 1;
-                    shard.sockets.remove(handle);
+                    self.sockets.give(shard.sockets.remove(handle), 0);
                     let key = flow.key;
                     self.flows.remove(id, &key);
                     self.events.push_back(Event::Close {
@@ -1090,6 +1097,7 @@ impl Engine {
                 };
                 progressed = true;
                 flow.pending_len -= n;
+                flow.moved += n as u64;
                 self.stats.bytes_down += n as u64;
                 if n == front.len() {
                     flow.pending.pop_front();
@@ -1122,6 +1130,7 @@ impl Engine {
                     break;
                 }
                 progressed = true;
+                flow.moved += data.len() as u64;
                 if relay.up == Up::Gone {
                     continue; // nowhere to send it: the far end is gone
                 }
@@ -1166,24 +1175,13 @@ impl Engine {
             shard.active = true;
         }
         if let Some(reason) = reason {
-            shard.sockets.remove(handle);
+            self.sockets.give(shard.sockets.remove(handle), flow.moved);
             let key = flow.key;
             self.flows.remove(id, &key);
             self.events.push_back(Event::Close { id, key, reason });
         }
         progressed
     }
-}
-
-/// A TCP socket with the engine's buffers, Nagle and delayed ACK off.
-fn new_socket(tcp_buffer: usize) -> tcp::Socket<'static> {
-    let mut socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; tcp_buffer]),
-        tcp::SocketBuffer::new(vec![0; tcp_buffer]),
-    );
-    socket.set_nagle_enabled(false);
-    socket.set_ack_delay(None);
-    socket
 }
 
 fn mark_dirty(dirty: &mut Vec<FlowId>, id: FlowId, flow: &mut Flow) {

@@ -696,3 +696,97 @@ fn inbound_flows_respect_the_flow_limit_and_mismatched_families() {
         Err(InboundError::Unroutable)
     );
 }
+
+/// One request and response, then both sides close: the flow ends `Finished`.
+fn short_exchange(p: &mut Pair, port: u16) {
+    let h = p.connect(port, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+    p.app(h).send_slice(b"PING\r\n").unwrap();
+    p.step();
+    let (up, _) = p.uploaded();
+    assert_eq!(up, b"PING\r\n");
+    p.engine
+        .handle_channel_data(p.now, id, Bytes::from_static(b"+PONG\r\n"));
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    assert_eq!(p.app_recv_all(h), b"+PONG\r\n");
+    p.app(h).close();
+    p.step();
+    p.engine.handle_channel_closed(p.now, id);
+    p.advance(Duration::from_millis(10));
+    let events = p.take_events();
+    assert!(
+        events.contains(&Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::Finished
+        }),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_short_flows_socket_serves_the_next_flow_and_a_bulk_flows_socket_is_freed() {
+    let mut p = Pair::new(EngineConfig::default());
+    short_exchange(&mut p, APP_PORT);
+    assert_eq!(
+        p.engine.sockets.spares(),
+        1,
+        "a short flow's socket is kept"
+    );
+    assert_eq!(p.engine.sockets.reused, 0);
+
+    // The next flow gets that socket, starting clean (a new handshake, its own bytes).
+    short_exchange(&mut p, APP_PORT + 1);
+    assert_eq!(p.engine.sockets.reused, 1);
+    assert_eq!(p.engine.sockets.spares(), 1);
+
+    // A flow that moves more than REUSE_MAX_MOVED touched much of its buffers: freed.
+    let h = p.connect(APP_PORT + 2, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.engine.sockets.reused, 2);
+    let chunk = vec![7u8; 16 * 1024];
+    let mut got = 0;
+    for _ in 0..(sockets::REUSE_MAX_MOVED as usize / chunk.len() + 2) {
+        p.engine
+            .handle_channel_data(p.now, id, Bytes::from(chunk.clone()));
+        p.step();
+        got += p.app_recv_all(h).len();
+        p.step();
+    }
+    assert!(got as u64 > sockets::REUSE_MAX_MOVED, "{got}");
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    p.app(h).close();
+    p.step();
+    p.engine.handle_channel_closed(p.now, id);
+    p.advance(Duration::from_millis(10));
+    assert!(p.engine.flow_count() == 0, "{:?}", p.take_events());
+    assert_eq!(
+        p.engine.sockets.spares(),
+        0,
+        "a bulk flow's socket is freed"
+    );
+}
+
+#[test]
+fn an_inbound_flows_timeout_does_not_follow_its_socket_to_the_next_flow() {
+    let mut pool = sockets::SocketPool::new(4096);
+    let mut socket = pool.take();
+    socket.set_timeout(Some(Duration::from_secs(3)));
+    socket.set_keep_alive(Some(Duration::from_secs(1)));
+    pool.give(smoltcp::socket::Socket::Tcp(socket), 0);
+    assert_eq!(pool.spares(), 1);
+    let socket = pool.take();
+    assert_eq!(pool.reused, 1);
+    assert_eq!(socket.timeout(), None);
+    assert_eq!(socket.keep_alive(), None);
+    assert!(!socket.nagle_enabled());
+    assert_eq!(socket.ack_delay(), None);
+    assert_eq!(socket.state(), tcp::State::Closed);
+}
