@@ -64,6 +64,31 @@ const WARN_WINDOW: Duration = Duration::from_secs(10);
 const ANSWERED_FOR: Duration = Duration::from_secs(600);
 /// The most destinations remembered as having answered.
 const ANSWERED_MAX: usize = 4096;
+/// Freed memory goes back to the system at most this often (see [`Trim`]).
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+
+/// When to give freed memory back to the system: soon after flows close (what a burst of
+/// flows leaves behind is their buffered channel data, freed in the middle of the heap where
+/// the allocator does not return it by itself), at most every [`TRIM_EVERY`].
+struct Trim {
+    /// Flows closed since the last trim.
+    pending: bool,
+    not_before: TokioInstant,
+}
+
+impl Trim {
+    fn deadline(&self) -> Option<TokioInstant> {
+        self.pending.then_some(self.not_before)
+    }
+
+    fn run(&mut self, now: TokioInstant) {
+        if self.pending && now >= self.not_before {
+            self.pending = false;
+            self.not_before = now + TRIM_EVERY;
+            mse_vpn_platform::sys::release_free_memory();
+        }
+    }
+}
 
 /// Driver settings.
 #[derive(Clone, Debug)]
@@ -245,6 +270,7 @@ pub struct Driver<T: PacketIo = Tun> {
     /// Linux), whether or not their app still waits; the reserve keeps the services in use
     /// reachable meanwhile.
     answered: HashMap<SocketAddr, TokioInstant>,
+    trim: Trim,
 }
 
 impl<T: PacketIo> Driver<T> {
@@ -275,6 +301,10 @@ impl<T: PacketIo> Driver<T> {
             failures: Repeats::new(WARN_WINDOW, 64),
             refusals: Repeats::new(WARN_WINDOW, 8),
             answered: HashMap::new(),
+            trim: Trim {
+                pending: false,
+                not_before: epoch,
+            },
         }
     }
 
@@ -318,6 +348,10 @@ impl<T: PacketIo> Driver<T> {
                 .flatten()
             {
                 deadline = deadline.min(TokioInstant::from_std(t));
+            }
+            self.trim.run(TokioInstant::now());
+            if let Some(t) = self.trim.deadline() {
+                deadline = deadline.min(t);
             }
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
@@ -526,6 +560,7 @@ impl<T: PacketIo> Driver<T> {
     /// The engine ended a flow: close its channel (after the writes already queued, if it
     /// ended normally) and log one line for it.
     fn close(&mut self, id: FlowId, key: FlowKey, reason: CloseReason) {
+        self.trim.pending = true;
         if let Some(waiting) = self.accepting.remove(&id) {
             self.pool.release(waiting.call.link);
             match (&self.inbound, reason) {

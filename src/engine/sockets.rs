@@ -18,6 +18,25 @@
 
 use smoltcp::socket::{Socket, tcp};
 
+/// TCP timestamps (RFC 7323) for the app's side of each flow, in milliseconds of a clock
+/// started with the first call (any monotonic clock of 1 ms to 1 s per tick will do).
+///
+/// Without them an app's kernel cannot reuse the TIME-WAIT ports of its closed connections
+/// through mse-vpn (`net.ipv4.tcp_tw_reuse` needs the peer's timestamps to be safe): a
+/// client making thousands of short connections a second ran out of ports after a few
+/// seconds (measured: `wrk -H 'Connection: close'` fell from 4,000 to 260 requests/s, while
+/// the same load through `ssh -L` and direct routing, whose peers send timestamps, did not).
+/// They also give the app's kernel an RTT sample per ACK. smoltcp asks for a value as it
+/// builds each segment; this is the engine's one reading of a clock of its own (it does not
+/// drive any timer, so tests on virtual time are unaffected).
+fn tsval() -> u32 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u32
+}
+
 /// Spare sockets kept at most.
 pub(super) const SPARES: usize = 64;
 /// A closed socket is kept only if its flow moved at most this many bytes (both ways): the
@@ -60,6 +79,8 @@ impl SocketPool {
         socket.set_timeout(None);
         socket.set_keep_alive(None);
         socket.set_hop_limit(None);
+        // smoltcp drops the generator for a peer that does not offer timestamps: set it again.
+        socket.set_tsval_generator(Some(tsval));
         socket
     }
 

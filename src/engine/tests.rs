@@ -790,3 +790,49 @@ fn an_inbound_flows_timeout_does_not_follow_its_socket_to_the_next_flow() {
     assert_eq!(socket.ack_delay(), None);
     assert_eq!(socket.state(), tcp::State::Closed);
 }
+
+#[test]
+fn the_syn_ack_carries_timestamps_when_the_app_offers_them() {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket, TcpRepr};
+
+    // The SYN-ACK the engine answers with, for an app socket with or without timestamps.
+    fn syn_ack(app_timestamps: bool) -> TcpRepr<'static> {
+        let mut p = Pair::new(EngineConfig::default());
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 4096]),
+            tcp::SocketBuffer::new(vec![0; 4096]),
+        );
+        if app_timestamps {
+            s.set_tsval_generator(Some(|| 1000));
+        }
+        s.connect(p.app.context(), DST, (IpAddress::Ipv4(APP_V4), APP_PORT))
+            .unwrap();
+        p.app_sockets.add(s);
+        p.step();
+        let id = p.open_id();
+        p.engine.handle_open_ok(p.now, id);
+        p.engine.poll(p.now);
+        let packet = p.engine.poll_transmit().expect("a SYN-ACK");
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        assert_eq!(ip.next_header(), IpProtocol::Tcp);
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        let repr = TcpRepr::parse(
+            &tcp,
+            &ip.src_addr().into(),
+            &ip.dst_addr().into(),
+            &ChecksumCapabilities::ignored(),
+        )
+        .unwrap();
+        assert_eq!(repr.control, smoltcp::wire::TcpControl::Syn);
+        TcpRepr {
+            payload: &[],
+            sack_ranges: [None; 3],
+            ..repr
+        }
+    }
+    let with = syn_ack(true);
+    let ts = with.timestamp.expect("timestamps answered");
+    assert_eq!(ts.tsecr, 1000, "echoes the app's TSval");
+    assert!(syn_ack(false).timestamp.is_none(), "none unless offered");
+}
