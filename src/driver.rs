@@ -45,7 +45,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::{CloseReason, Engine, EngineConfig, Event, FlowId, FlowKey, RxPacket};
 use crate::logging::bytes as human_bytes;
-use crate::pool::{INBOUND_QUEUE, InboundCall, InboundCalls, LinkId, Pool};
+use crate::pool::{INBOUND_QUEUE, InboundCall, InboundCalls, LinkId, Placement, Pool};
 use crate::repeats::Repeats;
 use crate::reverse::{self, Forwards, Waiting};
 use crate::ssh::OpenError;
@@ -64,6 +64,12 @@ const WARN_WINDOW: Duration = Duration::from_secs(10);
 const ANSWERED_FOR: Duration = Duration::from_secs(600);
 /// The most destinations remembered as having answered.
 const ANSWERED_MAX: usize = 4096;
+/// A flow that moved this much (both ways) is bulk: [`Placement::Pack`] avoids its link.
+const HEAVY_BYTES: u64 = 1 << 20;
+/// A flow that ended within this time, and was not bulk, was a short connection.
+const SHORT_FLOW: Duration = Duration::from_secs(1);
+/// Destinations whose flows' shape is remembered (see [`Driver::placement`]).
+const SHAPES_MAX: usize = 4096;
 /// Freed memory goes back to the system at most this often (see [`Trim`]).
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
@@ -215,6 +221,39 @@ struct FlowIo {
     /// close) is written.
     closing: bool,
     log: FlowLog,
+    /// Counted as bulk on its link ([`Pool::mark_heavy`]).
+    heavy: bool,
+    /// The destination of an outbound flow, whose shape it teaches (see
+    /// [`Driver::placement`]).
+    dst: Option<SocketAddr>,
+}
+
+/// After bytes moved (counted in `log`): true once, when a flow reaches [`HEAVY_BYTES`] (it
+/// is then bulk on its link, [`Pool::mark_heavy`]).
+fn becomes_heavy(heavy: &mut bool, log: &FlowLog) -> bool {
+    if *heavy || log.up + log.down < HEAVY_BYTES {
+        return false;
+    }
+    *heavy = true;
+    true
+}
+
+/// See [`Driver::placement`].
+fn placement_of(shapes: &HashMap<SocketAddr, f32>, dst: SocketAddr) -> Placement {
+    match shapes.get(&dst) {
+        Some(short) if *short > 0.5 => Placement::Pack,
+        _ => Placement::Spread,
+    }
+}
+
+/// Counts one ended flow to `dst` in its destination's shape (see [`Driver::placement`]).
+fn note_shape(shapes: &mut HashMap<SocketAddr, f32>, dst: SocketAddr, short: bool) {
+    if shapes.len() >= SHAPES_MAX && !shapes.contains_key(&dst) {
+        // A bound, not a cache policy: forgetting only costs the default placement.
+        shapes.clear();
+    }
+    let shape = shapes.entry(dst).or_insert(0.0);
+    *shape = 0.9 * *shape + if short { 0.1 } else { 0.0 };
 }
 
 /// Where the driver reads and writes packets: the TUN device, or a test's queues. Each
@@ -270,6 +309,9 @@ pub struct Driver<T: PacketIo = Tun> {
     /// Linux), whether or not their app still waits; the reserve keeps the services in use
     /// reachable meanwhile.
     answered: HashMap<SocketAddr, TokioInstant>,
+    /// Per destination, how much its recent flows looked like short connections (an average
+    /// of 1 for short, 0 for long or bulk, weighting the latest flow by a tenth).
+    shapes: HashMap<SocketAddr, f32>,
     trim: Trim,
 }
 
@@ -301,6 +343,7 @@ impl<T: PacketIo> Driver<T> {
             failures: Repeats::new(WARN_WINDOW, 64),
             refusals: Repeats::new(WARN_WINDOW, 8),
             answered: HashMap::new(),
+            shapes: HashMap::new(),
             trim: Trim {
                 pending: false,
                 not_before: epoch,
@@ -518,6 +561,9 @@ impl<T: PacketIo> Driver<T> {
                     Poll::Ready(Some(ChannelMsg::Data { data })) => {
                         n += 1;
                         io.log.down += data.len() as u64;
+                        if becomes_heavy(&mut io.heavy, &io.log) {
+                            self.pool.mark_heavy(io.link);
+                        }
                         self.engine.handle_channel_data(now, id, data);
                     }
                     Poll::Ready(Some(ChannelMsg::Eof)) => {
@@ -544,6 +590,9 @@ impl<T: PacketIo> Driver<T> {
             Event::Data { id, data } => {
                 if let Some(io) = self.io.get_mut(&id) {
                     io.log.up += data.len() as u64;
+                    if becomes_heavy(&mut io.heavy, &io.log) {
+                        self.pool.mark_heavy(io.link);
+                    }
                 }
                 self.queue_write(id, WriteCmd::Data(data));
             }
@@ -581,6 +630,13 @@ impl<T: PacketIo> Driver<T> {
                 io.closing = true;
                 io.read = None;
                 self.pool.release(io.link);
+                if io.heavy {
+                    self.pool.unmark_heavy(io.link);
+                }
+                if let Some(dst) = io.dst {
+                    let short = !io.heavy && io.log.since.elapsed() < SHORT_FLOW;
+                    note_shape(&mut self.shapes, dst, short);
+                }
                 if !reason.is_normal() {
                     // A reset: what was not written yet is moot.
                     io.outbox.clear();
@@ -737,10 +793,13 @@ impl<T: PacketIo> Driver<T> {
         self.waiting.insert(id, FlowLog::new());
         let pool = self.pool.clone();
         let link_wait = self.config.open_timeout;
+        let placement = self.placement(key.dst);
         let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
         self.opening.push(
             async move {
-                let result = pool.open(key.dst, key.src, link_wait, OPEN_CAP).await;
+                let result = pool
+                    .open(key.dst, key.src, placement, link_wait, OPEN_CAP)
+                    .await;
                 (id, result)
             }
             .instrument(span)
@@ -766,7 +825,11 @@ impl<T: PacketIo> Driver<T> {
                     });
                     return;
                 }
+                let dst = self.engine.flow_key(id).map(|k| k.dst);
                 self.start_io(id, link, channel);
+                if let Some(io) = self.io.get_mut(&id) {
+                    io.dst = dst;
+                }
                 self.engine.handle_open_ok(now, id);
             }
             Err(e) => {
@@ -790,6 +853,18 @@ impl<T: PacketIo> Driver<T> {
     }
 
     /// Remembers that `dst` answered an open (forgetting the oldest when full).
+    /// Where a new flow to `dst` goes among the SSH connections. A destination whose recent
+    /// flows were short connections (a service called with a new connection per request, a
+    /// health check, a registry lookup) gets its flows packed on one connection, away from
+    /// bulk ones: sshd then serves many of them per wake-up (measured with
+    /// `wrk -H 'Connection: close'`: sshd's CPU per request 30 % lower than with the flows
+    /// spread over four connections, and throughput up to `ssh -L`'s). Other destinations,
+    /// and those not seen yet, get theirs spread, so parallel bulk flows use several sshd
+    /// processes.
+    fn placement(&self, dst: SocketAddr) -> Placement {
+        placement_of(&self.shapes, dst)
+    }
+
     fn note_answered(&mut self, dst: SocketAddr) {
         let now = TokioInstant::now();
         if self.answered.len() >= ANSWERED_MAX && !self.answered.contains_key(&dst) {
@@ -827,6 +902,8 @@ impl<T: PacketIo> Driver<T> {
                 writing: None,
                 closing: false,
                 log,
+                heavy: false,
+                dst: None,
             },
         );
         // Data may already wait in the channel.
@@ -900,5 +977,38 @@ async fn recv_inbound(inbound: &mut Option<(InboundCalls, Arc<Forwards>)>) -> Op
     match inbound {
         Some((calls, _)) => calls.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_is_packed_once_most_of_its_recent_flows_were_short() {
+        let mut shapes = HashMap::new();
+        let web: SocketAddr = "10.0.0.10:80".parse().unwrap();
+        let bulk: SocketAddr = "10.0.0.10:5201".parse().unwrap();
+        let pack =
+            |shapes: &HashMap<SocketAddr, f32>, dst| placement_of(shapes, dst) == Placement::Pack;
+        assert!(!pack(&shapes, web), "unknown destinations are spread");
+        for _ in 0..6 {
+            note_shape(&mut shapes, web, true);
+        }
+        assert!(!pack(&shapes, web), "six short flows are not enough yet");
+        note_shape(&mut shapes, web, true);
+        assert!(pack(&shapes, web), "seven are");
+        // Long or bulk flows to it move it back to spreading, a few at a time.
+        for _ in 0..3 {
+            note_shape(&mut shapes, web, false);
+        }
+        assert!(!pack(&shapes, web));
+        note_shape(&mut shapes, bulk, false);
+        assert!(!pack(&shapes, bulk));
+        // The table is bounded.
+        for i in 0..SHAPES_MAX as u16 + 10 {
+            note_shape(&mut shapes, SocketAddr::from(([10, 1, 0, 1], i)), true);
+        }
+        assert!(shapes.len() <= SHAPES_MAX);
     }
 }

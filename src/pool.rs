@@ -59,10 +59,24 @@ pub struct LinkId {
     pub generation: u64,
 }
 
+/// Where a new flow goes among the pool's links.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The link with the fewest flows (ties rotate): parallel flows use several connections,
+    /// so several sshd processes (and cores) carry a bulk transfer.
+    Spread,
+    /// The lowest link among those carrying the fewest heavy flows ([`Pool::mark_heavy`]):
+    /// short connections share one SSH connection, where one sshd wake-up serves many of
+    /// them, and stay off the connections busy with bulk data.
+    Pack,
+}
+
 /// The pool. See the module documentation.
 pub struct Pool {
     links: watch::Sender<Vec<Option<Link>>>,
     load: Vec<AtomicUsize>,
+    /// Flows per link that moved enough to count as bulk ([`Pool::mark_heavy`]).
+    heavy: Vec<AtomicUsize>,
     next: AtomicUsize,
     /// Cloud callers' channels from every connection of the pool (each connection's handler
     /// holds the sender), until [`Pool::inbound_calls`] takes the receiving end.
@@ -136,6 +150,7 @@ impl Pool {
         Arc::new(Pool {
             links: watch::channel(vec![None; size]).0,
             load: (0..size).map(|_| AtomicUsize::new(0)).collect(),
+            heavy: (0..size).map(|_| AtomicUsize::new(0)).collect(),
             next: AtomicUsize::new(0),
             inbound: (tx, Mutex::new(Some(rx))),
         })
@@ -193,30 +208,36 @@ impl Pool {
 
     fn set(&self, slot: usize, link: Option<Link>) {
         self.load[slot].store(0, Ordering::Relaxed);
+        self.heavy[slot].store(0, Ordering::Relaxed);
         self.links.send_modify(|links| links[slot] = link);
     }
 
-    /// The connected link with the fewest flows (ties rotate).
-    fn pick(&self) -> Option<(LinkId, Arc<Session>)> {
+    /// A connected link for a new flow placed as `placement` says.
+    fn pick(&self, placement: Placement) -> Option<(LinkId, Arc<Session>)> {
         let links = self.links.borrow();
         let n = links.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| (start + i) % n)
-            .filter_map(|slot| {
-                let link = links[slot].as_ref()?;
-                (!link.session.is_closed()).then_some((slot, link))
-            })
-            .min_by_key(|(slot, _)| self.load[*slot].load(Ordering::Relaxed))
-            .map(|(slot, link)| {
-                (
-                    LinkId {
-                        slot,
-                        generation: link.generation,
-                    },
-                    link.session.clone(),
-                )
-            })
+        let start = match placement {
+            Placement::Spread => self.next.fetch_add(1, Ordering::Relaxed),
+            Placement::Pack => 0,
+        };
+        let live = (0..n).map(|i| (start + i) % n).filter_map(|slot| {
+            let link = links[slot].as_ref()?;
+            (!link.session.is_closed()).then_some((slot, link))
+        });
+        let count = |c: &[AtomicUsize], slot: usize| c[slot].load(Ordering::Relaxed);
+        match placement {
+            Placement::Spread => live.min_by_key(|(slot, _)| count(&self.load, *slot)),
+            Placement::Pack => live.min_by_key(|(slot, _)| count(&self.heavy, *slot)),
+        }
+        .map(|(slot, link)| {
+            (
+                LinkId {
+                    slot,
+                    generation: link.generation,
+                },
+                link.session.clone(),
+            )
+        })
     }
 
     /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `link_wait` for
@@ -226,13 +247,14 @@ impl Pool {
         &self,
         dst: SocketAddr,
         originator: SocketAddr,
+        placement: Placement,
         link_wait: Duration,
         cap: Duration,
     ) -> Result<(LinkId, russh::Channel<russh::client::Msg>), OpenError> {
         let deadline = Instant::now() + link_wait;
         let mut links = self.links.subscribe();
         loop {
-            let Some((id, session)) = self.pick() else {
+            let Some((id, session)) = self.pick(placement) else {
                 // No link: wait for one, bounded.
                 match tokio::time::timeout_at(deadline, links.changed()).await {
                     Ok(Ok(())) => continue,
@@ -315,6 +337,32 @@ impl Pool {
                 Some(v.saturating_sub(1))
             });
         }
+    }
+
+    /// A flow on `id` moved enough to count as bulk: [`Placement::Pack`] avoids the link while
+    /// the flow lasts ([`Pool::unmark_heavy`] when it ends).
+    pub fn mark_heavy(&self, id: LinkId) {
+        if self.is_current(id) {
+            self.heavy[id.slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A flow [`Pool::mark_heavy`] counted has ended.
+    pub fn unmark_heavy(&self, id: LinkId) {
+        if self.is_current(id) {
+            let _ = self.heavy[id.slot].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        }
+    }
+
+    /// The slot of `id` still holds that connection (its counters belong to it).
+    fn is_current(&self, id: LinkId) -> bool {
+        self.links
+            .borrow()
+            .get(id.slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.generation == id.generation)
     }
 
     /// Politely closes every live connection.

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::wire;
-use crate::pool::Pool;
+use crate::pool::{Placement, Pool};
 
 /// Queries one channel carries at once; more wait in the worker's queue.
 const MAX_IN_FLIGHT: usize = 256;
@@ -91,7 +91,11 @@ impl Connector for PoolConnector {
 
     fn open(&self, dst: SocketAddr, timeout: Duration) -> BoxFuture<'_, Option<Opened>> {
         Box::pin(async move {
-            match self.pool.open(dst, self.originator, timeout, timeout).await {
+            match self
+                .pool
+                .open(dst, self.originator, Placement::Pack, timeout, timeout)
+                .await
+            {
                 Ok((link, channel)) => {
                     let pool = self.pool.clone();
                     Some(Opened {

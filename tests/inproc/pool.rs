@@ -7,6 +7,7 @@ use std::time::Duration;
 use russh::ChannelMsg;
 use russh::client::Msg;
 
+use mse_vpn::pool::Placement;
 use mse_vpn::ssh::{OpenError, SshError};
 
 use crate::app::{VPC_V4, closed_port, echo_server, pattern, source_server};
@@ -50,7 +51,7 @@ async fn channels_spread_over_every_link_and_echo_byte_exact() {
     let mut channels = Vec::new();
     for _ in 0..4 {
         let (link, channel) = pool
-            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
             .await
             .expect("open");
         assert!(pool.is_live(link));
@@ -78,12 +79,51 @@ async fn channels_spread_over_every_link_and_echo_byte_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_flows_share_the_lowest_link_and_stay_off_links_with_heavy_flows() {
+    let jump = Jump::start().await;
+    let echo = echo_server().await;
+    let (pool, stop) = start_pool(&jump, 3).await;
+    let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
+    let mut channels = Vec::new();
+    let mut open = async |placement| {
+        let (link, channel) = pool
+            .open(dst, ORIGINATOR, placement, LIMIT, OPEN_CAP)
+            .await
+            .expect("open");
+        channels.push(channel);
+        link
+    };
+    // Short connections go together, on the lowest link.
+    let mut slots = Vec::new();
+    for _ in 0..4 {
+        slots.push(open(Placement::Pack).await.slot);
+    }
+    assert_eq!(slots, [0, 0, 0, 0], "packed flows share one link");
+    // A flow on link 0 turns out to be bulk: packed flows move to the lowest link without.
+    let first = open(Placement::Pack).await;
+    assert_eq!(first.slot, 0);
+    pool.mark_heavy(first);
+    assert_eq!(open(Placement::Pack).await.slot, 1);
+    assert_eq!(open(Placement::Pack).await.slot, 1);
+    // When it ends, link 0 is the place again.
+    pool.unmark_heavy(first);
+    assert_eq!(open(Placement::Pack).await.slot, 0);
+    // Spread still goes to the least loaded link (2: no flows yet).
+    assert_eq!(open(Placement::Spread).await.slot, 2);
+    let data = pattern(10_000);
+    for channel in channels {
+        assert_eq!(echo_through(channel, &data).await, data);
+    }
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_destination_port_is_a_connect_failure_not_a_lost_link() {
     let jump = Jump::start().await;
     let (pool, stop) = start_pool(&jump, 1).await;
     let dst = SocketAddr::new(IpAddr::V4(VPC_V4), closed_port());
     let err = pool
-        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
         .await
         .expect_err("nothing listens there");
     assert_eq!(err, OpenError::ConnectFailed);
@@ -98,7 +138,7 @@ async fn a_dropped_link_reconnects_by_itself_and_new_opens_use_the_new_link() {
     let (pool, stop) = start_pool(&jump, 1).await;
     let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
     let (old, channel) = pool
-        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
         .await
         .expect("open");
     let mut links = pool.subscribe();
@@ -130,7 +170,7 @@ async fn a_dropped_link_reconnects_by_itself_and_new_opens_use_the_new_link() {
         .expect("pool alive");
     assert_eq!(jump.accepted(), 2, "one new login");
     let (new, channel) = pool
-        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
         .await
         .expect("open after the reconnect");
     assert_eq!(new.slot, old.slot);
@@ -154,7 +194,7 @@ async fn an_open_while_no_link_is_up_waits_for_the_reconnect() {
     wait_for(LIMIT, || pool.connected() == 0).await;
     // No link now: the open waits (bounded by its link wait) instead of failing at once.
     let (link, channel) = pool
-        .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+        .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
         .await
         .expect("open once a link is back");
     assert!(pool.is_live(link));
@@ -176,6 +216,7 @@ async fn a_channel_nobody_reads_holds_up_only_itself() {
         .open(
             SocketAddr::new(IpAddr::V4(VPC_V4), source.port()),
             ORIGINATOR,
+            Placement::Spread,
             LIMIT,
             OPEN_CAP,
         )
@@ -187,7 +228,7 @@ async fn a_channel_nobody_reads_holds_up_only_itself() {
     let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
     for _ in 0..3 {
         let (_, channel) = pool
-            .open(dst, ORIGINATOR, LIMIT, OPEN_CAP)
+            .open(dst, ORIGINATOR, Placement::Spread, LIMIT, OPEN_CAP)
             .await
             .expect("a new channel on the same connection");
         let data = pattern(100_000);
