@@ -35,12 +35,13 @@
 //!  control    the control socket: typed protocol, status board, server, client, table
 //!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
 //!  pool       the SSH connections; publishes link events (the status board follows them)
-//!  engine, ssh, tun, fds, logging, repeats, suggest, run
+//!  engine, ssh, tun, fds, logging, repeats, suggest, run, registry
 //! ```
 //!
 //! [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns it;
 //! [`reverse`] keeps the `--expose` listeners; [`run`] makes the registration settings for a
-//! provider app that should publish the jump host's address. The OS is reached through
+//! provider app that should publish the jump host's address (tagged, or not at all), and
+//! [`registry`] reads the team's registry (ZooKeeper, Nacos) to confirm what it published. The OS is reached through
 //! [`tun`], [`ssh`], the sockets of [`control`] and [`dns`], and the platform crate (routes,
 //! DNS configuration, processes); `unsafe` is forbidden in this crate. Library code returns
 //! values and logs through `tracing`; only [`cli`] prints (and [`ssh`]'s password prompt, on the
@@ -57,6 +58,7 @@ pub mod engine;
 pub mod fds;
 pub mod logging;
 pub mod pool;
+pub mod registry;
 pub mod repeats;
 pub mod reverse;
 pub mod run;

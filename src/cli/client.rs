@@ -13,7 +13,7 @@ use mse_vpn_platform as platform;
 use super::{DownArgs, EnvArgs, ExposeArgs, RunArgs, StatusArgs};
 use crate::control::{self, ControlError, ExposeReply};
 use crate::reverse::ForwardState;
-use crate::ssh;
+use crate::{registry, run, ssh};
 
 /// The control sockets of running sessions (all, or the one using `tun`).
 fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<PathBuf> {
@@ -139,29 +139,60 @@ fn registered_address(reply: &ExposeReply) -> Result<std::net::SocketAddr> {
         })
 }
 
-/// `mse-vpn run`: expose, start the app with the registration settings, wait for it, and
-/// remove the listeners (they live as long as our control connection).
+/// `mse-vpn run`: expose, start the app with the registration settings, confirm what it
+/// registered, wait for it, and remove the listeners (they live as long as our control
+/// connection).
 pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
     use std::collections::BTreeMap;
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let (reply, held) = expose_specs(&path, &args.expose, true).await?;
-    let addr = registered_address(&reply)?;
+    let (advertise, held) = if args.expose.is_empty() {
+        (None, None)
+    } else {
+        let (reply, held) = expose_specs(&path, &args.expose, true).await?;
+        let addr = registered_address(&reply)?;
+        for f in &reply.forwards {
+            eprintln!(
+                "mse-vpn: cloud callers reach {} -> local port {} while the app runs",
+                f.advertised.as_deref().unwrap_or("?"),
+                f.local_port
+            );
+        }
+        (Some(addr), Some(held))
+    };
+    let plan = run::Plan {
+        advertise,
+        tag: args.team.tag.clone(),
+        subscribe_only: args.team.subscribe_only,
+    };
     let current: BTreeMap<String, String> = std::env::vars().collect();
-    let reg = crate::run::registration_env(addr, &current);
-    for kept in &reg.kept {
+    let app_args: Vec<String> = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let user = run::UserSettings {
+        env: &current,
+        args: &app_args,
+    };
+    let settings = run::settings(&plan, user);
+    for kept in &settings.kept {
         eprintln!("mse-vpn: keeping your own setting {kept}");
     }
-    for f in &reply.forwards {
+    for line in plan_lines(&plan) {
+        eprintln!("mse-vpn: {line}");
+    }
+    let registry = args
+        .registry
+        .clone()
+        .or_else(|| registry::from_settings(user));
+    if plan.tag.is_some() && registry.is_none() {
         eprintln!(
-            "mse-vpn: cloud callers reach {} -> local port {} while the app runs",
-            f.advertised.as_deref().unwrap_or("?"),
-            f.local_port
+            "mse-vpn: pass --registry zookeeper://HOST:PORT (or nacos://HOST:PORT) to let mse-vpn confirm that the tag reached the registry"
         );
     }
-    eprintln!("mse-vpn: the app registers {addr}");
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
-    for s in &reg.env {
+    for s in settings.process_env(&current) {
         cmd.env(&s.name, &s.value);
     }
     // Under sudo, the app runs as the user who invoked it, never as root.
@@ -191,6 +222,10 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
             ));
         }
     };
+    let confirm = match (registry, plan.advertise) {
+        (Some(url), Some(_)) => Some(tokio::spawn(confirm_registration(url, plan.clone()))),
+        _ => None,
+    };
     // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
     // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
     let relay = platform::process::relay_signals(child.id());
@@ -198,9 +233,113 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
         s = child.wait() => s?,
         r = relay => match r? {},
     };
+    if let Some(task) = confirm {
+        task.abort();
+    }
     drop(held); // the session removes the listeners
     let code = platform::process::exit_code(status);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// What the plan does, in a line or two (and the teammates notice when it shares their
+/// calls).
+fn plan_lines(plan: &run::Plan) -> Vec<String> {
+    let mut lines = Vec::new();
+    match (plan.advertise, &plan.tag, plan.subscribe_only) {
+        (_, _, true) => lines.push(
+            "the app registers nothing (subscribe only): it calls cloud services, cloud consumers are not routed to it".to_owned(),
+        ),
+        (Some(addr), Some(tag), false) => lines.push(format!(
+            "the app registers {addr} tagged {tag}: only calls tagged {tag} reach it"
+        )),
+        (Some(addr), None, false) => {
+            lines.push(format!("the app registers {addr}"));
+            lines.push(run::teammates_notice(addr));
+        }
+        (None, _, false) => {}
+    }
+    lines
+}
+
+/// How long `run` keeps looking for the app's record in the registry.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(120);
+
+/// Reads the registry (read only) until it holds a record for the advertised address, then
+/// says what the record holds, and warns when a tag did not make it into the record that
+/// consumers route by.
+async fn confirm_registration(url: registry::RegistryUrl, plan: run::Plan) {
+    let Some(addr) = plan.advertise else { return };
+    let start = tokio::time::Instant::now();
+    let mut wait = Duration::from_secs(2);
+    let mut last_error = None;
+    let mut seen: Option<usize> = None;
+    loop {
+        tokio::time::sleep(wait).await;
+        match registry::records(&url, Duration::from_secs(15)).await {
+            Ok(records) => {
+                let findings = registry::judge(&plan, &records);
+                match seen {
+                    // Found: one more look, for the records a framework writes a moment
+                    // later (Dubbo 3 registers the application after its interfaces).
+                    None if !findings.is_empty() => seen = Some(findings.len()),
+                    Some(_) => {
+                        for f in &findings {
+                            eprintln!("mse-vpn: {}", finding_line(&url, f));
+                        }
+                        return;
+                    }
+                    None => {}
+                }
+            }
+            Err(e) => last_error = Some(e),
+        }
+        if seen.is_none() && start.elapsed() >= CONFIRM_WITHIN {
+            let why = last_error
+                .map(|e| format!(" (reading it failed: {})", crate::logging::error_line(&e)))
+                .unwrap_or_default();
+            eprintln!(
+                "mse-vpn: the registry {url} holds no record of {addr} after {} s{why}: does the app register there?",
+                CONFIRM_WITHIN.as_secs()
+            );
+            return;
+        }
+        wait = (wait * 3 / 2).min(Duration::from_secs(10));
+    }
+}
+
+/// A finding as the user reads it.
+fn finding_line(url: &registry::RegistryUrl, f: &registry::Finding) -> String {
+    use registry::Finding;
+    match f {
+        Finding::Registered { record } => {
+            let tag = match (record.family, record.tag()) {
+                (registry::Family::DubboProvider, Some(t)) => format!(" (dubbo.tag={t})"),
+                (registry::Family::NacosInstance, Some(c)) => format!(" (cluster {c})"),
+                _ => String::new(),
+            };
+            format!(
+                "registered in {url}: {} -> {}:{}{tag}",
+                record.location, record.host, record.port
+            )
+        }
+        Finding::TagDropped { record, tag } => format!(
+            "WARNING: {url} holds {} -> {}:{} WITHOUT dubbo.tag={tag}: your teammates' \
+             untagged calls WILL reach this laptop. Dubbo leaves the tag out of the registered \
+             URL when dubbo.registry.simplified=true (2.7 before 2.7.16; 3.x unless dubbo.tag \
+             is listed in dubbo.registry.extra-keys): run the app with \
+             -Ddubbo.registry.simplified=false, or add dubbo.tag to dubbo.registry.extra-keys",
+            record.location, record.host, record.port
+        ),
+        Finding::ClusterNotSet { record, tag } => format!(
+            "WARNING: {url} holds {} -> {}:{} in cluster {}, not {tag}: consumers that keep \
+             to their own cluster cannot tell this laptop apart; does the app set \
+             spring.cloud.nacos.discovery.cluster-name itself?",
+            record.location,
+            record.host,
+            record.port,
+            record.tag().unwrap_or("DEFAULT")
+        ),
+    }
 }
 
 /// `mse-vpn expose`: adds listeners to the running session (kept until it stops).
@@ -229,32 +368,59 @@ pub async fn unexpose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
     }
 }
 
-/// `mse-vpn env`: the registration settings as `export` lines.
+/// `mse-vpn env`: the registration settings, for a shell, a .env file or an IDE.
 pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
     use std::collections::BTreeMap;
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let reply = if args.expose.is_empty() {
-        let st = control::status(&path).await?;
-        ExposeReply {
-            forwards: st
-                .forwards
-                .into_iter()
-                .filter(|f| f.state == ForwardState::Listening)
-                .collect(),
-        }
+    let advertise = if args.expose.is_empty() && args.team.subscribe_only {
+        None
     } else {
-        expose_specs(&path, &args.expose, false).await?.0
+        let reply = if args.expose.is_empty() {
+            let st = control::status(&path).await?;
+            ExposeReply {
+                forwards: st
+                    .forwards
+                    .into_iter()
+                    .filter(|f| f.state == ForwardState::Listening)
+                    .collect(),
+            }
+        } else {
+            expose_specs(&path, &args.expose, false).await?.0
+        };
+        Some(registered_address(&reply)?)
     };
-    let addr = registered_address(&reply)?;
+    let plan = run::Plan {
+        advertise,
+        tag: args.team.tag.clone(),
+        subscribe_only: args.team.subscribe_only,
+    };
     let current: BTreeMap<String, String> = std::env::vars().collect();
-    let reg = crate::run::registration_env(addr, &current);
-    println!("# mse-vpn: register {addr} (Dubbo, Spring Cloud Alibaba/Nacos, HSF)");
-    for kept in &reg.kept {
-        println!("# kept your own setting {kept}");
-    }
-    for s in &reg.env {
-        println!("export {}={}", s.name, crate::run::shell_quote(&s.value));
-    }
+    let settings = run::settings(
+        &plan,
+        run::UserSettings {
+            env: &current,
+            args: &[],
+        },
+    );
+    let mut notes: Vec<String> = plan_lines(&plan)
+        .into_iter()
+        .map(|l| format!("mse-vpn: {l}"))
+        .collect();
+    notes.extend(
+        settings
+            .kept
+            .iter()
+            .map(|k| format!("kept your own setting {k}")),
+    );
+    let launch = run::format::Launch {
+        name: &args.name,
+        main_class: args.main_class.as_deref(),
+        module: args.module.as_deref(),
+    };
+    print!(
+        "{}",
+        run::format::render(args.format, &settings, &current, launch, &notes)
+    );
     Ok(())
 }
 

@@ -71,22 +71,26 @@ pub enum Command {
         sudo mse-vpn doctor --cidr 10.0.0.0/16 --proxy admin@bastion.example.com"
     )]
     Doctor(UpArgs),
-    /// Run a provider app that cloud consumers can call: its ports are exposed on the jump
+    /// Run an app as part of the team's services: a provider's ports are exposed on the jump
     /// host while it runs, and it is started (as you, not root) with the settings that make
-    /// Dubbo, Spring Cloud Alibaba (Nacos) and HSF register the jump host's VPC address.
+    /// Dubbo, Spring Cloud (Nacos, Zookeeper, Eureka, Consul) and HSF register the jump host's
+    /// VPC address; --tag takes only your own calls, --subscribe-only registers nothing.
     #[command(
         after_help = "Needs a running session (`sudo mse-vpn up ...`). The app must listen on \
         0.0.0.0 (or the TUN address), not only 127.0.0.1. Exit status: the app's.\n\nExamples:\n  \
-        mse-vpn run --expose 20880 -- java -jar provider.jar\n  \
+        mse-vpn run --tag alice --expose 20880 -- java -jar provider.jar\n  \
+        mse-vpn run --subscribe-only -- java -jar consumer.jar\n  \
         mse-vpn run --expose 18080:8080 -- ./gradlew bootRun"
     )]
     Run(RunArgs),
-    /// Print the registration settings for exposed ports as shell `export` lines (for
-    /// `eval`, or to paste into an IDE run configuration).
+    /// Print the same settings as `run` for a shell (`eval`), a .env file, or an IDE run
+    /// configuration (VS Code launch.json, IntelliJ IDEA .run/NAME.run.xml).
     #[command(
         after_help = "With --expose the port is added to the session and stays until it \
         stops; without, the session's first exposed port is used.\n\nExamples:\n  \
-        eval \"$(mse-vpn env --expose 20880)\"\n  mse-vpn env"
+        eval \"$(mse-vpn env --tag alice --expose 20880)\"\n  \
+        mse-vpn env --tag alice --format intellij --main-class org.example.Provider > .run/provider-alice.run.xml\n  \
+        mse-vpn env --subscribe-only --format dotenv > .env"
     )]
     Env(EnvArgs),
     /// Expose local ports to cloud callers on a running session, until it stops or
@@ -156,9 +160,17 @@ pub struct RunArgs {
     #[arg(
         long = "expose",
         value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]",
-        required = true
+        required_unless_present = "subscribe_only"
     )]
     pub expose: Vec<ForwardSpec>,
+    #[command(flatten)]
+    pub team: TeamArgs,
+    /// The team's registry, to confirm what the app really registered there (read only):
+    /// zookeeper://HOST:PORT or nacos://HOST:PORT. Found on the app's command line and in
+    /// the environment when it is given there (dubbo.registry.address,
+    /// spring.cloud.nacos.discovery.server-addr, spring.cloud.zookeeper.connect-string).
+    #[arg(long = "registry", value_name = "URL")]
+    pub registry: Option<crate::registry::RegistryUrl>,
     /// The session using this TUN device (needed only when several run).
     #[arg(long = "tun", value_name = "NAME")]
     pub tun: Option<String>,
@@ -170,6 +182,20 @@ pub struct RunArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// How an app takes part in the team's registry (`run` and `env`).
+#[derive(Debug, Args)]
+pub struct TeamArgs {
+    /// Register as a provider tagged NAME: only calls tagged NAME reach this laptop
+    /// (Dubbo's tag routing; Spring Cloud Alibaba: the Nacos cluster NAME), teammates'
+    /// untagged calls keep going to the cloud's providers.
+    #[arg(long = "tag", value_name = "NAME", conflicts_with = "subscribe_only")]
+    pub tag: Option<crate::run::Tag>,
+    /// Call cloud services but register nothing in the registry (Dubbo, Nacos, Zookeeper,
+    /// Eureka and Consul discovery); --expose is then optional.
+    #[arg(long = "subscribe-only")]
+    pub subscribe_only: bool,
 }
 
 /// Options of `mse-vpn expose` and `unexpose`.
@@ -190,6 +216,21 @@ pub struct EnvArgs {
     /// the first one is the one registered).
     #[arg(long = "expose", value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]")]
     pub expose: Vec<ForwardSpec>,
+    #[command(flatten)]
+    pub team: TeamArgs,
+    /// The form to print: shell `export` lines, a .env file, a VS Code launch.json, or an
+    /// IntelliJ IDEA run configuration (.run/NAME.run.xml).
+    #[arg(long = "format", value_enum, default_value_t, value_name = "FORMAT")]
+    pub format: crate::run::format::Format,
+    /// The run configuration's name (vscode, intellij).
+    #[arg(long = "name", value_name = "NAME", default_value = "mse-vpn")]
+    pub name: String,
+    /// The app's main class (vscode, intellij).
+    #[arg(long = "main-class", value_name = "CLASS")]
+    pub main_class: Option<String>,
+    /// The IntelliJ module whose classpath runs the app (intellij).
+    #[arg(long = "module", value_name = "MODULE")]
+    pub module: Option<String>,
     /// The session using this TUN device (needed only when several run).
     #[arg(long = "tun", value_name = "NAME")]
     pub tun: Option<String>,
@@ -663,6 +704,81 @@ mod tests {
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "1", "--"]).is_err());
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--", "java"]).is_err());
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "x", "--", "j"]).is_err());
+    }
+
+    #[test]
+    fn run_and_env_take_the_team_choices_as_typed_values() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["mse-vpn"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        let Command::Run(run) = parse(&[
+            "run",
+            "--tag",
+            "alice",
+            "--expose",
+            "20880",
+            "--registry",
+            "zookeeper://zk.internal:2181",
+            "--",
+            "java",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(run.team.tag.unwrap().as_str(), "alice");
+        assert!(!run.team.subscribe_only);
+        assert_eq!(
+            run.registry.unwrap().to_string(),
+            "zookeeper://zk.internal:2181"
+        );
+        // Subscribe only needs no port; without it, a port is required.
+        let Command::Run(run) = parse(&["run", "--subscribe-only", "--", "java"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert!(run.team.subscribe_only && run.expose.is_empty());
+        assert!(parse(&["run", "--tag", "alice", "--", "java"]).is_err());
+        // A tag and registering nothing contradict each other; a bad tag is refused.
+        assert!(
+            parse(&[
+                "run",
+                "--tag",
+                "a",
+                "--subscribe-only",
+                "--expose",
+                "1",
+                "--",
+                "j"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["run", "--tag", "a b", "--expose", "1", "--", "j"]).is_err());
+        assert!(parse(&["run", "--registry", "http://x", "--expose", "1", "--", "j"]).is_err());
+        let Command::Env(env) = parse(&[
+            "env",
+            "--tag",
+            "bob",
+            "--format",
+            "intellij",
+            "--main-class",
+            "org.example.P",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not env")
+        };
+        assert_eq!(env.format, crate::run::format::Format::Intellij);
+        assert_eq!(env.team.tag.unwrap().as_str(), "bob");
+        assert_eq!(env.main_class.as_deref(), Some("org.example.P"));
+        assert_eq!(env.name, "mse-vpn");
+        assert!(parse(&["env", "--format", "xml"]).is_err());
     }
 
     #[test]
