@@ -162,6 +162,17 @@ pub enum PlatformError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// macOS: the kernel refused a route change that `route` reported on its output while
+    /// exiting 0 (route.c). "File exists": the host already routes that destination.
+    #[error(
+        "`{cmd}` was refused by the kernel: {reason}. If that is \"File exists\", the host already has a route to that destination (another VPN's?): `netstat -rn` shows whose; stop that tool, or --exclude the overlap"
+    )]
+    Refused {
+        /// The command line.
+        cmd: String,
+        /// What `route` printed after the gateway (`File exists`, `not in table`, ...).
+        reason: String,
+    },
     /// The resolver configuration could not be changed.
     #[error("cannot point {path} at the DNS responder: {source}")]
     Dns {

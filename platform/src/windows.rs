@@ -137,7 +137,7 @@ pub fn make_calls(change: &Change, tun_luid: u64, plan: Option<&DnsPlan>) -> Vec
                         .iter()
                         .map(|z| format!(".{}", z.trim_end_matches('.')))
                         .collect(),
-                    server: p.server,
+                    server: p.server.ip(),
                 },
                 Call::RefreshDns,
             ],
@@ -396,7 +396,7 @@ mod tests {
         let p = plan(&["10.0.0.0/8", "fd00:1::/64"], &["10.99.0.2"]);
         let mut applied = host::apply(&mut win, &p, &dir).await.unwrap();
         let dns = DnsPlan {
-            server: "198.18.0.1".parse().unwrap(),
+            server: "198.18.0.1:53".parse().unwrap(),
             zones: vec!["internal".into(), "0.10.in-addr.arpa".into()],
         };
         assert_eq!(
