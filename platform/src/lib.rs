@@ -194,9 +194,10 @@ pub enum PlatformError {
         #[source]
         source: std::io::Error,
     },
-    /// macOS: another tool already resolves a split domain through `/etc/resolver`.
+    /// macOS: another tool, or another running mse-vpn session, already resolves a split
+    /// domain through `/etc/resolver`.
     #[error(
-        "{path} exists and was not written by mse-vpn (another VPN's split DNS?): remove it, or drop that --dns-domain"
+        "{path} exists and is not this session's (another VPN's split DNS, or another mse-vpn session with that --dns-domain?): stop that one or remove the file, or drop that --dns-domain"
     )]
     ResolverTaken {
         /// The resolver file.

@@ -311,10 +311,16 @@ pub fn parse_netstat(text: &str) -> Vec<RouteEntry> {
     out
 }
 
+/// How the resolver files of the session on `tun` begin.
+fn resolver_file_marker(tun: &str) -> String {
+    format!("{MARKER} (session on {tun})")
+}
+
 /// The content of the resolver file for one zone (resolver(5): `nameserver` and `port`).
 pub fn resolver_file_content(tun: &str, server: SocketAddr) -> String {
     format!(
-        "{MARKER} (session on {tun}): `mse-vpn down` (or `mse-vpn down --force` after a crash) removes this file.\nnameserver {}\nport {}\n",
+        "{}: `mse-vpn down` (or `mse-vpn down --force` after a crash) removes this file.\nnameserver {}\nport {}\n",
+        resolver_file_marker(tun),
         server.ip(),
         server.port()
     )
@@ -379,10 +385,12 @@ impl<R: Runner> Backend for Macos<R> {
             path: file.clone(),
             source,
         };
-        // Another tool's file for the same domain (another VPN's split DNS) is not ours to
-        // replace: say so instead.
+        // Another tool's file for the same domain (another VPN's split DNS), or another live
+        // session's (a dead one's was repaired before this session started), is not ours to
+        // replace: say so instead. On macOS each session's responder has its own port, so
+        // nothing else would stop a second session from taking the first one's domain.
         if let Ok(existing) = std::fs::read_to_string(file)
-            && !existing.starts_with(MARKER)
+            && !existing.starts_with(&resolver_file_marker(tun))
         {
             return Err(PlatformError::ResolverTaken { path: file.clone() });
         }
@@ -1046,6 +1054,22 @@ mod tests {
             std::fs::read_to_string(resolver.join("internal")).unwrap(),
             "nameserver 192.0.2.53\n",
             "restore leaves the other tool's file alone"
+        );
+        // Another live session's file (utun8's) is not taken over either: the responders no
+        // longer share port 53 of one address, so this is what stops a second session.
+        let theirs = resolver_file_content("utun8", "127.0.0.1:50001".parse().unwrap());
+        std::fs::write(resolver.join("internal"), &theirs).unwrap();
+        let mut applied = host::apply(&mut mac, &plan(&["10.0.0.0/16"], &[]), &dir)
+            .await
+            .unwrap();
+        let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns)
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, PlatformError::ResolverTaken { .. }), "{e}");
+        host::restore(&mut mac, applied).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(resolver.join("internal")).unwrap(),
+            theirs
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
