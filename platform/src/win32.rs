@@ -668,6 +668,17 @@ fn sddl_owner(sddl: &str) -> String {
     rest[..end].to_owned()
 }
 
+/// The owner in the descriptor a `Get*SecurityInfo` call answered (`rc`, `sd`), as SDDL names
+/// it; the descriptor is freed.
+fn owner_from(rc: u32, sd: PSECURITY_DESCRIPTOR) -> io::Result<String> {
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc as i32));
+    }
+    Ok(sddl_owner(
+        &Descriptor(sd).to_sddl(OWNER_SECURITY_INFORMATION)?,
+    ))
+}
+
 /// The owner of the file or directory `path`, as SDDL names it (`BA`, `SY`, `S-1-5-21-...`).
 pub fn path_owner(path: &Path) -> io::Result<String> {
     let w = wide(path.as_os_str());
@@ -686,12 +697,7 @@ pub fn path_owner(path: &Path) -> io::Result<String> {
             &mut sd,
         )
     };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc as i32));
-    }
-    Ok(sddl_owner(
-        &Descriptor(sd).to_sddl(OWNER_SECURITY_INFORMATION)?,
-    ))
+    owner_from(rc, sd)
 }
 
 /// The owner of the kernel object behind `handle` (a pipe), as SDDL names it.
@@ -711,12 +717,7 @@ fn handle_owner(handle: HANDLE) -> io::Result<String> {
             &mut sd,
         )
     };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc as i32));
-    }
-    Ok(sddl_owner(
-        &Descriptor(sd).to_sddl(OWNER_SECURITY_INFORMATION)?,
-    ))
+    owner_from(rc, sd)
 }
 
 /// The state directory's security descriptor: owned by Administrators, a protected DACL (no
