@@ -78,9 +78,12 @@ impl Tun {
         config.platform_config(|p| {
             p.packet_information(true).enable_routing(false);
         });
-        // wintun.dll is loaded from the executable's directory (then the DLL search path).
+        // wintun.dll is loaded from the executable's directory (then the DLL search path). The
+        // adapter's GUID is fixed per name: Windows then sees the same network every run (a
+        // new GUID is a new "Unidentified network" on the Public firewall profile each time).
         #[cfg(windows)]
         config.platform_config(|p| {
+            p.device_guid(mse_vpn_platform::adapter_guid(name));
             if let Some(dll) = std::env::current_exe()
                 .ok()
                 .and_then(|e| e.parent().map(|d| d.join("wintun.dll")))

@@ -21,7 +21,7 @@
 //! unit-tested; the file edits are tested on temporary files.
 
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
@@ -61,11 +61,45 @@ impl DnsBackend {
     }
 }
 
+/// Where the DNS responder listens for `backend`, before binding (port 0: the OS picks one).
+///
+/// - **macOS** (`/etc/resolver`): `127.0.0.1` on a free port, named in the resolver file by
+///   its `port` line. Not the utun's own address: XNU adds no loopback route for the local
+///   address of a point-to-point interface (BSD `in_ifinit` installs only a host route to the
+///   *destination*, which for a utun configured `inet A A` is A itself, through the utun), so
+///   mDNSResponder's queries to A would go into the tunnel, not to our socket. configd reads
+///   the `port` line of `/etc/resolver` files (dnsinfo_flatfile.c, `TOKEN_PORT`) and
+///   mDNSResponder sends to it (mDNSMacOSX.c: `r->port != 0 ? r->port : 53`); port 5353
+///   would mean multicast DNS there, which an ephemeral port never is.
+/// - **Elsewhere**: the TUN's IPv4 address, port 53 (resolv.conf, systemd-resolved and NRPT
+///   rules name a server by address only; Linux and Windows deliver packets to a local
+///   address of any interface locally).
+pub fn listen_addr_for(backend: DnsBackend, tun_v4: Ipv4Addr) -> SocketAddr {
+    match backend {
+        DnsBackend::ResolverDir => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        DnsBackend::Resolved | DnsBackend::ResolvConf | DnsBackend::Nrpt => {
+            SocketAddr::from((tun_v4, 53))
+        }
+    }
+}
+
+/// [`listen_addr_for`] this OS.
+pub fn listen_addr(tun_v4: Ipv4Addr) -> SocketAddr {
+    let backend = if cfg!(target_os = "macos") {
+        DnsBackend::ResolverDir
+    } else if cfg!(windows) {
+        DnsBackend::Nrpt
+    } else {
+        DnsBackend::ResolvConf
+    };
+    listen_addr_for(backend, tun_v4)
+}
+
 /// What to point at the responder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsPlan {
-    /// The responder's address (the TUN's IPv4 address).
-    pub server: IpAddr,
+    /// The responder's address and port, as bound ([`listen_addr`] decides where).
+    pub server: SocketAddr,
     /// Zones to route to it, without `~` (domains, then reverse zones).
     pub zones: Vec<String>,
 }
@@ -103,7 +137,7 @@ pub fn resolv_conf_content(original: &[u8], plan: &DnsPlan, tun: &str) -> Vec<u8
             .cloned()
             .collect::<Vec<_>>()
             .join(", "),
-        plan.server
+        plan.server.ip()
     );
     for line in text.lines() {
         let key = line.split_whitespace().next().unwrap_or("");
@@ -120,7 +154,11 @@ pub fn resolved_commands(link: &str, plan: &DnsPlan) -> Vec<Vec<String>> {
     let mut domain = vec!["domain".to_owned(), link.to_owned()];
     domain.extend(plan.zones.iter().map(|z| format!("~{z}")));
     vec![
-        vec!["dns".to_owned(), link.to_owned(), plan.server.to_string()],
+        vec![
+            "dns".to_owned(),
+            link.to_owned(),
+            plan.server.ip().to_string(),
+        ],
         domain,
         vec![
             "default-route".to_owned(),
@@ -338,7 +376,7 @@ mod tests {
 
     fn plan() -> DnsPlan {
         DnsPlan {
-            server: "198.18.0.1".parse().unwrap(),
+            server: "198.18.0.1:53".parse().unwrap(),
             zones: vec![
                 "internal".into(),
                 "rds.example.com".into(),
@@ -352,6 +390,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_responder_listens_where_each_resolver_can_reach_it() {
+        let tun = Ipv4Addr::new(198, 18, 0, 1);
+        // macOS: loopback and a free port (the resolver file names the port).
+        assert_eq!(
+            listen_addr_for(DnsBackend::ResolverDir, tun),
+            "127.0.0.1:0".parse().unwrap()
+        );
+        // The others name a server by address only: port 53 on the TUN's address.
+        for b in [
+            DnsBackend::Resolved,
+            DnsBackend::ResolvConf,
+            DnsBackend::Nrpt,
+        ] {
+            assert_eq!(listen_addr_for(b, tun), "198.18.0.1:53".parse().unwrap());
+        }
     }
 
     #[test]

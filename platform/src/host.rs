@@ -56,6 +56,14 @@ pub trait Backend {
     const DNS: DnsBackend;
     /// True if process `pid` is running.
     fn pid_alive(&self, pid: i32) -> bool;
+    /// True if the journal at `path` was written by a privileged mse-vpn, not planted by
+    /// someone else: only such journals are repaired or count as sessions. Unix: the state
+    /// directory is root's and not writable by others (so any journal in it is). Windows: its
+    /// owner is SYSTEM or Administrators.
+    fn journal_trusted(&self, path: &Path) -> bool {
+        let _ = path;
+        true
+    }
     /// The current path to `addr`.
     async fn path_to(&mut self, addr: IpAddr) -> Result<PathInfo, PlatformError>;
     /// The host's routes, default routes excluded.
@@ -133,10 +141,12 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
 }
 
-/// Journals of other live sessions in `state_dir`: (tun, pid, routed networks).
+/// Journals of other live sessions in `state_dir`: (tun, pid, routed networks). Journals that
+/// are not `trusted` are not sessions.
 pub fn live_sessions(
     state_dir: &Path,
     alive: impl Fn(i32) -> bool,
+    trusted: impl Fn(&Path) -> bool,
 ) -> Vec<(String, i32, Vec<IpNet>)> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir(state_dir) else {
@@ -144,7 +154,7 @@ pub fn live_sessions(
     };
     for entry in dir.flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|e| e != "journal") {
+        if path.extension().is_none_or(|e| e != "journal") || !trusted(&path) {
             continue;
         }
         let Ok(rec) = journal::read(&path) else {
@@ -227,7 +237,8 @@ pub async fn preflight<B: Backend>(
     plan: &RoutePlan,
     state_dir: &Path,
 ) -> Result<Preflight, PlatformError> {
-    if let Some(e) = session_conflict(plan, live_sessions(state_dir, |p| b.pid_alive(p))) {
+    let live = live_sessions(state_dir, |p| b.pid_alive(p), |j| b.journal_trusted(j));
+    if let Some(e) = session_conflict(plan, live) {
         return Err(e);
     }
     for existing in overlapping_routes(b, plan).await? {
@@ -259,7 +270,8 @@ pub async fn apply<B: Backend>(
     state_dir: &Path,
 ) -> Result<Applied, PlatformError> {
     let path = journal::path_for(state_dir, plan.tun_name());
-    if let Ok(rec) = journal::read(&path)
+    if b.journal_trusted(&path)
+        && let Ok(rec) = journal::read(&path)
         && let Some(pid) = rec
             .pid
             .filter(|p| b.pid_alive(*p) && *p as u32 != std::process::id())
@@ -384,6 +396,15 @@ pub async fn repair<B: Backend>(b: &mut B, state_dir: &Path) -> Result<Vec<Chang
     for entry in dir.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        // A journal someone else wrote would make us undo what it says (delete the default
+        // route, an NRPT rule): not ours to act on, nor to delete.
+        if !b.journal_trusted(&path) {
+            warn!(
+                journal = %path.display(),
+                "not repairing this journal: it was not written by an administrator's mse-vpn (planted?); delete it if you know where it came from"
+            );
             continue;
         }
         let rec = journal::read(&path).map_err(|source| PlatformError::Journal {

@@ -3,9 +3,11 @@
 //!
 //! - **Unix** (Linux, macOS): a Unix socket `<state_dir>/<tun>.sock`, mode 0600, owned by the
 //!   invoking user (root can always connect).
-//! - **Windows**: a named pipe `\\.\pipe\mse-vpn\<tun>` whose ACL grants SYSTEM,
-//!   Administrators and the user who started the session only, and which refuses remote
-//!   clients (`win32.rs` builds the security descriptor).
+//! - **Windows**: a named pipe `\\.\pipe\mse-vpn\<tun>` owned by Administrators, whose ACL
+//!   grants SYSTEM, Administrators and the user who started the session only, and which
+//!   refuses remote clients (`win32.rs` builds the security descriptor). Any user may create
+//!   a pipe of any name: a client talks only to a pipe owned by SYSTEM or Administrators, and
+//!   a session does not start when someone else already serves its name.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -146,7 +148,10 @@ pub async fn connect(path: &Path) -> io::Result<Conn> {
         const PIPE_BUSY: i32 = 231;
         for _ in 0..100 {
             match ClientOptions::new().open(path) {
-                Ok(c) => return Ok(Conn(Inner::Client(c))),
+                Ok(c) => {
+                    crate::win32::check_pipe_server(&c, path)?;
+                    return Ok(Conn(Inner::Client(c)));
+                }
                 Err(e) if e.raw_os_error() == Some(PIPE_BUSY) => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
@@ -194,9 +199,22 @@ impl Listener {
         #[cfg(windows)]
         {
             let _ = owner;
+            // FILE_FLAG_FIRST_PIPE_INSTANCE: ERROR_ACCESS_DENIED when the name is served.
+            let next = crate::win32::create_pipe(path.as_os_str(), true).map_err(|e| {
+                match e.kind() {
+                    io::ErrorKind::PermissionDenied => io::Error::new(
+                        e.kind(),
+                        format!(
+                            "another process already serves {} (another session on this TUN name, or a program squatting it): {e}",
+                            path.display()
+                        ),
+                    ),
+                    _ => e,
+                }
+            })?;
             Ok(Listener {
                 path: path.to_owned(),
-                next: crate::win32::create_pipe(path.as_os_str(), true)?,
+                next,
             })
         }
     }
@@ -282,5 +300,46 @@ mod tests {
         assert!(!path.exists(), "the socket file goes with the listener");
         assert!(connect(&path).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Item 5 of issue 25: any user may create a pipe of any name; a client must not talk to
+    /// one that is not an elevated session's, and a session must not start behind it. (Wine
+    /// keeps a pipe's owner as created and returns it to GetSecurityInfo; it does not check
+    /// the DACL when the pipe is opened.)
+    #[cfg(windows)]
+    #[tokio::test]
+    async fn a_control_pipe_someone_else_created_is_refused() {
+        let dir = std::env::temp_dir();
+        let tun = format!("sq{}", std::process::id() % 10_000);
+        let path = endpoint(&dir, &tun);
+        // What an unelevated user's pipe looks like: owned by that user, open to everyone.
+        let user = crate::win32::own_sid().unwrap();
+        let squatter = crate::win32::create_pipe_with(
+            path.as_os_str(),
+            true,
+            &format!("O:{user}D:P(A;;GA;;;WD)"),
+        )
+        .unwrap();
+        let serve = tokio::spawn(async move {
+            let _ = squatter.connect().await;
+            squatter
+        });
+        let e = connect(&path).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("another program"), "{e}");
+        // A session does not start behind it: FILE_FLAG_FIRST_PIPE_INSTANCE makes Windows
+        // refuse a second server of a name (ERROR_ACCESS_DENIED). Wine does not implement that
+        // flag (observed: a second first instance is created), so only Windows can show it.
+        if !crate::win32::under_wine() {
+            let e = Listener::bind(&path, (0, 0)).unwrap_err();
+            assert!(e.to_string().contains("already serves"), "{e}");
+        }
+        drop(serve.await.unwrap());
+        // An elevated session's own pipe is owned by Administrators, and accepted.
+        let path = endpoint(&dir, &format!("{tun}b"));
+        let mut listener = Listener::bind(&path, (0, 0)).unwrap();
+        let accept = tokio::spawn(async move { listener.accept().await.map(drop) });
+        connect(&path).await.unwrap();
+        accept.await.unwrap().unwrap();
     }
 }

@@ -257,6 +257,40 @@ pub struct Recorded {
     pub changes: Vec<Change>,
 }
 
+/// Creates the state directory `dir` (journals, control sockets, logs) if needed, writable by
+/// the administrator only: on Unix mode 0755 (root's, as `up` runs as root); on Windows an
+/// explicit ACL for SYSTEM and Administrators (read-only for Users), since C:\ProgramData
+/// lets every user create files in new subdirectories (`win32.rs`, `STATE_DIR_SDDL`).
+pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    return crate::win32::secure_dir(dir);
+    #[cfg(unix)]
+    {
+        std::fs::create_dir_all(dir)?;
+        crate::account::set_mode(dir, 0o755)
+    }
+}
+
+/// The journal's directory, created if needed (on Windows with the state directory's ACL).
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    return crate::win32::secure_dir(dir);
+    #[cfg(unix)]
+    return std::fs::create_dir_all(dir);
+}
+
+/// Windows: makes Administrators the owner of a journal file just written (journals owned by
+/// anyone else are not acted on). Nothing to do on Unix.
+fn claim(path: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    return crate::win32::claim_for_administrators(path);
+    #[cfg(unix)]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// The journal path for a TUN name.
 pub fn path_for(state_dir: &Path, tun: &str) -> PathBuf {
     state_dir.join(format!("{tun}.journal"))
@@ -266,13 +300,14 @@ impl Journal {
     /// Creates (truncates) the journal and records the pid.
     pub fn create(path: &Path, pid: u32) -> std::io::Result<Journal> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            ensure_dir(dir)?;
         }
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(path)?;
+        claim(path)?;
         let mut j = Journal {
             file,
             path: path.to_owned(),
@@ -325,6 +360,7 @@ impl Journal {
             f.write_all(text.as_bytes())?;
             f.sync_data()?;
         }
+        claim(&tmp)?;
         std::fs::rename(&tmp, &path)
     }
 

@@ -87,6 +87,9 @@ use thiserror::Error;
 
 pub use journal::Change;
 pub use plan::{PlanError, PlanSpec, RoutePlan};
+/// Windows: the wintun adapter GUID for a TUN name (fixed per name; see `windows.rs`).
+#[cfg(windows)]
+pub use windows::adapter_guid;
 
 /// Failures of host integration. Messages say what to do.
 #[derive(Debug, Error)]
@@ -162,6 +165,26 @@ pub enum PlatformError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// macOS: the kernel refused a route change that `route` reported on its output while
+    /// exiting 0 (route.c). "File exists": the host already routes that destination.
+    #[error(
+        "`{cmd}` was refused by the kernel: {reason}. If that is \"File exists\", the host already has a route to that destination (another VPN's?): `netstat -rn` shows whose; stop that tool, or --exclude the overlap"
+    )]
+    Refused {
+        /// The command line.
+        cmd: String,
+        /// What `route` printed after the gateway (`File exists`, `not in table`, ...).
+        reason: String,
+    },
+    /// Windows: the TUN adapter never got an IPv6 interface (IPv6 is disabled on this host or
+    /// unbound from the adapter), but IPv6 networks were to be routed.
+    #[error(
+        "the adapter {tun} has no IPv6 interface (is IPv6 disabled on this host?): drop the IPv6 --cidr, or enable IPv6"
+    )]
+    NoIpv6 {
+        /// The TUN name.
+        tun: String,
+    },
     /// The resolver configuration could not be changed.
     #[error("cannot point {path} at the DNS responder: {source}")]
     Dns {
@@ -171,9 +194,10 @@ pub enum PlatformError {
         #[source]
         source: std::io::Error,
     },
-    /// macOS: another tool already resolves a split domain through `/etc/resolver`.
+    /// macOS: another tool, or another running mse-vpn session, already resolves a split
+    /// domain through `/etc/resolver`.
     #[error(
-        "{path} exists and was not written by mse-vpn (another VPN's split DNS?): remove it, or drop that --dns-domain"
+        "{path} exists and is not this session's (another VPN's split DNS, or another mse-vpn session with that --dns-domain?): stop that one or remove the file, or drop that --dns-domain"
     )]
     ResolverTaken {
         /// The resolver file.
@@ -351,7 +375,11 @@ impl Leftover {
 /// runs that could still change the host). A stopping session removes its control socket a
 /// moment before it exits; what it could not undo is final only once it has exited.
 pub fn session_running(state_dir: &Path, tun: &str) -> bool {
-    journal::read(&journal::path_for(state_dir, tun))
+    let path = journal::path_for(state_dir, tun);
+    if !imp::journal_trusted(&path) {
+        return false;
+    }
+    journal::read(&path)
         .ok()
         .and_then(|rec| rec.pid)
         .is_some_and(imp::pid_alive)
@@ -361,6 +389,14 @@ pub fn session_running(state_dir: &Path, tun: &str) -> bool {
 /// `state_dir` (read-only: [`repair`] undoes them). The same test as [`repair`]'s decides
 /// what is dead.
 pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
+    leftovers_where(state_dir, imp::journal_trusted)
+}
+
+/// [`leftovers`] among the journals that are `trusted` (see the backends' `journal_trusted`).
+fn leftovers_where(
+    state_dir: &Path,
+    trusted: impl Fn(&Path) -> bool,
+) -> Result<Vec<Leftover>, PlatformError> {
     let Ok(dir) = std::fs::read_dir(state_dir) else {
         return Ok(Vec::new());
     };
@@ -373,6 +409,9 @@ pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
         ) else {
             continue;
         };
+        if !trusted(&path) {
+            continue;
+        }
         let rec = match journal::read(&path) {
             Ok(rec) => rec,
             // Removed by its session in the meantime, or not ours to read: nothing to say.
@@ -407,7 +446,12 @@ mod tests {
     fn leftovers_are_the_journals_of_dead_sessions() {
         let dir = std::env::temp_dir().join(format!("mse-vpn-left-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(leftovers(&dir).unwrap(), [], "no state dir: nothing left");
+        let all = |_: &Path| true;
+        assert_eq!(
+            leftovers_where(&dir, all).unwrap(),
+            [],
+            "no state dir: nothing left"
+        );
         // A live session (this process) and a dead one (a pid that cannot exist).
         let mut live =
             journal::Journal::create(&journal::path_for(&dir, "mvlive"), std::process::id())
@@ -435,7 +479,9 @@ mod tests {
             dead.record(&c).unwrap();
         }
         std::fs::write(dir.join("other.sock"), "").unwrap();
-        let left = leftovers(&dir).unwrap();
+        // (The real trust test is the OS's: on Windows the journal's owner, which Wine does
+        // not keep; see the Windows backend's tests.)
+        let left = leftovers_where(&dir, all).unwrap();
         assert_eq!(left.len(), 1, "{left:?}");
         assert_eq!(
             (left[0].tun.as_str(), left[0].pid),
@@ -443,6 +489,12 @@ mod tests {
         );
         assert_eq!(left[0].changes.len(), 3);
         assert_eq!(left[0].describe(), "routes and DNS settings");
+        let planted = |p: &Path| !p.ends_with("mvdead.journal");
+        assert_eq!(
+            leftovers_where(&dir, planted).unwrap(),
+            [],
+            "an untrusted journal is no leftover"
+        );
         // (Closed first: Windows deletes no open file.)
         drop((live, dead));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -80,6 +80,11 @@ pub async fn path_to(addr: IpAddr) -> Result<PathInfo, PlatformError> {
 
 /// True if `pid` is a running process. A zombie (killed, not yet reaped by its parent) is
 /// dead: it holds no TUN and will never undo its changes.
+/// Journals in the state directory are trusted: it is root's, mode 0755.
+pub(crate) fn journal_trusted(_path: &Path) -> bool {
+    true
+}
+
 pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
@@ -103,7 +108,9 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
 }
 
 pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    if let Some(e) = host::session_conflict(plan, host::live_sessions(state_dir, pid_alive)) {
+    if let Some(e) =
+        host::session_conflict(plan, host::live_sessions(state_dir, pid_alive, |_| true))
+    {
         return Err(e);
     }
     // A network this host reaches directly (LAN, Docker bridge, point-to-point VPN link)

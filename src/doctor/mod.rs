@@ -85,6 +85,8 @@ pub async fn run(
     let mut checks = Vec::new();
     checks.push(privileges());
     checks.push(tun_support());
+    #[cfg(windows)]
+    checks.push(firewall_profile());
 
     let user = match InvokingUser::detect() {
         Ok(u) => u,
@@ -281,6 +283,22 @@ fn tun_support() -> Check {
         None => Check::new("tun", Verdict::Fail, "wintun.dll not found")
             .fix("download wintun from wintun.net and put the wintun.dll for your CPU beside mse-vpn.exe"),
     }
+}
+
+/// Windows: the adapter is an "Unidentified network", which Windows puts on the Public
+/// firewall profile; the Windows Firewall blocks unsolicited inbound connections there, and
+/// those are exactly what `--expose` and `mse-vpn run` bring to local apps (callers in the VPC
+/// connect through the tunnel to the app's port).
+#[cfg(windows)]
+fn firewall_profile() -> Check {
+    Check::new(
+        "firewall profile",
+        Verdict::Warn,
+        "Windows puts mse-vpn's adapter on the Public firewall profile (an unidentified network), where the Windows Firewall blocks inbound connections: calls from the VPC to an --expose'd (or `mse-vpn run`) app are dropped unless the app is allowed on Public networks",
+    )
+    .fix(
+        "allow the app on Public networks when Windows asks (or `netsh advfirewall firewall add rule name=mse-vpn-expose dir=in action=allow protocol=TCP localport=PORT profile=public`), or, while a session is up, `Set-NetConnectionProfile -InterfaceAlias mse0 -NetworkCategory Private` (the adapter keeps its identity across runs); outbound use needs nothing",
+    )
 }
 
 #[cfg(not(any(target_os = "macos", windows)))]

@@ -36,8 +36,10 @@ pub async fn resolvers(
     Ok(vec![found])
 }
 
-/// Binds the responder on the TUN's IPv4 address, port 53, then points the host resolver at
-/// it for the split zones only. Returns the responder (not yet running) and the `dns` object
+/// Binds the responder where the host resolver reaches it ([`platform::dns::listen_addr`]:
+/// the TUN's IPv4 address, port 53; on macOS 127.0.0.1 on a free port, because XNU sends
+/// packets for a utun's own address into the utun), then points the host resolver at it for
+/// the split zones only. Returns the responder (not yet running) and the `dns` object
 /// for `status`. On error, what was journaled is undone by the caller's `host.restore()`.
 pub async fn start(
     dns: &DnsSettings,
@@ -47,7 +49,7 @@ pub async fn start(
     state_dir: &Path,
     servers: &[IpAddr],
 ) -> Result<(Responder, DnsStatus), DnsError> {
-    let listen = SocketAddr::new(plan.tun_v4().into(), 53);
+    let listen = platform::dns::listen_addr(plan.tun_v4());
     let split = Split::new(dns.domains.clone(), plan.routes());
     // The original nameservers, read before the host resolver is changed (glibc's default,
     // 127.0.0.1, when the file names none). Under resolved this is its stub, which never
@@ -55,16 +57,17 @@ pub async fn start(
     let text = std::fs::read_to_string(platform::dns::RESOLV_CONF).unwrap_or_default();
     let mut upstream: Vec<SocketAddr> = platform::dns::nameservers(&text)
         .into_iter()
-        .filter(|a| *a != listen.ip())
-        .map(|a| (a, 53).into())
+        .map(|a| SocketAddr::new(a, 53))
+        .filter(|a| *a != listen)
         .collect();
     if upstream.is_empty() {
         upstream.push(([127, 0, 0, 1], 53).into());
     }
+    // The originator sshd is told about (what its logs show): the session's own address.
     let tunnel = Tunnel::spawn(
         pool.clone(),
         servers.iter().map(|s| (*s, 53).into()).collect(),
-        listen,
+        SocketAddr::new(plan.tun_v4().into(), 53),
         crate::dns::TUNNEL_CHANNELS,
         crate::dns::QUERY_TIMEOUT,
     );
@@ -79,8 +82,13 @@ pub async fn start(
         Arc::new(DnsCounters::default()),
     )
     .await?;
+    // The port the OS chose where `listen` asked for any.
+    let listen = responder.local_addr().map_err(|source| DnsError::Bind {
+        addr: listen,
+        source,
+    })?;
     let dns_plan = platform::dns::DnsPlan {
-        server: listen.ip(),
+        server: listen,
         zones: zones.clone(),
     };
     let backend = host

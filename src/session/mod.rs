@@ -317,12 +317,10 @@ impl Session {
         }
 
         // 3. Host changes, journaled by the platform crate.
-        std::fs::create_dir_all(state_dir)
-            .and_then(|()| platform::account::set_mode(state_dir, 0o755))
-            .map_err(|source| SessionError::StateDir {
-                path: state_dir.clone(),
-                source,
-            })?;
+        platform::journal::prepare_dir(state_dir).map_err(|source| SessionError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
         let jump = format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port);
         let board = Board::new(
             jump.clone(),
