@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod dns;
 mod flow_control;
+mod frameworks;
 mod harness;
 mod hostile;
 mod lifecycle;
