@@ -13,6 +13,7 @@ mod flow_control;
 mod frameworks;
 mod harness;
 mod hostile;
+mod isolation;
 mod lifecycle;
 mod outbound;
 mod reverse;
