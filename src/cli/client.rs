@@ -123,20 +123,22 @@ fn all_listening(reply: &ExposeReply) -> Result<()> {
     Ok(())
 }
 
-/// Checks an `expose` reply and returns the address to register (the first listener's).
-fn registered_address(reply: &ExposeReply) -> Result<std::net::SocketAddr> {
+/// Checks an `expose` reply and returns the address to register (the first listener's) and
+/// the local port behind it.
+fn registered_address(reply: &ExposeReply) -> Result<(std::net::SocketAddr, u16)> {
     all_listening(reply)?;
     let first = reply
         .forwards
         .first()
         .context("the session exposes no port: pass --expose")?;
-    first
+    let addr = first
         .advertised
         .as_deref()
         .and_then(|a| a.parse().ok())
         .with_context(|| {
             "the session does not know the jump host's VPC address: restart `mse-vpn up` with --advertise ADDR"
-        })
+        })?;
+    Ok((addr, first.local_port))
 }
 
 /// `mse-vpn run`: expose, start the app with the registration settings, confirm what it
@@ -145,11 +147,11 @@ fn registered_address(reply: &ExposeReply) -> Result<std::net::SocketAddr> {
 pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
     use std::collections::BTreeMap;
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let (advertise, held) = if args.expose.is_empty() {
-        (None, None)
+    let (advertise, local_port, held) = if args.expose.is_empty() {
+        (None, None, None)
     } else {
         let (reply, held) = expose_specs(&path, &args.expose, true).await?;
-        let addr = registered_address(&reply)?;
+        let (addr, local) = registered_address(&reply)?;
         for f in &reply.forwards {
             eprintln!(
                 "mse-vpn: cloud callers reach {} -> local port {} while the app runs",
@@ -157,10 +159,11 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
                 f.local_port
             );
         }
-        (Some(addr), Some(held))
+        (Some(addr), Some(local), Some(held))
     };
     let plan = run::Plan {
         advertise,
+        local_port,
         tag: args.team.tag.clone(),
         subscribe_only: args.team.subscribe_only,
     };
@@ -372,8 +375,8 @@ pub async fn unexpose(args: ExposeArgs, state_dir: &Path) -> Result<()> {
 pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
     use std::collections::BTreeMap;
     let path = one_session(state_dir, args.tun.as_deref())?;
-    let advertise = if args.expose.is_empty() && args.team.subscribe_only {
-        None
+    let (advertise, local_port) = if args.expose.is_empty() && args.team.subscribe_only {
+        (None, None)
     } else {
         let reply = if args.expose.is_empty() {
             let st = control::status(&path).await?;
@@ -387,10 +390,12 @@ pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
         } else {
             expose_specs(&path, &args.expose, false).await?.0
         };
-        Some(registered_address(&reply)?)
+        let (addr, local) = registered_address(&reply)?;
+        (Some(addr), Some(local))
     };
     let plan = run::Plan {
         advertise,
+        local_port,
         tag: args.team.tag.clone(),
         subscribe_only: args.team.subscribe_only,
     };

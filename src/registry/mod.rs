@@ -540,6 +540,7 @@ mod tests {
     fn plan(tag: Option<&str>) -> Plan {
         Plan {
             advertise: Some("10.0.0.1:20880".parse().unwrap()),
+            local_port: Some(20880),
             tag: tag.map(|t| t.parse().unwrap()),
             subscribe_only: false,
         }

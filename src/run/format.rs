@@ -188,6 +188,7 @@ mod tests {
     fn sample() -> Settings {
         let plan = Plan {
             advertise: Some("10.0.0.1:20880".parse().unwrap()),
+            local_port: Some(20880),
             tag: Some("alice".parse().unwrap()),
             subscribe_only: false,
         };

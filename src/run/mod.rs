@@ -10,7 +10,7 @@
 //!
 //! | framework | address | tag | subscribe only |
 //! |---|---|---|---|
-//! | Apache Dubbo 2.7.x, 3.x | env + `-D` `DUBBO_IP_TO_REGISTRY`, `DUBBO_PORT_TO_REGISTRY` | `dubbo.provider.tag` | `dubbo.registry.register=false` |
+//! | Apache Dubbo 2.7.x, 3.x | env + `-D` `DUBBO_IP_TO_REGISTRY`, `DUBBO_PORT_TO_REGISTRY`; 3.x: `dubbo.application.metadata-service-port` = the local port | `dubbo.provider.tag` | `dubbo.registry.register=false` |
 //! | Spring Cloud Alibaba, Nacos discovery | `spring.cloud.nacos.discovery.ip` / `.port` (and env) | `.cluster-name`, `.metadata.hint` | `.register-enabled=false` |
 //! | Spring Cloud Zookeeper | `spring.cloud.zookeeper.discovery.instance-host` / `-port` | `.metadata.hint` | `.register=false` |
 //! | Spring Cloud Netflix Eureka | `eureka.instance.ip-address`, `.prefer-ip-address`, `.non-secure-port` | `eureka.instance.metadata-map.hint` | `eureka.client.register-with-eureka=false` |
@@ -85,6 +85,9 @@ pub struct Plan {
     /// The address cloud callers use (the jump host's VPC address and the exposed port), when
     /// the app exposes a port and registers.
     pub advertise: Option<SocketAddr>,
+    /// The local port the app listens on behind the advertised one (`--expose
+    /// REMOTE:LOCAL`).
+    pub local_port: Option<u16>,
     /// Register as a provider tagged with this: only calls tagged so reach it.
     pub tag: Option<Tag>,
     /// Register nothing: consume cloud services only.
@@ -194,6 +197,15 @@ pub fn settings(plan: &Plan, user: UserSettings<'_>) -> Settings {
             Setting::new("hsf.server.ip", &ip),
             Setting::new("hsf.server.port", &port),
         ]);
+        if let Some(local) = plan.local_port {
+            // Dubbo 3 serves its MetadataService (what application-level consumers read
+            // first) on a port of its own, the next free one, and registers it under the
+            // advertised port: only the exposed port is reachable, so it must share it.
+            props.push(Setting::new(
+                "dubbo.application.metadata-service-port",
+                local.to_string(),
+            ));
+        }
     }
     if let (Some(tag), false) = (&plan.tag, plan.subscribe_only) {
         let t = tag.as_str();
@@ -279,8 +291,8 @@ pub fn teammates_notice(addr: SocketAddr) -> String {
         "this app registers {addr} in the registry your team shares: your teammates' \
          consumers will send you a share of THEIR calls too. To take only your own calls, \
          run it with --tag NAME (Dubbo: only calls tagged NAME come here; Spring Cloud \
-         Alibaba: consumers with spring.cloud.loadbalancer.nacos.enabled=true keep to their \
-         own cluster); to call cloud services without registering, use --subscribe-only"
+         Alibaba: consumers with spring.cloud.loadbalancer.nacos.enabled=true and a \
+         spring.cloud.nacos.discovery.cluster-name keep to their own cluster); to call cloud services without registering, use --subscribe-only"
     )
 }
 
@@ -293,6 +305,7 @@ mod tests {
     fn plan(tag: Option<&str>, subscribe_only: bool) -> Plan {
         Plan {
             advertise: Some(ADDR.parse().unwrap()),
+            local_port: Some(20880),
             tag: tag.map(|t| t.parse().unwrap()),
             subscribe_only,
         }
@@ -330,6 +343,7 @@ mod tests {
             ("spring.cloud.zookeeper.discovery.instance-port", "20880"),
             ("eureka.instance.ip-address", "10.0.0.1"),
             ("hsf.server.port", "20880"),
+            ("dubbo.application.metadata-service-port", "20880"),
         ] {
             assert_eq!(props[k], v, "{k}");
         }
