@@ -24,7 +24,7 @@ use crate::harness::{Testbed, Vpn, root, stderr, stdout};
 
 /// A framework test app: one jar, `provider` or `consumer` as its first argument.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum App {
+pub(crate) enum App {
     /// Apache Dubbo 2.7.23, ZooKeeper registry.
     Dubbo27,
     /// Apache Dubbo 3.3.6, ZooKeeper or Nacos registry, dubbo or Triple protocol.
@@ -36,19 +36,19 @@ enum App {
 }
 
 /// The VPC's ZooKeeper (`scripts/testbed --with zookeeper`).
-const ZK: &str = "10.0.0.14:2181";
+pub(crate) const ZK: &str = "10.0.0.14:2181";
 /// The VPC's Nacos server, r-nacos (`scripts/testbed --with nacos`).
-const NACOS: &str = "10.0.0.15:8848";
+pub(crate) const NACOS: &str = "10.0.0.15:8848";
 /// The VPC address consumers in the VPC call from (the first address of the VPC's link).
-const VPC_CALLER: &str = "10.0.0.10";
+pub(crate) const VPC_CALLER: &str = "10.0.0.10";
 /// The jump host's VPC address: what laptop providers register, and where laptop consumers'
 /// calls come from as the VPC sees them.
-const JUMP: &str = "10.0.0.1";
+pub(crate) const JUMP: &str = "10.0.0.1";
 /// Calls each consumer makes.
-const CALLS: u32 = 5;
+pub(crate) const CALLS: u32 = 5;
 
 impl App {
-    fn jar(self) -> PathBuf {
+    pub(crate) fn jar(self) -> PathBuf {
         let rel = match self {
             App::Dubbo27 => "tests/apps/dubbo27/target/dubbo27.jar",
             App::Dubbo33 => "tests/apps/dubbo33/target/dubbo33.jar",
@@ -70,7 +70,7 @@ impl App {
 
     /// `java ... -jar APP.jar ROLE ARGS`, with `props` as system properties for Dubbo and as
     /// Spring's `--key=value` arguments for Spring Boot (the way each is usually configured).
-    fn argv(self, role: &str, props: &[(&str, &str)], args: &[&str]) -> Vec<String> {
+    pub(crate) fn argv(self, role: &str, props: &[(&str, &str)], args: &[&str]) -> Vec<String> {
         // Quick JVM start on 2 shared cores (C1 only, one GC thread, the CDS archive).
         let mut v: Vec<String> = [
             "java",
@@ -120,14 +120,14 @@ impl App {
 }
 
 /// The VPC namespace's name.
-fn vpc_ns(tb: &Testbed) -> String {
+pub(crate) fn vpc_ns(tb: &Testbed) -> String {
     format!("{}-vpc", tb.name)
 }
 
 /// Starts a provider in namespace `ns` and waits for its "ready" line. Apps are SIGKILLed
 /// when dropped (a JVM under `mse-vpn run` goes with the testbed's namespaces, whose
 /// teardown kills everything in them).
-fn start_provider(tb: &Testbed, ns: &str, argv: &[String]) -> (Vpn, String) {
+pub(crate) fn start_provider(tb: &Testbed, ns: &str, argv: &[String]) -> (Vpn, String) {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let app = Vpn::spawn(tb.cmd_in(ns, &argv));
     let ready = wait_ready(&app);
@@ -135,7 +135,7 @@ fn start_provider(tb: &Testbed, ns: &str, argv: &[String]) -> (Vpn, String) {
 }
 
 /// Waits (bounded) for an app's `ready ...` line and returns it.
-fn wait_ready(app: &Vpn) -> String {
+pub(crate) fn wait_ready(app: &Vpn) -> String {
     let limit = Duration::from_secs(120);
     let start = Instant::now();
     loop {
@@ -160,24 +160,24 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// The value of `key=` in a line of words.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// What a consumer run printed: its summary and the callers its providers saw.
 #[derive(Debug)]
-struct Calls {
-    ok: u32,
-    failed: u32,
+pub(crate) struct Calls {
+    pub(crate) ok: u32,
+    pub(crate) failed: u32,
     /// Successful calls per provider id.
-    providers: BTreeMap<String, u32>,
+    pub(crate) providers: BTreeMap<String, u32>,
     /// The caller addresses the providers reported.
-    callers: BTreeSet<String>,
+    pub(crate) callers: BTreeSet<String>,
 }
 
 /// Parses a consumer's output (panics, with the output, if it has no summary).
-fn calls(out: &Output) -> Calls {
+pub(crate) fn calls(out: &Output) -> Calls {
     let text = stdout(out);
     let summary = text
         .lines()
@@ -215,7 +215,7 @@ fn calls(out: &Output) -> Calls {
 }
 
 /// Runs a consumer to its end in namespace `ns` (bounded).
-fn run_consumer(tb: &Testbed, ns: &str, argv: &[String]) -> Output {
+pub(crate) fn run_consumer(tb: &Testbed, ns: &str, argv: &[String]) -> Output {
     let mut full = vec!["timeout".to_owned(), "150".to_owned()];
     full.extend_from_slice(argv);
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
@@ -226,7 +226,7 @@ fn run_consumer(tb: &Testbed, ns: &str, argv: &[String]) -> Output {
 }
 
 /// Asserts every call reached provider `id` and the provider saw `caller` calling.
-fn assert_all_reached(out: &Output, id: &str, caller: &str) {
+pub(crate) fn assert_all_reached(out: &Output, id: &str, caller: &str) {
     let c = calls(out);
     assert_eq!(
         (c.ok, c.failed),
@@ -270,7 +270,7 @@ fn zk_cli(tb: &Testbed, cmd: &str, path: &str) -> String {
 }
 
 /// The children of a ZooKeeper node, URL-decoded (empty when it does not exist).
-fn zk_children(tb: &Testbed, path: &str) -> Vec<String> {
+pub(crate) fn zk_children(tb: &Testbed, path: &str) -> Vec<String> {
     let text = zk_cli(tb, "ls", path);
     let Some(list) = text.lines().rev().find(|l| l.starts_with('[')) else {
         return Vec::new();
@@ -283,7 +283,7 @@ fn zk_children(tb: &Testbed, path: &str) -> Vec<String> {
 }
 
 /// The JSON content of a ZooKeeper node.
-fn zk_json(tb: &Testbed, path: &str) -> Value {
+pub(crate) fn zk_json(tb: &Testbed, path: &str) -> Value {
     let text = zk_cli(tb, "get", path);
     let line = text
         .lines()
@@ -293,7 +293,7 @@ fn zk_json(tb: &Testbed, path: &str) -> Value {
 }
 
 /// Polls the registry until `read` returns something (records may lag the "ready" line).
-fn wait_record<T>(what: &str, mut read: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_record<T>(what: &str, mut read: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = read() {
@@ -326,12 +326,12 @@ fn url_decode(s: &str) -> String {
 }
 
 /// The Dubbo provider URLs registered for `demo.Greeter` in ZooKeeper.
-fn dubbo_zk_providers(tb: &Testbed) -> Vec<String> {
+pub(crate) fn dubbo_zk_providers(tb: &Testbed) -> Vec<String> {
     zk_children(tb, "/dubbo/demo.Greeter/providers")
 }
 
 /// A Nacos service's instances as `ip:port`, from the server's own HTTP API.
-fn nacos_instances(tb: &Testbed, service: &str) -> Vec<String> {
+pub(crate) fn nacos_instances(tb: &Testbed, service: &str) -> Vec<String> {
     let url = format!("http://{NACOS}/nacos/v1/ns/instance/list?serviceName={service}");
     let out = tb
         .cmd_in(&vpc_ns(tb), &["curl", "-sS", "-m", "10", &url])
@@ -359,7 +359,7 @@ fn nacos_instances(tb: &Testbed, service: &str) -> Vec<String> {
 
 /// How a laptop provider gets mse-vpn's registration settings.
 #[derive(Clone, Copy, Debug)]
-enum Launch {
+pub(crate) enum Launch {
     /// `mse-vpn run --expose PORT -- java ...`
     Run,
     /// `eval "$(mse-vpn env --expose PORT)"; java ...` (an IDE's environment).
@@ -367,25 +367,31 @@ enum Launch {
 }
 
 /// Starts a provider on the laptop through `mse-vpn run` or `env`, exposing `port` (the same
-/// number on the jump host), and waits for its "ready" line.
-fn start_laptop_provider(
+/// number on the jump host) with `options` (more `run`/`env` options), and waits for its
+/// "ready" line.
+pub(crate) fn start_laptop_provider(
     tb: &Testbed,
     launch: Launch,
     port: u16,
+    options: &[&str],
     argv: &[String],
 ) -> (Vpn, String) {
     let port = port.to_string();
     let cmd: Command = match launch {
         Launch::Run => {
-            let mut args = vec!["run", "--expose", &port, "--"];
+            let mut args = vec!["run", "--expose", &port];
+            args.extend_from_slice(options);
+            args.push("--");
             args.extend(argv.iter().map(String::as_str));
             tb.mse_vpn(&args)
         }
         Launch::Env => {
             let quoted: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
+            let options: Vec<String> = options.iter().map(|o| shell_quote(o)).collect();
             let script = format!(
-                "eval \"$({} env --expose {port})\" && exec {}",
+                "eval \"$({} env --expose {port} {})\" && exec {}",
                 crate::harness::bin(),
+                options.join(" "),
                 quoted.join(" ")
             );
             let mut c = tb.cmd_in(&tb.lap(), &["bash", "-c", &script]);
@@ -465,7 +471,7 @@ fn dubbo_zk_cloud_calls_laptop(
         ("demo.id", "laptop"),
     ];
     let (provider, ready) =
-        start_laptop_provider(&tb, launch, 20880, &app.argv("provider", &props, &[]));
+        start_laptop_provider(&tb, launch, 20880, &[], &app.argv("provider", &props, &[]));
     assert_eq!(
         field(&ready, "registered"),
         Some("10.0.0.1:20880"),
@@ -643,6 +649,7 @@ fn dubbo33_nacos_a_cloud_consumer_calls_a_provider_started_by_run() {
         &tb,
         Launch::Run,
         20880,
+        &[],
         &App::Dubbo33.argv("provider", &props, &[]),
     );
     assert_eq!(
@@ -697,7 +704,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         ),
     );
     let registered = field(&ready, "registered").unwrap().to_owned();
-    assert_eq!(nacos_instances(&tb, "greeter"), [registered.clone()]);
+    assert_eq!(nacos_instances(&tb, "greeter"), [registered.as_str()]);
     assert!(
         registered.starts_with("10.0.") && registered.ends_with(":8080"),
         "{ready}"
@@ -737,6 +744,7 @@ fn spring_cloud_calls_laptop(
         tb,
         launch,
         8080,
+        &[],
         &app.argv(
             "provider",
             &[registry, ("server.port", "8080"), ("demo.id", "laptop")],
@@ -788,7 +796,7 @@ fn spring_nacos_a_provider_started_after_env_is_called_like_one_started_by_run()
 // ----- Spring Cloud × ZooKeeper -----
 
 /// The Spring Cloud Zookeeper instances of service `greeter`, as `address:port`.
-fn spring_zk_instances(tb: &Testbed) -> Vec<String> {
+pub(crate) fn spring_zk_instances(tb: &Testbed) -> Vec<String> {
     zk_children(tb, "/services/greeter")
         .iter()
         .map(|id| {
