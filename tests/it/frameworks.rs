@@ -129,13 +129,13 @@ pub(crate) fn vpc_ns(tb: &Testbed) -> String {
 /// teardown kills everything in them).
 pub(crate) fn start_provider(tb: &Testbed, ns: &str, argv: &[String]) -> (Vpn, String) {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let app = Vpn::spawn(tb.cmd_in(ns, &argv));
-    let ready = wait_ready(&app);
+    let mut app = Vpn::spawn(tb.cmd_in(ns, &argv));
+    let ready = wait_ready(&mut app);
     (app, ready)
 }
 
 /// Waits (bounded) for an app's `ready ...` line and returns it.
-pub(crate) fn wait_ready(app: &Vpn) -> String {
+pub(crate) fn wait_ready(app: &mut Vpn) -> String {
     let limit = Duration::from_secs(120);
     let start = Instant::now();
     loop {
@@ -143,9 +143,10 @@ pub(crate) fn wait_ready(app: &Vpn) -> String {
             println!("{line} (after {:?})", start.elapsed());
             return line.to_owned();
         }
+        let exited = !app.running();
         assert!(
-            start.elapsed() < limit,
-            "the provider was not ready within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            start.elapsed() < limit && !exited,
+            "the provider was not ready within {limit:?} (exited: {exited})\nstdout:\n{}\nstderr:\n{}",
             app.stdout(),
             tail(&app.stderr(), 60)
         );
@@ -389,7 +390,7 @@ pub(crate) fn start_laptop_provider(
             let quoted: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
             let options: Vec<String> = options.iter().map(|o| shell_quote(o)).collect();
             let script = format!(
-                "eval \"$({} env --expose {port} {})\" && exec {}",
+                "settings=$({} env --expose {port} {}) && eval \"$settings\" && exec {}",
                 crate::harness::bin(),
                 options.join(" "),
                 quoted.join(" ")
@@ -399,8 +400,8 @@ pub(crate) fn start_laptop_provider(
             c
         }
     };
-    let app = Vpn::spawn(cmd);
-    let ready = wait_ready(&app);
+    let mut app = Vpn::spawn(cmd);
+    let ready = wait_ready(&mut app);
     (app, ready)
 }
 
