@@ -70,7 +70,20 @@ impl App {
 
     /// `java ... -jar APP.jar ROLE ARGS`, with `props` as system properties for Dubbo and as
     /// Spring's `--key=value` arguments for Spring Boot (the way each is usually configured).
-    pub(crate) fn argv(self, role: &str, props: &[(&str, &str)], args: &[&str]) -> Vec<String> {
+    /// Each role of each testbed has a home and temporary directory of its own in the
+    /// testbed's directory, as apps on separate hosts would: Dubbo's registry and metadata
+    /// caches (`~/.dubbo`), the Nacos client's cache (`~/nacos`) and Tomcat's work
+    /// directories are neither shared between tests nor left behind.
+    pub(crate) fn argv(
+        self,
+        tb: &Testbed,
+        role: &str,
+        props: &[(&str, &str)],
+        args: &[&str],
+    ) -> Vec<String> {
+        let home = tb.dir.join(format!("home-{role}"));
+        let tmp = home.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("create the app's home");
         // Quick JVM start on 2 shared cores (C1 only, one GC thread, the CDS archive).
         let mut v: Vec<String> = [
             "java",
@@ -81,6 +94,8 @@ impl App {
         ]
         .map(String::from)
         .to_vec();
+        v.push(format!("-Duser.home={}", home.display()));
+        v.push(format!("-Djava.io.tmpdir={}", tmp.display()));
         if self == App::Dubbo27 {
             // Dubbo 2.7 on Java 17: javassist defines its proxy classes through
             // ClassLoader.defineClass (fatal without java.lang); hessian-lite's default
@@ -422,6 +437,7 @@ fn dubbo27_zookeeper_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo27.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &registry),
@@ -443,6 +459,7 @@ fn dubbo27_zookeeper_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &tb.lap(),
         &App::Dubbo27.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -471,8 +488,13 @@ fn dubbo_zk_cloud_calls_laptop(
         ("dubbo.registry.address", registry.as_str()),
         ("demo.id", "laptop"),
     ];
-    let (provider, ready) =
-        start_laptop_provider(&tb, launch, 20880, &[], &app.argv("provider", &props, &[]));
+    let (provider, ready) = start_laptop_provider(
+        &tb,
+        launch,
+        20880,
+        &[],
+        &app.argv(&tb, "provider", &props, &[]),
+    );
     assert_eq!(
         field(&ready, "registered"),
         Some("10.0.0.1:20880"),
@@ -493,7 +515,7 @@ fn dubbo_zk_cloud_calls_laptop(
     let out = run_consumer(
         &tb,
         &vpc_ns(&tb),
-        &app.argv("consumer", &props, &[&CALLS.to_string()]),
+        &app.argv(&tb, "consumer", &props, &[&CALLS.to_string()]),
     );
     assert_all_reached(&out, "laptop", VPC_CALLER);
     drop(provider);
@@ -528,6 +550,7 @@ fn dubbo33_zookeeper_a_laptop_consumer_finds_the_registry_by_its_private_name() 
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &format!("zookeeper://{ZK}")),
@@ -545,6 +568,7 @@ fn dubbo33_zookeeper_a_laptop_consumer_finds_the_registry_by_its_private_name() 
         &tb,
         &tb.lap(),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", "zookeeper://zk.internal:2181")],
             &[&CALLS.to_string()],
@@ -609,6 +633,7 @@ fn dubbo33_nacos_triple_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &registry),
@@ -624,6 +649,7 @@ fn dubbo33_nacos_triple_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &tb.lap(),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -651,7 +677,7 @@ fn dubbo33_nacos_a_cloud_consumer_calls_a_provider_started_by_run() {
         Launch::Run,
         20880,
         &[],
-        &App::Dubbo33.argv("provider", &props, &[]),
+        &App::Dubbo33.argv(&tb, "provider", &props, &[]),
     );
     assert_eq!(
         field(&ready, "registered"),
@@ -670,6 +696,7 @@ fn dubbo33_nacos_a_cloud_consumer_calls_a_provider_started_by_run() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -695,6 +722,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         &tb,
         &vpc_ns(&tb),
         &App::SpringNacos.argv(
+            &tb,
             "provider",
             &[
                 SPRING_NACOS,
@@ -716,6 +744,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         &tb,
         &tb.lap(),
         &App::SpringNacos.argv(
+            &tb,
             "consumer",
             &[
                 SPRING_NACOS,
@@ -747,6 +776,7 @@ fn spring_cloud_calls_laptop(
         8080,
         &[],
         &app.argv(
+            tb,
             "provider",
             &[registry, ("server.port", "8080"), ("demo.id", "laptop")],
             &[],
@@ -763,7 +793,7 @@ fn spring_cloud_calls_laptop(
     let out = run_consumer(
         tb,
         &vpc_ns(tb),
-        &app.argv("consumer", &[registry, ("demo.calls", &calls)], &[]),
+        &app.argv(tb, "consumer", &[registry, ("demo.calls", &calls)], &[]),
     );
     assert_all_reached(&out, "laptop", VPC_CALLER);
     drop(provider);
@@ -825,6 +855,7 @@ fn spring_zookeeper_a_laptop_consumer_calls_a_cloud_provider_registered_by_priva
         &tb,
         &vpc_ns(&tb),
         &App::SpringZk.argv(
+            &tb,
             "provider",
             &[
                 ("spring.cloud.zookeeper.connect-string", ZK),
@@ -850,6 +881,7 @@ fn spring_zookeeper_a_laptop_consumer_calls_a_cloud_provider_registered_by_priva
         &tb,
         &tb.lap(),
         &App::SpringZk.argv(
+            &tb,
             "consumer",
             &[
                 ("spring.cloud.zookeeper.connect-string", "zk.internal:2181"),
