@@ -184,7 +184,9 @@ pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// What a consumer run printed: its summary and the callers its providers saw.
 #[derive(Debug)]
 pub(crate) struct Calls {
+    /// Calls answered.
     pub(crate) ok: u32,
+    /// Calls that failed (no provider, refused, timed out).
     pub(crate) failed: u32,
     /// Successful calls per provider id.
     pub(crate) providers: BTreeMap<String, u32>,
