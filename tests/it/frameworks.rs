@@ -45,7 +45,7 @@ pub(crate) const VPC_CALLER: &str = "10.0.0.10";
 /// calls come from as the VPC sees them.
 pub(crate) const JUMP: &str = "10.0.0.1";
 /// Calls each consumer makes.
-const CALLS: u32 = 5;
+pub(crate) const CALLS: u32 = 5;
 
 impl App {
     pub(crate) fn jar(self) -> PathBuf {
@@ -70,7 +70,20 @@ impl App {
 
     /// `java ... -jar APP.jar ROLE ARGS`, with `props` as system properties for Dubbo and as
     /// Spring's `--key=value` arguments for Spring Boot (the way each is usually configured).
-    pub(crate) fn argv(self, role: &str, props: &[(&str, &str)], args: &[&str]) -> Vec<String> {
+    /// Each role of each testbed has a home and temporary directory of its own in the
+    /// testbed's directory, as apps on separate hosts would: Dubbo's registry and metadata
+    /// caches (`~/.dubbo`), the Nacos client's cache (`~/nacos`) and Tomcat's work
+    /// directories are neither shared between tests nor left behind.
+    pub(crate) fn argv(
+        self,
+        tb: &Testbed,
+        role: &str,
+        props: &[(&str, &str)],
+        args: &[&str],
+    ) -> Vec<String> {
+        let home = tb.dir.join(format!("home-{role}"));
+        let tmp = home.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("create the app's home");
         // Quick JVM start on 2 shared cores (C1 only, one GC thread, the CDS archive).
         let mut v: Vec<String> = [
             "java",
@@ -81,6 +94,8 @@ impl App {
         ]
         .map(String::from)
         .to_vec();
+        v.push(format!("-Duser.home={}", home.display()));
+        v.push(format!("-Djava.io.tmpdir={}", tmp.display()));
         if self == App::Dubbo27 {
             // Dubbo 2.7 on Java 17: javassist defines its proxy classes through
             // ClassLoader.defineClass (fatal without java.lang); hessian-lite's default
@@ -129,13 +144,13 @@ pub(crate) fn vpc_ns(tb: &Testbed) -> String {
 /// teardown kills everything in them).
 pub(crate) fn start_provider(tb: &Testbed, ns: &str, argv: &[String]) -> (Vpn, String) {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let app = Vpn::spawn(tb.cmd_in(ns, &argv));
-    let ready = wait_ready(&app);
+    let mut app = Vpn::spawn(tb.cmd_in(ns, &argv));
+    let ready = wait_ready(&mut app);
     (app, ready)
 }
 
 /// Waits (bounded) for an app's `ready ...` line and returns it.
-pub(crate) fn wait_ready(app: &Vpn) -> String {
+pub(crate) fn wait_ready(app: &mut Vpn) -> String {
     let limit = Duration::from_secs(120);
     let start = Instant::now();
     loop {
@@ -143,9 +158,10 @@ pub(crate) fn wait_ready(app: &Vpn) -> String {
             println!("{line} (after {:?})", start.elapsed());
             return line.to_owned();
         }
+        let exited = !app.running();
         assert!(
-            start.elapsed() < limit,
-            "the provider was not ready within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            start.elapsed() < limit && !exited,
+            "the provider was not ready within {limit:?} (exited: {exited})\nstdout:\n{}\nstderr:\n{}",
             app.stdout(),
             tail(&app.stderr(), 60)
         );
@@ -168,7 +184,9 @@ pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// What a consumer run printed: its summary and the callers its providers saw.
 #[derive(Debug)]
 pub(crate) struct Calls {
+    /// Calls answered.
     pub(crate) ok: u32,
+    /// Calls that failed (no provider, refused, timed out).
     pub(crate) failed: u32,
     /// Successful calls per provider id.
     pub(crate) providers: BTreeMap<String, u32>,
@@ -226,7 +244,7 @@ pub(crate) fn run_consumer(tb: &Testbed, ns: &str, argv: &[String]) -> Output {
 }
 
 /// Asserts every call reached provider `id` and the provider saw `caller` calling.
-fn assert_all_reached(out: &Output, id: &str, caller: &str) {
+pub(crate) fn assert_all_reached(out: &Output, id: &str, caller: &str) {
     let c = calls(out);
     assert_eq!(
         (c.ok, c.failed),
@@ -359,7 +377,7 @@ pub(crate) fn nacos_instances(tb: &Testbed, service: &str) -> Vec<String> {
 
 /// How a laptop provider gets mse-vpn's registration settings.
 #[derive(Clone, Copy, Debug)]
-enum Launch {
+pub(crate) enum Launch {
     /// `mse-vpn run --expose PORT -- java ...`
     Run,
     /// `eval "$(mse-vpn env --expose PORT)"; java ...` (an IDE's environment).
@@ -367,25 +385,31 @@ enum Launch {
 }
 
 /// Starts a provider on the laptop through `mse-vpn run` or `env`, exposing `port` (the same
-/// number on the jump host), and waits for its "ready" line.
-fn start_laptop_provider(
+/// number on the jump host) with `options` (more `run`/`env` options), and waits for its
+/// "ready" line.
+pub(crate) fn start_laptop_provider(
     tb: &Testbed,
     launch: Launch,
     port: u16,
+    options: &[&str],
     argv: &[String],
 ) -> (Vpn, String) {
     let port = port.to_string();
     let cmd: Command = match launch {
         Launch::Run => {
-            let mut args = vec!["run", "--expose", &port, "--"];
+            let mut args = vec!["run", "--expose", &port];
+            args.extend_from_slice(options);
+            args.push("--");
             args.extend(argv.iter().map(String::as_str));
             tb.mse_vpn(&args)
         }
         Launch::Env => {
             let quoted: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
+            let options: Vec<String> = options.iter().map(|o| shell_quote(o)).collect();
             let script = format!(
-                "eval \"$({} env --expose {port})\" && exec {}",
+                "settings=$({} env --expose {port} {}) && eval \"$settings\" && exec {}",
                 crate::harness::bin(),
+                options.join(" "),
                 quoted.join(" ")
             );
             let mut c = tb.cmd_in(&tb.lap(), &["bash", "-c", &script]);
@@ -393,12 +417,12 @@ fn start_laptop_provider(
             c
         }
     };
-    let app = Vpn::spawn(cmd);
-    let ready = wait_ready(&app);
+    let mut app = Vpn::spawn(cmd);
+    let ready = wait_ready(&mut app);
     (app, ready)
 }
 
-pub(crate) fn shell_quote(s: &str) -> String {
+fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -415,6 +439,7 @@ fn dubbo27_zookeeper_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo27.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &registry),
@@ -436,6 +461,7 @@ fn dubbo27_zookeeper_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &tb.lap(),
         &App::Dubbo27.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -464,8 +490,13 @@ fn dubbo_zk_cloud_calls_laptop(
         ("dubbo.registry.address", registry.as_str()),
         ("demo.id", "laptop"),
     ];
-    let (provider, ready) =
-        start_laptop_provider(&tb, launch, 20880, &app.argv("provider", &props, &[]));
+    let (provider, ready) = start_laptop_provider(
+        &tb,
+        launch,
+        20880,
+        &[],
+        &app.argv(&tb, "provider", &props, &[]),
+    );
     assert_eq!(
         field(&ready, "registered"),
         Some("10.0.0.1:20880"),
@@ -486,7 +517,7 @@ fn dubbo_zk_cloud_calls_laptop(
     let out = run_consumer(
         &tb,
         &vpc_ns(&tb),
-        &app.argv("consumer", &props, &[&CALLS.to_string()]),
+        &app.argv(&tb, "consumer", &props, &[&CALLS.to_string()]),
     );
     assert_all_reached(&out, "laptop", VPC_CALLER);
     drop(provider);
@@ -521,6 +552,7 @@ fn dubbo33_zookeeper_a_laptop_consumer_finds_the_registry_by_its_private_name() 
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &format!("zookeeper://{ZK}")),
@@ -538,6 +570,7 @@ fn dubbo33_zookeeper_a_laptop_consumer_finds_the_registry_by_its_private_name() 
         &tb,
         &tb.lap(),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", "zookeeper://zk.internal:2181")],
             &[&CALLS.to_string()],
@@ -573,7 +606,6 @@ fn dubbo33_zookeeper_a_cloud_consumer_calls_a_provider_started_by_run() {
 /// from `run`/`env` puts the MetadataService on the exposed port (checked by hand with the
 /// `dubbo` and `tri` protocols: every call then answered).
 #[test]
-#[ignore = "run/env do not set dubbo.application.metadata-service-port yet (src/run.rs)"]
 fn dubbo33_zookeeper_application_level_discovery_reaches_a_provider_started_by_run() {
     if crate::harness::skip_unless_root() {
         return;
@@ -602,6 +634,7 @@ fn dubbo33_nacos_triple_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &registry),
@@ -617,6 +650,7 @@ fn dubbo33_nacos_triple_a_laptop_consumer_calls_a_cloud_provider() {
         &tb,
         &tb.lap(),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -643,7 +677,8 @@ fn dubbo33_nacos_a_cloud_consumer_calls_a_provider_started_by_run() {
         &tb,
         Launch::Run,
         20880,
-        &App::Dubbo33.argv("provider", &props, &[]),
+        &[],
+        &App::Dubbo33.argv(&tb, "provider", &props, &[]),
     );
     assert_eq!(
         field(&ready, "registered"),
@@ -662,6 +697,7 @@ fn dubbo33_nacos_a_cloud_consumer_calls_a_provider_started_by_run() {
         &tb,
         &vpc_ns(&tb),
         &App::Dubbo33.argv(
+            &tb,
             "consumer",
             &[("dubbo.registry.address", &registry)],
             &[&CALLS.to_string()],
@@ -687,6 +723,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         &tb,
         &vpc_ns(&tb),
         &App::SpringNacos.argv(
+            &tb,
             "provider",
             &[
                 SPRING_NACOS,
@@ -697,7 +734,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         ),
     );
     let registered = field(&ready, "registered").unwrap().to_owned();
-    assert_eq!(nacos_instances(&tb, "greeter"), [registered.clone()]);
+    assert_eq!(nacos_instances(&tb, "greeter"), [registered.as_str()]);
     assert!(
         registered.starts_with("10.0.") && registered.ends_with(":8080"),
         "{ready}"
@@ -708,6 +745,7 @@ fn spring_nacos_a_laptop_consumer_calls_a_cloud_provider_with_openfeign() {
         &tb,
         &tb.lap(),
         &App::SpringNacos.argv(
+            &tb,
             "consumer",
             &[
                 SPRING_NACOS,
@@ -737,7 +775,9 @@ fn spring_cloud_calls_laptop(
         tb,
         launch,
         8080,
+        &[],
         &app.argv(
+            tb,
             "provider",
             &[registry, ("server.port", "8080"), ("demo.id", "laptop")],
             &[],
@@ -754,7 +794,7 @@ fn spring_cloud_calls_laptop(
     let out = run_consumer(
         tb,
         &vpc_ns(tb),
-        &app.argv("consumer", &[registry, ("demo.calls", &calls)], &[]),
+        &app.argv(tb, "consumer", &[registry, ("demo.calls", &calls)], &[]),
     );
     assert_all_reached(&out, "laptop", VPC_CALLER);
     drop(provider);
@@ -816,6 +856,7 @@ fn spring_zookeeper_a_laptop_consumer_calls_a_cloud_provider_registered_by_priva
         &tb,
         &vpc_ns(&tb),
         &App::SpringZk.argv(
+            &tb,
             "provider",
             &[
                 ("spring.cloud.zookeeper.connect-string", ZK),
@@ -841,6 +882,7 @@ fn spring_zookeeper_a_laptop_consumer_calls_a_cloud_provider_registered_by_priva
         &tb,
         &tb.lap(),
         &App::SpringZk.argv(
+            &tb,
             "consumer",
             &[
                 ("spring.cloud.zookeeper.connect-string", "zk.internal:2181"),
@@ -863,7 +905,6 @@ fn spring_zookeeper_a_laptop_consumer_calls_a_cloud_provider_registered_by_priva
 /// 10.0.0.1 -Dspring.cloud.zookeeper.discovery.instance-port=8080` in JAVA_TOOL_OPTIONS it
 /// passes (checked).
 #[test]
-#[ignore = "run/env do not set spring.cloud.zookeeper.discovery.instance-host/-port yet (src/run.rs)"]
 fn spring_zookeeper_a_cloud_consumer_calls_a_provider_started_by_run() {
     if crate::harness::skip_unless_root() {
         return;

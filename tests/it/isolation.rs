@@ -51,7 +51,7 @@ fn vpc_calls(
     props: &[(&str, &str)],
     args: &[&str],
 ) -> BTreeMap<String, u32> {
-    let out = run_consumer(tb, &vpc_ns(tb), &app.argv("consumer", props, args));
+    let out = run_consumer(tb, &vpc_ns(tb), &app.argv(tb, "consumer", props, args));
     let c = calls(&out);
     assert_eq!(
         (c.ok, c.failed),
@@ -74,17 +74,17 @@ fn dubbo_tag_isolation(name: &str, app: App) {
     let (cloud, _) = start_provider(
         &tb,
         &vpc_ns(&tb),
-        &app.argv("provider", &[reg, ("demo.id", "cloud-1")], &[]),
+        &app.argv(&tb, "provider", &[reg, ("demo.id", "cloud-1")], &[]),
     );
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
 
     // Untagged, the laptop provider takes a share of everybody's calls (which `run` says).
-    let shared = run_on_laptop(
+    let mut shared = run_on_laptop(
         &tb,
         &["--expose", "20880"],
-        &app.argv("provider", &[reg, ("demo.id", "laptop")], &[]),
+        &app.argv(&tb, "provider", &[reg, ("demo.id", "laptop")], &[]),
     );
-    wait_ready(&shared);
+    wait_ready(&mut shared);
     assert!(
         shared
             .stderr()
@@ -102,12 +102,12 @@ fn dubbo_tag_isolation(name: &str, app: App) {
 
     // The developer's provider, tagged: mse-vpn finds the registry on the app's command line
     // and confirms what ZooKeeper holds.
-    let laptop = run_on_laptop(
+    let mut laptop = run_on_laptop(
         &tb,
         &["--tag", "alice", "--expose", "20880"],
-        &app.argv("provider", &[reg, ("demo.id", "laptop")], &[]),
+        &app.argv(&tb, "provider", &[reg, ("demo.id", "laptop")], &[]),
     );
-    let ready = wait_ready(&laptop);
+    let ready = wait_ready(&mut laptop);
     assert_eq!(
         field(&ready, "registered"),
         Some("10.0.0.1:20880"),
@@ -150,6 +150,7 @@ fn dubbo_tag_isolation(name: &str, app: App) {
         &tb,
         &vpc_ns(&tb),
         &app.argv(
+            &tb,
             "consumer",
             &[reg, ("dubbo.consumer.tag", "alice")],
             &[&N.to_string()],
@@ -165,12 +166,12 @@ fn dubbo_tag_isolation(name: &str, app: App) {
     stop_and_unregister(&tb, laptop);
 
     // Subscribe only: the same provider app registers nothing ...
-    let quiet = run_on_laptop(
+    let mut quiet = run_on_laptop(
         &tb,
         &["--subscribe-only"],
-        &app.argv("provider", &[reg, ("demo.id", "laptop")], &[]),
+        &app.argv(&tb, "provider", &[reg, ("demo.id", "laptop")], &[]),
     );
-    wait_ready(&quiet);
+    wait_ready(&mut quiet);
     assert!(
         quiet
             .stderr()
@@ -193,7 +194,7 @@ fn dubbo_tag_isolation(name: &str, app: App) {
     let consumer = run_on_laptop(
         &tb,
         &["--subscribe-only"],
-        &app.argv("consumer", &[reg], &["20"]),
+        &app.argv(&tb, "consumer", &[reg], &["20"]),
     );
     let mut consumer = consumer;
     let status = consumer.wait_exit(Duration::from_secs(150));
@@ -268,7 +269,7 @@ fn a_tag_that_dubbo_leaves_out_of_the_registry_is_warned_about() {
     let tb = Testbed::up("iso3", &["--with", "zookeeper"]);
     let registry = format!("zookeeper://{ZK}");
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
-    let laptop = run_on_laptop(
+    let mut laptop = run_on_laptop(
         &tb,
         &[
             "--tag",
@@ -279,6 +280,7 @@ fn a_tag_that_dubbo_leaves_out_of_the_registry_is_warned_about() {
             &registry,
         ],
         &App::Dubbo33.argv(
+            &tb,
             "provider",
             &[
                 ("dubbo.registry.address", &registry),
@@ -288,7 +290,7 @@ fn a_tag_that_dubbo_leaves_out_of_the_registry_is_warned_about() {
             &[],
         ),
     );
-    wait_ready(&laptop);
+    wait_ready(&mut laptop);
     let warning = wait_stderr_line(&laptop, "WARNING", Duration::from_secs(60));
     assert!(
         warning.contains(
@@ -336,22 +338,24 @@ fn spring_nacos_a_tagged_laptop_provider_takes_only_its_clusters_calls() {
         &tb,
         &vpc_ns(&tb),
         &App::SpringNacos.argv(
+            &tb,
             "provider",
             &[server, ("server.port", "8080"), ("demo.id", "cloud-1")],
             &[],
         ),
     );
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
-    let laptop = run_on_laptop(
+    let mut laptop = run_on_laptop(
         &tb,
         &["--tag", "alice", "--expose", "18080:8080"],
         &App::SpringNacos.argv(
+            &tb,
             "provider",
             &[server, ("server.port", "8080"), ("demo.id", "laptop")],
             &[],
         ),
     );
-    let ready = wait_ready(&laptop);
+    let ready = wait_ready(&mut laptop);
     assert_eq!(
         field(&ready, "registered"),
         Some("10.0.0.1:18080"),

@@ -55,7 +55,9 @@ public final class Main {
                 .service(service)
                 .start();
         for (URL url : service.getExportedUrls()) {
-            Report.ready(id(), url.getAddress(), "url=" + url.getProtocol() + "://" + url.getAddress() + "/" + url.getPath());
+            String tag = url.getParameter("dubbo.tag");
+            Report.ready(id(), url.getAddress(), "url=" + url.getProtocol() + "://" + url.getAddress() + "/" + url.getPath()
+                    + (tag == null ? "" : " tag=" + tag));
         }
         // Serves until stopped; Dubbo's shutdown hook unregisters on SIGTERM.
         new CountDownLatch(1).await();

@@ -7,7 +7,7 @@ import java.util.TreeMap;
  * The lines every test app prints, so one parser reads them all (tests/it/frameworks.rs).
  *
  * <pre>
- * ready id=cloud-1 registered=10.0.0.1:20880 url=dubbo://10.0.0.1:20880/demo.Greeter
+ * ready id=cloud-1 registered=10.0.0.1:20880 url=dubbo://10.0.0.1:20880/demo.Greeter [tag=NAME]
  * call 1 ok provider=cloud-1 caller=10.0.0.10 name=call-1
  * call 2 failed RpcException: No provider available ...
  * summary calls=2 ok=1 failed=1 providers=cloud-1:1

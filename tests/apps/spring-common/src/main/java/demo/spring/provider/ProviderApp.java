@@ -17,7 +17,8 @@ import org.springframework.web.bind.annotation.RestController;
  * The Greeter provider: {@code GET /hello?name=N} answers "provider=ID caller=ADDR name=N",
  * ADDR being the caller's address as the servlet container sees it. Registered as service
  * {@code greeter} by the discovery client on the classpath (Spring Cloud's auto-registration);
- * prints "ready id=ID registered=HOST:PORT" once that registration is done.
+ * prints "ready id=ID registered=HOST:PORT service=greeter metadata={...}" once that
+ * registration is done.
  */
 @SpringBootApplication
 @RestController
@@ -37,6 +38,6 @@ public class ProviderApp {
     @EventListener
     public void registered(InstanceRegisteredEvent<?> event) {
         Registration r = registration.getObject();
-        Report.ready(id, r.getHost() + ":" + r.getPort(), "service=" + r.getServiceId());
+        Report.ready(id, r.getHost() + ":" + r.getPort(), "service=" + r.getServiceId() + " metadata=" + r.getMetadata());
     }
 }
