@@ -52,9 +52,12 @@ fn spawn_signal_handler(stop: Stopper) -> Result<()> {
     let mut signals =
         platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
     tokio::spawn(async move {
-        let name = signals.recv().await;
-        debug!("{name}: shutting down");
-        stop.stop();
+        // Every signal, not only the first: each one asks again (harmless once stopping).
+        loop {
+            let name = signals.recv().await;
+            debug!("{name}: shutting down");
+            stop.stop();
+        }
     });
     Ok(())
 }

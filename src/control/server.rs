@@ -151,7 +151,7 @@ async fn answer(
         Request::Status => reply(&mut w, &board.snapshot()).await?,
         Request::Down => {
             warn!("stop requested through the control socket");
-            let _ = stop.send(true);
+            stop.send_replace(true);
             reply(&mut w, &Ack { ok: true }).await?
         }
         Request::Unexpose { specs } => match exposed(board) {

@@ -152,9 +152,10 @@ impl std::fmt::Display for ExposeFailure {
 pub struct Stopper(watch::Sender<bool>);
 
 impl Stopper {
-    /// Stops the session.
+    /// Stops the session. The request is kept even while nothing listens for it yet (a
+    /// signal in the middle of `start`): `watch::Sender::send` would drop it then.
     pub fn stop(&self) {
-        let _ = self.0.send(true);
+        self.0.send_replace(true);
     }
 
     /// True once asked to stop.
@@ -369,7 +370,7 @@ impl Session {
                     tokio::spawn(responder.run(stop_rx.clone()));
                 }
                 Err(e) => {
-                    let _ = stop.send(true);
+                    stop.send_replace(true);
                     let _ = host.restore().await;
                     return Err(e.into());
                 }
@@ -440,7 +441,7 @@ impl Session {
             Ok(())
         };
         if !failed.is_empty() {
-            let _ = stop.send(true);
+            stop.send_replace(true);
             finish.await?;
             return Err(SessionError::Expose(failed));
         }
@@ -499,4 +500,25 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, SshError> {
         host: host.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stop_asked_before_anything_listens_is_kept() {
+        let (tx, rx) = watch::channel(false);
+        drop(rx);
+        let stopper = Stopper(tx);
+        // A SIGTERM while `start` is between two of its checks: no receiver exists.
+        stopper.stop();
+        assert!(stopper.is_stopped());
+        tokio::time::timeout(Duration::from_secs(1), stopper.stopped())
+            .await
+            .expect("a later wait sees the stop");
+        // What the session's tasks subscribe afterwards sees it too.
+        let mut later = stopper.0.subscribe();
+        assert!(*later.wait_for(|s| *s).await.unwrap());
+    }
 }

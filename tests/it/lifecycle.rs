@@ -808,3 +808,30 @@ fn a_failed_up_leaves_a_rule_it_did_not_create() {
     );
     assert!(rules(&tb).contains(REPLY_RULES[0]), "{}", rules(&tb));
 }
+
+#[test]
+fn a_signal_while_up_is_still_starting_stops_it_and_restores_the_host() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    // A jump host whose commands hang (a slow login shell): `up`'s address discovery waits
+    // on them, and SIGTERM arrives in the middle of it. It used to be lost there (nothing
+    // listened for it yet): `up` came up anyway and ignored every later signal.
+    let tb = Testbed::up("lc9", &[]);
+    tb.edit_sshd_config("LogLevel INFO", "LogLevel INFO\nForceCommand sleep 30");
+    let before = tb.snapshot();
+    let args = tb.up_args(&["10.0.0.0/16"], &[]);
+    let mut vpn = Vpn::spawn(tb.mse_vpn(&crate::harness::strs(&args)));
+    let start = Instant::now();
+    while !tb.sshd_log().contains("Accepted publickey") {
+        assert!(start.elapsed() < Duration::from_secs(20), "no login");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Logged in; the first command is under way.
+    std::thread::sleep(Duration::from_millis(500));
+    vpn.signal(nix::sys::signal::Signal::SIGTERM);
+    // It ends by itself (wait_exit fails the test after 40 s), not by a signal's default.
+    let status = vpn.wait_exit(Duration::from_secs(40));
+    assert!(status.code().is_some(), "{status:?}\n{}", vpn.stderr());
+    assert_eq!(tb.snapshot(), before, "the host is as it was");
+}
