@@ -817,7 +817,7 @@ fn a_signal_while_up_is_still_starting_stops_it_and_restores_the_host() {
     // A jump host whose commands hang (a slow login shell): `up`'s address discovery waits
     // on them, and SIGTERM arrives in the middle of it. It used to be lost there (nothing
     // listened for it yet): `up` came up anyway and ignored every later signal.
-    let tb = Testbed::up("lc9", &[]);
+    let tb = Testbed::up("lc12", &[]);
     tb.edit_sshd_config("LogLevel INFO", "LogLevel INFO\nForceCommand sleep 30");
     let before = tb.snapshot();
     let args = tb.up_args(&["10.0.0.0/16"], &[]);

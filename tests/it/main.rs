@@ -17,3 +17,27 @@ mod isolation;
 mod lifecycle;
 mod outbound;
 mod reverse;
+
+/// Every test's testbed has a name of its own: two tests that share one tear down each
+/// other's namespaces when they run at once (the suite runs three at a time).
+#[test]
+fn testbed_names_are_unique() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it");
+    let mut seen = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/it") {
+        let path = entry.expect("an entry").path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("a test file");
+        for (i, _) in text.match_indices("Testbed::up(\"") {
+            let rest = &text[i + "Testbed::up(\"".len()..];
+            let name = &rest[..rest.find('"').expect("a closing quote")];
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            if let Some(first) = seen.insert(name.to_owned(), file.clone()) {
+                panic!("testbed name {name:?} is used in {first} and in {file}");
+            }
+        }
+    }
+    assert!(seen.len() > 40, "found the testbeds: {seen:?}");
+}
