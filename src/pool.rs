@@ -673,8 +673,8 @@ async fn run(
                     Err(e) => {
                         schedule.failed(now, slot);
                         let why = crate::logging::error_line(&e);
-                        debug!(slot, "connect failed: {why}; next try at +{:?}",
-                            schedule.poll_timeout().map(|at| at.saturating_duration_since(now)));
+                        let next = schedule.poll_timeout().map(|at| at.saturating_duration_since(now));
+                        debug!(slot, next_try_in = ?next.unwrap_or_default(), "connect failed: {why}");
                         if let Some(lasted) = shared.outage.failed(now) {
                             warn!(
                                 "still no connection to the jump host after {} s ({why}); retrying",
