@@ -11,6 +11,7 @@ mod config;
 mod dns;
 mod flow_control;
 mod harness;
+mod host_keys;
 mod hostile;
 mod lifecycle;
 mod outbound;
