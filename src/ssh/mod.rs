@@ -8,6 +8,7 @@
 mod agent;
 mod command;
 pub mod config;
+mod effective;
 mod key_file;
 pub mod known_hosts;
 pub mod password;
