@@ -16,3 +16,4 @@ mod hostile;
 mod lifecycle;
 mod outbound;
 mod reverse;
+mod team;
