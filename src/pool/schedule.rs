@@ -7,9 +7,12 @@
 //! - **One connection at a time.** At most one try is in flight per pool, so a laptop costs
 //!   the jump host one pending connection at a time.
 //! - **The first alone, the rest after it.** While no link is up, the pool retries one slot
-//!   only; once a link is up, the other slots follow one after the other, each paced by how
-//!   long the last successful connect took (1 to 2 times as long: a loaded jump host gets
-//!   more room), so the first flow goes out as soon as one connection is up.
+//!   only; once a link is up, the other slots follow one after the other, each after a pause
+//!   of 1 to 2 times how long the last successful connect took, and at least 1 to 2 s: the
+//!   first flow goes out as soon as one connection is up, and the connections that only add
+//!   throughput leave a busy jump host room (a team starting at once, or coming back after a
+//!   restart, costs sshd first one connection per laptop; the slower sshd answers, the
+//!   later the rest come).
 //! - **Full jitter.** Every retry after a failure waits a uniformly random time between 0 and
 //!   a bound that doubles with each failure ([`BACKOFF_BASE`], 250 ms, ...), capped at
 //!   [`SHORT_CAP`] (1 s) for the first [`SHORT_PHASE`] (20 s) of trouble and at [`LONG_CAP`]
@@ -32,11 +35,12 @@ pub const SHORT_CAP: Duration = Duration::from_secs(1);
 pub const SHORT_PHASE: Duration = Duration::from_secs(20);
 /// The cap of the random wait in a long outage.
 pub const LONG_CAP: Duration = Duration::from_secs(15);
-/// The shortest pause between two connects of the pool when the last one succeeded.
-pub const PACE_MIN: Duration = Duration::from_millis(20);
+/// The pause between two connects of the pool when the last one succeeded is 1 to 2 times
+/// the longer of this and the last connect's time.
+pub const PACE_FLOOR: Duration = Duration::from_secs(1);
 /// The longest pause between two connects of the pool when the last one succeeded (the last
 /// connect's time may include a passphrase typed at the terminal).
-pub const PACE_MAX: Duration = Duration::from_secs(2);
+pub const PACE_MAX: Duration = Duration::from_secs(15);
 
 /// A uniformly random wait in `[0, min(cap, BACKOFF_BASE · 2^failures)]`: full jitter.
 pub fn full_jitter(rng: &mut impl Rng, failures: u32, cap: Duration) -> Duration {
@@ -163,10 +167,12 @@ impl Schedule {
         self.slots.contains(&Slot::Connecting)
     }
 
-    /// The pause after a connect that took `took`: 1 to 2 times as long, bounded.
+    /// The pause after a connect that took `took`: 1 to 2 times as long (at least
+    /// [`PACE_FLOOR`] as long), bounded.
     fn pace(&mut self, took: Duration) -> Duration {
-        took.mul_f64(1.0 + self.rng.random::<f64>())
-            .clamp(PACE_MIN, PACE_MAX)
+        took.max(PACE_FLOOR)
+            .mul_f64(1.0 + self.rng.random::<f64>())
+            .min(PACE_MAX)
     }
 }
 
@@ -228,17 +234,28 @@ mod tests {
         let took = 40 * MS;
         let mut s = Schedule::new(&[true, false, false, false], 1, t0, took);
         assert_eq!(s.poll_connect(t0), None, "not at once");
-        let tries = drive(&mut s, t0, t0 + Duration::from_secs(5), took, |_| true);
+        let tries = drive(&mut s, t0, t0 + Duration::from_secs(10), took, |_| true);
         let slots: Vec<usize> = tries.iter().map(|t| t.1).collect();
         assert_eq!(slots, [1, 2, 3]);
+        let mut last_done = t0;
+        for (at, _, _) in &tries {
+            let gap = *at - last_done;
+            assert!(gap >= PACE_FLOOR && gap <= 2 * PACE_FLOOR, "{gap:?}");
+            last_done = *at + took;
+        }
+        assert_eq!(s.up(), 4);
+        assert_eq!(s.poll_timeout(), None, "nothing left to do");
+        // A slow jump host (connects of 3 s) gets 1 to 2 times that between them.
+        let took = Duration::from_secs(3);
+        let mut s = Schedule::new(&[true, false, false], 5, t0, took);
+        let tries = drive(&mut s, t0, t0 + Duration::from_secs(60), took, |_| true);
         let mut last_done = t0;
         for (at, _, _) in &tries {
             let gap = *at - last_done;
             assert!(gap >= took && gap <= 2 * took, "{gap:?}");
             last_done = *at + took;
         }
-        assert_eq!(s.up(), 4);
-        assert_eq!(s.poll_timeout(), None, "nothing left to do");
+        assert_eq!(s.up(), 3);
     }
 
     #[test]

@@ -69,25 +69,34 @@ pub fn load(
         (Some(f), None) => Some(f),
         _ => None,
     };
-    let Some(effective) = dump(client, sources, config, host, user, port)? else {
+    // Both at once: each is a process start (a few ms, more on a busy machine).
+    let Some(effective) = start(client, sources, config, host, user, port)? else {
         return Ok(None);
     };
-    let Some(defaults) = dump(client, sources, Some(Path::new("none")), host, user, port)? else {
+    let Some(defaults) = start(client, sources, Some(Path::new("none")), host, user, port)? else {
         return Ok(None);
     };
+    let (effective, defaults) = (finish(effective, host)?, finish(defaults, host)?);
     from_dumps(&effective, &defaults, host).map(Some)
 }
 
-/// Runs `ssh -G [-F config] [-l user] [-p port] host` as the invoking user; `None` if the
+/// A running `ssh -G`, its output read by two threads (nothing blocks on a full pipe).
+struct Running {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Starts `ssh -G [-F config] [-l user] [-p port] host` as the invoking user; `None` if the
 /// client is not installed.
-fn dump(
+fn start(
     client: &Path,
     sources: &Sources,
     config: Option<&Path>,
     host: &str,
     user: Option<&str>,
     port: Option<u16>,
-) -> Result<Option<Dump>, ConfigError> {
+) -> Result<Option<Running>, ConfigError> {
     let mut cmd = tokio::process::Command::new(client);
     cmd.arg("-G");
     if let Some(f) = config {
@@ -123,16 +132,34 @@ fn dump(
             });
         }
     };
+    fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    Ok(Some(Running {
+        stdout: drain(child.stdout.take()),
+        stderr: drain(child.stderr.take()),
+        child,
+    }))
+}
+
+/// Waits (at most [`SSH_G_LIMIT`]) for a `ssh -G` and parses what it printed.
+fn finish(mut running: Running, host: &str) -> Result<Dump, ConfigError> {
     let started = Instant::now();
     let status = loop {
-        match child.try_wait() {
+        match running.child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if started.elapsed() < SSH_G_LIMIT => {
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(2));
             }
             Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = running.child.kill();
+                let _ = running.child.wait();
                 return Err(ConfigError::SshG {
                     host: host.to_owned(),
                     message: format!(
@@ -143,15 +170,8 @@ fn dump(
             }
         }
     };
-    let read = |pipe: Option<&mut dyn std::io::Read>| {
-        let mut s = String::new();
-        if let Some(p) = pipe {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    };
-    let out = read(child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read));
-    let err = read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
+    let out = running.stdout.join().unwrap_or_default();
+    let err = running.stderr.join().unwrap_or_default();
     if !status.success() {
         let message = err
             .lines()
@@ -167,7 +187,7 @@ fn dump(
             },
         });
     }
-    Ok(Some(parse(&out)))
+    Ok(parse(&out))
 }
 
 /// `keyword value...` lines into a map (keywords in lower case, as `ssh -G` prints them).
