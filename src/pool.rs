@@ -582,7 +582,10 @@ async fn run(
     let mut schedule = Schedule::new(&up, seed, Instant::now(), first_took);
     let mut generations = vec![0u64; size];
     let mut closed: FuturesUnordered<Closed> = FuturesUnordered::new();
-    let mut install = |slot: usize, session: Session, closed: &mut FuturesUnordered<Closed>| {
+    let install = |generations: &mut [u64],
+                   slot: usize,
+                   session: Session,
+                   closed: &mut FuturesUnordered<Closed>| {
         generations[slot] += 1;
         let generation = generations[slot];
         let session = Arc::new(session);
@@ -600,7 +603,7 @@ async fn run(
     };
     for (slot, session) in initial.into_iter().enumerate().take(size) {
         if let Some(session) = session {
-            install(slot, session, &mut closed);
+            install(&mut generations, slot, session, &mut closed);
         }
     }
     shared.publish(&pool, None);
@@ -658,7 +661,7 @@ async fn run(
                             None => debug!(slot, "connected"),
                         }
                         schedule.connected(now, slot, now - started);
-                        install(slot, session, &mut closed);
+                        install(&mut generations, slot, session, &mut closed);
                         shared.publish(&pool, None);
                     }
                     Err(e) if e.is_fatal() => {
@@ -673,8 +676,12 @@ async fn run(
                     Err(e) => {
                         schedule.failed(now, slot);
                         let why = crate::logging::error_line(&e);
-                        let next = schedule.poll_timeout().map(|at| at.saturating_duration_since(now));
-                        debug!(slot, next_try_in = ?next.unwrap_or_default(), "connect failed: {why}");
+                        let next = schedule
+                            .poll_timeout()
+                            .map(|at| at.saturating_duration_since(now))
+                            .unwrap_or_default();
+                        let what = if generations[slot] > 0 { "reconnect" } else { "connect" };
+                        debug!(slot, next_try_in = ?next, "{what} failed: {why}");
                         if let Some(lasted) = shared.outage.failed(now) {
                             warn!(
                                 "still no connection to the jump host after {} s ({why}); retrying",

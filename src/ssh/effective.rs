@@ -279,14 +279,14 @@ fn from_dumps(effective: &Dump, defaults: &Dump, host: &str) -> Result<HostConfi
     for (key, name) in UNSUPPORTED {
         if let Some(v) = set(key) {
             out.warnings.push(format!(
-                "ssh config for {host}: {name} {v} is not supported by mse-vpn and is ignored"
+                "ssh config for {host}: {name} is not supported by mse-vpn and is ignored ({name} {v})"
             ));
         }
     }
     for (key, name) in NOT_APPLICABLE {
         if let Some(v) = set(key) {
             out.notes.push(format!(
-                "ssh config for {host}: {name} {v} does not apply to mse-vpn: ignored"
+                "ssh config for {host}: {name} does not apply to mse-vpn: ignored ({name} {v})"
             ));
         }
     }
