@@ -1,15 +1,23 @@
-//! A pool of SSH connections to the jump host, each kept up by its own supervisor task.
+//! A pool of SSH connections to the jump host, kept up by one supervisor task.
 //!
 //! Every connection has its own cipher state, its own TCP window and its own sshd process on
 //! the jump host, so spreading flows over a few connections lets bulk flows use both ends'
 //! cores instead of queueing behind one encryption stream. A flow is placed on the connected
 //! link that carries the fewest flows.
 //!
-//! When a link drops (EOF, keepalive timeout), its supervisor clears the slot, which the
+//! A team shares one jump host, whose sshd drops unauthenticated connections beyond a few
+//! (`MaxStartups`). So the pool connects the way [`schedule`] says: one connection at a time,
+//! the first alone (at start, [`Pool::connect_initial`]; after losing every link), the others
+//! after it, paced; every retry after a full-jitter random wait. A connection the jump host
+//! resets during the SSH handshake (MaxStartups, a restarting sshd) is a refusal that passes:
+//! at start it is retried within the connect timeout, so `up` fails on it only at the
+//! timeout.
+//!
+//! When a link drops (EOF, keepalive timeout), the supervisor clears the slot, which the
 //! driver sees through [`Pool::subscribe`] and answers by resetting exactly the flows that
-//! were on that link; then the supervisor reconnects with capped exponential backoff and
-//! jitter (at most 1 s apart for the first 20 s, then growing to 15 s), forever, unless the failure is one a retry cannot fix (host key, authentication).
-//! New flows wait (bounded by the open timeout) for any link to be up.
+//! were on that link; then the slot is reconnected, forever, unless a failure is one a retry
+//! cannot fix (host key, authentication). New flows wait (bounded by the open timeout) for
+//! any link to be up, and go out as soon as one is.
 //!
 //! What the user reads about it is one line when the pool has no connection left ("lost
 //! the connection to the jump host …; reconnecting"), one when the first connection is back
@@ -20,26 +28,22 @@
 //! links is published as a [`LinkEvent`] to a [`LinkObserver`] (the control socket's status
 //! board subscribes; the pool does not import it).
 
+pub mod schedule;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::SeedableRng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::ssh::{Inbound, InboundSender, OpenError, Session, SshError, SshOptions};
-
-/// The first reconnect delay.
-const BACKOFF_START: Duration = Duration::from_millis(250);
-/// The longest reconnect delay.
-const BACKOFF_CAP: Duration = Duration::from_secs(15);
-/// For this long after a loss, retries stay at most [`BACKOFF_SHORT_CAP`] apart: a jump host
-/// that restarts (an sshd restart, a short network blip) is back within about a second.
-const BACKOFF_SHORT_PHASE: Duration = Duration::from_secs(20);
-/// The longest reconnect delay during [`BACKOFF_SHORT_PHASE`].
-const BACKOFF_SHORT_CAP: Duration = Duration::from_secs(1);
+use schedule::Schedule;
 
 /// One live connection in a slot. `generation` changes with every reconnect of the slot.
 #[derive(Clone)]
@@ -81,6 +85,8 @@ pub struct Pool {
     /// Cloud callers' channels from every connection of the pool (each connection's handler
     /// holds the sender), until [`Pool::inbound_calls`] takes the receiving end.
     inbound: (InboundSender, Mutex<Option<mpsc::Receiver<Inbound>>>),
+    /// How long [`Pool::connect_initial`]'s connection took: paces the others.
+    first_took: Mutex<Duration>,
 }
 
 /// Capacity of the queue of cloud callers' channels waiting for the driver.
@@ -153,6 +159,7 @@ impl Pool {
             heavy: (0..size).map(|_| AtomicUsize::new(0)).collect(),
             next: AtomicUsize::new(0),
             inbound: (tx, Mutex::new(Some(rx))),
+            first_took: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -172,14 +179,25 @@ impl Pool {
         opts
     }
 
-    /// Connects the pool's connections at once, before anything on the host changes. Fails
-    /// if none connects, or if any failure is one a retry cannot fix; slots that failed
-    /// otherwise start empty and their supervisors keep trying.
+    /// Connects the pool's first connection, before anything on the host changes: alone, so
+    /// the jump host has one pending connection from us; the others follow once
+    /// [`supervise`] runs. A connection the jump host resets during the handshake is retried
+    /// (full jitter) until the connect timeout has passed since the first try; any other
+    /// failure is returned at once. The first slot holds the connection, the others are
+    /// empty.
     pub async fn connect_initial(
         &self,
         opts: &SshOptions,
     ) -> Result<Vec<Option<Session>>, SshError> {
-        connect_initial(&self.with_inbound(opts), self.size()).await
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let (first, took) = connect_first(&self.with_inbound(opts), &mut rng).await?;
+        *self
+            .first_took
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = took;
+        let mut sessions: Vec<Option<Session>> = (0..self.size()).map(|_| None).collect();
+        sessions[0] = Some(first);
+        Ok(sessions)
     }
 
     /// Number of slots.
@@ -380,35 +398,47 @@ impl Pool {
     }
 }
 
-/// Connects `size` connections with `opts` at once (see [`Pool::connect_initial`]).
-async fn connect_initial(opts: &SshOptions, size: usize) -> Result<Vec<Option<Session>>, SshError> {
-    let results = futures::future::join_all((0..size.max(1)).map(|_| Session::connect(opts))).await;
-    let mut sessions = Vec::with_capacity(results.len());
-    let mut first_err = None;
-    for r in results {
-        match r {
-            Ok(s) => sessions.push(Some(s)),
-            Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => {
-                debug!("an SSH connection of the pool failed: {e}");
-                first_err.get_or_insert(e);
-                sessions.push(None);
+/// Connects once with `opts`, retrying a connection the jump host resets during the SSH
+/// handshake (see [`Pool::connect_initial`]); also returns how long the successful try took.
+async fn connect_first(
+    opts: &SshOptions,
+    rng: &mut impl rand::Rng,
+) -> Result<(Session, Duration), SshError> {
+    let started = Instant::now();
+    let deadline = started + opts.connect_timeout;
+    let mut refused: u32 = 0;
+    loop {
+        let attempt = Instant::now();
+        match Session::connect(opts).await {
+            Ok(s) => return Ok((s, attempt.elapsed())),
+            Err(e) if e.is_refusal() => {
+                refused += 1;
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(SshError::RefusedTooLong {
+                        target: opts.target_label(),
+                        tries: refused,
+                        secs: (now - started).as_secs_f64().round() as u64,
+                    });
+                }
+                if refused == 1 {
+                    warn!(
+                        "the jump host {} is refusing new connections for now (MaxStartups?); retrying for up to {} s",
+                        opts.target_label(),
+                        opts.connect_timeout.as_secs()
+                    );
+                }
+                let wait =
+                    schedule::full_jitter(rng, refused, schedule::SHORT_CAP).min(deadline - now);
+                debug!(
+                    refused,
+                    "{}; retrying in {wait:?}",
+                    crate::logging::error_line(&e)
+                );
+                tokio::time::sleep(wait).await;
             }
+            Err(e) => return Err(e),
         }
-    }
-    let failed = sessions.iter().filter(|s| s.is_none()).count();
-    match first_err {
-        // None connected: that one reason is the error, said once.
-        Some(e) if failed == sessions.len() => Err(e),
-        Some(e) => {
-            warn!(
-                "{failed} of {} SSH connections to the jump host failed ({}); they are retried in the background",
-                sessions.len(),
-                crate::logging::error_line(&e)
-            );
-            Ok(sessions)
-        }
-        None => Ok(sessions),
     }
 }
 
@@ -477,8 +507,9 @@ pub trait LinkObserver: Send + Sync {
 /// What ends a running pool for good: an error no reconnect can fix.
 pub type Fatal = Arc<Mutex<Option<SshError>>>;
 
-/// Starts one supervisor per slot, which report their links to `links`. A fatal reconnect
-/// error is stored in the returned cell and stops the session through `stop`.
+/// Starts the pool's supervisor, which installs `initial` (from [`Pool::connect_initial`]),
+/// connects the empty slots as [`schedule`] says, and reports the links to `links`. A fatal
+/// connect error is stored in the returned cell and stops the session through `stop`.
 pub fn supervise(
     pool: &Arc<Pool>,
     initial: Vec<Option<Session>>,
@@ -487,39 +518,31 @@ pub fn supervise(
     stop: watch::Sender<bool>,
 ) -> Fatal {
     let fatal: Fatal = Arc::new(Mutex::new(None));
-    let outage = Arc::new(Mutex::new(Outage::default()));
     // Reconnected links hand their cloud callers to the pool's queue too.
     let opts = Arc::new(pool.with_inbound(&opts));
-    // What is connected already (the supervisors install it in a moment): at least one.
+    // What is connected already (the supervisor installs it in a moment): at least one.
     links.link_event(LinkEvent {
         up: initial.iter().flatten().count(),
         total: pool.size(),
         detail: None,
     });
-    for (slot, first) in initial.into_iter().enumerate().take(pool.size()) {
-        tokio::spawn(run_slot(
-            pool.clone(),
-            slot,
-            first,
-            opts.clone(),
-            Shared {
-                links: links.clone(),
-                stop: stop.clone(),
-                fatal: fatal.clone(),
-                outage: outage.clone(),
-            },
-        ));
-    }
+    let shared = Shared {
+        links,
+        stop,
+        fatal: fatal.clone(),
+        outage: Outage::default(),
+    };
+    tokio::spawn(run(pool.clone(), initial, opts, shared, rand::random()));
     fatal
 }
 
-/// What the slots' supervisors share.
+/// What the supervisor reports through.
 struct Shared {
     /// Who follows the links' state.
     links: Arc<dyn LinkObserver>,
     stop: watch::Sender<bool>,
     fatal: Fatal,
-    outage: Arc<Mutex<Outage>>,
+    outage: Outage,
 }
 
 impl Shared {
@@ -531,113 +554,154 @@ impl Shared {
             detail,
         });
     }
+}
 
-    fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
-        self.outage
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// A link's end: its slot and generation.
+type Closed = std::pin::Pin<Box<dyn Future<Output = (usize, u64)> + Send>>;
+/// The try in flight: its slot, when it started, and how it ended.
+type Attempt =
+    std::pin::Pin<Box<dyn Future<Output = (usize, Instant, Result<Session, SshError>)> + Send>>;
+
+/// The supervisor: one task for the whole pool, so that it tries one connection at a time.
+async fn run(
+    pool: Arc<Pool>,
+    initial: Vec<Option<Session>>,
+    opts: Arc<SshOptions>,
+    mut shared: Shared,
+    seed: u64,
+) {
+    let mut stop = shared.stop.subscribe();
+    let size = pool.size();
+    let first_took = *pool
+        .first_took
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let up: Vec<bool> = (0..size)
+        .map(|i| initial.get(i).is_some_and(Option::is_some))
+        .collect();
+    let mut schedule = Schedule::new(&up, seed, Instant::now(), first_took);
+    let mut generations = vec![0u64; size];
+    let mut closed: FuturesUnordered<Closed> = FuturesUnordered::new();
+    let install = |generations: &mut [u64],
+                   slot: usize,
+                   session: Session,
+                   closed: &mut FuturesUnordered<Closed>| {
+        generations[slot] += 1;
+        let generation = generations[slot];
+        let session = Arc::new(session);
+        pool.set(
+            slot,
+            Some(Link {
+                generation,
+                session: session.clone(),
+            }),
+        );
+        closed.push(Box::pin(async move {
+            session.closed().await;
+            (slot, generation)
+        }));
+    };
+    for (slot, session) in initial.into_iter().enumerate().take(size) {
+        if let Some(session) = session {
+            install(&mut generations, slot, session, &mut closed);
+        }
+    }
+    shared.publish(&pool, None);
+    let mut attempt: Option<Attempt> = None;
+    loop {
+        if attempt.is_none()
+            && let Some(slot) = schedule.poll_connect(Instant::now())
+        {
+            let opts = opts.clone();
+            attempt = Some(Box::pin(async move {
+                let started = Instant::now();
+                (slot, started, Session::connect(&opts).await)
+            }));
+        }
+        let wake = schedule.poll_timeout();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            Some((slot, generation)) = closed.next(), if !closed.is_empty() => {
+                if *shared.stop.borrow() {
+                    // Closed because we are shutting down: not a loss.
+                    return;
+                }
+                let current = pool.links.borrow()[slot]
+                    .as_ref()
+                    .is_some_and(|l| l.generation == generation);
+                if !current {
+                    continue;
+                }
+                pool.set(slot, None);
+                let now = Instant::now();
+                schedule.lost(now, slot);
+                let left = pool.connected();
+                if shared.outage.lost(now, left) {
+                    warn!(
+                        "lost the connection to the jump host {}: flows in progress were reset; reconnecting",
+                        opts.jump
+                    );
+                } else {
+                    debug!(slot, left, "lost an SSH connection: its flows are reset; reconnecting it");
+                }
+                shared.publish(&pool, Some(format!("lost the connection to {}", opts.jump)));
+            }
+            (slot, started, result) = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
+                attempt = None;
+                let now = Instant::now();
+                match result {
+                    Ok(session) => {
+                        match shared.outage.back(now) {
+                            Some(took) => info!(
+                                "reconnected to the jump host {} after {} s",
+                                opts.jump,
+                                took.as_secs_f64().round()
+                            ),
+                            None => debug!(slot, "connected"),
+                        }
+                        schedule.connected(now, slot, now - started);
+                        install(&mut generations, slot, session, &mut closed);
+                        shared.publish(&pool, None);
+                    }
+                    Err(e) if e.is_fatal() => {
+                        // The session stops and says why, once.
+                        debug!(slot, "connect refused for good: {e}");
+                        if let Ok(mut f) = shared.fatal.lock() {
+                            f.get_or_insert(e);
+                        }
+                        let _ = shared.stop.send(true);
+                        return;
+                    }
+                    Err(e) => {
+                        schedule.failed(now, slot);
+                        let why = crate::logging::error_line(&e);
+                        let next = schedule
+                            .poll_timeout()
+                            .map(|at| at.saturating_duration_since(now))
+                            .unwrap_or_default();
+                        let what = if generations[slot] > 0 { "reconnect" } else { "connect" };
+                        debug!(slot, next_try_in = ?next, "{what} failed: {why}");
+                        if let Some(lasted) = shared.outage.failed(now) {
+                            warn!(
+                                "still no connection to the jump host after {} s ({why}); retrying",
+                                lasted.as_secs()
+                            );
+                        }
+                        shared.publish(&pool, Some(why));
+                    }
+                }
+            }
+            () = sleep_until(wake), if wake.is_some() => {}
+        }
     }
 }
 
-async fn run_slot(
-    pool: Arc<Pool>,
-    slot: usize,
-    mut session: Option<Session>,
-    opts: Arc<SshOptions>,
-    shared: Shared,
-) {
-    let mut stop = shared.stop.subscribe();
-    let mut generation = 0;
-    loop {
-        if let Some(s) = session.take() {
-            generation += 1;
-            let s = Arc::new(s);
-            pool.set(
-                slot,
-                Some(Link {
-                    generation,
-                    session: s.clone(),
-                }),
-            );
-            shared.publish(&pool, None);
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                _ = s.closed() => {}
-            }
-            if *stop.borrow() {
-                // Closed because we are shutting down: not a loss.
-                return;
-            }
-            pool.set(slot, None);
-            let left = pool.connected();
-            if shared.outage().lost(Instant::now(), left) {
-                warn!(
-                    "lost the connection to the jump host {}: flows in progress were reset; reconnecting",
-                    opts.jump
-                );
-            } else {
-                debug!(
-                    slot,
-                    left, "lost an SSH connection: its flows are reset; reconnecting it"
-                );
-            }
-            shared.publish(&pool, Some(format!("lost the connection to {}", opts.jump)));
-        }
-        let mut delay = BACKOFF_START;
-        let outage = tokio::time::Instant::now();
-        session = loop {
-            let attempt = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                r = Session::connect(&opts) => r,
-            };
-            match attempt {
-                Ok(s) => {
-                    match shared.outage().back(Instant::now()) {
-                        Some(took) => info!(
-                            "reconnected to the jump host {} after {} s",
-                            opts.jump,
-                            took.as_secs_f64().round()
-                        ),
-                        None => debug!(slot, "reconnected"),
-                    }
-                    break Some(s);
-                }
-                Err(e) if e.is_fatal() => {
-                    // The session stops and says why, once.
-                    debug!(slot, "reconnect refused for good: {e}");
-                    if let Ok(mut f) = shared.fatal.lock() {
-                        f.get_or_insert(e);
-                    }
-                    let _ = shared.stop.send(true);
-                    return;
-                }
-                Err(e) => {
-                    let why = crate::logging::error_line(&e);
-                    debug!(slot, "reconnect failed: {why}; retrying in {delay:?}");
-                    let lasted = shared.outage().failed(Instant::now());
-                    if let Some(lasted) = lasted {
-                        warn!(
-                            "still no connection to the jump host after {} s ({why}); retrying",
-                            lasted.as_secs()
-                        );
-                    }
-                    shared.publish(&pool, Some(why));
-                }
-            }
-            // Up to +20% jitter, so connections (and users) do not retry in lockstep.
-            let jitter = delay.mul_f64(rand::random::<f64>() * 0.2);
-            tokio::select! {
-                _ = tokio::time::sleep(delay + jitter) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            delay = if outage.elapsed() < BACKOFF_SHORT_PHASE {
-                (delay * 2).min(BACKOFF_SHORT_CAP)
-            } else {
-                delay.mul_f64(1.5).min(BACKOFF_CAP)
-            };
-        };
+/// Sleeps until `at` (forever when `None`; the caller guards that branch).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -49,13 +49,18 @@ pub fn ssh_exit_code(e: &SshError) -> u8 {
         | E::KeyFile { .. }
         | E::NoKeyFile { .. }
         | E::PublicKeyFile { .. } => EXIT_AUTH,
-        E::UnknownHostKey { .. } | E::HostKeyChanged { .. } | E::KnownHosts { .. } => EXIT_HOST_KEY,
+        E::UnknownHostKey { .. }
+        | E::HostKeyChanged { .. }
+        | E::HostKeyRevoked { .. }
+        | E::KnownHosts { .. } => EXIT_HOST_KEY,
         E::Resolve { .. }
         | E::UnknownAlias { .. }
         | E::Unreachable { .. }
         | E::ConnectTimeout { .. }
         | E::HopForward { .. }
-        | E::ProxyCommandEnded { .. } => EXIT_UNREACHABLE,
+        | E::ProxyCommandEnded { .. }
+        | E::Refused { .. }
+        | E::RefusedTooLong { .. } => EXIT_UNREACHABLE,
         _ => EXIT_FAILURE,
     }
 }

@@ -196,7 +196,7 @@ pub async fn run(
                     ),
                     Check::new("login", Verdict::Skipped, "the host key is not trusted"),
                 ),
-                SshError::HostKeyChanged { .. } => (
+                SshError::HostKeyChanged { .. } | SshError::HostKeyRevoked { .. } => (
                     Check::new("host key", Verdict::Fail, e.to_string()),
                     Check::new("login", Verdict::Skipped, "the host key is not trusted"),
                 ),

@@ -296,22 +296,19 @@ impl Session {
             Some(_) if opts.hops.is_empty() => jump_addrs.first().copied(),
             _ => opts.jump.host.parse().ok(),
         };
+        // Found before the host changes only for --expose (its listeners check it); else
+        // while they are made, so the first flow does not wait for it: an `exec` channel
+        // costs the jump host a process, and a team's laptops starting at once queue there.
+        // Either way `up` reports once it is known.
         let advertise = match (config.advertise, sessions.iter().flatten().next()) {
             (Some(a), _) => Some(a),
-            (None, Some(first)) => reverse::discover_advertise(first, jump_ip, plan.routes()).await,
-            (None, None) => None,
-        };
-        match advertise {
-            Some(a) => {
-                debug!(address = %a, "cloud callers reach this session's exposed ports on {a}")
+            (None, Some(first)) if !config.expose.is_empty() => {
+                let found = reverse::discover_advertise(first, jump_ip, plan.routes()).await;
+                say_advertise(found, true);
+                found
             }
-            None if config.expose.is_empty() => debug!(
-                "could not find out the jump host's VPC address (no shell for us there?): `mse-vpn expose` and `run` will need --advertise ADDR"
-            ),
-            None => warn!(
-                "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
-            ),
-        }
+            (None, _) => None,
+        };
         let dns_servers = self::dns::resolvers(&net.dns, &sessions).await?;
         if stopper.is_stopped() {
             return Err(SessionError::Stopped);
@@ -378,6 +375,15 @@ impl Session {
         }
         let forwards = Forwards::new();
         forwards.set_advertise(advertise);
+        let discovering = (config.advertise.is_none() && config.expose.is_empty()).then(|| {
+            tokio::spawn(discover_advertise_later(
+                pool.clone(),
+                forwards.clone(),
+                jump_ip,
+                plan.routes().to_vec(),
+                stop_rx.clone(),
+            ))
+        });
         board.set_forwards(forwards.clone());
         let exposed: Vec<u64> = forwards
             .add(&config.expose)
@@ -392,6 +398,9 @@ impl Session {
         board.follow(driver.stats());
         let driver = tokio::spawn(driver.run(stop_rx));
 
+        if let Some(discovering) = discovering {
+            let _ = discovering.await;
+        }
         // The listeners asked for with --expose: up only once each listens, or fail plainly.
         forwards
             .settled(&exposed, connect_timeout + Duration::from_secs(5))
@@ -467,6 +476,46 @@ impl Running {
     /// Waits until the session stopped and the host is restored.
     pub async fn wait(self) -> Result<(), SessionError> {
         self.done.await.map_err(SessionError::Driver)?
+    }
+}
+
+/// Says what was found of the jump host's VPC address (`needed`: --expose waits for it).
+fn say_advertise(found: Option<IpAddr>, needed: bool) {
+    match found {
+        Some(a) => {
+            debug!(address = %a, "cloud callers reach this session's exposed ports on {a}")
+        }
+        None if !needed => debug!(
+            "could not find out the jump host's VPC address (no shell for us there?): `mse-vpn expose` and `run` will need --advertise ADDR"
+        ),
+        None => warn!(
+            "could not find out the jump host's VPC address (no shell for us there?): pass --advertise ADDR for --expose and `mse-vpn run`"
+        ),
+    }
+}
+
+/// Finds the jump host's VPC address on the pool's first link once one is up, for a later
+/// `mse-vpn expose` or `run`, while the host changes are made and the first flows go out;
+/// gives up when the session stops.
+async fn discover_advertise_later(
+    pool: Arc<Pool>,
+    forwards: Arc<Forwards>,
+    jump_ip: Option<IpAddr>,
+    routes: Vec<IpNet>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut links = pool.subscribe();
+    let discover = async {
+        let _ = links.wait_for(|l| l.iter().any(Option::is_some)).await;
+        let (_, session) = pool.first_live()?;
+        reverse::discover_advertise(&session, jump_ip, &routes).await
+    };
+    tokio::select! {
+        found = discover => {
+            say_advertise(found, false);
+            forwards.set_advertise(found);
+        }
+        _ = stop.wait_for(|s| *s) => {}
     }
 }
 

@@ -3,7 +3,10 @@
 //! wildcard and negated patterns, `Include` (globs, relative to `~/.ssh` or `/etc/ssh`), and
 //! the first value of each directive wins. Only the directives mse-vpn acts on are kept;
 //! directives that change how `ssh` would connect and that mse-vpn cannot honour are warned
-//! about (`Match`, `CertificateFile`, ...).
+//! about (`Match`, `CertificateFile`, ...). Where an OpenSSH client is installed, the
+//! effective settings come from `ssh -G` instead ([`super::effective`], which follows
+//! `Match`); this parser still reads the files first, for their checks (owner and mode, bad
+//! values named by file and line) and the aliases, and is the fallback.
 //!
 //! This file only reads configuration files; it never connects anywhere.
 
@@ -60,6 +63,28 @@ pub enum ConfigError {
         /// Why.
         #[source]
         source: JumpHostError,
+    },
+    /// `ssh -G` refused the configuration (its own message) or could not run.
+    #[error("ssh config for {host}: {message}")]
+    SshG {
+        /// The host asked about.
+        host: String,
+        /// What ssh said.
+        message: String,
+    },
+    /// `ssh -G` printed a value mse-vpn cannot use.
+    #[error(
+        "ssh config for {host} (as `ssh -G` reports it): bad value '{value}' for {keyword}: {expected}"
+    )]
+    SshGValue {
+        /// The host asked about.
+        host: String,
+        /// The setting.
+        keyword: String,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        expected: &'static str,
     },
     /// `Include` nested too deep (a loop?).
     #[error("{path}:{line}: Include nested more than {MAX_INCLUDE_DEPTH} levels deep (a loop?)")]
@@ -135,6 +160,11 @@ pub struct Sources {
     pub local_user: String,
     /// The invoking user's uid: the owner the user file must have (or root).
     pub uid: u32,
+    /// The invoking user's primary gid (`ssh -G` runs as the user).
+    pub gid: u32,
+    /// The OpenSSH client whose `ssh -G` gives the effective settings
+    /// ([`super::effective`]); `None`: this parser only.
+    pub ssh_client: Option<PathBuf>,
 }
 
 /// Which file a line is in, for relative `Include`s and the owner check.
@@ -584,6 +614,8 @@ mod tests {
             home: home.to_owned(),
             local_user: "alice".into(),
             uid: mse_vpn_platform::account::current().unwrap().unwrap().uid,
+            gid: 0,
+            ssh_client: None,
         }
     }
 

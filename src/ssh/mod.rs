@@ -8,6 +8,7 @@
 mod agent;
 mod command;
 pub mod config;
+mod effective;
 mod key_file;
 pub mod known_hosts;
 pub mod password;
@@ -230,7 +231,8 @@ pub enum SshError {
     },
     /// The server's key is not in known_hosts.
     #[error(
-        "the host key of {target} is not known ({algorithm} {fingerprint}). Verify it (e.g. `ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub` on the jump host), then re-run with --accept-new-host-key to record it in {path}"
+        "the host key of {target} is not known ({algorithm} {fingerprint}){}. Verify it (e.g. `ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub` on the jump host), then re-run with --accept-new-host-key to record it in {path}",
+        certificate.as_ref().map(|why| format!("; its host certificate was not accepted: {why}")).unwrap_or_default()
     )]
     UnknownHostKey {
         /// `host:port`.
@@ -243,6 +245,9 @@ pub enum SshError {
         fingerprint: String,
         /// The known_hosts file.
         path: PathBuf,
+        /// Why the host certificate the server presented was not accepted, if it presented
+        /// one.
+        certificate: Option<String>,
     },
     /// The server's key differs from the recorded one.
     #[error(
@@ -256,6 +261,20 @@ pub enum SshError {
         /// The known_hosts file.
         path: PathBuf,
         /// The line holding the old key.
+        line: usize,
+    },
+    /// The server's key (or the authority of its certificate) is marked `@revoked`.
+    #[error(
+        "WARNING: REVOKED HOST KEY DETECTED: the host key of {target} ({fingerprint}) is marked as revoked on line {line} of {path}; a stolen key may be used to impersonate the jump host. Refusing to connect (even with --accept-new-host-key): ask the jump host's admin"
+    )]
+    HostKeyRevoked {
+        /// `host:port`.
+        target: String,
+        /// The presented key's fingerprint.
+        fingerprint: String,
+        /// The known_hosts file.
+        path: PathBuf,
+        /// The `@revoked` line.
         line: usize,
     },
     /// known_hosts could not be read or written.
@@ -373,6 +392,31 @@ pub enum SshError {
         #[source]
         source: password::PasswordFileError,
     },
+    /// The jump host reset or closed the connection during the SSH banner or key exchange:
+    /// what sshd does beyond `MaxStartups` unauthenticated connections, or while it
+    /// restarts. It passes: the pool retries it.
+    #[error(
+        "the jump host {target} closed the connection during the SSH handshake ({source}): it is refusing new connections for now (MaxStartups?)"
+    )]
+    Refused {
+        /// `host:port`.
+        target: String,
+        /// What russh saw.
+        #[source]
+        source: russh::Error,
+    },
+    /// Every try within the connect timeout was refused as [`SshError::Refused`] says.
+    #[error(
+        "the jump host {target} refused new connections for {secs} s ({tries} tries, each closed during the SSH handshake: sshd's MaxStartups, too many logins being set up at once, or sshd restarting). Try again in a moment, raise --connect-timeout, or ask the jump host's admin to raise MaxStartups"
+    )]
+    RefusedTooLong {
+        /// `host:port`.
+        target: String,
+        /// Tries refused.
+        tries: u32,
+        /// How long it kept trying.
+        secs: u64,
+    },
     /// The SSH protocol failed (handshake, connection lost).
     #[error("SSH connection to {target} failed: {source}")]
     Protocol {
@@ -405,6 +449,7 @@ impl SshError {
             self,
             SshError::UnknownHostKey { .. }
                 | SshError::HostKeyChanged { .. }
+                | SshError::HostKeyRevoked { .. }
                 | SshError::KnownHosts { .. }
                 | SshError::KeyFile { .. }
                 | SshError::NoKeyFile { .. }
@@ -415,6 +460,28 @@ impl SshError {
                 | SshError::WrongPassword { .. }
                 | SshError::PasswordFile { .. }
         )
+    }
+}
+
+impl SshError {
+    /// True for a connection the jump host reset or closed during the SSH handshake
+    /// ([`SshError::Refused`]): a refusal that passes.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, SshError::Refused { .. })
+    }
+}
+
+/// True if `e` is the connection being reset or closed under the handshake (rather than a
+/// protocol disagreement): sshd's `MaxStartups` drop, or a restarting sshd.
+fn closed_under_handshake(e: &russh::Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        russh::Error::Disconnect | russh::Error::HUP => true,
+        russh::Error::IO(io) => matches!(
+            io.kind(),
+            K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::BrokenPipe
+        ),
+        _ => false,
     }
 }
 
@@ -456,22 +523,29 @@ impl Drop for Client {
 static LEARNING: Mutex<()> = Mutex::new(());
 
 impl Client {
-    fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
+    fn verify(&self, presented: known_hosts::Presented<'_>) -> Result<(), SshError> {
+        let key = presented.key;
         let target = format!("{}:{}", self.host, self.port);
         let kh_err = |source| SshError::KnownHosts {
             path: self.known_hosts.clone(),
             source,
         };
-        let lookup = || known_hosts::check(&self.host, self.port, key, &self.known_hosts);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let lookup =
+            || known_hosts::check(&self.host, self.port, presented, &self.known_hosts, now);
         let verdict = match lookup().map_err(kh_err)? {
-            Verdict::Unknown if self.accept_new => {
+            Verdict::Unknown { .. } if self.accept_new => {
                 let _one_at_a_time = LEARNING.lock().unwrap_or_else(PoisonError::into_inner);
                 // Another connection of the pool may have recorded it in the meantime.
                 match lookup().map_err(kh_err)? {
-                    Verdict::Unknown => {
+                    Verdict::Unknown { certificate } => {
                         self.learn(key).map_err(kh_err)?;
                         warn!(host = %target, fingerprint = %known_hosts::fingerprint(key),
-                            path = %self.known_hosts.display(), "recorded a new host key");
+                            path = %self.known_hosts.display(),
+                            certificate_not_accepted = certificate.as_deref().unwrap_or("-"),
+                            "recorded a new host key");
                         return Ok(());
                     }
                     other => other,
@@ -481,13 +555,24 @@ impl Client {
         };
         match verdict {
             Verdict::Known => Ok(()),
+            Verdict::Certified { line } => {
+                debug!(host = %target, line, path = %self.known_hosts.display(),
+                    "host certificate signed by a @cert-authority");
+                Ok(())
+            }
             Verdict::Changed { line } => Err(SshError::HostKeyChanged {
                 target,
                 fingerprint: known_hosts::fingerprint(key),
                 path: self.known_hosts.clone(),
                 line,
             }),
-            Verdict::Unknown => {
+            Verdict::Revoked { line } => Err(SshError::HostKeyRevoked {
+                target,
+                fingerprint: known_hosts::fingerprint(key),
+                path: self.known_hosts.clone(),
+                line,
+            }),
+            Verdict::Unknown { certificate } => {
                 let algorithm = key.algorithm().to_string();
                 let kind = if algorithm.contains("ed25519") {
                     "ed25519"
@@ -502,6 +587,7 @@ impl Client {
                     kind,
                     fingerprint: known_hosts::fingerprint(key),
                     path: self.known_hosts.clone(),
+                    certificate,
                 })
             }
         }
@@ -603,7 +689,11 @@ impl client::Handler for Client {
         server_public_key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         let key = server_public_key.public_key();
-        match self.verify(&key) {
+        let presented = known_hosts::Presented {
+            key: &key,
+            certificate: server_public_key.certificate(),
+        };
+        match self.verify(presented) {
             Ok(()) => Ok(true),
             Err(e) => {
                 if let Ok(mut c) = self.check.lock() {
@@ -662,34 +752,35 @@ impl Session {
         let first = &logins[0];
         let first_target = target_of(first);
         let mut hops: Vec<Handle<Client>> = Vec::new();
-        let first_session = match &opts.proxy_command {
-            // The first (and only) host through a ProxyCommand's standard input and output.
-            Some(command) => {
-                let stream =
-                    command::CommandStream::spawn(command, opts.file_owner).map_err(|source| {
-                        SshError::ProxyCommand {
+        let first_session =
+            match &opts.proxy_command {
+                // The first (and only) host through a ProxyCommand's standard input and output.
+                Some(command) => {
+                    let stream = command::CommandStream::spawn(command, opts.file_owner).map_err(
+                        |source| SshError::ProxyCommand {
                             command: command.clone(),
                             source,
-                        }
-                    })?;
-                let handshake = Self::handshake(opts, first, &first_target, stream, id);
-                bounded(opts, &first_target, handshake)
-                    .await?
-                    .map_err(|e| match e {
-                        SshError::Protocol { target, .. } => SshError::ProxyCommandEnded {
-                            command: command.clone(),
-                            target,
                         },
-                        other => other,
-                    })
-            }
-            None => {
-                let stream =
-                    bounded(opts, &first_target, tcp_connect(first.host, first.port)).await??;
-                let handshake = Self::handshake(opts, first, &first_target, stream, id);
-                bounded(opts, &first_target, handshake).await?
-            }
-        };
+                    )?;
+                    let handshake = Self::handshake(opts, first, &first_target, stream, id);
+                    bounded(opts, &first_target, handshake)
+                        .await?
+                        .map_err(|e| match e {
+                            SshError::Protocol { target, .. }
+                            | SshError::Refused { target, .. } => SshError::ProxyCommandEnded {
+                                command: command.clone(),
+                                target,
+                            },
+                            other => other,
+                        })
+                }
+                None => {
+                    let stream =
+                        bounded(opts, &first_target, tcp_connect(first.host, first.port)).await??;
+                    let handshake = Self::handshake(opts, first, &first_target, stream, id);
+                    bounded(opts, &first_target, handshake).await?
+                }
+            };
         let mut first_session = Some(first_session?);
         let last = logins.len() - 1;
         for (i, login) in logins.iter().enumerate() {
@@ -768,6 +859,17 @@ impl Session {
                     cipher::AES_256_CTR,
                     cipher::CHACHA20_POLY1305,
                 ]),
+                // Asked for a host certificate first where known_hosts trusts an authority
+                // for this host (as OpenSSH orders its host key algorithms).
+                host_key_certificates: if known_hosts::has_authority_for(
+                    login.host,
+                    login.port,
+                    login.known_hosts,
+                ) {
+                    std::borrow::Cow::Borrowed(HOST_CERTIFICATE_ALGORITHMS)
+                } else {
+                    std::borrow::Cow::Borrowed(&[])
+                },
                 ..Preferred::default()
             },
             limits: rekey_limits(),
@@ -790,9 +892,13 @@ impl Session {
             Ok(handle) => Ok((handle, closed)),
             Err(source) => {
                 let failure = check.lock().ok().and_then(|mut c| c.failure.take());
-                Err(failure.unwrap_or(SshError::Protocol {
-                    target: target.to_owned(),
-                    source,
+                Err(failure.unwrap_or_else(|| {
+                    let target = target.to_owned();
+                    if closed_under_handshake(&source) {
+                        SshError::Refused { target, source }
+                    } else {
+                        SshError::Protocol { target, source }
+                    }
                 }))
             }
         }
@@ -1164,6 +1270,27 @@ fn passphrase_for(path: &Path) -> Result<String, SshError> {
     )
 }
 
+/// Host certificate algorithms asked for when an authority is trusted for the host, most
+/// preferred first (the plain key algorithms follow them).
+const HOST_CERTIFICATE_ALGORITHMS: &[russh::keys::Algorithm] = &[
+    russh::keys::Algorithm::Ed25519,
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP256,
+    },
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP384,
+    },
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP521,
+    },
+    russh::keys::Algorithm::Rsa {
+        hash: Some(russh::keys::HashAlg::Sha512),
+    },
+    russh::keys::Algorithm::Rsa {
+        hash: Some(russh::keys::HashAlg::Sha256),
+    },
+];
+
 /// Data volume after which a connection is re-keyed: OpenSSH's default for ciphers with
 /// 16-byte blocks (2^32 blocks, 64 GiB), which are all mse-vpn prefers (russh's own default,
 /// 1 GiB, re-keys a busy tunnel every few seconds). ChaCha20-Poly1305, offered last, has no
@@ -1242,7 +1369,11 @@ mod tests {
                     let (client, start, key) = (accept_new_client(&kh), start.clone(), key.clone());
                     std::thread::spawn(move || {
                         start.wait();
-                        client.verify(&key).map_err(|e| e.to_string())
+                        let presented = known_hosts::Presented {
+                            key: &key,
+                            certificate: None,
+                        };
+                        client.verify(presented).map_err(|e| e.to_string())
                     })
                 })
                 .collect();
@@ -1254,6 +1385,51 @@ mod tests {
             assert_eq!(lines.len(), 1, "recorded once: {text}");
             assert!(lines[0].starts_with("bastion ssh-ed25519 "), "{text}");
         }
+    }
+
+    #[test]
+    fn a_revoked_key_is_refused_even_when_accepting_new_keys() {
+        let key = PublicKey::from_openssh(ED).unwrap();
+        let tmp = TempDir::new("revoked");
+        let kh = tmp.0.join("known_hosts");
+        std::fs::write(&kh, format!("# keys\n@revoked * {ED}\n")).unwrap();
+        let presented = known_hosts::Presented {
+            key: &key,
+            certificate: None,
+        };
+        let e = accept_new_client(&kh).verify(presented).unwrap_err();
+        assert!(e.is_fatal());
+        let msg = e.to_string();
+        assert!(msg.contains("REVOKED HOST KEY DETECTED"), "{msg}");
+        assert!(
+            msg.contains(&format!("line 2 of {}", kh.display())),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&kh).unwrap().lines().count(),
+            2,
+            "nothing recorded"
+        );
+    }
+
+    #[test]
+    fn a_connection_closed_under_the_handshake_is_a_refusal_that_passes() {
+        use std::io::{Error, ErrorKind};
+        assert!(closed_under_handshake(&russh::Error::Disconnect));
+        assert!(closed_under_handshake(&russh::Error::IO(Error::from(
+            ErrorKind::ConnectionReset
+        ))));
+        assert!(!closed_under_handshake(&russh::Error::UnknownKey));
+        assert!(!closed_under_handshake(&russh::Error::NoCommonAlgo {
+            kind: russh::AlgorithmKind::Kex,
+            ours: vec![],
+            theirs: vec![],
+        }));
+        let refused = SshError::Refused {
+            target: "bastion:22".into(),
+            source: russh::Error::Disconnect,
+        };
+        assert!(refused.is_refusal() && !refused.is_fatal());
     }
 
     #[test]

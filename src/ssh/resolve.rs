@@ -57,6 +57,35 @@ pub fn sources(user: &InvokingUser, only: Option<&PathBuf>) -> Sources {
         home: user.home().to_owned(),
         local_user: user.name().to_owned(),
         uid: user.uid(),
+        gid: user.gid(),
+        ssh_client: Some(PathBuf::from("ssh")),
+    }
+}
+
+/// What the configuration says about `typed`: `ssh -G`'s effective settings where an
+/// OpenSSH client is installed (`Match` blocks and all), else the files as the parser reads
+/// them. The parser reads the files either way first: its checks (owner and mode, a bad
+/// value named by file and line) come before ssh's, and it collects the aliases. When
+/// `ssh -G` fails (a file the invoking user cannot read, a directive this ssh does not know),
+/// the parser's reading is used, with a warning.
+fn host_config(sources: &Sources, typed: &JumpHost) -> Result<HostConfig, ConfigError> {
+    let parsed = HostConfig::load(sources, &typed.host)?;
+    let port = typed.port_given.then_some(typed.port);
+    match super::effective::load(sources, &typed.host, typed.user.as_deref(), port) {
+        Ok(Some(effective)) => {
+            debug!(host = %typed.host, "ssh config: effective settings from `ssh -G`");
+            Ok(HostConfig {
+                aliases: parsed.aliases,
+                ..effective
+            })
+        }
+        Ok(None) => Ok(parsed),
+        Err(e) => {
+            warn!(
+                "{e}; using mse-vpn's own reading of the ssh config instead (it does not follow Match blocks)"
+            );
+            Ok(parsed)
+        }
     }
 }
 
@@ -70,24 +99,32 @@ pub fn aliases(ssh_config: Option<&PathBuf>, user: &InvokingUser) -> Vec<String>
 
 /// Resolves the options for `over.proxy` (which must be set) on behalf of `user`.
 pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, ConfigError> {
-    let sources = sources(user, over.ssh_config.as_ref());
+    options_from(over, user, &sources(user, over.ssh_config.as_ref()))
+}
+
+/// [`ssh_options`] with the configuration read from `sources`.
+fn options_from(
+    over: &Overrides,
+    user: &InvokingUser,
+    sources: &Sources,
+) -> Result<SshOptions, ConfigError> {
     let typed = over
         .proxy
         .clone()
         .expect("resolve is called once --proxy is known");
-    let cfg = HostConfig::load(&sources, &typed.host)?;
+    let cfg = host_config(sources, &typed)?;
     for w in &cfg.warnings {
         warn!("{w}");
     }
     for n in &cfg.notes {
         debug!("{n}");
     }
-    let (jump, identity_files) = endpoint(&typed, &cfg, &sources, user, &over.identity);
+    let (jump, identity_files) = endpoint(&typed, &cfg, sources, user, &over.identity);
 
     let known_hosts = over.known_hosts.clone().unwrap_or_else(|| {
         cfg.user_known_hosts_file
             .as_deref()
-            .map(|raw| expand(raw, &sources, &typed.host, &jump))
+            .map(|raw| expand(raw, sources, &typed.host, &jump))
             .unwrap_or_else(|| user.known_hosts_path())
     });
     let accept_new_host_key = over.accept_new_host_key
@@ -117,13 +154,13 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
         .unwrap_or_default();
     let mut hops = Vec::new();
     for hop in &hops_typed {
-        let hop_cfg = HostConfig::load(&sources, &hop.host)?;
-        let (hop_jump, hop_ids) = endpoint(hop, &hop_cfg, &sources, user, &over.identity);
+        let hop_cfg = host_config(sources, hop)?;
+        let (hop_jump, hop_ids) = endpoint(hop, &hop_cfg, sources, user, &over.identity);
         let hop_known_hosts = over.known_hosts.clone().unwrap_or_else(|| {
             hop_cfg
                 .user_known_hosts_file
                 .as_deref()
-                .map(|raw| expand(raw, &sources, &hop.host, &hop_jump))
+                .map(|raw| expand(raw, sources, &hop.host, &hop_jump))
                 .unwrap_or_else(|| user.known_hosts_path())
         });
         hops.push(Hop {
@@ -140,7 +177,7 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
         .as_deref()
         .filter(|c| !c.eq_ignore_ascii_case("none"))
         .map(|c| {
-            expand(c, &sources, &typed.host, &jump)
+            expand(c, sources, &typed.host, &jump)
                 .to_string_lossy()
                 .into_owned()
         });
@@ -266,6 +303,16 @@ mod tests {
         account::set_mode(&f, 0o600).unwrap();
         let user = alice(&home);
         (home, user)
+    }
+
+    /// [`ssh_options`] with the parser only: `ssh -G` would read the real home's config of
+    /// this uid, not the test's.
+    fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, ConfigError> {
+        let sources = Sources {
+            ssh_client: None,
+            ..super::sources(user, over.ssh_config.as_ref())
+        };
+        options_from(over, user, &sources)
     }
 
     fn over(proxy: &str) -> Overrides {

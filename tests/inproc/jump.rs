@@ -7,8 +7,10 @@
 //!
 //! What the test can do to it: [`Jump::drop_connections`] shuts the TCP connections down
 //! under both ends, as a network outage or a dead sshd would; [`Jump::set_down`] closes every
-//! new connection before the SSH greeting (sshd not running); [`Jump::silence`] leaves the
-//! channel opens to a port unanswered (a destination that drops SYNs).
+//! new connection before the SSH greeting (sshd not running); [`Jump::refuse`] resets the
+//! next connections under the client's SSH banner (sshd's `MaxStartups` drop: it closes the
+//! socket unread); [`Jump::silence`] leaves the channel opens to a port unanswered (a
+//! destination that drops SYNs).
 //!
 //! What it does not do: listen on the forwarded ports for real, run commands (`exec` is
 //! refused, like a jump host without a shell for us), or check the user name.
@@ -64,8 +66,15 @@ struct State {
     /// Down: every TCP connection is closed at once, before the SSH greeting (an sshd that
     /// is not running behind a port that still answers).
     down: bool,
+    /// How many of the next TCP connections are reset once the client's banner arrived,
+    /// unread (as sshd drops a connection beyond `MaxStartups`).
+    refuse: usize,
     /// When each TCP connection arrived, logins or not (on tokio's clock).
     attempts: Vec<tokio::time::Instant>,
+    /// Connections accepted and not yet logged in (what sshd's `MaxStartups` counts).
+    pending: usize,
+    /// The most there ever were at once.
+    max_pending: usize,
     /// The server configuration new connections get (its host key).
     config: Option<Arc<server::Config>>,
 }
@@ -177,9 +186,20 @@ impl Jump {
         self.state.lock().unwrap().down = down;
     }
 
+    /// Resets the next `n` connections under the client's banner (`usize::MAX`: all of
+    /// them, until called again).
+    pub fn refuse(&self, n: usize) {
+        self.state.lock().unwrap().refuse = n;
+    }
+
     /// When each TCP connection arrived so far, refused ones included.
     pub fn attempts(&self) -> Vec<tokio::time::Instant> {
         self.state.lock().unwrap().attempts.clone()
+    }
+
+    /// The most connections that were ever accepted and not yet logged in at once.
+    pub fn max_pending(&self) -> usize {
+        self.state.lock().unwrap().max_pending
     }
 
     /// TCP connections accepted so far (each login of the pool, each reconnect).
@@ -276,12 +296,25 @@ async fn accept_loop(listener: TcpListener, user: PublicKey, state: Arc<Mutex<St
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        {
+        let refuse = {
             let mut s = state.lock().unwrap();
             s.attempts.push(tokio::time::Instant::now());
             if s.down {
                 continue;
             }
+            let refuse = s.refuse > 0;
+            if s.refuse != usize::MAX {
+                s.refuse = s.refuse.saturating_sub(1);
+            }
+            refuse
+        };
+        if refuse {
+            // Closed with the client's banner unread: the kernel resets the connection.
+            tokio::spawn(async move {
+                let _ = stream.readable().await;
+                drop(stream);
+            });
+            continue;
         }
         // A second handle on the socket, to cut it from the test.
         let std = stream.into_std().expect("into_std");
@@ -295,14 +328,25 @@ async fn accept_loop(listener: TcpListener, user: PublicKey, state: Arc<Mutex<St
                 s.config.clone().expect("a configuration"),
             )
         };
+        {
+            let mut s = state.lock().unwrap();
+            s.pending += 1;
+            s.max_pending = s.max_pending.max(s.pending);
+        }
+        let logged_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = Conn {
             conn,
             user: user.clone(),
             state: state.clone(),
+            logged_in: logged_in.clone(),
         };
+        let state = state.clone();
         tokio::spawn(async move {
             if let Ok(session) = server::run_stream(config, stream, handler).await {
                 let _ = session.await;
+            }
+            if !logged_in.load(std::sync::atomic::Ordering::Relaxed) {
+                state.lock().unwrap().pending -= 1;
             }
         });
     }
@@ -313,6 +357,8 @@ struct Conn {
     conn: usize,
     user: PublicKey,
     state: Arc<Mutex<State>>,
+    /// Set once the client logged in.
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl server::Handler for Conn {
@@ -324,6 +370,12 @@ impl server::Handler for Conn {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         Ok(if key.public_key.key_data() == self.user.key_data() {
+            if !self
+                .logged_in
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                self.state.lock().unwrap().pending -= 1;
+            }
             Auth::Accept
         } else {
             Auth::reject()

@@ -243,14 +243,22 @@ fn under_sudo_an_alias_resolves_through_the_users_ssh_config() {
     user.write(&ssh.join("conf.d/50-vpc.conf"), &pc, 0o600);
     let vpn = tb.start_cmd(as_user(&tb, &user, &[], &args));
     tb.assert_curl_index();
-    let socats = tb.sh(
-        5,
-        &format!(
-            "ps -o user=,args= -C socat | grep -c '^mvcfg1 .*socat - TCP:{}:2222$'",
-            tb.jump_addr
-        ),
-    );
-    assert_eq!(stdout(&socats).trim(), "4", "{}", stderr(&socats));
+    // One command per connection of the pool (the others follow the first one).
+    let socats = || {
+        let out = tb.sh(
+            5,
+            &format!(
+                "ps -o user=,args= -C socat | grep -c '^mvcfg1 .*socat - TCP:{}:2222$'",
+                tb.jump_addr
+            ),
+        );
+        stdout(&out).trim().to_owned()
+    };
+    let start = Instant::now();
+    while socats() != "4" && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(socats(), "4");
     assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
 }
@@ -707,6 +715,11 @@ fn a_proxy_command_carries_the_connection() {
             .trim()
             .to_owned()
     };
+    // The pool's other connections follow the first one.
+    let start = Instant::now();
+    while count(&tb) != "4" && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(count(&tb), "4");
     assert!(vpn.interrupt().success());
     assert_eq!(count(&tb), "0", "the commands end with their connections");
@@ -748,5 +761,76 @@ fn a_proxy_command_carries_the_connection() {
         )),
         "{err}"
     );
+    assert_eq!(tb.snapshot(), before);
+}
+
+#[test]
+fn a_match_block_of_the_users_config_sets_the_login_and_the_key_under_sudo() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("cf9", &["--with", "nginx"]);
+    let before = settled_snapshot(&tb);
+    let user = TestUser::create("mvmatch1", None);
+    let ssh = user.home.join(".ssh");
+    // The key only the Match block names (ssh would not try it by itself).
+    let key = ssh.join("match_key");
+    user.write(&key, "", 0o600);
+    keygen(&key, "", &["-t", "ed25519"]);
+    user.own(&key, 0o600);
+    tb.authorize(&pub_path(&key));
+    user.write(
+        &ssh.join("kh_match"),
+        &format!(
+            "{} {}\n",
+            tb.jump_addr,
+            host_key(&tb, "ssh_host_ed25519_key.pub")
+        ),
+        0o600,
+    );
+    // As corporate configs do: the alias names the host, a Match block on the resolved host
+    // (with an `exec` test that holds only when ssh runs as the user, not as root) sets the
+    // login and the key. Without Match the login would be the user's own name, no key.
+    user.write(
+        &ssh.join("config"),
+        &format!(
+            "Host corp-jump\n  HostName {addr}\n  UserKnownHostsFile ~/.ssh/kh_match\n\
+             Match host {addr} exec \"test $(id -u) -eq {uid}\"\n  User root\n  IdentityFile %d/.ssh/match_key\n",
+            addr = tb.jump_addr,
+            uid = user.uid
+        ),
+        0o600,
+    );
+    let args: Vec<String> = [
+        "up",
+        "--cidr",
+        VPC,
+        "--proxy",
+        "corp-jump",
+        "--tun",
+        &tb.tun(),
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mark = tb.sshd_log().len();
+    let vpn = tb.start_cmd(as_user(&tb, &user, &[], &args));
+    tb.assert_curl_index();
+    let fp = fingerprint(&pub_path(&key));
+    let logins = log_lines(&tb.sshd_log(), mark, "Accepted publickey");
+    assert!(!logins.is_empty(), "{}", tb.sshd_log());
+    for l in &logins {
+        assert!(
+            l.contains("for root from") && l.contains(&fp),
+            "expected root with the Match block's key {fp}: {l}"
+        );
+    }
+    assert!(
+        !vpn.stderr().contains("Match blocks are not supported"),
+        "{}",
+        vpn.stderr()
+    );
+    assert!(vpn.interrupt().success());
     assert_eq!(tb.snapshot(), before);
 }

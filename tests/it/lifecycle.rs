@@ -304,6 +304,10 @@ fn status_json_shows_flows_and_bytes_moving_during_traffic() {
     wait_status(&tb, Duration::from_secs(5), "an active flow", |st| {
         st["flows_active"].as_u64().unwrap() >= 1 && st["bytes_down"].as_u64().unwrap() > 0
     });
+    // The pool's second connection follows the first one, a second or two later.
+    wait_status(&tb, Duration::from_secs(10), "both connections up", |st| {
+        st["connections_up"] == 2
+    });
     let a = status(&tb);
     // The measurement: one second of traffic between two samples.
     std::thread::sleep(Duration::from_secs(1));

@@ -12,11 +12,13 @@ mod dns;
 mod flow_control;
 mod frameworks;
 mod harness;
+mod host_keys;
 mod hostile;
 mod isolation;
 mod lifecycle;
 mod outbound;
 mod reverse;
+mod team;
 
 /// Every test's testbed has a name of its own: two tests that share one tear down each
 /// other's namespaces when they run at once (the suite runs three at a time).
