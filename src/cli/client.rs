@@ -123,6 +123,40 @@ fn all_listening(reply: &ExposeReply) -> Result<()> {
     Ok(())
 }
 
+/// How long `run` and `env` wait for a session that is still finding out the jump host's VPC
+/// address (its first look failed: a slow login shell there).
+const ADVERTISE_WAIT: Duration = Duration::from_secs(20);
+
+/// `reply`, or, when its listeners listen but the session does not know yet which address
+/// VPC callers use, the session's forwards once it does (within [`ADVERTISE_WAIT`]).
+async fn with_advertised(path: &Path, reply: ExposeReply) -> Result<ExposeReply> {
+    let unknown = |r: &ExposeReply| {
+        r.forwards
+            .iter()
+            .any(|f| f.state == ForwardState::Listening && f.advertised.is_none())
+    };
+    if !unknown(&reply) {
+        return Ok(reply);
+    }
+    let deadline = tokio::time::Instant::now() + ADVERTISE_WAIT;
+    let specs: Vec<&str> = reply.forwards.iter().map(|f| f.spec.as_str()).collect();
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let st = control::status(path).await?;
+        let now = ExposeReply {
+            forwards: st
+                .forwards
+                .into_iter()
+                .filter(|f| specs.contains(&f.spec.as_str()))
+                .collect(),
+        };
+        if !unknown(&now) && now.forwards.len() == specs.len() {
+            return Ok(now);
+        }
+    }
+    Ok(reply)
+}
+
 /// Checks an `expose` reply and returns the address to register (the first listener's) and
 /// the local port behind it.
 fn registered_address(reply: &ExposeReply) -> Result<(std::net::SocketAddr, u16)> {
@@ -151,6 +185,7 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
         (None, None, None)
     } else {
         let (reply, held) = expose_specs(&path, &args.expose, true).await?;
+        let reply = with_advertised(&path, reply).await?;
         let (addr, local) = registered_address(&reply)?;
         for f in &reply.forwards {
             eprintln!(
@@ -390,6 +425,7 @@ pub async fn env(args: EnvArgs, state_dir: &Path) -> Result<()> {
         } else {
             expose_specs(&path, &args.expose, false).await?.0
         };
+        let reply = with_advertised(&path, reply).await?;
         let (addr, local) = registered_address(&reply)?;
         (Some(addr), Some(local))
     };

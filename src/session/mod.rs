@@ -375,13 +375,18 @@ impl Session {
         }
         let forwards = Forwards::new();
         forwards.set_advertise(advertise);
-        let discovering = (config.advertise.is_none() && config.expose.is_empty()).then(|| {
+        // Not found yet (and not given): looked for while the host changes are made, and
+        // again later until found (a jump host's slow login shell at start must not leave
+        // the session unable to expose for good).
+        let discovering = advertise.is_none().then(|| {
             tokio::spawn(discover_advertise_later(
                 pool.clone(),
                 forwards.clone(),
                 jump_ip,
                 plan.routes().to_vec(),
                 stop_rx.clone(),
+                // With --expose the first look was made above.
+                config.expose.is_empty(),
             ))
         });
         board.set_forwards(forwards.clone());
@@ -398,8 +403,10 @@ impl Session {
         board.follow(driver.stats());
         let driver = tokio::spawn(driver.run(stop_rx));
 
-        if let Some(discovering) = discovering {
-            let _ = discovering.await;
+        if let Some(mut discovering) = discovering {
+            // `up` reports once the first look is over (found or not); later looks go on
+            // in the background.
+            let _ = (&mut discovering).await;
         }
         // The listeners asked for with --expose: up only once each listens, or fail plainly.
         forwards
@@ -494,29 +501,67 @@ fn say_advertise(found: Option<IpAddr>, needed: bool) {
     }
 }
 
+/// How long the later looks for the jump host's VPC address wait between them: from the
+/// first, doubling, at most the last.
+const REDISCOVER: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
+
 /// Finds the jump host's VPC address on the pool's first link once one is up, for a later
-/// `mse-vpn expose` or `run`, while the host changes are made and the first flows go out;
-/// gives up when the session stops.
+/// `mse-vpn expose` or `run`, while the host changes are made and the first flows go out.
+/// Returns after the first look (`look_now`; found or not, said once); when nothing was
+/// found, looks again in the background, less and less often, until found or the session
+/// stops.
 async fn discover_advertise_later(
     pool: Arc<Pool>,
     forwards: Arc<Forwards>,
     jump_ip: Option<IpAddr>,
     routes: Vec<IpNet>,
     mut stop: watch::Receiver<bool>,
+    look_now: bool,
 ) {
-    let mut links = pool.subscribe();
-    let discover = async {
-        let _ = links.wait_for(|l| l.iter().any(Option::is_some)).await;
-        let (_, session) = pool.first_live()?;
-        reverse::discover_advertise(&session, jump_ip, &routes).await
-    };
-    tokio::select! {
-        found = discover => {
-            say_advertise(found, false);
-            forwards.set_advertise(found);
+    let look = {
+        let (pool, routes) = (pool.clone(), routes.clone());
+        move || {
+            let (pool, routes) = (pool.clone(), routes.clone());
+            async move {
+                let mut links = pool.subscribe();
+                let _ = links.wait_for(|l| l.iter().any(Option::is_some)).await;
+                let (_, session) = pool.first_live()?;
+                reverse::discover_advertise(&session, jump_ip, &routes).await
+            }
         }
-        _ = stop.wait_for(|s| *s) => {}
+    };
+    if look_now {
+        let found = tokio::select! {
+            found = look() => found,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        say_advertise(found, false);
+        if found.is_some() {
+            forwards.set_advertise(found);
+            return;
+        }
     }
+    tokio::spawn(async move {
+        let mut wait = REDISCOVER.0;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let found = tokio::select! {
+                found = look() => found,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            if let Some(a) = found {
+                info!(
+                    "found the jump host's VPC address at last: cloud callers reach exposed ports on {a}"
+                );
+                forwards.set_advertise(Some(a));
+                return;
+            }
+            wait = (wait * 2).min(REDISCOVER.1);
+        }
+    });
 }
 
 /// After a second without a connection (a silently dropped port, a slow link), says what

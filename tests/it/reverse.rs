@@ -758,3 +758,49 @@ fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
     let _ = deaf.wait();
     assert!(vpn.interrupt().success());
 }
+
+#[test]
+fn a_jump_host_address_not_found_at_start_is_found_later_and_env_waits_for_it() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    // The jump host's commands hang while a flag file exists (a slow login shell): `up`'s
+    // first look for its VPC address fails. Once they answer again, the session finds it by
+    // itself, and `env` (or `run`) waits for it instead of telling the user to restart.
+    let tb = Testbed::up("rv8", &[]);
+    let flag = tb.dir.join("slow-shell");
+    let script = tb.dir.join("slow-shell.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ -e {} ]; do sleep 0.2; done\nexec sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
+            flag.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(&flag, "").unwrap();
+    tb.edit_sshd_config(
+        "LogLevel INFO",
+        &format!("LogLevel INFO\nForceCommand {}", script.display()),
+    );
+    let vpn = tb.start(&["10.0.0.0/16"], &[]);
+    assert!(
+        vpn.stderr()
+            .contains("could not find out the jump host's VPC address"),
+        "{}",
+        vpn.stderr()
+    );
+    std::fs::remove_file(&flag).unwrap();
+    let out = tb
+        .mse_vpn(&["env", "--expose", "20890"])
+        .output()
+        .expect("run env");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("export DUBBO_IP_TO_REGISTRY='10.0.0.1'"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(vpn.interrupt().success());
+}
