@@ -482,8 +482,9 @@ impl<T: PacketIo> Driver<T> {
                 "resetting the flows of a lost SSH connection"
             );
         }
+        let now = self.now();
         for id in lost {
-            self.engine.abort(id, CloseReason::SessionLost);
+            self.engine.abort(now, id, CloseReason::SessionLost);
         }
     }
 
@@ -603,6 +604,14 @@ impl<T: PacketIo> Driver<T> {
                 }
             }
             Event::Close { id, key, reason } => self.close(id, key, reason),
+            Event::CloseNow { id } => {
+                if let Some(io) = self.io.get_mut(&id) {
+                    debug!(flow = %id, "closing flow: its flush ran out of time");
+                    discard(io);
+                    io.outbox.push_back(WriteCmd::Close);
+                    self.start_write(id);
+                }
+            }
         }
     }
 
@@ -637,12 +646,9 @@ impl<T: PacketIo> Driver<T> {
                     let short = !io.heavy && io.log.since.elapsed() < SHORT_FLOW;
                     note_shape(&mut self.shapes, dst, short);
                 }
-                if !reason.is_normal() {
-                    // A reset: what was not written yet is moot.
-                    io.outbox.clear();
-                    if let Some(w) = io.writing.take() {
-                        w.abort();
-                    }
+                if !reason.flushes() {
+                    // A reset: what was not written yet is discarded.
+                    discard(io);
                 }
                 io.outbox.push_back(WriteCmd::Close);
                 let log = std::mem::replace(&mut io.log, FlowLog::new());
@@ -715,7 +721,7 @@ impl<T: PacketIo> Driver<T> {
         }
         let Some(cmd) = io.outbox.pop_front() else {
             if io.closing {
-                self.io.remove(&id);
+                self.release(id);
             }
             return;
         };
@@ -749,6 +755,12 @@ impl<T: PacketIo> Driver<T> {
         self.writes.push(fut);
     }
 
+    /// Lets go of the channel of a flow that ended.
+    fn release(&mut self, id: FlowId) {
+        self.io.remove(&id);
+        self.engine.handle_close_done(id);
+    }
+
     fn write_done(&mut self, done: Written) {
         let Some(io) = self.io.get_mut(&done.id) else {
             return;
@@ -763,12 +775,12 @@ impl<T: PacketIo> Driver<T> {
             }
             None if io.closing => {
                 // The close went out (or the channel was already gone).
-                io.outbox.clear();
-                self.io.remove(&done.id);
+                self.release(done.id);
             }
             None => {
                 // The channel is gone under a write: the flow cannot go on.
-                self.engine.abort(done.id, CloseReason::RemoteReset);
+                let now = self.now();
+                self.engine.abort(now, done.id, CloseReason::RemoteReset);
             }
         }
     }
@@ -957,6 +969,14 @@ impl<T: PacketIo> Driver<T> {
         // Accepting only queues a message for the session loop (it never waits).
         let _ = waiting.call.reply.accept().now_or_never();
         self.start_io(id, link, waiting.call.channel);
+    }
+}
+
+/// Drops what a flow's channel was still to write, the write in progress included.
+fn discard(io: &mut FlowIo) {
+    io.outbox.clear();
+    if let Some(w) = io.writing.take() {
+        w.abort();
     }
 }
 

@@ -65,6 +65,7 @@ impl Board {
                 connections: 0,
                 connections_up: 0,
                 flows_active: 0,
+                flows_closing: 0,
                 flows_opened: 0,
                 flows_refused: 0,
                 flows_over_limit: 0,
@@ -192,6 +193,7 @@ impl Board {
         if let Some(rx) = sources.stats.as_ref() {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
+            st.flows_closing = e.flows_closing;
             st.inbound_active = e.inbound_active;
             add(&mut st, &e);
         }

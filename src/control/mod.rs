@@ -243,6 +243,7 @@ mod tests {
             "connections",
             "connections_up",
             "flows_active",
+            "flows_closing",
             "flows_opened",
             "flows_refused",
             "flows_over_limit",

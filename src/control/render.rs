@@ -14,7 +14,7 @@ pub fn render(st: &Status) -> String {
     };
     let up = st.uptime_secs;
     out.push_str(&format!(
-        "state       {state} ({}/{} connections up)\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
+        "state       {state} ({}/{} connections up)\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} closing, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
         st.connections_up,
         st.connections,
         st.jump,
@@ -25,6 +25,7 @@ pub fn render(st: &Status) -> String {
         up % 60,
         st.routes.join(", "),
         st.flows_active,
+        st.flows_closing,
         st.flows_opened,
         st.flows_refused,
         st.flows_over_limit,

@@ -190,6 +190,10 @@ pub struct Status {
     pub connections_up: u32,
     /// Flows open right now.
     pub flows_active: u64,
+    /// Flows that ended whose SSH channel is still writing what it held (at most
+    /// `close_linger`); they count against the flow limits.
+    #[serde(default)]
+    pub flows_closing: u64,
     /// Flows admitted since start.
     pub flows_opened: u64,
     /// Flows refused (the jump host could not connect) since start.

@@ -183,7 +183,10 @@ fn ssh_side(rng: &mut Rng, engine: &mut Engine, now: Instant, open: &mut Vec<Flo
             Event::Open { id, .. } => open.push(id),
             Event::Data { id, data } => engine.handle_sent(id, data.len()),
             Event::Close { id, .. } => open.retain(|i| *i != id),
-            Event::Connected { .. } | Event::Eof { .. } | Event::Refused { .. } => {}
+            Event::Connected { .. }
+            | Event::Eof { .. }
+            | Event::Refused { .. }
+            | Event::CloseNow { .. } => {}
         }
     }
     if open.is_empty() || rng.below(4) != 0 {
@@ -196,7 +199,7 @@ fn ssh_side(rng: &mut Rng, engine: &mut Engine, now: Instant, open: &mut Vec<Flo
         4 => engine.handle_channel_data(now, id, Bytes::from_static(b"reply")),
         5 => engine.handle_channel_eof(now, id),
         6 => engine.handle_channel_closed(now, id),
-        _ => engine.abort(id, CloseReason::RemoteReset),
+        _ => engine.abort(now, id, CloseReason::RemoteReset),
     }
 }
 

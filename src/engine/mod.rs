@@ -25,6 +25,7 @@
 //! destination is created and fed its held SYN in the same call, so concurrent flows to the
 //! same destination can never steal each other's SYN.
 
+mod closing;
 mod device;
 pub mod flow;
 pub mod packet;
@@ -46,6 +47,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
+pub use closing::CLOSE_GRACE;
 pub use device::{QueueDevice, RxPacket, TunFormat, VNET_HDR_LEN, rx_buffer_len};
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
 pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
@@ -101,7 +103,14 @@ pub struct EngineConfig {
     pub open_timeout: Duration,
     /// How packets look on the TUN (a header in front, checksum offload).
     pub tun: TunFormat,
+    /// How long a flow that ended normally (FIN both ways) may take to write what it still
+    /// holds for its channel: then the rest is discarded and the channel closed
+    /// ([`Event::CloseNow`]). Until then it is closing: counted against the limits.
+    pub close_linger: Duration,
 }
+
+/// Default of [`EngineConfig::close_linger`]: Linux's `tcp_fin_timeout`.
+pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -114,6 +123,7 @@ impl Default for EngineConfig {
             max_inflight_msgs: 128,
             open_timeout: Duration::from_secs(10),
             tun: TunFormat::default(),
+            close_linger: DEFAULT_CLOSE_LINGER,
         }
     }
 }
@@ -154,7 +164,9 @@ pub enum Event {
         /// Why ([`CloseReason::FlowLimit`]).
         reason: CloseReason,
     },
-    /// The flow is over: close its channel after any earlier data and forget the id.
+    /// The flow is over: close its channel, after the data already handed over if
+    /// [`CloseReason::flushes`] (a normal end), at once discarding it otherwise (a reset).
+    /// A flow whose channel was open stays *closing* until [`Engine::handle_close_done`].
     Close {
         /// The flow.
         id: FlowId,
@@ -162,6 +174,12 @@ pub enum Event {
         key: FlowKey,
         /// Why it ended.
         reason: CloseReason,
+    },
+    /// A closing flow's channel did not finish writing what it held within
+    /// [`EngineConfig::close_linger`]: discard the rest and close the channel now.
+    CloseNow {
+        /// The flow.
+        id: FlowId,
     },
 }
 
@@ -184,6 +202,11 @@ pub enum InboundError {
 pub struct EngineStats {
     /// Flows live right now (opening or open), inbound ones included.
     pub flows_active: u64,
+    /// Flows that ended whose channel is not closed yet (it is writing what it held, within
+    /// [`EngineConfig::close_linger`]); they count against the flow limits.
+    pub flows_closing: u64,
+    /// Closing flows whose flush ran out of time ([`Event::CloseNow`]).
+    pub close_flushes_cut: u64,
     /// Inbound flows (cloud callers) live right now.
     pub inbound_active: u64,
     /// Flows admitted (SYN held, channel requested).
@@ -304,6 +327,9 @@ struct Flow {
     seq: Option<SeqState>,
     /// Bytes that went through the socket's buffers, both ways (see [`sockets`]).
     moved: u64,
+    /// The driver has a channel for it (from [`Engine::handle_open_ok`], or
+    /// [`Event::Connected`] for an inbound flow): its end makes it closing.
+    channel: bool,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -318,6 +344,9 @@ struct SeqState {
     window: u16,
     /// When the last challenge ACK went out.
     challenged_at: Option<Instant>,
+    /// A challenge was held back by the rate limit: it goes out once the interval is over
+    /// (the sweep sends it), so the last RST of a burst is always answered.
+    challenge_due: bool,
 }
 
 impl Flow {
@@ -333,6 +362,7 @@ impl Flow {
             dirty: false,
             seq: None,
             moved: 0,
+            channel: false,
         }
     }
 
@@ -440,6 +470,8 @@ pub struct Engine {
     rng: StdRng,
     /// Closed sockets for the next flows.
     sockets: sockets::SocketPool,
+    /// Flows that ended whose channel is not closed yet.
+    closing: closing::ClosingFlows,
 }
 
 impl Engine {
@@ -461,6 +493,7 @@ impl Engine {
             stats: EngineStats::default(),
             room: Vec::new(),
             rng,
+            closing: closing::ClosingFlows::default(),
         }
     }
 
@@ -469,6 +502,7 @@ impl Engine {
         EngineStats {
             flows_active: self.flows.len() as u64,
             inbound_active: self.flows.inbound_len() as u64,
+            flows_closing: self.closing.len() as u64,
             ..self.stats
         }
     }
@@ -547,13 +581,7 @@ impl Engine {
                     }
                 } else if flags.rst {
                     // The app gave up before the channel opened.
-                    let key = flow.key;
-                    self.flows.remove(id, &key);
-                    self.events.push_back(Event::Close {
-                        id,
-                        key,
-                        reason: CloseReason::AppReset,
-                    });
+                    self.end(now, id, CloseReason::AppReset);
                 }
             }
             Phase::Connecting { .. } | Phase::Open { .. } | Phase::Ending { .. } => {
@@ -565,9 +593,10 @@ impl Engine {
 
     /// Screens an RST or a SYN for a live flow against its sequence space (RFC 5961): true
     /// to go on with it. An RST is taken only with exactly the next expected sequence number;
-    /// one elsewhere in the window, and a SYN on a synchronized connection, get a challenge
-    /// ACK instead (the real peer answers it with an exact RST, an off-path attacker never
-    /// sees it); an RST outside the window is dropped.
+    /// any other, and a SYN on a synchronized connection, get a challenge ACK instead (the
+    /// real peer answers it with an exact RST, an off-path attacker never sees it), rate
+    /// limited, the last one of a burst deferred rather than dropped (see
+    /// [`Engine::challenge`]).
     fn screen(&mut self, now: Instant, id: FlowId, flags: TcpFlags, seq: TcpSeqNumber) -> bool {
         let Some(flow) = self.flows.get(id) else {
             return false;
@@ -591,50 +620,71 @@ impl Engine {
         if !self.shards[i].device.rx.is_empty() {
             self.poll_shard(i, now);
         }
-        let Some(flow) = self.flows.get_mut(id) else {
+        let Some(flow) = self.flows.get(id) else {
             return false;
         };
-        let socket = self.shards[i].sockets.get::<tcp::Socket>(handle);
-        let state = socket.state();
-        let window = socket
-            .recv_capacity()
-            .saturating_sub(socket.recv_queue())
-            .max(1);
-        let Some((track, rcv_nxt)) = flow.seq.as_mut().and_then(|t| t.rcv_nxt.map(|r| (t, r)))
-        else {
+        let state = self.shards[i].sockets.get::<tcp::Socket>(handle).state();
+        let Some(rcv_nxt) = flow.seq.as_ref().and_then(|t| t.rcv_nxt) else {
             return true; // nothing acknowledged yet (an inbound flow's SYN): smoltcp decides
         };
         let synchronized = !matches!(
             state,
             tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
         );
-        let challenge = if flags.rst {
-            if state == tcp::State::SynSent || seq == rcv_nxt {
-                return true;
-            }
-            // Sequence numbers wrap: the signed distance says before or after.
-            let offset = seq.0.wrapping_sub(rcv_nxt.0);
-            if offset < 0 || offset as usize >= window {
-                self.stats.rst_syn_screened += 1;
-                return false; // outside the window: dropped silently
-            }
-            true
-        } else {
-            synchronized
-        };
-        if !challenge {
+        if flags.rst && (state == tcp::State::SynSent || seq == rcv_nxt) {
             return true;
         }
+        if !flags.rst && !synchronized {
+            return true;
+        }
+        // Any other RST, and a SYN on a synchronized connection, is answered with a challenge
+        // ACK. An RST outside the window too (RFC 5961 drops those silently): an app whose
+        // last bytes the engine did not take (its window was full) resets at a sequence
+        // number past the window, and the challenge is how its kernel gets to send the exact
+        // RST that ends the flow.
         self.stats.rst_syn_screened += 1;
+        self.challenge(now, id);
+        false
+    }
+
+    /// Sends the flow a challenge ACK (RFC 5961) carrying the exact next sequence numbers, at
+    /// most one per [`CHALLENGE_ACK_INTERVAL`]; one held back by that limit goes out when the
+    /// interval is over ([`Engine::poll`]'s sweep).
+    fn challenge(&mut self, now: Instant, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        let key = flow.key;
+        let Some(track) = flow.seq.as_mut() else {
+            return;
+        };
+        let Some(rcv_nxt) = track.rcv_nxt else {
+            return;
+        };
         if track
             .challenged_at
-            .is_none_or(|t| now >= t + CHALLENGE_ACK_INTERVAL)
-            && let Some(ack) = packet::ack_segment(&flow.key, track.snd_nxt, rcv_nxt, track.window)
+            .is_some_and(|t| now < t + CHALLENGE_ACK_INTERVAL)
         {
+            track.challenge_due = true;
+            return;
+        }
+        track.challenge_due = false;
+        if let Some(ack) = packet::ack_segment(&key, track.snd_nxt, rcv_nxt, track.window) {
             track.challenged_at = Some(now);
             self.tx.push_back(device::with_header(self.config.tun, ack));
         }
-        false
+    }
+
+    /// Sends the challenge ACKs the rate limit held back, once their interval is over.
+    fn send_due_challenges(&mut self, now: Instant, id: FlowId) {
+        let due = self
+            .flows
+            .get(id)
+            .and_then(|f| f.seq.as_ref())
+            .is_some_and(|t| t.challenge_due);
+        if due {
+            self.challenge(now, id);
+        }
     }
 
     /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
@@ -658,6 +708,7 @@ impl Engine {
                 rcv_nxt: None,
                 window: e.window,
                 challenged_at: None,
+                challenge_due: false,
             });
             track.snd_nxt = track.snd_nxt.max(e.seq_end);
             if let Some(ack) = e.ack {
@@ -674,7 +725,8 @@ impl Engine {
             self.stats.packets_dropped += 1;
             return;
         };
-        if self.flows.len() - self.flows.inbound_len() >= self.config.max_flows {
+        let outbound = self.flows.len() - self.flows.inbound_len() + self.closing.outbound();
+        if outbound >= self.config.max_flows {
             self.stats.flows_over_limit += 1;
             self.events.push_back(Event::Refused {
                 key,
@@ -709,6 +761,8 @@ impl Engine {
             return;
         };
         let syn = std::mem::take(syn);
+        // The driver holds the channel from here on, whatever happens next.
+        flow.channel = true;
         let mut socket = self.sockets.take();
         let endpoint = IpListenEndpoint {
             addr: Some(flow.key.dst.ip().into()),
@@ -716,7 +770,7 @@ impl Engine {
         };
         if socket.listen(endpoint).is_err() {
             // Port 0 cannot be listened on: refuse like a closed port.
-            self.refuse(id, syn, CloseReason::OpenRefused);
+            self.refuse(now, id, syn, CloseReason::OpenRefused);
             return;
         }
         let handle = shard.sockets.add(socket);
@@ -728,21 +782,15 @@ impl Engine {
         shard.reseed(now, seed);
         shard.inject(syn);
         self.poll_shard(i, now);
-        let shard = &mut self.shards[i];
-        let Some(flow) = self.flows.get_mut(id) else {
+        if self.flows.get(id).is_none() {
             return;
-        };
+        }
+        let shard = &mut self.shards[i];
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
             self.sockets.give(shard.sockets.remove(handle), 0);
-            let key = flow.key;
-            self.flows.remove(id, &key);
-            self.events.push_back(Event::Close {
-                id,
-                key,
-                reason: CloseReason::OpenRefused,
-            });
+            self.end(now, id, CloseReason::OpenRefused);
         }
     }
 
@@ -761,7 +809,7 @@ impl Engine {
         if caller.is_ipv4() != local.is_ipv4() || caller.port() == 0 || local.port() == 0 {
             return Err(InboundError::Unroutable);
         }
-        if self.flows.inbound_len() >= self.config.max_inbound {
+        if self.flows.inbound_len() + self.closing.inbound() >= self.config.max_inbound {
             self.stats.flows_over_limit += 1;
             return Err(InboundError::FlowLimit);
         }
@@ -806,28 +854,59 @@ impl Engine {
     }
 
     /// The channel for `id` could not be opened: the app gets a TCP reset for its SYN.
-    pub fn handle_open_failed(&mut self, _now: Instant, id: FlowId, reason: CloseReason) {
+    pub fn handle_open_failed(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         if let Phase::Opening { syn, .. } = &mut flow.phase {
             let syn = std::mem::take(syn);
-            self.refuse(id, syn, reason);
+            self.refuse(now, id, syn, reason);
         }
     }
 
-    fn refuse(&mut self, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
-        let Some(key) = self.flows.get(id).map(|f| f.key) else {
+    fn refuse(&mut self, now: Instant, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
+        if self.flows.get(id).is_none() {
             return;
-        };
-        self.flows.remove(id, &key);
+        }
         match reason {
             CloseReason::OpenLimit => self.stats.flows_over_limit += 1,
             _ => self.stats.flows_refused += 1,
         }
         // With no socket listening, smoltcp answers the held SYN with RST.
         self.shards[shard_of(id)].inject(syn);
+        self.end(now, id, reason);
+    }
+
+    /// Forgets a flow (its socket, if any, is already gone) and tells the driver to close its
+    /// channel; a flow that had one is closing until [`Engine::handle_close_done`].
+    fn end(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
+        let inbound = self.flows.is_inbound(id);
+        let Some(flow) = self.flows.get(id) else {
+            return;
+        };
+        let (key, channel) = (flow.key, flow.channel);
+        self.flows.remove(id, &key);
+        if channel {
+            self.closing
+                .insert(id, inbound, reason.flushes(), now, self.config.close_linger);
+        }
         self.events.push_back(Event::Close { id, key, reason });
+    }
+
+    /// The channel of a flow that ended is closed (its close went out, or it was already
+    /// gone): the flow no longer counts as closing. Call it once the driver let go of the
+    /// channel of any flow that ended (unknown ids are ignored).
+    pub fn handle_close_done(&mut self, id: FlowId) {
+        self.closing.done(id);
+    }
+
+    /// Cuts short the flushes of closing flows that ran out of time.
+    fn expire_closing(&mut self, now: Instant) {
+        let expired = self.closing.expire(now);
+        self.stats.close_flushes_cut += expired.cut.len() as u64;
+        for id in expired.cut {
+            self.events.push_back(Event::CloseNow { id });
+        }
     }
 
     /// Bytes that arrived on the flow's channel. Read a flow's channel only while
@@ -877,7 +956,7 @@ impl Engine {
     }
 
     /// The channel was closed by the jump host. Without a prior EOF this is a reset.
-    pub fn handle_channel_closed(&mut self, _now: Instant, id: FlowId) {
+    pub fn handle_channel_closed(&mut self, now: Instant, id: FlowId) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -890,7 +969,7 @@ impl Engine {
                 }
                 mark_dirty(&mut self.dirty, id, flow);
             }
-            _ => self.abort(id, CloseReason::RemoteReset),
+            _ => self.abort(now, id, CloseReason::RemoteReset),
         }
     }
 
@@ -913,22 +992,22 @@ impl Engine {
                 _ => None,
             };
             match opening {
-                Some(syn) => self.refuse(id, syn, reason),
-                None => self.abort(id, reason),
+                Some(syn) => self.refuse(now, id, syn, reason),
+                None => self.abort(now, id, reason),
             }
         }
         self.poll(now);
     }
 
     /// Resets one flow towards the app; its `Close` event follows once the RST is out.
-    pub fn abort(&mut self, id: FlowId, reason: CloseReason) {
+    pub fn abort(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         match &mut flow.phase {
             Phase::Opening { syn, .. } => {
                 let syn = std::mem::take(syn);
-                self.refuse(id, syn, reason);
+                self.refuse(now, id, syn, reason);
             }
             Phase::Connecting { handle } | Phase::Open { handle, .. } => {
                 let handle = *handle;
@@ -954,7 +1033,9 @@ impl Engine {
                     mark_dirty(&mut self.dirty, id, flow);
                 }
                 self.expire_handshake(now, id);
+                self.send_due_challenges(now, id);
             }
+            self.expire_closing(now);
         }
         for _ in 0..8 {
             for i in 0..SHARDS {
@@ -963,7 +1044,7 @@ impl Engine {
                     self.poll_shard(i, now);
                 }
             }
-            if !self.service_dirty() {
+            if !self.service_dirty(now) {
                 break;
             }
         }
@@ -979,7 +1060,7 @@ impl Engine {
         if let Phase::Opening { syn, deadline } = &mut flow.phase {
             if now >= *deadline {
                 let syn = std::mem::take(syn);
-                self.refuse(id, syn, CloseReason::OpenTimedOut);
+                self.refuse(now, id, syn, CloseReason::OpenTimedOut);
             }
             return;
         }
@@ -998,7 +1079,7 @@ impl Engine {
         }
         if now >= at + SYN_RECEIVED_TIMEOUT {
             self.stats.syn_received_timeouts += 1;
-            self.abort(id, CloseReason::TimedOut);
+            self.abort(now, id, CloseReason::TimedOut);
         }
     }
 
@@ -1026,7 +1107,7 @@ impl Engine {
             .filter_map(|s| s.poll_at)
             .chain(active)
             .min();
-        let sweep = (!self.flows.is_empty()).then_some(self.next_sweep);
+        let sweep = (!self.flows.is_empty() || self.closing.len() > 0).then_some(self.next_sweep);
         match (stack, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1034,11 +1115,11 @@ impl Engine {
     }
 
     /// Services every dirty flow; true if a socket changed so that smoltcp should run again.
-    fn service_dirty(&mut self) -> bool {
+    fn service_dirty(&mut self, now: Instant) -> bool {
         let mut again = false;
         let mut dirty = std::mem::take(&mut self.dirty);
         for id in dirty.drain(..) {
-            again |= self.service(id);
+            again |= self.service(now, id);
         }
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
@@ -1046,7 +1127,7 @@ impl Engine {
         again
     }
 
-    fn service(&mut self, id: FlowId) -> bool {
+    fn service(&mut self, now: Instant, id: FlowId) -> bool {
         let Some(flow) = self.flows.get_mut(id) else {
             return false;
         };
@@ -1065,19 +1146,14 @@ impl Engine {
                     // The local app refused the caller (closed port) or never answered.
                     self.stats.inbound_refused += 1;
                     self.sockets.give(shard.sockets.remove(handle), 0);
-                    let key = flow.key;
-                    self.flows.remove(id, &key);
-                    self.events.push_back(Event::Close {
-                        id,
-                        key,
-                        reason: CloseReason::LocalRefused,
-                    });
+                    self.end(now, id, CloseReason::LocalRefused);
                     return false;
                 }
                 _ => {
                     // The local app answered: the caller's channel may be accepted now, before
                     // any data event of this flow.
                     socket.set_timeout(None);
+                    flow.channel = true;
                     flow.phase = Phase::Open {
                         handle,
                         relay: Relay::new(None),
@@ -1176,9 +1252,7 @@ impl Engine {
         }
         if let Some(reason) = reason {
             self.sockets.give(shard.sockets.remove(handle), flow.moved);
-            let key = flow.key;
-            self.flows.remove(id, &key);
-            self.events.push_back(Event::Close { id, key, reason });
+            self.end(now, id, reason);
         }
         progressed
     }

@@ -836,3 +836,100 @@ fn the_syn_ack_carries_timestamps_when_the_app_offers_them() {
     assert_eq!(ts.tsecr, 1000, "echoes the app's TSval");
     assert!(syn_ack(false).timestamp.is_none(), "none unless offered");
 }
+
+/// Opens a flow from `port` and completes its handshake; returns the app's socket and the id.
+fn open_flow(p: &mut Pair, port: u16) -> (SocketHandle, FlowId) {
+    let h = p.connect(port, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+    (h, id)
+}
+
+#[test]
+fn a_reset_flow_is_closing_until_its_channel_close_is_done_and_counts_against_the_limit() {
+    let mut p = Pair::new(EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    });
+    let (a, id) = open_flow(&mut p, APP_PORT);
+    // The app uploads, the SSH side does not take it yet, then the app resets.
+    p.app(a).send_slice(&[7; 10_000]).unwrap();
+    p.step();
+    p.app(a).abort();
+    p.step();
+    let events = p.take_events();
+    assert!(
+        events.contains(&Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::AppReset
+        }),
+        "{events:?}"
+    );
+    assert!(!CloseReason::AppReset.flushes(), "a reset discards");
+    let st = p.engine.stats();
+    assert_eq!((st.flows_active, st.flows_closing), (0, 1));
+
+    // Its channel still counts: a new connection is over the limit until the close is done.
+    let b = p.connect(APP_PORT + 1, DST);
+    assert_eq!(p.app(b).state(), tcp::State::Closed, "over the limit");
+    assert!(matches!(
+        p.take_events().as_slice(),
+        [Event::Refused {
+            reason: CloseReason::FlowLimit,
+            ..
+        }]
+    ));
+    p.engine.handle_close_done(id);
+    assert_eq!(p.engine.stats().flows_closing, 0);
+    let c = p.connect(APP_PORT + 2, DST);
+    assert_ne!(p.app(c).state(), tcp::State::Closed, "admitted again");
+    assert!(matches!(p.take_events().as_slice(), [Event::Open { .. }]));
+}
+
+#[test]
+fn a_finished_flow_flushes_until_the_linger_deadline_then_is_closed_now() {
+    const LINGER: Duration = Duration::from_secs(5);
+    let mut p = Pair::new(EngineConfig {
+        close_linger: LINGER,
+        ..EngineConfig::default()
+    });
+    let (h, id) = open_flow(&mut p, APP_PORT);
+    // FIN both ways, with the app's last bytes still being written to the channel (never
+    // acknowledged with handle_sent: a server that stopped reading).
+    p.app(h).send_slice(b"last words").unwrap();
+    p.app(h).close();
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    p.advance(Duration::from_millis(10));
+    let events = p.take_events();
+    assert!(
+        events.contains(&Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::Finished
+        }),
+        "{events:?}"
+    );
+    assert!(CloseReason::Finished.flushes());
+    assert_eq!(p.engine.stats().flows_closing, 1);
+    for _ in 0..4 {
+        p.advance(Duration::from_secs(1));
+    }
+    assert_eq!(p.take_events(), vec![], "still flushing within the linger");
+    p.advance(Duration::from_millis(1500));
+    assert_eq!(p.take_events(), vec![Event::CloseNow { id }]);
+    assert_eq!(p.engine.stats().close_flushes_cut, 1);
+    // The driver closes the channel: nothing is left.
+    p.engine.handle_close_done(id);
+    assert_eq!(p.engine.stats().flows_closing, 0);
+    // A close never reported is forgotten after the grace, so none can leak.
+    let (h2, id2) = open_flow(&mut p, APP_PORT + 1);
+    p.app(h2).abort();
+    p.step();
+    assert_eq!(p.engine.stats().flows_closing, 1);
+    p.advance(CLOSE_GRACE + Duration::from_secs(1));
+    assert_eq!(p.engine.stats().flows_closing, 0, "{id2} forgotten");
+}

@@ -847,3 +847,154 @@ fn refused_connections_leave_nothing_behind() {
     assert!(flows_idle(&tb), "flows left: {:#}", status(&tb));
     assert!(vpn.interrupt().success());
 }
+
+// ----- 5. Reset flows whose server does not read -----
+
+/// The VPC port of the server that never reads.
+const SINK_PORT: u16 = 9100;
+
+/// `sink.py PORT`: on 10.0.0.10:PORT, accepts every connection and never reads from it;
+/// prints `listening`, then `accepted N` after each accept.
+const SINK: &str = r#"
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("10.0.0.10", int(sys.argv[1])))
+srv.listen(1024)
+print("listening", flush=True)
+held = []
+while True:
+    c, _ = srv.accept()
+    held.append(c)
+    print("accepted", len(held), flush=True)
+"#;
+
+/// `resets.py N SIZE`: N connections to 10.0.0.10:9100; each sends up to SIZE bytes (without
+/// blocking, for as long as any of them makes progress), then all are reset (SO_LINGER 0);
+/// prints `reset BYTES` (bytes the apps' kernels took, in all).
+const RESETS: &str = r#"
+import socket, struct, sys, time
+n, size = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.create_connection(("10.0.0.10", 9100), timeout=10) for _ in range(n)]
+for s in socks:
+    s.setblocking(False)
+chunk = b"x" * 65536
+sent = [0] * n
+idle = 0
+while idle < 5 and min(sent) < size:
+    moved = False
+    for i, s in enumerate(socks):
+        while sent[i] < size:
+            try:
+                k = s.send(chunk[: size - sent[i]])
+            except BlockingIOError:
+                break
+            sent[i] += k
+            moved = True
+    idle = 0 if moved else idle + 1
+    time.sleep(0.1)
+for s in socks:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+print("reset", sum(sent), flush=True)
+"#;
+
+/// Apps in the reset test, and what each sends at most before its reset. The issue sent 2 MiB
+/// each, about what the jump host absorbs per flow (sshd's 2 MiB channel window plus its and
+/// the server's socket buffers), and saw 2 and 7 of 100 flows stuck; 8 MiB leaves bytes in
+/// mse-vpn for every flow when its reset comes.
+const RESET_APPS: usize = 100;
+const RESET_SIZE: usize = 8 << 20;
+/// How soon after the resets every channel must be closed at the jump host.
+const RESET_CLOSED_WITHIN: Duration = Duration::from_secs(10);
+
+/// Lines of the jump host's sshd log (LogLevel DEBUG2) containing `what`.
+fn sshd_lines(tb: &Testbed, what: &str) -> usize {
+    tb.sshd_log().lines().filter(|l| l.contains(what)).count()
+}
+
+/// A VPC server accepts and never reads; 100 apps each send up to 8 MiB, then reset their
+/// connection (SO_LINGER 0). An app's reset aborts its flow: what mse-vpn still held of its
+/// bytes is discarded and the channel is closed at once, so sshd receives a close for every
+/// channel within seconds, and `status` shows no flow, active or closing. (Before, a reset
+/// flow was closed only after its queued bytes were written, which a server that does not
+/// read never allows: a few of the 100 channels stayed open for good while `status` said
+/// 0 active.)
+///
+/// The jump host's own connections to the server are not asserted: sshd, once it has a
+/// channel's close, still writes out what it buffered for the server before it lets the
+/// connection go (OpenSSH's CHAN_OUTPUT_WAIT_DRAIN, the same with `ssh -L`).
+#[test]
+fn reset_flows_to_a_server_that_does_not_read_close_their_channels_at_once() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("hos5", &["--with", "none"]);
+    tb.edit_sshd_config("LogLevel INFO", "LogLevel DEBUG2");
+    let vpc = format!("{}-vpc", tb.name);
+    let port = SINK_PORT.to_string();
+    let (mut server, events) = python(&tb, &vpc, "sink.py", SINK, &[&port]);
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("listening")
+    );
+    let vpn = tb.start(&["10.0.0.0/16"], &[]);
+    let target = format!("target 10.0.0.10 port {SINK_PORT}");
+    let closes_before = sshd_lines(&tb, ": rcvd close");
+
+    let path = script(&tb, "resets.py", RESETS);
+    let out = tb.on_laptop(
+        120,
+        &[
+            "python3",
+            &path,
+            &RESET_APPS.to_string(),
+            &RESET_SIZE.to_string(),
+        ],
+    );
+    assert!(out.status.success(), "resets.py: {}", stderr(&out));
+    let reset_at = Instant::now();
+    let said = stdout(&out);
+    let opened = sshd_lines(&tb, &target);
+    assert_eq!(opened, RESET_APPS, "channels opened to the sink: {said}");
+
+    // Every channel gets its close at once, and no flow is left, active or closing.
+    let closed = loop {
+        let closed = sshd_lines(&tb, ": rcvd close") - closes_before;
+        let st = status(&tb);
+        let idle = st["flows_active"] == 0 && st["flows_closing"].as_u64().unwrap_or(0) == 0;
+        if closed >= RESET_APPS && idle {
+            break reset_at.elapsed();
+        }
+        if reset_at.elapsed() > RESET_CLOSED_WITHIN {
+            let at_jump = tb
+                .cmd_in(
+                    &jump(&tb),
+                    &[
+                        "ss",
+                        "-Htn",
+                        "state",
+                        "established",
+                        &format!("dport = :{SINK_PORT}"),
+                    ],
+                )
+                .output()
+                .unwrap();
+            panic!(
+                "{RESET_CLOSED_WITHIN:?} after the resets ({}), sshd got a close for {closed} \
+                 of {RESET_APPS} channels; status {st:#}; the jump host still holds {} \
+                 connections to the server",
+                said.trim(),
+                stdout(&at_jump).lines().count()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "{RESET_APPS} reset flows ({}): every channel closed at the jump host within {closed:.1?}",
+        said.trim()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(vpn.interrupt().success());
+}
