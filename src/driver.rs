@@ -49,7 +49,7 @@ use crate::pool::{INBOUND_QUEUE, InboundCall, InboundCalls, LinkId, Placement, P
 use crate::repeats::Repeats;
 use crate::reverse::{self, Forwards, Waiting};
 use crate::ssh::OpenError;
-use crate::tun::Tun;
+use crate::tun::{Fault, Tun};
 
 /// Packets read from the TUN per wake-up before the engine runs.
 const TUN_BATCH: usize = 64;
@@ -70,6 +70,9 @@ const HEAVY_BYTES: u64 = 1 << 20;
 const SHORT_FLOW: Duration = Duration::from_secs(1);
 /// Destinations whose flows' shape is remembered (see [`Driver::placement`]).
 const SHAPES_MAX: usize = 4096;
+/// After a TUN read failed for a passing reason, reading resumes after this pause (so a
+/// condition that lasts does not spin).
+const RECV_RETRY: Duration = Duration::from_millis(10);
 /// Freed memory goes back to the system at most this often (see [`Trim`]).
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
@@ -313,6 +316,11 @@ pub struct Driver<T: PacketIo = Tun> {
     /// of 1 for short, 0 for long or bulk, weighting the latest flow by a tenth).
     shapes: HashMap<SocketAddr, f32>,
     trim: Trim,
+    /// TUN reads and writes that failed for a passing reason, by operation and `errno`:
+    /// one warning per kind per window.
+    tun_faults: Repeats<(&'static str, Option<i32>)>,
+    /// Reading the TUN is paused until then after a passing failure.
+    recv_resume: Option<TokioInstant>,
 }
 
 impl<T: PacketIo> Driver<T> {
@@ -348,6 +356,8 @@ impl<T: PacketIo> Driver<T> {
                 pending: false,
                 not_before: epoch,
             },
+            tun_faults: Repeats::new(WARN_WINDOW, 8),
+            recv_resume: None,
         }
     }
 
@@ -386,12 +396,24 @@ impl<T: PacketIo> Driver<T> {
                 .poll_timeout(now)
                 .map(|t| self.deadline(t))
                 .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(3600));
-            for t in [self.failures.poll_timeout(), self.refusals.poll_timeout()]
-                .into_iter()
-                .flatten()
+            for t in [
+                self.failures.poll_timeout(),
+                self.refusals.poll_timeout(),
+                self.tun_faults.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 deadline = deadline.min(TokioInstant::from_std(t));
             }
+            if let Some(t) = self.recv_resume {
+                if TokioInstant::now() >= t {
+                    self.recv_resume = None;
+                } else {
+                    deadline = deadline.min(t);
+                }
+            }
+            let reading = self.recv_resume.is_none();
             self.trim.run(TokioInstant::now());
             if let Some(t) = self.trim.deadline() {
                 deadline = deadline.min(t);
@@ -399,10 +421,13 @@ impl<T: PacketIo> Driver<T> {
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
                 Ok(()) = links.changed() => self.reset_lost_flows(),
-                r = self.tun.recv(&mut buf) => {
+                r = self.tun.recv(&mut buf), if reading => {
                     let n = match r {
                         Ok(n) => n,
-                        Err(e) => break Err(e),
+                        Err(e) => match self.tun_failed("read", e) {
+                            Some(e) => break Err(e),
+                            None => continue,
+                        },
                     };
                     // Each packet is read into a pooled buffer the engine keeps: no copy.
                     let now = self.now();
@@ -419,7 +444,7 @@ impl<T: PacketIo> Driver<T> {
                                 );
                             }
                             Some(Err(e)) => {
-                                failed = Some(e);
+                                failed = self.tun_failed("read", e);
                                 break;
                             }
                             None => break,
@@ -521,8 +546,15 @@ impl<T: PacketIo> Driver<T> {
                 }
             }
             while let Some(packet) = self.engine.poll_transmit() {
-                self.tun.send(&packet).await?;
-                self.engine.recycle(packet);
+                match self.tun.send(&packet).await {
+                    Ok(_) => self.engine.recycle(packet),
+                    Err(e) => {
+                        if let Some(e) = self.tun_failed("write", e) {
+                            return Err(e);
+                        }
+                        self.engine.handle_transmit_dropped(packet);
+                    }
+                }
             }
             if read == 0 && events == 0 && resumed == 0 {
                 break;
@@ -685,9 +717,35 @@ impl<T: PacketIo> Driver<T> {
         );
     }
 
+    /// A TUN read or write failed: the error if the device is gone (the session ends);
+    /// otherwise it is counted and warned about (once per kind per window), a failed write's
+    /// packet is dropped, and reading pauses for [`RECV_RETRY`].
+    fn tun_failed(&mut self, op: &'static str, e: std::io::Error) -> Option<std::io::Error> {
+        if Fault::of(&e) == Fault::Gone {
+            return Some(e);
+        }
+        if op == "read" {
+            self.engine.handle_receive_failed();
+            self.recv_resume = Some(TokioInstant::now() + RECV_RETRY);
+        }
+        if self
+            .tun_faults
+            .hit(std::time::Instant::now(), (op, e.raw_os_error()))
+        {
+            warn!("TUN {op} failed ({e}); the packet is dropped, the session goes on");
+        }
+        None
+    }
+
     /// Logs the summaries of repeated warnings whose window ended.
     fn log_summaries(&mut self) {
         let now = std::time::Instant::now();
+        for s in self.tun_faults.poll(now) {
+            match &s.kind {
+                Some((op, _)) => warn!("TUN {op} failures: {}", s.tail()),
+                None => warn!("TUN failures: {}", s.tail()),
+            }
+        }
         for s in self.failures.poll(now) {
             match &s.kind {
                 Some((dst, reason)) => warn!("flow to {dst} failed: {reason}: {}", s.tail()),

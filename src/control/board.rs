@@ -66,6 +66,8 @@ impl Board {
                 connections_up: 0,
                 flows_active: 0,
                 flows_closing: 0,
+                tun_write_drops: 0,
+                tun_read_errors: 0,
                 flows_opened: 0,
                 flows_refused: 0,
                 flows_over_limit: 0,
@@ -218,6 +220,8 @@ fn add(st: &mut Status, e: &EngineStats) {
     st.bytes_down += e.bytes_down;
     st.inbound_opened += e.inbound_opened;
     st.inbound_refused += e.inbound_refused;
+    st.tun_write_drops += e.tun_write_drops;
+    st.tun_read_errors += e.tun_read_errors;
 }
 
 impl LinkObserver for Board {

@@ -255,6 +255,8 @@ mod tests {
             "inbound_active",
             "max_flows",
             "max_inbound",
+            "tun_write_drops",
+            "tun_read_errors",
             "forwards",
         ];
         documented.sort_unstable();

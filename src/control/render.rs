@@ -33,6 +33,12 @@ pub fn render(st: &Status) -> String {
         crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
+    if st.tun_write_drops + st.tun_read_errors > 0 {
+        out.push_str(&format!(
+            "tun errors  {} packets dropped on write, {} failed reads (passing; the session went on)\n",
+            st.tun_write_drops, st.tun_read_errors
+        ));
+    }
     if st.max_inbound > 0 {
         out.push_str(&format!(
             "limits      {} outbound flows; {} cloud callers ({} connected)\n",

@@ -222,6 +222,13 @@ pub struct Status {
     /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
     #[serde(default)]
     pub max_inbound: u64,
+    /// Packets for the TUN dropped because writing them failed for a passing reason
+    /// (`ENOBUFS`, the link down), and TUN reads that failed so; the session went on.
+    #[serde(default)]
+    pub tun_write_drops: u64,
+    /// See `tun_write_drops`.
+    #[serde(default)]
+    pub tun_read_errors: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,

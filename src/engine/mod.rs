@@ -232,6 +232,11 @@ pub struct EngineStats {
     pub rst_syn_screened: u64,
     /// Flows dropped because the app never acknowledged their SYN-ACK.
     pub syn_received_timeouts: u64,
+    /// Packets for the TUN dropped because writing them failed for a passing reason
+    /// (`ENOBUFS`, the link down): TCP retransmits them.
+    pub tun_write_drops: u64,
+    /// Reads from the TUN that failed for a passing reason.
+    pub tun_read_errors: u64,
 }
 
 /// Where a flow is in its life.
@@ -1096,6 +1101,19 @@ impl Engine {
     /// Gives a written packet's buffer back for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
         self.spare.recycle(buf);
+    }
+
+    /// A packet from [`Engine::poll_transmit`] could not be written to the TUN, for a
+    /// passing reason: it is dropped (TCP retransmits, as for a packet lost on a wire) and
+    /// counted; its buffer is reused.
+    pub fn handle_transmit_dropped(&mut self, buf: Vec<u8>) {
+        self.stats.tun_write_drops += 1;
+        self.spare.recycle(buf);
+    }
+
+    /// A read from the TUN failed for a passing reason (counted).
+    pub fn handle_receive_failed(&mut self) {
+        self.stats.tun_read_errors += 1;
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.

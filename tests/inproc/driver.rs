@@ -16,8 +16,8 @@ use mse_vpn::pool::Pool;
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
-    self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern, source_server,
-    watch_server,
+    self, APP_V4, App, Queues, VPC_V4, closed_port, count_server, echo_server, pattern,
+    source_server, watch_server,
 };
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
@@ -31,6 +31,8 @@ struct Rig {
     jump: Jump,
     pool: Arc<Pool>,
     app: App,
+    /// The driver's packet side, for fault injection.
+    queues: Arc<Queues>,
     forwards: Arc<Forwards>,
     stats: watch::Receiver<EngineStats>,
     stop: watch::Sender<bool>,
@@ -65,7 +67,7 @@ impl Rig {
         };
         let forwards = Forwards::new();
         tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));
-        let driver = Driver::new(config, queues, pool.clone())
+        let driver = Driver::new(config, queues.clone(), pool.clone())
             .with_inbound(pool.inbound_calls().expect("calls"), forwards.clone());
         let stats = driver.stats();
         let driver = tokio::spawn(driver.run(stop.subscribe()));
@@ -73,6 +75,7 @@ impl Rig {
             jump,
             pool,
             app,
+            queues,
             forwards,
             stats,
             stop,
@@ -401,4 +404,45 @@ async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
     assert!(eof, "the app's FIN reaches the caller as EOF");
     assert_eq!(rig.stats.borrow().inbound_opened, 1);
     rig.stop().await;
+}
+
+/// Writes to the TUN that fail for a passing reason (`ENOBUFS`: the kernel is out of buffers)
+/// drop their packets and are counted; TCP retransmits and the transfer completes. Before,
+/// the first such failure ended the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tun_writes_failing_with_enobufs_drop_packets_and_the_session_goes_on() {
+    const DROPS: u32 = 5;
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(100_000);
+    let got = rig.app.exchange(h, &data[..1000], 1000, LIMIT).await;
+    assert_eq!(got, data[..1000]);
+    rig.queues.fail_sends(DROPS, nix::libc::ENOBUFS);
+    let got = rig
+        .app
+        .exchange(h, &data[1000..], data.len() - 1000, LIMIT)
+        .await;
+    assert!(got == data[1000..], "every byte, after the drops");
+    assert_eq!(rig.queues.failing(), 0);
+    assert_eq!(rig.stats.borrow().tun_write_drops, u64::from(DROPS));
+    assert!(!rig.driver.is_finished(), "the session goes on");
+    rig.stop().await;
+}
+
+/// A write that fails because the device is gone (`EBADFD`) ends the session with that
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_tun_device_ends_the_session() {
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    rig.queues.fail_sends(u32::MAX, nix::libc::EBADFD);
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let _ = rig.app.exchange(h, b"x", 1, Duration::from_secs(2)).await;
+    let ended = tokio::time::timeout(LIMIT, rig.driver)
+        .await
+        .expect("the driver ends")
+        .expect("no panic");
+    let e = ended.expect_err("with the TUN's error");
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EBADFD));
 }
