@@ -79,22 +79,41 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// When to give freed memory back to the system: soon after flows close (what a burst of
 /// flows leaves behind is their buffered channel data, freed in the middle of the heap where
 /// the allocator does not return it by itself), at most every [`TRIM_EVERY`].
+///
+/// The release (`malloc_trim`) walks the whole heap: it runs on tokio's blocking pool, never
+/// on the driver's task, so no flow waits for it; one at a time.
 struct Trim {
     /// Flows closed since the last trim.
     pending: bool,
     not_before: TokioInstant,
+    /// What gives the memory back ([`mse_vpn_platform::sys::release_free_memory`]).
+    release: fn() -> bool,
+    /// The release in progress.
+    running: Option<tokio::task::JoinHandle<bool>>,
 }
 
 impl Trim {
+    fn new(now: TokioInstant) -> Trim {
+        Trim {
+            pending: false,
+            not_before: now,
+            release: mse_vpn_platform::sys::release_free_memory,
+            running: None,
+        }
+    }
+
     fn deadline(&self) -> Option<TokioInstant> {
         self.pending.then_some(self.not_before)
     }
 
     fn run(&mut self, now: TokioInstant) {
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return; // the next one waits for it (still pending)
+        }
         if self.pending && now >= self.not_before {
             self.pending = false;
             self.not_before = now + TRIM_EVERY;
-            mse_vpn_platform::sys::release_free_memory();
+            self.running = Some(tokio::task::spawn_blocking(self.release));
         }
     }
 }
@@ -352,10 +371,7 @@ impl<T: PacketIo> Driver<T> {
             refusals: Repeats::new(WARN_WINDOW, 8),
             answered: HashMap::new(),
             shapes: HashMap::new(),
-            trim: Trim {
-                pending: false,
-                not_before: epoch,
-            },
+            trim: Trim::new(epoch),
             tun_faults: Repeats::new(WARN_WINDOW, 8),
             recv_resume: None,
         }
@@ -365,6 +381,13 @@ impl<T: PacketIo> Driver<T> {
     /// `forwards` become TCP connections to the local app.
     pub fn with_inbound(mut self, calls: InboundCalls, forwards: Arc<Forwards>) -> Driver<T> {
         self.inbound = Some((calls, forwards));
+        self
+    }
+
+    /// Gives freed memory back with `release` instead of `malloc_trim` (for tests: a slow
+    /// release shows that no flow waits for it).
+    pub fn with_memory_release(mut self, release: fn() -> bool) -> Driver<T> {
+        self.trim.release = release;
         self
     }
 
