@@ -25,6 +25,7 @@
 //! destination is created and fed its held SYN in the same call, so concurrent flows to the
 //! same destination can never steal each other's SYN.
 
+mod bucket;
 mod closing;
 mod device;
 pub mod flow;
@@ -75,6 +76,14 @@ pub const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_secs(63);
 /// At most one challenge ACK (RFC 5961 §7) per flow in this interval: an RST or SYN storm
 /// cannot turn the engine into an ACK amplifier.
 const CHALLENGE_ACK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// ICMP unreachable replies (to UDP and ICMP for routed addresses) sent at most this many a
+/// second, after a burst of [`ICMP_BURST`], as Linux's `icmp_msgs_per_sec` and
+/// `icmp_msgs_burst`: a local flood of UDP to VPC addresses cannot make the engine answer
+/// it packet for packet.
+pub const ICMP_RATE: u32 = 1000;
+/// See [`ICMP_RATE`].
+pub const ICMP_BURST: u32 = 50;
 
 /// Default of [`EngineConfig::max_inbound`] (`--max-inbound`).
 pub const DEFAULT_MAX_INBOUND: usize = 1_000;
@@ -227,6 +236,8 @@ pub struct EngineStats {
     pub packets_dropped: u64,
     /// ICMP unreachable replies sent for traffic the tunnel does not carry.
     pub icmp_rejects: u64,
+    /// ICMP unreachable replies not sent, over the rate limit ([`ICMP_RATE`]).
+    pub icmp_rejects_suppressed: u64,
     /// RSTs and SYNs not taken on an established flow (RFC 5961): in-window RSTs without the
     /// exact sequence number, SYNs on a synchronized connection, out-of-window RSTs.
     pub rst_syn_screened: u64,
@@ -477,6 +488,8 @@ pub struct Engine {
     sockets: sockets::SocketPool,
     /// Flows that ended whose channel is not closed yet.
     closing: closing::ClosingFlows,
+    /// The rate limit of ICMP unreachable replies.
+    icmp: bucket::Bucket,
 }
 
 impl Engine {
@@ -499,6 +512,7 @@ impl Engine {
             room: Vec::new(),
             rng,
             closing: closing::ClosingFlows::default(),
+            icmp: bucket::Bucket::new(ICMP_RATE, ICMP_BURST),
         }
     }
 
@@ -538,6 +552,10 @@ impl Engine {
         match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload) {
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
+                self.spare.recycle_rx(packet.buf);
+            }
+            Ingress::Reject(_) if !self.icmp.take(now) => {
+                self.stats.icmp_rejects_suppressed += 1;
                 self.spare.recycle_rx(packet.buf);
             }
             Ingress::Reject(kind) => {

@@ -933,3 +933,28 @@ fn a_finished_flow_flushes_until_the_linger_deadline_then_is_closed_now() {
     p.advance(CLOSE_GRACE + Duration::from_secs(1));
     assert_eq!(p.engine.stats().flows_closing, 0, "{id2} forgotten");
 }
+
+#[test]
+fn icmp_unreachable_replies_are_rate_limited() {
+    let mut p = Pair::new(EngineConfig::default());
+    let flood = |p: &mut Pair, n: u16| {
+        for i in 0..n {
+            p.engine
+                .handle_tun_packet(p.now, udp_v4((APP_V4, 5000 + i), (VPC_V4, 9999), b"x"));
+        }
+        p.engine.poll(p.now);
+        std::iter::from_fn(|| p.engine.poll_transmit()).count() as u32
+    };
+    assert_eq!(
+        flood(&mut p, 500),
+        ICMP_BURST,
+        "a burst, not one per packet"
+    );
+    assert_eq!(
+        p.engine.stats().icmp_rejects_suppressed,
+        500 - u64::from(ICMP_BURST)
+    );
+    // The bucket refills at ICMP_RATE a second.
+    p.now += Duration::from_millis(20);
+    assert_eq!(flood(&mut p, 500), ICMP_RATE / 50);
+}
