@@ -4,7 +4,7 @@
 //! latency, and new connections work again after it; a channel that opens after its app
 //! gave up is closed at once, so its VPC server sees the connection end; connections over the
 //! opening bound are reset at once, with rate-limited warnings; connections refused by the
-//! VPC leave nothing behind in mse-vpn (russh patch 0004).
+//! VPC leave nothing behind in mse-vpn (russh patch 0008).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -819,7 +819,7 @@ const REFUSALS_GROWTH_MIB: u64 = 2;
 /// and nothing of it stays in mse-vpn. Stock russh 0.65.1 queued a `Reply::ChannelOpenFailure`
 /// on the handle's unbounded reply channel for every failed open, which nothing reads after
 /// login: measured, 20,000 refusals took RSS from 21 to 33 MiB (about 600 bytes each, for the
-/// session's lifetime); with our russh patch 0004, 21 to 21.
+/// session's lifetime); with our russh patch 0008, 21 to 21.
 #[test]
 fn refused_connections_leave_nothing_behind() {
     if crate::harness::skip_unless_root() {
