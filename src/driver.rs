@@ -133,6 +133,10 @@ pub struct DriverConfig {
     pub local_v4: std::net::Ipv4Addr,
     /// The TUN's IPv6 address, if it has one (for IPv6 callers).
     pub local_v6: Option<std::net::Ipv6Addr>,
+    /// The memory budget the SSH connections count their channels' windows in: the engine
+    /// learns those windows each turn and reports what it holds back
+    /// ([`crate::budget`]).
+    pub budget: Option<Arc<crate::budget::MemoryBudget>>,
 }
 
 /// Default for [`DriverConfig::max_opening`].
@@ -552,6 +556,9 @@ impl<T: PacketIo> Driver<T> {
             }
             let read = self.read_ready();
             let now = self.now();
+            if let Some(b) = &self.config.budget {
+                self.engine.handle_windows(b.windows());
+            }
             self.engine.poll(now);
             let mut events = 0;
             while let Some(event) = self.engine.poll_event() {
@@ -584,7 +591,11 @@ impl<T: PacketIo> Driver<T> {
             }
         }
         self.log_summaries();
-        self.stats.send_replace(self.engine.stats());
+        let stats = self.engine.stats();
+        if let Some(b) = &self.config.budget {
+            b.set_engine(stats.buffered);
+        }
+        self.stats.send_replace(stats);
         Ok(())
     }
 

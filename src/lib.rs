@@ -35,7 +35,7 @@
 //!  control    the control socket: typed protocol, status board, server, client, table
 //!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
 //!  pool       the SSH connections; publishes link events (the status board follows them)
-//!  engine, ssh, tun, fds, logging, repeats, suggest, run
+//!  engine, ssh, tun, fds, logging, repeats, suggest, run, budget (the memory budget)
 //! ```
 //!
 //! [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns it;
@@ -48,6 +48,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod cli;
 pub mod control;
 pub mod dns;

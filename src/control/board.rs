@@ -66,6 +66,9 @@ impl Board {
                 connections_up: 0,
                 flows_active: 0,
                 flows_closing: 0,
+                memory_budget: 0,
+                memory_windows: 0,
+                memory_buffered: 0,
                 tun_write_drops: 0,
                 tun_read_errors: 0,
                 flows_opened: 0,
@@ -196,6 +199,9 @@ impl Board {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
             st.flows_closing = e.flows_closing;
+            st.memory_budget = e.memory_budget;
+            st.memory_windows = e.windows;
+            st.memory_buffered = e.buffered;
             st.inbound_active = e.inbound_active;
             add(&mut st, &e);
         }

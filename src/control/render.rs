@@ -33,6 +33,14 @@ pub fn render(st: &Status) -> String {
         crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
+    if st.memory_budget > 0 {
+        out.push_str(&format!(
+            "memory      {} in windows + {} buffered, of a {} budget\n",
+            crate::logging::bytes(st.memory_windows),
+            crate::logging::bytes(st.memory_buffered),
+            crate::logging::bytes(st.memory_budget)
+        ));
+    }
     if st.tun_write_drops + st.tun_read_errors > 0 {
         out.push_str(&format!(
             "tun errors  {} packets dropped on write, {} failed reads (passing; the session went on)\n",

@@ -222,6 +222,17 @@ pub struct Status {
     /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
     #[serde(default)]
     pub max_inbound: u64,
+    /// `--memory-budget`, in bytes (see `memory_windows` and `memory_buffered`).
+    #[serde(default)]
+    pub memory_budget: u64,
+    /// Bytes of SSH receive windows committed to channels (what the jump host may send
+    /// without asking), counted against the memory budget.
+    #[serde(default)]
+    pub memory_windows: u64,
+    /// Bytes the engine holds for flows (for apps, and for channels), counted against the
+    /// memory budget.
+    #[serde(default)]
+    pub memory_buffered: u64,
     /// Packets for the TUN dropped because writing them failed for a passing reason
     /// (`ENOBUFS`, the link down), and TUN reads that failed so; the session went on.
     #[serde(default)]

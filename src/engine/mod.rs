@@ -116,6 +116,10 @@ pub struct EngineConfig {
     /// holds for its channel: then the rest is discarded and the channel closed
     /// ([`Event::CloseNow`]). Until then it is closing: counted against the limits.
     pub close_linger: Duration,
+    /// The memory budget (`--memory-budget`, see [`crate::budget`]): as it fills, each
+    /// flow's upload credit and what the engine puts in its socket for the app shrink, down
+    /// to [`crate::budget::FLOOR`]. `None`: no budget.
+    pub memory_budget: Option<u64>,
 }
 
 /// Default of [`EngineConfig::close_linger`]: Linux's `tcp_fin_timeout`.
@@ -133,6 +137,7 @@ impl Default for EngineConfig {
             open_timeout: Duration::from_secs(10),
             tun: TunFormat::default(),
             close_linger: DEFAULT_CLOSE_LINGER,
+            memory_budget: None,
         }
     }
 }
@@ -216,6 +221,13 @@ pub struct EngineStats {
     pub flows_closing: u64,
     /// Closing flows whose flush ran out of time ([`Event::CloseNow`]).
     pub close_flushes_cut: u64,
+    /// Bytes the engine holds for flows right now: waiting for the app or for its
+    /// acknowledgement, and taken from the app and not yet written to the channel.
+    pub buffered: u64,
+    /// Receive windows committed to channels, as last reported by the memory budget.
+    pub windows: u64,
+    /// The memory budget ([`EngineConfig::memory_budget`]; 0: none).
+    pub memory_budget: u64,
     /// Inbound flows (cloud callers) live right now.
     pub inbound_active: u64,
     /// Flows admitted (SYN held, channel requested).
@@ -346,6 +358,8 @@ struct Flow {
     /// The driver has a channel for it (from [`Engine::handle_open_ok`], or
     /// [`Event::Connected`] for an inbound flow): its end makes it closing.
     channel: bool,
+    /// Bytes it holds, as of its last service (counted in [`Engine::buffered`]).
+    held: u64,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -379,6 +393,7 @@ impl Flow {
             seq: None,
             moved: 0,
             channel: false,
+            held: 0,
         }
     }
 
@@ -490,6 +505,10 @@ pub struct Engine {
     closing: closing::ClosingFlows,
     /// The rate limit of ICMP unreachable replies.
     icmp: bucket::Bucket,
+    /// Bytes all flows hold (the sum of their `held`).
+    buffered: u64,
+    /// Receive windows committed to channels, as last reported ([`Engine::handle_windows`]).
+    windows: u64,
 }
 
 impl Engine {
@@ -513,6 +532,8 @@ impl Engine {
             rng,
             closing: closing::ClosingFlows::default(),
             icmp: bucket::Bucket::new(ICMP_RATE, ICMP_BURST),
+            buffered: 0,
+            windows: 0,
         }
     }
 
@@ -522,6 +543,9 @@ impl Engine {
             flows_active: self.flows.len() as u64,
             inbound_active: self.flows.inbound_len() as u64,
             flows_closing: self.closing.len() as u64,
+            buffered: self.buffered,
+            windows: self.windows,
+            memory_budget: self.config.memory_budget.unwrap_or(0),
             ..self.stats
         }
     }
@@ -908,12 +932,35 @@ impl Engine {
             return;
         };
         let (key, channel) = (flow.key, flow.channel);
+        self.buffered -= flow.held;
         self.flows.remove(id, &key);
         if channel {
             self.closing
                 .insert(id, inbound, reason.flushes(), now, self.config.close_linger);
         }
         self.events.push_back(Event::Close { id, key, reason });
+    }
+
+    /// The receive windows committed to channels now (from the memory budget): what the
+    /// flows' allowances are reckoned against, with what the engine holds.
+    pub fn handle_windows(&mut self, windows: u64) {
+        self.windows = windows;
+    }
+
+    /// What a flow holding `own` bytes may hold now, down (socket and pending bytes for the
+    /// app) and up (taken from the app, not yet written): see [`EngineConfig::memory_budget`].
+    fn allowances(&self, own: u64) -> (usize, usize) {
+        let Some(limit) = self.config.memory_budget else {
+            return (usize::MAX, self.config.max_inflight);
+        };
+        let others = (self.windows + self.buffered).saturating_sub(own);
+        let share = |max: usize| {
+            crate::budget::allowance(limit, others, max as u64, crate::budget::FLOOR) as usize
+        };
+        (
+            share(self.config.tcp_buffer + PENDING_LOW),
+            share(self.config.max_inflight),
+        )
     }
 
     /// The channel of a flow that ended is closed (its close went out, or it was already
@@ -1164,6 +1211,10 @@ impl Engine {
     }
 
     fn service(&mut self, now: Instant, id: FlowId) -> bool {
+        let Some(own) = self.flows.get(id).map(|f| f.held) else {
+            return false;
+        };
+        let (allow_down, allow_up) = self.allowances(own);
         let Some(flow) = self.flows.get_mut(id) else {
             return false;
         };
@@ -1200,10 +1251,11 @@ impl Engine {
         }
 
         if let Phase::Open { relay, .. } = &mut flow.phase {
-            // SSH -> app, as far as the socket's send buffer allows.
+            // SSH -> app, as far as the socket's send buffer (and the budget) allows.
             let before = flow.pending_len;
             while let Some(front) = flow.pending.front_mut() {
-                let n = match socket.send_slice(front) {
+                let room = allow_down.saturating_sub(socket.send_queue());
+                let n = match socket.send_slice(&front[..front.len().min(room)]) {
                     Ok(n) if n > 0 => n,
                     _ => break,
                 };
@@ -1228,10 +1280,10 @@ impl Engine {
             }
             // App -> SSH, within the flow's credit.
             while socket.can_recv()
-                && flow.inflight < self.config.max_inflight
+                && flow.inflight < allow_up
                 && flow.inflight_msgs < self.config.max_inflight_msgs
             {
-                let budget = (self.config.max_inflight - flow.inflight).min(CHUNK);
+                let budget = (allow_up - flow.inflight).min(CHUNK);
                 let data = socket
                     .recv(|buf| {
                         let n = buf.len().min(budget);
@@ -1286,6 +1338,10 @@ impl Engine {
         if progressed {
             shard.active = true;
         }
+        let held =
+            (flow.pending_len + flow.inflight + socket.send_queue() + socket.recv_queue()) as u64;
+        self.buffered = self.buffered + held - flow.held;
+        flow.held = held;
         if let Some(reason) = reason {
             self.sockets.give(shard.sockets.remove(handle), flow.moved);
             self.end(now, id, reason);

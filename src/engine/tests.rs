@@ -137,6 +137,19 @@ impl Pair {
         (bytes, rest)
     }
 
+    /// The bytes of all Data events so far, left unacknowledged (the SSH side is stuck).
+    fn uploaded_unacked(&mut self) -> (Vec<u8>, Vec<Event>) {
+        let mut bytes = Vec::new();
+        let mut rest = Vec::new();
+        for e in self.take_events() {
+            match e {
+                Event::Data { data, .. } => bytes.extend_from_slice(&data),
+                other => rest.push(other),
+            }
+        }
+        (bytes, rest)
+    }
+
     fn app_recv_all(&mut self, h: SocketHandle) -> Vec<u8> {
         let mut out = Vec::new();
         let s = self.app(h);
@@ -957,4 +970,58 @@ fn icmp_unreachable_replies_are_rate_limited() {
     // The bucket refills at ICMP_RATE a second.
     p.now += Duration::from_millis(20);
     assert_eq!(flood(&mut p, 500), ICMP_RATE / 50);
+}
+
+#[test]
+fn a_full_memory_budget_shrinks_each_flows_credit_to_the_floor_and_it_still_moves() {
+    const MIB: usize = 1 << 20;
+    let floor = crate::budget::FLOOR as usize;
+    let mut p = Pair::new(EngineConfig {
+        memory_budget: Some(MIB as u64),
+        max_inflight: MIB / 2,
+        ..EngineConfig::default()
+    });
+    let (h, id) = open_flow(&mut p, APP_PORT);
+    // Every byte of the budget is committed to channels' windows.
+    p.engine.handle_windows(MIB as u64);
+    let payload = vec![5u8; 200_000];
+    let mut sent = p.app(h).send_slice(&payload).unwrap();
+    p.step();
+    let (up, _) = p.uploaded_unacked();
+    assert!(!up.is_empty(), "the flow still moves");
+    assert!(
+        up.len() <= floor + CHUNK,
+        "{} bytes in flight at the floor",
+        up.len()
+    );
+    assert!(p.engine.stats().buffered >= up.len() as u64);
+    // Download too: what the engine puts in the socket stays near the floor (the app reads
+    // nothing).
+    for _ in 0..8 {
+        p.engine
+            .handle_channel_data(p.now, id, Bytes::from(vec![1u8; 32 * 1024]));
+        p.step();
+    }
+    let s = p.engine.stats();
+    assert!(
+        s.buffered <= (2 * floor + CHUNK + 8 * 32 * 1024) as u64,
+        "{} buffered",
+        s.buffered
+    );
+    // The windows are released: the credit grows back, everything goes through.
+    p.engine.handle_windows(0);
+    p.engine.handle_sent(id, up.len());
+    let mut total = up.len();
+    for _ in 0..100 {
+        if sent < payload.len() {
+            sent += p.app(h).send_slice(&payload[sent..]).unwrap();
+        }
+        p.advance(Duration::from_millis(1));
+        let (more, _) = p.uploaded();
+        total += more.len();
+        if total == payload.len() {
+            break;
+        }
+    }
+    assert_eq!(total, payload.len());
 }

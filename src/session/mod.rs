@@ -74,6 +74,8 @@ pub struct SessionConfig {
     pub max_inbound: usize,
     /// Channel opens pending at the jump host at once.
     pub max_opening: usize,
+    /// Bytes all flows may hold buffered (`--memory-budget`, see [`crate::budget`]).
+    pub memory_budget: u64,
     /// How long an app waits for its channel (and a local app for a cloud caller).
     pub open_timeout: Duration,
     /// Jump host ports to listen on for cloud callers.
@@ -302,7 +304,9 @@ impl Session {
         } = self;
         let stopper = Stopper(stop.clone());
         let net = &config.network;
-        let opts = config.ssh.clone();
+        let budget = crate::budget::MemoryBudget::new(config.memory_budget);
+        let mut opts = config.ssh.clone();
+        opts.budget = Some(budget.clone());
 
         // 1. Checks, before the host is touched. Only the first hop is connected to
         //    directly: only its address stays out of the tunnel.
@@ -425,10 +429,12 @@ impl Session {
                     header: tun.header_len(),
                     checksum_offload: tun.checksum_offload(),
                 },
+                memory_budget: Some(config.memory_budget),
                 ..EngineConfig::default()
             },
             open_timeout: config.open_timeout,
             max_opening: config.max_opening,
+            budget: Some(budget.clone()),
             local_v4: plan.tun_v4(),
             local_v6: plan.tun_v6(),
         };

@@ -173,6 +173,7 @@ pub fn ssh_options(over: &Overrides, user: &InvokingUser) -> Result<SshOptions, 
         hops,
         password_file: over.password_file.clone(),
         inbound: None,
+        budget: None,
     })
 }
 

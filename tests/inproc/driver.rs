@@ -73,6 +73,7 @@ impl Rig {
             max_opening: 64,
             local_v4: APP_V4,
             local_v6: None,
+            budget: None,
         };
         let forwards = Forwards::new();
         tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));

@@ -51,6 +51,7 @@ async fn a_start_that_fails_after_binding_the_control_socket_leaves_nothing_serv
         max_flows: 100,
         max_inbound: 10,
         max_opening: 10,
+        memory_budget: mse_vpn::budget::DEFAULT_BUDGET,
         open_timeout: Duration::from_secs(5),
         expose: Vec::new(),
         advertise: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
