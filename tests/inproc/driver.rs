@@ -296,8 +296,15 @@ async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_
         .until(LIMIT, |_| stats.borrow().bytes_down >= 256 * 1024)
         .await;
     assert!(filled, "the download started and filled the app's buffer");
-    // Not a readiness wait: the pause is the test. Nothing more is taken in than buffers.
-    rig.app.until(Duration::from_millis(300), |_| false).await;
+    // Until the engine holds a socketful for it and the driver stopped reading its channel
+    // (at PENDING_LOW): from then on nothing more is taken in.
+    let full = rig
+        .app
+        .until(LIMIT, |_| {
+            stats.borrow().buffered >= (256 * 1024 + mse_vpn::engine::PENDING_LOW) as u64
+        })
+        .await;
+    assert!(full, "the engine's socket for the paused flow filled");
     let held = stats.borrow().bytes_down;
     assert!(
         held < 1024 * 1024,
@@ -309,6 +316,13 @@ async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_
     assert_eq!(
         rig.app.exchange(other, &data, data.len(), LIMIT).await,
         data
+    );
+    let s = *stats.borrow();
+    assert!(
+        (s.bytes_down - data.len() as u64) < 1024 * 1024 && s.buffered < 512 * 1024,
+        "the paused flow took more in meanwhile: {} bytes down, {} held",
+        s.bytes_down - data.len() as u64,
+        s.buffered
     );
     // The app reads again: every byte, in order.
     let mut got = Vec::new();

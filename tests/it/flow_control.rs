@@ -162,11 +162,34 @@ struct Latency {
     p99: u64,
 }
 
+/// Waits until `flows` downloads are stuck behind full windows: the jump host's sshd stops
+/// reading nginx once a flow's SSH window is used up, so nginx's socket for it backs up in
+/// the VPC (at least 256 KiB unsent).
+fn wait_windows_full(tb: &Testbed, flows: usize) {
+    let vpc = format!("{}-vpc", tb.name);
+    let start = Instant::now();
+    loop {
+        let stuck = tb
+            .send_queues(&vpc, &["sport", "= :80"])
+            .into_iter()
+            .filter(|q| *q >= 256 * 1024)
+            .count();
+        if stuck >= flows {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {stuck} of {flows} paused downloads backed up at nginx"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// While the apps are paused: samples mse-vpn's RSS, and measures redis PINGs (over the same
 /// single SSH connection). Returns the peak RSS (MiB) and the PINGs' latency.
-fn during_pause(tb: &Testbed, pid: i32) -> (u64, Latency) {
-    // Let the paused flows fill their windows first.
-    std::thread::sleep(Duration::from_secs(5));
+fn during_pause(tb: &Testbed, pid: i32, flows: usize) -> (u64, Latency) {
+    // The paused flows fill their windows first.
+    wait_windows_full(tb, flows);
     let mut peak = rss_mib(pid);
     let pinger = pings(tb, 1000);
     let start = Instant::now();
@@ -215,7 +238,7 @@ fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
     let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/1g.bin", 16 << 20, 1);
-    let (peak, during) = during_pause(&tb, vpn.pid());
+    let (peak, during) = during_pause(&tb, vpn.pid(), 1);
     println!(
         "one paused download: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
     );
@@ -241,7 +264,7 @@ fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
     let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/64m.bin", 8 << 20, FLOWS);
-    let (peak, during) = during_pause(&tb, vpn.pid());
+    let (peak, during) = during_pause(&tb, vpn.pid(), FLOWS);
     println!(
         "{FLOWS} paused downloads: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
     );

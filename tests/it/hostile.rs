@@ -137,6 +137,8 @@ while time.monotonic() < end:
     time.sleep(0.02)
 "#;
 
+/// PINGs (50 a second) measured before the flood starts.
+const BASELINE_PINGS: usize = 100;
 /// The flood: connects, their rate, and how many sockets it keeps open (about 5 s of them).
 const FLOOD_CONNECTS: usize = 20_000;
 const FLOOD_RATE: usize = 1_667;
@@ -284,10 +286,15 @@ fn a_syn_flood_is_bounded_at_the_jump_host_and_recovers() {
     let ping_secs = 3.0 + flood_secs + 22.0;
     let ping_secs = format!("{ping_secs:.0}");
     let (mut pinger, ping_lines) = python(&tb, &tb.lap(), "pings.py", PINGS, &[&ping_secs]);
-    ping_lines
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the first redis PING");
-    std::thread::sleep(Duration::from_secs(3));
+    // The latency before the flood: BASELINE_PINGS of them (about 2 s), collected first.
+    let mut ping_log: Vec<String> = Vec::new();
+    while ping_log.len() < BASELINE_PINGS {
+        ping_log.push(
+            ping_lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a redis PING before the flood"),
+        );
+    }
 
     let sampler = Sampler::start(&tb, pid);
     let (mut flooder, flood_lines) = python(
@@ -331,14 +338,26 @@ fn a_syn_flood_is_bounded_at_the_jump_host_and_recovers() {
     );
     let recovered = flood_ended.elapsed();
 
-    std::thread::sleep(Duration::from_secs(20).saturating_sub(flood_ended.elapsed()));
+    // Until the PINGs cover the 20 s after the flood (the latency is measured 10 to 20 s
+    // after it, and the memory and pending connects at its end).
+    loop {
+        let line = ping_lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("redis PINGs after the flood");
+        let t: f64 = line.split_once(' ').unwrap().0.parse().unwrap();
+        ping_log.push(line);
+        if t >= flood_end + 20.0 {
+            break;
+        }
+    }
     let samples = sampler.stop();
     let rss_after = rss_mib(pid);
     let pending_after = pending_at_jump(&tb);
 
     assert!(pinger.wait().unwrap().success(), "a redis PING failed");
-    let pings: Vec<(f64, u64)> = ping_lines
-        .try_iter()
+    ping_log.extend(ping_lines.try_iter());
+    let pings: Vec<(f64, u64)> = ping_log
+        .iter()
         .map(|l| {
             let (t, r) = l.split_once(' ').unwrap();
             (t.parse().unwrap(), r.parse().unwrap())
