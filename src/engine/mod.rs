@@ -941,6 +941,44 @@ impl Engine {
         self.events.push_back(Event::Close { id, key, reason });
     }
 
+    /// Checks the engine's invariants, for tests and fuzzers (`fuzz/`): no socket listens
+    /// (each one listens only for the call that feeds it its SYN); every socket belongs to a
+    /// live flow, and every flow past its open has one; `buffered` is the sum of what the
+    /// flows hold. O(flows): not for the packet path.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sockets = 0;
+        for shard in &self.shards {
+            for (_, s) in shard.sockets.iter() {
+                #[allow(irrefutable_let_patterns)]
+                if let smoltcp::socket::Socket::Tcp(s) = s
+                    && s.state() == tcp::State::Listen
+                {
+                    return Err("a socket is listening".into());
+                }
+                sockets += 1;
+            }
+        }
+        let with_socket = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.phase.handle().is_some())
+            .count();
+        if sockets != with_socket {
+            return Err(format!(
+                "{sockets} sockets for {with_socket} flows with one"
+            ));
+        }
+        let held: u64 = self.flows.iter().map(|(_, f)| f.held).sum();
+        if held != self.buffered {
+            return Err(format!(
+                "buffered {} but the flows hold {held}",
+                self.buffered
+            ));
+        }
+        Ok(())
+    }
+
     /// The receive windows committed to channels now (from the memory budget): what the
     /// flows' allowances are reckoned against, with what the engine holds.
     pub fn handle_windows(&mut self, windows: u64) {
