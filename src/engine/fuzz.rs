@@ -60,6 +60,47 @@ type Peers = HashMap<(u16, bool), (TcpSeqNumber, TcpSeqNumber)>;
 /// ports too).
 type Exact = HashMap<FlowKey, TcpSeqNumber>;
 
+/// The app's own next sequence number (SND.NXT) on each connection, from the segments fed
+/// to the engine: where the app's kernel puts its RST, whether or not the engine took all
+/// of those segments.
+type AppNext = HashMap<FlowKey, TcpSeqNumber>;
+
+/// The connection and the end of the sequence space of a TCP segment from an app.
+fn app_segment(p: &[u8]) -> Option<(FlowKey, TcpSeqNumber)> {
+    let (src, dst, payload) = match p.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(p).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddr::V4(ip.src_addr()),
+                IpAddr::V4(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(p).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddr::V6(ip.src_addr()),
+                IpAddr::V6(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    let len = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
+    let key = FlowKey {
+        src: std::net::SocketAddr::new(src, tcp.src_port()),
+        dst: std::net::SocketAddr::new(dst, tcp.dst_port()),
+    };
+    Some((key, tcp.seq_number() + len))
+}
+
 /// A TCP segment of one of the seed flows, over IPv4 or IPv6; mostly in sync with the
 /// engine's sequence numbers, so that handshakes complete and data is relayed.
 fn segment(rng: &mut Rng, v6: bool, peers: &Peers) -> Vec<u8> {
@@ -281,9 +322,13 @@ fn reset_everything(
     mut now: Instant,
     peers: &mut Peers,
     exact: &mut Exact,
+    app_next: &AppNext,
     ledger: &mut Ledger,
 ) {
-    for _ in 0..4 {
+    // The app's first RST is at its own SND.NXT (possibly past what the engine took); after
+    // that, the kernel answers each segment of the engine with an RST at its ACK number.
+    exact.clear();
+    for round in 0..4 {
         step(engine, now, peers, exact);
         ledger.events(engine);
         let live: Vec<(FlowId, FlowKey)> = ledger.live.iter().map(|(i, k)| (*i, *k)).collect();
@@ -292,7 +337,12 @@ fn reset_everything(
                 .flows
                 .get(id)
                 .is_some_and(|f| f.phase.handle().is_some());
-            match exact.get(&key) {
+            let seq = if round == 0 {
+                app_next.get(&key).or(exact.get(&key))
+            } else {
+                exact.get(&key)
+            };
+            match seq {
                 Some(&rcv_nxt) if has_socket => {
                     let p =
                         packet::bare_segment((key.src, key.dst), TcpControl::Rst, rcv_nxt, None, 0)
@@ -309,21 +359,41 @@ fn reset_everything(
     step(engine, now, peers, exact);
     ledger.events(engine);
     // A flow whose socket never sent anything to learn its sequence numbers from cannot be
-    // reset by the app (it does not know them either): the SSH side ends those.
-    let left: Vec<FlowId> = ledger
-        .live
-        .keys()
-        .copied()
-        .filter(|id| {
-            engine
-                .flows
-                .get(*id)
-                .is_some_and(|f| f.seq.is_some_and(|t| t.rcv_nxt.is_some()))
-        })
-        .collect();
+    // reset by the app (it does not know them either): the SSH side ends those. A flow still
+    // in its handshake may ignore the RST (smoltcp in SYN-RECEIVED, seen with mutated
+    // segments): the handshake timeout ends it.
+    let outlived = |engine: &Engine, ledger: &Ledger, handshakes: bool| -> Vec<FlowId> {
+        ledger
+            .live
+            .keys()
+            .copied()
+            .filter(|id| {
+                engine.flows.get(*id).is_some_and(|f| {
+                    let synced = f.seq.is_some_and(|t| t.rcv_nxt.is_some());
+                    let handshake = f.phase.handle().is_some_and(|h| {
+                        engine.shards[shard_of(*id)]
+                            .sockets
+                            .get::<tcp::Socket>(h)
+                            .state()
+                            == tcp::State::SynReceived
+                    });
+                    synced && (handshakes || !handshake)
+                })
+            })
+            .collect()
+    };
+    let left = outlived(engine, ledger, false);
     assert!(
         left.is_empty(),
         "flows outlived their app's reset: {left:?}"
+    );
+    now += SYN_RECEIVED_TIMEOUT;
+    step(engine, now, peers, exact);
+    ledger.events(engine);
+    let left = outlived(engine, ledger, true);
+    assert!(
+        left.is_empty(),
+        "handshakes outlived their timeout: {left:?}"
     );
     engine.reset_all(now, CloseReason::SessionLost);
     step(engine, now, peers, exact);
@@ -357,8 +427,14 @@ fn run(seed: u64, inputs: u64) -> EngineStats {
         let mut ledger = Ledger::default();
         let mut peers = Peers::new();
         let mut exact = Exact::new();
+        let mut app_next = AppNext::new();
         for _ in 0..INPUTS_PER_ENGINE.min(inputs - done) {
-            engine.handle_tun_packet(now, input(&mut rng, &peers));
+            let p = input(&mut rng, &peers);
+            if let Some((key, end)) = app_segment(&p) {
+                let next = app_next.entry(key).or_insert(end);
+                *next = (*next).max(end);
+            }
+            engine.handle_tun_packet(now, p);
             if rng.below(4) == 0 {
                 if rng.below(16) == 0 {
                     now += Duration::from_millis(rng.below(3_000) as u64);
@@ -370,7 +446,14 @@ fn run(seed: u64, inputs: u64) -> EngineStats {
         }
         let _ = engine.poll_timeout(now);
         let s = engine.stats();
-        reset_everything(&mut engine, now, &mut peers, &mut exact, &mut ledger);
+        reset_everything(
+            &mut engine,
+            now,
+            &mut peers,
+            &mut exact,
+            &app_next,
+            &mut ledger,
+        );
         total.flows_opened += s.flows_opened;
         total.bytes_up += s.bytes_up;
         total.rst_syn_screened += s.rst_syn_screened;
