@@ -436,6 +436,7 @@ async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
 /// Writes to the TUN that fail for a passing reason (`ENOBUFS`: the kernel is out of buffers)
 /// drop their packets and are counted; TCP retransmits and the transfer completes. Before,
 /// the first such failure ended the session.
+#[cfg(unix)] // errno values from libc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tun_writes_failing_with_enobufs_drop_packets_and_the_session_goes_on() {
     const DROPS: u32 = 5;
@@ -459,6 +460,7 @@ async fn tun_writes_failing_with_enobufs_drop_packets_and_the_session_goes_on() 
 
 /// A write that fails because the device is gone (`EBADFD`) ends the session with that
 /// error.
+#[cfg(target_os = "linux")] // EBADFD is Linux's
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_tun_device_ends_the_session() {
     let mut rig = Rig::start().await;
