@@ -290,3 +290,58 @@ fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
     );
     assert!(vpn.interrupt().success());
 }
+
+/// What the memory budget counts comes back to nothing once the flows are over: every
+/// channel's window is released when the channel closes (if it leaked, the budget would
+/// fill over a long session and every new window would shrink to the floor), and `status`
+/// shows the budget.
+#[test]
+fn the_memory_budget_is_released_when_flows_end() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("fc3", &["--with", "nginx"]);
+    web_file(&tb, "32m.bin", 32);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--memory-budget", "64"]);
+    // Eight downloads, read slowly (`--limit-rate`): their windows are counted meanwhile.
+    let curls = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "bash",
+                "-c",
+                "for i in 1 2 3 4 5 6 7 8; do curl -sS --limit-rate 8M -o /dev/null http://10.0.0.10/32m.bin & done; wait",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let st = crate::lifecycle::status(&tb);
+        if st["memory_windows"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no window counted during the downloads: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = curls.wait_with_output().unwrap();
+    assert!(out.status.success(), "the downloads failed");
+    let start = Instant::now();
+    let st = loop {
+        let st = crate::lifecycle::status(&tb);
+        if st["memory_windows"] == 0 && st["memory_buffered"] == 0 && st["flows_active"] == 0 {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the budget still counts bytes after the flows ended: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(st["memory_budget"], 64 << 20, "{st:#}");
+    assert!(st["bytes_down"].as_u64().unwrap() >= 8 * (32 << 20));
+    assert!(vpn.interrupt().success());
+}
