@@ -31,7 +31,8 @@ struct Rig {
     jump: Jump,
     pool: Arc<Pool>,
     app: App,
-    /// The driver's packet side, for fault injection.
+    /// The driver's packet side, for fault injection (the errno tests, on Unix).
+    #[cfg_attr(not(unix), allow(dead_code))]
     queues: Arc<Queues>,
     forwards: Arc<Forwards>,
     stats: watch::Receiver<EngineStats>,
