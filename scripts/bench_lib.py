@@ -47,6 +47,9 @@ ROWS = [
     ("paused_50", "p50_ms", "redis -c 1 beside 50 paused, p50", "ms", "lower", None),
     ("paused_50", "p99_ms", "redis -c 1 beside 50 paused, p99", "ms", "lower", ("abs", 5.0)),
     ("paused_50", "rss_mb", "  RSS while 50 downloads are paused", "MB", "lower", None),
+    ("paused_200", "p50_ms", "redis -c 1 beside 200 paused, p50", "ms", "lower", None),
+    ("paused_200", "p99_ms", "redis -c 1 beside 200 paused, p99", "ms", "lower", ("abs", 5.0)),
+    ("paused_200", "peak_rss_mb", "  peak RSS, 200 paused for 30 s", "MB", "lower", ("abs", 400.0)),
     ("wrk_ka", "rps", "wrk keep-alive, 1 KiB, -c 10", "req/s", "higher", None),
     ("wrk_close", "rps", "wrk Connection: close, -c 10", "req/s", "higher", ("ratio", 1.0)),
     ("curl_10m", "seconds", "curl 10 MiB download", "s", "lower", None),
@@ -138,6 +141,20 @@ def proc_mem(pid):
             elif line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
     return hwm, rss
+
+
+def peak_rss(args):
+    """Samples the VmRSS of `pid` every 100 ms for `secs` seconds (or until it exits);
+    prints the largest, in KiB."""
+    peak = 0
+    end = time.monotonic() + args.secs
+    while time.monotonic() < end:
+        try:
+            peak = max(peak, proc_mem(args.pid)[1])
+        except OSError:
+            break
+        time.sleep(0.1)
+    print(peak, flush=True)
 
 
 # ---------------------------------------------------------------- paused downloads
@@ -429,7 +446,7 @@ def report(args):
     def expected_modes(wl, metric):
         if wl in ("iperf_rtt40", "iperf_rtt40_rev", "http_rtt40", "cpu", "mem"):
             return ("ssh", "mse")  # no direct path through the delaying relay; no process
-        if wl in ("idle_10k", "paused_1", "paused_50") and "rss" in metric:
+        if wl in ("idle_10k", "paused_1", "paused_50", "paused_200") and "rss" in metric:
             return ("ssh", "mse")
         return MODES
 
@@ -458,6 +475,9 @@ def main():
     for name in ("cpu", "mem"):
         sub.add_parser(name).add_argument("pid", type=int)
     sub.add_parser("boxcpu")
+    p = sub.add_parser("peak-rss")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--secs", type=float, required=True)
     p = sub.add_parser("pause-client")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -498,6 +518,8 @@ def main():
         print(f"{proc_cpu(args.pid):.2f}")
     elif args.cmd == "boxcpu":
         print(f"{box_cpu():.2f}")
+    elif args.cmd == "peak-rss":
+        peak_rss(args)
     elif args.cmd == "mem":
         print("%d %d" % proc_mem(args.pid))
     elif args.cmd == "pause-client":

@@ -49,7 +49,7 @@ use crate::pool::{INBOUND_QUEUE, InboundCall, InboundCalls, LinkId, Placement, P
 use crate::repeats::Repeats;
 use crate::reverse::{self, Forwards, Waiting};
 use crate::ssh::OpenError;
-use crate::tun::Tun;
+use crate::tun::{Fault, Tun};
 
 /// Packets read from the TUN per wake-up before the engine runs.
 const TUN_BATCH: usize = 64;
@@ -70,28 +70,50 @@ const HEAVY_BYTES: u64 = 1 << 20;
 const SHORT_FLOW: Duration = Duration::from_secs(1);
 /// Destinations whose flows' shape is remembered (see [`Driver::placement`]).
 const SHAPES_MAX: usize = 4096;
+/// After a TUN read failed for a passing reason, reading resumes after this pause (so a
+/// condition that lasts does not spin).
+const RECV_RETRY: Duration = Duration::from_millis(10);
 /// Freed memory goes back to the system at most this often (see [`Trim`]).
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
 /// When to give freed memory back to the system: soon after flows close (what a burst of
 /// flows leaves behind is their buffered channel data, freed in the middle of the heap where
 /// the allocator does not return it by itself), at most every [`TRIM_EVERY`].
+///
+/// The release (`malloc_trim`) walks the whole heap: it runs on tokio's blocking pool, never
+/// on the driver's task, so no flow waits for it; one at a time.
 struct Trim {
     /// Flows closed since the last trim.
     pending: bool,
     not_before: TokioInstant,
+    /// What gives the memory back ([`mse_vpn_platform::sys::release_free_memory`]).
+    release: fn() -> bool,
+    /// The release in progress.
+    running: Option<tokio::task::JoinHandle<bool>>,
 }
 
 impl Trim {
+    fn new(now: TokioInstant) -> Trim {
+        Trim {
+            pending: false,
+            not_before: now,
+            release: mse_vpn_platform::sys::release_free_memory,
+            running: None,
+        }
+    }
+
     fn deadline(&self) -> Option<TokioInstant> {
         self.pending.then_some(self.not_before)
     }
 
     fn run(&mut self, now: TokioInstant) {
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return; // the next one waits for it (still pending)
+        }
         if self.pending && now >= self.not_before {
             self.pending = false;
             self.not_before = now + TRIM_EVERY;
-            mse_vpn_platform::sys::release_free_memory();
+            self.running = Some(tokio::task::spawn_blocking(self.release));
         }
     }
 }
@@ -111,6 +133,10 @@ pub struct DriverConfig {
     pub local_v4: std::net::Ipv4Addr,
     /// The TUN's IPv6 address, if it has one (for IPv6 callers).
     pub local_v6: Option<std::net::Ipv6Addr>,
+    /// The memory budget the SSH connections count their channels' windows in: the engine
+    /// learns those windows each turn and reports what it holds back
+    /// ([`crate::budget`]).
+    pub budget: Option<Arc<crate::budget::MemoryBudget>>,
 }
 
 /// Default for [`DriverConfig::max_opening`].
@@ -313,6 +339,11 @@ pub struct Driver<T: PacketIo = Tun> {
     /// of 1 for short, 0 for long or bulk, weighting the latest flow by a tenth).
     shapes: HashMap<SocketAddr, f32>,
     trim: Trim,
+    /// TUN reads and writes that failed for a passing reason, by operation and `errno`:
+    /// one warning per kind per window.
+    tun_faults: Repeats<(&'static str, Option<i32>)>,
+    /// Reading the TUN is paused until then after a passing failure.
+    recv_resume: Option<TokioInstant>,
 }
 
 impl<T: PacketIo> Driver<T> {
@@ -344,10 +375,9 @@ impl<T: PacketIo> Driver<T> {
             refusals: Repeats::new(WARN_WINDOW, 8),
             answered: HashMap::new(),
             shapes: HashMap::new(),
-            trim: Trim {
-                pending: false,
-                not_before: epoch,
-            },
+            trim: Trim::new(epoch),
+            tun_faults: Repeats::new(WARN_WINDOW, 8),
+            recv_resume: None,
         }
     }
 
@@ -355,6 +385,13 @@ impl<T: PacketIo> Driver<T> {
     /// `forwards` become TCP connections to the local app.
     pub fn with_inbound(mut self, calls: InboundCalls, forwards: Arc<Forwards>) -> Driver<T> {
         self.inbound = Some((calls, forwards));
+        self
+    }
+
+    /// Gives freed memory back with `release` instead of `malloc_trim` (for tests: a slow
+    /// release shows that no flow waits for it).
+    pub fn with_memory_release(mut self, release: fn() -> bool) -> Driver<T> {
+        self.trim.release = release;
         self
     }
 
@@ -386,12 +423,24 @@ impl<T: PacketIo> Driver<T> {
                 .poll_timeout(now)
                 .map(|t| self.deadline(t))
                 .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(3600));
-            for t in [self.failures.poll_timeout(), self.refusals.poll_timeout()]
-                .into_iter()
-                .flatten()
+            for t in [
+                self.failures.poll_timeout(),
+                self.refusals.poll_timeout(),
+                self.tun_faults.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 deadline = deadline.min(TokioInstant::from_std(t));
             }
+            if let Some(t) = self.recv_resume {
+                if TokioInstant::now() >= t {
+                    self.recv_resume = None;
+                } else {
+                    deadline = deadline.min(t);
+                }
+            }
+            let reading = self.recv_resume.is_none();
             self.trim.run(TokioInstant::now());
             if let Some(t) = self.trim.deadline() {
                 deadline = deadline.min(t);
@@ -399,10 +448,13 @@ impl<T: PacketIo> Driver<T> {
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
                 Ok(()) = links.changed() => self.reset_lost_flows(),
-                r = self.tun.recv(&mut buf) => {
+                r = self.tun.recv(&mut buf), if reading => {
                     let n = match r {
                         Ok(n) => n,
-                        Err(e) => break Err(e),
+                        Err(e) => match self.tun_failed("read", e) {
+                            Some(e) => break Err(e),
+                            None => continue,
+                        },
                     };
                     // Each packet is read into a pooled buffer the engine keeps: no copy.
                     let now = self.now();
@@ -419,7 +471,7 @@ impl<T: PacketIo> Driver<T> {
                                 );
                             }
                             Some(Err(e)) => {
-                                failed = Some(e);
+                                failed = self.tun_failed("read", e);
                                 break;
                             }
                             None => break,
@@ -482,8 +534,9 @@ impl<T: PacketIo> Driver<T> {
                 "resetting the flows of a lost SSH connection"
             );
         }
+        let now = self.now();
         for id in lost {
-            self.engine.abort(id, CloseReason::SessionLost);
+            self.engine.abort(now, id, CloseReason::SessionLost);
         }
     }
 
@@ -503,6 +556,9 @@ impl<T: PacketIo> Driver<T> {
             }
             let read = self.read_ready();
             let now = self.now();
+            if let Some(b) = &self.config.budget {
+                self.engine.handle_windows(b.windows());
+            }
             self.engine.poll(now);
             let mut events = 0;
             while let Some(event) = self.engine.poll_event() {
@@ -520,15 +576,26 @@ impl<T: PacketIo> Driver<T> {
                 }
             }
             while let Some(packet) = self.engine.poll_transmit() {
-                self.tun.send(&packet).await?;
-                self.engine.recycle(packet);
+                match self.tun.send(&packet).await {
+                    Ok(_) => self.engine.recycle(packet),
+                    Err(e) => {
+                        if let Some(e) = self.tun_failed("write", e) {
+                            return Err(e);
+                        }
+                        self.engine.handle_transmit_dropped(packet);
+                    }
+                }
             }
             if read == 0 && events == 0 && resumed == 0 {
                 break;
             }
         }
         self.log_summaries();
-        self.stats.send_replace(self.engine.stats());
+        let stats = self.engine.stats();
+        if let Some(b) = &self.config.budget {
+            b.set_engine(stats.buffered);
+        }
+        self.stats.send_replace(stats);
         Ok(())
     }
 
@@ -603,6 +670,14 @@ impl<T: PacketIo> Driver<T> {
                 }
             }
             Event::Close { id, key, reason } => self.close(id, key, reason),
+            Event::CloseNow { id } => {
+                if let Some(io) = self.io.get_mut(&id) {
+                    debug!(flow = %id, "closing flow: its flush ran out of time");
+                    discard(io);
+                    io.outbox.push_back(WriteCmd::Close);
+                    self.start_write(id);
+                }
+            }
         }
     }
 
@@ -637,12 +712,9 @@ impl<T: PacketIo> Driver<T> {
                     let short = !io.heavy && io.log.since.elapsed() < SHORT_FLOW;
                     note_shape(&mut self.shapes, dst, short);
                 }
-                if !reason.is_normal() {
-                    // A reset: what was not written yet is moot.
-                    io.outbox.clear();
-                    if let Some(w) = io.writing.take() {
-                        w.abort();
-                    }
+                if !reason.flushes() {
+                    // A reset: what was not written yet is discarded.
+                    discard(io);
                 }
                 io.outbox.push_back(WriteCmd::Close);
                 let log = std::mem::replace(&mut io.log, FlowLog::new());
@@ -679,9 +751,35 @@ impl<T: PacketIo> Driver<T> {
         );
     }
 
+    /// A TUN read or write failed: the error if the device is gone (the session ends);
+    /// otherwise it is counted and warned about (once per kind per window), a failed write's
+    /// packet is dropped, and reading pauses for [`RECV_RETRY`].
+    fn tun_failed(&mut self, op: &'static str, e: std::io::Error) -> Option<std::io::Error> {
+        if Fault::of(&e) == Fault::Gone {
+            return Some(e);
+        }
+        if op == "read" {
+            self.engine.handle_receive_failed();
+            self.recv_resume = Some(TokioInstant::now() + RECV_RETRY);
+        }
+        if self
+            .tun_faults
+            .hit(std::time::Instant::now(), (op, e.raw_os_error()))
+        {
+            warn!("TUN {op} failed ({e}); the packet is dropped, the session goes on");
+        }
+        None
+    }
+
     /// Logs the summaries of repeated warnings whose window ended.
     fn log_summaries(&mut self) {
         let now = std::time::Instant::now();
+        for s in self.tun_faults.poll(now) {
+            match &s.kind {
+                Some((op, _)) => warn!("TUN {op} failures: {}", s.tail()),
+                None => warn!("TUN failures: {}", s.tail()),
+            }
+        }
         for s in self.failures.poll(now) {
             match &s.kind {
                 Some((dst, reason)) => warn!("flow to {dst} failed: {reason}: {}", s.tail()),
@@ -715,7 +813,7 @@ impl<T: PacketIo> Driver<T> {
         }
         let Some(cmd) = io.outbox.pop_front() else {
             if io.closing {
-                self.io.remove(&id);
+                self.release(id);
             }
             return;
         };
@@ -749,6 +847,12 @@ impl<T: PacketIo> Driver<T> {
         self.writes.push(fut);
     }
 
+    /// Lets go of the channel of a flow that ended.
+    fn release(&mut self, id: FlowId) {
+        self.io.remove(&id);
+        self.engine.handle_close_done(id);
+    }
+
     fn write_done(&mut self, done: Written) {
         let Some(io) = self.io.get_mut(&done.id) else {
             return;
@@ -763,12 +867,12 @@ impl<T: PacketIo> Driver<T> {
             }
             None if io.closing => {
                 // The close went out (or the channel was already gone).
-                io.outbox.clear();
-                self.io.remove(&done.id);
+                self.release(done.id);
             }
             None => {
                 // The channel is gone under a write: the flow cannot go on.
-                self.engine.abort(done.id, CloseReason::RemoteReset);
+                let now = self.now();
+                self.engine.abort(now, done.id, CloseReason::RemoteReset);
             }
         }
     }
@@ -957,6 +1061,14 @@ impl<T: PacketIo> Driver<T> {
         // Accepting only queues a message for the session loop (it never waits).
         let _ = waiting.call.reply.accept().now_or_never();
         self.start_io(id, link, waiting.call.channel);
+    }
+}
+
+/// Drops what a flow's channel was still to write, the write in progress included.
+fn discard(io: &mut FlowIo) {
+    io.outbox.clear();
+    if let Some(w) = io.writing.take() {
+        w.abort();
     }
 }
 

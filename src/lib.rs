@@ -35,7 +35,8 @@
 //!  control    the control socket: typed protocol, status board, server, client, table
 //!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
 //!  pool       the SSH connections; publishes link events (the status board follows them)
-//!  engine, ssh, tun, fds, logging, repeats, suggest, run, registry
+//!  engine, ssh, tun, fds, logging, repeats, suggest, run, registry, budget (the memory
+//!  budget)
 //! ```
 //!
 //! [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns it;
@@ -49,6 +50,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod cli;
 pub mod control;
 pub mod dns;

@@ -22,6 +22,49 @@ pub enum TunError {
     },
 }
 
+/// What a failed read or write on the TUN means for the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The device is gone (deleted, or the descriptor detached from it): the session ends.
+    Gone,
+    /// A passing condition (no buffer space, the link set down for a moment, a packet the
+    /// device refuses): the packet is dropped and counted, the session goes on.
+    Transient,
+}
+
+/// `errno` values that mean the device is gone.
+#[cfg(target_os = "linux")]
+const GONE: &[i32] = &[
+    nix::libc::EBADFD,
+    nix::libc::EBADF,
+    nix::libc::ENODEV,
+    nix::libc::ENXIO,
+];
+/// `errno` values that mean the device is gone.
+#[cfg(all(unix, not(target_os = "linux")))]
+const GONE: &[i32] = &[nix::libc::EBADF, nix::libc::ENODEV, nix::libc::ENXIO];
+/// `errno` values that mean the device is gone.
+#[cfg(not(unix))]
+const GONE: &[i32] = &[];
+
+impl Fault {
+    /// Classifies a TUN read or write error. Only a gone device is fatal: `ENOBUFS`,
+    /// `ENOMEM`, `EIO` (Linux's answer while the link is down), `EINVAL` / `EMSGSIZE` (one
+    /// packet the device refuses) and anything unknown are transient.
+    pub fn of(e: &io::Error) -> Fault {
+        if e.raw_os_error().is_some_and(|code| GONE.contains(&code)) {
+            return Fault::Gone;
+        }
+        match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotFound => Fault::Gone,
+            _ => Fault::Transient,
+        }
+    }
+}
+
 /// What to check when the device cannot be created.
 #[cfg(target_os = "linux")]
 const HINT: &str = "mse-vpn needs root (sudo) and /dev/net/tun; if the name is in use by another session, pick another with --tun";
@@ -148,4 +191,35 @@ fn offload(dev: &tun::AsyncDevice) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn offload(_dev: &tun::AsyncDevice) -> bool {
     false
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gone_device_is_fatal() {
+        let os = io::Error::from_raw_os_error;
+        for code in [
+            nix::libc::ENOBUFS,
+            nix::libc::ENOMEM,
+            nix::libc::EIO,
+            nix::libc::EINVAL,
+        ] {
+            assert_eq!(Fault::of(&os(code)), Fault::Transient, "errno {code}");
+        }
+        for code in [nix::libc::EBADF, nix::libc::ENODEV, nix::libc::ENXIO] {
+            assert_eq!(Fault::of(&os(code)), Fault::Gone, "errno {code}");
+        }
+        #[cfg(target_os = "linux")]
+        assert_eq!(Fault::of(&os(nix::libc::EBADFD)), Fault::Gone);
+        assert_eq!(
+            Fault::of(&io::Error::from(io::ErrorKind::BrokenPipe)),
+            Fault::Gone
+        );
+        assert_eq!(
+            Fault::of(&io::Error::other("something else")),
+            Fault::Transient
+        );
+    }
 }

@@ -314,6 +314,12 @@ pub struct UpArgs {
     /// connecting until its own connect ends). New connections beyond it are reset at once.
     #[arg(long, default_value_t = crate::driver::DEFAULT_MAX_OPENING as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_opening: u64,
+    /// MiB that all flows together may hold buffered (SSH receive windows, bytes waiting for
+    /// an app or for the channel). As it fills, new window grants shrink, down to 64 KiB per
+    /// flow: a few hundred paused downloads (a JVM at a breakpoint) cost at most about this
+    /// much, and every flow still progresses.
+    #[arg(long, default_value_t = crate::budget::DEFAULT_BUDGET >> 20, value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pub memory_budget: u64,
     /// Seconds to wait for the jump host to connect a new flow before resetting it.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub open_timeout: u64,
@@ -429,6 +435,7 @@ impl UpArgs {
             max_flows: self.max_flows as usize,
             max_inbound: self.max_inbound as usize,
             max_opening: self.max_opening as usize,
+            memory_budget: self.memory_budget << 20,
             open_timeout: std::time::Duration::from_secs(self.open_timeout),
             expose: self.expose.clone(),
             advertise: self.advertise,

@@ -121,6 +121,13 @@ pub struct Profile {
         deserialize_with = "ranged::<_, 1, 1_000_000>"
     )]
     pub max_opening: Option<u64>,
+    /// `--memory-budget` (MiB).
+    #[serde(
+        default,
+        alias = "memory-budget",
+        deserialize_with = "ranged::<_, 16, 1_048_576>"
+    )]
+    pub memory_budget: Option<u64>,
     /// `--open-timeout`.
     #[serde(
         default,
@@ -171,7 +178,7 @@ pub struct Profile {
 }
 
 /// The keys of a profile, as the file spells them (for "did you mean").
-const KEYS: [&str; 22] = [
+const KEYS: [&str; 23] = [
     "proxy",
     "cidrs",
     "excludes",
@@ -183,6 +190,7 @@ const KEYS: [&str; 22] = [
     "max_flows",
     "max_inbound",
     "max_opening",
+    "memory_budget",
     "open_timeout",
     "connect_timeout",
     "keepalive",
@@ -618,6 +626,11 @@ pub fn apply(args: &mut UpArgs, matches: &ArgMatches, profile: &Profile, home: &
         && let Some(v) = profile.max_opening
     {
         args.max_opening = v;
+    }
+    if !typed("memory_budget")
+        && let Some(v) = profile.memory_budget
+    {
+        args.memory_budget = v;
     }
     if !typed("open_timeout")
         && let Some(v) = profile.open_timeout

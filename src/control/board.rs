@@ -65,6 +65,12 @@ impl Board {
                 connections: 0,
                 connections_up: 0,
                 flows_active: 0,
+                flows_closing: 0,
+                memory_budget: 0,
+                memory_windows: 0,
+                memory_buffered: 0,
+                tun_write_drops: 0,
+                tun_read_errors: 0,
                 flows_opened: 0,
                 flows_refused: 0,
                 flows_over_limit: 0,
@@ -192,6 +198,10 @@ impl Board {
         if let Some(rx) = sources.stats.as_ref() {
             let e = *rx.borrow();
             st.flows_active = e.flows_active;
+            st.flows_closing = e.flows_closing;
+            st.memory_budget = e.memory_budget;
+            st.memory_windows = e.windows;
+            st.memory_buffered = e.buffered;
             st.inbound_active = e.inbound_active;
             add(&mut st, &e);
         }
@@ -216,6 +226,8 @@ fn add(st: &mut Status, e: &EngineStats) {
     st.bytes_down += e.bytes_down;
     st.inbound_opened += e.inbound_opened;
     st.inbound_refused += e.inbound_refused;
+    st.tun_write_drops += e.tun_write_drops;
+    st.tun_read_errors += e.tun_read_errors;
 }
 
 impl LinkObserver for Board {

@@ -243,6 +243,7 @@ mod tests {
             "connections",
             "connections_up",
             "flows_active",
+            "flows_closing",
             "flows_opened",
             "flows_refused",
             "flows_over_limit",
@@ -254,6 +255,11 @@ mod tests {
             "inbound_active",
             "max_flows",
             "max_inbound",
+            "memory_budget",
+            "memory_windows",
+            "memory_buffered",
+            "tun_write_drops",
+            "tun_read_errors",
             "forwards",
         ];
         documented.sort_unstable();

@@ -14,7 +14,7 @@ pub fn render(st: &Status) -> String {
     };
     let up = st.uptime_secs;
     out.push_str(&format!(
-        "state       {state} ({}/{} connections up)\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
+        "state       {state} ({}/{} connections up)\njump host   {}\ntun         {} (pid {})\nuptime      {}h{:02}m{:02}s\nroutes      {}\nflows       {} active, {} closing, {} opened, {} refused, {} over limit\nbytes       {} up, {} down\nreconnects  {}\n",
         st.connections_up,
         st.connections,
         st.jump,
@@ -25,6 +25,7 @@ pub fn render(st: &Status) -> String {
         up % 60,
         st.routes.join(", "),
         st.flows_active,
+        st.flows_closing,
         st.flows_opened,
         st.flows_refused,
         st.flows_over_limit,
@@ -32,6 +33,20 @@ pub fn render(st: &Status) -> String {
         crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
+    if st.memory_budget > 0 {
+        out.push_str(&format!(
+            "memory      {} in windows + {} buffered, of a {} budget\n",
+            crate::logging::bytes(st.memory_windows),
+            crate::logging::bytes(st.memory_buffered),
+            crate::logging::bytes(st.memory_budget)
+        ));
+    }
+    if st.tun_write_drops + st.tun_read_errors > 0 {
+        out.push_str(&format!(
+            "tun errors  {} packets dropped on write, {} failed reads (passing; the session went on)\n",
+            st.tun_write_drops, st.tun_read_errors
+        ));
+    }
     if st.max_inbound > 0 {
         out.push_str(&format!(
             "limits      {} outbound flows; {} cloud callers ({} connected)\n",

@@ -190,6 +190,10 @@ pub struct Status {
     pub connections_up: u32,
     /// Flows open right now.
     pub flows_active: u64,
+    /// Flows that ended whose SSH channel is still writing what it held (at most
+    /// `close_linger`); they count against the flow limits.
+    #[serde(default)]
+    pub flows_closing: u64,
     /// Flows admitted since start.
     pub flows_opened: u64,
     /// Flows refused (the jump host could not connect) since start.
@@ -218,6 +222,24 @@ pub struct Status {
     /// `--max-inbound`: the budget of cloud callers, separate from `max_flows`.
     #[serde(default)]
     pub max_inbound: u64,
+    /// `--memory-budget`, in bytes (see `memory_windows` and `memory_buffered`).
+    #[serde(default)]
+    pub memory_budget: u64,
+    /// Bytes of SSH receive windows committed to channels (what the jump host may send
+    /// without asking), counted against the memory budget.
+    #[serde(default)]
+    pub memory_windows: u64,
+    /// Bytes the engine holds for flows (for apps, and for channels), counted against the
+    /// memory budget.
+    #[serde(default)]
+    pub memory_buffered: u64,
+    /// Packets for the TUN dropped because writing them failed for a passing reason
+    /// (`ENOBUFS`, the link down), and TUN reads that failed so; the session went on.
+    #[serde(default)]
+    pub tun_write_drops: u64,
+    /// See `tun_write_drops`.
+    #[serde(default)]
+    pub tun_read_errors: u64,
     /// The exposed ports (`--expose`, `mse-vpn run --expose`).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,

@@ -72,6 +72,9 @@ const MAX_TCP_WAITING: usize = 16;
 const TCP_ROOM_WAIT: Duration = Duration::from_secs(1);
 /// An idle TCP client connection is closed after this long.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// An answer to a TCP client must be written within this long, or the connection is closed:
+/// a client that stops reading would otherwise hold its slot for good.
+const TCP_WRITE: Duration = Duration::from_secs(10);
 
 /// Failures of the DNS responder's setup. Messages say what to do.
 #[derive(Debug, Error)]
@@ -179,6 +182,8 @@ struct Ctx {
     upstream_sockets: Semaphore,
     /// Wakes the longest-idle TCP client so that it closes (room for a new one).
     evict: tokio::sync::Notify,
+    /// [`TCP_WRITE`] (shorter in tests).
+    tcp_write: Duration,
 }
 
 impl Responder {
@@ -207,8 +212,18 @@ impl Responder {
                 busy: Semaphore::new(MAX_CONCURRENT),
                 upstream_sockets: Semaphore::new(MAX_UPSTREAM_SOCKETS),
                 evict: tokio::sync::Notify::new(),
+                tcp_write: TCP_WRITE,
             }),
         })
+    }
+
+    /// Answers to TCP clients must be written within `limit` (tests shorten [`TCP_WRITE`]).
+    #[cfg(test)]
+    fn with_tcp_write(mut self, limit: Duration) -> Responder {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.tcp_write = limit;
+        }
+        self
     }
 
     /// Its query counters.
@@ -298,9 +313,12 @@ impl Responder {
         let sock = self.udp.clone();
         let ctx = self.ctx.clone();
         let Ok(permit) = ctx.busy.try_acquire() else {
+            // Busy: answered at once from this loop, without a task per query (a flood
+            // would spawn one per datagram); an answer the socket has no room for is
+            // dropped, as UDP may.
             let answer = wire::error_answer(&raw, &query, RCODE_SERVFAIL);
             ctx.counters.servfail.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move { sock.send_to(&answer, peer).await });
+            let _ = sock.try_send_to(&answer, peer);
             return;
         };
         permit.forget();
@@ -343,7 +361,9 @@ async fn tcp_client(mut stream: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
         let mut out = Vec::with_capacity(answer.len() + 2);
         out.extend_from_slice(&(answer.len() as u16).to_be_bytes());
         out.extend_from_slice(&answer);
-        stream.write_all(&out).await?;
+        tokio::time::timeout(ctx.tcp_write, stream.write_all(&out))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
     }
 }
 
@@ -500,7 +520,7 @@ mod tests {
     }
 
     /// A fake original nameserver (UDP and TCP on one port): names starting with "big"
-    /// get a 3000-byte answer, others 20 bytes.
+    /// get a 3000-byte answer, "huge" a 60,000-byte one, others 20 bytes.
     async fn fake_upstream() -> SocketAddr {
         // UDP picks a free port; TCP may already use that number (Wine hit it): pick again.
         let mut tries = 0;
@@ -517,8 +537,11 @@ mod tests {
             }
         };
         let size = |q: &[u8]| {
-            if Query::parse(q).unwrap().name.starts_with("big") {
+            let name = Query::parse(q).unwrap().name;
+            if name.starts_with("big") {
                 3000
+            } else if name.starts_with("huge") {
+                60_000
             } else {
                 20
             }
@@ -548,6 +571,14 @@ mod tests {
     async fn responder(
         upstream: Vec<SocketAddr>,
     ) -> (SocketAddr, Arc<DnsCounters>, watch::Sender<bool>) {
+        responder_with(upstream, TCP_WRITE).await
+    }
+
+    /// [`responder`] whose TCP answers must be written within `tcp_write`.
+    async fn responder_with(
+        upstream: Vec<SocketAddr>,
+        tcp_write: Duration,
+    ) -> (SocketAddr, Arc<DnsCounters>, watch::Sender<bool>) {
         let pool = Pool::new(1); // no SSH link is up
         let tunnel = Tunnel::spawn(
             pool,
@@ -567,7 +598,8 @@ mod tests {
             counters.clone(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .with_tcp_write(tcp_write);
         let addr = r.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         tokio::spawn(r.run(rx));
@@ -681,6 +713,60 @@ mod tests {
             Some(fake_answer(&q, 20)),
             "answered despite the idle clients"
         );
+    }
+
+    /// A DNS-over-TCP client that sends queries and stops reading is closed once an answer
+    /// cannot be written within the deadline, instead of holding its slot for good.
+    #[tokio::test]
+    async fn a_tcp_client_that_stops_reading_is_closed_at_the_write_deadline() {
+        // 200 answers of 60 KB: far more than the sockets between them can buffer.
+        const QUERIES: u16 = 200;
+        let upstream = fake_upstream().await;
+        let (addr, _, _stop) = responder_with(vec![upstream], Duration::from_millis(300)).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for id in 0..QUERIES {
+            let q = query(id, "huge.example.org", None);
+            c.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+            c.write_all(&q).await.unwrap();
+        }
+        // The client reads nothing for a while: the responder's writes stall, then it gives
+        // up on the client.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(TCP_IDLE / 2, c.read_to_end(&mut got)).await;
+        assert!(
+            ended.is_ok(),
+            "the connection was still open after the write deadline ({} bytes read)",
+            got.len()
+        );
+        assert!(
+            got.len() < usize::from(QUERIES) * 60_000,
+            "every answer was written ({} bytes)",
+            got.len()
+        );
+    }
+
+    /// Queries beyond what the responder handles at once are answered SERVFAIL at once.
+    #[tokio::test]
+    async fn queries_beyond_the_concurrency_bound_get_servfail_at_once() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (addr, counters, _stop) = responder(vec![silent.local_addr().unwrap()]).await;
+        let client = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        // To a silent nameserver: each query holds a permit for the query timeout (the
+        // descriptor bound answers some at once too).
+        for id in 0..MAX_CONCURRENT as u16 + 32 {
+            let q = query(id, "www.example.org", None);
+            client.send_to(&q, addr).await.unwrap();
+        }
+        let mut buf = vec![0u8; 512];
+        let mut fast = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(QUERY_TIMEOUT / 4, client.recv(&mut buf)).await {
+            assert_eq!(buf[3] & 0x0f, RCODE_SERVFAIL);
+            fast += 1;
+        }
+        assert!(fast >= 32, "{fast} fast answers");
+        assert!(counters.servfail.load(Ordering::Relaxed) >= 32);
+        drop(silent);
     }
 
     #[tokio::test]

@@ -65,6 +65,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// True if the flow's channel is closed only after what was handed over for it is
+    /// written (a normal end: FIN both ways). Every other end is a reset: what the flow still
+    /// holds is discarded and its channel closed at once, as the kernel discards a reset
+    /// connection's unsent bytes.
+    pub fn flushes(self) -> bool {
+        self == CloseReason::Finished
+    }
+
     /// True for the reasons that are an ordinary end of a flow (not worth a warning).
     pub fn is_normal(self) -> bool {
         matches!(
@@ -142,6 +150,11 @@ impl<T> FlowTable<T> {
         let id = self.insert(key, make);
         self.inbound.insert(id);
         id
+    }
+
+    /// True if `id` is a live inbound flow.
+    pub fn is_inbound(&self, id: FlowId) -> bool {
+        self.inbound.contains(&id)
     }
 
     /// Number of live inbound flows.

@@ -25,6 +25,8 @@
 //! destination is created and fed its held SYN in the same call, so concurrent flows to the
 //! same destination can never steal each other's SYN.
 
+mod bucket;
+mod closing;
 mod device;
 pub mod flow;
 pub mod packet;
@@ -46,6 +48,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 
+pub use closing::CLOSE_GRACE;
 pub use device::{QueueDevice, RxPacket, TunFormat, VNET_HDR_LEN, rx_buffer_len};
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
 pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
@@ -74,6 +77,14 @@ pub const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_secs(63);
 /// cannot turn the engine into an ACK amplifier.
 const CHALLENGE_ACK_INTERVAL: Duration = Duration::from_millis(500);
 
+/// ICMP unreachable replies (to UDP and ICMP for routed addresses) sent at most this many a
+/// second, after a burst of [`ICMP_BURST`], as Linux's `icmp_msgs_per_sec` and
+/// `icmp_msgs_burst`: a local flood of UDP to VPC addresses cannot make the engine answer
+/// it packet for packet.
+pub const ICMP_RATE: u32 = 1000;
+/// See [`ICMP_RATE`].
+pub const ICMP_BURST: u32 = 50;
+
 /// Default of [`EngineConfig::max_inbound`] (`--max-inbound`).
 pub const DEFAULT_MAX_INBOUND: usize = 1_000;
 
@@ -101,7 +112,18 @@ pub struct EngineConfig {
     pub open_timeout: Duration,
     /// How packets look on the TUN (a header in front, checksum offload).
     pub tun: TunFormat,
+    /// How long a flow that ended normally (FIN both ways) may take to write what it still
+    /// holds for its channel: then the rest is discarded and the channel closed
+    /// ([`Event::CloseNow`]). Until then it is closing: counted against the limits.
+    pub close_linger: Duration,
+    /// The memory budget (`--memory-budget`, see [`crate::budget`]): as it fills, each
+    /// flow's upload credit and what the engine puts in its socket for the app shrink, down
+    /// to [`crate::budget::FLOOR`]. `None`: no budget.
+    pub memory_budget: Option<u64>,
 }
+
+/// Default of [`EngineConfig::close_linger`]: Linux's `tcp_fin_timeout`.
+pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -114,6 +136,8 @@ impl Default for EngineConfig {
             max_inflight_msgs: 128,
             open_timeout: Duration::from_secs(10),
             tun: TunFormat::default(),
+            close_linger: DEFAULT_CLOSE_LINGER,
+            memory_budget: None,
         }
     }
 }
@@ -154,7 +178,9 @@ pub enum Event {
         /// Why ([`CloseReason::FlowLimit`]).
         reason: CloseReason,
     },
-    /// The flow is over: close its channel after any earlier data and forget the id.
+    /// The flow is over: close its channel, after the data already handed over if
+    /// [`CloseReason::flushes`] (a normal end), at once discarding it otherwise (a reset).
+    /// A flow whose channel was open stays *closing* until [`Engine::handle_close_done`].
     Close {
         /// The flow.
         id: FlowId,
@@ -162,6 +188,12 @@ pub enum Event {
         key: FlowKey,
         /// Why it ended.
         reason: CloseReason,
+    },
+    /// A closing flow's channel did not finish writing what it held within
+    /// [`EngineConfig::close_linger`]: discard the rest and close the channel now.
+    CloseNow {
+        /// The flow.
+        id: FlowId,
     },
 }
 
@@ -184,6 +216,18 @@ pub enum InboundError {
 pub struct EngineStats {
     /// Flows live right now (opening or open), inbound ones included.
     pub flows_active: u64,
+    /// Flows that ended whose channel is not closed yet (it is writing what it held, within
+    /// [`EngineConfig::close_linger`]); they count against the flow limits.
+    pub flows_closing: u64,
+    /// Closing flows whose flush ran out of time ([`Event::CloseNow`]).
+    pub close_flushes_cut: u64,
+    /// Bytes the engine holds for flows right now: waiting for the app or for its
+    /// acknowledgement, and taken from the app and not yet written to the channel.
+    pub buffered: u64,
+    /// Receive windows committed to channels, as last reported by the memory budget.
+    pub windows: u64,
+    /// The memory budget ([`EngineConfig::memory_budget`]; 0: none).
+    pub memory_budget: u64,
     /// Inbound flows (cloud callers) live right now.
     pub inbound_active: u64,
     /// Flows admitted (SYN held, channel requested).
@@ -204,11 +248,18 @@ pub struct EngineStats {
     pub packets_dropped: u64,
     /// ICMP unreachable replies sent for traffic the tunnel does not carry.
     pub icmp_rejects: u64,
+    /// ICMP unreachable replies not sent, over the rate limit ([`ICMP_RATE`]).
+    pub icmp_rejects_suppressed: u64,
     /// RSTs and SYNs not taken on an established flow (RFC 5961): in-window RSTs without the
     /// exact sequence number, SYNs on a synchronized connection, out-of-window RSTs.
     pub rst_syn_screened: u64,
     /// Flows dropped because the app never acknowledged their SYN-ACK.
     pub syn_received_timeouts: u64,
+    /// Packets for the TUN dropped because writing them failed for a passing reason
+    /// (`ENOBUFS`, the link down): TCP retransmits them.
+    pub tun_write_drops: u64,
+    /// Reads from the TUN that failed for a passing reason.
+    pub tun_read_errors: u64,
 }
 
 /// Where a flow is in its life.
@@ -304,6 +355,11 @@ struct Flow {
     seq: Option<SeqState>,
     /// Bytes that went through the socket's buffers, both ways (see [`sockets`]).
     moved: u64,
+    /// The driver has a channel for it (from [`Engine::handle_open_ok`], or
+    /// [`Event::Connected`] for an inbound flow): its end makes it closing.
+    channel: bool,
+    /// Bytes it holds, as of its last service (counted in [`Engine::buffered`]).
+    held: u64,
 }
 
 /// The connection's sequence space as smoltcp's own segments to the app show it.
@@ -318,6 +374,9 @@ struct SeqState {
     window: u16,
     /// When the last challenge ACK went out.
     challenged_at: Option<Instant>,
+    /// A challenge was held back by the rate limit: it goes out once the interval is over
+    /// (the sweep sends it), so the last RST of a burst is always answered.
+    challenge_due: bool,
 }
 
 impl Flow {
@@ -333,6 +392,8 @@ impl Flow {
             dirty: false,
             seq: None,
             moved: 0,
+            channel: false,
+            held: 0,
         }
     }
 
@@ -440,6 +501,14 @@ pub struct Engine {
     rng: StdRng,
     /// Closed sockets for the next flows.
     sockets: sockets::SocketPool,
+    /// Flows that ended whose channel is not closed yet.
+    closing: closing::ClosingFlows,
+    /// The rate limit of ICMP unreachable replies.
+    icmp: bucket::Bucket,
+    /// Bytes all flows hold (the sum of their `held`).
+    buffered: u64,
+    /// Receive windows committed to channels, as last reported ([`Engine::handle_windows`]).
+    windows: u64,
 }
 
 impl Engine {
@@ -461,6 +530,10 @@ impl Engine {
             stats: EngineStats::default(),
             room: Vec::new(),
             rng,
+            closing: closing::ClosingFlows::default(),
+            icmp: bucket::Bucket::new(ICMP_RATE, ICMP_BURST),
+            buffered: 0,
+            windows: 0,
         }
     }
 
@@ -469,6 +542,10 @@ impl Engine {
         EngineStats {
             flows_active: self.flows.len() as u64,
             inbound_active: self.flows.inbound_len() as u64,
+            flows_closing: self.closing.len() as u64,
+            buffered: self.buffered,
+            windows: self.windows,
+            memory_budget: self.config.memory_budget.unwrap_or(0),
             ..self.stats
         }
     }
@@ -499,6 +576,10 @@ impl Engine {
         match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload) {
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
+                self.spare.recycle_rx(packet.buf);
+            }
+            Ingress::Reject(_) if !self.icmp.take(now) => {
+                self.stats.icmp_rejects_suppressed += 1;
                 self.spare.recycle_rx(packet.buf);
             }
             Ingress::Reject(kind) => {
@@ -547,13 +628,7 @@ impl Engine {
                     }
                 } else if flags.rst {
                     // The app gave up before the channel opened.
-                    let key = flow.key;
-                    self.flows.remove(id, &key);
-                    self.events.push_back(Event::Close {
-                        id,
-                        key,
-                        reason: CloseReason::AppReset,
-                    });
+                    self.end(now, id, CloseReason::AppReset);
                 }
             }
             Phase::Connecting { .. } | Phase::Open { .. } | Phase::Ending { .. } => {
@@ -565,9 +640,10 @@ impl Engine {
 
     /// Screens an RST or a SYN for a live flow against its sequence space (RFC 5961): true
     /// to go on with it. An RST is taken only with exactly the next expected sequence number;
-    /// one elsewhere in the window, and a SYN on a synchronized connection, get a challenge
-    /// ACK instead (the real peer answers it with an exact RST, an off-path attacker never
-    /// sees it); an RST outside the window is dropped.
+    /// any other, and a SYN on a synchronized connection, get a challenge ACK instead (the
+    /// real peer answers it with an exact RST, an off-path attacker never sees it), rate
+    /// limited, the last one of a burst deferred rather than dropped (see
+    /// [`Engine::challenge`]).
     fn screen(&mut self, now: Instant, id: FlowId, flags: TcpFlags, seq: TcpSeqNumber) -> bool {
         let Some(flow) = self.flows.get(id) else {
             return false;
@@ -591,50 +667,71 @@ impl Engine {
         if !self.shards[i].device.rx.is_empty() {
             self.poll_shard(i, now);
         }
-        let Some(flow) = self.flows.get_mut(id) else {
+        let Some(flow) = self.flows.get(id) else {
             return false;
         };
-        let socket = self.shards[i].sockets.get::<tcp::Socket>(handle);
-        let state = socket.state();
-        let window = socket
-            .recv_capacity()
-            .saturating_sub(socket.recv_queue())
-            .max(1);
-        let Some((track, rcv_nxt)) = flow.seq.as_mut().and_then(|t| t.rcv_nxt.map(|r| (t, r)))
-        else {
+        let state = self.shards[i].sockets.get::<tcp::Socket>(handle).state();
+        let Some(rcv_nxt) = flow.seq.as_ref().and_then(|t| t.rcv_nxt) else {
             return true; // nothing acknowledged yet (an inbound flow's SYN): smoltcp decides
         };
         let synchronized = !matches!(
             state,
             tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
         );
-        let challenge = if flags.rst {
-            if state == tcp::State::SynSent || seq == rcv_nxt {
-                return true;
-            }
-            // Sequence numbers wrap: the signed distance says before or after.
-            let offset = seq.0.wrapping_sub(rcv_nxt.0);
-            if offset < 0 || offset as usize >= window {
-                self.stats.rst_syn_screened += 1;
-                return false; // outside the window: dropped silently
-            }
-            true
-        } else {
-            synchronized
-        };
-        if !challenge {
+        if flags.rst && (state == tcp::State::SynSent || seq == rcv_nxt) {
             return true;
         }
+        if !flags.rst && !synchronized {
+            return true;
+        }
+        // Any other RST, and a SYN on a synchronized connection, is answered with a challenge
+        // ACK. An RST outside the window too (RFC 5961 drops those silently): an app whose
+        // last bytes the engine did not take (its window was full) resets at a sequence
+        // number past the window, and the challenge is how its kernel gets to send the exact
+        // RST that ends the flow.
         self.stats.rst_syn_screened += 1;
+        self.challenge(now, id);
+        false
+    }
+
+    /// Sends the flow a challenge ACK (RFC 5961) carrying the exact next sequence numbers, at
+    /// most one per [`CHALLENGE_ACK_INTERVAL`]; one held back by that limit goes out when the
+    /// interval is over ([`Engine::poll`]'s sweep).
+    fn challenge(&mut self, now: Instant, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        let key = flow.key;
+        let Some(track) = flow.seq.as_mut() else {
+            return;
+        };
+        let Some(rcv_nxt) = track.rcv_nxt else {
+            return;
+        };
         if track
             .challenged_at
-            .is_none_or(|t| now >= t + CHALLENGE_ACK_INTERVAL)
-            && let Some(ack) = packet::ack_segment(&flow.key, track.snd_nxt, rcv_nxt, track.window)
+            .is_some_and(|t| now < t + CHALLENGE_ACK_INTERVAL)
         {
+            track.challenge_due = true;
+            return;
+        }
+        track.challenge_due = false;
+        if let Some(ack) = packet::ack_segment(&key, track.snd_nxt, rcv_nxt, track.window) {
             track.challenged_at = Some(now);
             self.tx.push_back(device::with_header(self.config.tun, ack));
         }
-        false
+    }
+
+    /// Sends the challenge ACKs the rate limit held back, once their interval is over.
+    fn send_due_challenges(&mut self, now: Instant, id: FlowId) {
+        let due = self
+            .flows
+            .get(id)
+            .and_then(|f| f.seq.as_ref())
+            .is_some_and(|t| t.challenge_due);
+        if due {
+            self.challenge(now, id);
+        }
     }
 
     /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
@@ -658,6 +755,7 @@ impl Engine {
                 rcv_nxt: None,
                 window: e.window,
                 challenged_at: None,
+                challenge_due: false,
             });
             track.snd_nxt = track.snd_nxt.max(e.seq_end);
             if let Some(ack) = e.ack {
@@ -674,7 +772,8 @@ impl Engine {
             self.stats.packets_dropped += 1;
             return;
         };
-        if self.flows.len() - self.flows.inbound_len() >= self.config.max_flows {
+        let outbound = self.flows.len() - self.flows.inbound_len() + self.closing.outbound();
+        if outbound >= self.config.max_flows {
             self.stats.flows_over_limit += 1;
             self.events.push_back(Event::Refused {
                 key,
@@ -709,6 +808,8 @@ impl Engine {
             return;
         };
         let syn = std::mem::take(syn);
+        // The driver holds the channel from here on, whatever happens next.
+        flow.channel = true;
         let mut socket = self.sockets.take();
         let endpoint = IpListenEndpoint {
             addr: Some(flow.key.dst.ip().into()),
@@ -716,7 +817,7 @@ impl Engine {
         };
         if socket.listen(endpoint).is_err() {
             // Port 0 cannot be listened on: refuse like a closed port.
-            self.refuse(id, syn, CloseReason::OpenRefused);
+            self.refuse(now, id, syn, CloseReason::OpenRefused);
             return;
         }
         let handle = shard.sockets.add(socket);
@@ -728,21 +829,15 @@ impl Engine {
         shard.reseed(now, seed);
         shard.inject(syn);
         self.poll_shard(i, now);
-        let shard = &mut self.shards[i];
-        let Some(flow) = self.flows.get_mut(id) else {
+        if self.flows.get(id).is_none() {
             return;
-        };
+        }
+        let shard = &mut self.shards[i];
         let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
             self.sockets.give(shard.sockets.remove(handle), 0);
-            let key = flow.key;
-            self.flows.remove(id, &key);
-            self.events.push_back(Event::Close {
-                id,
-                key,
-                reason: CloseReason::OpenRefused,
-            });
+            self.end(now, id, CloseReason::OpenRefused);
         }
     }
 
@@ -761,7 +856,7 @@ impl Engine {
         if caller.is_ipv4() != local.is_ipv4() || caller.port() == 0 || local.port() == 0 {
             return Err(InboundError::Unroutable);
         }
-        if self.flows.inbound_len() >= self.config.max_inbound {
+        if self.flows.inbound_len() + self.closing.inbound() >= self.config.max_inbound {
             self.stats.flows_over_limit += 1;
             return Err(InboundError::FlowLimit);
         }
@@ -806,28 +901,120 @@ impl Engine {
     }
 
     /// The channel for `id` could not be opened: the app gets a TCP reset for its SYN.
-    pub fn handle_open_failed(&mut self, _now: Instant, id: FlowId, reason: CloseReason) {
+    pub fn handle_open_failed(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         if let Phase::Opening { syn, .. } = &mut flow.phase {
             let syn = std::mem::take(syn);
-            self.refuse(id, syn, reason);
+            self.refuse(now, id, syn, reason);
         }
     }
 
-    fn refuse(&mut self, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
-        let Some(key) = self.flows.get(id).map(|f| f.key) else {
+    fn refuse(&mut self, now: Instant, id: FlowId, syn: Vec<u8>, reason: CloseReason) {
+        if self.flows.get(id).is_none() {
             return;
-        };
-        self.flows.remove(id, &key);
+        }
         match reason {
             CloseReason::OpenLimit => self.stats.flows_over_limit += 1,
             _ => self.stats.flows_refused += 1,
         }
         // With no socket listening, smoltcp answers the held SYN with RST.
         self.shards[shard_of(id)].inject(syn);
+        self.end(now, id, reason);
+    }
+
+    /// Forgets a flow (its socket, if any, is already gone) and tells the driver to close its
+    /// channel; a flow that had one is closing until [`Engine::handle_close_done`].
+    fn end(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
+        let inbound = self.flows.is_inbound(id);
+        let Some(flow) = self.flows.get(id) else {
+            return;
+        };
+        let (key, channel) = (flow.key, flow.channel);
+        self.buffered -= flow.held;
+        self.flows.remove(id, &key);
+        if channel {
+            self.closing
+                .insert(id, inbound, reason.flushes(), now, self.config.close_linger);
+        }
         self.events.push_back(Event::Close { id, key, reason });
+    }
+
+    /// Checks the engine's invariants, for tests and fuzzers (`fuzz/`): no socket listens
+    /// (each one listens only for the call that feeds it its SYN); every socket belongs to a
+    /// live flow, and every flow past its open has one; `buffered` is the sum of what the
+    /// flows hold. O(flows): not for the packet path.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sockets = 0;
+        for shard in &self.shards {
+            for (_, s) in shard.sockets.iter() {
+                #[allow(irrefutable_let_patterns)]
+                if let smoltcp::socket::Socket::Tcp(s) = s
+                    && s.state() == tcp::State::Listen
+                {
+                    return Err("a socket is listening".into());
+                }
+                sockets += 1;
+            }
+        }
+        let with_socket = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.phase.handle().is_some())
+            .count();
+        if sockets != with_socket {
+            return Err(format!(
+                "{sockets} sockets for {with_socket} flows with one"
+            ));
+        }
+        let held: u64 = self.flows.iter().map(|(_, f)| f.held).sum();
+        if held != self.buffered {
+            return Err(format!(
+                "buffered {} but the flows hold {held}",
+                self.buffered
+            ));
+        }
+        Ok(())
+    }
+
+    /// The receive windows committed to channels now (from the memory budget): what the
+    /// flows' allowances are reckoned against, with what the engine holds.
+    pub fn handle_windows(&mut self, windows: u64) {
+        self.windows = windows;
+    }
+
+    /// What a flow holding `own` bytes may hold now, down (socket and pending bytes for the
+    /// app) and up (taken from the app, not yet written): see [`EngineConfig::memory_budget`].
+    fn allowances(&self, own: u64) -> (usize, usize) {
+        let Some(limit) = self.config.memory_budget else {
+            return (usize::MAX, self.config.max_inflight);
+        };
+        let others = (self.windows + self.buffered).saturating_sub(own);
+        let share = |max: usize| {
+            crate::budget::allowance(limit, others, max as u64, crate::budget::FLOOR) as usize
+        };
+        (
+            share(self.config.tcp_buffer + PENDING_LOW),
+            share(self.config.max_inflight),
+        )
+    }
+
+    /// The channel of a flow that ended is closed (its close went out, or it was already
+    /// gone): the flow no longer counts as closing. Call it once the driver let go of the
+    /// channel of any flow that ended (unknown ids are ignored).
+    pub fn handle_close_done(&mut self, id: FlowId) {
+        self.closing.done(id);
+    }
+
+    /// Cuts short the flushes of closing flows that ran out of time.
+    fn expire_closing(&mut self, now: Instant) {
+        let expired = self.closing.expire(now);
+        self.stats.close_flushes_cut += expired.cut.len() as u64;
+        for id in expired.cut {
+            self.events.push_back(Event::CloseNow { id });
+        }
     }
 
     /// Bytes that arrived on the flow's channel. Read a flow's channel only while
@@ -877,7 +1064,7 @@ impl Engine {
     }
 
     /// The channel was closed by the jump host. Without a prior EOF this is a reset.
-    pub fn handle_channel_closed(&mut self, _now: Instant, id: FlowId) {
+    pub fn handle_channel_closed(&mut self, now: Instant, id: FlowId) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -890,7 +1077,7 @@ impl Engine {
                 }
                 mark_dirty(&mut self.dirty, id, flow);
             }
-            _ => self.abort(id, CloseReason::RemoteReset),
+            _ => self.abort(now, id, CloseReason::RemoteReset),
         }
     }
 
@@ -913,22 +1100,22 @@ impl Engine {
                 _ => None,
             };
             match opening {
-                Some(syn) => self.refuse(id, syn, reason),
-                None => self.abort(id, reason),
+                Some(syn) => self.refuse(now, id, syn, reason),
+                None => self.abort(now, id, reason),
             }
         }
         self.poll(now);
     }
 
     /// Resets one flow towards the app; its `Close` event follows once the RST is out.
-    pub fn abort(&mut self, id: FlowId, reason: CloseReason) {
+    pub fn abort(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         match &mut flow.phase {
             Phase::Opening { syn, .. } => {
                 let syn = std::mem::take(syn);
-                self.refuse(id, syn, reason);
+                self.refuse(now, id, syn, reason);
             }
             Phase::Connecting { handle } | Phase::Open { handle, .. } => {
                 let handle = *handle;
@@ -954,7 +1141,9 @@ impl Engine {
                     mark_dirty(&mut self.dirty, id, flow);
                 }
                 self.expire_handshake(now, id);
+                self.send_due_challenges(now, id);
             }
+            self.expire_closing(now);
         }
         for _ in 0..8 {
             for i in 0..SHARDS {
@@ -963,7 +1152,7 @@ impl Engine {
                     self.poll_shard(i, now);
                 }
             }
-            if !self.service_dirty() {
+            if !self.service_dirty(now) {
                 break;
             }
         }
@@ -979,7 +1168,7 @@ impl Engine {
         if let Phase::Opening { syn, deadline } = &mut flow.phase {
             if now >= *deadline {
                 let syn = std::mem::take(syn);
-                self.refuse(id, syn, CloseReason::OpenTimedOut);
+                self.refuse(now, id, syn, CloseReason::OpenTimedOut);
             }
             return;
         }
@@ -998,7 +1187,7 @@ impl Engine {
         }
         if now >= at + SYN_RECEIVED_TIMEOUT {
             self.stats.syn_received_timeouts += 1;
-            self.abort(id, CloseReason::TimedOut);
+            self.abort(now, id, CloseReason::TimedOut);
         }
     }
 
@@ -1017,6 +1206,19 @@ impl Engine {
         self.spare.recycle(buf);
     }
 
+    /// A packet from [`Engine::poll_transmit`] could not be written to the TUN, for a
+    /// passing reason: it is dropped (TCP retransmits, as for a packet lost on a wire) and
+    /// counted; its buffer is reused.
+    pub fn handle_transmit_dropped(&mut self, buf: Vec<u8>) {
+        self.stats.tun_write_drops += 1;
+        self.spare.recycle(buf);
+    }
+
+    /// A read from the TUN failed for a passing reason (counted).
+    pub fn handle_receive_failed(&mut self) {
+        self.stats.tun_read_errors += 1;
+    }
+
     /// When [`Engine::poll`] must run next even if nothing happens.
     pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
         let active = self.shards.iter().any(|s| s.active).then_some(now);
@@ -1026,7 +1228,7 @@ impl Engine {
             .filter_map(|s| s.poll_at)
             .chain(active)
             .min();
-        let sweep = (!self.flows.is_empty()).then_some(self.next_sweep);
+        let sweep = (!self.flows.is_empty() || self.closing.len() > 0).then_some(self.next_sweep);
         match (stack, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1034,11 +1236,11 @@ impl Engine {
     }
 
     /// Services every dirty flow; true if a socket changed so that smoltcp should run again.
-    fn service_dirty(&mut self) -> bool {
+    fn service_dirty(&mut self, now: Instant) -> bool {
         let mut again = false;
         let mut dirty = std::mem::take(&mut self.dirty);
         for id in dirty.drain(..) {
-            again |= self.service(id);
+            again |= self.service(now, id);
         }
         if self.dirty.is_empty() {
             self.dirty = dirty; // keep the allocation
@@ -1046,7 +1248,11 @@ impl Engine {
         again
     }
 
-    fn service(&mut self, id: FlowId) -> bool {
+    fn service(&mut self, now: Instant, id: FlowId) -> bool {
+        let Some(own) = self.flows.get(id).map(|f| f.held) else {
+            return false;
+        };
+        let (allow_down, allow_up) = self.allowances(own);
         let Some(flow) = self.flows.get_mut(id) else {
             return false;
         };
@@ -1065,19 +1271,14 @@ impl Engine {
                     // The local app refused the caller (closed port) or never answered.
                     self.stats.inbound_refused += 1;
                     self.sockets.give(shard.sockets.remove(handle), 0);
-                    let key = flow.key;
-                    self.flows.remove(id, &key);
-                    self.events.push_back(Event::Close {
-                        id,
-                        key,
-                        reason: CloseReason::LocalRefused,
-                    });
+                    self.end(now, id, CloseReason::LocalRefused);
                     return false;
                 }
                 _ => {
                     // The local app answered: the caller's channel may be accepted now, before
                     // any data event of this flow.
                     socket.set_timeout(None);
+                    flow.channel = true;
                     flow.phase = Phase::Open {
                         handle,
                         relay: Relay::new(None),
@@ -1088,10 +1289,11 @@ impl Engine {
         }
 
         if let Phase::Open { relay, .. } = &mut flow.phase {
-            // SSH -> app, as far as the socket's send buffer allows.
+            // SSH -> app, as far as the socket's send buffer (and the budget) allows.
             let before = flow.pending_len;
             while let Some(front) = flow.pending.front_mut() {
-                let n = match socket.send_slice(front) {
+                let room = allow_down.saturating_sub(socket.send_queue());
+                let n = match socket.send_slice(&front[..front.len().min(room)]) {
                     Ok(n) if n > 0 => n,
                     _ => break,
                 };
@@ -1116,10 +1318,10 @@ impl Engine {
             }
             // App -> SSH, within the flow's credit.
             while socket.can_recv()
-                && flow.inflight < self.config.max_inflight
+                && flow.inflight < allow_up
                 && flow.inflight_msgs < self.config.max_inflight_msgs
             {
-                let budget = (self.config.max_inflight - flow.inflight).min(CHUNK);
+                let budget = (allow_up - flow.inflight).min(CHUNK);
                 let data = socket
                     .recv(|buf| {
                         let n = buf.len().min(budget);
@@ -1174,11 +1376,13 @@ impl Engine {
         if progressed {
             shard.active = true;
         }
+        let held =
+            (flow.pending_len + flow.inflight + socket.send_queue() + socket.recv_queue()) as u64;
+        self.buffered = self.buffered + held - flow.held;
+        flow.held = held;
         if let Some(reason) = reason {
             self.sockets.give(shard.sockets.remove(handle), flow.moved);
-            let key = flow.key;
-            self.flows.remove(id, &key);
-            self.events.push_back(Event::Close { id, key, reason });
+            self.end(now, id, reason);
         }
         progressed
     }

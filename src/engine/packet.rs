@@ -337,12 +337,23 @@ pub fn ack_segment(
     ack: TcpSeqNumber,
     window: u16,
 ) -> Option<Vec<u8>> {
+    bare_segment((key.dst, key.src), TcpControl::None, seq, Some(ack), window)
+}
+
+/// A segment without options or payload from `ends.0` to `ends.1`.
+pub(crate) fn bare_segment(
+    ends: (std::net::SocketAddr, std::net::SocketAddr),
+    control: TcpControl,
+    seq: TcpSeqNumber,
+    ack: Option<TcpSeqNumber>,
+    window: u16,
+) -> Option<Vec<u8>> {
     let tcp = TcpRepr {
-        src_port: key.dst.port(),
-        dst_port: key.src.port(),
-        control: TcpControl::None,
+        src_port: ends.0.port(),
+        dst_port: ends.1.port(),
+        control,
         seq_number: seq,
-        ack_number: Some(ack),
+        ack_number: ack,
         window_len: window,
         window_scale: None,
         max_seg_size: None,
@@ -351,7 +362,7 @@ pub fn ack_segment(
         timestamp: None,
         payload: &[],
     };
-    emit_tcp(key.dst.ip(), key.src.ip(), &tcp)
+    emit_tcp(ends.0.ip(), ends.1.ip(), &tcp)
 }
 
 #[cfg(test)]

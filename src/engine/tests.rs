@@ -137,6 +137,19 @@ impl Pair {
         (bytes, rest)
     }
 
+    /// The bytes of all Data events so far, left unacknowledged (the SSH side is stuck).
+    fn uploaded_unacked(&mut self) -> (Vec<u8>, Vec<Event>) {
+        let mut bytes = Vec::new();
+        let mut rest = Vec::new();
+        for e in self.take_events() {
+            match e {
+                Event::Data { data, .. } => bytes.extend_from_slice(&data),
+                other => rest.push(other),
+            }
+        }
+        (bytes, rest)
+    }
+
     fn app_recv_all(&mut self, h: SocketHandle) -> Vec<u8> {
         let mut out = Vec::new();
         let s = self.app(h);
@@ -835,4 +848,180 @@ fn the_syn_ack_carries_timestamps_when_the_app_offers_them() {
     let ts = with.timestamp.expect("timestamps answered");
     assert_eq!(ts.tsecr, 1000, "echoes the app's TSval");
     assert!(syn_ack(false).timestamp.is_none(), "none unless offered");
+}
+
+/// Opens a flow from `port` and completes its handshake; returns the app's socket and the id.
+fn open_flow(p: &mut Pair, port: u16) -> (SocketHandle, FlowId) {
+    let h = p.connect(port, DST);
+    let id = p.open_id();
+    p.engine.handle_open_ok(p.now, id);
+    p.step();
+    assert_eq!(p.app(h).state(), tcp::State::Established);
+    (h, id)
+}
+
+#[test]
+fn a_reset_flow_is_closing_until_its_channel_close_is_done_and_counts_against_the_limit() {
+    let mut p = Pair::new(EngineConfig {
+        max_flows: 1,
+        ..EngineConfig::default()
+    });
+    let (a, id) = open_flow(&mut p, APP_PORT);
+    // The app uploads, the SSH side does not take it yet, then the app resets.
+    p.app(a).send_slice(&[7; 10_000]).unwrap();
+    p.step();
+    p.app(a).abort();
+    p.step();
+    let events = p.take_events();
+    assert!(
+        events.contains(&Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::AppReset
+        }),
+        "{events:?}"
+    );
+    assert!(!CloseReason::AppReset.flushes(), "a reset discards");
+    let st = p.engine.stats();
+    assert_eq!((st.flows_active, st.flows_closing), (0, 1));
+
+    // Its channel still counts: a new connection is over the limit until the close is done.
+    let b = p.connect(APP_PORT + 1, DST);
+    assert_eq!(p.app(b).state(), tcp::State::Closed, "over the limit");
+    assert!(matches!(
+        p.take_events().as_slice(),
+        [Event::Refused {
+            reason: CloseReason::FlowLimit,
+            ..
+        }]
+    ));
+    p.engine.handle_close_done(id);
+    assert_eq!(p.engine.stats().flows_closing, 0);
+    let c = p.connect(APP_PORT + 2, DST);
+    assert_ne!(p.app(c).state(), tcp::State::Closed, "admitted again");
+    assert!(matches!(p.take_events().as_slice(), [Event::Open { .. }]));
+}
+
+#[test]
+fn a_finished_flow_flushes_until_the_linger_deadline_then_is_closed_now() {
+    const LINGER: Duration = Duration::from_secs(5);
+    let mut p = Pair::new(EngineConfig {
+        close_linger: LINGER,
+        ..EngineConfig::default()
+    });
+    let (h, id) = open_flow(&mut p, APP_PORT);
+    // FIN both ways, with the app's last bytes still being written to the channel (never
+    // acknowledged with handle_sent: a server that stopped reading).
+    p.app(h).send_slice(b"last words").unwrap();
+    p.app(h).close();
+    p.engine.handle_channel_eof(p.now, id);
+    p.step();
+    p.advance(Duration::from_millis(10));
+    let events = p.take_events();
+    assert!(
+        events.contains(&Event::Close {
+            id,
+            key: p.key_of(id),
+            reason: CloseReason::Finished
+        }),
+        "{events:?}"
+    );
+    assert!(CloseReason::Finished.flushes());
+    assert_eq!(p.engine.stats().flows_closing, 1);
+    for _ in 0..4 {
+        p.advance(Duration::from_secs(1));
+    }
+    assert_eq!(p.take_events(), vec![], "still flushing within the linger");
+    p.advance(Duration::from_millis(1500));
+    assert_eq!(p.take_events(), vec![Event::CloseNow { id }]);
+    assert_eq!(p.engine.stats().close_flushes_cut, 1);
+    // The driver closes the channel: nothing is left.
+    p.engine.handle_close_done(id);
+    assert_eq!(p.engine.stats().flows_closing, 0);
+    // A close never reported is forgotten after the grace, so none can leak.
+    let (h2, id2) = open_flow(&mut p, APP_PORT + 1);
+    p.app(h2).abort();
+    p.step();
+    assert_eq!(p.engine.stats().flows_closing, 1);
+    p.advance(CLOSE_GRACE + Duration::from_secs(1));
+    assert_eq!(p.engine.stats().flows_closing, 0, "{id2} forgotten");
+}
+
+#[test]
+fn icmp_unreachable_replies_are_rate_limited() {
+    let mut p = Pair::new(EngineConfig::default());
+    let flood = |p: &mut Pair, n: u16| {
+        for i in 0..n {
+            p.engine
+                .handle_tun_packet(p.now, udp_v4((APP_V4, 5000 + i), (VPC_V4, 9999), b"x"));
+        }
+        p.engine.poll(p.now);
+        std::iter::from_fn(|| p.engine.poll_transmit()).count() as u32
+    };
+    assert_eq!(
+        flood(&mut p, 500),
+        ICMP_BURST,
+        "a burst, not one per packet"
+    );
+    assert_eq!(
+        p.engine.stats().icmp_rejects_suppressed,
+        500 - u64::from(ICMP_BURST)
+    );
+    // The bucket refills at ICMP_RATE a second.
+    p.now += Duration::from_millis(20);
+    assert_eq!(flood(&mut p, 500), ICMP_RATE / 50);
+}
+
+#[test]
+fn a_full_memory_budget_shrinks_each_flows_credit_to_the_floor_and_it_still_moves() {
+    const MIB: usize = 1 << 20;
+    let floor = crate::budget::FLOOR as usize;
+    let mut p = Pair::new(EngineConfig {
+        memory_budget: Some(MIB as u64),
+        max_inflight: MIB / 2,
+        ..EngineConfig::default()
+    });
+    let (h, id) = open_flow(&mut p, APP_PORT);
+    // Every byte of the budget is committed to channels' windows.
+    p.engine.handle_windows(MIB as u64);
+    let payload = vec![5u8; 200_000];
+    let mut sent = p.app(h).send_slice(&payload).unwrap();
+    p.step();
+    let (up, _) = p.uploaded_unacked();
+    assert!(!up.is_empty(), "the flow still moves");
+    assert!(
+        up.len() <= floor + CHUNK,
+        "{} bytes in flight at the floor",
+        up.len()
+    );
+    assert!(p.engine.stats().buffered >= up.len() as u64);
+    // Download too: what the engine puts in the socket stays near the floor (the app reads
+    // nothing).
+    for _ in 0..8 {
+        p.engine
+            .handle_channel_data(p.now, id, Bytes::from(vec![1u8; 32 * 1024]));
+        p.step();
+    }
+    let s = p.engine.stats();
+    assert!(
+        s.buffered <= (2 * floor + CHUNK + 8 * 32 * 1024) as u64,
+        "{} buffered",
+        s.buffered
+    );
+    // The windows are released: the credit grows back, everything goes through.
+    p.engine.handle_windows(0);
+    p.engine.handle_sent(id, up.len());
+    let mut total = up.len();
+    for _ in 0..100 {
+        if sent < payload.len() {
+            sent += p.app(h).send_slice(&payload[sent..]).unwrap();
+        }
+        p.advance(Duration::from_millis(1));
+        let (more, _) = p.uploaded();
+        total += more.len();
+        if total == payload.len() {
+            break;
+        }
+    }
+    assert_eq!(total, payload.len());
 }

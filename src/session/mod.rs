@@ -74,6 +74,8 @@ pub struct SessionConfig {
     pub max_inbound: usize,
     /// Channel opens pending at the jump host at once.
     pub max_opening: usize,
+    /// Bytes all flows may hold buffered (`--memory-budget`, see [`crate::budget`]).
+    pub memory_budget: u64,
     /// How long an app waits for its channel (and a local app for a cloud caller).
     pub open_timeout: Duration,
     /// Jump host ports to listen on for cloud callers.
@@ -125,6 +127,30 @@ pub enum SessionError {
     /// Stopped (Ctrl-C, SIGTERM) before the tunnel was up; nothing was left changed.
     #[error("stopped before the tunnel was up")]
     Stopped,
+    /// Starting failed (`cause`), and undoing the host changes made so far failed too: what
+    /// is left is kept in the journal, and `left` says what and where (`mse-vpn down`, or
+    /// the next start, tries again).
+    #[error("{cause}; undoing the host changes then failed too: {left}")]
+    NotRolledBack {
+        /// Why starting failed.
+        cause: Box<SessionError>,
+        /// What undoing left behind.
+        #[source]
+        left: PlatformError,
+    },
+}
+
+impl SessionError {
+    /// `self`, or [`SessionError::NotRolledBack`] if the rollback after it failed.
+    fn rolled_back(self, rollback: Result<(), PlatformError>) -> SessionError {
+        match rollback {
+            Ok(()) => self,
+            Err(left) => SessionError::NotRolledBack {
+                cause: Box::new(self),
+                left,
+            },
+        }
+    }
 }
 
 /// An `--expose` that did not come up.
@@ -208,6 +234,36 @@ impl UpReport {
 pub struct Session {
     config: SessionConfig,
     stop: watch::Sender<bool>,
+    /// Creates the TUN device ([`Tun::create`]).
+    create_tun: fn(&str, u16) -> Result<Tun, TunError>,
+}
+
+/// What [`Session::start`] has set running on the host so far: undone, in reverse, when a
+/// later step fails, so that a failed start leaves nothing behind (no control socket still
+/// answering, no task, no host change) or says what it could not undo.
+struct Started {
+    stop: watch::Sender<bool>,
+    /// The control server's task (its socket file goes with it).
+    control: Option<tokio::task::AbortHandle>,
+}
+
+impl Started {
+    /// Stops everything started so far, then restores `host` (if the host was changed):
+    /// returns `cause`, or [`SessionError::NotRolledBack`] naming what is left.
+    async fn fail(self, cause: SessionError, host: Option<platform::Host>) -> SessionError {
+        self.stop.send_replace(true);
+        if let Some(control) = self.control {
+            control.abort();
+        }
+        let rollback = match host {
+            Some(host) => host.restore().await,
+            None => Ok(()),
+        };
+        if let Err(left) = &rollback {
+            warn!("starting failed ({cause}), and undoing failed: {left}");
+        }
+        cause.rolled_back(rollback)
+    }
 }
 
 /// A session whose tunnel is up.
@@ -223,7 +279,15 @@ impl Session {
         Session {
             config,
             stop: watch::channel(false).0,
+            create_tun: Tun::create,
         }
+    }
+
+    /// Creates the TUN device with `create` instead of [`Tun::create`] (for tests: a TUN
+    /// that cannot be created shows what a failed start leaves behind).
+    pub fn with_tun(mut self, create: fn(&str, u16) -> Result<Tun, TunError>) -> Session {
+        self.create_tun = create;
+        self
     }
 
     /// Stops the session, whenever it is asked to (before it is up too).
@@ -234,10 +298,16 @@ impl Session {
     /// Brings the tunnel up (see the module documentation). On error, whatever was changed
     /// on the host is restored first.
     pub async fn start(self) -> Result<Running, SessionError> {
-        let Session { config, stop } = self;
+        let Session {
+            config,
+            stop,
+            create_tun,
+        } = self;
         let stopper = Stopper(stop.clone());
         let net = &config.network;
-        let opts = config.ssh.clone();
+        let budget = crate::budget::MemoryBudget::new(config.memory_budget);
+        let mut opts = config.ssh.clone();
+        opts.budget = Some(budget.clone());
 
         // 1. Checks, before the host is touched. Only the first hop is connected to
         //    directly: only its address stays out of the tunnel.
@@ -332,9 +402,18 @@ impl Session {
             config.user.gid(),
         )?;
         let stop_rx = stop.subscribe();
-        tokio::spawn(server.serve(board.clone(), stop.clone()));
-        let tun = Arc::new(Tun::create(plan.tun_name(), net.mtu as u16)?);
-        let mut host = platform::Host::apply(&plan, state_dir).await?;
+        let undo = Started {
+            stop: stop.clone(),
+            control: Some(tokio::spawn(server.serve(board.clone(), stop.clone())).abort_handle()),
+        };
+        let tun = match create_tun(plan.tun_name(), net.mtu as u16) {
+            Ok(tun) => Arc::new(tun),
+            Err(e) => return Err(undo.fail(e.into(), None).await),
+        };
+        let mut host = match platform::Host::apply(&plan, state_dir).await {
+            Ok(host) => host,
+            Err(e) => return Err(undo.fail(e.into(), None).await),
+        };
 
         let driver_config = DriverConfig {
             engine: EngineConfig {
@@ -346,10 +425,12 @@ impl Session {
                     header: tun.header_len(),
                     checksum_offload: tun.checksum_offload(),
                 },
+                memory_budget: Some(config.memory_budget),
                 ..EngineConfig::default()
             },
             open_timeout: config.open_timeout,
             max_opening: config.max_opening,
+            budget: Some(budget.clone()),
             local_v4: plan.tun_v4(),
             local_v6: plan.tun_v6(),
         };
@@ -366,11 +447,7 @@ impl Session {
                     board.set_dns(shown, responder.counters());
                     tokio::spawn(responder.run(stop_rx.clone()));
                 }
-                Err(e) => {
-                    stop.send_replace(true);
-                    let _ = host.restore().await;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(undo.fail(e.into(), Some(host)).await),
             }
         }
         let forwards = Forwards::new();
@@ -447,10 +524,11 @@ impl Session {
             // 4. Undo: routes and addresses first (while the link exists), then the TUN.
             let restored = host.restore().await;
             drop(tun);
-            outcome?;
+            if let Err(e) = outcome {
+                return Err(e.rolled_back(restored));
+            }
             if let Some(e) = fatal {
-                restored?;
-                return Err(e.into());
+                return Err(SessionError::from(e).rolled_back(restored));
             }
             restored?;
             info!("stopped; the host's routes and DNS are as they were");
@@ -458,8 +536,16 @@ impl Session {
         };
         if !failed.is_empty() {
             stop.send_replace(true);
-            finish.await?;
-            return Err(SessionError::Expose(failed));
+            let cause = SessionError::Expose(failed);
+            return Err(match finish.await {
+                Ok(()) => cause,
+                Err(SessionError::NotRolledBack { left, .. })
+                | Err(SessionError::Platform(left)) => cause.rolled_back(Err(left)),
+                Err(e) => {
+                    debug!("stopping after the failed --expose: {e}");
+                    cause
+                }
+            });
         }
         Ok(Running {
             report,
@@ -614,5 +700,18 @@ mod tests {
         // What the session's tasks subscribe afterwards sees it too.
         let mut later = stopper.0.subscribe();
         assert!(*later.wait_for(|s| *s).await.unwrap());
+    }
+
+    #[test]
+    fn a_failed_rollback_is_reported_with_the_failure_that_caused_it() {
+        let cause = SessionError::Stopped;
+        assert!(matches!(cause.rolled_back(Ok(())), SessionError::Stopped));
+        let e = SessionError::Stopped.rolled_back(Err(PlatformError::Unsupported));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("stopped before the tunnel was up; undoing the host changes then failed too: this operating system is not supported"),
+            "{text}"
+        );
+        assert!(matches!(e, SessionError::NotRolledBack { .. }));
     }
 }

@@ -55,8 +55,12 @@ pub struct SshOptions {
     pub keepalive_interval: Duration,
     /// Unanswered keepalives after which the connection is declared dead.
     pub keepalive_max: u32,
-    /// Per-channel receive window (bytes).
+    /// Per-channel receive window (bytes): the most each grant gives a channel.
     pub window_size: u32,
+    /// The memory budget channels' receive windows are counted in (`--memory-budget`): each
+    /// channel starts with [`crate::budget::INITIAL_WINDOW`] and its grants shrink as the
+    /// budget fills. `None`: every channel gets `window_size`.
+    pub budget: Option<Arc<crate::budget::MemoryBudget>>,
     /// ssh-agent socket, if any.
     pub agent_socket: Option<PathBuf>,
     /// `IdentitiesOnly yes`: of the agent's keys, offer only those of the identity files.
@@ -509,6 +513,8 @@ struct Client {
     closed: watch::Sender<bool>,
     inbound: Option<InboundSender>,
     session: u64,
+    /// This connection's channel windows, counted in the memory budget.
+    windows: Option<crate::budget::ChannelWindows>,
 }
 
 impl Drop for Client {
@@ -684,6 +690,38 @@ impl client::Handler for Client {
         Ok(())
     }
 
+    // The memory budget (src/budget.rs): each channel's window is counted from its first
+    // data to its close, and each grant asks the budget.
+    fn adjust_window(&mut self, channel: russh::ChannelId, window: u32) -> u32 {
+        match &mut self.windows {
+            Some(w) => w.grant(channel.into(), std::time::Instant::now()),
+            None => window,
+        }
+    }
+
+    async fn data(
+        &mut self,
+        channel: russh::ChannelId,
+        _data: &[u8],
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(w) = &mut self.windows {
+            w.seen(channel.into(), std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: russh::ChannelId,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(w) = &mut self.windows {
+            w.close(channel.into());
+        }
+        Ok(())
+    }
+
     async fn check_server_key(
         &mut self,
         server_public_key: &russh::keys::PublicKeyOrCertificate,
@@ -841,7 +879,12 @@ impl Session {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let config = Arc::new(client::Config {
-            window_size: opts.window_size,
+            // With a budget, channels start small and grow as they are read (`Client`'s
+            // `adjust_window`).
+            window_size: match opts.budget {
+                Some(_) => crate::budget::INITIAL_WINDOW.min(opts.window_size),
+                None => opts.window_size,
+            },
             maximum_packet_size: 65_535,
             channel_buffer_size: 256,
             inactivity_timeout: None,
@@ -887,6 +930,10 @@ impl Session {
             closed: closed_tx,
             inbound: opts.inbound.clone(),
             session: id,
+            windows: opts
+                .budget
+                .clone()
+                .map(|b| crate::budget::ChannelWindows::new(b, opts.window_size)),
         };
         match client::connect_stream(config, stream, handler).await {
             Ok(handle) => Ok((handle, closed)),
@@ -1340,6 +1387,7 @@ mod tests {
             closed: watch::channel(false).0,
             inbound: None,
             session: 0,
+            windows: None,
         }
     }
 

@@ -210,6 +210,7 @@ fn options_from(
         hops,
         password_file: over.password_file.clone(),
         inbound: None,
+        budget: None,
     })
 }
 

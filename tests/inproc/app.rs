@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -32,6 +33,25 @@ const QUEUE: usize = 4096;
 pub struct Queues {
     from_app: Mutex<mpsc::Receiver<Vec<u8>>>,
     to_app: mpsc::Sender<Vec<u8>>,
+    /// Writes still to fail (see [`Queues::fail_sends`]), and with which `errno`.
+    failing: AtomicU32,
+    errno: AtomicI32,
+}
+
+// Used by the errno tests, which only build where libc has those errno values.
+#[cfg_attr(not(unix), allow(dead_code))]
+impl Queues {
+    /// The next `n` writes fail with `errno` (their packets are lost), as a TUN's do when
+    /// the kernel is out of buffers (`ENOBUFS`) or the device is gone (`EBADFD`).
+    pub fn fail_sends(&self, n: u32, errno: i32) {
+        self.errno.store(errno, Ordering::SeqCst);
+        self.failing.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes still to fail.
+    pub fn failing(&self) -> u32 {
+        self.failing.load(Ordering::SeqCst)
+    }
 }
 
 impl PacketIo for Queues {
@@ -48,6 +68,14 @@ impl PacketIo for Queues {
     }
 
     async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
+        let fail = self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            let errno = self.errno.load(Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
         // A full queue waits, like a TUN whose kernel side is slow; a gone app drops.
         let _ = self.to_app.send(packet.to_vec()).await;
         Ok(packet.len())
@@ -93,6 +121,8 @@ impl App {
         let queues = Queues {
             from_app: Mutex::new(from_app),
             to_app,
+            failing: AtomicU32::new(0),
+            errno: AtomicI32::new(0),
         };
         (app, Arc::new(queues))
     }

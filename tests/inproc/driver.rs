@@ -16,8 +16,8 @@ use mse_vpn::pool::Pool;
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
-    self, APP_V4, App, VPC_V4, closed_port, count_server, echo_server, pattern, source_server,
-    watch_server,
+    self, APP_V4, App, Queues, VPC_V4, closed_port, count_server, echo_server, pattern,
+    source_server, watch_server,
 };
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
@@ -31,6 +31,9 @@ struct Rig {
     jump: Jump,
     pool: Arc<Pool>,
     app: App,
+    /// The driver's packet side, for fault injection (the errno tests, on Unix).
+    #[cfg_attr(not(unix), allow(dead_code))]
+    queues: Arc<Queues>,
     forwards: Arc<Forwards>,
     stats: watch::Receiver<EngineStats>,
     stop: watch::Sender<bool>,
@@ -44,6 +47,15 @@ impl Rig {
 
     /// A rig whose apps wait `open_timeout` for their channel.
     async fn with_open_timeout(open_timeout: Duration) -> Rig {
+        Rig::build(open_timeout, None).await
+    }
+
+    /// A rig whose driver gives memory back with `release` (not `malloc_trim`).
+    async fn with_release(release: fn() -> bool) -> Rig {
+        Rig::build(OPEN_TIMEOUT, Some(release)).await
+    }
+
+    async fn build(open_timeout: Duration, release: Option<fn() -> bool>) -> Rig {
         let jump = Jump::start().await;
         let (pool, stop) = start_pool(&jump, 1).await;
         let (app, queues) = App::new();
@@ -62,17 +74,22 @@ impl Rig {
             max_opening: 64,
             local_v4: APP_V4,
             local_v6: None,
+            budget: None,
         };
         let forwards = Forwards::new();
         tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));
-        let driver = Driver::new(config, queues, pool.clone())
+        let mut driver = Driver::new(config, queues.clone(), pool.clone())
             .with_inbound(pool.inbound_calls().expect("calls"), forwards.clone());
+        if let Some(release) = release {
+            driver = driver.with_memory_release(release);
+        }
         let stats = driver.stats();
         let driver = tokio::spawn(driver.run(stop.subscribe()));
         Rig {
             jump,
             pool,
             app,
+            queues,
             forwards,
             stats,
             stop,
@@ -280,8 +297,15 @@ async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_
         .until(LIMIT, |_| stats.borrow().bytes_down >= 256 * 1024)
         .await;
     assert!(filled, "the download started and filled the app's buffer");
-    // Not a readiness wait: the pause is the test. Nothing more is taken in than buffers.
-    rig.app.until(Duration::from_millis(300), |_| false).await;
+    // Until the engine holds a socketful for it and the driver stopped reading its channel
+    // (at PENDING_LOW): from then on nothing more is taken in.
+    let full = rig
+        .app
+        .until(LIMIT, |_| {
+            stats.borrow().buffered >= (256 * 1024 + mse_vpn::engine::PENDING_LOW) as u64
+        })
+        .await;
+    assert!(full, "the engine's socket for the paused flow filled");
     let held = stats.borrow().bytes_down;
     assert!(
         held < 1024 * 1024,
@@ -293,6 +317,13 @@ async fn an_app_that_stops_reading_pauses_only_its_own_flow_and_then_gets_every_
     assert_eq!(
         rig.app.exchange(other, &data, data.len(), LIMIT).await,
         data
+    );
+    let s = *stats.borrow();
+    assert!(
+        (s.bytes_down - data.len() as u64) < 1024 * 1024 && s.buffered < 512 * 1024,
+        "the paused flow took more in meanwhile: {} bytes down, {} held",
+        s.bytes_down - data.len() as u64,
+        s.buffered
     );
     // The app reads again: every byte, in order.
     let mut got = Vec::new();
@@ -400,5 +431,88 @@ async fn a_cloud_caller_reaches_the_local_app_from_its_own_address() {
     assert_eq!(reply, b"pong");
     assert!(eof, "the app's FIN reaches the caller as EOF");
     assert_eq!(rig.stats.borrow().inbound_opened, 1);
+    rig.stop().await;
+}
+
+/// Writes to the TUN that fail for a passing reason (`ENOBUFS`: the kernel is out of buffers)
+/// drop their packets and are counted; TCP retransmits and the transfer completes. Before,
+/// the first such failure ended the session.
+#[cfg(unix)] // errno values from libc
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tun_writes_failing_with_enobufs_drop_packets_and_the_session_goes_on() {
+    const DROPS: u32 = 5;
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let data = pattern(100_000);
+    let got = rig.app.exchange(h, &data[..1000], 1000, LIMIT).await;
+    assert_eq!(got, data[..1000]);
+    rig.queues.fail_sends(DROPS, nix::libc::ENOBUFS);
+    let got = rig
+        .app
+        .exchange(h, &data[1000..], data.len() - 1000, LIMIT)
+        .await;
+    assert!(got == data[1000..], "every byte, after the drops");
+    assert_eq!(rig.queues.failing(), 0);
+    assert_eq!(rig.stats.borrow().tun_write_drops, u64::from(DROPS));
+    assert!(!rig.driver.is_finished(), "the session goes on");
+    rig.stop().await;
+}
+
+/// A write that fails because the device is gone (`EBADFD`) ends the session with that
+/// error.
+#[cfg(target_os = "linux")] // EBADFD is Linux's
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_tun_device_ends_the_session() {
+    let mut rig = Rig::start().await;
+    let echo = echo_server().await;
+    rig.queues.fail_sends(u32::MAX, nix::libc::EBADFD);
+    let h = rig.app.connect(Rig::vpc(echo.port()));
+    let _ = rig.app.exchange(h, b"x", 1, Duration::from_secs(2)).await;
+    let ended = tokio::time::timeout(LIMIT, rig.driver)
+        .await
+        .expect("the driver ends")
+        .expect("no panic");
+    let e = ended.expect_err("with the TUN's error");
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EBADFD));
+}
+
+/// How long the slow release below takes, and the releases it made.
+const SLOW_RELEASE: Duration = Duration::from_millis(500);
+static RELEASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn slow_release() -> bool {
+    std::thread::sleep(SLOW_RELEASE);
+    RELEASES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    true
+}
+
+/// Giving freed memory back (`malloc_trim`, which walks the whole heap) never holds up a
+/// flow: with a release that takes 500 ms, started when a flow closes, another flow's echoes
+/// keep their round trip. Before, the release ran on the driver's task and every flow
+/// stalled for as long as it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_memory_back_never_stalls_a_flow() {
+    let mut rig = Rig::with_release(slow_release).await;
+    let echo = echo_server().await;
+    let a = rig.app.connect(Rig::vpc(echo.port()));
+    assert_eq!(rig.app.exchange(a, b"warm", 4, LIMIT).await, b"warm");
+    // Another flow closes: the release starts.
+    let b = rig.app.connect(Rig::vpc(echo.port()));
+    assert_eq!(rig.app.exchange(b, b"bye", 3, LIMIT).await, b"bye");
+    rig.app.tcp(b).abort();
+    let closed = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    while RELEASES.load(std::sync::atomic::Ordering::SeqCst) == 0 || closed.elapsed() < SLOW_RELEASE
+    {
+        assert!(closed.elapsed() < LIMIT, "the release never ran");
+        let t = std::time::Instant::now();
+        assert_eq!(rig.app.exchange(a, b"ping", 4, LIMIT).await, b"ping");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < SLOW_RELEASE / 3,
+        "an echo took {slowest:?} while memory was given back"
+    );
     rig.stop().await;
 }

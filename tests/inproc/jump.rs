@@ -166,6 +166,7 @@ impl Jump {
             proxy_command: None,
             file_owner: None,
             inbound: None,
+            budget: None,
             hops: Vec::new(),
             password_file: None,
         }

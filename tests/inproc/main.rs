@@ -17,6 +17,7 @@ mod driver;
 mod jump;
 mod pool;
 mod reverse;
+mod session;
 
 use std::sync::Arc;
 use std::time::Duration;

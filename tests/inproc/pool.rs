@@ -222,9 +222,11 @@ async fn a_channel_nobody_reads_holds_up_only_itself() {
         )
         .await
         .expect("open the bulk channel");
-    // Nobody reads `stuck` while the server pushes 16 MiB at it, far beyond its window and
-    // its queue. Not a readiness wait: the pause lets the window and the queue fill.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nobody reads `stuck` while the server pushes 16 MiB at it, far beyond its window: wait
+    // until the window is full (the channel holds a whole window unread), so the channels
+    // below share the connection with a stuck one.
+    let window = jump.options().window_size as usize;
+    wait_for(LIMIT, || stuck.queued_bytes() >= window).await;
     let dst = SocketAddr::new(IpAddr::V4(VPC_V4), echo.port());
     for _ in 0..3 {
         let (_, channel) = pool

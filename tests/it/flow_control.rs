@@ -162,11 +162,34 @@ struct Latency {
     p99: u64,
 }
 
+/// Waits until `flows` downloads are stuck behind full windows: the jump host's sshd stops
+/// reading nginx once a flow's SSH window is used up, so nginx's socket for it backs up in
+/// the VPC (at least 256 KiB unsent).
+fn wait_windows_full(tb: &Testbed, flows: usize) {
+    let vpc = format!("{}-vpc", tb.name);
+    let start = Instant::now();
+    loop {
+        let stuck = tb
+            .send_queues(&vpc, &["sport", "= :80"])
+            .into_iter()
+            .filter(|q| *q >= 256 * 1024)
+            .count();
+        if stuck >= flows {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {stuck} of {flows} paused downloads backed up at nginx"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// While the apps are paused: samples mse-vpn's RSS, and measures redis PINGs (over the same
 /// single SSH connection). Returns the peak RSS (MiB) and the PINGs' latency.
-fn during_pause(tb: &Testbed, pid: i32) -> (u64, Latency) {
-    // Let the paused flows fill their windows first.
-    std::thread::sleep(Duration::from_secs(5));
+fn during_pause(tb: &Testbed, pid: i32, flows: usize) -> (u64, Latency) {
+    // The paused flows fill their windows first.
+    wait_windows_full(tb, flows);
     let mut peak = rss_mib(pid);
     let pinger = pings(tb, 1000);
     let start = Instant::now();
@@ -215,7 +238,7 @@ fn an_app_paused_mid_download_costs_one_window_and_gets_every_byte() {
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
     let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/1g.bin", 16 << 20, 1);
-    let (peak, during) = during_pause(&tb, vpn.pid());
+    let (peak, during) = during_pause(&tb, vpn.pid(), 1);
     println!(
         "one paused download: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
     );
@@ -241,7 +264,7 @@ fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
     let vpn = tb.start(&["10.0.0.0/16"], &["--connections", "1"]);
     let before = ping_results(pings(&tb, 200), 200);
     let client = start_pausing(&tb, "/64m.bin", 8 << 20, FLOWS);
-    let (peak, during) = during_pause(&tb, vpn.pid());
+    let (peak, during) = during_pause(&tb, vpn.pid(), FLOWS);
     println!(
         "{FLOWS} paused downloads: peak RSS {peak} MiB; redis PING before {before:?}, during {during:?} (µs)"
     );
@@ -265,5 +288,60 @@ fn fifty_paused_downloads_cost_fifty_windows_and_all_complete() {
         after <= RELEASED_MIB,
         "mse-vpn kept {after} MiB after the downloads ended (peak {peak} MiB)"
     );
+    assert!(vpn.interrupt().success());
+}
+
+/// What the memory budget counts comes back to nothing once the flows are over: every
+/// channel's window is released when the channel closes (if it leaked, the budget would
+/// fill over a long session and every new window would shrink to the floor), and `status`
+/// shows the budget.
+#[test]
+fn the_memory_budget_is_released_when_flows_end() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("fc3", &["--with", "nginx"]);
+    web_file(&tb, "32m.bin", 32);
+    let vpn = tb.start(&["10.0.0.0/16"], &["--memory-budget", "64"]);
+    // Eight downloads, read slowly (`--limit-rate`): their windows are counted meanwhile.
+    let curls = tb
+        .cmd_in(
+            &tb.lap(),
+            &[
+                "bash",
+                "-c",
+                "for i in 1 2 3 4 5 6 7 8; do curl -sS --limit-rate 8M -o /dev/null http://10.0.0.10/32m.bin & done; wait",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let st = crate::lifecycle::status(&tb);
+        if st["memory_windows"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no window counted during the downloads: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = curls.wait_with_output().unwrap();
+    assert!(out.status.success(), "the downloads failed");
+    let start = Instant::now();
+    let st = loop {
+        let st = crate::lifecycle::status(&tb);
+        if st["memory_windows"] == 0 && st["memory_buffered"] == 0 && st["flows_active"] == 0 {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the budget still counts bytes after the flows ended: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(st["memory_budget"], 64 << 20, "{st:#}");
+    assert!(st["bytes_down"].as_u64().unwrap() >= 8 * (32 << 20));
     assert!(vpn.interrupt().success());
 }

@@ -192,6 +192,19 @@ impl Testbed {
         }
     }
 
+    /// The unsent bytes (Send-Q) of each established TCP connection of namespace `ns` that
+    /// matches `filter` (an `ss` filter, e.g. `["dst", "10.0.0.1:80"]`).
+    pub fn send_queues(&self, ns: &str, filter: &[&str]) -> Vec<u64> {
+        let mut argv = vec!["ss", "-Htn", "state", "established"];
+        argv.extend_from_slice(filter);
+        let out = self.cmd_in(ns, &argv).output().expect("run ss");
+        // Columns without the state: Recv-Q Send-Q Local Peer.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect()
+    }
+
     /// Runs a shell snippet in the laptop namespace.
     pub fn sh(&self, timeout: u32, script: &str) -> Output {
         self.on_laptop(timeout, &["bash", "-c", script])

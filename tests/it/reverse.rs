@@ -731,9 +731,22 @@ fn a_loopback_app_that_stops_reading_pauses_only_its_own_call() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Not a readiness wait: two seconds of pushing fill the call's SSH window and every
-    // buffer behind it, so the download below shares the connection with a stuck channel.
-    std::thread::sleep(Duration::from_secs(2));
+    // Until the call's SSH window and every buffer behind it are full: the jump host's sshd
+    // stops reading the caller once the window is used up, and the caller's socket backs up
+    // in the VPC. The download below then shares the connection with a stuck channel.
+    let vpc = format!("{}-vpc", tb.name);
+    let start = Instant::now();
+    loop {
+        let queues = tb.send_queues(&vpc, &["dst", "10.0.0.1:18083"]);
+        if queues.iter().any(|q| *q >= 256 * 1024) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the caller never backed up: {queues:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Meanwhile a download over the same SSH connection is not held up.
     let start = Instant::now();
     let out = tb.sh(
