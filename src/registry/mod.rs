@@ -389,6 +389,17 @@ async fn resolve(url: &RegistryUrl) -> Result<SocketAddr, RegistryError> {
     })
 }
 
+/// The string entries of a JSON object (a registry record's metadata); others are skipped.
+fn string_map(v: Option<&serde_json::Value>) -> BTreeMap<String, String> {
+    v.and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `%XX` decoding (Dubbo URL-encodes each provider URL into one ZooKeeper node name).
 pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();

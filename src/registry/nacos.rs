@@ -3,7 +3,6 @@
 //! (`/nacos/v1/auth/login`) when the registry URL carries one. Works with Nacos 1.x–3.x and
 //! compatible servers (r-nacos). JSON in, [`Record`]s out.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::http::{self, escape};
@@ -47,15 +46,7 @@ pub fn parse_instances(service: &str, body: &[u8]) -> Result<Vec<Record>, Regist
         ) else {
             continue;
         };
-        let mut params: BTreeMap<String, String> = h
-            .get("metadata")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut params = super::string_map(h.get("metadata"));
         let family = if name.starts_with("providers:") {
             Family::DubboProvider
         } else if params.contains_key("dubbo.metadata.revision")

@@ -221,15 +221,7 @@ pub fn service_instance(app: &str, json: &[u8]) -> Option<Record> {
     let v: serde_json::Value = serde_json::from_slice(json).ok()?;
     let host = v.get("address")?.as_str()?.to_owned();
     let port = u16::try_from(v.get("port")?.as_u64()?).ok()?;
-    let params = v
-        .pointer("/payload/metadata")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let params = super::string_map(v.pointer("/payload/metadata"));
     Some(Record {
         location: format!("/services/{app}"),
         family: Family::ServiceInstance,
