@@ -16,11 +16,13 @@ fn limit(program: &str) -> Option<Duration> {
 /// Runs `program ARGS` and returns its standard output; a failure carries its standard error.
 pub async fn run(program: &str, args: &[&str]) -> Result<String, PlatformError> {
     let cmd = format!("{program} {}", args.join(" "));
+    let limit = limit(program);
+    // A command that outlives its bound is killed, not left behind.
     let output = tokio::process::Command::new(program)
         .args(args)
-        .kill_on_drop(true)
+        .kill_on_drop(limit.is_some())
         .output();
-    let out = match limit(program) {
+    let out = match limit {
         Some(limit) => match tokio::time::timeout(limit, output).await {
             Ok(out) => out,
             Err(_) => {

@@ -427,7 +427,7 @@ mod tests {
 
     use super::*;
     use crate::host::testing::{killed, lines};
-    use crate::host::{self, Applied, ExistingRoute};
+    use crate::host::{self, ExistingRoute};
     use crate::journal::{self, Journal};
 
     /// The main routing table's id.
@@ -1056,6 +1056,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_dns_change_that_cannot_be_journaled_is_not_made() {
+        use crate::host::Applied;
         let dir = tmp("full");
         let original = "nameserver 192.168.1.1\n";
         std::fs::write(dir.join("resolv.conf"), original).unwrap();
