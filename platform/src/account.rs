@@ -148,6 +148,14 @@ pub fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
     return std::os::windows::fs::symlink_file(target, link);
 }
 
+/// True if a file (a journal) or pipe owned by `owner` (as SDDL names it: `BA`, `SY`,
+/// `S-1-5-...`) was made by an elevated mse-vpn: SYSTEM or the Administrators group (what an
+/// elevated process's files are owned by, and what `win32.rs` sets explicitly). Windows only;
+/// pure, so that it is tested on every OS.
+pub fn trusted_owner(owner: &str) -> bool {
+    matches!(owner, "SY" | "BA" | "S-1-5-18" | "S-1-5-32-544")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

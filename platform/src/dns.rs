@@ -7,9 +7,9 @@
 //!   `resolvectl revert LINK` (and by the link disappearing).
 //! - **resolv.conf fallback**: `/etc/resolv.conf` is rewritten to name only the responder
 //!   (its `search`/`options` lines are kept); the responder sends every other name to the
-//!   original nameservers. The original bytes are saved to a backup file in the state
-//!   directory and the change is journaled *before* the file is touched; undo writes the
-//!   backup back byte for byte. The file is written in place (truncate, write, fsync): inside
+//!   original nameservers. The change is journaled *before* the file is touched (by the
+//!   shared driver, `host.rs`), then the original bytes are saved to a backup file in the
+//!   state directory; undo writes the backup back byte for byte. The file is written in place (truncate, write, fsync): inside
 //!   `ip netns exec` it is a bind mount, which a rename cannot replace. A symlink (e.g. to a
 //!   resolved stub file while resolved is not running) is replaced by a regular file and the
 //!   symlink is put back on undo.
@@ -18,7 +18,9 @@
 //! line was rewritten by another tool after us and is left alone (with a warning).
 //!
 //! The pure parts (parsing, file content, resolvectl command lines, detection rules) are
-//! unit-tested; the file edits are tested on temporary files.
+//! unit-tested; the file edits are tested on temporary files. The Linux backend (`linux.rs`)
+//! makes and undoes these changes; this file runs no command but `resolvectl` for
+//! [`detect`] (and `doctor`).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
+use crate::command;
+use crate::error::PlatformError;
 use crate::journal::Change;
 
 /// The resolver configuration file.
@@ -33,8 +37,7 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// First line of a resolv.conf written by mse-vpn.
 pub const MARKER: &str = "# mse-vpn split DNS";
 /// Where systemd-resolved keeps its runtime state (present while it runs).
-#[cfg(not(any(target_os = "macos", windows)))]
-const RESOLVED_RUN_DIR: &str = "/run/systemd/resolve";
+pub const RESOLVED_RUN_DIR: &str = "/run/systemd/resolve";
 
 /// How the host resolver is pointed at the responder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,11 +188,7 @@ pub async fn detect() -> DnsBackend {
 /// See the macOS version.
 #[cfg(not(any(target_os = "macos", windows)))]
 pub async fn detect() -> DnsBackend {
-    let file = Path::new(RESOLV_CONF);
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    let target = std::fs::read_link(file).ok();
-    if Path::new(RESOLVED_RUN_DIR).is_dir()
-        && points_at_resolved(&text, target.as_deref())
+    if may_use_resolved(Path::new(RESOLV_CONF), Path::new(RESOLVED_RUN_DIR))
         && resolvectl(&["status"]).await.is_ok()
     {
         DnsBackend::Resolved
@@ -198,30 +197,18 @@ pub async fn detect() -> DnsBackend {
     }
 }
 
+/// The file half of Linux's detection: resolved's runtime directory `run_dir` exists and the
+/// resolver configuration `file` sends lookups to resolved (then `resolvectl status` must
+/// answer too).
+pub fn may_use_resolved(file: &Path, run_dir: &Path) -> bool {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let target = std::fs::read_link(file).ok();
+    run_dir.is_dir() && points_at_resolved(&text, target.as_deref())
+}
+
 /// Runs `resolvectl ARGS` (bounded to 5 s).
-pub async fn resolvectl(args: &[&str]) -> Result<String, crate::PlatformError> {
-    let cmd = format!("resolvectl {}", args.join(" "));
-    let run = tokio::process::Command::new("resolvectl")
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(std::time::Duration::from_secs(5), run).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(source)) => return Err(crate::PlatformError::Spawn { cmd, source }),
-        Err(_) => {
-            return Err(crate::PlatformError::Command {
-                cmd,
-                stderr: "timed out after 5 s".into(),
-            });
-        }
-    };
-    if !out.status.success() {
-        return Err(crate::PlatformError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+pub async fn resolvectl(args: &[&str]) -> Result<String, PlatformError> {
+    command::run("resolvectl", args).await
 }
 
 /// The links systemd-resolved routes each domain to, from `resolvectl domain` output
@@ -275,47 +262,51 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// Points `file` (normally /etc/resolv.conf) at the responder. `record` journals a change and
-/// must return once it is on disk; it is called before the file is touched.
-pub fn rewrite_resolv_conf(
-    file: &Path,
-    backup: &Path,
-    plan: &DnsPlan,
-    tun: &str,
-    mut record: impl FnMut(&Change) -> std::io::Result<()>,
-) -> std::io::Result<Change> {
+/// The change that points `file` (normally /etc/resolv.conf) at the responder, by what `file`
+/// is now: a symlink is replaced by a regular file ([`Change::ResolvConfLink`]), a regular
+/// file is rewritten in place with its original kept in `backup` ([`Change::ResolvConf`]).
+/// Read-only: [`write_resolv_conf`] makes it, once it is journaled.
+pub fn resolv_conf_change(file: &Path, backup: &Path) -> std::io::Result<Change> {
     let meta = std::fs::symlink_metadata(file)?;
-    if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(file)?;
-        let original = std::fs::read(file).unwrap_or_default();
-        let change = Change::ResolvConfLink {
+    Ok(match meta.file_type().is_symlink() {
+        true => Change::ResolvConfLink {
             file: file.to_owned(),
-            target,
-        };
-        record(&change)?;
-        // Replace the symlink itself (not what it points to) by a regular file.
-        let tmp = file.with_extension("mse-vpn.tmp");
-        write_synced(&tmp, &resolv_conf_content(&original, plan, tun), true)?;
-        std::fs::rename(&tmp, file)?;
-        sync_dir(file);
-        return Ok(change);
+            target: std::fs::read_link(file)?,
+        },
+        false => Change::ResolvConf {
+            file: file.to_owned(),
+            backup: backup.to_owned(),
+        },
+    })
+}
+
+/// Makes a [`resolv_conf_change`] (journaled already): the original saved to the backup
+/// first, then the file rewritten in place; or the symlink replaced by a regular file.
+pub fn write_resolv_conf(change: &Change, plan: &DnsPlan, tun: &str) -> std::io::Result<()> {
+    match change {
+        Change::ResolvConfLink { file, .. } => {
+            let original = std::fs::read(file).unwrap_or_default();
+            // Replace the symlink itself (not what it points to) by a regular file.
+            let tmp = file.with_extension("mse-vpn.tmp");
+            write_synced(&tmp, &resolv_conf_content(&original, plan, tun), true)?;
+            std::fs::rename(&tmp, file)?;
+            sync_dir(file);
+        }
+        Change::ResolvConf { file, backup } => {
+            let original = std::fs::read(file)?;
+            if original.starts_with(MARKER.as_bytes()) {
+                warn!(
+                    file = %file.display(),
+                    "resolv.conf already carries mse-vpn's marker but no journal claims it: treating it as the original"
+                );
+            }
+            write_synced(backup, &original, true)?;
+            sync_dir(backup);
+            write_synced(file, &resolv_conf_content(&original, plan, tun), false)?;
+        }
+        _ => {}
     }
-    let original = std::fs::read(file)?;
-    if original.starts_with(MARKER.as_bytes()) {
-        warn!(
-            file = %file.display(),
-            "resolv.conf already carries mse-vpn's marker but no journal claims it: treating it as the original"
-        );
-    }
-    write_synced(backup, &original, true)?;
-    sync_dir(backup);
-    let change = Change::ResolvConf {
-        file: file.to_owned(),
-        backup: backup.to_owned(),
-    };
-    record(&change)?;
-    write_synced(file, &resolv_conf_content(&original, plan, tun), false)?;
-    Ok(change)
+    Ok(())
 }
 
 /// Undoes a [`Change::ResolvConf`] or [`Change::ResolvConfLink`]; true if something was
@@ -488,16 +479,19 @@ mod tests {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(&file).unwrap().ino()
         };
-        let mut journaled = Vec::new();
-        let change = rewrite_resolv_conf(&file, &backup, &plan(), "t", |c| {
-            // Journaled before the file changes: the backup exists, the file is untouched.
-            assert!(backup.exists());
-            assert_eq!(std::fs::read(&file).unwrap(), original);
-            journaled.push(c.clone());
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(journaled, std::slice::from_ref(&change));
+        let change = resolv_conf_change(&file, &backup).unwrap();
+        assert_eq!(
+            change,
+            Change::ResolvConf {
+                file: file.clone(),
+                backup: backup.clone()
+            }
+        );
+        // Reading what to change changes nothing (the driver journals it first).
+        assert_eq!(std::fs::read(&file).unwrap(), original);
+        assert!(!backup.exists());
+        write_resolv_conf(&change, &plan(), "t").unwrap();
+        assert_eq!(std::fs::read(&backup).unwrap(), original);
         let now = std::fs::read_to_string(&file).unwrap();
         assert!(now.starts_with(MARKER));
         #[cfg(unix)]
@@ -519,28 +513,13 @@ mod tests {
         let file = dir.join("resolv.conf");
         let backup = dir.join("orig");
         std::fs::write(&file, "nameserver 10.9.9.9\n").unwrap();
-        let change = rewrite_resolv_conf(&file, &backup, &plan(), "t", |_| Ok(())).unwrap();
+        let change = resolv_conf_change(&file, &backup).unwrap();
+        write_resolv_conf(&change, &plan(), "t").unwrap();
         std::fs::write(&file, "nameserver 192.0.2.53\n").unwrap();
         assert!(!undo_resolv_conf(&change));
         assert_eq!(
             std::fs::read_to_string(&file).unwrap(),
             "nameserver 192.0.2.53\n"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_failed_journal_write_leaves_the_file_untouched() {
-        let dir = tmp("jfail");
-        let file = dir.join("resolv.conf");
-        std::fs::write(&file, "nameserver 10.9.9.9\n").unwrap();
-        let r = rewrite_resolv_conf(&file, &dir.join("orig"), &plan(), "t", |_| {
-            Err(std::io::Error::other("disk full"))
-        });
-        assert!(r.is_err());
-        assert_eq!(
-            std::fs::read_to_string(&file).unwrap(),
-            "nameserver 10.9.9.9\n"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -553,9 +532,16 @@ mod tests {
         std::fs::write(&real, "nameserver 127.0.0.53\n").unwrap();
         let file = dir.join("resolv.conf");
         std::os::unix::fs::symlink("stub-resolv.conf", &file).unwrap();
-        let change =
-            rewrite_resolv_conf(&file, &dir.join("orig"), &plan(), "t", |_| Ok(())).unwrap();
-        assert!(matches!(change, Change::ResolvConfLink { .. }));
+        let change = resolv_conf_change(&file, &dir.join("orig")).unwrap();
+        assert_eq!(
+            change,
+            Change::ResolvConfLink {
+                file: file.clone(),
+                target: "stub-resolv.conf".into()
+            }
+        );
+        assert!(std::fs::symlink_metadata(&file).unwrap().is_symlink());
+        write_resolv_conf(&change, &plan(), "t").unwrap();
         assert!(!std::fs::symlink_metadata(&file).unwrap().is_symlink());
         assert_eq!(
             std::fs::read_to_string(&real).unwrap(),

@@ -1,40 +1,52 @@
-//! The OS-neutral half of the macOS and Windows backends: which [`Change`]s a plan needs and in
-//! what order, each journaled before it is made, undone in reverse, other live sessions'
-//! networks refused, dead sessions' leftovers repaired. A [`Backend`] only knows how to read
-//! the host's routes and make or undo one change; this file never touches the OS itself.
-//!
-//! Linux keeps its own `ip`-based driver (`linux.rs`, with policy rules for reply routing that
-//! the other systems do not need) and shares [`live_sessions`] and [`session_conflict`].
+//! The OS-neutral half of every backend (Linux, macOS, Windows): which [`Change`]s a plan
+//! needs and in what order, each journaled before it is made, undone in reverse, other live
+//! sessions' networks refused, dead sessions' leftovers repaired. A [`Backend`] only knows how
+//! to read the host's routes and make or undo one change (and, where its OS needs them, a few
+//! more: Linux's policy rules for replies to cloud callers, a route someone else already
+//! made, a change whose failed making may have left part of it behind); this file never
+//! touches the OS itself.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::dns::{DnsBackend, DnsPlan};
+use crate::error::PlatformError;
 use crate::journal::{self, Change, Journal};
-use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
+use crate::plan::RoutePlan;
 
-/// Runs `program ARGS` and returns its standard output; a failure carries its standard error.
-#[cfg_attr(windows, allow(dead_code))]
-pub async fn run(program: &str, args: &[&str]) -> Result<String, PlatformError> {
-    let cmd = format!("{program} {}", args.join(" "));
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(|source| PlatformError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(PlatformError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// The current path to an address (before the TUN exists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The gateway, if not directly connected.
+    pub via: Option<IpAddr>,
+    /// The output interface.
+    pub dev: String,
+}
+
+/// What [`preflight`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preflight {
+    /// The current path of each bypass address.
+    pub bypass_paths: Vec<(IpAddr, PathInfo)>,
+}
+
+/// A route the host already has that overlaps a planned route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingRoute {
+    /// Its destination.
+    pub dst: IpNet,
+    /// Its interface.
+    pub dev: String,
+    /// Its gateway, if any.
+    pub via: Option<IpAddr>,
+    /// True for a network reached directly through a local interface (a LAN, a Docker
+    /// bridge): routing it into the tunnel would cut it off.
+    pub local: bool,
+    /// The planned route it overlaps.
+    pub planned: IpNet,
 }
 
 /// A route the host has, as a backend reads it.
@@ -52,8 +64,6 @@ pub struct RouteEntry {
 
 /// What one OS must provide; everything else is shared.
 pub trait Backend {
-    /// The DNS integration this backend uses.
-    const DNS: DnsBackend;
     /// True if process `pid` is running.
     fn pid_alive(&self, pid: i32) -> bool;
     /// True if the journal at `path` was written by a privileged mse-vpn, not planted by
@@ -66,12 +76,36 @@ pub trait Backend {
     }
     /// The current path to `addr`.
     async fn path_to(&mut self, addr: IpAddr) -> Result<PathInfo, PlatformError>;
-    /// The host's routes, default routes excluded.
-    async fn routes(&mut self) -> Result<Vec<RouteEntry>, PlatformError>;
+    /// The host's routes, default routes excluded (an address family `plan` routes nothing
+    /// of may be left unread).
+    async fn routes(&mut self, plan: &RoutePlan) -> Result<Vec<RouteEntry>, PlatformError>;
+    /// The changes, made after the routes, that send replies to cloud callers (`--expose`)
+    /// into the TUN when the caller is outside the routed networks. None by default: where
+    /// callers can only be inside them, the routes already do.
+    fn reply_changes(&self, plan: &RoutePlan) -> Vec<Change> {
+        let _ = plan;
+        Vec::new()
+    }
+    /// True if the host already has `change`, made by someone else (a host route to the jump
+    /// host): it is kept as it is, neither journaled nor made, so never undone. Never, by
+    /// default.
+    async fn present(&mut self, change: &Change) -> Result<bool, PlatformError> {
+        let _ = change;
+        Ok(false)
+    }
     /// Makes one change of `plan` (already journaled).
     async fn make(&mut self, change: &Change, plan: &RoutePlan) -> Result<(), PlatformError>;
-    /// The changes that point the host resolver at `plan.server` for `plan.zones`.
-    fn dns_changes(&self, tun: &str, plan: &DnsPlan) -> Vec<Change>;
+    /// The DNS integration this host uses.
+    async fn dns_backend(&mut self) -> DnsBackend;
+    /// The changes that point the host resolver (integrated through `dns`) at `plan.server`
+    /// for `plan.zones`; a backup of a file may be kept in `state_dir`. Nothing is changed yet.
+    fn dns_changes(
+        &self,
+        dns: DnsBackend,
+        tun: &str,
+        plan: &DnsPlan,
+        state_dir: &Path,
+    ) -> Result<Vec<Change>, PlatformError>;
     /// Makes one of [`Backend::dns_changes`] (already journaled).
     async fn make_dns(
         &mut self,
@@ -79,6 +113,13 @@ pub trait Backend {
         tun: &str,
         plan: &DnsPlan,
     ) -> Result<(), PlatformError>;
+    /// True if a failed attempt to make `change` may have made part of it (the first of
+    /// several commands, a file half written): it then stays journaled as made, so that undo
+    /// cleans up. Otherwise (the default) a failure made nothing and is journaled as not made.
+    fn partial(&self, change: &Change) -> bool {
+        let _ = change;
+        false
+    }
     /// Undoes one change if it is still there: `Ok(true)` if something was removed.
     async fn undo(&mut self, change: &Change) -> Result<bool, PlatformError>;
 }
@@ -112,6 +153,33 @@ impl Applied {
             self.changes.push(change);
         }
     }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+impl Applied {
+    /// Changes recorded in `journal` (tests give it one that fails: /dev/full).
+    pub fn on(journal: Journal) -> Applied {
+        Applied {
+            journal,
+            changes: Vec::new(),
+        }
+    }
+}
+
+/// Journals `change`, then makes it with `make`. A failure is journaled as "not made" unless
+/// the backend says it may have made part of it ([`Backend::partial`]).
+async fn journaled<B: Backend>(
+    b: &mut B,
+    applied: &mut Applied,
+    change: &Change,
+    make: impl AsyncFnOnce(&mut B) -> Result<(), PlatformError>,
+) -> Result<(), PlatformError> {
+    applied.record(change.clone())?;
+    let made = make(b).await;
+    if made.is_err() && !b.partial(change) {
+        applied.not_made();
+    }
+    made
 }
 
 /// The changes a plan needs, in the order they are made: the link (MTU, up), its addresses,
@@ -213,7 +281,7 @@ pub async fn overlapping_routes<B: Backend>(
     plan: &RoutePlan,
 ) -> Result<Vec<ExistingRoute>, PlatformError> {
     let mut out = Vec::new();
-    for r in b.routes().await? {
+    for r in b.routes(plan).await? {
         if r.dev == plan.tun_name() || r.dst.prefix_len() == 0 {
             continue;
         }
@@ -241,7 +309,10 @@ pub async fn preflight<B: Backend>(
     if let Some(e) = session_conflict(plan, live) {
         return Err(e);
     }
+    // A network this host reaches directly (LAN, Docker bridge, point-to-point VPN link)
+    // would be cut off by routing it into the tunnel.
     for existing in overlapping_routes(b, plan).await? {
+        // A host route to a bypass address is the path we keep, not a conflict.
         if !existing.local
             || plan
                 .bypass()
@@ -295,12 +366,20 @@ pub async fn apply<B: Backend>(
         journal,
         changes: Vec::new(),
     };
-    for change in changes_for(plan, &bypass) {
-        let made = match applied.record(change.clone()) {
-            Ok(()) => b
-                .make(&change, plan)
+    let mut changes = changes_for(plan, &bypass);
+    changes.extend(b.reply_changes(plan));
+    for change in changes {
+        let made = match b.present(&change).await {
+            Ok(true) => {
+                debug!(%change, "already on the host, made by someone else: keeping it as it is");
+                continue;
+            }
+            Ok(false) => {
+                journaled(b, &mut applied, &change, async |b| {
+                    b.make(&change, plan).await
+                })
                 .await
-                .inspect_err(|_| applied.not_made()),
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = made {
@@ -309,7 +388,7 @@ pub async fn apply<B: Backend>(
             return Err(e);
         }
     }
-    info!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
+    debug!(tun = plan.tun_name(), routes = ?plan.routes(), "host routes applied");
     Ok(applied)
 }
 
@@ -319,15 +398,17 @@ pub async fn apply_dns<B: Backend>(
     applied: &mut Applied,
     tun: &str,
     plan: &DnsPlan,
+    state_dir: &Path,
 ) -> Result<DnsBackend, PlatformError> {
-    for change in b.dns_changes(tun, plan) {
-        applied.record(change.clone())?;
-        b.make_dns(&change, tun, plan)
-            .await
-            .inspect_err(|_| applied.not_made())?;
+    let dns = b.dns_backend().await;
+    for change in b.dns_changes(dns, tun, plan, state_dir)? {
+        journaled(b, applied, &change, async |b| {
+            b.make_dns(&change, tun, plan).await
+        })
+        .await?;
     }
-    info!(backend = B::DNS.name(), zones = ?plan.zones, "host DNS pointed at the responder");
-    Ok(B::DNS)
+    debug!(backend = dns.name(), zones = ?plan.zones, "host DNS pointed at the responder");
+    Ok(dns)
 }
 
 /// Undoes `changes` in reverse order: what was removed, and the changes whose undo failed (in
@@ -423,4 +504,51 @@ pub async fn repair<B: Backend>(b: &mut B, state_dir: &Path) -> Result<Vec<Chang
         settle(journal, left, failure)?;
     }
     Ok(undone)
+}
+
+/// What the backends' tests share: a plan, a scratch directory, journal lines, a session
+/// killed with SIGKILL.
+#[cfg(test)]
+pub mod testing {
+    use std::path::{Path, PathBuf};
+
+    use crate::journal::{self, Change, Journal};
+    use crate::plan::{PlanSpec, RoutePlan};
+
+    /// A plan routing `cidrs` into `tun`, whose jump host is at `jump`.
+    pub fn plan(tun: &str, mtu: u32, cidrs: &[&str], jump: &[&str]) -> RoutePlan {
+        RoutePlan::new(PlanSpec {
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            excludes: Vec::new(),
+            jump_addrs: jump.iter().map(|a| a.parse().unwrap()).collect(),
+            tun_name: tun.into(),
+            mtu,
+        })
+        .unwrap()
+    }
+
+    /// An empty directory of its own for the test `name` of the backend `os`.
+    pub fn scratch(os: &str, name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mse-vpn-{os}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The changes as journal lines.
+    pub fn lines(changes: &[Change]) -> Vec<String> {
+        changes.iter().map(ToString::to_string).collect()
+    }
+
+    /// Rewrites the journal of `tun` in `dir` under a pid that cannot run, as a session killed
+    /// with SIGKILL leaves it (its own journal must be closed first); returns its changes.
+    pub fn killed(dir: &Path, tun: &str) -> Vec<Change> {
+        let path = journal::path_for(dir, tun);
+        let recorded = journal::read(&path).unwrap();
+        let mut j = Journal::create(&path, i32::MAX as u32).unwrap();
+        for c in &recorded.changes {
+            j.record(c).unwrap();
+        }
+        recorded.changes
+    }
 }

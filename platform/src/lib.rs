@@ -11,21 +11,38 @@
 //! this crate configures it. Every change is written to the journal before it is made;
 //! [`Host::restore`] undoes them in reverse; [`repair`] undoes what a dead session left.
 //!
-//! One backend file per OS, selected by `cfg`:
+//! One journaling driver (`host.rs`) for every OS, and one backend file per OS that knows how
+//! to read the host's routes and make or undo one change, selected by `cfg`:
 //!
 //! | OS | file | addresses, routes | split DNS | control channel |
 //! |---|---|---|---|---|
-//! | Linux | `linux.rs` | iproute2's `ip` (JSON output for reading) | systemd-resolved or resolv.conf | Unix socket |
+//! | Linux | `linux.rs` | iproute2's `ip` (JSON output for reading), policy rules for replies | systemd-resolved or resolv.conf | Unix socket |
 //! | macOS | `macos.rs` | `ifconfig`, `route`, `netstat -rn` | `/etc/resolver/DOMAIN` files | Unix socket |
-//! | Windows | `windows.rs` + `win32.rs` | IP Helper API | an NRPT rule | named pipe, owner-only ACL |
+//! | Windows | `windows.rs` + `win32net.rs` | IP Helper API | an NRPT rule | named pipe, owner-only ACL |
 //!
-//! macOS and Windows share the journaling driver in `host.rs`; their plan/journal/undo logic
-//! is unit-tested on every OS (the exact commands and API calls are asserted). Other systems
-//! compile against a stub that returns [`PlatformError::Unsupported`]. The small OS adapters
-//! the rest of mse-vpn needs live here too: [`account`] (users, file ownership), [`process`]
-//! (signals, privileges, running as the invoking user) and [`ipc`] (the control channel).
-//! `unsafe` code is confined to `sys.rs` (glibc's allocator, the TUN offload ioctl) and
-//! `win32.rs` (Win32 calls).
+//! Each backend's plan/journal/undo logic is unit-tested on every OS against a fake host that
+//! answers as the real tools or API do (the exact commands and API calls are asserted). Other
+//! systems compile against a stub backend that answers [`PlatformError::Unsupported`]. The
+//! small OS adapters the rest of mse-vpn needs live here too: [`account`] (users, file
+//! ownership), [`process`] (signals, privileges, running as the invoking user) and [`ipc`] (the
+//! control channel). `unsafe` code is confined to `sys.rs` (glibc's allocator, the TUN offload
+//! ioctl), `win32.rs` (Win32 calls: processes, owners, ACLs, pipes) and `win32net.rs` (the IP
+//! Helper and registry calls).
+//!
+//! Modules, in layers: each imports only from the layers below it (no import circles); this
+//! file is the top, and nothing imports it.
+//!
+//! ```text
+//!  lib.rs     the face: Host, preflight, repair, leftovers; picks this OS's backend
+//!  linux  macos  windows ◀ win32net  (stub)   one backend per OS (win32net: Windows' real Api)
+//!  host       the journaling driver: the changes of a plan, journaled, made, undone, repaired
+//!  dns        split-DNS files, detection, resolvectl
+//!  command    runs the host's tools; the Runner seam the tests fake
+//!  error      PlatformError
+//!  journal    plan    process    ipc
+//!  win32      Win32 calls below everything Windows (processes, owners, ACLs, pipes)
+//!  account    sys
+//! ```
 
 #![deny(unsafe_code)]
 
@@ -40,27 +57,34 @@ pub mod plan;
 pub mod process;
 pub mod sys;
 
-#[cfg_attr(not(any(target_os = "macos", windows, test)), allow(dead_code))]
+#[cfg_attr(windows, allow(dead_code))]
+mod command;
+mod error;
 mod host;
+#[cfg(any(target_os = "linux", test))]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+mod linux;
 #[cfg(any(target_os = "macos", test))]
 #[cfg_attr(not(target_os = "macos"), allow(dead_code))]
 mod macos;
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+mod stub;
 #[cfg(windows)]
 mod win32;
+#[cfg(windows)]
+mod win32net;
 #[cfg(any(windows, test))]
 #[cfg_attr(not(windows), allow(dead_code))]
 mod windows;
 
 #[cfg(target_os = "linux")]
-#[path = "linux.rs"]
-mod imp;
+use linux::system;
 #[cfg(target_os = "macos")]
-use macos as imp;
-#[cfg(windows)]
-use windows as imp;
+use macos::system;
 #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
-#[path = "stub.rs"]
-mod imp;
+use stub::system;
+#[cfg(windows)]
+use win32net::system;
 
 /// The default TUN name: macOS names its utun devices itself (`utunN`); elsewhere any name.
 #[cfg(target_os = "macos")]
@@ -79,221 +103,34 @@ pub const DEFAULT_STATE_DIR: &str = "/var/run/mse-vpn";
 #[cfg(windows)]
 pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\mse-vpn";
 
-use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ipnet::IpNet;
-use thiserror::Error;
+use host::Backend;
 
+pub use error::PlatformError;
+pub use host::{ExistingRoute, PathInfo, Preflight};
 pub use journal::Change;
 pub use plan::{PlanError, PlanSpec, RoutePlan};
 /// Windows: the wintun adapter GUID for a TUN name (fixed per name; see `windows.rs`).
 #[cfg(windows)]
 pub use windows::adapter_guid;
 
-/// Failures of host integration. Messages say what to do.
-#[derive(Debug, Error)]
-pub enum PlatformError {
-    /// This OS is not supported.
-    #[error("this operating system is not supported: mse-vpn runs on Linux, macOS and Windows")]
-    Unsupported,
-    /// A routed CIDR overlaps a network the host already reaches through a local interface.
-    #[error(
-        "{cidr} overlaps {existing}, which this host already reaches directly through {dev}: routing it into the tunnel would cut that network off. Pick the VPC's exact CIDR, or --exclude {existing}"
-    )]
-    RouteConflict {
-        /// The plan's prefix.
-        cidr: IpNet,
-        /// The existing route's destination.
-        existing: IpNet,
-        /// Its interface.
-        dev: String,
-    },
-    /// No current path to a jump-host address that must bypass the tunnel.
-    #[error("there is no route to the jump host {addr}: check the network connection")]
-    NoPathTo {
-        /// The address.
-        addr: IpAddr,
-    },
-    /// Another live session owns the TUN name.
-    #[error(
-        "another mse-vpn session (pid {pid}) is using {tun}: stop it with `mse-vpn down`, or pick another --tun"
-    )]
-    Busy {
-        /// The TUN name.
-        tun: String,
-        /// The other session's pid.
-        pid: i32,
-    },
-    /// Another live session already routes an overlapping network.
-    #[error(
-        "{cidr} overlaps {other}, already routed by the mse-vpn session on {tun} (pid {pid}): stop it first, or exclude the overlap"
-    )]
-    Overlap {
-        /// Our prefix.
-        cidr: IpNet,
-        /// Theirs.
-        other: IpNet,
-        /// Their TUN.
-        tun: String,
-        /// Their pid.
-        pid: i32,
-    },
-    /// The journal could not be written or read.
-    #[error("restore journal {path}: {source}")]
-    Journal {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `ip` could not be run.
-    #[error("cannot run `{cmd}` (is iproute2 installed?): {source}")]
-    Spawn {
-        /// The command line.
-        cmd: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `ip` failed.
-    #[error("`{cmd}` failed: {stderr}")]
-    Command {
-        /// The command line.
-        cmd: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-    /// macOS: the kernel refused a route change that `route` reported on its output while
-    /// exiting 0 (route.c). "File exists": the host already routes that destination.
-    #[error(
-        "`{cmd}` was refused by the kernel: {reason}. If that is \"File exists\", the host already has a route to that destination (another VPN's?): `netstat -rn` shows whose; stop that tool, or --exclude the overlap"
-    )]
-    Refused {
-        /// The command line.
-        cmd: String,
-        /// What `route` printed after the gateway (`File exists`, `not in table`, ...).
-        reason: String,
-    },
-    /// Windows: the TUN adapter never got an IPv6 interface (IPv6 is disabled on this host or
-    /// unbound from the adapter), but IPv6 networks were to be routed.
-    #[error(
-        "the adapter {tun} has no IPv6 interface (is IPv6 disabled on this host?): drop the IPv6 --cidr, or enable IPv6"
-    )]
-    NoIpv6 {
-        /// The TUN name.
-        tun: String,
-    },
-    /// The resolver configuration could not be changed.
-    #[error("cannot point {path} at the DNS responder: {source}")]
-    Dns {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// macOS: another tool, or another running mse-vpn session, already resolves a split
-    /// domain through `/etc/resolver`.
-    #[error(
-        "{path} exists and is not this session's (another VPN's split DNS, or another mse-vpn session with that --dns-domain?): stop that one or remove the file, or drop that --dns-domain"
-    )]
-    ResolverTaken {
-        /// The resolver file.
-        path: PathBuf,
-    },
-    /// Windows: a system call failed.
-    #[error("{call} failed: {source}")]
-    Os {
-        /// The call (and its argument, where it helps).
-        call: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A path that must be written to the journal contains whitespace.
-    #[error(
-        "{path} contains whitespace, which the restore journal cannot record: use a --state-dir without spaces"
-    )]
-    UnsafePath {
-        /// The path.
-        path: PathBuf,
-    },
-    /// Some changes could not be undone; they stay in the journal for a later repair.
-    #[error(
-        "could not undo {count} host change(s), kept in {path} so that `mse-vpn down --force` (or the next start) tries again; the first: `{first}`"
-    )]
-    Undo {
-        /// How many changes are left.
-        count: usize,
-        /// The first of them.
-        first: Change,
-        /// The journal that keeps them.
-        path: PathBuf,
-        /// Why undoing the first failed.
-        #[source]
-        source: Box<PlatformError>,
-    },
-    /// `ip -j` printed something unexpected.
-    #[error("cannot parse the output of `{cmd}`: {source}")]
-    Parse {
-        /// The command line.
-        cmd: String,
-        /// The JSON error.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// The current path to an address (before the TUN exists).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PathInfo {
-    /// The gateway, if not directly connected.
-    pub via: Option<IpAddr>,
-    /// The output interface.
-    pub dev: String,
-}
-
-/// What [`preflight`] found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Preflight {
-    /// The current path of each bypass address.
-    pub bypass_paths: Vec<(IpAddr, PathInfo)>,
-}
-
 /// Read-only checks of a plan against the host: conflicts with existing interface routes and
 /// with other live sessions, and a path to every bypass address.
 pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    imp::preflight(plan, state_dir).await
-}
-
-/// A route the host already has that overlaps a planned route.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExistingRoute {
-    /// Its destination.
-    pub dst: IpNet,
-    /// Its interface.
-    pub dev: String,
-    /// Its gateway, if any.
-    pub via: Option<IpAddr>,
-    /// True for a network reached directly through a local interface (a LAN, a Docker
-    /// bridge): routing it into the tunnel would cut it off.
-    pub local: bool,
-    /// The planned route it overlaps.
-    pub planned: IpNet,
+    host::preflight(&mut system(), plan, state_dir).await
 }
 
 /// Every existing route (main table, other than the default route) that overlaps a planned
 /// route: read-only, for `doctor`.
 pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
-    imp::overlapping_routes(plan).await
+    host::overlapping_routes(&mut system(), plan).await
 }
 
 /// The changes this session made; undo them with [`Host::restore`].
 #[derive(Debug)]
 pub struct Host {
-    inner: imp::Applied,
+    inner: host::Applied,
 }
 
 impl Host {
@@ -301,7 +138,7 @@ impl Host {
     /// every change first. On failure, whatever was done is undone.
     pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Host, PlatformError> {
         Ok(Host {
-            inner: imp::apply(plan, state_dir).await?,
+            inner: host::apply(&mut system(), plan, state_dir).await?,
         })
     }
 
@@ -315,19 +152,19 @@ impl Host {
         plan: &dns::DnsPlan,
         state_dir: &Path,
     ) -> Result<dns::DnsBackend, PlatformError> {
-        imp::apply_dns(&mut self.inner, tun, plan, state_dir).await
+        host::apply_dns(&mut system(), &mut self.inner, tun, plan, state_dir).await
     }
 
     /// Undoes every change in reverse order and deletes the journal.
     pub async fn restore(self) -> Result<(), PlatformError> {
-        imp::restore(self.inner).await
+        host::restore(&mut system(), self.inner).await
     }
 }
 
 /// Undoes what sessions that are no longer running left behind (per their journals) and
 /// returns the changes actually undone. Live sessions are left alone.
 pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
-    imp::repair(state_dir).await
+    host::repair(&mut system(), state_dir).await
 }
 
 /// A session that is no longer running but left host changes behind (its journal is still
@@ -376,20 +213,22 @@ impl Leftover {
 /// moment before it exits; what it could not undo is final only once it has exited.
 pub fn session_running(state_dir: &Path, tun: &str) -> bool {
     let path = journal::path_for(state_dir, tun);
-    if !imp::journal_trusted(&path) {
+    let b = system();
+    if !b.journal_trusted(&path) {
         return false;
     }
     journal::read(&path)
         .ok()
         .and_then(|rec| rec.pid)
-        .is_some_and(imp::pid_alive)
+        .is_some_and(|pid| b.pid_alive(pid))
 }
 
 /// The sessions that are no longer running but left changes behind, by their journals in
 /// `state_dir` (read-only: [`repair`] undoes them). The same test as [`repair`]'s decides
 /// what is dead.
 pub fn leftovers(state_dir: &Path) -> Result<Vec<Leftover>, PlatformError> {
-    leftovers_where(state_dir, imp::journal_trusted)
+    let b = system();
+    leftovers_where(state_dir, |path| b.journal_trusted(path))
 }
 
 /// [`leftovers`] among the journals that are `trusted` (see the backends' `journal_trusted`).
@@ -425,7 +264,7 @@ fn leftovers_where(
             }
             Err(source) => return Err(PlatformError::Journal { path, source }),
         };
-        if rec.pid.is_some_and(imp::pid_alive) {
+        if rec.pid.is_some_and(|pid| system().pid_alive(pid)) {
             continue;
         }
         left.push(Leftover {

@@ -31,29 +31,19 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
+use crate::command::{Runner, System, argv};
 use crate::dns::{DnsBackend, DnsPlan, MARKER};
-use crate::host::{self, Backend, RouteEntry};
+use crate::error::PlatformError;
+use crate::host::{Backend, PathInfo, RouteEntry};
 use crate::journal::Change;
-use crate::{ExistingRoute, PathInfo, PlatformError, Preflight, RoutePlan};
+use crate::plan::RoutePlan;
 
 /// Where macOS looks for per-domain resolver files.
 pub const RESOLVER_DIR: &str = "/etc/resolver";
 
-/// Runs one command line, returning its standard output.
-pub trait Runner {
-    /// `argv[0]` is the program.
-    async fn run(&mut self, argv: &[String]) -> Result<String, PlatformError>;
-}
-
-/// Runs commands for real.
-#[derive(Debug, Default)]
-pub struct System;
-
-impl Runner for System {
-    async fn run(&mut self, argv: &[String]) -> Result<String, PlatformError> {
-        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        host::run(&argv[0], &args).await
-    }
+/// The macOS backend on the real host.
+pub fn system() -> Macos<System> {
+    Macos::new(System, RESOLVER_DIR)
 }
 
 /// The macOS backend over a command runner.
@@ -108,10 +98,6 @@ impl<R: Runner> Macos<R> {
             Err(e) => Err(e),
         }
     }
-}
-
-fn argv(words: &[&str]) -> Vec<String> {
-    words.iter().map(|w| (*w).to_owned()).collect()
 }
 
 fn family(net: &IpNet) -> &'static str {
@@ -332,8 +318,6 @@ pub fn resolver_file(dir: &Path, zone: &str) -> PathBuf {
 }
 
 impl<R: Runner> Backend for Macos<R> {
-    const DNS: DnsBackend = DnsBackend::ResolverDir;
-
     fn pid_alive(&self, pid: i32) -> bool {
         crate::process::pid_alive(pid)
     }
@@ -346,7 +330,7 @@ impl<R: Runner> Backend for Macos<R> {
         parse_route_get(&out).ok_or(PlatformError::NoPathTo { addr })
     }
 
-    async fn routes(&mut self) -> Result<Vec<RouteEntry>, PlatformError> {
+    async fn routes(&mut self, _plan: &RoutePlan) -> Result<Vec<RouteEntry>, PlatformError> {
         let mut out = Vec::new();
         for fam in ["inet", "inet6"] {
             let text = self.run(argv(&["netstat", "-rn", "-f", fam])).await?;
@@ -363,13 +347,24 @@ impl<R: Runner> Backend for Macos<R> {
         }
     }
 
-    fn dns_changes(&self, _tun: &str, plan: &DnsPlan) -> Vec<Change> {
-        plan.zones
+    async fn dns_backend(&mut self) -> DnsBackend {
+        DnsBackend::ResolverDir
+    }
+
+    fn dns_changes(
+        &self,
+        _dns: DnsBackend,
+        _tun: &str,
+        plan: &DnsPlan,
+        _state_dir: &Path,
+    ) -> Result<Vec<Change>, PlatformError> {
+        Ok(plan
+            .zones
             .iter()
             .map(|z| Change::ResolverFile {
                 file: resolver_file(&self.resolver_dir, z),
             })
-            .collect()
+            .collect())
     }
 
     async fn make_dns(
@@ -435,60 +430,13 @@ impl<R: Runner> Backend for Macos<R> {
     }
 }
 
-fn system() -> Macos<System> {
-    Macos::new(System, RESOLVER_DIR)
-}
-
-/// The changes one session made.
-#[derive(Debug)]
-pub struct Applied(host::Applied);
-
-pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    host::preflight(&mut system(), plan, state_dir).await
-}
-
-pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
-    host::overlapping_routes(&mut system(), plan).await
-}
-
-pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, PlatformError> {
-    host::apply(&mut system(), plan, state_dir)
-        .await
-        .map(Applied)
-}
-
-pub async fn apply_dns(
-    applied: &mut Applied,
-    tun: &str,
-    plan: &DnsPlan,
-    _state_dir: &Path,
-) -> Result<DnsBackend, PlatformError> {
-    host::apply_dns(&mut system(), &mut applied.0, tun, plan).await
-}
-
-pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
-    host::restore(&mut system(), applied.0).await
-}
-
-pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
-    host::repair(&mut system(), state_dir).await
-}
-
-/// Journals in the state directory are trusted: it is root's, mode 0755.
-pub fn journal_trusted(_path: &Path) -> bool {
-    true
-}
-
-pub fn pid_alive(pid: i32) -> bool {
-    crate::process::pid_alive(pid)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::PlanSpec;
+    use crate::host;
+    use crate::host::testing::{killed, lines};
 
     /// How a route leaves: through a gateway (as `route` prints it: `192.168.1.1`,
     /// `fe80::1%en0`) on an interface, or straight out of an interface.
@@ -543,7 +491,7 @@ mod tests {
         }
     }
 
-    /// What `host::run` makes of a command that exited non-zero.
+    /// What `command::run` makes of a command that exited non-zero.
     fn exited(cmd: &str, stderr: &str) -> PlatformError {
         PlatformError::Command {
             cmd: cmd.to_owned(),
@@ -727,25 +675,11 @@ mod tests {
     }
 
     fn plan(cidrs: &[&str], jump: &[&str]) -> RoutePlan {
-        RoutePlan::new(PlanSpec {
-            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            excludes: Vec::new(),
-            jump_addrs: jump.iter().map(|a| a.parse().unwrap()).collect(),
-            tun_name: "utun9".into(),
-            mtu: 16_000,
-        })
-        .unwrap()
+        host::testing::plan("utun9", 16_000, cidrs, jump)
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mse-vpn-macos-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn lines(changes: &[Change]) -> Vec<String> {
-        changes.iter().map(ToString::to_string).collect()
+        host::testing::scratch("macos", name)
     }
 
     #[tokio::test]
@@ -891,13 +825,8 @@ mod tests {
         let applied = host::apply(&mut mac, &p, &dir).await.unwrap();
         // kill -9: the journal stays behind under a pid that no longer runs.
         let path = crate::journal::path_for(&dir, "utun9");
-        let recorded = crate::journal::read(&path).unwrap();
         drop(applied);
-        let mut j = crate::journal::Journal::create(&path, i32::MAX as u32).unwrap();
-        for c in &recorded.changes {
-            j.record(c).unwrap();
-        }
-        drop(j);
+        killed(&dir, "utun9");
         mac.runner.close_utun("utun9");
         assert!(mac.runner().routes.contains_key(&net("10.0.99.2/32")));
         mac.runner.ran.clear();
@@ -994,7 +923,7 @@ mod tests {
         // Another tool's file for an unrelated domain stays untouched.
         std::fs::create_dir_all(&resolver).unwrap();
         std::fs::write(resolver.join("corp.example"), "nameserver 192.0.2.53\n").unwrap();
-        let backend = host::apply_dns(&mut mac, &mut applied, "utun9", &dns)
+        let backend = host::apply_dns(&mut mac, &mut applied, "utun9", &dns, &dir)
             .await
             .unwrap();
         assert_eq!(backend, DnsBackend::ResolverDir);
@@ -1042,7 +971,7 @@ mod tests {
             server: "127.0.0.1:53535".parse().unwrap(),
             zones: vec!["internal".into()],
         };
-        let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns)
+        let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns, &dir)
             .await
             .unwrap_err();
         assert!(
@@ -1062,7 +991,7 @@ mod tests {
         let mut applied = host::apply(&mut mac, &plan(&["10.0.0.0/16"], &[]), &dir)
             .await
             .unwrap();
-        let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns)
+        let e = host::apply_dns(&mut mac, &mut applied, "utun9", &dns, &dir)
             .await
             .unwrap_err();
         assert!(matches!(&e, PlatformError::ResolverTaken { .. }), "{e}");

@@ -12,7 +12,8 @@ use std::process::ExitStatus;
 
 use crate::account::Account;
 
-/// True if process `pid` is running (our own pid included).
+/// True if process `pid` is running (our own pid included). On Linux a zombie (killed, not
+/// yet reaped by its parent) is dead: it holds no TUN and will never undo its changes.
 pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
@@ -20,13 +21,31 @@ pub fn pid_alive(pid: i32) -> bool {
     if pid as u32 == std::process::id() {
         return true;
     }
+    // EPERM: it exists, and belongs to someone else (`status` run by the session's user).
     #[cfg(unix)]
     return match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e == nix::errno::Errno::EPERM,
+        Ok(()) | Err(nix::errno::Errno::EPERM) => !zombie(pid),
+        Err(_) => false,
     };
     #[cfg(windows)]
     return crate::win32::pid_alive(pid as u32);
+}
+
+/// True if `pid` is a zombie, by `/proc/PID/stat` ("pid (comm) S ..."; comm may contain
+/// spaces and parentheses). Unreadable: not known to be one.
+#[cfg(target_os = "linux")]
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
+/// Only Linux tells a zombie apart here.
+#[cfg(all(unix, not(target_os = "linux")))]
+fn zombie(_pid: i32) -> bool {
+    false
 }
 
 /// How to get the privileges [`is_privileged`] checks, for messages ("must be run ...").
@@ -215,6 +234,26 @@ mod tests {
         assert!(!pid_alive(0));
         assert!(!pid_alive(-4));
         assert!(!pid_alive(i32::MAX));
+    }
+
+    /// A session killed with SIGKILL whose parent has not reaped it yet is a zombie: it holds
+    /// no TUN and will never undo its changes, so its journal is a leftover to repair.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_zombie_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not waited for: once it exits it stays a zombie until `wait` below.
+        let start = std::time::Instant::now();
+        while pid_alive(pid) && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!pid_alive(pid), "a zombie counts as running");
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok(),
+            "still a zombie, not reaped"
+        );
+        child.wait().unwrap();
     }
 
     #[tokio::test]

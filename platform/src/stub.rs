@@ -1,51 +1,67 @@
-//! Operating systems other than Linux, macOS and Windows (a BSD, say): every call answers
-//! [`PlatformError::Unsupported`], which says which systems are.
+//! Operating systems other than Linux, macOS and Windows (a BSD, say): a backend that answers
+//! [`PlatformError::Unsupported`], which says which systems are, to everything that would read
+//! or change the host.
 
+use std::net::IpAddr;
 use std::path::Path;
 
-use crate::{Change, ExistingRoute, PlatformError, Preflight, RoutePlan};
+use crate::dns::{DnsBackend, DnsPlan};
+use crate::error::PlatformError;
+use crate::host::{Backend, PathInfo, RouteEntry};
+use crate::journal::Change;
+use crate::plan::RoutePlan;
 
+/// The backend of an unsupported system.
 #[derive(Debug)]
-pub struct Applied;
+pub struct Unsupported;
 
-pub async fn preflight(_: &RoutePlan, _: &Path) -> Result<Preflight, PlatformError> {
-    Err(PlatformError::Unsupported)
+/// The backend of this system.
+pub fn system() -> Unsupported {
+    Unsupported
 }
 
-pub async fn apply(_: &RoutePlan, _: &Path) -> Result<Applied, PlatformError> {
-    Err(PlatformError::Unsupported)
-}
+impl Backend for Unsupported {
+    /// No session can run here, so none is alive.
+    fn pid_alive(&self, _pid: i32) -> bool {
+        false
+    }
 
-pub async fn restore(_: Applied) -> Result<(), PlatformError> {
-    Err(PlatformError::Unsupported)
-}
+    async fn path_to(&mut self, _addr: IpAddr) -> Result<PathInfo, PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 
-pub async fn repair(_: &Path) -> Result<Vec<Change>, PlatformError> {
-    Err(PlatformError::Unsupported)
-}
+    async fn routes(&mut self, _plan: &RoutePlan) -> Result<Vec<RouteEntry>, PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 
-pub async fn overlapping_routes(_: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
-    Err(PlatformError::Unsupported)
-}
+    async fn make(&mut self, _change: &Change, _plan: &RoutePlan) -> Result<(), PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 
-pub async fn apply_dns(
-    _: &mut Applied,
-    _: &str,
-    _: &crate::dns::DnsPlan,
-    _: &Path,
-) -> Result<crate::dns::DnsBackend, PlatformError> {
-    Err(PlatformError::Unsupported)
-}
+    async fn dns_backend(&mut self) -> DnsBackend {
+        DnsBackend::ResolvConf
+    }
 
-/// No session can run here, so none is alive.
-pub(crate) fn pid_alive(_: i32) -> bool {
-    false
-}
+    fn dns_changes(
+        &self,
+        _dns: DnsBackend,
+        _tun: &str,
+        _plan: &DnsPlan,
+        _state_dir: &Path,
+    ) -> Result<Vec<Change>, PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 
-pub fn journal_trusted(_: &std::path::Path) -> bool {
-    true
-}
+    async fn make_dns(
+        &mut self,
+        _change: &Change,
+        _tun: &str,
+        _plan: &DnsPlan,
+    ) -> Result<(), PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 
-pub fn pid_alive(_: i32) -> bool {
-    false
+    async fn undo(&mut self, _change: &Change) -> Result<bool, PlatformError> {
+        Err(PlatformError::Unsupported)
+    }
 }

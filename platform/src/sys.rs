@@ -1,5 +1,5 @@
 //! The Unix system calls of mse-vpn that need `unsafe`: the one such file outside Windows'
-//! `win32.rs`. Two things live here: glibc's allocator tuning (and trimming), and the TUN
+//! `win32.rs` and `win32net.rs`. Two things live here: glibc's allocator tuning (and trimming), and the TUN
 //! device's offload ioctl. Each is wrapped in a safe function.
 //!
 //! **Memory.** Each TCP flow owns receive and send ring buffers of a few hundred KiB. An idle flow touches

@@ -7,7 +7,7 @@
 //! driver in `host.rs`).
 //!
 //! This file maps each [`Change`] to the exact API operations ([`Call`]) that make or undo it,
-//! over an [`Api`]: the real one (`win32.rs`, the only Windows file with `unsafe`) calls
+//! over an [`Api`]: the real one (`win32net.rs`, with `unsafe` code like `win32.rs`) calls
 //! `CreateUnicastIpAddressEntry`, `CreateIpForwardEntry2`, `GetBestRoute2`,
 //! `GetIpForwardTable2` and the registry; the tests here run against a fake Windows that answers
 //! as the real one does (Win32 error codes, the registry's rules, the DNS client's choice of
@@ -29,7 +29,8 @@
 //! - **IPv6**: the adapter's IPv6 interface appears a moment after the adapter (and never when
 //!   IPv6 is disabled); until then address and route calls fail with `ERROR_NOT_FOUND`. The
 //!   first IPv6 change waits for it ([`IPV6_WAIT`]) and says plainly when it never comes.
-//! - **Journals** are repaired only when owned by SYSTEM or Administrators ([`trusted_owner`]):
+//! - **Journals** are repaired only when owned by SYSTEM or Administrators
+//!   ([`trusted_owner`]):
 //!   the state directory gets an explicit ACL (`win32.rs`), and a journal someone else planted
 //!   would otherwise make an elevated `up` or `down` delete what it names.
 
@@ -39,12 +40,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::account::trusted_owner;
 use crate::dns::{DnsBackend, DnsPlan};
-use crate::host::{self, Backend, RouteEntry};
+use crate::error::PlatformError;
+use crate::host::{Backend, PathInfo, RouteEntry};
 use crate::journal::Change;
-#[cfg(windows)]
-use crate::{ExistingRoute, Preflight};
-use crate::{PathInfo, PlatformError, RoutePlan};
+use crate::plan::RoutePlan;
 
 /// The registry key (under HKLM) holding the DNS client's local NRPT rules.
 pub const NRPT_ROOT: &str =
@@ -160,13 +161,6 @@ pub trait Api {
     fn pid_alive(&self, pid: i32) -> bool;
     /// The owner of the file `path`, as SDDL writes it (`BA`, `SY`, `S-1-5-21-...`).
     fn owner(&self, path: &Path) -> Result<String, PlatformError>;
-}
-
-/// True if a journal owned by `owner` (SDDL) was written by an elevated mse-vpn: SYSTEM or
-/// the Administrators group (what an elevated process's files are owned by, and what
-/// `win32.rs` sets explicitly).
-pub fn trusted_owner(owner: &str) -> bool {
-    matches!(owner, "SY" | "BA" | "S-1-5-18" | "S-1-5-32-544")
 }
 
 /// A 64-bit FNV-1a hash: fixed per name, across runs and builds.
@@ -392,8 +386,6 @@ impl<A: Api> Windows<A> {
 }
 
 impl<A: Api> Backend for Windows<A> {
-    const DNS: DnsBackend = DnsBackend::Nrpt;
-
     fn pid_alive(&self, pid: i32) -> bool {
         self.api.pid_alive(pid)
     }
@@ -417,7 +409,7 @@ impl<A: Api> Backend for Windows<A> {
         })
     }
 
-    async fn routes(&mut self) -> Result<Vec<RouteEntry>, PlatformError> {
+    async fn routes(&mut self, _plan: &RoutePlan) -> Result<Vec<RouteEntry>, PlatformError> {
         self.api.routes()
     }
 
@@ -442,8 +434,18 @@ impl<A: Api> Backend for Windows<A> {
         self.run(make_calls(change, luid, None)).map(drop)
     }
 
-    fn dns_changes(&self, tun: &str, _plan: &DnsPlan) -> Vec<Change> {
-        vec![Change::NrptRule { key: nrpt_key(tun) }]
+    async fn dns_backend(&mut self) -> DnsBackend {
+        DnsBackend::Nrpt
+    }
+
+    fn dns_changes(
+        &self,
+        _dns: DnsBackend,
+        tun: &str,
+        _plan: &DnsPlan,
+        _state_dir: &Path,
+    ) -> Result<Vec<Change>, PlatformError> {
+        Ok(vec![Change::NrptRule { key: nrpt_key(tun) }])
     }
 
     async fn make_dns(
@@ -476,70 +478,13 @@ impl<A: Api> Backend for Windows<A> {
     }
 }
 
-#[cfg(windows)]
-fn system() -> Windows<crate::win32::Win32> {
-    Windows::new(crate::win32::Win32)
-}
-
-/// The changes one session made.
-#[cfg(windows)]
-#[derive(Debug)]
-pub struct Applied(host::Applied);
-
-#[cfg(windows)]
-pub async fn preflight(plan: &RoutePlan, state_dir: &Path) -> Result<Preflight, PlatformError> {
-    host::preflight(&mut system(), plan, state_dir).await
-}
-
-#[cfg(windows)]
-pub async fn overlapping_routes(plan: &RoutePlan) -> Result<Vec<ExistingRoute>, PlatformError> {
-    host::overlapping_routes(&mut system(), plan).await
-}
-
-#[cfg(windows)]
-pub async fn apply(plan: &RoutePlan, state_dir: &Path) -> Result<Applied, PlatformError> {
-    host::apply(&mut system(), plan, state_dir)
-        .await
-        .map(Applied)
-}
-
-#[cfg(windows)]
-pub async fn apply_dns(
-    applied: &mut Applied,
-    tun: &str,
-    plan: &DnsPlan,
-    _state_dir: &Path,
-) -> Result<DnsBackend, PlatformError> {
-    host::apply_dns(&mut system(), &mut applied.0, tun, plan).await
-}
-
-#[cfg(windows)]
-pub async fn restore(applied: Applied) -> Result<(), PlatformError> {
-    host::restore(&mut system(), applied.0).await
-}
-
-#[cfg(windows)]
-pub async fn repair(state_dir: &Path) -> Result<Vec<Change>, PlatformError> {
-    host::repair(&mut system(), state_dir).await
-}
-
-#[cfg(windows)]
-pub fn journal_trusted(path: &Path) -> bool {
-    system().journal_trusted(path)
-}
-
-#[cfg(windows)]
-pub fn pid_alive(pid: i32) -> bool {
-    crate::process::pid_alive(pid)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
     use super::*;
-    use crate::PlanSpec;
+    use crate::host;
 
     const TUN_LUID: u64 = 0x0047_0000_0100_0000;
     const ETH_LUID: u64 = 0x0006_0000_0200_0000;
@@ -747,14 +692,7 @@ mod tests {
     }
 
     fn plan(cidrs: &[&str], jump: &[&str]) -> RoutePlan {
-        RoutePlan::new(PlanSpec {
-            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            excludes: Vec::new(),
-            jump_addrs: jump.iter().map(|a| a.parse().unwrap()).collect(),
-            tun_name: "mse0".into(),
-            mtu: 65_000,
-        })
-        .unwrap()
+        host::testing::plan("mse0", 65_000, cidrs, jump)
     }
 
     fn net(s: &str) -> IpNet {
@@ -769,11 +707,7 @@ mod tests {
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("mse-vpn-windows-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+        host::testing::scratch("windows", name)
     }
 
     /// The calls other than the adapter's registry settings.
@@ -793,7 +727,7 @@ mod tests {
         let p = plan(&["10.0.0.0/8", "fd00:1::/64"], &["10.99.0.2"]);
         let mut applied = host::apply(&mut win, &p, &dir).await.unwrap();
         assert_eq!(
-            host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan())
+            host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan(), &dir)
                 .await
                 .unwrap(),
             DnsBackend::Nrpt
@@ -1045,7 +979,7 @@ mod tests {
         let mut applied = host::apply(&mut win, &plan(&["10.0.0.0/16"], &[]), &dir)
             .await
             .unwrap();
-        host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan())
+        host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan(), &dir)
             .await
             .unwrap();
         let key = nrpt_key("mse0");
@@ -1092,7 +1026,7 @@ mod tests {
         let mut applied = host::apply(&mut win, &plan(&["10.0.0.0/16"], &[]), &dir)
             .await
             .unwrap();
-        host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan())
+        host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan(), &dir)
             .await
             .unwrap();
         assert!(
