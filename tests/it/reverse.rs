@@ -798,12 +798,15 @@ fn a_jump_host_address_not_found_at_start_is_found_later_and_env_waits_for_it() 
         &format!("LogLevel INFO\nForceCommand {}", script.display()),
     );
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
-    assert!(
-        vpn.stderr()
-            .contains("could not find out the jump host's VPC address"),
-        "{}",
-        vpn.stderr()
-    );
+    // Said before "is up", on stderr (read by its own thread: allow it a moment).
+    let said = Instant::now();
+    while !vpn
+        .stderr()
+        .contains("could not find out the jump host's VPC address")
+    {
+        assert!(said.elapsed() < Duration::from_secs(5), "{}", vpn.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::fs::remove_file(&flag).unwrap();
     let out = tb
         .mse_vpn(&["env", "--expose", "20890"])
