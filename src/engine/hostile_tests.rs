@@ -307,8 +307,8 @@ const SCALED_BUFFER: usize = 128 * 1024;
 /// is scaled and rounded down, so its right edge moves left by up to 3 bytes as data arrives:
 /// the app, which sent up to an earlier edge, resets past the current one. The flow must still
 /// end: the RST gets a challenge ACK (smoltcp patch 0003), which the app's kernel (its socket
-/// gone) answers with the exact RST. Before, such an RST was dropped silently and the flow,
-/// with its channel, stayed for good (seen end to end: 1 in 100 reset flows).
+/// gone) answers with the exact RST. Without that patch such an RST is dropped silently and
+/// the flow, with its channel, stays for good.
 #[test]
 fn an_app_reset_past_a_window_shrunk_by_rounding_still_ends_its_flow() {
     let mut r = Rig::new(EngineConfig {
