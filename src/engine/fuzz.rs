@@ -66,6 +66,9 @@ struct App {
     peers: Peers,
     /// The engine's latest acknowledgement number.
     acks: HashMap<FlowKey, TcpSeqNumber>,
+    /// The same, only from segments sent since the app started resetting everything (the
+    /// kernel answers those, and only those, with an RST).
+    since_reset: HashMap<FlowKey, TcpSeqNumber>,
     /// The right edge of the engine's window as its latest segment told it (ACK + window).
     edges: HashMap<FlowKey, TcpSeqNumber>,
     /// The app's own next sequence number (SND.NXT), from the segments fed to the engine,
@@ -90,6 +93,7 @@ impl App {
         self.peers
             .insert((app.src.port(), app.src.is_ipv6()), (ack, tcp.seq_end));
         self.acks.insert(app, ack);
+        self.since_reset.insert(app, ack);
         // The engine's windows are not scaled here (4 KiB buffers).
         self.edges.insert(app, ack + usize::from(tcp.window));
     }
@@ -104,13 +108,15 @@ impl App {
 
     /// Where the app's kernel puts the RST of a connection it gives up: at its SND.NXT, or at
     /// the right edge of the engine's window if SND.NXT is past it (Linux's
-    /// `tcp_acceptable_seq`); at the engine's ACK number if it sent nothing itself.
+    /// `tcp_acceptable_seq`). A kernel's SND.NXT is never behind what the engine
+    /// acknowledged; the fuzzer's record of it can be (mutated segments, a 4-tuple reused by
+    /// a new flow): then it is the ACK number.
     fn first_rst(&self, key: &FlowKey) -> Option<TcpSeqNumber> {
-        let edge = self.edges.get(key)?;
+        let (ack, edge) = (*self.acks.get(key)?, *self.edges.get(key)?);
         Some(match self.next.get(key) {
-            Some(next) if next <= edge => *next,
-            Some(_) => *edge,
-            None => self.acks[key],
+            Some(&next) if ack <= next && next <= edge => next,
+            Some(&next) if ack <= next => edge,
+            _ => ack,
         })
     }
 }
@@ -395,6 +401,8 @@ fn step(engine: &mut Engine, now: Instant, app: &mut App, trace: &mut Trace) {
 /// acknowledgement number as a kernel does, and the SSH side fails every open still waiting.
 /// No flow may outlive that; then `reset_all` leaves nothing, and nothing is left closing.
 fn reset_everything(engine: &mut Engine, mut now: Instant, app: &mut App, ledger: &mut Ledger) {
+    step(engine, now, app, &mut ledger.trace);
+    app.since_reset.clear();
     for round in 0..4 {
         step(engine, now, app, &mut ledger.trace);
         ledger.events(engine);
@@ -407,7 +415,7 @@ fn reset_everything(engine: &mut Engine, mut now: Instant, app: &mut App, ledger
             let seq = if round == 0 {
                 app.first_rst(&key)
             } else {
-                app.acks.get(&key).copied()
+                app.since_reset.get(&key).copied()
             };
             match seq {
                 Some(seq) if has_socket => {
