@@ -51,7 +51,7 @@ impl Pair {
             app,
             dev,
             sockets: SocketSet::new(Vec::new()),
-            engine: Engine::new(config, t0),
+            engine: Engine::new(config, t0, [0x42; 32]),
             events: Vec::new(),
         }
     }

@@ -353,6 +353,7 @@ impl<T: PacketIo> Driver<T> {
         let engine = Engine::new(
             config.engine.clone(),
             smoltcp::time::Instant::from_micros(0),
+            rand::random(),
         );
         Driver {
             engine,

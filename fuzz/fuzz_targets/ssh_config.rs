@@ -18,6 +18,8 @@ fuzz_target!(|data: &[u8]| {
         home: PathBuf::from("/nonexistent-home"),
         local_user: "dev".into(),
         uid: 1000,
+        gid: 1000,
+        ssh_client: None, // this parser only: the fuzzer runs no `ssh -G`
     };
     for host in ["bastion", "db.corp", "10.0.0.1"] {
         if let Ok(cfg) = HostConfig::parse_str(text, &sources, host) {

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::net::SocketAddr;
 
 /// A flow's identity inside one engine: small, copyable, never reused while the engine lives.
@@ -107,7 +108,10 @@ impl fmt::Display for CloseReason {
 /// A table keyed both by [`FlowId`] (for the SSH side) and by [`FlowKey`] (for packets).
 #[derive(Debug)]
 pub struct FlowTable<T> {
-    by_id: HashMap<FlowId, T>,
+    /// Hashed with fixed keys: the engine walks the flows in this map's order, and that order
+    /// must be the same in every run for a seeded run to replay bit-exact. The ids are the
+    /// engine's own counter, nothing an app chooses.
+    by_id: HashMap<FlowId, T, BuildHasherDefault<DefaultHasher>>,
     by_key: HashMap<FlowKey, FlowId>,
     /// The inbound flows among them (a budget of their own).
     inbound: HashSet<FlowId>,
@@ -117,7 +121,7 @@ pub struct FlowTable<T> {
 impl<T> Default for FlowTable<T> {
     fn default() -> Self {
         FlowTable {
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             by_key: HashMap::new(),
             inbound: HashSet::new(),
             next_id: 1,

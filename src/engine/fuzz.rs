@@ -13,9 +13,11 @@
 //!
 //! `cargo test` runs a short smoke (`FUZZ_INPUTS`, default 20,000); `scripts/fuzz` runs ten
 //! million inputs on a release build, then the coverage-guided targets (`fuzz/`). A failure
-//! prints the seed to replay with `FUZZ_SEED`.
+//! prints the seed to replay with `FUZZ_SEED`: the engine's randomness comes from that seed
+//! and its clock is the fuzzer's, so the replay is bit-exact (checked by
+//! `a_seeded_run_replays_bit_exact`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -56,17 +58,79 @@ impl Rng {
 /// next.
 type Peers = HashMap<(u16, bool), (TcpSeqNumber, TcpSeqNumber)>;
 
-/// The same, by each connection's exact 4-tuple (mutations make flows of other addresses and
-/// ports too).
-type Exact = HashMap<FlowKey, TcpSeqNumber>;
+/// What the app's kernel knows of each connection (by its exact 4-tuple: mutations make flows
+/// of other addresses and ports too), from the segments it sent and those the engine sent.
+#[derive(Default)]
+struct App {
+    /// See [`Peers`].
+    peers: Peers,
+    /// The engine's latest acknowledgement number.
+    acks: HashMap<FlowKey, TcpSeqNumber>,
+    /// The same, only from segments sent since the app started resetting everything (the
+    /// kernel answers those, and only those, with an RST).
+    since_reset: HashMap<FlowKey, TcpSeqNumber>,
+    /// The right edge of the engine's window as its latest segment told it (ACK + window).
+    edges: HashMap<FlowKey, TcpSeqNumber>,
+    /// The app's own next sequence number (SND.NXT), from the segments fed to the engine,
+    /// whether or not the engine took all of them.
+    next: HashMap<FlowKey, TcpSeqNumber>,
+}
 
-/// The app's own next sequence number (SND.NXT) on each connection, from the segments fed
-/// to the engine: where the app's kernel puts its RST, whether or not the engine took all
-/// of those segments.
-type AppNext = HashMap<FlowKey, TcpSeqNumber>;
+impl App {
+    /// Takes note of a segment the engine sent.
+    fn engine_sent(&mut self, p: &[u8]) {
+        let Some((key, tcp)) = tcp_segment(p) else {
+            return;
+        };
+        let Some(ack) = tcp.ack else {
+            return;
+        };
+        // From the app's side: it is the segment's destination.
+        let app = FlowKey {
+            src: key.dst,
+            dst: key.src,
+        };
+        self.peers
+            .insert((app.src.port(), app.src.is_ipv6()), (ack, tcp.seq_end));
+        self.acks.insert(app, ack);
+        self.since_reset.insert(app, ack);
+        // The engine's windows are not scaled here (4 KiB buffers).
+        self.edges.insert(app, ack + usize::from(tcp.window));
+    }
 
-/// The connection and the end of the sequence space of a TCP segment from an app.
-fn app_segment(p: &[u8]) -> Option<(FlowKey, TcpSeqNumber)> {
+    /// Takes note of a segment the app sent.
+    fn app_sent(&mut self, p: &[u8]) {
+        if let Some((key, tcp)) = tcp_segment(p) {
+            let next = self.next.entry(key).or_insert(tcp.seq_end);
+            *next = (*next).max(tcp.seq_end);
+        }
+    }
+
+    /// Where the app's kernel puts the RST of a connection it gives up: at its SND.NXT, or at
+    /// the right edge of the engine's window if SND.NXT is past it (Linux's
+    /// `tcp_acceptable_seq`). A kernel's SND.NXT is never behind what the engine
+    /// acknowledged; the fuzzer's record of it can be (mutated segments, a 4-tuple reused by
+    /// a new flow): then it is the ACK number.
+    fn first_rst(&self, key: &FlowKey) -> Option<TcpSeqNumber> {
+        let (ack, edge) = (*self.acks.get(key)?, *self.edges.get(key)?);
+        Some(match self.next.get(key) {
+            Some(&next) if ack <= next && next <= edge => next,
+            Some(&next) if ack <= next => edge,
+            _ => ack,
+        })
+    }
+}
+
+/// The parts of a TCP segment the fuzzer's app reads.
+struct Tcp {
+    /// Its sequence number plus its length (SYN and FIN count one).
+    seq_end: TcpSeqNumber,
+    ack: Option<TcpSeqNumber>,
+    window: u16,
+}
+
+/// The 4-tuple (source to destination) and the parts of a TCP segment.
+fn tcp_segment(p: &[u8]) -> Option<(FlowKey, Tcp)> {
     let (src, dst, payload) = match p.first()? >> 4 {
         4 => {
             let ip = Ipv4Packet::new_checked(p).ok()?;
@@ -98,7 +162,12 @@ fn app_segment(p: &[u8]) -> Option<(FlowKey, TcpSeqNumber)> {
         src: std::net::SocketAddr::new(src, tcp.src_port()),
         dst: std::net::SocketAddr::new(dst, tcp.dst_port()),
     };
-    Some((key, tcp.seq_number() + len))
+    let seg = Tcp {
+        seq_end: tcp.seq_number() + len,
+        ack: tcp.ack().then(|| tcp.ack_number()),
+        window: tcp.window_len(),
+    };
+    Some((key, seg))
 }
 
 /// A TCP segment of one of the seed flows, over IPv4 or IPv6; mostly in sync with the
@@ -235,15 +304,31 @@ fn input(rng: &mut Rng, peers: &Peers) -> Vec<u8> {
 /// nothing after it.
 #[derive(Default)]
 struct Ledger {
-    /// Flows opened and not closed, with their 4-tuple.
-    live: HashMap<FlowId, FlowKey>,
+    /// Flows opened and not closed, with their 4-tuple (ordered: the fuzzer picks from it, and
+    /// a run must replay).
+    live: BTreeMap<FlowId, FlowKey>,
     closed: HashSet<FlowId>,
+    /// Everything the engine emitted, if kept (see [`Trace`]).
+    trace: Trace,
+}
+
+/// Every packet and event an engine emitted, in order: two runs of one seed must have the
+/// same, byte for byte.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Trace {
+    /// Whether to keep anything (a long run would not fit in memory).
+    keep: bool,
+    packets: Vec<Vec<u8>>,
+    events: Vec<String>,
 }
 
 impl Ledger {
     /// Takes the engine's events, checking them against what was seen before.
     fn events(&mut self, engine: &mut Engine) {
         while let Some(e) = engine.poll_event() {
+            if self.trace.keep {
+                self.trace.events.push(format!("{e:?}"));
+            }
             match e {
                 Event::Open { id, key } => {
                     assert!(
@@ -296,15 +381,13 @@ fn ssh_side(rng: &mut Rng, engine: &mut Engine, now: Instant, ledger: &mut Ledge
     }
 }
 
-/// Polls, moves what the engine sent to `peers` and `exact`, checks the invariants.
-fn step(engine: &mut Engine, now: Instant, peers: &mut Peers, exact: &mut Exact) {
+/// Polls, shows the app what the engine sent, checks the invariants.
+fn step(engine: &mut Engine, now: Instant, app: &mut App, trace: &mut Trace) {
     engine.poll(now);
     while let Some(p) = engine.poll_transmit() {
-        if let Some(e) = packet::egress(&p)
-            && let Some(ack) = e.ack
-        {
-            peers.insert((e.key.src.port(), e.key.src.is_ipv6()), (ack, e.seq_end));
-            exact.insert(e.key, ack);
+        app.engine_sent(&p);
+        if trace.keep {
+            trace.packets.push(p.clone());
         }
         engine.recycle(p);
     }
@@ -313,23 +396,15 @@ fn step(engine: &mut Engine, now: Instant, peers: &mut Peers, exact: &mut Exact)
     }
 }
 
-/// The end of an engine's life: the app's kernel resets every connection, answering each
-/// challenge ACK with an RST at its acknowledgement number as a kernel does, and the SSH
-/// side fails every open still waiting. No flow may outlive that; then `reset_all` leaves
-/// nothing, and nothing is left closing.
-fn reset_everything(
-    engine: &mut Engine,
-    mut now: Instant,
-    peers: &mut Peers,
-    exact: &mut Exact,
-    app_next: &AppNext,
-    ledger: &mut Ledger,
-) {
-    // The app's first RST is at its own SND.NXT (possibly past what the engine took); after
-    // that, the kernel answers each segment of the engine with an RST at its ACK number.
-    exact.clear();
+/// The end of an engine's life: the app's kernel resets every connection (where a kernel
+/// puts such an RST: [`App::first_rst`]), answering each challenge ACK with an RST at its
+/// acknowledgement number as a kernel does, and the SSH side fails every open still waiting.
+/// No flow may outlive that; then `reset_all` leaves nothing, and nothing is left closing.
+fn reset_everything(engine: &mut Engine, mut now: Instant, app: &mut App, ledger: &mut Ledger) {
+    step(engine, now, app, &mut ledger.trace);
+    app.since_reset.clear();
     for round in 0..4 {
-        step(engine, now, peers, exact);
+        step(engine, now, app, &mut ledger.trace);
         ledger.events(engine);
         let live: Vec<(FlowId, FlowKey)> = ledger.live.iter().map(|(i, k)| (*i, *k)).collect();
         for (id, key) in live {
@@ -338,40 +413,38 @@ fn reset_everything(
                 .get(id)
                 .is_some_and(|f| f.phase.handle().is_some());
             let seq = if round == 0 {
-                app_next.get(&key).or(exact.get(&key))
+                app.first_rst(&key)
             } else {
-                exact.get(&key)
+                app.since_reset.get(&key).copied()
             };
             match seq {
-                Some(&rcv_nxt) if has_socket => {
-                    let p =
-                        packet::bare_segment((key.src, key.dst), TcpControl::Rst, rcv_nxt, None, 0)
-                            .expect("one family");
+                Some(seq) if has_socket => {
+                    let p = packet::bare_segment((key.src, key.dst), TcpControl::Rst, seq, None, 0)
+                        .expect("one family");
                     engine.handle_tun_packet(now, p);
                 }
                 _ if has_socket => {}
                 _ => engine.handle_open_failed(now, id, CloseReason::OpenRefused),
             }
         }
-        // A challenge held back by its rate limit goes out at the next sweep.
+        // A challenge held back by its rate limit goes out once the limit allows.
         now += Duration::from_secs(1);
     }
-    step(engine, now, peers, exact);
+    step(engine, now, app, &mut ledger.trace);
     ledger.events(engine);
     // A flow whose socket never sent anything to learn its sequence numbers from cannot be
     // reset by the app (it does not know them either): the SSH side ends those. A flow still
     // in its handshake may ignore the RST (smoltcp in SYN-RECEIVED, seen with mutated
     // segments): the handshake timeout ends it.
-    let outlived = |engine: &Engine, ledger: &Ledger, handshakes: bool| -> Vec<FlowId> {
+    let outlived = |engine: &Engine, ledger: &Ledger, app: &App, handshakes: bool| -> Vec<FlowId> {
         ledger
             .live
-            .keys()
-            .copied()
-            .filter(|id| {
-                engine.flows.get(*id).is_some_and(|f| {
-                    let synced = f.seq.is_some_and(|t| t.rcv_nxt.is_some());
+            .iter()
+            .filter(|(id, key)| {
+                engine.flows.get(**id).is_some_and(|f| {
+                    let synced = app.acks.contains_key(key);
                     let handshake = f.phase.handle().is_some_and(|h| {
-                        engine.shards[shard_of(*id)]
+                        engine.shards[shard_of(**id)]
                             .sockets
                             .get::<tcp::Socket>(h)
                             .state()
@@ -380,23 +453,24 @@ fn reset_everything(
                     synced && (handshakes || !handshake)
                 })
             })
+            .map(|(id, _)| *id)
             .collect()
     };
-    let left = outlived(engine, ledger, false);
+    let left = outlived(engine, ledger, app, false);
     assert!(
         left.is_empty(),
         "flows outlived their app's reset: {left:?}"
     );
     now += SYN_RECEIVED_TIMEOUT;
-    step(engine, now, peers, exact);
+    step(engine, now, app, &mut ledger.trace);
     ledger.events(engine);
-    let left = outlived(engine, ledger, true);
+    let left = outlived(engine, ledger, app, true);
     assert!(
         left.is_empty(),
         "handshakes outlived their timeout: {left:?}"
     );
     engine.reset_all(now, CloseReason::SessionLost);
-    step(engine, now, peers, exact);
+    step(engine, now, app, &mut ledger.trace);
     ledger.events(engine);
     assert_eq!(engine.flow_count(), 0, "reset_all leaves no flow");
     assert!(
@@ -408,14 +482,23 @@ fn reset_everything(
     assert_eq!(engine.stats().buffered, 0, "nothing left buffered");
 }
 
-/// Feeds `inputs` mutated packets to fresh engines; returns their counters summed (to show
-/// the inputs got past classification into flows).
-fn run(seed: u64, inputs: u64) -> EngineStats {
+/// Feeds `inputs` mutated packets to fresh engines, each seeded from the fuzzer's own
+/// generator; returns their counters summed (to show the inputs got past classification into
+/// flows), and everything they emitted if `keep`.
+fn run(seed: u64, inputs: u64, keep: bool) -> (EngineStats, Trace) {
     let mut rng = Rng(seed | 1);
     let mut done = 0;
     let mut total = EngineStats::default();
+    let mut trace = Trace {
+        keep,
+        ..Trace::default()
+    };
     while done < inputs {
         let mut now = Instant::from_secs(1);
+        let mut engine_seed = Seed::default();
+        for chunk in engine_seed.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next().to_le_bytes());
+        }
         let mut engine = Engine::new(
             EngineConfig {
                 max_flows: 64,
@@ -423,44 +506,37 @@ fn run(seed: u64, inputs: u64) -> EngineStats {
                 ..EngineConfig::default()
             },
             now,
+            engine_seed,
         );
-        let mut ledger = Ledger::default();
-        let mut peers = Peers::new();
-        let mut exact = Exact::new();
-        let mut app_next = AppNext::new();
+        let mut ledger = Ledger {
+            trace,
+            ..Ledger::default()
+        };
+        let mut app = App::default();
         for _ in 0..INPUTS_PER_ENGINE.min(inputs - done) {
-            let p = input(&mut rng, &peers);
-            if let Some((key, end)) = app_segment(&p) {
-                let next = app_next.entry(key).or_insert(end);
-                *next = (*next).max(end);
-            }
+            let p = input(&mut rng, &app.peers);
+            app.app_sent(&p);
             engine.handle_tun_packet(now, p);
             if rng.below(4) == 0 {
                 if rng.below(16) == 0 {
                     now += Duration::from_millis(rng.below(3_000) as u64);
                 }
-                step(&mut engine, now, &mut peers, &mut exact);
+                step(&mut engine, now, &mut app, &mut ledger.trace);
                 ssh_side(&mut rng, &mut engine, now, &mut ledger);
             }
             done += 1;
         }
         let _ = engine.poll_timeout(now);
         let s = engine.stats();
-        reset_everything(
-            &mut engine,
-            now,
-            &mut peers,
-            &mut exact,
-            &app_next,
-            &mut ledger,
-        );
+        reset_everything(&mut engine, now, &mut app, &mut ledger);
+        trace = ledger.trace;
         total.flows_opened += s.flows_opened;
         total.bytes_up += s.bytes_up;
         total.rst_syn_screened += s.rst_syn_screened;
         total.packets_dropped += s.packets_dropped;
         total.icmp_rejects += s.icmp_rejects;
     }
-    total
+    (total, trace)
 }
 
 #[test]
@@ -474,7 +550,7 @@ fn ingest_of_mutated_packets_keeps_every_invariant() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_f00d_u64);
     let start = std::time::Instant::now();
-    let Ok(stats) = std::panic::catch_unwind(|| run(seed, inputs)) else {
+    let Ok((stats, _)) = std::panic::catch_unwind(|| run(seed, inputs, false)) else {
         panic!(
             "the engine panicked or broke an invariant: replay with FUZZ_SEED={seed} FUZZ_INPUTS={inputs}"
         );
@@ -487,4 +563,37 @@ fn ingest_of_mutated_packets_keeps_every_invariant() {
     // drops and rejects.
     assert!(stats.flows_opened > 0 && stats.bytes_up > 0 && stats.rst_syn_screened > 0);
     assert!(stats.packets_dropped > 0 && stats.icmp_rejects > 0);
+}
+
+/// The same seed gives the same run, byte for byte: every packet the engines emitted and every
+/// event, in order (the engine reads no clock and no randomness of its own). Another seed gives
+/// another run (the seed reaches the engine: its ISNs differ).
+#[test]
+fn a_seeded_run_replays_bit_exact() {
+    const INPUTS: u64 = 3_000;
+    let (_, first) = run(0x0dd_5eed, INPUTS, true);
+    let (_, again) = run(0x0dd_5eed, INPUTS, true);
+    assert!(
+        first.packets.len() > 100 && first.events.len() > 10,
+        "a run that did something"
+    );
+    assert_eq!(first.packets.len(), again.packets.len());
+    for (i, (a, b)) in first.packets.iter().zip(&again.packets).enumerate() {
+        assert_eq!(a, b, "packet {i} differs");
+    }
+    assert_eq!(first.events, again.events);
+
+    // Another seed: the same connection at the same time gets another SYN-ACK (its ISN).
+    let other = Engine::new(EngineConfig::default(), Instant::from_secs(1), [9; 32]);
+    let mine = Engine::new(EngineConfig::default(), Instant::from_secs(1), TEST_SEED);
+    let syn_ack = |mut e: Engine| {
+        let syn = tcp_v4((APP_V4, PORTS[0]), (VPC_V4, 80), TcpControl::Syn);
+        e.handle_tun_packet(Instant::from_secs(1), syn);
+        let Some(Event::Open { id, .. }) = e.poll_event() else {
+            panic!("no Open");
+        };
+        e.handle_open_ok(Instant::from_secs(1), id);
+        e.poll_transmit().expect("a SYN-ACK")
+    };
+    assert_ne!(syn_ack(other), syn_ack(mine), "the seed reaches the engine");
 }

@@ -24,6 +24,14 @@
 //! Invariant: no smoltcp socket stays in LISTEN. A socket listening on exactly one
 //! destination is created and fed its held SYN in the same call, so concurrent flows to the
 //! same destination can never steal each other's SYN.
+//!
+//! Deterministic: the engine has no clock and no randomness of its own. Time is the `now`
+//! of each call, and everything random (the secret of RFC 6528 initial sequence numbers, the
+//! interfaces' generators) comes from the seed given to [`Engine::new`]: the same seed and
+//! the same calls produce the same packets and events, byte for byte, so a fuzz or test
+//! failure replays from its seed. What a hostile app could do with sequence numbers (blind
+//! RSTs and SYNs, RFC 5961; predictable ISNs, RFC 6528) is dealt with inside smoltcp by our
+//! patch series (`patches/smoltcp`), not around it.
 
 mod bucket;
 mod closing;
@@ -39,6 +47,10 @@ mod hostile_tests;
 #[cfg(test)]
 mod tests;
 
+/// The seed of the engine in tests: any fixed value (a run replays from it).
+#[cfg(test)]
+const TEST_SEED: Seed = *b"mse-vpn engine tests: fixed seed";
+
 use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
@@ -52,6 +64,9 @@ pub use closing::CLOSE_GRACE;
 pub use device::{QueueDevice, RxPacket, TunFormat, VNET_HDR_LEN, rx_buffer_len};
 pub use flow::{CloseReason, FlowId, FlowKey, FlowTable};
 pub use packet::{DropReason, Ingress, TcpFlags, Unreachable};
+
+/// The seed of an engine's randomness (see [`Engine::new`]).
+pub type Seed = [u8; 32];
 
 /// Internal address of the smoltcp interface (RFC 7600 dummy address). With `any_ip` the
 /// interface answers for every destination; this address only anchors the default route.
@@ -73,9 +88,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(1000);
 /// retransmissions (1 + 2 + 4 + 8 + 16 s, then 32 s for the last one): a spoofed source or a
 /// firewall dropping SYN-ACKs no longer holds a flow slot and an SSH channel forever.
 pub const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_secs(63);
-/// At most one challenge ACK (RFC 5961 §7) per flow in this interval: an RST or SYN storm
-/// cannot turn the engine into an ACK amplifier.
-const CHALLENGE_ACK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// ICMP unreachable replies (to UDP and ICMP for routed addresses) sent at most this many a
 /// second, after a burst of [`ICMP_BURST`], as Linux's `icmp_msgs_per_sec` and
@@ -250,8 +262,9 @@ pub struct EngineStats {
     pub icmp_rejects: u64,
     /// ICMP unreachable replies not sent, over the rate limit ([`ICMP_RATE`]).
     pub icmp_rejects_suppressed: u64,
-    /// RSTs and SYNs not taken on an established flow (RFC 5961): in-window RSTs without the
-    /// exact sequence number, SYNs on a synchronized connection, out-of-window RSTs.
+    /// RSTs not taken while a flow's SYN is held (its channel opening): any but the one at
+    /// the sequence number right after the SYN (RFC 5961). Once a smoltcp socket terminates
+    /// the flow, smoltcp screens RSTs and SYNs itself (our patches 0002 to 0004).
     pub rst_syn_screened: u64,
     /// Flows dropped because the app never acknowledged their SYN-ACK.
     pub syn_received_timeouts: u64,
@@ -351,8 +364,6 @@ struct Flow {
     pending_len: usize,
     /// In the dirty list.
     dirty: bool,
-    /// What smoltcp last sent on this flow (for screening RSTs and SYNs, RFC 5961).
-    seq: Option<SeqState>,
     /// Bytes that went through the socket's buffers, both ways (see [`sockets`]).
     moved: u64,
     /// The driver has a channel for it (from [`Engine::handle_open_ok`], or
@@ -360,23 +371,6 @@ struct Flow {
     channel: bool,
     /// Bytes it holds, as of its last service (counted in [`Engine::buffered`]).
     held: u64,
-}
-
-/// The connection's sequence space as smoltcp's own segments to the app show it.
-#[derive(Clone, Copy, Debug)]
-struct SeqState {
-    /// The highest sequence number sent plus one (SND.NXT).
-    snd_nxt: TcpSeqNumber,
-    /// The latest acknowledgement number sent (RCV.NXT when it was sent); `None` until
-    /// smoltcp acknowledged anything (an inbound flow's own SYN carries no ACK).
-    rcv_nxt: Option<TcpSeqNumber>,
-    /// The latest window field sent.
-    window: u16,
-    /// When the last challenge ACK went out.
-    challenged_at: Option<Instant>,
-    /// A challenge was held back by the rate limit: it goes out once the interval is over
-    /// (the sweep sends it), so the last RST of a burst is always answered.
-    challenge_due: bool,
 }
 
 impl Flow {
@@ -390,7 +384,6 @@ impl Flow {
             pending: VecDeque::new(),
             pending_len: 0,
             dirty: false,
-            seq: None,
             moved: 0,
             channel: false,
             held: 0,
@@ -414,16 +407,15 @@ struct Shard {
     poll_at: Option<Instant>,
 }
 
-/// A smoltcp interface answering for every address, its random generator seeded with `seed`.
-///
-/// smoltcp draws each connection's initial sequence number from its interface's generator
-/// (a PCG, not a cryptographic one, seeded with 0 unless told otherwise): every interface is
-/// seeded from the engine's CSPRNG, and [`Shard::reseed`] gives it a fresh seed before each
-/// SYN it answers, so an ISN says nothing about the next one (RFC 6528's goal).
-fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64) -> Interface {
+/// A smoltcp interface answering for every address, its random generator seeded with `seed`
+/// and its TCP initial sequence numbers chosen as RFC 6528 asks, keyed with `isn_secret`
+/// (our smoltcp patch 0005): a clock plus a keyed hash of the 4-tuple, so that no ISN says
+/// anything about another connection's.
+fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64, isn_secret: [u8; 16]) -> Interface {
     let mut config = Config::new(HardwareAddress::Ip);
     config.random_seed = seed;
     let mut iface = Interface::new(config, device, now);
+    iface.set_tcp_isn_secret(Some(isn_secret));
     iface.set_any_ip(true);
     iface.update_ip_addrs(|addrs| {
         // Capacity is set by the `iface-max-addr-count-2` feature: two always fit.
@@ -437,9 +429,9 @@ fn new_iface(device: &mut QueueDevice, now: Instant, seed: u64) -> Interface {
 }
 
 impl Shard {
-    fn new(mtu: usize, tun: TunFormat, now: Instant, seed: u64) -> Shard {
+    fn new(mtu: usize, tun: TunFormat, now: Instant, seed: u64, isn_secret: [u8; 16]) -> Shard {
         let mut device = QueueDevice::with_format(mtu, tun);
-        let iface = new_iface(&mut device, now, seed);
+        let iface = new_iface(&mut device, now, seed, isn_secret);
         Shard {
             iface,
             device,
@@ -454,6 +446,7 @@ impl Shard {
     /// buffers of the packets it processed go back to that pool.
     fn poll(&mut self, now: Instant, tx: &mut VecDeque<Vec<u8>>, pool: &mut QueueDevice) {
         std::mem::swap(self.device.spare_mut(), pool.spare_mut());
+        sockets::set_clock(now);
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         std::mem::swap(self.device.spare_mut(), pool.spare_mut());
         for buf in self.device.rx_spare.drain(..) {
@@ -462,13 +455,6 @@ impl Shard {
         tx.append(&mut self.device.tx);
         self.poll_at = self.iface.poll_at(now, &self.sockets);
         self.active = false;
-    }
-
-    /// Replaces the interface by one seeded with `seed`. The sockets live in the socket set,
-    /// not in the interface, and with IP-only medium and no fragmentation the interface holds
-    /// nothing else that lasts: its addresses and routes are set up again identically.
-    fn reseed(&mut self, now: Instant, seed: u64) {
-        self.iface = new_iface(&mut self.device, now, seed);
     }
 
     fn inject(&mut self, packet: impl Into<RxPacket>) {
@@ -497,8 +483,6 @@ pub struct Engine {
     stats: EngineStats,
     /// Flows whose channel the driver may read again (see [`Engine::poll_room`]).
     room: Vec<FlowId>,
-    /// Seeds the shards' generators (initial sequence numbers).
-    rng: StdRng,
     /// Closed sockets for the next flows.
     sockets: sockets::SocketPool,
     /// Flows that ended whose channel is not closed yet.
@@ -512,12 +496,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A new engine; `now` is the driver's clock.
-    pub fn new(config: EngineConfig, now: Instant) -> Engine {
-        let mut rng = StdRng::from_os_rng();
+    /// A new engine; `now` is the driver's clock, `seed` the engine's only source of
+    /// randomness (give it 32 random bytes; tests give a fixed value and replay from it).
+    pub fn new(config: EngineConfig, now: Instant, seed: Seed) -> Engine {
+        let mut rng = StdRng::from_seed(seed);
+        let isn_secret: [u8; 16] = rng.random();
         Engine {
             shards: (0..SHARDS)
-                .map(|_| Shard::new(config.mtu, config.tun, now, rng.random()))
+                .map(|_| Shard::new(config.mtu, config.tun, now, rng.random(), isn_secret))
                 .collect(),
             spare: QueueDevice::with_format(config.mtu, config.tun),
             sockets: sockets::SocketPool::new(config.tcp_buffer),
@@ -529,7 +515,6 @@ impl Engine {
             next_sweep: now + SWEEP_INTERVAL,
             stats: EngineStats::default(),
             room: Vec::new(),
-            rng,
             closing: closing::ClosingFlows::default(),
             icmp: bucket::Bucket::new(ICMP_RATE, ICMP_BURST),
             buffered: 0,
@@ -611,10 +596,6 @@ impl Engine {
         seq: TcpSeqNumber,
         packet: RxPacket,
     ) {
-        if (flags.rst || flags.syn) && !self.screen(now, id, flags, seq) {
-            self.spare.recycle_rx(packet.buf);
-            return;
-        }
         let Some(flow) = self.flows.get_mut(id) else {
             self.spare.recycle_rx(packet.buf);
             return;
@@ -627,10 +608,18 @@ impl Engine {
                         *syn = header;
                     }
                 } else if flags.rst {
-                    // The app gave up before the channel opened.
-                    self.end(now, id, CloseReason::AppReset);
+                    // Nothing was sent to the app yet: the only RST it can mean is one at the
+                    // sequence number right after its SYN (RFC 5961); with it, the app gave up
+                    // before the channel opened.
+                    if packet::tcp_seq(syn).is_some_and(|isn| seq == isn + 1) {
+                        self.end(now, id, CloseReason::AppReset);
+                    } else {
+                        self.stats.rst_syn_screened += 1;
+                    }
                 }
+                self.spare.recycle_rx(packet.buf);
             }
+            // smoltcp takes it from here, RFC 5961's checks included.
             Phase::Connecting { .. } | Phase::Open { .. } | Phase::Ending { .. } => {
                 self.shards[shard_of(id)].inject(packet);
                 mark_dirty(&mut self.dirty, id, flow);
@@ -638,132 +627,9 @@ impl Engine {
         }
     }
 
-    /// Screens an RST or a SYN for a live flow against its sequence space (RFC 5961): true
-    /// to go on with it. An RST is taken only with exactly the next expected sequence number;
-    /// any other, and a SYN on a synchronized connection, get a challenge ACK instead (the
-    /// real peer answers it with an exact RST, an off-path attacker never sees it), rate
-    /// limited, the last one of a burst deferred rather than dropped (see
-    /// [`Engine::challenge`]).
-    fn screen(&mut self, now: Instant, id: FlowId, flags: TcpFlags, seq: TcpSeqNumber) -> bool {
-        let Some(flow) = self.flows.get(id) else {
-            return false;
-        };
-        let handle = match &flow.phase {
-            Phase::Opening { syn, .. } => {
-                // Nothing was sent to the app yet: the only RST it could mean is one at the
-                // sequence number right after its SYN.
-                let take = !flags.rst || packet::tcp_seq(syn).is_some_and(|isn| seq == isn + 1);
-                if !take {
-                    self.stats.rst_syn_screened += 1;
-                }
-                return take;
-            }
-            Phase::Connecting { handle }
-            | Phase::Open { handle, .. }
-            | Phase::Ending { handle, .. } => *handle,
-        };
-        let i = shard_of(id);
-        // Queued segments first, so that what smoltcp sent (and so `seq`) is current.
-        if !self.shards[i].device.rx.is_empty() {
-            self.poll_shard(i, now);
-        }
-        let Some(flow) = self.flows.get(id) else {
-            return false;
-        };
-        let state = self.shards[i].sockets.get::<tcp::Socket>(handle).state();
-        let Some(rcv_nxt) = flow.seq.as_ref().and_then(|t| t.rcv_nxt) else {
-            return true; // nothing acknowledged yet (an inbound flow's SYN): smoltcp decides
-        };
-        let synchronized = !matches!(
-            state,
-            tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
-        );
-        if flags.rst && (state == tcp::State::SynSent || seq == rcv_nxt) {
-            return true;
-        }
-        if !flags.rst && !synchronized {
-            return true;
-        }
-        // Any other RST, and a SYN on a synchronized connection, is answered with a challenge
-        // ACK. An RST outside the window too (RFC 5961 drops those silently): an app whose
-        // last bytes the engine did not take (its window was full) resets at a sequence
-        // number past the window, and the challenge is how its kernel gets to send the exact
-        // RST that ends the flow.
-        self.stats.rst_syn_screened += 1;
-        self.challenge(now, id);
-        false
-    }
-
-    /// Sends the flow a challenge ACK (RFC 5961) carrying the exact next sequence numbers, at
-    /// most one per [`CHALLENGE_ACK_INTERVAL`]; one held back by that limit goes out when the
-    /// interval is over ([`Engine::poll`]'s sweep).
-    fn challenge(&mut self, now: Instant, id: FlowId) {
-        let Some(flow) = self.flows.get_mut(id) else {
-            return;
-        };
-        let key = flow.key;
-        let Some(track) = flow.seq.as_mut() else {
-            return;
-        };
-        let Some(rcv_nxt) = track.rcv_nxt else {
-            return;
-        };
-        if track
-            .challenged_at
-            .is_some_and(|t| now < t + CHALLENGE_ACK_INTERVAL)
-        {
-            track.challenge_due = true;
-            return;
-        }
-        track.challenge_due = false;
-        if let Some(ack) = packet::ack_segment(&key, track.snd_nxt, rcv_nxt, track.window) {
-            track.challenged_at = Some(now);
-            self.tx.push_back(device::with_header(self.config.tun, ack));
-        }
-    }
-
-    /// Sends the challenge ACKs the rate limit held back, once their interval is over.
-    fn send_due_challenges(&mut self, now: Instant, id: FlowId) {
-        let due = self
-            .flows
-            .get(id)
-            .and_then(|f| f.seq.as_ref())
-            .is_some_and(|t| t.challenge_due);
-        if due {
-            self.challenge(now, id);
-        }
-    }
-
-    /// Polls one shard and notes what its sockets sent (see [`Engine::screen`]).
+    /// Polls one shard.
     fn poll_shard(&mut self, i: usize, now: Instant) {
-        let start = self.tx.len();
-        let header = self.config.tun.header;
         self.shards[i].poll(now, &mut self.tx, &mut self.spare);
-        for packet in self.tx.range(start..) {
-            let Some(e) = packet.get(header..).and_then(packet::egress) else {
-                continue;
-            };
-            let Some(flow) = self
-                .flows
-                .id_of(&e.key)
-                .and_then(|id| self.flows.get_mut(id))
-            else {
-                continue;
-            };
-            let track = flow.seq.get_or_insert(SeqState {
-                snd_nxt: e.seq_end,
-                rcv_nxt: None,
-                window: e.window,
-                challenged_at: None,
-                challenge_due: false,
-            });
-            track.snd_nxt = track.snd_nxt.max(e.seq_end);
-            if let Some(ack) = e.ack {
-                // A retransmission never moves RCV.NXT back.
-                track.rcv_nxt = Some(track.rcv_nxt.map_or(ack, |r| r.max(ack)));
-                track.window = e.window;
-            }
-        }
     }
 
     fn admit(&mut self, now: Instant, key: FlowKey, syn: Option<Vec<u8>>) {
@@ -799,7 +665,6 @@ impl Engine {
         if !self.shards[i].device.rx.is_empty() {
             self.poll_shard(i, now);
         }
-        let seed = self.rng.random();
         let shard = &mut self.shards[i];
         let Some(flow) = self.flows.get_mut(id) else {
             return;
@@ -825,18 +690,14 @@ impl Engine {
             handle,
             relay: Relay::new(Some(now)),
         };
-        // A fresh seed for the ISN this SYN gets.
-        shard.reseed(now, seed);
         shard.inject(syn);
         self.poll_shard(i, now);
         if self.flows.get(id).is_none() {
             return;
         }
-        let shard = &mut self.shards[i];
-        let socket = shard.sockets.get_mut::<tcp::Socket>(handle);
+        let socket = self.shards[i].sockets.get::<tcp::Socket>(handle);
         if socket.state() == tcp::State::Listen {
             // smoltcp did not take the SYN (it should always): never leave a listener behind.
-            self.sockets.give(shard.sockets.remove(handle), 0);
             self.end(now, id, CloseReason::OpenRefused);
         }
     }
@@ -879,9 +740,7 @@ impl Engine {
         });
         let mut socket = self.sockets.take();
         socket.set_timeout(Some(timeout));
-        let seed = self.rng.random();
         let shard = &mut self.shards[shard_of(id)];
-        shard.reseed(now, seed);
         if socket
             .connect(shard.iface.context(), local, IpListenEndpoint::from(caller))
             .is_err()
@@ -924,17 +783,24 @@ impl Engine {
         self.end(now, id, reason);
     }
 
-    /// Forgets a flow (its socket, if any, is already gone) and tells the driver to close its
-    /// channel; a flow that had one is closing until [`Engine::handle_close_done`].
+    /// Ends a flow: gives its socket, if it has one, back to the pool (see [`sockets`]),
+    /// forgets the flow and tells the driver to close its channel ([`Event::Close`]); a flow
+    /// that had a channel is closing until [`Engine::handle_close_done`]. Every end of a flow
+    /// goes through here.
     fn end(&mut self, now: Instant, id: FlowId, reason: CloseReason) {
         let inbound = self.flows.is_inbound(id);
-        let Some(flow) = self.flows.get(id) else {
+        let Some(key) = self.flows.get(id).map(|f| f.key) else {
             return;
         };
-        let (key, channel) = (flow.key, flow.channel);
+        let Some(flow) = self.flows.remove(id, &key) else {
+            return;
+        };
+        if let Some(handle) = flow.phase.handle() {
+            let socket = self.shards[shard_of(id)].sockets.remove(handle);
+            self.sockets.give(socket, flow.moved);
+        }
         self.buffered -= flow.held;
-        self.flows.remove(id, &key);
-        if channel {
+        if flow.channel {
             self.closing
                 .insert(id, inbound, reason.flushes(), now, self.config.close_linger);
         }
@@ -1141,7 +1007,6 @@ impl Engine {
                     mark_dirty(&mut self.dirty, id, flow);
                 }
                 self.expire_handshake(now, id);
-                self.send_due_challenges(now, id);
             }
             self.expire_closing(now);
         }
@@ -1270,7 +1135,6 @@ impl Engine {
                 tcp::State::Closed | tcp::State::Listen => {
                     // The local app refused the caller (closed port) or never answered.
                     self.stats.inbound_refused += 1;
-                    self.sockets.give(shard.sockets.remove(handle), 0);
                     self.end(now, id, CloseReason::LocalRefused);
                     return false;
                 }
@@ -1381,7 +1245,6 @@ impl Engine {
         self.buffered = self.buffered + held - flow.held;
         flow.held = held;
         if let Some(reason) = reason {
-            self.sockets.give(shard.sockets.remove(handle), flow.moved);
             self.end(now, id, reason);
         }
         progressed

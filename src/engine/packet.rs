@@ -11,7 +11,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
     Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
-    Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    Ipv6Repr, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 use super::flow::FlowKey;
@@ -300,50 +300,11 @@ pub fn tcp_seq(packet: &[u8]) -> Option<TcpSeqNumber> {
     Some(TcpPacket::new_checked(tcp).ok()?.seq_number())
 }
 
-/// What a segment smoltcp sent towards the app says about its connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Egress {
-    /// The flow it belongs to (the app's address is the segment's destination).
-    pub key: FlowKey,
-    /// The sequence number after this segment (SND.NXT as far as it reaches).
-    pub seq_end: TcpSeqNumber,
-    /// Its acknowledgement number: RCV.NXT when it was sent.
-    pub ack: Option<TcpSeqNumber>,
-    /// Its window field, as sent (already scaled down).
-    pub window: u16,
-}
-
-/// Reads a segment smoltcp emitted (trusted bytes; `None` for anything but TCP).
-pub fn egress(packet: &[u8]) -> Option<Egress> {
-    let (src, dst, tcp) = ip_tcp(packet)?;
-    let tcp = TcpPacket::new_checked(tcp).ok()?;
-    let data = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
-    Some(Egress {
-        key: FlowKey {
-            src: SocketAddr::new(dst, tcp.dst_port()),
-            dst: SocketAddr::new(src, tcp.src_port()),
-        },
-        seq_end: tcp.seq_number() + data,
-        ack: tcp.ack().then(|| tcp.ack_number()),
-        window: tcp.window_len(),
-    })
-}
-
-/// An empty ACK segment from the flow's destination to its app (a challenge ACK, RFC 5961):
-/// `seq` is our SND.NXT, `ack` our RCV.NXT.
-pub fn ack_segment(
-    key: &FlowKey,
-    seq: TcpSeqNumber,
-    ack: TcpSeqNumber,
-    window: u16,
-) -> Option<Vec<u8>> {
-    bare_segment((key.dst, key.src), TcpControl::None, seq, Some(ack), window)
-}
-
-/// A segment without options or payload from `ends.0` to `ends.1`.
+/// A segment without options or payload from `ends.0` to `ends.1` (the tests' app).
+#[cfg(test)]
 pub(crate) fn bare_segment(
     ends: (std::net::SocketAddr, std::net::SocketAddr),
-    control: TcpControl,
+    control: smoltcp::wire::TcpControl,
     seq: TcpSeqNumber,
     ack: Option<TcpSeqNumber>,
     window: u16,

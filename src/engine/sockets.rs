@@ -16,10 +16,13 @@
 //!
 //! [`EngineConfig::tcp_buffer`]: super::EngineConfig::tcp_buffer
 
-use smoltcp::socket::{Socket, tcp};
+use std::cell::Cell;
 
-/// TCP timestamps (RFC 7323) for the app's side of each flow, in milliseconds of a clock
-/// started with the first call (any monotonic clock of 1 ms to 1 s per tick will do).
+use smoltcp::socket::{Socket, tcp};
+use smoltcp::time::Instant;
+
+/// TCP timestamps (RFC 7323) for the app's side of each flow, in milliseconds of the engine's
+/// clock (any monotonic clock of 1 ms to 1 s per tick will do).
 ///
 /// Without them an app's kernel cannot reuse the TIME-WAIT ports of its closed connections
 /// through mse-vpn (`net.ipv4.tcp_tw_reuse` needs the peer's timestamps to be safe): a
@@ -27,14 +30,22 @@ use smoltcp::socket::{Socket, tcp};
 /// seconds (measured: `wrk -H 'Connection: close'` fell from 4,000 to 260 requests/s, while
 /// the same load through `ssh -L` and direct routing, whose peers send timestamps, did not).
 /// They also give the app's kernel an RTT sample per ACK. smoltcp asks for a value as it
-/// builds each segment; this is the engine's one reading of a clock of its own (it does not
-/// drive any timer, so tests on virtual time are unaffected).
+/// builds each segment, through a plain `fn()` that can carry no state: the engine's `now`
+/// reaches it through [`set_clock`], called before every smoltcp poll (smoltcp builds
+/// segments only while it is polled), so the engine reads no clock of its own and a test
+/// replays bit-exact.
 fn tsval() -> u32 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u32
+    CLOCK_MS.with(Cell::get)
+}
+
+thread_local! {
+    /// The `now` of the smoltcp poll running on this thread, in milliseconds (see [`tsval`]).
+    static CLOCK_MS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The time of the smoltcp poll about to run on this thread (see [`tsval`]).
+pub(super) fn set_clock(now: Instant) {
+    CLOCK_MS.with(|c| c.set(now.total_millis() as u32));
 }
 
 /// Spare sockets kept at most.
