@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod channel;
 pub mod cli;
 pub mod control;
 pub mod dns;
@@ -61,6 +62,7 @@ pub mod fds;
 pub mod logging;
 pub mod pool;
 pub mod registry;
+pub mod relay;
 pub mod repeats;
 pub mod reverse;
 pub mod run;

@@ -1,0 +1,1 @@
+//! Pair tests (placeholder).
