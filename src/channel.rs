@@ -1,7 +1,7 @@
 //! A flow's channel as the driver moves bytes through it: the small trait the SSH channel
 //! sits behind ([`FlowChannel`]), its implementation on russh's channel ([`SshChannel`]) with
 //! a cloud caller's accept / refuse handle ([`CallReply`]), and the plumbing that lets one
-//! task serve every flow without a task per flow ([`Channels`]): each channel's waker puts
+//! task serve every flow without a task per flow ([`Inflight`]): each channel's waker puts
 //! its flow on the driver's [`Ready`] list, and each open and each write is a future the
 //! driver polls among all the others (a write the relay may abort, [`Chan`]).
 //!

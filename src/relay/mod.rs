@@ -79,7 +79,7 @@ pub struct RelayConfig {
     /// The TUN's IPv6 address, if it has one (for IPv6 callers).
     pub local_v6: Option<Ipv6Addr>,
     /// The memory budget the SSH connections count their channels' windows in: the engine
-    /// learns those windows each turn ([`Command::Windows`]), and the budget what the engine
+    /// learns those windows each turn ([`ToEngine::Windows`]), and the budget what the engine
     /// holds ([`Relay::handle_stats`]).
     pub budget: Option<Arc<MemoryBudget>>,
 }
