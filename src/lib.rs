@@ -6,15 +6,23 @@
 //! the private destination. Apps connect by private IP, unchanged.
 //!
 //! ```text
-//!  app ──TCP──▶ kernel ──route 10.0.0.0/16──▶ TUN ──▶ Driver ──▶ Engine (smoltcp, flows)
-//!                                              ▲        │  ▲            │
-//!                                              └────────┘  └── SSH session: one
-//!                                                               direct-tcpip channel
-//!                                                               per flow ──▶ jump host ──▶ VPC
+//!  app ──TCP──▶ kernel ──route 10.0.0.0/16──▶ TUN ◀──▶ Driver ◀──▶ SSH session: one direct-tcpip
+//!                                                      │    │      channel per flow ──▶ jump host ──▶ VPC
+//!                         Engine (sans-IO) ◀───────────┘    └───────────▶ Relay (sans-IO)
+//!                         packets ↔ byte streams                          flows ↔ channels,
+//!                         (smoltcp, the flow table)                       every decision about them
 //!  VPC caller ──▶ jump host listener (tcpip-forward, --expose) ──forwarded-tcpip──▶ Driver
-//!        ──▶ Engine: SYN from the caller's own address ──▶ TUN ──▶ local app
+//!        ──▶ Relay routes it ──▶ Engine: SYN from the caller's own address ──▶ TUN ──▶ local app
 //!  platform crate: TUN address, routes, restore journal (knows nothing of smoltcp or russh)
 //! ```
+//!
+//! Two sans-IO cores and one loop: the [`engine`] turns packets into byte streams and back;
+//! the [`relay`] owns each flow's channel side and every decision about it (admission,
+//! placement, deadlines, what a lost link or a refused open does, cloud callers, warnings);
+//! neither has a socket, a task or a clock, and both are tested on virtual time. The
+//! [`driver`] is the one task between them and the world: it waits on the TUN, the channels
+//! ([`channel`]) and one timer, hands each event to its core and carries out the relay's
+//! commands, deciding nothing.
 //!
 //! With `--dns-domain`, [`dns`] answers DNS on the TUN's own address: names in those domains
 //! go to the VPC resolver through the tunnel, every other name to the host's original
@@ -31,16 +39,18 @@
 //!  cli        clap, one file per command; prints, maps errors to exit statuses
 //!  doctor     read-only checks of what `up` needs
 //!  session    `up` as a library type: checks, connections, host changes, teardown
-//!  driver     the one task that owns the engine (TUN I/O, channel reads and writes)
+//!  driver     the loop between the two cores and the world (TUN, channels, one timer)
+//!  channel    a flow's SSH channel behind a small trait; wakers; opens and writes in flight
 //!  control    the control socket: typed protocol, status board, server, client, table
+//!  relay      sans-IO: flows ↔ channels, every decision about them
 //!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
 //!  pool       the SSH connections; publishes link events (the status board follows them)
 //!  engine, ssh, tun, fds, logging, repeats, suggest, run, registry, budget (the memory
 //!  budget)
 //! ```
 //!
-//! [`engine`] is sans-IO (no sockets, no clock); [`driver`] is the one task that owns it;
-//! [`reverse`] keeps the `--expose` listeners; [`run`] makes the registration settings for a
+//! [`engine`] and [`relay`] are sans-IO (no sockets, no clock); [`driver`] is the one task
+//! that owns them; [`reverse`] keeps the `--expose` listeners; [`run`] makes the registration settings for a
 //! provider app that should publish the jump host's address (tagged, or not at all), and
 //! [`registry`] reads the team's registry (ZooKeeper, Nacos) to confirm what it published. The OS is reached through
 //! [`tun`], [`ssh`], the sockets of [`control`] and [`dns`], and the platform crate (routes,
@@ -51,6 +61,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod channel;
 pub mod cli;
 pub mod control;
 pub mod dns;
@@ -61,6 +72,7 @@ pub mod fds;
 pub mod logging;
 pub mod pool;
 pub mod registry;
+pub mod relay;
 pub mod repeats;
 pub mod reverse;
 pub mod run;

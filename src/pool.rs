@@ -33,6 +33,7 @@ pub mod schedule;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -73,6 +74,19 @@ pub enum Placement {
     /// short connections share one SSH connection, where one sshd wake-up serves many of
     /// them, and stay off the connections busy with bulk data.
     Pack,
+}
+
+/// A change to a link's counters ([`Pool::update`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// A cloud caller's flow arrived on it ([`Pool::adopt`]).
+    Adopt,
+    /// A flow on it ended ([`Pool::release`]).
+    Release,
+    /// A flow on it became bulk ([`Pool::mark_heavy`]).
+    Heavy,
+    /// A bulk flow on it ended ([`Pool::unmark_heavy`]).
+    Light,
 }
 
 /// The pool. See the module documentation.
@@ -116,35 +130,26 @@ impl InboundCalls {
     /// The next cloud caller. One that arrived on a connection no longer in the pool is
     /// refused (its listener went with the connection).
     pub async fn recv(&mut self) -> Option<InboundCall> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`InboundCalls::recv`] as a poll: `Ready(None)` once no connection can send more.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<InboundCall>> {
         loop {
-            let call = self.rx.recv().await?;
+            let Some(call) = ready!(self.rx.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
             if let Some(link) = self.pool.link_of(call.session) {
-                return Some(InboundCall {
+                return Poll::Ready(Some(InboundCall {
                     link,
                     listen_port: call.listen_port,
                     caller: call.caller,
                     channel: call.channel,
                     reply: call.reply,
-                });
+                }));
             }
             debug!("a cloud caller on a connection no longer in use: refused");
         }
-    }
-
-    /// The next cloud caller if one is waiting.
-    pub fn try_recv(&mut self) -> Option<InboundCall> {
-        while let Ok(call) = self.rx.try_recv() {
-            if let Some(link) = self.pool.link_of(call.session) {
-                return Some(InboundCall {
-                    link,
-                    listen_port: call.listen_port,
-                    caller: call.caller,
-                    channel: call.channel,
-                    reply: call.reply,
-                });
-            }
-        }
-        None
     }
 }
 
@@ -371,6 +376,16 @@ impl Pool {
             let _ = self.heavy[id.slot].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 Some(v.saturating_sub(1))
             });
+        }
+    }
+
+    /// Updates the counters of link `id` as `change` says.
+    pub fn update(&self, id: LinkId, change: LinkChange) {
+        match change {
+            LinkChange::Adopt => self.adopt(id),
+            LinkChange::Release => self.release(id),
+            LinkChange::Heavy => self.mark_heavy(id),
+            LinkChange::Light => self.unmark_heavy(id),
         }
     }
 

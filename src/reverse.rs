@@ -15,7 +15,8 @@
 //! `GatewayPorts no` silently binds loopback only, which would leave cloud callers with a
 //! refused connection and the user with no clue.
 //!
-//! It also decides where a cloud caller's connection goes ([`Forwards::route`]), and owns the
+//! It also looks up which exposed port a cloud caller's channel is for ([`Forwards::lookup`];
+//! where the call then goes is the relay's decision, [`crate::relay::route`]), and owns the
 //! fallback for an app that listens on 127.0.0.1 only ([`loopback_fallback`]): the only
 //! sockets of this module, on loopback. Everything else it does through [`Session`] and the
 //! driver.
@@ -27,12 +28,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use russh::client::{ChannelOpenHandle, Msg};
+use russh::{ChannelReadHalf, ChannelWriteHalf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::pool::{InboundCall, LinkId, Pool};
+use crate::pool::{LinkId, Pool};
 use crate::ssh::{OpenError, Session};
 
 /// How long the keeper waits before retrying listeners that failed.
@@ -606,6 +609,113 @@ fn parse_route_src(out: &str) -> Option<IpAddr> {
     None
 }
 
+/// How long the loopback fallback waits for the local app.
+const LOOPBACK_CONNECT: Duration = Duration::from_secs(2);
+
+/// A cloud caller whose local app did not answer on the TUN address: try 127.0.0.1 (an app
+/// bound to loopback only) on the app's `port`. The app then sees 127.0.0.1 as its peer, not
+/// the caller; the exposed port's status (entry `forward`) says so. Refused there too, the
+/// channel is refused and the jump host closes the caller's connection.
+pub async fn loopback_fallback(
+    (read, write): (Option<ChannelReadHalf>, Arc<ChannelWriteHalf<Msg>>),
+    reply: ChannelOpenHandle,
+    port: u16,
+    forward: u64,
+    forwards: Arc<Forwards>,
+) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = tokio::time::timeout(LOOPBACK_CONNECT, tokio::net::TcpStream::connect(addr)).await;
+    let Ok(Ok(tcp)) = tcp else {
+        debug!(port, "nothing listens on the local port: caller refused");
+        use futures::FutureExt;
+        let _ = reply
+            .reject(russh::ChannelOpenFailure::ConnectFailed)
+            .now_or_never();
+        return;
+    };
+    if forwards.note_loopback(forward) {
+        warn!(
+            port,
+            "the app listens on 127.0.0.1 only: cloud calls reach it over loopback and it sees 127.0.0.1 as their address (listen on 0.0.0.0 to see the callers' own)"
+        );
+    }
+    let _ = tcp.set_nodelay(true);
+    reply.accept().await;
+    relay_loopback(read, write, tcp).await;
+}
+
+/// Relays a caller's channel and a loopback connection both ways, with half-close. The
+/// channel is read only as fast as the app takes the bytes: its SSH window carries the app's
+/// pace to the caller (the channel never holds up the rest of its SSH connection).
+async fn relay_loopback(
+    read: Option<ChannelReadHalf>,
+    write: Arc<ChannelWriteHalf<Msg>>,
+    tcp: tokio::net::TcpStream,
+) {
+    use russh::ChannelMsg;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(mut read) = read else {
+        let _ = write.close().await;
+        return;
+    };
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    // Caller -> app; the caller's EOF becomes a shutdown of the app's read side. Ends when the
+    // caller is gone or the app stopped taking data.
+    let to_app = async {
+        while let Some(msg) = read.wait().await {
+            let written = match msg {
+                ChannelMsg::Data { data } => tcp_write.write_all(&data).await.is_ok(),
+                ChannelMsg::Eof => {
+                    let _ = tcp_write.shutdown().await;
+                    return true;
+                }
+                ChannelMsg::Close => return false,
+                _ => true,
+            };
+            if !written {
+                return false;
+            }
+        }
+        false
+    };
+    // App -> caller, until the app's EOF.
+    let to_caller = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tcp_read.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = write.eof().await;
+                    return true;
+                }
+                Ok(n) => {
+                    let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+                    if write.data_bytes(data).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::pin!(to_app, to_caller);
+    // Both directions finish (half-close), or one fails and the call ends.
+    let mut app_done = false;
+    let mut caller_done = false;
+    while !(app_done && caller_done) {
+        tokio::select! {
+            ok = &mut to_app, if !app_done => {
+                app_done = true;
+                if !ok { break; }
+            }
+            ok = &mut to_caller, if !caller_done => {
+                caller_done = true;
+                if !ok { break; }
+            }
+        }
+    }
+    let _ = write.close().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,206 +828,5 @@ mod tests {
         f.remove(&[ids[1]]);
         assert_eq!(f.lookup(link, 18080), None, "removed");
         assert_eq!(f.status().len(), 1);
-    }
-}
-
-/// Where a cloud caller's connection goes on this host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CallRoute {
-    /// The caller as the local app sees it (an IPv4-mapped IPv6 address as plain IPv4).
-    pub caller: SocketAddr,
-    /// The TUN address of the caller's family, and the app's port.
-    pub local: SocketAddr,
-    /// The exposed port's entry (to count the call, and for the loopback fallback).
-    pub forward: u64,
-}
-
-/// Why a cloud caller's connection is refused before it reaches the local app.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
-pub enum CallRefused {
-    /// No listener of this session is bound on that port of that connection.
-    #[error("no exposed port listens there")]
-    NoForward,
-    /// The jump host's caller address could not be parsed.
-    #[error("the jump host reported no usable caller address")]
-    NoCaller,
-    /// An IPv6 caller, and no IPv6 network is routed (the TUN has no IPv6 address).
-    #[error("an IPv6 caller, and the TUN has no IPv6 address")]
-    NoIpv6,
-}
-
-impl Forwards {
-    /// Where `call` goes: from the caller's own address to the TUN address of its family and
-    /// the exposed port's local port.
-    pub fn route(
-        &self,
-        call: &InboundCall,
-        local_v4: std::net::Ipv4Addr,
-        local_v6: Option<std::net::Ipv6Addr>,
-    ) -> Result<CallRoute, CallRefused> {
-        let target = self
-            .lookup(call.link, call.listen_port)
-            .ok_or(CallRefused::NoForward)?;
-        let caller = call.caller.map(unmap).ok_or(CallRefused::NoCaller)?;
-        let local = local_for(caller, local_v4, local_v6)?;
-        Ok(CallRoute {
-            caller,
-            local: SocketAddr::new(local, target.local_port),
-            forward: target.id,
-        })
-    }
-}
-
-/// An IPv4-mapped IPv6 address (`::ffff:10.0.7.9`, as sshd may report an IPv4 caller) as
-/// the IPv4 address it is.
-fn unmap(c: SocketAddr) -> SocketAddr {
-    match c.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), c.port()),
-            None => c,
-        },
-        IpAddr::V4(_) => c,
-    }
-}
-
-/// The TUN address a caller of this family reaches.
-fn local_for(
-    caller: SocketAddr,
-    v4: std::net::Ipv4Addr,
-    v6: Option<std::net::Ipv6Addr>,
-) -> Result<IpAddr, CallRefused> {
-    match caller {
-        SocketAddr::V4(_) => Ok(IpAddr::V4(v4)),
-        SocketAddr::V6(_) => v6.map(IpAddr::V6).ok_or(CallRefused::NoIpv6),
-    }
-}
-
-/// A cloud caller's channel waiting for its local app to answer on the TUN address.
-pub struct Waiting {
-    /// The call (its channel and the accept/refuse handle).
-    pub call: InboundCall,
-    /// Where it goes.
-    pub route: CallRoute,
-}
-
-impl Waiting {
-    /// Refuses the call: the jump host closes the caller's connection.
-    pub fn refuse(self) {
-        use futures::FutureExt;
-        let _ = self
-            .call
-            .reply
-            .reject(russh::ChannelOpenFailure::ConnectFailed)
-            .now_or_never();
-    }
-}
-
-/// How long the loopback fallback waits for the local app.
-const LOOPBACK_CONNECT: Duration = Duration::from_secs(2);
-
-/// A cloud caller whose local app did not answer on the TUN address: try 127.0.0.1 (an app
-/// bound to loopback only). The app then sees 127.0.0.1 as its peer, not the caller; the
-/// exposed port's status says so. Refused there too, the channel is refused and the jump
-/// host closes the caller's connection.
-pub async fn loopback_fallback(waiting: Waiting, forwards: Arc<Forwards>) {
-    let port = waiting.route.local.port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let tcp = tokio::time::timeout(LOOPBACK_CONNECT, tokio::net::TcpStream::connect(addr)).await;
-    let Ok(Ok(tcp)) = tcp else {
-        debug!(port, "nothing listens on the local port: caller refused");
-        waiting.refuse();
-        return;
-    };
-    if forwards.note_loopback(waiting.route.forward) {
-        warn!(
-            port,
-            "the app listens on 127.0.0.1 only: cloud calls reach it over loopback and it sees 127.0.0.1 as their address (listen on 0.0.0.0 to see the callers' own)"
-        );
-    }
-    let _ = tcp.set_nodelay(true);
-    waiting.call.reply.accept().await;
-    relay_loopback(waiting.call.channel, tcp).await;
-}
-
-/// Relays a caller's channel and a loopback connection both ways, with half-close. The
-/// channel is read only as fast as the app takes the bytes: its SSH window carries the app's
-/// pace to the caller (the channel never holds up the rest of its SSH connection).
-async fn relay_loopback(channel: russh::Channel<russh::client::Msg>, tcp: tokio::net::TcpStream) {
-    use russh::ChannelMsg;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut read, write) = channel.split();
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    // Caller -> app; the caller's EOF becomes a shutdown of the app's read side. Ends when the
-    // caller is gone or the app stopped taking data.
-    let to_app = async {
-        while let Some(msg) = read.wait().await {
-            let written = match msg {
-                ChannelMsg::Data { data } => tcp_write.write_all(&data).await.is_ok(),
-                ChannelMsg::Eof => {
-                    let _ = tcp_write.shutdown().await;
-                    return true;
-                }
-                ChannelMsg::Close => return false,
-                _ => true,
-            };
-            if !written {
-                return false;
-            }
-        }
-        false
-    };
-    // App -> caller, until the app's EOF.
-    let to_caller = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match tcp_read.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = write.eof().await;
-                    return true;
-                }
-                Ok(n) => {
-                    let data = bytes::Bytes::copy_from_slice(&buf[..n]);
-                    if write.data_bytes(data).await.is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-    };
-    tokio::pin!(to_app, to_caller);
-    // Both directions finish (half-close), or one fails and the call ends.
-    let mut app_done = false;
-    let mut caller_done = false;
-    while !(app_done && caller_done) {
-        tokio::select! {
-            ok = &mut to_app, if !app_done => {
-                app_done = true;
-                if !ok { break; }
-            }
-            ok = &mut to_caller, if !caller_done => {
-                caller_done = true;
-                if !ok { break; }
-            }
-        }
-    }
-    let _ = write.close().await;
-}
-
-#[cfg(test)]
-mod route_tests {
-    use super::*;
-
-    #[test]
-    fn callers_are_mapped_to_the_tun_address_of_their_family() {
-        let v4 = std::net::Ipv4Addr::new(198, 18, 0, 1);
-        let v6: std::net::Ipv6Addr = "fd00:198:18::1".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:10.0.7.9]:40022".parse().unwrap();
-        assert_eq!(unmap(mapped), "10.0.7.9:40022".parse().unwrap());
-        let plain6: SocketAddr = "[fd00:10::20]:5000".parse().unwrap();
-        assert_eq!(unmap(plain6), plain6);
-        assert_eq!(local_for(unmap(mapped), v4, None), Ok(IpAddr::V4(v4)));
-        assert_eq!(local_for(plain6, v4, Some(v6)), Ok(IpAddr::V6(v6)));
-        assert_eq!(local_for(plain6, v4, None), Err(CallRefused::NoIpv6));
     }
 }

@@ -193,6 +193,25 @@ fn offload(_dev: &tun::AsyncDevice) -> bool {
     false
 }
 
+/// Where the driver reads and writes packets: the TUN device, or a test's queues. Each
+/// packet has the TUN's header (`EngineConfig::tun`) in front.
+pub trait PacketIo: Send + Sync + 'static {
+    /// Reads one packet into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes one packet.
+    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl PacketIo for Tun {
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        Tun::recv(self, buf)
+    }
+
+    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        Tun::send(self, packet)
+    }
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;

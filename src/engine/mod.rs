@@ -49,7 +49,7 @@ mod tests;
 
 /// The seed of the engine in tests: any fixed value (a run replays from it).
 #[cfg(test)]
-const TEST_SEED: Seed = *b"mse-vpn engine tests: fixed seed";
+pub(crate) const TEST_SEED: Seed = *b"mse-vpn engine tests: fixed seed";
 
 use std::collections::VecDeque;
 

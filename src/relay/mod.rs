@@ -1,0 +1,972 @@
+//! The relay: the second sans-IO core, beside the [`engine`](crate::engine). The engine turns
+//! packets into byte streams; the relay owns each flow's *channel side* and every decision
+//! about it that is not TCP: when a channel is opened and on which kind of SSH connection
+//! (admission, with a reserve for destinations that answered lately; placement learned per
+//! destination; bulk flows counted per link), what is written to the channel and in what
+//! order (one write in progress per flow), when the channel is read (only while the engine
+//! takes more), what a refused open, a lost link, a late confirmation or a flush that ran out
+//! of time does, where a cloud caller goes (and the loopback fallback), which warnings are
+//! logged (rate-limited, [`Note`]), when freed memory is given back, and the memory budget's
+//! accounting.
+//!
+//! ```text
+//!  engine events ──handle_event──▶ ┌───────┐ ──poll──▶ Command: to the pool (Open, Link),
+//!  pool answers ──handle_opened───▶ │ Relay │           to a channel (Write, Accept, Refuse,
+//!  channel reads ─handle_read─────▶ │       │           Drop, ...), to the engine (OpenOk,
+//!  writes done ──handle_written───▶ │       │           Deliver, Reset, Sent, CloseDone,
+//!  cloud callers ─handle_call─────▶ └───────┘           ...), Trim, Note (a log line)
+//!  time ──handle_tick(now)──▶        poll_timeout() ──▶ when to tick next
+//! ```
+//!
+//! Like quinn-proto's `Connection`: events in through `handle_*(now, ..)`, commands out
+//! through [`Relay::poll`], the next deadline from [`Relay::poll_timeout`]. It never touches
+//! a socket, a task, the clock, the TUN or russh: a channel is an opaque handle `C` and a
+//! cloud caller's reply an opaque handle `R`, kept for the driver and handed back in
+//! commands; time is an argument. So every policy here is tested on virtual time
+//! (`tests.rs`) with no SSH at all.
+
+mod destinations;
+mod inbound;
+mod note;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::budget::MemoryBudget;
+use crate::engine::{CloseReason, Engine, EngineStats, Event, FlowId, FlowKey, InboundError};
+use crate::pool::{LinkChange, LinkId, Placement};
+use crate::reverse::Target;
+use crate::ssh::OpenError;
+use crate::tun::Fault;
+
+pub use destinations::Destinations;
+pub use inbound::{CallRefused, CallRoute, route};
+pub use note::{Note, Notes, TunOp, WARN_WINDOW};
+
+/// Default of [`RelayConfig::max_opening`] (`--max-opening`).
+pub const DEFAULT_MAX_OPENING: usize = 1024;
+/// Longest a channel open is tracked once started. sshd answers every open (its own connect
+/// gives up after about two minutes); past this the open is forgotten.
+pub const OPEN_CAP: Duration = Duration::from_secs(300);
+/// A flow that moved this much (both ways) is bulk: [`Placement::Pack`] avoids its link.
+pub const HEAVY_BYTES: u64 = 1 << 20;
+/// A flow that ended within this time, and was not bulk, was a short connection.
+pub const SHORT_FLOW: Duration = Duration::from_secs(1);
+/// Freed memory goes back to the system at most this often ([`Command::Trim`]).
+pub const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// After a TUN read failed for a passing reason, reading resumes after this pause (so a
+/// condition that lasts does not spin).
+pub const RECV_RETRY: Duration = Duration::from_millis(10);
+
+/// Relay settings.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Channel opens that may be pending at the jump host at once (counting those whose app
+    /// gave up): SYNs beyond it are reset at once ([`CloseReason::OpenLimit`]); destinations
+    /// that answered lately get a quarter more.
+    pub max_opening: usize,
+    /// How long a local app may take to answer a cloud caller; also how long an open waits
+    /// for an SSH connection when none is up.
+    pub open_timeout: Duration,
+    /// The TUN's IPv4 address: cloud callers' connections are made to it.
+    pub local_v4: Ipv4Addr,
+    /// The TUN's IPv6 address, if it has one (for IPv6 callers).
+    pub local_v6: Option<Ipv6Addr>,
+    /// The memory budget the SSH connections count their channels' windows in: the engine
+    /// learns those windows each turn ([`ToEngine::Windows`]), and the budget what the engine
+    /// holds ([`Relay::handle_stats`]).
+    pub budget: Option<Arc<MemoryBudget>>,
+}
+
+/// What is written to a flow's channel, in order, one at a time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Data from the app.
+    Data(Bytes),
+    /// The app shut its write side.
+    Eof,
+    /// The flow is over: close the channel (the last write).
+    Close,
+}
+
+/// What the driver does on a flow's channel ([`Command::Channel`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelOp {
+    /// Start this write; report with [`Relay::handle_written`]. Never more than one in
+    /// progress per flow.
+    Write(WriteOp),
+    /// Give up the write in progress (its report is not expected any more).
+    Abort,
+    /// Stop reading for good (let go of the receiving side).
+    StopReading,
+}
+
+/// What reading a flow's channel gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Data for the app.
+    Data(Bytes),
+    /// The far end shut its write side.
+    Eof,
+    /// The channel is closed (nothing more will be read).
+    Closed,
+    /// Anything else (ignored).
+    Other,
+}
+
+/// How a cloud caller's channel is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not ours to take (no listener there, no usable address): "administratively
+    /// prohibited", as when the call is dropped.
+    Prohibited,
+    /// The local app did not answer: "connect failed".
+    ConnectFailed,
+}
+
+/// A cloud caller's `forwarded-tcpip` channel, as the driver hands it over.
+#[derive(Debug)]
+pub struct Call<C, R> {
+    /// The link it arrived on.
+    pub link: LinkId,
+    /// The jump host port it called.
+    pub listen_port: u16,
+    /// The caller, as the jump host reports it (`None` if unparsable).
+    pub caller: Option<SocketAddr>,
+    /// The exposed port behind that listener of that link, if any
+    /// ([`Forwards::lookup`](crate::reverse::Forwards::lookup)).
+    pub target: Option<Target>,
+    /// Its channel.
+    pub channel: C,
+    /// Its accept / refuse handle.
+    pub reply: R,
+}
+
+/// A routed cloud caller whose flow the engine started: waiting for the local app.
+struct Routed<C, R> {
+    call: Call<C, R>,
+    route: CallRoute,
+}
+
+/// A channel open for a new flow ([`Command::Open`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenRequest {
+    /// The flow.
+    pub id: FlowId,
+    /// Its 4-tuple: a `direct-tcpip` channel to `key.dst` with `key.src` as the originator.
+    pub key: FlowKey,
+    /// Where among the links.
+    pub placement: Placement,
+    /// How long to wait for a link when none is up.
+    pub link_wait: Duration,
+    /// How long the open may take.
+    pub cap: Duration,
+}
+
+/// A cloud caller the local app did not answer on the TUN address ([`Command::Loopback`]).
+#[derive(Debug)]
+pub struct Fallback<C, R> {
+    /// The flow that was refused on the TUN address.
+    pub id: FlowId,
+    /// The caller.
+    pub caller: SocketAddr,
+    /// The call's channel.
+    pub channel: C,
+    /// Its reply handle.
+    pub reply: R,
+    /// The app's port.
+    pub port: u16,
+    /// The exposed port's entry.
+    pub forward: u64,
+}
+
+/// What the relay asks the driver to do. Carry them out in order.
+#[derive(Debug)]
+pub enum Command<C, R> {
+    /// Tell the engine ([`ToEngine::apply`]).
+    Engine(ToEngine),
+    /// Open a channel through the pool; report with [`Relay::handle_opened`] or
+    /// [`Relay::handle_open_failed`].
+    Open(OpenRequest),
+    /// Update a link's counters in the pool ([`Pool::update`](crate::pool::Pool::update)).
+    Link {
+        /// The link.
+        link: LinkId,
+        /// What changed.
+        change: LinkChange,
+    },
+    /// Do this on the flow's channel ([`Relay::channel_mut`]).
+    Channel(FlowId, ChannelOp),
+    /// The flow's channel may have something to read: read it ([`Relay::reader`]).
+    Read {
+        /// The flow.
+        id: FlowId,
+    },
+    /// Close a channel that no flow wants (its app gave up before it was confirmed).
+    Drop {
+        /// The channel.
+        channel: C,
+    },
+    /// Accept a cloud caller's channel (now relayed as its flow's).
+    Accept {
+        /// The reply handle.
+        reply: R,
+    },
+    /// Refuse a cloud caller's channel: the jump host closes the caller's connection.
+    Refuse {
+        /// The reply handle.
+        reply: R,
+        /// How.
+        how: Refusal,
+    },
+    /// Nothing answered on the TUN address: try the app on 127.0.0.1 (an app listening on
+    /// loopback only, as `ssh -R` users expect to work), relaying the call there, or refuse.
+    Loopback(Fallback<C, R>),
+    /// Give freed memory back to the system, off the driver's task; report with
+    /// [`Relay::handle_trimmed`]. Never more than one at a time.
+    Trim,
+    /// Log this.
+    Note(Note),
+}
+
+/// What the relay tells the engine: one [`Engine`] call each ([`ToEngine::apply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToEngine {
+    /// The flow's channel is open ([`Engine::handle_open_ok`]).
+    OpenOk(FlowId),
+    /// The flow's channel could not be opened ([`Engine::handle_open_failed`]).
+    OpenFailed(FlowId, CloseReason),
+    /// Reset the flow towards its app ([`Engine::abort`]).
+    Reset(FlowId, CloseReason),
+    /// Reset every flow ([`Engine::reset_all`]).
+    ResetAll(CloseReason),
+    /// Bytes from the flow's channel for its app ([`Engine::handle_channel_data`]).
+    Deliver(FlowId, Bytes),
+    /// The channel sent EOF ([`Engine::handle_channel_eof`]).
+    DeliverEof(FlowId),
+    /// The channel was closed by the jump host ([`Engine::handle_channel_closed`]).
+    ChannelClosed(FlowId),
+    /// One of the flow's data events, this long, was written ([`Engine::handle_sent`]).
+    Sent(FlowId, usize),
+    /// The ended flow's channel is let go of ([`Engine::handle_close_done`]).
+    CloseDone(FlowId),
+    /// The receive windows committed to channels now ([`Engine::handle_windows`]).
+    Windows(u64),
+}
+
+impl ToEngine {
+    /// Makes the engine call this stands for, at `now` (the engine's clock).
+    pub fn apply(self, engine: &mut Engine, now: smoltcp::time::Instant) {
+        match self {
+            ToEngine::OpenOk(id) => engine.handle_open_ok(now, id),
+            ToEngine::OpenFailed(id, reason) => engine.handle_open_failed(now, id, reason),
+            ToEngine::Reset(id, reason) => engine.abort(now, id, reason),
+            ToEngine::ResetAll(reason) => engine.reset_all(now, reason),
+            ToEngine::Deliver(id, data) => engine.handle_channel_data(now, id, data),
+            ToEngine::DeliverEof(id) => engine.handle_channel_eof(now, id),
+            ToEngine::ChannelClosed(id) => engine.handle_channel_closed(now, id),
+            ToEngine::Sent(id, n) => engine.handle_sent(id, n),
+            ToEngine::CloseDone(id) => engine.handle_close_done(id),
+            ToEngine::Windows(windows) => engine.handle_windows(windows),
+        }
+    }
+}
+
+/// One flow's channel side.
+struct Flow<C, R> {
+    /// When its SYN (or its call) arrived.
+    since: Instant,
+    /// Bytes from the app to the channel.
+    up: u64,
+    /// Bytes from the channel to the app.
+    down: u64,
+    phase: Phase<C, R>,
+}
+
+enum Phase<C, R> {
+    /// Outbound, its channel being opened ([`Command::Open`]).
+    Opening {
+        /// The destination (it answered, if the channel opens).
+        dst: SocketAddr,
+    },
+    /// A cloud caller's, waiting for the local app to answer.
+    Accepting(Routed<C, R>),
+    /// Its channel is open.
+    Open(Open<C>),
+}
+
+/// A flow whose channel is open.
+struct Open<C> {
+    link: LinkId,
+    channel: C,
+    /// The channel has not reported its end, and the flow did not end.
+    reading: bool,
+    /// Reading stopped because the engine had no room (resumed by [`Relay::handle_room`]).
+    paused: bool,
+    /// Writes waiting behind the one in progress.
+    outbox: VecDeque<WriteOp>,
+    /// A write is in progress.
+    writing: bool,
+    /// The engine ended the flow: it goes once the outbox (ending with the channel's close)
+    /// is written.
+    closing: bool,
+    /// Counted as bulk on its link ([`LinkChange::Heavy`]).
+    heavy: bool,
+    /// The destination of an outbound flow, whose shape it teaches.
+    dst: Option<SocketAddr>,
+}
+
+impl<C> Open<C> {
+    fn new(link: LinkId, channel: C, dst: Option<SocketAddr>) -> Open<C> {
+        Open {
+            link,
+            channel,
+            reading: true,
+            paused: false,
+            outbox: VecDeque::new(),
+            writing: false,
+            closing: false,
+            heavy: false,
+            dst,
+        }
+    }
+}
+
+/// When to give freed memory back: soon after flows close (what a burst of flows leaves
+/// behind is their buffered channel data, freed in the middle of the heap where the
+/// allocator does not return it by itself), at most every [`TRIM_EVERY`], one at a time.
+#[derive(Debug)]
+struct Trim {
+    /// Flows closed since the last trim.
+    pending: bool,
+    not_before: Instant,
+    /// A trim is in progress.
+    running: bool,
+}
+
+/// The relay. See the module documentation.
+pub struct Relay<C, R> {
+    config: RelayConfig,
+    flows: HashMap<FlowId, Flow<C, R>>,
+    /// Channel opens pending at the jump host, those whose app gave up included.
+    opening: usize,
+    destinations: Destinations,
+    notes: Notes,
+    trim: Trim,
+    /// Reading the TUN is paused until then after a passing failure.
+    recv_resume: Option<Instant>,
+    commands: VecDeque<Command<C, R>>,
+}
+
+impl<C, R> Relay<C, R> {
+    /// A relay with no flows.
+    pub fn new(config: RelayConfig, now: Instant) -> Relay<C, R> {
+        Relay {
+            config,
+            flows: HashMap::new(),
+            opening: 0,
+            destinations: Destinations::default(),
+            notes: Notes::default(),
+            trim: Trim {
+                pending: false,
+                not_before: now,
+                running: false,
+            },
+            recv_resume: None,
+            commands: VecDeque::new(),
+        }
+    }
+
+    /// The next command for the driver.
+    pub fn poll(&mut self) -> Option<Command<C, R>> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Relay::handle_tick`] must run next even if nothing happens.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let trim = (self.trim.pending && !self.trim.running).then_some(self.trim.not_before);
+        [self.notes.poll_timeout(), trim, self.recv_resume]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Flows the relay knows (opening, accepting, open or closing).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Channel opens pending at the jump host.
+    pub fn opening(&self) -> usize {
+        self.opening
+    }
+
+    /// The channel of a flow whose channel is open (for [`Command::Channel`]).
+    pub fn channel_mut(&mut self, id: FlowId) -> Option<&mut C> {
+        self.open_mut(id).map(|o| &mut o.channel)
+    }
+
+    /// The channel of `id` if the driver should read it now: the flow is open, its channel
+    /// has not ended and it is not paused. `wants` is the engine's
+    /// [`Engine::wants_data`](crate::engine::Engine::wants_data): when false, the flow is
+    /// paused until [`Relay::handle_room`]. So a flow's channel is read only as fast as its
+    /// app takes the bytes, and its SSH window carries that pace to the jump host.
+    pub fn reader(&mut self, id: FlowId, wants: bool) -> Option<&mut C> {
+        let o = self.open_mut(id)?;
+        if o.paused || o.closing || !o.reading {
+            return None;
+        }
+        if !wants {
+            o.paused = true;
+            return None;
+        }
+        Some(&mut o.channel)
+    }
+
+    /// True while the TUN should be read (not paused after a passing failure).
+    pub fn reading_tun(&self) -> bool {
+        self.recv_resume.is_none()
+    }
+
+    fn open_mut(&mut self, id: FlowId) -> Option<&mut Open<C>> {
+        match self.flows.get_mut(&id).map(|f| &mut f.phase) {
+            Some(Phase::Open(o)) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn note(&mut self, note: Option<Note>) {
+        if let Some(note) = note {
+            self.commands.push_back(Command::Note(note));
+        }
+    }
+
+    // ----- time -----
+
+    /// Time passed: summaries of repeated warnings whose window ended, the memory trim when
+    /// due, the TUN's read pause, and the committed windows for the engine. Call it before
+    /// each run of the engine.
+    pub fn handle_tick(&mut self, now: Instant) {
+        if self.notes.poll_timeout().is_some_and(|t| t <= now) {
+            let summaries: Vec<Note> = self.notes.poll(now).collect();
+            self.commands
+                .extend(summaries.into_iter().map(Command::Note));
+        }
+        if self.trim.pending && !self.trim.running && now >= self.trim.not_before {
+            self.trim.pending = false;
+            self.trim.running = true;
+            self.trim.not_before = now + TRIM_EVERY;
+            self.commands.push_back(Command::Trim);
+        }
+        if self.recv_resume.is_some_and(|t| now >= t) {
+            self.recv_resume = None;
+        }
+        if let Some(b) = &self.config.budget {
+            self.commands
+                .push_back(Command::Engine(ToEngine::Windows(b.windows())));
+        }
+    }
+
+    /// The memory trim ([`Command::Trim`]) finished.
+    pub fn handle_trimmed(&mut self) {
+        self.trim.running = false;
+    }
+
+    /// The engine's counters after a turn: what it holds is counted in the memory budget.
+    pub fn handle_stats(&mut self, stats: &EngineStats) {
+        if let Some(b) = &self.config.budget {
+            b.set_engine(stats.buffered);
+        }
+    }
+
+    /// The driver stops (`failed`: because the TUN failed): every app gets a reset, every
+    /// channel a close.
+    pub fn handle_stop(&mut self, failed: bool) {
+        let reason = if failed {
+            CloseReason::SessionLost
+        } else {
+            CloseReason::Shutdown
+        };
+        self.commands
+            .push_back(Command::Engine(ToEngine::ResetAll(reason)));
+    }
+
+    /// A TUN read or write failed. False if the device is gone (the session ends);
+    /// otherwise the failure is warned about (once per kind per window) and, for a read,
+    /// reading pauses for [`RECV_RETRY`].
+    pub fn handle_tun_failed(&mut self, now: Instant, op: TunOp, e: &std::io::Error) -> bool {
+        if Fault::of(e) == Fault::Gone {
+            return false;
+        }
+        if op == TunOp::Read {
+            self.recv_resume = Some(now + RECV_RETRY);
+        }
+        let note = self.notes.tun_failed(now, op, e);
+        self.note(note);
+        true
+    }
+
+    // ----- the engine -----
+
+    /// What the engine asked for.
+    pub fn handle_event(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::Open { id, key } => self.open(now, id, key),
+            Event::Connected { id } => self.accept(id),
+            Event::Data { id, data } => {
+                if let Some(flow) = self.flows.get_mut(&id)
+                    && let Phase::Open(o) = &mut flow.phase
+                {
+                    flow.up += data.len() as u64;
+                    if becomes_heavy(o, flow.up + flow.down) {
+                        self.commands.push_back(Command::Link {
+                            link: o.link,
+                            change: LinkChange::Heavy,
+                        });
+                    }
+                }
+                self.queue_write(id, WriteOp::Data(data));
+            }
+            Event::Eof { id } => self.queue_write(id, WriteOp::Eof),
+            Event::Refused { key, reason } => {
+                let note = self.notes.refused(now, key, reason);
+                self.note(note);
+            }
+            Event::Close { id, key, reason } => self.close(now, id, key, reason),
+            Event::CloseNow { id } => {
+                if let Some(Flow {
+                    phase: Phase::Open(o),
+                    ..
+                }) = self.flows.get_mut(&id)
+                {
+                    discard(id, o, &mut self.commands);
+                    o.outbox.push_back(WriteOp::Close);
+                    self.commands
+                        .push_back(Command::Note(Note::FlushCut { id }));
+                    self.start_write(id);
+                }
+            }
+        }
+    }
+
+    /// A flow the engine refused earlier ([`Relay::reader`] with `wants` false) can take
+    /// data again: its channel is read again. True if it was paused.
+    pub fn handle_room(&mut self, id: FlowId) -> bool {
+        match self.open_mut(id) {
+            Some(o) if o.paused => {
+                o.paused = false;
+                self.commands.push_back(Command::Read { id });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A new outbound flow: its channel is opened, unless too many opens are pending at the
+    /// jump host.
+    fn open(&mut self, now: Instant, id: FlowId, key: FlowKey) {
+        let limit = self
+            .destinations
+            .open_limit(key.dst, now, self.config.max_opening);
+        if self.opening >= limit {
+            self.commands
+                .push_back(Command::Engine(ToEngine::OpenFailed(
+                    id,
+                    CloseReason::OpenLimit,
+                )));
+            return;
+        }
+        self.opening += 1;
+        self.flows.insert(
+            id,
+            Flow {
+                since: now,
+                up: 0,
+                down: 0,
+                phase: Phase::Opening { dst: key.dst },
+            },
+        );
+        self.commands.push_back(Command::Open(OpenRequest {
+            id,
+            key,
+            placement: self.destinations.placement(key.dst),
+            link_wait: self.config.open_timeout,
+            cap: OPEN_CAP,
+        }));
+    }
+
+    /// Queues a write on a flow whose channel is open (not once it is closing).
+    fn queue_write(&mut self, id: FlowId, op: WriteOp) {
+        if let Some(o) = self.open_mut(id)
+            && !o.closing
+        {
+            o.outbox.push_back(op);
+            self.start_write(id);
+        }
+    }
+
+    /// Starts the flow's next write if none is in progress; lets go of a closing flow once
+    /// everything is written.
+    fn start_write(&mut self, id: FlowId) {
+        let Some(o) = self.open_mut(id) else {
+            return;
+        };
+        if o.writing {
+            return;
+        }
+        match o.outbox.pop_front() {
+            Some(op) => {
+                o.writing = true;
+                self.commands
+                    .push_back(Command::Channel(id, ChannelOp::Write(op)));
+            }
+            None if o.closing => self.release(id),
+            None => {}
+        }
+    }
+
+    /// Lets go of the channel of a flow that ended.
+    fn release(&mut self, id: FlowId) {
+        self.flows.remove(&id);
+        self.commands
+            .push_back(Command::Engine(ToEngine::CloseDone(id)));
+    }
+
+    /// The engine ended a flow: close its channel (after the writes already queued, if it
+    /// ended normally), answer a cloud caller still waiting, and log it.
+    fn close(&mut self, now: Instant, id: FlowId, key: FlowKey, reason: CloseReason) {
+        self.trim.pending = true;
+        let (since, up, down) = match self.flows.remove(&id) {
+            None => (now, 0, 0),
+            Some(mut flow) => {
+                let figures = (flow.since, flow.up, flow.down);
+                match flow.phase {
+                    Phase::Opening { .. } => {}
+                    Phase::Accepting(Routed { call, route }) => {
+                        self.commands.push_back(Command::Link {
+                            link: call.link,
+                            change: LinkChange::Release,
+                        });
+                        self.commands
+                            .push_back(if reason == CloseReason::LocalRefused {
+                                Command::Loopback(Fallback {
+                                    id,
+                                    caller: route.caller,
+                                    channel: call.channel,
+                                    reply: call.reply,
+                                    port: route.local.port(),
+                                    forward: route.forward,
+                                })
+                            } else {
+                                Command::Refuse {
+                                    reply: call.reply,
+                                    how: Refusal::ConnectFailed,
+                                }
+                            });
+                    }
+                    Phase::Open(mut o) => {
+                        self.close_open(now, id, &mut o, flow.since, reason);
+                        flow.phase = Phase::Open(o);
+                        self.flows.insert(id, flow);
+                        self.start_write(id);
+                    }
+                }
+                figures
+            }
+        };
+        let note = self.notes.ended(now, id, key, reason);
+        self.note(note);
+        self.commands.push_back(Command::Note(Note::Closed {
+            id,
+            key,
+            reason,
+            secs: now.saturating_duration_since(since).as_secs_f64(),
+            up,
+            down,
+        }));
+    }
+
+    /// The channel side of an open flow that ended: it stops reading, leaves its link's
+    /// counts, teaches its destination's shape, and queues the channel's close.
+    fn close_open(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        o: &mut Open<C>,
+        since: Instant,
+        reason: CloseReason,
+    ) {
+        o.closing = true;
+        o.reading = false;
+        self.commands
+            .push_back(Command::Channel(id, ChannelOp::StopReading));
+        self.commands.push_back(Command::Link {
+            link: o.link,
+            change: LinkChange::Release,
+        });
+        if o.heavy {
+            self.commands.push_back(Command::Link {
+                link: o.link,
+                change: LinkChange::Light,
+            });
+        }
+        if let Some(dst) = o.dst {
+            let short = !o.heavy && now.saturating_duration_since(since) < SHORT_FLOW;
+            self.destinations.note_shape(dst, short);
+        }
+        if !reason.flushes() {
+            // A reset: what was not written yet is discarded.
+            discard(id, o, &mut self.commands);
+        }
+        o.outbox.push_back(WriteOp::Close);
+    }
+
+    // ----- the pool -----
+
+    /// The jump host confirmed a flow's channel on `link`. A flow whose app gave up (or
+    /// timed out) meanwhile has its channel closed at once, so its connection in the VPC
+    /// goes too.
+    pub fn handle_opened(&mut self, now: Instant, id: FlowId, link: LinkId, channel: C) {
+        self.opening = self.opening.saturating_sub(1);
+        let Some(Flow {
+            phase: phase @ Phase::Opening { .. },
+            ..
+        }) = self.flows.get_mut(&id)
+        else {
+            self.commands.push_back(Command::Link {
+                link,
+                change: LinkChange::Release,
+            });
+            self.commands.push_back(Command::Drop { channel });
+            return;
+        };
+        if let Phase::Opening { dst } = *phase {
+            self.destinations.note_answered(dst, now);
+            *phase = Phase::Open(Open::new(link, channel, Some(dst)));
+        }
+        // Data may already wait in the channel.
+        self.commands.push_back(Command::Read { id });
+        self.commands
+            .push_back(Command::Engine(ToEngine::OpenOk(id)));
+    }
+
+    /// The jump host refused a flow's channel, or the open failed: its app gets a reset.
+    pub fn handle_open_failed(&mut self, _now: Instant, id: FlowId, error: OpenError) {
+        self.opening = self.opening.saturating_sub(1);
+        let reason = match error {
+            OpenError::ConnectFailed => CloseReason::OpenRefused,
+            OpenError::Prohibited => CloseReason::OpenProhibited,
+            OpenError::Timeout => CloseReason::OpenTimedOut,
+            OpenError::SessionLost => CloseReason::SessionLost,
+            OpenError::Other => CloseReason::OpenRefused,
+        };
+        if error == OpenError::Prohibited {
+            self.commands.push_back(Command::Note(Note::Prohibited));
+        }
+        if let Some(Flow {
+            phase: Phase::Opening { .. },
+            ..
+        }) = self.flows.get(&id)
+        {
+            self.commands
+                .push_back(Command::Engine(ToEngine::OpenFailed(id, reason)));
+        }
+    }
+
+    /// The pool's links changed: the open flows on links that are gone are reset (their
+    /// channels are gone with them). `live` says whether a link is still up.
+    pub fn handle_links(&mut self, _now: Instant, live: impl Fn(LinkId) -> bool) {
+        let mut lost: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter_map(|(id, f)| match &f.phase {
+                Phase::Open(o) if !o.closing && !live(o.link) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        lost.sort_unstable();
+        self.commands
+            .push_back(Command::Note(Note::LinkLost { flows: lost.len() }));
+        for id in lost {
+            self.commands.push_back(Command::Engine(ToEngine::Reset(
+                id,
+                CloseReason::SessionLost,
+            )));
+        }
+    }
+
+    // ----- a flow's channel -----
+
+    /// What reading a flow's channel gave: data and EOF go to the engine, counted.
+    pub fn handle_read(&mut self, _now: Instant, id: FlowId, received: Received) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Phase::Open(o) = &mut flow.phase else {
+            return;
+        };
+        match received {
+            Received::Data(data) => {
+                flow.down += data.len() as u64;
+                if becomes_heavy(o, flow.up + flow.down) {
+                    self.commands.push_back(Command::Link {
+                        link: o.link,
+                        change: LinkChange::Heavy,
+                    });
+                }
+                self.commands
+                    .push_back(Command::Engine(ToEngine::Deliver(id, data)));
+            }
+            Received::Eof => self
+                .commands
+                .push_back(Command::Engine(ToEngine::DeliverEof(id))),
+            Received::Closed => {
+                o.reading = false;
+                self.commands
+                    .push_back(Command::Engine(ToEngine::ChannelClosed(id)));
+            }
+            Received::Other => {}
+        }
+    }
+
+    /// A write ([`ChannelOp::Write`]) finished: `Some(n)` bytes of data written (0 for EOF),
+    /// `None` if the channel is gone (or, for a close, closed).
+    pub fn handle_written(&mut self, _now: Instant, id: FlowId, written: Option<usize>) {
+        let Some(o) = self.open_mut(id) else {
+            return;
+        };
+        o.writing = false;
+        match written {
+            Some(n) => {
+                if n > 0 {
+                    self.commands
+                        .push_back(Command::Engine(ToEngine::Sent(id, n)));
+                }
+                self.start_write(id);
+            }
+            // The close went out (or the channel was already gone).
+            None if o.closing => self.release(id),
+            // The channel is gone under a write: the flow cannot go on.
+            None => self.commands.push_back(Command::Engine(ToEngine::Reset(
+                id,
+                CloseReason::RemoteReset,
+            ))),
+        }
+    }
+
+    // ----- cloud callers -----
+
+    /// A cloud caller reached an exposed port: routed to the local app from the caller's
+    /// address, or refused. `connect` starts its flow in the engine
+    /// ([`Engine::connect_inbound`] from the caller to the local address, giving up after
+    /// the timeout). The channel is accepted once the app answers ([`Event::Connected`]).
+    pub fn handle_call(
+        &mut self,
+        now: Instant,
+        call: Call<C, R>,
+        connect: impl FnOnce(SocketAddr, SocketAddr, Duration) -> Result<FlowId, InboundError>,
+    ) {
+        let routed = route(
+            call.target,
+            call.caller,
+            self.config.local_v4,
+            self.config.local_v6,
+        );
+        let route = match routed {
+            Ok(route) => route,
+            Err(why) => {
+                self.commands.push_back(Command::Note(Note::CallRefused {
+                    port: call.listen_port,
+                    why,
+                }));
+                self.commands.push_back(Command::Refuse {
+                    reply: call.reply,
+                    how: Refusal::Prohibited,
+                });
+                return;
+            }
+        };
+        match connect(route.caller, route.local, self.config.open_timeout) {
+            Ok(id) => {
+                self.commands.push_back(Command::Note(Note::Caller {
+                    id,
+                    caller: route.caller,
+                    local: route.local,
+                }));
+                self.commands.push_back(Command::Link {
+                    link: call.link,
+                    change: LinkChange::Adopt,
+                });
+                self.flows.insert(
+                    id,
+                    Flow {
+                        since: now,
+                        up: 0,
+                        down: 0,
+                        phase: Phase::Accepting(Routed { call, route }),
+                    },
+                );
+            }
+            Err(error) => {
+                self.commands.push_back(Command::Note(Note::CallerRefused {
+                    caller: route.caller,
+                    local: route.local,
+                    error,
+                }));
+                self.commands.push_back(Command::Refuse {
+                    reply: call.reply,
+                    how: Refusal::Prohibited,
+                });
+            }
+        }
+    }
+
+    /// The local app answered a cloud caller: its channel is accepted and relayed.
+    fn accept(&mut self, id: FlowId) {
+        let Some(mut flow) = self.flows.remove(&id) else {
+            return;
+        };
+        match flow.phase {
+            Phase::Accepting(Routed { call, .. }) => {
+                flow.phase = Phase::Open(Open::new(call.link, call.channel, None));
+                self.flows.insert(id, flow);
+                self.commands
+                    .push_back(Command::Accept { reply: call.reply });
+                // Data may already wait in the channel.
+                self.commands.push_back(Command::Read { id });
+            }
+            phase => {
+                flow.phase = phase;
+                self.flows.insert(id, flow);
+            }
+        }
+    }
+}
+
+/// After bytes moved (`moved` both ways in all): true once, when a flow reaches
+/// [`HEAVY_BYTES`] (it is then bulk on its link).
+fn becomes_heavy<C>(o: &mut Open<C>, moved: u64) -> bool {
+    if o.heavy || moved < HEAVY_BYTES {
+        return false;
+    }
+    o.heavy = true;
+    true
+}
+
+/// Drops what a flow's channel was still to write, the write in progress included.
+fn discard<C, R>(id: FlowId, o: &mut Open<C>, commands: &mut VecDeque<Command<C, R>>) {
+    o.outbox.clear();
+    if o.writing {
+        o.writing = false;
+        commands.push_back(Command::Channel(id, ChannelOp::Abort));
+    }
+}
