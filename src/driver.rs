@@ -80,11 +80,7 @@ impl<T: PacketIo> Driver<T> {
         };
         Driver {
             header: config.engine.tun.header,
-            engine: Engine::new(
-                config.engine,
-                smoltcp::time::Instant::from_micros(0),
-                rand::random(),
-            ),
+            engine: Engine::new(config.engine, smoltcp::time::Instant::ZERO, rand::random()),
             relay: Relay::new(relay, epoch.into_std()),
             tun,
             pool,

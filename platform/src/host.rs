@@ -384,7 +384,10 @@ pub async fn apply<B: Backend>(
         };
         if let Err(e) = made {
             warn!("setting up the host failed ({e}); undoing what was done");
-            let _ = restore(b, applied).await;
+            if let Err(undo) = restore(b, applied).await {
+                // Kept in the journal for `down --force` or the next start; said, not hidden.
+                warn!("{undo}");
+            }
             return Err(e);
         }
     }
