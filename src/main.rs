@@ -11,11 +11,21 @@ use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches};
 
 use mse_vpn::cli::{
-    self, Cli, Command, ConfigCommand, EXIT_FAILURE, EXIT_USAGE, UpCommand, client, daemon,
+    self, Cli, Command, ConfigCommand, DoctorArgs, EXIT_FAILURE, EXIT_USAGE, UpCommand, client,
+    daemon,
 };
 use mse_vpn_platform as platform;
 
 fn main() -> ExitCode {
+    // `mse-vpn run`'s namespace helper (re-executed by it), before anything else: it must
+    // still be single-threaded to create a user namespace.
+    #[cfg(target_os = "linux")]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == platform::rootless::INIT_ARG)
+    {
+        return platform::rootless::init_main();
+    }
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -27,13 +37,41 @@ fn main() -> ExitCode {
         eprintln!("mse-vpn: must be run {}", platform::process::PRIVILEGED);
         return ExitCode::from(EXIT_FAILURE);
     }
-    if let Command::Up(UpCommand { args, .. }) | Command::Doctor(args) = &mut cli.command {
-        let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
-        if let Err(e) = cli::config::with_profile(args, sub) {
-            eprintln!("mse-vpn: {}", mse_vpn::logging::one_line(e.chain()));
+    let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
+    if let Command::Run(run) = &mut cli.command {
+        run.tun_given = sub.value_source("tun") == Some(clap::parser::ValueSource::CommandLine);
+        // Joining the running session, the options of a session of run's own mean nothing.
+        if !run.starts_session()
+            && let Some(option) = cli::session_only_option(sub)
+        {
+            eprintln!(
+                "mse-vpn: {option} is for a session of run's own: pass --cidr and --proxy (or --profile) too; without them run joins the running session (`sudo mse-vpn up`)"
+            );
             return ExitCode::from(EXIT_USAGE);
         }
     }
+    let profiled = match &mut cli.command {
+        Command::Up(UpCommand { args, .. }) | Command::Doctor(DoctorArgs { args, .. }) => {
+            Some(args)
+        }
+        Command::Run(run) if run.starts_session() => Some(&mut run.session),
+        _ => None,
+    };
+    if let Some(args) = profiled
+        && let Err(e) = cli::config::with_profile(args, sub)
+    {
+        eprintln!("mse-vpn: {}", mse_vpn::logging::one_line(e.chain()));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // A `run` session of its own keeps its control socket in the user's directory unless a
+    // state directory was named; `status` looks there too.
+    let state_named =
+        matches.value_source("state_dir") != Some(clap::parser::ValueSource::DefaultValue);
+    let runs_dir = if state_named {
+        Some(cli.state_dir.clone())
+    } else {
+        cli::rootless::user_state_dir()
+    };
     match &cli.command {
         Command::Completions(args) => return print_bytes(&cli::completions(args.shell)),
         Command::Man => match cli::man_page() {
@@ -94,7 +132,13 @@ fn main() -> ExitCode {
             }
             Command::Down(args) => ok(client::down(args, &cli.state_dir).await),
             Command::Doctor(args) => ok(cli::doctor::doctor(args, &cli.state_dir).await),
-            Command::Status(args) => client::status(args, &cli.state_dir).await,
+            Command::Status(args) => {
+                client::status(args, &cli.state_dir, runs_dir.as_deref()).await
+            }
+            Command::Run(args) if args.starts_session() => {
+                let dir = runs_dir.unwrap_or_else(|| cli.state_dir.clone());
+                cli::rootless::run(args, &dir).await
+            }
             Command::Run(args) => client::run(args, &cli.state_dir).await,
             Command::Env(args) => ok(client::env(args, &cli.state_dir).await),
             Command::Expose(args) => ok(client::expose(args, &cli.state_dir).await),

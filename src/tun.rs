@@ -20,6 +20,16 @@ pub enum TunError {
         #[source]
         source: tun::Error,
     },
+    /// The TUN device made in an app's own network namespace (`mse-vpn run` without root)
+    /// could not be taken over.
+    #[error("cannot use the TUN device {name} of the app's namespace: {source}")]
+    Adopt {
+        /// Its name inside the namespace.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: tun::Error,
+    },
 }
 
 /// What a failed read or write on the TUN means for the session.
@@ -105,6 +115,41 @@ impl Tun {
             }
         }
         Tun::open(name, mtu, false)
+    }
+
+    /// Takes over a TUN device created elsewhere: `fd` is its open descriptor (the one an
+    /// app's own network namespace passed over, `mse-vpn run` without root), `name` its name
+    /// there, `vnet` whether it was attached with virtio-net headers. Nothing is configured:
+    /// its addresses and routes were set up where it lives.
+    #[cfg(target_os = "linux")]
+    pub fn from_fd(
+        fd: std::os::fd::OwnedFd,
+        name: &str,
+        mtu: u16,
+        vnet: bool,
+    ) -> Result<Tun, TunError> {
+        use std::os::fd::IntoRawFd;
+        let mut config = tun::Configuration::default();
+        config
+            .raw_fd(fd.into_raw_fd())
+            .close_fd_on_drop(true)
+            .tun_name(name)
+            .mtu(mtu)
+            .layer(tun::Layer::L3);
+        config.platform_config(|p| {
+            p.ensure_root_privileges(false);
+        });
+        let dev = tun::create_as_async(&config).map_err(|source| TunError::Adopt {
+            name: name.to_owned(),
+            source,
+        })?;
+        let checksum_offload = vnet && offload(&dev);
+        Ok(Tun {
+            dev,
+            name: name.to_owned(),
+            header_len: if vnet { VNET_HDR_LEN } else { 0 },
+            checksum_offload,
+        })
     }
 
     fn open(name: &str, mtu: u16, vnet: bool) -> Result<Tun, TunError> {

@@ -24,9 +24,10 @@
 //! answers as the real tools or API do (the exact commands and API calls are asserted). Other
 //! systems compile against a stub backend that answers [`PlatformError::Unsupported`]. The
 //! small OS adapters the rest of mse-vpn needs live here too: [`account`] (users, file
-//! ownership), [`process`] (signals, privileges, running as the invoking user) and [`ipc`] (the
-//! control channel). `unsafe` code is confined to `sys.rs` (glibc's allocator, the TUN offload
-//! ioctl), `win32.rs` (Win32 calls: processes, owners, ACLs, pipes) and `win32net.rs` (the IP
+//! ownership), [`process`] (signals, privileges, running as the invoking user), [`ipc`] (the
+//! control channel) and [`rootless`] (`mse-vpn run` without root: the app's own user and
+//! network namespace, Linux). `unsafe` code is confined to `sys.rs` (glibc's allocator, the
+//! TUN ioctls, descriptor passing), `win32.rs` (Win32 calls: processes, owners, ACLs, pipes) and `win32net.rs` (the IP
 //! Helper and registry calls).
 //!
 //! Modules, in layers: each imports only from the layers below it (no import circles); this
@@ -39,6 +40,7 @@
 //!  dns        split-DNS files, detection, resolvectl
 //!  command    runs the host's tools; the Runner seam the tests fake
 //!  error      PlatformError
+//!  rootless   the app's own namespace (`run` without root); knows only plan
 //!  journal    plan    process    ipc
 //!  win32      Win32 calls below everything Windows (processes, owners, ACLs, pipes)
 //!  account    sys
@@ -55,6 +57,7 @@ pub mod ipc;
 pub mod journal;
 pub mod plan;
 pub mod process;
+pub mod rootless;
 pub mod sys;
 
 #[cfg_attr(windows, allow(dead_code))]

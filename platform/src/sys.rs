@@ -1,6 +1,8 @@
 //! The Unix system calls of mse-vpn that need `unsafe`: the one such file outside Windows'
-//! `win32.rs` and `win32net.rs`. Two things live here: glibc's allocator tuning (and trimming), and the TUN
-//! device's offload ioctl. Each is wrapped in a safe function.
+//! `win32.rs` and `win32net.rs`. Three things live here: glibc's allocator tuning (and
+//! trimming), the TUN device's ioctls (offload; creating one in the rootless mode's
+//! namespace), and the descriptor passing of that mode (`SCM_RIGHTS`, an inherited socket).
+//! Each is wrapped in a safe function.
 //!
 //! **Memory.** Each TCP flow owns receive and send ring buffers of a few hundred KiB. An idle flow touches
 //! only the first pages of them, so they cost little resident memory *if* they come straight
@@ -73,5 +75,115 @@ pub fn tun_checksum_offload(dev: &impl std::os::fd::AsRawFd) -> std::io::Result<
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// Attaches the freshly opened `/dev/net/tun` descriptor `dev` to a new layer-3 TUN device
+/// `name` (`TUNSETIFF` with `IFF_TUN | IFF_NO_PI`, and `IFF_VNET_HDR` when `vnet`: each
+/// packet then carries the virtio-net header mse-vpn's TUN reader expects). Needs
+/// `CAP_NET_ADMIN` in the user namespace that owns the caller's network namespace.
+#[cfg(target_os = "linux")]
+pub fn tun_set_iff(dev: &impl std::os::fd::AsRawFd, name: &str, vnet: bool) -> std::io::Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == 0) {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers, socket
+    // addresses and a pointer) for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, and `req` is one, alive and
+    // exclusively borrowed for the call; the name is NUL-terminated (zeroed above, shorter
+    // than IFNAMSIZ). The descriptor stays open for the call because `dev` owns it and is
+    // borrowed. A descriptor that is not a TUN clone device fails with an errno.
+    let r = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            libc::TUNSETIFF as _,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Receives one message on the Unix socket `sock` into `buf`, with the one descriptor it may
+/// carry (`SCM_RIGHTS`, received close-on-exec). Returns the message's length (0: the peer
+/// closed its end) and the descriptor.
+#[cfg(target_os = "linux")]
+pub fn recv_with_fd(
+    sock: &impl std::os::fd::AsRawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Option<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for raw in fds {
+                // SAFETY: the kernel just installed `raw` in this process for this message
+                // (SCM_RIGHTS): it is open, and nothing else knows or owns it. Extra ones
+                // are owned too, and so closed when dropped.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    Ok((msg.bytes, fd))
+}
+
+/// Takes ownership of descriptor `raw`, inherited from the parent process (the number came
+/// in the environment). Fails unless it is an open socket.
+#[cfg(target_os = "linux")]
+pub fn adopt_inherited_socket(raw: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    if raw < 3 {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `raw` is only borrowed for the fstat below, which fails with EBADF (no harm)
+    // if it is not open; no ownership is taken yet.
+    let st = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(raw) })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `raw` is an open socket that the parent left to this process for this purpose
+    // (the helper runs single-threaded and adopts it once, first thing): nothing else in
+    // this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Lets descriptor `fd` (close-on-exec in this process) be inherited by the program `cmd`
+/// runs: the flag is cleared in the child only, between fork and exec, so no other child
+/// started meanwhile by another thread inherits it.
+#[cfg(target_os = "linux")]
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock. `fd` is open in the
+    // parent for as long as `cmd` can be spawned (the caller keeps it), hence in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -23,11 +23,16 @@ fn session_sockets(state_dir: &Path, tun: Option<&str>) -> Vec<PathBuf> {
     platform::ipc::endpoints(state_dir)
 }
 
-/// `status`: the running sessions; and what sessions that died left behind, which makes
-/// the exit status 1.
-pub async fn status(args: StatusArgs, state_dir: &Path) -> Result<ExitCode> {
+/// `status`: the running sessions (those of `state_dir`, and the `run` sessions of this user
+/// in `runs`, their own directory); and what sessions that died left behind, which makes the
+/// exit status 1.
+pub async fn status(args: StatusArgs, state_dir: &Path, runs: Option<&Path>) -> Result<ExitCode> {
     let mut all = Vec::new();
-    for path in session_sockets(state_dir, args.tun.as_deref()) {
+    let mut sockets = session_sockets(state_dir, args.tun.as_deref());
+    if let Some(dir) = runs.filter(|d| *d != state_dir) {
+        sockets.extend(session_sockets(dir, args.tun.as_deref()));
+    }
+    for path in sockets {
         match control::status(&path).await {
             Ok(st) => all.push(st),
             Err(ControlError::NotRunning { .. }) => {}
@@ -179,12 +184,11 @@ fn registered_address(reply: &ExposeReply) -> Result<(std::net::SocketAddr, u16)
 /// registered, wait for it, and remove the listeners (they live as long as our control
 /// connection).
 pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
-    use std::collections::BTreeMap;
-    let path = one_session(state_dir, args.tun.as_deref())?;
-    let (advertise, local_port, held) = if args.expose.is_empty() {
+    let path = one_session(state_dir, args.joined_tun())?;
+    let (advertise, local_port, held) = if args.session.expose.is_empty() {
         (None, None, None)
     } else {
-        let (reply, held) = expose_specs(&path, &args.expose, true).await?;
+        let (reply, held) = expose_specs(&path, &args.session.expose, true).await?;
         let reply = with_advertised(&path, reply).await?;
         let (addr, local) = registered_address(&reply)?;
         for f in &reply.forwards {
@@ -196,42 +200,11 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
         }
         (Some(addr), Some(local), Some(held))
     };
-    let plan = run::Plan {
-        advertise,
-        local_port,
-        tag: args.team.tag.clone(),
-        subscribe_only: args.team.subscribe_only,
-    };
-    let current: BTreeMap<String, String> = std::env::vars().collect();
-    let app_args: Vec<String> = args
-        .command
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let user = run::UserSettings {
-        env: &current,
-        args: &app_args,
-    };
-    let settings = run::settings(&plan, user);
-    for kept in &settings.kept {
-        eprintln!("mse-vpn: keeping your own setting {kept}");
-    }
-    for line in plan_lines(&plan) {
-        eprintln!("mse-vpn: {line}");
-    }
-    let registry = args
-        .registry
-        .clone()
-        .or_else(|| registry::from_settings(user));
-    if plan.tag.is_some() && registry.is_none() {
-        eprintln!(
-            "mse-vpn: pass --registry zookeeper://HOST:PORT (or nacos://HOST:PORT) to let mse-vpn confirm that the tag reached the registry"
-        );
-    }
+    let launch = Launch::new(&args, advertise, local_port);
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
-    for s in settings.process_env(&current) {
-        cmd.env(&s.name, &s.value);
+    for (name, value) in &launch.env {
+        cmd.env(name, value);
     }
     // Under sudo, the app runs as the user who invoked it, never as root.
     if platform::process::is_privileged() && std::env::var_os("SUDO_UID").is_some() {
@@ -260,10 +233,7 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
             ));
         }
     };
-    let confirm = match (registry, plan.advertise) {
-        (Some(url), Some(_)) => Some(tokio::spawn(confirm_registration(url, plan.clone()))),
-        _ => None,
-    };
+    let confirm = launch.confirm();
     // Ctrl-C reaches the app through the terminal (same process group): we wait for it to
     // exit rather than die first. SIGTERM and SIGHUP sent to us are passed on.
     let relay = platform::process::relay_signals(child.id());
@@ -277,6 +247,83 @@ pub async fn run(args: RunArgs, state_dir: &Path) -> Result<ExitCode> {
     drop(held); // the session removes the listeners
     let code = platform::process::exit_code(status);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// How `run` starts its app: the registration plan and the environment that carries it
+/// (said on stderr as it is decided), and the registry to confirm it in.
+pub(super) struct Launch {
+    /// What the app registers.
+    pub plan: run::Plan,
+    /// The variables to set for it.
+    pub env: Vec<(String, String)>,
+    /// The registry to read back, when known.
+    pub registry: Option<registry::RegistryUrl>,
+}
+
+impl Launch {
+    /// The launch of `args`'s app registering `advertise` (the jump host's VPC address and
+    /// exposed port, when a port is exposed) with `local_port` behind it.
+    pub fn new(
+        args: &RunArgs,
+        advertise: Option<std::net::SocketAddr>,
+        local_port: Option<u16>,
+    ) -> Launch {
+        use std::collections::BTreeMap;
+        let plan = run::Plan {
+            advertise,
+            local_port,
+            tag: args.team.tag.clone(),
+            subscribe_only: args.team.subscribe_only,
+        };
+        let current: BTreeMap<String, String> = std::env::vars().collect();
+        let app_args: Vec<String> = args
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let user = run::UserSettings {
+            env: &current,
+            args: &app_args,
+        };
+        let settings = run::settings(&plan, user);
+        for kept in &settings.kept {
+            eprintln!("mse-vpn: keeping your own setting {kept}");
+        }
+        for line in plan_lines(&plan) {
+            eprintln!("mse-vpn: {line}");
+        }
+        let registry = args
+            .registry
+            .clone()
+            .or_else(|| registry::from_settings(user));
+        if plan.tag.is_some() && registry.is_none() {
+            eprintln!(
+                "mse-vpn: pass --registry zookeeper://HOST:PORT (or nacos://HOST:PORT) to let mse-vpn confirm that the tag reached the registry"
+            );
+        }
+        let env = settings
+            .process_env(&current)
+            .into_iter()
+            .map(|s| (s.name, s.value))
+            .collect();
+        Launch {
+            plan,
+            env,
+            registry,
+        }
+    }
+
+    /// Starts confirming the registration in the background (when a registry is known and
+    /// the app registers an address); abort the task when the app ends.
+    pub fn confirm(&self) -> Option<tokio::task::JoinHandle<()>> {
+        match (&self.registry, self.plan.advertise) {
+            (Some(url), Some(_)) => Some(tokio::spawn(confirm_registration(
+                url.clone(),
+                self.plan.clone(),
+            ))),
+            _ => None,
+        }
+    }
 }
 
 /// What the plan does, in a line or two (and the teammates notice when it shares their

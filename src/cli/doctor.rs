@@ -5,12 +5,15 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use super::UpArgs;
+use super::DoctorArgs;
 
-/// `doctor`: the read-only checks of what `up` would need, one line each.
-pub async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
+/// `doctor`: the read-only checks of what `up` (or, with --rootless, `run` without root)
+/// would need, one line each.
+pub async fn doctor(args: DoctorArgs, state_dir: &Path) -> Result<()> {
+    let DoctorArgs { rootless, args } = args;
     println!(
-        "mse-vpn doctor: checking `up` to {} via {} (read-only)",
+        "mse-vpn doctor: checking `{}` to {} via {} (read-only)",
+        if rootless { "run" } else { "up" },
         args.cidrs
             .iter()
             .map(ToString::to_string)
@@ -21,8 +24,13 @@ pub async fn doctor(args: UpArgs, state_dir: &Path) -> Result<()> {
             .map(ToString::to_string)
             .unwrap_or_default()
     );
-    let checks =
-        crate::doctor::run(|user| args.ssh_options(user), &args.network(), state_dir).await;
+    let checks = crate::doctor::run(
+        |user| args.ssh_options(user),
+        &args.network(),
+        state_dir,
+        rootless,
+    )
+    .await;
     for c in &checks {
         println!("  {c}");
     }

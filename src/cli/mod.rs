@@ -68,19 +68,28 @@ pub enum Command {
     /// support, privileges, route conflicts, the jump host, its key, login, and forwarding.
     #[command(
         after_help = "Exit status: 0 when every check passes, 1 when one fails.\n\nExamples:\n  \
-        sudo mse-vpn doctor --cidr 10.0.0.0/16 --proxy admin@bastion.example.com"
+        sudo mse-vpn doctor --cidr 10.0.0.0/16 --proxy admin@bastion.example.com\n  \
+        mse-vpn doctor --rootless --cidr 10.0.0.0/16 --proxy admin@bastion.example.com      (for `run` without root)"
     )]
-    Doctor(UpArgs),
+    Doctor(DoctorArgs),
     /// Run an app as part of the team's services: a provider's ports are exposed on the jump
     /// host while it runs, and it is started (as you, not root) with the settings that make
     /// Dubbo, Spring Cloud (Nacos, Zookeeper, Eureka, Consul) and HSF register the jump host's
-    /// VPC address; --tag takes only your own calls, --subscribe-only registers nothing.
+    /// VPC address; --tag takes only your own calls, --subscribe-only registers nothing. With
+    /// --cidr and --proxy (or --profile) it needs no root: the app gets a network of its own
+    /// (Linux).
     #[command(
-        after_help = "Needs a running session (`sudo mse-vpn up ...`). The app must listen on \
-        0.0.0.0 (or the TUN address), not only 127.0.0.1. Exit status: the app's.\n\nExamples:\n  \
+        after_help = "Without --cidr/--proxy/--profile it joins the running session (`sudo \
+        mse-vpn up ...`); with them it starts its own, no root needed (Linux): the app runs in \
+        a network namespace of its own whose way out is the tunnel, nothing on this machine \
+        changes, and the session ends with the app. The app must listen on 0.0.0.0 (or the \
+        TUN address), not only 127.0.0.1; its ports are reached through --expose. Exit \
+        status: the app's.\n\nExamples:\n  \
         mse-vpn run --tag alice --expose 20880 -- java -jar provider.jar\n  \
         mse-vpn run --subscribe-only -- java -jar consumer.jar\n  \
-        mse-vpn run --expose 18080:8080 -- ./gradlew bootRun"
+        mse-vpn run --expose 18080:8080 -- ./gradlew bootRun\n  \
+        mse-vpn run --cidr 10.0.0.0/16 --proxy admin@jump --subscribe-only -- java -jar app.jar      (no sudo)\n  \
+        mse-vpn run --profile dev --dns-domain internal --expose 20880 -- ./gradlew bootRun      (no sudo)"
     )]
     Run(RunArgs),
     /// Print the same settings as `run` for a shell (`eval`), a .env file, or an IDE run
@@ -152,17 +161,29 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// Options of `mse-vpn doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Check what `run` without root needs instead of `up` (Linux): user namespaces, the TUN
+    /// device, iproute2, then the jump host as for `up`.
+    #[arg(long)]
+    pub rootless: bool,
+    #[command(flatten)]
+    pub args: UpArgs,
+}
+
 /// Options of `mse-vpn run`.
 #[derive(Debug, Args)]
+#[command(mut_arg("expose", |a| a
+    .required_unless_present("subscribe_only")
+    .help("A port of the app to expose on the jump host while it runs (repeatable; the first one is the one registered)")))]
+#[command(mut_arg("profile", |a| a
+    .long("profile")
+    .value_name("NAME")
+    .help("A profile of ~/.config/mse-vpn/config.toml (or /etc/mse-vpn/config.toml): run starts a session of its own with it, no root needed (flags given here override it)")))]
+#[command(mut_arg("tun", |a| a
+    .help("Joining: the session using this TUN device (needed only when several run). With a session of its own: the TUN's name inside the app's namespace")))]
 pub struct RunArgs {
-    /// A port of the app to expose on the jump host while it runs (repeatable; the first one
-    /// is the one registered).
-    #[arg(
-        long = "expose",
-        value_name = "[BIND:]REMOTE_PORT[:LOCAL_PORT]",
-        required_unless_present = "subscribe_only"
-    )]
-    pub expose: Vec<ForwardSpec>,
     #[command(flatten)]
     pub team: TeamArgs,
     /// The team's registry, to confirm what the app really registered there (read only):
@@ -171,9 +192,13 @@ pub struct RunArgs {
     /// spring.cloud.nacos.discovery.server-addr, spring.cloud.zookeeper.connect-string).
     #[arg(long = "registry", value_name = "URL")]
     pub registry: Option<crate::registry::RegistryUrl>,
-    /// The session using this TUN device (needed only when several run).
-    #[arg(long = "tun", value_name = "NAME")]
-    pub tun: Option<String>,
+    /// `up`'s options: `--expose` and `--tun` always; the others start a session of the
+    /// app's own.
+    #[command(flatten)]
+    pub session: UpArgs,
+    /// True when `--tun` was given on the command line (set by `main` from the matches).
+    #[arg(skip)]
+    pub tun_given: bool,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -196,6 +221,38 @@ pub struct TeamArgs {
     /// Eureka and Consul discovery); --expose is then optional.
     #[arg(long = "subscribe-only")]
     pub subscribe_only: bool,
+}
+
+impl RunArgs {
+    /// True when `run` starts a session of its own (rootless, for this app only) rather than
+    /// joining the running one: a network, a jump host or a profile was given.
+    pub fn starts_session(&self) -> bool {
+        !self.session.cidrs.is_empty()
+            || self.session.proxy.is_some()
+            || self.session.profile.is_some()
+    }
+
+    /// The session to join: the one on `--tun` when given.
+    pub fn joined_tun(&self) -> Option<&str> {
+        self.tun_given.then_some(self.session.tun.as_str())
+    }
+}
+
+/// The first option of `matches` (a `run`) given on the command line that only a session of
+/// `run`'s own takes (`--mtu`, `-i`, ...): as `--LONG`, for the message that refuses it when
+/// `run` joins the running session.
+pub fn session_only_option(matches: &clap::ArgMatches) -> Option<String> {
+    let up = UpArgs::augment_args(clap::Command::new("up"));
+    up.get_arguments()
+        .filter(|a| !matches!(a.get_id().as_str(), "expose" | "tun"))
+        .find(|a| {
+            matches.value_source(a.get_id().as_str())
+                == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .map(|a| match a.get_long() {
+            Some(long) => format!("--{long}"),
+            None => a.get_id().to_string(),
+        })
 }
 
 /// Options of `mse-vpn expose` and `unexpose`.
@@ -657,6 +714,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod exit;
 pub mod profile;
+pub mod rootless;
 pub mod up;
 
 #[cfg(test)]
@@ -706,11 +764,73 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.expose.len(), 1);
+        assert_eq!(run.session.expose.len(), 1);
         assert_eq!(run.command, ["java", "-jar", "p.jar", "--expose"]);
+        assert!(!run.starts_session());
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "1", "--"]).is_err());
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--", "java"]).is_err());
         assert!(Cli::try_parse_from(["mse-vpn", "run", "--expose", "x", "--", "j"]).is_err());
+    }
+
+    #[test]
+    fn run_with_a_network_or_a_profile_starts_its_own_session() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["mse-vpn", "run"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        let Command::Run(run) = parse(&[
+            "--cidr",
+            "10.0.0.0/16",
+            "--proxy",
+            "admin@jump",
+            "--subscribe-only",
+            "--",
+            "bash",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert!(run.starts_session());
+        assert_eq!(run.command, ["bash"]);
+        assert_eq!(run.session.tun, mse_vpn_platform::DEFAULT_TUN);
+        let Command::Run(run) = parse(&[
+            "--profile",
+            "dev",
+            "--expose",
+            "20880",
+            "--",
+            "java",
+            "-jar",
+            "a.jar",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert!(run.starts_session());
+        assert_eq!(run.session.profile.as_deref(), Some("dev"));
+        assert_eq!(run.command, ["java", "-jar", "a.jar"]);
+        // Still: a port, or --subscribe-only.
+        assert!(parse(&["--cidr", "10.0.0.0/16", "--proxy", "j", "--", "bash"]).is_err());
+        // Joining, only --expose and --tun of the session options mean something.
+        let matches = |args: &[&str]| {
+            let mut v = vec!["mse-vpn", "run"];
+            v.extend_from_slice(args);
+            let m = Cli::command().try_get_matches_from(v).unwrap();
+            session_only_option(m.subcommand_matches("run").unwrap())
+        };
+        assert_eq!(
+            matches(&["--mtu", "1500", "--expose", "1", "--", "j"]),
+            Some("--mtu".to_owned())
+        );
+        assert_eq!(
+            matches(&["--tun", "mse1", "--expose", "1", "--", "j"]),
+            None
+        );
     }
 
     #[test]
@@ -749,7 +869,7 @@ mod tests {
         else {
             panic!("not run")
         };
-        assert!(run.team.subscribe_only && run.expose.is_empty());
+        assert!(run.team.subscribe_only && run.session.expose.is_empty());
         assert!(parse(&["run", "--tag", "alice", "--", "java"]).is_err());
         // A tag and registering nothing contradict each other; a bad tag is refused.
         assert!(

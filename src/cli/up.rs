@@ -48,23 +48,28 @@ pub async fn up(args: UpArgs, state_dir: &Path, daemon_log: Option<&Path>) -> Re
     Ok(())
 }
 
-fn spawn_signal_handler(stop: Stopper) -> Result<()> {
+/// Stops the session at SIGINT / SIGTERM (`run` aborts the task once its app runs: the
+/// signals are then the app's).
+pub(super) fn spawn_signal_handler(stop: Stopper) -> Result<tokio::task::JoinHandle<()>> {
     let mut signals =
         platform::process::StopSignals::new().context("cannot handle SIGINT and SIGTERM")?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         // Every signal, not only the first: each one asks again (harmless once stopping).
         loop {
             let name = signals.recv().await;
             debug!("{name}: shutting down");
             stop.stop();
         }
-    });
-    Ok(())
+    }))
 }
 
 /// A jump host name that does not resolve but is close to a `Host` alias of the ssh config
 /// is reported with that alias.
-fn with_alias_hint(e: ssh::SshError, args: &UpArgs, user: &ssh::InvokingUser) -> ssh::SshError {
+pub(super) fn with_alias_hint(
+    e: ssh::SshError,
+    args: &UpArgs,
+    user: &ssh::InvokingUser,
+) -> ssh::SshError {
     let ssh::SshError::Resolve { host, source } = e else {
         return e;
     };

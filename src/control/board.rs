@@ -88,6 +88,7 @@ impl Board {
                 max_inbound: 0,
                 forwards: Vec::new(),
                 dns: None,
+                app_pid: None,
             }),
             sources: Mutex::new(Sources::default()),
             started: Instant::now(),
@@ -100,6 +101,11 @@ impl Board {
 
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
         self.sources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The app of a `run` session that runs in a namespace of its own.
+    pub fn set_app(&self, pid: u32) {
+        self.status().app_pid = Some(pid);
     }
 
     /// The flow budgets shown by `status` (`--max-flows`, `--max-inbound`).

@@ -33,6 +33,11 @@ pub fn render(st: &Status) -> String {
         crate::logging::bytes(st.bytes_down),
         st.reconnects
     ));
+    if let Some(pid) = st.app_pid {
+        out.push_str(&format!(
+            "app         pid {pid}, a `run` session: the app has a network of its own (no root, nothing changed on this machine)\n"
+        ));
+    }
     if st.memory_budget > 0 {
         out.push_str(&format!(
             "memory      {} in windows + {} buffered, of a {} budget\n",

@@ -246,6 +246,11 @@ pub struct Status {
     /// Split DNS, when `--dns-domain` is in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatus>,
+    /// A `run` session's app (`mse-vpn run --cidr ... --proxy ...` without root): its pid.
+    /// The app lives in a network namespace of its own whose only way out is this session's
+    /// TUN. Absent for an `up` session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_pid: Option<u32>,
 }
 
 #[cfg(test)]

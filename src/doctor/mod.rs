@@ -1,9 +1,10 @@
 //! `mse-vpn doctor`: read-only checks of everything `up` needs, each with a verdict and, when
 //! it is not fine, what to do. Nothing on the host or the jump host is changed (the
 //! reverse-forwarding probe opens a listener on the jump host and cancels it at once).
-//! [`dns`] holds the split-DNS checks.
+//! [`dns`] holds the split-DNS checks, [`rootless`] those of `run` without root.
 
 pub mod dns;
+pub mod rootless;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -76,17 +77,23 @@ impl fmt::Display for Check {
 
 /// Runs every check for an `up` that would route `network`, connecting as `ssh_options`
 /// says for the invoking user (the ssh config and flags decide; an error there is a failed
-/// check).
+/// check). `rootless`: for `run` without root instead ([`rootless`]'s checks in place of
+/// privileges, the TUN, host routes and the host resolver).
 pub async fn run(
     ssh_options: impl FnOnce(&InvokingUser) -> Result<SshOptions, ConfigError>,
     network: &NetworkConfig,
     state_dir: &Path,
+    rootless: bool,
 ) -> Vec<Check> {
     let mut checks = Vec::new();
-    checks.push(privileges());
-    checks.push(tun_support());
-    #[cfg(windows)]
-    checks.push(firewall_profile());
+    if rootless {
+        checks.extend(self::rootless::checks(network));
+    } else {
+        checks.push(privileges());
+        checks.push(tun_support());
+        #[cfg(windows)]
+        checks.push(firewall_profile());
+    }
 
     let user = match InvokingUser::detect() {
         Ok(u) => u,
@@ -153,9 +160,11 @@ pub async fn run(
         }
     };
 
-    checks.extend(routes(network, &jump_addrs, state_dir).await);
-    if network.dns.enabled() {
-        checks.extend(dns::host_checks(&network.dns, &network.tun).await);
+    if !rootless {
+        checks.extend(routes(network, &jump_addrs, state_dir).await);
+        if network.dns.enabled() {
+            checks.extend(dns::host_checks(&network.dns, &network.tun).await);
+        }
     }
 
     let reachable = if opts.proxy_command.is_some() {

@@ -2,7 +2,9 @@
 //! jump host), and starting the responder: bind it on the TUN address, then point the host
 //! resolver at it through the platform crate (journaled). Called by [`super::Session::start`]
 //! between the host changes and the "is up" line; [`summary`] is the one line of the
-//! [`super::UpReport`] about DNS. The responder itself is [`crate::dns`]'s.
+//! [`super::UpReport`] about DNS. The responder itself is [`crate::dns`]'s. A session in an
+//! app's own namespace binds it on this host's loopback instead and changes no resolver
+//! ([`start_unbound`]): the app's resolv.conf names an address in its namespace.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -50,6 +52,50 @@ pub async fn start(
     servers: &[IpAddr],
 ) -> Result<(Responder, DnsStatus), DnsError> {
     let listen = platform::dns::listen_addr(plan.tun_v4());
+    let (responder, mut shown) = bind(dns, plan, pool, servers, listen).await?;
+    let dns_plan = platform::dns::DnsPlan {
+        server: responder_addr(&responder, listen)?,
+        zones: shown.domains.clone(),
+    };
+    let backend = host
+        .apply_dns(plan.tun_name(), &dns_plan, state_dir)
+        .await?;
+    shown.mode = backend.name().to_owned();
+    Ok((responder, shown))
+}
+
+/// The responder of a session in an app's own namespace (`mse-vpn run` without root): bound
+/// on this host's loopback (a free port), the host resolver left alone. The app's
+/// resolv.conf names an address in its namespace that the driver carries to it.
+pub async fn start_unbound(
+    dns: &DnsSettings,
+    plan: &RoutePlan,
+    pool: &Arc<Pool>,
+    servers: &[IpAddr],
+) -> Result<(Responder, DnsStatus), DnsError> {
+    let listen = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    let (responder, mut shown) = bind(dns, plan, pool, servers, listen).await?;
+    shown.mode = "the app's namespace".to_owned();
+    Ok((responder, shown))
+}
+
+/// The responder's address (the port the OS chose where `listen` asked for any).
+fn responder_addr(responder: &Responder, listen: SocketAddr) -> Result<SocketAddr, DnsError> {
+    responder.local_addr().map_err(|source| DnsError::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// Binds the responder on `listen`: the split zones through the tunnel to `servers`, every
+/// other name to the host's own nameservers. Returns it with its `status` object (no mode).
+async fn bind(
+    dns: &DnsSettings,
+    plan: &RoutePlan,
+    pool: &Arc<Pool>,
+    servers: &[IpAddr],
+    listen: SocketAddr,
+) -> Result<(Responder, DnsStatus), DnsError> {
     let split = Split::new(dns.domains.clone(), plan.routes());
     // The original nameservers, read before the host resolver is changed (glibc's default,
     // 127.0.0.1, when the file names none). Under resolved this is its stub, which never
@@ -82,23 +128,11 @@ pub async fn start(
         Arc::new(DnsCounters::default()),
     )
     .await?;
-    // The port the OS chose where `listen` asked for any.
-    let listen = responder.local_addr().map_err(|source| DnsError::Bind {
-        addr: listen,
-        source,
-    })?;
-    let dns_plan = platform::dns::DnsPlan {
-        server: listen,
-        zones: zones.clone(),
-    };
-    let backend = host
-        .apply_dns(plan.tun_name(), &dns_plan, state_dir)
-        .await?;
-    let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+    let listen = responder_addr(&responder, listen)?;
     let shown = DnsStatus {
-        mode: backend.name().to_owned(),
+        mode: String::new(),
         listen: listen.to_string(),
-        servers,
+        servers: servers.iter().map(ToString::to_string).collect(),
         domains: zones,
         upstream: upstream.iter().map(ToString::to_string).collect(),
         via_tunnel: 0,

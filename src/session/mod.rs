@@ -16,6 +16,10 @@
 //! It prints nothing: progress and problems go to `tracing`, and what `up` shows the user is
 //! returned ([`UpReport`]). What it does not do: parse flags or profiles (the CLI builds the
 //! config), or install signal handlers (the CLI wires them to a [`Stopper`]).
+//!
+//! A session can also run on the TUN of an app's own network namespace
+//! ([`Session::in_namespace`]: `mse-vpn run` without root): the namespace holds the routes,
+//! so steps 1 and 3 make no check of and no change to the host, and 4 has nothing to undo.
 
 pub mod dns;
 
@@ -230,12 +234,39 @@ impl UpReport {
     }
 }
 
+/// Whether a session in an app's own namespace ([`InNamespace`]) carries flows to addresses
+/// outside the VPC CIDRs: then the namespace routes every destination into the TUN. Until
+/// the driver has its direct path (issue 24, its other half) only the CIDRs (and the
+/// split-DNS responder's address) are routed there; other destinations are unreachable at
+/// once.
+pub const CARRIES_OUTSIDE: bool = false;
+
+/// A session whose TUN lives in an app's own network namespace (`mse-vpn run` without
+/// root): the namespace already has the TUN's addresses and routes, so the session changes
+/// nothing on the host (no repair, no route check, no journal, no host resolver).
+pub struct InNamespace {
+    /// The TUN, from the namespace.
+    pub tun: Tun,
+    /// The session's name: its control socket's (several may run at once).
+    pub name: String,
+    /// The app's pid, for `status`.
+    pub app_pid: u32,
+    /// The TUN's IPv6 address in the namespace, when it has one the route plan does not
+    /// (outside traffic with IPv4 CIDRs only).
+    pub v6: Option<std::net::Ipv6Addr>,
+    /// The address the app's resolv.conf names (routed into the TUN, port 53): what the
+    /// driver hands to the split-DNS responder.
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
 /// A session not started yet. See the module documentation.
 pub struct Session {
     config: SessionConfig,
     stop: watch::Sender<bool>,
     /// Creates the TUN device ([`Tun::create`]).
     create_tun: fn(&str, u16) -> Result<Tun, TunError>,
+    /// The TUN of an app's namespace instead.
+    namespace: Option<InNamespace>,
 }
 
 /// What [`Session::start`] has set running on the host so far: undone, in reverse, when a
@@ -280,7 +311,15 @@ impl Session {
             config,
             stop: watch::channel(false).0,
             create_tun: Tun::create,
+            namespace: None,
         }
+    }
+
+    /// Runs on the TUN of an app's own namespace and changes nothing on the host (see
+    /// [`InNamespace`]).
+    pub fn in_namespace(mut self, namespace: InNamespace) -> Session {
+        self.namespace = Some(namespace);
+        self
     }
 
     /// Creates the TUN device with `create` instead of [`Tun::create`] (for tests: a TUN
@@ -302,7 +341,11 @@ impl Session {
             config,
             stop,
             create_tun,
+            namespace,
         } = self;
+        let in_namespace = namespace.is_some();
+        let namespace_v6 = namespace.as_ref().and_then(|ns| ns.v6);
+        let namespace_dns = namespace.as_ref().and_then(|ns| ns.dns);
         let stopper = Stopper(stop.clone());
         let net = &config.network;
         let budget = crate::budget::MemoryBudget::new(config.memory_budget);
@@ -324,22 +367,29 @@ impl Session {
         let plan = platform::RoutePlan::new(platform::PlanSpec {
             cidrs: net.cidrs.clone(),
             excludes: net.excludes.clone(),
-            jump_addrs: jump_addrs.clone(),
+            // In an app's namespace, our own connections never meet its routes.
+            jump_addrs: if in_namespace {
+                Vec::new()
+            } else {
+                jump_addrs.clone()
+            },
             tun_name: net.tun.clone(),
             mtu: net.mtu,
         })?;
         let state_dir = &config.state_dir;
-        let repaired = platform::repair(state_dir).await?;
-        if !repaired.is_empty() {
-            for change in &repaired {
-                debug!(%change, "undone");
+        if !in_namespace {
+            let repaired = platform::repair(state_dir).await?;
+            if !repaired.is_empty() {
+                for change in &repaired {
+                    debug!(%change, "undone");
+                }
+                warn!(
+                    "repaired what a session that died left behind ({} change(s) undone)",
+                    repaired.len()
+                );
             }
-            warn!(
-                "repaired what a session that died left behind ({} change(s) undone)",
-                repaired.len()
-            );
+            platform::preflight(&plan, state_dir).await?;
         }
-        platform::preflight(&plan, state_dir).await?;
 
         // 2. The SSH connections, before any change to the host: a bad host key or a failed
         //    login leaves nothing behind.
@@ -390,14 +440,21 @@ impl Session {
             source,
         })?;
         let jump = format!("{}@{}:{}", opts.user, opts.jump.host, opts.jump.port);
+        let name = namespace
+            .as_ref()
+            .map_or(plan.tun_name(), |ns| ns.name.as_str())
+            .to_owned();
         let board = Board::new(
             jump.clone(),
-            plan.tun_name().to_owned(),
+            name.clone(),
             plan.routes().iter().map(ToString::to_string).collect(),
         );
         board.set_limits(config.max_flows as u64, config.max_inbound as u64);
+        if let Some(ns) = &namespace {
+            board.set_app(ns.app_pid);
+        }
         let server = control::Server::bind(
-            &control::socket_path(state_dir, plan.tun_name()),
+            &control::socket_path(state_dir, &name),
             config.user.uid(),
             config.user.gid(),
         )?;
@@ -406,13 +463,20 @@ impl Session {
             stop: stop.clone(),
             control: Some(tokio::spawn(server.serve(board.clone(), stop.clone())).abort_handle()),
         };
-        let tun = match create_tun(plan.tun_name(), net.mtu as u16) {
-            Ok(tun) => Arc::new(tun),
-            Err(e) => return Err(undo.fail(e.into(), None).await),
+        let tun = match namespace {
+            Some(ns) => Arc::new(ns.tun),
+            None => match create_tun(plan.tun_name(), net.mtu as u16) {
+                Ok(tun) => Arc::new(tun),
+                Err(e) => return Err(undo.fail(e.into(), None).await),
+            },
         };
-        let mut host = match platform::Host::apply(&plan, state_dir).await {
-            Ok(host) => host,
-            Err(e) => return Err(undo.fail(e.into(), None).await),
+        let mut host = if in_namespace {
+            None
+        } else {
+            match platform::Host::apply(&plan, state_dir).await {
+                Ok(host) => Some(host),
+                Err(e) => return Err(undo.fail(e.into(), None).await),
+            }
         };
 
         let driver_config = DriverConfig {
@@ -432,22 +496,29 @@ impl Session {
             max_opening: config.max_opening,
             budget: Some(budget.clone()),
             local_v4: plan.tun_v4(),
-            local_v6: plan.tun_v6(),
+            local_v6: namespace_v6.or(plan.tun_v6()),
         };
         let connect_timeout = opts.connect_timeout;
         let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());
         // Split DNS: the responder, then the host resolver pointed at it (journaled).
         let mut dns_line = None;
         if net.dns.enabled() {
-            let started =
-                self::dns::start(&net.dns, &plan, &pool, &mut host, state_dir, &dns_servers).await;
+            let started = match host.as_mut() {
+                Some(host) => {
+                    self::dns::start(&net.dns, &plan, &pool, host, state_dir, &dns_servers).await
+                }
+                None => self::dns::start_unbound(&net.dns, &plan, &pool, &dns_servers).await,
+            };
             match started {
                 Ok((responder, shown)) => {
+                    if let Some(addr) = namespace_dns {
+                        debug!(responder = %shown.listen, "the app's resolver is {addr}:53");
+                    }
                     dns_line = Some(self::dns::summary(&net.dns, &shown));
                     board.set_dns(shown, responder.counters());
                     tokio::spawn(responder.run(stop_rx.clone()));
                 }
-                Err(e) => return Err(undo.fail(e.into(), Some(host)).await),
+                Err(e) => return Err(undo.fail(e.into(), host).await),
             }
         }
         let forwards = Forwards::new();
@@ -522,7 +593,10 @@ impl Session {
             pool.disconnect_all().await;
             let fatal = fatal.lock().ok().and_then(|mut f| f.take());
             // 4. Undo: routes and addresses first (while the link exists), then the TUN.
-            let restored = host.restore().await;
+            let restored = match host {
+                Some(host) => host.restore().await,
+                None => Ok(()),
+            };
             drop(tun);
             if let Err(e) = outcome {
                 return Err(e.rolled_back(restored));
@@ -531,7 +605,11 @@ impl Session {
                 return Err(SessionError::from(e).rolled_back(restored));
             }
             restored?;
-            info!("stopped; the host's routes and DNS are as they were");
+            if in_namespace {
+                info!("stopped");
+            } else {
+                info!("stopped; the host's routes and DNS are as they were");
+            }
             Ok(())
         };
         if !failed.is_empty() {

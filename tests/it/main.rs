@@ -18,6 +18,7 @@ mod isolation;
 mod lifecycle;
 mod outbound;
 mod reverse;
+mod rootless;
 mod team;
 
 /// Every test's testbed has a name of its own: two tests that share one tear down each

@@ -1,0 +1,518 @@
+//! `mse-vpn run --cidr ... --proxy ... -- APP` without root (issue 24): mse-vpn and its app
+//! run as an ordinary user the test creates; the app gets a network namespace of its own and
+//! reaches the VPC's servers through the tunnel, while the laptop namespace (its links,
+//! addresses, routes, rules and /etc/resolv.conf) stays byte-identical before, during and
+//! after, after a `kill -9` of mse-vpn or of the app too. The failures an ordinary user can
+//! meet (user namespaces forbidden, /dev/net/tun closed) are shown with their fix; each is
+//! made in a namespace of the test's own, never by changing the machine's settings.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::{TestUser, Testbed, Vpn, keygen, pub_path, s, stderr, stdout};
+
+/// The CIDR every test routes.
+const VPC: &str = "10.0.0.0/16";
+
+/// `/dev/net/tun`, mode 0600 on these machines (FACTS.md).
+const TUN_DEV: &str = "/dev/net/tun";
+
+/// While any test holds one, `/dev/net/tun` is open to everyone (0666); the last one to end
+/// puts the original mode back. Tests of other checkouts may run at once: a lock file, held
+/// shared by each user of the device, says who is last, and keeps the original mode.
+struct TunOpenToAll {
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+impl TunOpenToAll {
+    const LOCK: &str = "/tmp/mse-vpn-test-tun-mode.lock";
+
+    fn new() -> TunOpenToAll {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::PermissionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(Self::LOCK)
+            .expect("open the TUN mode lock");
+        let mut lock = Flock::lock(file, FlockArg::LockExclusive).expect("lock");
+        let mut text = String::new();
+        lock.read_to_string(&mut text).expect("read the lock");
+        if text.trim().is_empty() {
+            // The first user: the mode to put back.
+            let mode = std::fs::metadata(TUN_DEV)
+                .expect(TUN_DEV)
+                .permissions()
+                .mode()
+                & 0o7777;
+            lock.rewind().unwrap();
+            write!(lock, "{mode:o}").unwrap();
+        }
+        std::fs::set_permissions(TUN_DEV, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod /dev/net/tun");
+        lock.relock(FlockArg::LockShared).expect("share the lock");
+        TunOpenToAll { lock: Some(lock) }
+    }
+}
+
+impl Drop for TunOpenToAll {
+    fn drop(&mut self) {
+        use nix::fcntl::FlockArg;
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::PermissionsExt;
+        let Some(mut lock) = self.lock.take() else {
+            return;
+        };
+        // Exclusive only when no other test holds it: the last one restores.
+        if lock.relock(FlockArg::LockExclusiveNonblock).is_ok() {
+            let mut text = String::new();
+            let _ = lock.rewind();
+            let _ = lock.read_to_string(&mut text);
+            if let Ok(mode) = u32::from_str_radix(text.trim(), 8) {
+                let _ = std::fs::set_permissions(TUN_DEV, std::fs::Permissions::from_mode(mode));
+            }
+            let _ = lock.set_len(0);
+        }
+    }
+}
+
+/// A test's ordinary user: a login with a key the jump host accepts, its known_hosts, and a
+/// copy of mse-vpn it can run.
+struct Ordinary {
+    user: TestUser,
+    key: PathBuf,
+    known_hosts: PathBuf,
+    bin: String,
+}
+
+impl Ordinary {
+    /// The user `NAME` (after this checkout's testbed prefix, so that two checkouts never
+    /// share it).
+    fn new(tb: &Testbed, name: &str) -> Ordinary {
+        let full = format!(
+            "{}{name}",
+            std::env::var("MSE_VPN_TB_PREFIX").unwrap_or_default()
+        );
+        let user = TestUser::create(Box::leak(full.into_boxed_str()), None);
+        let ssh_dir = user.home.join(".ssh");
+        std::fs::create_dir_all(&ssh_dir).unwrap();
+        user.own(&ssh_dir, 0o700);
+        let key = ssh_dir.join("id_ed25519");
+        keygen(&key, "", &["-t", "ed25519"]);
+        user.own(&key, 0o600);
+        user.own(&pub_path(&key), 0o644);
+        tb.authorize(&pub_path(&key));
+        let known_hosts = ssh_dir.join("known_hosts");
+        std::fs::copy(tb.dir.join("known_hosts"), &known_hosts).unwrap();
+        user.own(&known_hosts, 0o600);
+        // A copy other users can run wherever the checkout lives.
+        let bin = tb.dir.join("mse-vpn-rootless");
+        std::fs::copy(crate::harness::bin(), &bin).expect("copy the binary");
+        Ordinary {
+            user,
+            key,
+            known_hosts,
+            bin: s(&bin),
+        }
+    }
+
+    /// What runs a command as this user: no root, no capabilities, a PATH without sbin, no
+    /// state directory named (the user's own is used).
+    fn as_user(&self) -> Vec<String> {
+        [
+            "setpriv",
+            "--reuid",
+            &self.user.uid.to_string(),
+            "--regid",
+            &self.user.gid.to_string(),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "env",
+            "-u",
+            "MSE_VPN_STATE_DIR",
+            "-u",
+            "XDG_RUNTIME_DIR",
+            "-u",
+            "SUDO_USER",
+            &format!("HOME={}", s(&self.user.home)),
+            &format!("USER={}", self.user.name),
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    }
+
+    /// `argv` as this user in the laptop namespace, from its home.
+    fn cmd(&self, tb: &Testbed, argv: &[&str]) -> Command {
+        let prefix = self.as_user();
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        full.extend_from_slice(argv);
+        let mut c = tb.cmd_in(&tb.lap(), &full);
+        c.current_dir(&self.user.home);
+        c
+    }
+
+    /// `mse-vpn ARGS` as this user.
+    fn mse_vpn(&self, tb: &Testbed, args: &[&str]) -> Command {
+        let mut argv = vec![self.bin.as_str()];
+        argv.extend_from_slice(args);
+        self.cmd(tb, &argv)
+    }
+
+    /// The session options: the VPC, the jump host, this user's key and known_hosts.
+    fn session_args(&self, tb: &Testbed) -> Vec<String> {
+        [
+            "--cidr",
+            VPC,
+            "--proxy",
+            &format!("root@{}", tb.jump_addr),
+            "-i",
+            &s(&self.key),
+            "--known-hosts",
+            &s(&self.known_hosts),
+            // No ssh config: in the test's own user namespace, root's would be unreadable.
+            "-F",
+            "none",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    }
+
+    /// `mse-vpn run SESSION EXTRA -- sh -c SCRIPT` as this user, started.
+    fn run_app(&self, tb: &Testbed, extra: &[&str], script: &str) -> Vpn {
+        let mut args: Vec<String> = vec!["run".into(), "-v".into()];
+        args.extend(self.session_args(tb));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(["--", "sh", "-c", script].iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Vpn::spawn(self.mse_vpn(tb, &args))
+    }
+
+    /// A file in the user's home (the app signals through it).
+    fn file(&self, name: &str) -> PathBuf {
+        self.user.home.join(name)
+    }
+
+    /// Where this user's `run` sessions keep their sockets when nothing else is said.
+    fn state_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("mse-vpn-{}", self.user.uid))
+    }
+}
+
+impl Drop for Ordinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.state_dir());
+    }
+}
+
+/// The laptop namespace as mse-vpn must leave it: links, addresses, routes, rules, and the
+/// bytes of its /etc/resolv.conf.
+fn laptop_state(tb: &Testbed) -> String {
+    let resolv = tb.sh(5, "cat /etc/resolv.conf");
+    format!("{}\n--- resolv.conf\n{}", tb.snapshot(), stdout(&resolv))
+}
+
+/// Waits until `path` exists (the app got there); panics with the session's output after
+/// `limit`.
+fn wait_for_file(path: &Path, vpn: &Vpn, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < limit,
+            "the app did not get to {} within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            path.display(),
+            vpn.stdout(),
+            vpn.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the app's output line `key=value`.
+fn said(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+}
+
+#[test]
+fn an_ordinary_users_app_reaches_the_vpc_and_the_laptop_is_left_as_it_was() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("rl", &["--with", "nginx,redis,postgres"]);
+    let _tun = TunOpenToAll::new();
+    let me = Ordinary::new(&tb, "mvrl");
+    let before = laptop_state(&tb);
+
+    // doctor --rootless, as the user: the namespace can be made, the jump host takes the key.
+    let mut args: Vec<String> = vec!["doctor".into(), "--rootless".into()];
+    args.extend(me.session_args(&tb));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = me.mse_vpn(&tb, &args).output().expect("run doctor");
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    for line in [
+        "ok    user namespaces",
+        "ok    tun",
+        "ok    app namespace",
+        "ok    login",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("privileges"), "{text}");
+
+    let (ready, go) = (me.file("ready"), me.file("go"));
+    let script = format!(
+        "echo uid=$(id -u); \
+         echo http=$(curl -sS -m 10 http://10.0.0.10/); \
+         echo redis=$(redis-cli -h 10.0.0.11 ping); \
+         echo psql=$(psql -h 10.0.0.12 -U app -d app -tAc 'select 40 + 2'); \
+         echo resolv=$(grep nameserver /etc/resolv.conf); \
+         echo pid=$$ > {ready}.tmp; mv {ready}.tmp {ready}; \
+         i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+         exit 7",
+        ready = s(&ready),
+        go = s(&go)
+    );
+    let mut vpn = me.run_app(
+        &tb,
+        &[
+            "--subscribe-only",
+            "--dns-domain",
+            "internal",
+            "--dns",
+            "10.0.0.13",
+        ],
+        &script,
+    );
+    wait_for_file(&ready, &vpn, Duration::from_secs(30));
+    let out = vpn.stdout();
+    assert_eq!(said(&out, "uid"), Some(me.user.uid.to_string()), "{out}");
+    assert_eq!(
+        said(&out, "http").as_deref(),
+        Some("hello from the VPC"),
+        "{out}\n{}",
+        vpn.stderr()
+    );
+    assert_eq!(said(&out, "redis").as_deref(), Some("PONG"), "{out}");
+    assert_eq!(said(&out, "psql").as_deref(), Some("42"), "{out}");
+    // The app's own resolv.conf names the split-DNS responder in its namespace.
+    assert_eq!(
+        said(&out, "resolv").as_deref(),
+        Some("nameserver 198.18.0.2"),
+        "{out}"
+    );
+    let app_pid: i32 = std::fs::read_to_string(&ready)
+        .unwrap()
+        .trim()
+        .strip_prefix("pid=")
+        .and_then(|p| p.parse().ok())
+        .expect("the app's pid");
+
+    // During: nothing changed on the laptop (no TUN, no route, no rule, the same resolv.conf).
+    assert_eq!(
+        laptop_state(&tb),
+        before,
+        "the laptop changed while the app ran"
+    );
+    // `status`, as the user: a `run` session with the app's pid.
+    let out = me
+        .mse_vpn(&tb, &["status", "--json"])
+        .output()
+        .expect("status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}{}", stdout(&out), stderr(&out)));
+    let session = &st[0];
+    assert_eq!(session["app_pid"], app_pid, "{st}");
+    assert_eq!(session["routes"][0], VPC, "{st}");
+    assert_eq!(session["pid"], vpn.pid(), "{st}");
+    assert!(session["tun"].as_str().unwrap().starts_with("run-"), "{st}");
+
+    std::fs::write(&go, "").unwrap();
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "the app's exit status:\n{}",
+        vpn.stderr()
+    );
+    assert!(
+        vpn.stderr().contains("runs in a network of its own"),
+        "{}",
+        vpn.stderr()
+    );
+    assert_eq!(
+        laptop_state(&tb),
+        before,
+        "the laptop changed after the app ended"
+    );
+    assert!(!pid_alive(app_pid));
+}
+
+#[test]
+fn kill_9_of_mse_vpn_or_of_the_app_leaves_nothing_and_failures_say_what_to_change() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("rk", &["--with", "nginx"]);
+    let _tun = TunOpenToAll::new();
+    let me = Ordinary::new(&tb, "mvrk");
+    let before = laptop_state(&tb);
+    let ready = me.file("ready");
+    // An app that says its pid, then waits; SIGTERM ends it with 143.
+    let script = format!(
+        "trap 'echo got=TERM; exit 143' TERM; \
+         curl -sS -m 10 -o /dev/null http://10.0.0.10/ && echo pid=$$ > {r}.tmp && mv {r}.tmp {r}; \
+         while true; do sleep 0.1; done",
+        r = s(&ready)
+    );
+    let app_pid = |vpn: &Vpn| -> i32 {
+        wait_for_file(&ready, vpn, Duration::from_secs(30));
+        let pid = std::fs::read_to_string(&ready)
+            .unwrap()
+            .trim()
+            .strip_prefix("pid=")
+            .and_then(|p| p.parse().ok())
+            .expect("the app's pid");
+        std::fs::remove_file(&ready).unwrap();
+        pid
+    };
+    let gone_within = |pid: i32, limit: Duration| {
+        let start = Instant::now();
+        while pid_alive(pid) && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        !pid_alive(pid)
+    };
+
+    // SIGTERM to mse-vpn is passed on to the app; its exit status is the app's.
+    let mut vpn = me.run_app(&tb, &["--subscribe-only"], &script);
+    let pid = app_pid(&vpn);
+    vpn.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(143), "{}", vpn.stderr());
+    assert!(vpn.stdout().contains("got=TERM"), "{}", vpn.stdout());
+    assert!(!pid_alive(pid));
+    assert_eq!(laptop_state(&tb), before);
+
+    // kill -9 of mse-vpn: the app, left without a network, is sent SIGTERM; nothing remains.
+    let mut vpn = me.run_app(&tb, &["--subscribe-only"], &script);
+    let pid = app_pid(&vpn);
+    vpn.kill9();
+    assert!(
+        gone_within(pid, Duration::from_secs(10)),
+        "the app outlived mse-vpn"
+    );
+    assert_eq!(laptop_state(&tb), before, "after kill -9 of mse-vpn");
+
+    // kill -9 of the app: mse-vpn ends with it (128 + 9), nothing remains.
+    let mut vpn = me.run_app(&tb, &["--subscribe-only"], &script);
+    let pid = app_pid(&vpn);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(137), "{}", vpn.stderr());
+    assert_eq!(laptop_state(&tb), before, "after kill -9 of the app");
+
+    // User namespaces forbidden: made so in a user namespace of the test's own (the limit
+    // user.max_user_namespaces is per user namespace), never on the machine.
+    let mut run: Vec<String> = vec![me.bin.clone(), "run".into()];
+    run.extend(me.session_args(&tb));
+    run.extend(
+        ["--subscribe-only", "--", "true"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let run = run.join(" ");
+    let marker = tb.sshd_log().len();
+    let out = me
+        .cmd(
+            &tb,
+            &[
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "sh",
+                "-c",
+                &format!("echo 0 > /proc/sys/user/max_user_namespaces && exec {run}"),
+            ],
+        )
+        .output()
+        .expect("run in a user namespace that allows no more");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("user.max_user_namespaces = 0")
+            && err.contains("sysctl -w user.max_user_namespaces=")
+            && err.contains("sudo mse-vpn up"),
+        "{err}"
+    );
+    assert_eq!(
+        tb.sshd_log().len(),
+        marker,
+        "the jump host was contacted before the namespace was known to work"
+    );
+
+    // /dev/net/tun closed to the user (0600, as on these machines), in a mount namespace of
+    // the test's own.
+    let dev = s(&tb.dir.join("tun-0600"));
+    let mut mse = tb.cmd_in(
+        &tb.lap(),
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &format!(
+                "mknod {dev} c 10 200 && chmod 600 {dev} && mount --bind {dev} {TUN_DEV} && exec {} {run}",
+                me.as_user().join(" ")
+            ),
+        ],
+    );
+    let out = mse.current_dir(&me.user.home).output().expect("run");
+    let _ = std::fs::remove_file(&dev);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot open /dev/net/tun as an ordinary user")
+            && err.contains("chmod 0666 /dev/net/tun"),
+        "{err}"
+    );
+
+    // An app that does not exist: 127, before anything is contacted.
+    let marker = tb.sshd_log().len();
+    let mut args: Vec<String> = vec!["run".into()];
+    args.extend(me.session_args(&tb));
+    args.extend(
+        ["--subscribe-only", "--", "no-such-app"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = me.mse_vpn(&tb, &args).output().expect("run");
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-app: command not found"));
+    assert_eq!(tb.sshd_log().len(), marker);
+    assert_eq!(laptop_state(&tb), before);
+}
