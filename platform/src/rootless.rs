@@ -77,16 +77,9 @@ impl NetnsSpec {
             v6 = Some(Ipv6Addr::new(0xfd6d, 0x7365, 0x7670, 0x6e00, 0, 0, 0, 1))
                 .filter(|a| !plan.carries(IpAddr::V6(*a)));
         }
-        // The responder lives next to the TUN's address, on an address nothing routes.
+        // The responder lives next to the TUN's address, after the host's loopback alias.
         let dns = dns
-            .then(|| {
-                (2..=254u8)
-                    .map(|last| {
-                        let [a, b, c, _] = v4.octets();
-                        Ipv4Addr::new(a, b, c, last)
-                    })
-                    .find(|a| *a != v4 && !plan.carries(IpAddr::V4(*a)))
-            })
+            .then(|| neighbours(v4, |a| plan.carries(IpAddr::V4(a))).nth(1))
             .flatten();
         NetnsSpec {
             tun: plan.tun_name().to_owned(),
@@ -161,6 +154,16 @@ impl NetnsSpec {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         (name_ok && spec.mtu > 0 && !spec.v4.is_unspecified()).then_some(spec)
+    }
+
+    /// The address that stands for this host's loopback inside the namespace, with outside
+    /// traffic: the first address next to the TUN's that no route claims (198.18.0.2 for a
+    /// TUN at 198.18.0.1; slirp's 10.0.2.2). The DNS responder's is the next one.
+    pub fn host_loopback(&self) -> Option<Ipv4Addr> {
+        let vpc = |a: Ipv4Addr| self.routes.iter().any(|r| r.contains(&IpAddr::V4(a)));
+        self.outside
+            .then(|| neighbours(self.v4, vpc).next())
+            .flatten()
     }
 
     /// True when the routes (or the default routes) send `addr` into the TUN.
@@ -242,6 +245,15 @@ impl NetnsSpec {
         }
         c
     }
+}
+
+/// The addresses after `v4` in its /24 that `carried` (the VPC routes) does not claim: the
+/// host's loopback alias first, then the DNS responder's.
+fn neighbours(v4: Ipv4Addr, carried: impl Fn(Ipv4Addr) -> bool) -> impl Iterator<Item = Ipv4Addr> {
+    let [a, b, c, d] = v4.octets();
+    (d.saturating_add(1)..=254)
+        .map(move |last| Ipv4Addr::new(a, b, c, last))
+        .filter(move |addr| !carried(*addr))
 }
 
 /// The app's resolv.conf: the responder at `dns` as its only nameserver, with the host's
@@ -622,7 +634,8 @@ mod tests {
     fn the_vpc_only_namespace_routes_the_cidrs_and_sends_replies_back() {
         let p = plan(&["10.0.0.0/16"]);
         let spec = NetnsSpec::new(&p, true, false);
-        assert_eq!(spec.dns, Some(Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(spec.dns, Some(Ipv4Addr::new(198, 18, 0, 3)));
+        assert_eq!(spec.host_loopback(), None, "only with outside traffic");
         let t = p.reply_table();
         let cmds: Vec<String> = spec.ip_commands().iter().map(|c| line(c)).collect();
         assert_eq!(
@@ -632,11 +645,19 @@ mod tests {
                 "link set dev mse0 mtu 65000 up".into(),
                 "-4 addr add 198.18.0.1/32 dev mse0".into(),
                 "-4 route add 10.0.0.0/16 dev mse0 src 198.18.0.1".into(),
-                "-4 route add 198.18.0.2/32 dev mse0 src 198.18.0.1".into(),
+                "-4 route add 198.18.0.3/32 dev mse0 src 198.18.0.1".into(),
                 format!("-4 route add default dev mse0 table {t}"),
                 format!("-4 rule add from 198.18.0.1 priority 32000 lookup {t}"),
             ]
         );
+    }
+
+    #[test]
+    fn the_loopback_alias_and_the_responder_skip_addresses_the_vpc_uses() {
+        let spec = NetnsSpec::new(&plan(&["10.0.0.0/16", "198.18.0.2/31"]), true, true);
+        assert_eq!(spec.v4, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(spec.host_loopback(), Some(Ipv4Addr::new(198, 18, 0, 4)));
+        assert_eq!(spec.dns, Some(Ipv4Addr::new(198, 18, 0, 5)));
     }
 
     #[test]
@@ -662,9 +683,11 @@ mod tests {
         // With only IPv4 CIDRs, outside traffic still gets an IPv6 source address.
         let spec = NetnsSpec::new(&plan(&["10.0.0.0/16"]), true, true);
         assert_eq!(spec.v6, Some(v6.parse().unwrap()));
+        assert_eq!(spec.host_loopback(), Some(Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(spec.dns, Some(Ipv4Addr::new(198, 18, 0, 3)));
         let cmds: Vec<String> = spec.ip_commands().iter().map(|c| line(c)).collect();
         assert!(
-            !cmds.iter().any(|c| c.contains("198.18.0.2/32")),
+            !cmds.iter().any(|c| c.contains("198.18.0.3/32")),
             "the default route carries the responder's address: {cmds:?}"
         );
     }

@@ -137,6 +137,7 @@ mod linux {
             app_pid: pid,
             v6: spec.v6,
             dns: spec.dns,
+            host_loopback: spec.host_loopback(),
         });
         let signals = spawn_signal_handler(session.stopper())?;
         let running = match session.start().await {

@@ -257,6 +257,9 @@ pub struct InNamespace {
     /// The address the app's resolv.conf names (routed into the TUN, port 53): what the
     /// driver hands to the split-DNS responder.
     pub dns: Option<std::net::Ipv4Addr>,
+    /// The address that stands for this host's loopback in the namespace (with outside
+    /// traffic): what the driver connects to 127.0.0.1.
+    pub host_loopback: Option<std::net::Ipv4Addr>,
 }
 
 /// A session not started yet. See the module documentation.

@@ -314,7 +314,7 @@ fn an_ordinary_users_app_reaches_the_vpc_and_the_laptop_is_left_as_it_was() {
     // The app's own resolv.conf names the split-DNS responder in its namespace.
     assert_eq!(
         said(&out, "resolv").as_deref(),
-        Some("nameserver 198.18.0.2"),
+        Some("nameserver 198.18.0.3"),
         "{out}"
     );
     let app_pid: i32 = std::fs::read_to_string(&ready)
