@@ -12,7 +12,7 @@ use crate::lifecycle::status;
 /// A TCP server for the laptop on PORT [ADDR] (default 0.0.0.0; "::" is dual-stack): greets
 /// each caller with "peer IP:PORT", echoes until EOF, then closes (so a caller's half-close
 /// still gets every echoed byte).
-const PEER_SERVER: &str = r#"
+pub(crate) const PEER_SERVER: &str = r#"
 import socket, sys, threading
 host = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -516,3 +516,77 @@ fn kill_9_of_mse_vpn_or_of_the_app_leaves_nothing_and_failures_say_what_to_chang
     assert_eq!(tb.sshd_log().len(), marker);
     assert_eq!(laptop_state(&tb), before);
 }
+
+#[test]
+fn a_cloud_caller_reaches_the_app_in_its_namespace_from_its_own_address() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("rx", &["--with", "none"]);
+    let _tun = TunOpenToAll::new();
+    let me = Ordinary::new(&tb, "mvrx");
+    let before = laptop_state(&tb);
+    let server = tb.dir.join("peer_server.py");
+    std::fs::write(&server, crate::reverse::PEER_SERVER).unwrap();
+    let script = format!(
+        "echo advertise=$MSE_VPN_ADVERTISE; exec python3 {} 8080",
+        s(&server)
+    );
+    let mut vpn = me.run_app(&tb, &["--expose", "18080:8080"], &script);
+    let start = Instant::now();
+    while !vpn.stdout().contains("listening") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the app did not listen:\n{}\n{}",
+            vpn.stdout(),
+            vpn.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The app was told the address cloud callers use: the jump host's, the exposed port.
+    assert_eq!(
+        said(&vpn.stdout(), "advertise").as_deref(),
+        Some("10.0.0.1:18080"),
+        "{}",
+        vpn.stdout()
+    );
+    assert!(
+        vpn.stderr()
+            .contains("cloud callers reach 10.0.0.1:18080 -> local port 8080"),
+        "{}",
+        vpn.stderr()
+    );
+    // A caller in the VPC reaches the app through the jump host, and the app sees the
+    // caller's own address.
+    let out = tb
+        .cmd_in(
+            &format!("{}-vpc", tb.name),
+            &[
+                "timeout",
+                "10",
+                "bash",
+                "-c",
+                "echo hello | socat - TCP:10.0.0.1:18080,shut-down",
+            ],
+        )
+        .output()
+        .expect("call from the VPC");
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("peer 10.0.0.10:") && text.ends_with("hello\n"),
+        "{text}{}",
+        stderr(&out)
+    );
+    // The app listens in its own network, not the laptop's.
+    let listening = tb.on_laptop(5, &["ss", "-Hltn", "sport = :8080"]);
+    assert_eq!(
+        stdout(&listening).trim(),
+        "",
+        "port 8080 open on the laptop"
+    );
+    assert_eq!(laptop_state(&tb), before);
+    vpn.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = vpn.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(143), "{}", vpn.stderr());
+    assert_eq!(laptop_state(&tb), before);
+}
