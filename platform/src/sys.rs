@@ -187,3 +187,17 @@ pub fn inherit_fd(cmd: &mut std::process::Command, fd: std::os::fd::RawFd) {
         });
     }
 }
+
+/// Puts SIGPIPE back to its default action. Rust's runtime ignores it in every Rust program,
+/// and an ignored signal stays ignored across `exec`: a program this process execs directly
+/// (the rootless mode's app) would get EPIPE where it expects to die quietly (`yes | head`).
+#[cfg(target_os = "linux")]
+pub fn default_sigpipe() -> std::io::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the default action runs no code of ours, so no handler can run at a point where
+    // only async-signal-safe calls are allowed; the previous action is dropped unused.
+    unsafe { sigaction(Signal::SIGPIPE, &default) }
+        .map(drop)
+        .map_err(std::io::Error::from)
+}

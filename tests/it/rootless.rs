@@ -283,6 +283,7 @@ fn an_ordinary_users_app_reaches_the_vpc_and_the_laptop_is_left_as_it_was() {
          echo redis=$(redis-cli -h 10.0.0.11 ping); \
          echo psql=$(psql -h 10.0.0.12 -U app -d app -tAc 'select 40 + 2'); \
          echo resolv=$(grep nameserver /etc/resolv.conf); \
+         echo sigign=$(grep SigIgn /proc/self/status | cut -f2); \
          echo pid=$$ > {ready}.tmp; mv {ready}.tmp {ready}; \
          i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
          exit 7",
@@ -311,6 +312,13 @@ fn an_ordinary_users_app_reaches_the_vpc_and_the_laptop_is_left_as_it_was() {
     );
     assert_eq!(said(&out, "redis").as_deref(), Some("PONG"), "{out}");
     assert_eq!(said(&out, "psql").as_deref(), Some("42"), "{out}");
+    // SIGPIPE is not ignored in the app, though mse-vpn (a Rust program) ignores it.
+    let ignored = said(&out, "sigign").and_then(|m| u64::from_str_radix(&m, 16).ok());
+    assert_eq!(
+        ignored.map(|m| m & (1 << 12)),
+        Some(0),
+        "SIGPIPE ignored: {out}"
+    );
     // The app's own resolv.conf names the split-DNS responder in its namespace.
     assert_eq!(
         said(&out, "resolv").as_deref(),

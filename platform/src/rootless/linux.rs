@@ -261,6 +261,8 @@ pub fn init_main() -> std::process::ExitCode {
         return ExitCode::from(1);
     }
     let name = program.to_string_lossy().into_owned();
+    // The app starts with the signal dispositions a shell would give it.
+    let _ = sys::default_sigpipe();
     let e = exec(app, &added);
     report(Failure(Stage::Exec, e as i32, name));
     ExitCode::from(if e == Errno::ENOENT { 127 } else { 126 })
