@@ -117,7 +117,8 @@ mod linux {
             tun_name: config.network.tun.clone(),
             mtu: config.network.mtu,
         })?;
-        let spec = NetnsSpec::new(&plan, config.network.dns.enabled(), CARRIES_OUTSIDE);
+        let dns = config.network.dns.enabled() || CARRIES_OUTSIDE;
+        let spec = NetnsSpec::new(&plan, dns, CARRIES_OUTSIDE);
         tracing::debug!(namespace = %spec, dns = ?spec.dns, "the app's namespace");
         // Made before any connection: a system that forbids it says so at once. From this
         // (the runtime's) thread, which lives as long as the app: the helper's parent-death

@@ -64,11 +64,10 @@ pub fn checks(network: &NetworkConfig) -> Vec<Check> {
         mtu: network.mtu,
     });
     let spec = match plan {
-        Ok(plan) => NetnsSpec::new(
-            &plan,
-            network.dns.enabled(),
-            crate::session::CARRIES_OUTSIDE,
-        ),
+        Ok(plan) => {
+            let outside = crate::session::CARRIES_OUTSIDE;
+            NetnsSpec::new(&plan, network.dns.enabled() || outside, outside)
+        }
         Err(e) => {
             out.push(Check::new("app namespace", Verdict::Fail, e.to_string()));
             return out;

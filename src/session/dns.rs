@@ -96,7 +96,14 @@ async fn bind(
     servers: &[IpAddr],
     listen: SocketAddr,
 ) -> Result<(Responder, DnsStatus), DnsError> {
-    let split = Split::new(dns.domains.clone(), plan.routes());
+    // Without split domains (an app's namespace that only needs a way to this host's
+    // resolvers) every name goes upstream, reverse lookups of VPC addresses too.
+    let reverse = if dns.domains.is_empty() {
+        &[][..]
+    } else {
+        plan.routes()
+    };
+    let split = Split::new(dns.domains.clone(), reverse);
     // The original nameservers, read before the host resolver is changed (glibc's default,
     // 127.0.0.1, when the file names none). Under resolved this is its stub, which never
     // sends names outside the routing domains back to us.

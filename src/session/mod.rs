@@ -238,7 +238,8 @@ impl UpReport {
 /// outside the VPC CIDRs: then the namespace routes every destination into the TUN. Until
 /// the driver has its direct path (issue 24, its other half) only the CIDRs (and the
 /// split-DNS responder's address) are routed there; other destinations are unreachable at
-/// once.
+/// once. With it, the app resolves every name through the responder (split names through the
+/// tunnel, the others through this host's own nameservers).
 pub const CARRIES_OUTSIDE: bool = false;
 
 /// A session whose TUN lives in an app's own network namespace (`mse-vpn run` without
@@ -505,7 +506,10 @@ impl Session {
         let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());
         // Split DNS: the responder, then the host resolver pointed at it (journaled).
         let mut dns_line = None;
-        if net.dns.enabled() {
+        // An app's namespace that reaches outside the VPC resolves every name through the
+        // responder: the host's own nameservers (often a loopback stub) are reached from
+        // here.
+        if net.dns.enabled() || (in_namespace && CARRIES_OUTSIDE) {
             let started = match host.as_mut() {
                 Some(host) => {
                     self::dns::start(&net.dns, &plan, &pool, host, state_dir, &dns_servers).await
@@ -517,7 +521,9 @@ impl Session {
                     if let Some(addr) = namespace_dns {
                         debug!(responder = %shown.listen, "the app's resolver is {addr}:53");
                     }
-                    dns_line = Some(self::dns::summary(&net.dns, &shown));
+                    if net.dns.enabled() {
+                        dns_line = Some(self::dns::summary(&net.dns, &shown));
+                    }
                     board.set_dns(shown, responder.counters());
                     tokio::spawn(responder.run(stop_rx.clone()));
                 }
