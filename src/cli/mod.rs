@@ -181,6 +181,10 @@ pub struct DoctorArgs {
     .long("profile")
     .value_name("NAME")
     .help("A profile of ~/.config/mse-vpn/config.toml (or /etc/mse-vpn/config.toml): run starts a session of its own with it, no root needed (flags given here override it)")))]
+#[command(mut_arg("cidrs", |a| a
+    .help("A private network the app reaches through the tunnel (repeatable; IPv4 or IPv6): run starts a session of its own, no root needed (with --proxy, here or in the profile)")))]
+#[command(mut_arg("proxy", |a| a
+    .help("The SSH jump host of run's own session: [USER@]HOST[:PORT], or an alias of ~/.ssh/config")))]
 #[command(mut_arg("tun", |a| a
     .help("Joining: the session using this TUN device (needed only when several run). With a session of its own: the TUN's name inside the app's namespace")))]
 pub struct RunArgs {
