@@ -4,7 +4,10 @@
 //! ```text
 //!  TUN packets ──handle_tun_packet──▶ classify ──▶ TCP of a known flow ──▶ smoltcp ──▶ socket
 //!                                        │             new SYN: held, Event::Open
-//!                                        └─▶ UDP/ICMP/other: ICMP unreachable (poll_transmit)
+//!                                        ├─▶ UDP: ICMP port unreachable, or (the direct path,
+//!                                        │        `datagrams`) Event::Datagram; replies back
+//!                                        │        through handle_datagram
+//!                                        └─▶ ICMP/other: ICMP unreachable (poll_transmit)
 //!  socket bytes ──(within the flow's SSH credit)──▶ Event::Data / Event::Eof / Event::Close
 //!  channel bytes ──handle_channel_data──▶ per-flow bounded buffer ──▶ socket ──▶ poll_transmit
 //! ```
@@ -132,6 +135,10 @@ pub struct EngineConfig {
     /// flow's upload credit and what the engine puts in its socket for the app shrink, down
     /// to [`crate::budget::FLOOR`]. `None`: no budget.
     pub memory_budget: Option<u64>,
+    /// UDP datagrams are handed to the driver ([`Event::Datagram`]) for the direct path
+    /// (`mse-vpn run`: see [`crate::relay::DirectConfig`]) instead of being answered with
+    /// ICMP port unreachable. Off in `up`.
+    pub datagrams: bool,
 }
 
 /// Default of [`EngineConfig::close_linger`]: Linux's `tcp_fin_timeout`.
@@ -150,6 +157,7 @@ impl Default for EngineConfig {
             tun: TunFormat::default(),
             close_linger: DEFAULT_CLOSE_LINGER,
             memory_budget: None,
+            datagrams: false,
         }
     }
 }
@@ -206,6 +214,17 @@ pub enum Event {
     CloseNow {
         /// The flow.
         id: FlowId,
+    },
+    /// A UDP datagram from the app ([`EngineConfig::datagrams`]): carry it, or answer with
+    /// [`Engine::handle_port_unreachable`]. Replies come back through
+    /// [`Engine::handle_datagram`].
+    Datagram {
+        /// The app's socket.
+        src: std::net::SocketAddr,
+        /// Where it is sent.
+        dst: std::net::SocketAddr,
+        /// Its payload.
+        payload: Bytes,
     },
 }
 
@@ -273,6 +292,12 @@ pub struct EngineStats {
     pub tun_write_drops: u64,
     /// Reads from the TUN that failed for a passing reason.
     pub tun_read_errors: u64,
+    /// UDP datagrams from apps handed over for the direct path ([`Event::Datagram`]).
+    pub datagrams_up: u64,
+    /// UDP datagrams written back to apps ([`Engine::handle_datagram`]).
+    pub datagrams_down: u64,
+    /// UDP datagrams for apps dropped: larger than the TUN's MTU, or of the wrong family.
+    pub datagrams_dropped: u64,
 }
 
 /// Where a flow is in its life.
@@ -558,7 +583,23 @@ impl Engine {
 
     /// One raw IP packet read from the TUN into a buffer from [`Engine::rx_buffer`].
     pub fn handle_tun_read(&mut self, now: Instant, packet: RxPacket) {
-        match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload) {
+        let ingress = match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload)
+        {
+            Ingress::Udp { .. } if !self.config.datagrams => Ingress::Reject(Unreachable::Port),
+            ingress => ingress,
+        };
+        match ingress {
+            Ingress::Udp {
+                src,
+                dst,
+                start,
+                len,
+            } => {
+                let payload = Bytes::copy_from_slice(&packet.bytes()[start..start + len]);
+                self.spare.recycle_rx(packet.buf);
+                self.stats.datagrams_up += 1;
+                self.events.push_back(Event::Datagram { src, dst, payload });
+            }
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
                 self.spare.recycle_rx(packet.buf);
@@ -1082,6 +1123,43 @@ impl Engine {
     /// A read from the TUN failed for a passing reason (counted).
     pub fn handle_receive_failed(&mut self) {
         self.stats.tun_read_errors += 1;
+    }
+
+    /// A datagram for the app at `to` from `from` (the address it sent to): written into the
+    /// TUN as a UDP packet, or dropped (counted) if it does not fit the MTU.
+    pub fn handle_datagram(
+        &mut self,
+        _now: Instant,
+        from: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+        payload: &[u8],
+    ) {
+        match packet::emit_udp(from, to, payload, self.config.mtu) {
+            Some(p) => {
+                self.stats.datagrams_down += 1;
+                self.tx.push_back(device::with_header(self.config.tun, p));
+            }
+            None => self.stats.datagrams_dropped += 1,
+        }
+    }
+
+    /// The app's datagrams from `src` to `dst` are not carried: it gets an ICMP port
+    /// unreachable (rate-limited as every ICMP reply of the engine, [`ICMP_RATE`]).
+    pub fn handle_port_unreachable(
+        &mut self,
+        now: Instant,
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) {
+        if !self.icmp.take(now) {
+            self.stats.icmp_rejects_suppressed += 1;
+            return;
+        }
+        if let Some(reply) = packet::port_unreachable(src, dst) {
+            self.stats.icmp_rejects += 1;
+            self.tx
+                .push_back(device::with_header(self.config.tun, reply));
+        }
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.

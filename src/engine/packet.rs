@@ -1,5 +1,6 @@
-//! Classification of raw IP packets read from the TUN, and the ICMP "unreachable" replies the
-//! engine sends for traffic it does not carry.
+//! Classification of raw IP packets read from the TUN, the ICMP "unreachable" replies the
+//! engine sends for traffic it does not carry, and the UDP datagrams it writes back for the
+//! direct path ([`emit_udp`]).
 //!
 //! Untrusted bytes are only read through smoltcp's `Packet::new_checked` + `Repr::parse`
 //! (checksums included). Nothing here allocates except the reply builder, and nothing panics
@@ -7,14 +8,19 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::phy::{Checksum, ChecksumCapabilities};
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
     Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
-    Ipv6Repr, TcpPacket, TcpRepr, TcpSeqNumber,
+    Ipv6Repr, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 use super::flow::FlowKey;
+
+/// An IPv6 packet's fixed header: its payload starts there.
+const IPV6_HEADER: usize = 40;
+/// A UDP header.
+const UDP_HEADER: usize = 8;
 
 /// Why an ingress packet was dropped without a reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +29,8 @@ pub enum DropReason {
     Malformed,
     /// A TCP segment with a bad header or checksum.
     BadTcp,
+    /// A UDP datagram with a bad header or checksum, or port 0.
+    BadUdp,
     /// Multicast, broadcast or unspecified addresses: never answered.
     NotUnicast,
     /// An IPv4 fragment: the TUN MTU is large, so the kernel does not fragment towards us.
@@ -61,8 +69,20 @@ pub enum Ingress {
         /// Its sequence number (screened against the flow's receive window for RST and SYN).
         seq: TcpSeqNumber,
     },
-    /// Traffic the tunnel does not carry (UDP, ICMP echo, other protocols): answer with
-    /// an ICMP destination-unreachable built by [`unreachable_reply`].
+    /// A valid UDP datagram: its payload is `packet[start..start + len]`. The engine carries
+    /// it on the direct path, or answers it as [`Unreachable::Port`].
+    Udp {
+        /// The app's socket.
+        src: SocketAddr,
+        /// Where it is sent.
+        dst: SocketAddr,
+        /// Where its payload starts in the packet.
+        start: usize,
+        /// The payload's length.
+        len: usize,
+    },
+    /// Traffic the tunnel does not carry (ICMP echo, other protocols): answer with an ICMP
+    /// destination-unreachable built by [`unreachable_reply`].
     Reject(Unreachable),
     /// Drop silently.
     Drop(DropReason),
@@ -89,9 +109,9 @@ pub fn classify(packet: &[u8]) -> Ingress {
     classify_with(packet, true)
 }
 
-/// [`classify`], checking TCP checksums only if `verify_tcp` (with TUN checksum offload the
-/// kernel hands over local packets whose checksum nobody computed).
-pub fn classify_with(packet: &[u8], verify_tcp: bool) -> Ingress {
+/// [`classify`], checking TCP and UDP checksums only if `verify` (with TUN checksum offload
+/// the kernel hands over local packets whose checksum nobody computed).
+pub fn classify_with(packet: &[u8], verify: bool) -> Ingress {
     let caps = ChecksumCapabilities::default();
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
@@ -105,11 +125,19 @@ pub fn classify_with(packet: &[u8], verify_tcp: bool) -> Ingress {
                 return Ingress::Drop(DropReason::Fragment);
             }
             let (src, dst) = (IpAddr::V4(repr.src_addr), IpAddr::V4(repr.dst_addr));
-            transport(src, dst, repr.next_header, ip.payload(), verify_tcp, |p| {
-                Icmpv4Packet::new_checked(p)
-                    .ok()
-                    .map(|i| matches!(i.msg_type(), Icmpv4Message::EchoRequest))
-            })
+            let at = ip.header_len() as usize;
+            transport(
+                src,
+                dst,
+                repr.next_header,
+                (ip.payload(), at),
+                verify,
+                |p| {
+                    Icmpv4Packet::new_checked(p)
+                        .ok()
+                        .map(|i| matches!(i.msg_type(), Icmpv4Message::EchoRequest))
+                },
+            )
         }
         Some(6) => {
             let Ok(ip) = Ipv6Packet::new_checked(packet) else {
@@ -119,22 +147,32 @@ pub fn classify_with(packet: &[u8], verify_tcp: bool) -> Ingress {
                 return Ingress::Drop(DropReason::Malformed);
             };
             let (src, dst) = (IpAddr::V6(repr.src_addr), IpAddr::V6(repr.dst_addr));
-            transport(src, dst, repr.next_header, ip.payload(), verify_tcp, |p| {
-                Icmpv6Packet::new_checked(p)
-                    .ok()
-                    .map(|i| u8::from(i.msg_type()) == 128)
-            })
+            let at = IPV6_HEADER;
+            transport(
+                src,
+                dst,
+                repr.next_header,
+                (ip.payload(), at),
+                verify,
+                |p| {
+                    Icmpv6Packet::new_checked(p)
+                        .ok()
+                        .map(|i| u8::from(i.msg_type()) == 128)
+                },
+            )
         }
         _ => Ingress::Drop(DropReason::Malformed),
     }
 }
 
+/// The transport header of a well-formed IP packet; `payload` is the IP payload and where it
+/// starts in the packet.
 fn transport(
     src: IpAddr,
     dst: IpAddr,
     proto: IpProtocol,
-    payload: &[u8],
-    verify_tcp: bool,
+    (payload, at): (&[u8], usize),
+    verify: bool,
     is_echo_request: impl FnOnce(&[u8]) -> Option<bool>,
 ) -> Ingress {
     if !unicast(src) || !unicast(dst) {
@@ -145,7 +183,7 @@ fn transport(
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
                 return Ingress::Drop(DropReason::BadTcp);
             };
-            if verify_tcp && !tcp.verify_checksum(&src.into(), &dst.into()) {
+            if verify && !tcp.verify_checksum(&src.into(), &dst.into()) {
                 return Ingress::Drop(DropReason::BadTcp);
             }
             Ingress::Tcp {
@@ -161,7 +199,26 @@ fn transport(
                 seq: tcp.seq_number(),
             }
         }
-        IpProtocol::Udp => Ingress::Reject(Unreachable::Port),
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(payload) else {
+                return Ingress::Drop(DropReason::BadUdp);
+            };
+            let mut caps = ChecksumCapabilities::default();
+            if !verify {
+                caps.udp = Checksum::None;
+            }
+            // Port 0 either way cannot be answered (`parse` refuses a destination port 0).
+            if udp.src_port() == 0 || UdpRepr::parse(&udp, &src.into(), &dst.into(), &caps).is_err()
+            {
+                return Ingress::Drop(DropReason::BadUdp);
+            }
+            Ingress::Udp {
+                src: SocketAddr::new(src, udp.src_port()),
+                dst: SocketAddr::new(dst, udp.dst_port()),
+                start: at + UDP_HEADER,
+                len: usize::from(udp.len()) - UDP_HEADER,
+            }
+        }
         IpProtocol::Icmp | IpProtocol::Icmpv6 => match is_echo_request(payload) {
             Some(true) => Ingress::Reject(Unreachable::Prohibited),
             _ => Ingress::Drop(DropReason::Icmp),
@@ -279,6 +336,48 @@ pub(crate) fn emit_tcp(src: IpAddr, dst: IpAddr, tcp: &TcpRepr) -> Option<Vec<u8
         &caps,
     );
     Some(buf)
+}
+
+/// Builds an IPv4/IPv6 UDP datagram from `src` to `dst` carrying `payload` (checksums
+/// computed): a reply on the direct path, written into the TUN from the address the app sent
+/// to. `None` if the families differ or the packet would not fit in `mtu`.
+pub fn emit_udp(src: SocketAddr, dst: SocketAddr, payload: &[u8], mtu: usize) -> Option<Vec<u8>> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    let caps = ChecksumCapabilities::default();
+    let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let ip = IpRepr::new(s, d, IpProtocol::Udp, UDP_HEADER + payload.len(), 64);
+    // Both IP versions carry the length in 16 bits.
+    if ip.buffer_len() > mtu.min(usize::from(u16::MAX)) {
+        return None;
+    }
+    let mut buf = vec![0u8; ip.buffer_len()];
+    ip.emit(&mut buf[..], &caps);
+    let header = ip.header_len();
+    udp.emit(
+        &mut UdpPacket::new_unchecked(&mut buf[header..]),
+        &s,
+        &d,
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    Some(buf)
+}
+
+/// The ICMP port unreachable for a datagram from the app at `src` to `dst` that is not
+/// carried (UDP to the VPC, or refused by its destination), as [`unreachable_reply`] builds
+/// it. The datagram it quotes is rebuilt from its addresses and ports (the original is gone
+/// by the time the relay decides): that is all a kernel reads of the quote to find the app's
+/// socket and give it `ECONNREFUSED`.
+pub fn port_unreachable(src: SocketAddr, dst: SocketAddr) -> Option<Vec<u8>> {
+    let datagram = emit_udp(src, dst, &[], usize::MAX)?;
+    unreachable_reply(&datagram, Unreachable::Port)
 }
 
 /// The SYN `packet` (accepted by [`classify`]) rebuilt without its payload: a held SYN costs
@@ -448,10 +547,30 @@ pub(crate) mod tests {
         assert_eq!(classify(&syn), Ingress::Drop(DropReason::BadTcp));
     }
 
+    /// The payload of a datagram [`classify`] accepted.
+    fn udp_payload(dgram: &[u8]) -> (SocketAddr, SocketAddr, &[u8]) {
+        match classify(dgram) {
+            Ingress::Udp {
+                src,
+                dst,
+                start,
+                len,
+            } => (src, dst, &dgram[start..start + len]),
+            other => panic!("expected UDP, got {other:?}"),
+        }
+    }
+
     #[test]
     fn udp_v4_gets_port_unreachable_from_the_destination() {
         let dgram = udp_v4((APP_V4, 5353), (VPC_V4, 53), b"query");
-        assert_eq!(classify(&dgram), Ingress::Reject(Unreachable::Port));
+        assert_eq!(
+            udp_payload(&dgram),
+            (
+                SocketAddr::from((APP_V4, 5353)),
+                SocketAddr::from((VPC_V4, 53)),
+                &b"query"[..]
+            )
+        );
         let reply = unreachable_reply(&dgram, Unreachable::Port).expect("reply");
         let caps = ChecksumCapabilities::default();
         let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
@@ -471,7 +590,7 @@ pub(crate) mod tests {
     #[test]
     fn udp_v6_gets_port_unreachable() {
         let dgram = udp_v6((APP_V6, 5353), (VPC_V6, 53), b"q");
-        assert_eq!(classify(&dgram), Ingress::Reject(Unreachable::Port));
+        assert_eq!(udp_payload(&dgram).2, b"q");
         let reply = unreachable_reply(&dgram, Unreachable::Port).expect("reply");
         let ip = Ipv6Packet::new_checked(&reply[..]).unwrap();
         let repr = Ipv6Repr::parse(&ip).unwrap();
@@ -491,6 +610,73 @@ pub(crate) mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_bad_udp_checksum_or_port_0_is_dropped_unless_offloaded() {
+        let mut dgram = udp_v4((APP_V4, 5353), (VPC_V4, 53), b"query");
+        let last = dgram.len() - 1;
+        dgram[last] ^= 0xff;
+        assert_eq!(classify(&dgram), Ingress::Drop(DropReason::BadUdp));
+        assert!(
+            matches!(classify_with(&dgram, false), Ingress::Udp { len: 5, .. }),
+            "with checksum offload the kernel may not have computed it"
+        );
+        let from_port_0 = udp_v4((APP_V4, 0), (VPC_V4, 53), b"q");
+        assert_eq!(classify(&from_port_0), Ingress::Drop(DropReason::BadUdp));
+        let to_port_0 = udp_v4((APP_V4, 5353), (VPC_V4, 0), b"q");
+        assert_eq!(classify(&to_port_0), Ingress::Drop(DropReason::BadUdp));
+        // A length field beyond the packet.
+        let mut long = udp_v4((APP_V4, 5353), (VPC_V4, 53), b"query");
+        long[24..26].copy_from_slice(&200u16.to_be_bytes());
+        assert!(matches!(classify(&long), Ingress::Drop(_)));
+    }
+
+    #[test]
+    fn a_reply_is_a_udp_datagram_from_where_the_app_sent_and_parses_back() {
+        let (app, dst) = (
+            SocketAddr::from((APP_V4, 40_000)),
+            SocketAddr::from(([93, 184, 216, 34], 443)),
+        );
+        let reply = emit_udp(dst, app, b"answer", 1500).expect("fits");
+        assert_eq!(udp_payload(&reply), (dst, app, &b"answer"[..]));
+        let (app6, dst6) = (
+            SocketAddr::from((APP_V6, 40_000)),
+            SocketAddr::from((VPC_V6, 53)),
+        );
+        let reply6 = emit_udp(dst6, app6, b"six", 1500).expect("fits");
+        assert_eq!(udp_payload(&reply6), (dst6, app6, &b"six"[..]));
+        assert_eq!(emit_udp(dst, app6, b"x", 1500), None, "mixed families");
+        assert_eq!(emit_udp(dst, app, &[0; 1473], 1500), None, "over the MTU");
+        assert!(
+            emit_udp(dst, app, &[0; 1472], 1500).is_some(),
+            "exactly the MTU"
+        );
+        assert_eq!(
+            emit_udp(dst, app, &[0; 65_508], usize::MAX),
+            None,
+            "over 64 KiB"
+        );
+    }
+
+    #[test]
+    fn a_rebuilt_port_unreachable_quotes_the_apps_addresses_and_ports() {
+        let (app, dst) = (
+            SocketAddr::from((APP_V4, 40_000)),
+            SocketAddr::from((VPC_V4, 53)),
+        );
+        let reply = port_unreachable(app, dst).expect("built");
+        let caps = ChecksumCapabilities::default();
+        let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
+        let repr = Ipv4Repr::parse(&ip, &caps).unwrap();
+        assert_eq!((repr.src_addr, repr.dst_addr), (VPC_V4, APP_V4));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_code(), 3, "port unreachable");
+        let quoted = Ipv4Packet::new_checked(icmp.data()).unwrap();
+        assert_eq!((quoted.src_addr(), quoted.dst_addr()), (APP_V4, VPC_V4));
+        let udp = UdpPacket::new_checked(&icmp.data()[20..]).unwrap();
+        assert_eq!((udp.src_port(), udp.dst_port()), (40_000, 53));
     }
 
     #[test]
@@ -527,8 +713,21 @@ pub(crate) mod tests {
                 p[i] = next() as u8;
             }
             p.truncate((next() as usize) % (p.len() + 1));
-            if let Ingress::Reject(kind) = classify(&p) {
-                let _ = unreachable_reply(&p, kind);
+            match classify(&p) {
+                Ingress::Reject(kind) => {
+                    let _ = unreachable_reply(&p, kind);
+                }
+                Ingress::Udp {
+                    src,
+                    dst,
+                    start,
+                    len,
+                } => {
+                    let payload = &p[start..start + len];
+                    assert!(emit_udp(dst, src, payload, 65_535).is_some());
+                    assert!(port_unreachable(src, dst).is_some());
+                }
+                _ => {}
             }
         }
     }

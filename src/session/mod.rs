@@ -433,6 +433,8 @@ impl Session {
             budget: Some(budget.clone()),
             local_v4: plan.tun_v4(),
             local_v6: plan.tun_v6(),
+            // `up` routes only the VPC CIDRs into the TUN: no direct path.
+            direct: None,
         };
         let connect_timeout = opts.connect_timeout;
         let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());

@@ -11,13 +11,16 @@ use smoltcp::socket::tcp::State;
 use tokio::sync::watch;
 
 use mse_vpn::driver::{Driver, DriverConfig};
+use mse_vpn::engine::packet::{Ingress, classify, emit_udp};
 use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
 use mse_vpn::pool::Pool;
+use mse_vpn::relay::DirectConfig;
+use mse_vpn::relay::direct::HOST_LOOPBACK_V4;
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
     self, APP_V4, App, Queues, VPC_V4, closed_port, count_server, echo_server, pattern,
-    source_server, watch_server,
+    source_server, udp_echo_server, watch_server,
 };
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
@@ -47,15 +50,29 @@ impl Rig {
 
     /// A rig whose apps wait `open_timeout` for their channel.
     async fn with_open_timeout(open_timeout: Duration) -> Rig {
-        Rig::build(open_timeout, None).await
+        Rig::build(open_timeout, None, None).await
     }
 
     /// A rig whose driver gives memory back with `release` (not `malloc_trim`).
     async fn with_release(release: fn() -> bool) -> Rig {
-        Rig::build(OPEN_TIMEOUT, Some(release)).await
+        Rig::build(OPEN_TIMEOUT, Some(release), None).await
     }
 
-    async fn build(open_timeout: Duration, release: Option<fn() -> bool>) -> Rig {
+    /// A rig with the direct path on (`mse-vpn run`): only 10.0.0.0/16 goes through SSH;
+    /// the host's loopback is at [`HOST_LOOPBACK_V4`].
+    async fn direct() -> Rig {
+        let direct = DirectConfig {
+            host_loopback: vec![HOST_LOOPBACK_V4.into()],
+            ..DirectConfig::new(vec!["10.0.0.0/16".parse().unwrap()])
+        };
+        Rig::build(OPEN_TIMEOUT, None, Some(direct)).await
+    }
+
+    async fn build(
+        open_timeout: Duration,
+        release: Option<fn() -> bool>,
+        direct: Option<DirectConfig>,
+    ) -> Rig {
         let jump = Jump::start().await;
         let (pool, stop) = start_pool(&jump, 1).await;
         let (app, queues) = App::new();
@@ -75,6 +92,7 @@ impl Rig {
             local_v4: APP_V4,
             local_v6: None,
             budget: None,
+            direct,
         };
         let forwards = Forwards::new();
         tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));
@@ -514,5 +532,152 @@ async fn giving_memory_back_never_stalls_a_flow() {
         slowest < SLOW_RELEASE / 3,
         "an echo took {slowest:?} while memory was given back"
     );
+    rig.stop().await;
+}
+
+// ----- the direct path (`mse-vpn run`) -----
+
+/// The host's `port` as the app reaches it: the loopback alias.
+fn host(port: u16) -> SocketAddr {
+    SocketAddr::from((HOST_LOOPBACK_V4, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_flow_outside_the_vpc_is_a_host_connection_not_a_channel() {
+    let mut rig = Rig::direct().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(host(echo.port()));
+    let data = pattern(500_000);
+    let got = rig.app.exchange(h, &data, data.len(), LIMIT).await;
+    assert!(
+        got == data,
+        "the bytes come back as sent ({} of them)",
+        got.len()
+    );
+    assert!(
+        rig.jump.opens().is_empty(),
+        "no SSH channel: {:?}",
+        rig.jump.opens()
+    );
+    rig.app.tcp(h).close();
+    let mut rest = Vec::new();
+    assert!(rig.app.read_to_fin(h, &mut rest, LIMIT).await, "FIN back");
+    assert!(rig.until_no_flows().await, "the flow is reaped");
+    let stats = *rig.stats.borrow();
+    assert_eq!((stats.bytes_up, stats.bytes_down), (500_000, 500_000));
+
+    // The VPC still goes through the jump host.
+    let v = rig.app.connect(Rig::vpc(echo.port()));
+    let got = rig.app.exchange(v, b"ping", 4, LIMIT).await;
+    assert_eq!(got, b"ping");
+    assert_eq!(rig.jump.opens(), [(VPC_V4.to_string(), echo.port())]);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_closed_host_port_resets_the_app_at_once() {
+    let mut rig = Rig::direct().await;
+    let h = rig.app.connect(host(closed_port()));
+    let mut established = false;
+    let closed = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            established |= s.state() == State::Established;
+            s.state() == State::Closed
+        })
+        .await;
+    assert!(closed && !established, "a closed port looks closed");
+    assert!(rig.until_no_flows().await);
+    assert_eq!(rig.stats.borrow().flows_refused, 1);
+    assert!(rig.jump.opens().is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_an_app_reset_resets_the_host_connection() {
+    let mut rig = Rig::direct().await;
+    let (server, mut ends) = watch_server().await;
+    let h = rig.app.connect(host(server.port()));
+    let sent = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.state() == State::Established && s.send_queue() == 0 {
+                return s.send_slice(b"partial request").is_ok();
+            }
+            false
+        })
+        .await;
+    assert!(sent);
+    rig.app
+        .until(LIMIT, |app| app.tcp(h).send_queue() == 0)
+        .await;
+    rig.app.tcp(h).abort();
+    rig.app.until(Duration::from_millis(50), |_| false).await;
+    let end = tokio::time::timeout(LIMIT, ends.recv())
+        .await
+        .expect("the server's connection ends")
+        .expect("reported");
+    assert!(end.is_err(), "a reset, not an orderly EOF: {end:?}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_udp_round_trips_through_a_host_socket() {
+    let mut rig = Rig::direct().await;
+    let echo = udp_echo_server().await;
+    let (app, dst) = (SocketAddr::from((APP_V4, 5353)), host(echo.port()));
+    for payload in [&b"first"[..], b"second"] {
+        let p = emit_udp(app, dst, payload, app::MTU).expect("a datagram");
+        rig.app.send_raw(p).await;
+    }
+    let got = rig.app.until(LIMIT, |a| a.datagrams.len() >= 2).await;
+    assert!(
+        got,
+        "two answers: {:?} {:?}",
+        rig.app.datagrams,
+        *rig.stats.borrow()
+    );
+    let answers: Vec<(SocketAddr, SocketAddr, Vec<u8>)> = rig
+        .app
+        .datagrams
+        .drain(..)
+        .map(|p| match classify(&p) {
+            Ingress::Udp {
+                src,
+                dst,
+                start,
+                len,
+            } => (src, dst, p[start..start + len].to_vec()),
+            other => panic!("expected UDP, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            (dst, app, b"first".to_vec()),
+            (dst, app, b"second".to_vec())
+        ],
+        "from the address the app sent to"
+    );
+    // The counters are published after the turn that wrote the answers.
+    let stats = rig.stats.clone();
+    let counted = rig
+        .app
+        .until(LIMIT, |_| {
+            let s = stats.borrow();
+            (s.datagrams_up, s.datagrams_down) == (2, 2)
+        })
+        .await;
+    assert!(counted, "{:?}", *rig.stats.borrow());
+
+    // UDP to the VPC is not carried: ICMP port unreachable, as in `up`.
+    let vpc = SocketAddr::new(VPC_V4.into(), 53);
+    rig.app
+        .send_raw(emit_udp(app, vpc, b"q", app::MTU).unwrap())
+        .await;
+    assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+    assert_eq!(rig.app.datagrams[0][9], 1, "ICMP");
     rig.stop().await;
 }
