@@ -10,12 +10,13 @@ use std::time::Duration;
 use smoltcp::socket::tcp::State;
 use tokio::sync::watch;
 
+use mse_vpn::dns::{DnsCounters, Responder, ResponderConfig, Split, Tunnel};
 use mse_vpn::driver::{Driver, DriverConfig};
 use mse_vpn::engine::packet::{Ingress, classify, emit_udp};
 use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
 use mse_vpn::pool::Pool;
-use mse_vpn::relay::DirectConfig;
-use mse_vpn::relay::direct::HOST_LOOPBACK_V4;
+use mse_vpn::relay::direct::{DNS_V4, HOST_LOOPBACK_V4};
+use mse_vpn::relay::{DirectConfig, DnsRedirect};
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
@@ -61,8 +62,14 @@ impl Rig {
     /// A rig with the direct path on (`mse-vpn run`): only 10.0.0.0/16 goes through SSH;
     /// the host's loopback is at [`HOST_LOOPBACK_V4`].
     async fn direct() -> Rig {
+        Rig::direct_with_dns(None).await
+    }
+
+    /// [`Rig::direct`], DNS to `dns.at` going to `dns.to`.
+    async fn direct_with_dns(dns: Option<DnsRedirect>) -> Rig {
         let direct = DirectConfig {
             host_loopback: vec![HOST_LOOPBACK_V4.into()],
+            dns,
             ..DirectConfig::new(vec!["10.0.0.0/16".parse().unwrap()])
         };
         Rig::build(OPEN_TIMEOUT, None, Some(direct)).await
@@ -679,5 +686,100 @@ async fn with_the_direct_path_udp_round_trips_through_a_host_socket() {
         .await;
     assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
     assert_eq!(rig.app.datagrams[0][9], 1, "ICMP");
+    rig.stop().await;
+}
+
+/// A DNS query for `name`'s A record.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The answer to [`dns_query`] from a responder with no nameserver for names outside its
+/// split domains: REFUSED, with the query's id.
+fn assert_refused(answer: &[u8], id: u16) {
+    assert!(answer.len() >= 12, "{answer:?}");
+    assert_eq!(u16::from_be_bytes([answer[0], answer[1]]), id);
+    assert_eq!(answer[2] & 0x80, 0x80, "a response");
+    assert_eq!(answer[3] & 0x0f, 5, "REFUSED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_dns_to_the_dns_address_is_answered_by_the_responder_udp_and_tcp() {
+    // The split-DNS responder as `run` starts it: on this host's 127.0.0.1 (the app's
+    // address is not this namespace's), no original nameserver (other names: REFUSED).
+    let tunnel = Tunnel::spawn(
+        Pool::new(1),
+        vec![([10, 0, 0, 2], 53).into()],
+        ([127, 0, 0, 1], 53).into(),
+        1,
+        Duration::from_secs(2),
+    );
+    let counters = Arc::new(DnsCounters::default());
+    let responder = Responder::bind(
+        ResponderConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            split: Split::new(vec!["internal".parse().unwrap()], &[]),
+            upstream: Vec::new(),
+        },
+        tunnel,
+        counters.clone(),
+    )
+    .await
+    .expect("bind");
+    let dns = SocketAddr::from((DNS_V4, 53));
+    let redirect = DnsRedirect {
+        at: dns,
+        to: responder.local_addr().unwrap(),
+    };
+    let (stop_dns, stopped) = watch::channel(false);
+    tokio::spawn(responder.run(stopped));
+    let mut rig = Rig::direct_with_dns(Some(redirect)).await;
+
+    // UDP: the answer comes from the DNS address.
+    let app = SocketAddr::from((APP_V4, 5353));
+    let query = dns_query(0x1234, "www.example.org");
+    rig.app
+        .send_raw(emit_udp(app, dns, &query, app::MTU).unwrap())
+        .await;
+    assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+    let p = rig.app.datagrams.remove(0);
+    let Ingress::Udp {
+        src,
+        dst,
+        start,
+        len,
+    } = classify(&p)
+    else {
+        panic!("expected UDP, got {p:?}")
+    };
+    assert_eq!((src, dst), (dns, app));
+    assert_refused(&p[start..start + len], 0x1234);
+
+    // TCP: a length-prefixed query on a connection to the DNS address.
+    let h = rig.app.connect(dns);
+    let query = dns_query(0x4321, "www.example.org");
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    // REFUSED carries the question back: as long as the query.
+    let got = rig.app.exchange(h, &framed, framed.len(), LIMIT).await;
+    assert!(got.len() >= 2 + 12, "{got:?}");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([got[0], got[1]])),
+        got.len() - 2
+    );
+    assert_refused(&got[2..], 0x4321);
+    assert!(rig.jump.opens().is_empty(), "nothing went through SSH");
+    assert_eq!(
+        counters.refused.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let _ = stop_dns.send(true);
     rig.stop().await;
 }
