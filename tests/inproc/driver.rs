@@ -783,3 +783,66 @@ async fn with_the_direct_path_dns_to_the_dns_address_is_answered_by_the_responde
     let _ = stop_dns.send(true);
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_the_apps_fin_is_a_shutdown_and_the_reply_still_flows_back() {
+    let mut rig = Rig::direct().await;
+    let server = count_server().await;
+    let h = rig.app.connect(host(server.port()));
+    let data = pattern(70_000);
+    let mut queued = 0;
+    let written = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.can_send() && queued < data.len() {
+                queued += s.send_slice(&data[queued..]).expect("send");
+            }
+            queued == data.len()
+        })
+        .await;
+    assert!(written);
+    rig.app.tcp(h).close();
+    let mut reply = Vec::new();
+    assert!(
+        rig.app.read_to_fin(h, &mut reply, LIMIT).await,
+        "the server's FIN"
+    );
+    assert_eq!(String::from_utf8_lossy(&reply), "got 70000 bytes");
+    assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_an_app_that_stops_reading_stops_its_host_connection_too() {
+    const BULK: usize = 8 * 1024 * 1024;
+    let mut rig = Rig::direct().await;
+    let source = source_server(BULK).await;
+    let paused = rig.app.connect(host(source.port()));
+    let stats = rig.stats.clone();
+    // The app does not read: its buffer, then the engine's socket and its pending bytes
+    // fill, and the host connection is no longer read (its kernel buffers hold the rest).
+    let full = rig
+        .app
+        .until(LIMIT, |_| {
+            stats.borrow().buffered >= (256 * 1024 + mse_vpn::engine::PENDING_LOW) as u64
+        })
+        .await;
+    assert!(full, "the engine's socket for the paused flow filled");
+    rig.app.until(Duration::from_millis(300), |_| false).await;
+    let s = *stats.borrow();
+    assert!(
+        s.bytes_down < 1024 * 1024 && s.buffered < 512 * 1024,
+        "a paused flow costs its buffers, not the download: {} bytes down, {} held",
+        s.bytes_down,
+        s.buffered
+    );
+    let mut got = Vec::new();
+    assert!(
+        rig.app.read_to_fin(paused, &mut got, LIMIT).await,
+        "the FIN at the end"
+    );
+    assert_eq!(got.len(), BULK);
+    assert!(got == pattern(BULK), "byte-exact after the pause");
+    rig.stop().await;
+}
