@@ -176,7 +176,7 @@ pub struct Outbound {
     /// It is new: its socket is to be opened first.
     pub new: bool,
     /// The association dropped to make room for it (its socket is to be closed).
-    pub evicted: Option<UdpId>,
+    pub evicted: Option<(UdpId, UdpKey)>,
 }
 
 /// The UDP NAT table: one association (and one connected host socket) per app socket and
@@ -228,10 +228,8 @@ impl UdpNat {
         }
         let evicted = (self.associations.len() >= self.max)
             .then(|| self.idlest())
-            .flatten();
-        if let Some(old) = evicted {
-            self.remove(old);
-        }
+            .flatten()
+            .and_then(|old| Some((old, self.remove(old)?)));
         let id = UdpId(self.next);
         self.next += 1;
         self.by_key.insert(key, id);
@@ -469,7 +467,7 @@ mod tests {
         nat.inbound(t0 + Duration::from_secs(5), ids[0]);
         let new = nat.outbound(t0 + Duration::from_secs(6), key(6000));
         assert!(new.new);
-        assert_eq!(new.evicted, Some(ids[1]));
+        assert_eq!(new.evicted, Some((ids[1], key(5001))));
         assert_eq!(nat.len(), 3);
         assert_eq!(nat.key(ids[1]), None);
         assert_eq!(nat.key(ids[0]), Some(key(5000)));

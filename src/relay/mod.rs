@@ -772,8 +772,10 @@ impl<C, R> Relay<C, R> {
             return;
         };
         let out = self.udp.outbound(now, UdpKey { src, dst });
-        if let Some(id) = out.evicted {
+        if let Some((id, key)) = out.evicted {
             self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+            self.commands
+                .push_back(Command::Note(Note::UdpEvicted { key }));
         }
         if out.new {
             self.commands

@@ -127,6 +127,12 @@ pub enum Note {
         /// Why.
         why: CallRefused,
     },
+    /// The direct path's UDP table was full: the association idle longest was dropped to
+    /// make room (debug); its app's next datagram makes a new one.
+    UdpEvicted {
+        /// The dropped association's app socket and destination.
+        key: super::UdpKey,
+    },
     /// A cloud caller's connection to the local app started (debug).
     Caller {
         /// Its flow.
@@ -147,6 +153,7 @@ impl Note {
                 | Note::FlushCut { .. }
                 | Note::LinkLost { .. }
                 | Note::CallRefused { .. }
+                | Note::UdpEvicted { .. }
                 | Note::Caller { .. }
         )
     }
@@ -213,6 +220,11 @@ impl Note {
                 debug!(flows, "resetting the flows of a lost SSH connection")
             }
             Note::CallRefused { port, why } => debug!(port, "cloud caller refused: {why}"),
+            Note::UdpEvicted { key } => debug!(
+                src = %key.src,
+                dst = %key.dst,
+                "UDP table full: the association idle longest is dropped"
+            ),
             Note::Caller { id, caller, local } => {
                 debug!(flow = %id, caller = %caller, local = %local, "cloud caller")
             }

@@ -1506,6 +1506,16 @@ fn idle_udp_associations_are_closed_and_a_full_table_makes_room_from_the_idlest(
         p.udp
     );
     assert_eq!(p.relay.udp_associations(), 2);
+    let evicted = p.notes_of(|n| matches!(n, Note::UdpEvicted { .. }));
+    assert_eq!(
+        evicted,
+        [Note::UdpEvicted {
+            key: UdpKey {
+                src: SocketAddr::from((APP_V4, 5000)),
+                dst: outside(53)
+            }
+        }]
+    );
     p.udp.clear();
     p.run_for(direct::UDP_SHORT_IDLE + Duration::from_secs(1));
     assert_eq!(
