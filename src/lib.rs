@@ -34,8 +34,9 @@
 //! The direct path (`mse-vpn run` without root, where the TUN is the app's only way out): a
 //! flow outside the VPC bypasses SSH entirely, on a host TCP connection that the relay treats
 //! like a channel ([`channel::HostStream`]); UDP outside the VPC goes through a NAT table of
-//! host UDP sockets ([`relay::direct`], [`udp`]); the TUN's peer address stands for the host's
-//! loopback, and DNS to the DNS address goes to the split-DNS responder.
+//! host UDP sockets ([`relay::direct`], [`udp`]), pings through unprivileged ICMP sockets where
+//! the host allows them; the TUN's peer address stands for the host's loopback, and DNS to
+//! the DNS address goes to the split-DNS responder.
 //!
 //! ```text
 //!  app ─▶ TUN ─▶ Engine ─▶ Relay: route(dst) ─┬─ VPC CIDR ─▶ SSH channel ─▶ jump host ─▶ VPC

@@ -1,9 +1,9 @@
-//! The direct path's host UDP sockets (`mse-vpn run`): one connected socket per association
-//! of the relay's NAT table ([`crate::relay::UdpNat`]), opened, written and closed as the
-//! relay commands ([`UdpOp`]) and read when their wakers put them on the driver's [`Ready`]
-//! list. Owns no policy: which datagram goes where, how long an association lives and which
-//! one makes room are the relay's; a datagram the socket has no room for is dropped, as UDP
-//! may.
+//! The direct path's host UDP sockets (`mse-vpn run`), and its ICMP sockets for pings: one
+//! connected socket per association of the relay's NAT table ([`crate::relay::UdpNat`]),
+//! opened, written and closed as the relay commands ([`UdpOp`]) and read when their wakers
+//! put them on the driver's [`Ready`] list. Owns no policy: which datagram goes where, how
+//! long an association lives and which one makes room are the relay's; a datagram the
+//! socket has no room for is dropped, as UDP may.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
+use socket2::{Domain, Protocol, Type};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tracing::debug;
@@ -85,7 +86,7 @@ impl UdpSockets {
 
     fn carry_out(&mut self, op: UdpOp) -> Option<(UdpId, UdpEvent)> {
         match op {
-            UdpOp::Open { id, target } => match open(target) {
+            UdpOp::Open { id, target, echo } => match open(target, echo) {
                 Ok(socket) => {
                     let waker = Waker::from(Arc::new(UdpWaker {
                         id,
@@ -172,14 +173,28 @@ impl UdpSockets {
     }
 }
 
-/// A UDP socket of this host connected to `target` (only its datagrams are received).
-fn open(target: SocketAddr) -> std::io::Result<UdpSocket> {
-    let any: SocketAddr = match target {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+/// A UDP socket of this host connected to `target` (only its datagrams are received); for
+/// `echo`, an unprivileged ICMP socket (`SOCK_DGRAM`, `IPPROTO_ICMP`/`ICMPV6`: the kernel
+/// sets each request's identifier and delivers only the replies to it), which the host
+/// gives only to the groups in `net.ipv4.ping_group_range` (`EACCES` otherwise).
+fn open(target: SocketAddr, echo: bool) -> std::io::Result<UdpSocket> {
+    let socket = if echo {
+        let (domain, protocol) = match target {
+            SocketAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            SocketAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        let socket = socket2::Socket::new(domain, Type::DGRAM, Some(protocol))?;
+        socket.connect(&target.into())?;
+        std::net::UdpSocket::from(socket)
+    } else {
+        let any: SocketAddr = match target {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
+        socket.connect(target)?;
+        socket
     };
-    let socket = std::net::UdpSocket::bind(any)?;
-    socket.connect(target)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
 }

@@ -359,7 +359,9 @@ impl Ledger {
                 }
                 Event::Refused { .. } => {}
                 // Not emitted: the fuzzed engine answers UDP with ICMP (`datagrams` off).
-                Event::Datagram { .. } => panic!("a datagram event with datagrams off"),
+                Event::Datagram { .. } | Event::Echo { .. } => {
+                    panic!("a datagram event with datagrams off")
+                }
             }
         }
     }

@@ -215,6 +215,21 @@ pub enum Event {
         /// The flow.
         id: FlowId,
     },
+    /// An ICMP echo request (ping) from the app ([`EngineConfig::datagrams`]): carry it, or
+    /// answer with [`Engine::handle_echo_prohibited`]. Replies come back through
+    /// [`Engine::handle_echo_reply`].
+    Echo {
+        /// The app's address.
+        src: std::net::IpAddr,
+        /// The pinged address.
+        dst: std::net::IpAddr,
+        /// The app's identifier (its ping socket).
+        ident: u16,
+        /// The request's sequence number.
+        seq: u16,
+        /// The ICMP message (header and data), as an unprivileged ICMP socket sends it.
+        message: Bytes,
+    },
     /// A UDP datagram from the app ([`EngineConfig::datagrams`]): carry it, or answer with
     /// [`Engine::handle_port_unreachable`]. Replies come back through
     /// [`Engine::handle_datagram`].
@@ -292,11 +307,13 @@ pub struct EngineStats {
     pub tun_write_drops: u64,
     /// Reads from the TUN that failed for a passing reason.
     pub tun_read_errors: u64,
-    /// UDP datagrams from apps handed over for the direct path ([`Event::Datagram`]).
+    /// UDP datagrams and echo requests from apps handed over for the direct path
+    /// ([`Event::Datagram`], [`Event::Echo`]).
     pub datagrams_up: u64,
-    /// UDP datagrams written back to apps ([`Engine::handle_datagram`]).
+    /// UDP datagrams and echo replies written back to apps ([`Engine::handle_datagram`],
+    /// [`Engine::handle_echo_reply`]).
     pub datagrams_down: u64,
-    /// UDP datagrams for apps dropped: larger than the TUN's MTU, or of the wrong family.
+    /// Those dropped: larger than the TUN's MTU, of the wrong family, or not an echo reply.
     pub datagrams_dropped: u64,
 }
 
@@ -586,6 +603,9 @@ impl Engine {
         let ingress = match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload)
         {
             Ingress::Udp { .. } if !self.config.datagrams => Ingress::Reject(Unreachable::Port),
+            Ingress::Echo { .. } if !self.config.datagrams => {
+                Ingress::Reject(Unreachable::Prohibited)
+            }
             ingress => ingress,
         };
         match ingress {
@@ -599,6 +619,25 @@ impl Engine {
                 self.spare.recycle_rx(packet.buf);
                 self.stats.datagrams_up += 1;
                 self.events.push_back(Event::Datagram { src, dst, payload });
+            }
+            Ingress::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                start,
+                len,
+            } => {
+                let message = Bytes::copy_from_slice(&packet.bytes()[start..start + len]);
+                self.spare.recycle_rx(packet.buf);
+                self.stats.datagrams_up += 1;
+                self.events.push_back(Event::Echo {
+                    src,
+                    dst,
+                    ident,
+                    seq,
+                    message,
+                });
             }
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
@@ -1143,6 +1182,50 @@ impl Engine {
         }
     }
 
+    /// An echo reply for the app's ping socket `ident` at `to` from `from` (the address it
+    /// pinged): `message` is the reply a host ICMP socket received; written into the TUN
+    /// with the app's identifier, or dropped (counted).
+    pub fn handle_echo_reply(
+        &mut self,
+        _now: Instant,
+        (from, to): (std::net::IpAddr, std::net::IpAddr),
+        ident: u16,
+        message: &[u8],
+    ) {
+        match packet::echo_reply((from, to), ident, message, self.config.mtu) {
+            Some(p) => {
+                self.stats.datagrams_down += 1;
+                self.tx.push_back(device::with_header(self.config.tun, p));
+            }
+            None => self.stats.datagrams_dropped += 1,
+        }
+    }
+
+    /// The app's echo request is not carried: it gets an ICMP "administratively prohibited"
+    /// (rate-limited as every ICMP reply of the engine, [`ICMP_RATE`]), as in `up`.
+    pub fn handle_echo_prohibited(
+        &mut self,
+        now: Instant,
+        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        ident: u16,
+        seq: u16,
+    ) {
+        self.icmp_reply(now, packet::echo_prohibited(src, dst, ident, seq));
+    }
+
+    /// Writes an ICMP error for the app, within the rate limit.
+    fn icmp_reply(&mut self, now: Instant, reply: Option<Vec<u8>>) {
+        if !self.icmp.take(now) {
+            self.stats.icmp_rejects_suppressed += 1;
+            return;
+        }
+        if let Some(reply) = reply {
+            self.stats.icmp_rejects += 1;
+            self.tx
+                .push_back(device::with_header(self.config.tun, reply));
+        }
+    }
+
     /// The app's datagrams from `src` to `dst` are not carried: it gets an ICMP port
     /// unreachable (rate-limited as every ICMP reply of the engine, [`ICMP_RATE`]).
     pub fn handle_port_unreachable(
@@ -1151,15 +1234,7 @@ impl Engine {
         src: std::net::SocketAddr,
         dst: std::net::SocketAddr,
     ) {
-        if !self.icmp.take(now) {
-            self.stats.icmp_rejects_suppressed += 1;
-            return;
-        }
-        if let Some(reply) = packet::port_unreachable(src, dst) {
-            self.stats.icmp_rejects += 1;
-            self.tx
-                .push_back(device::with_header(self.config.tun, reply));
-        }
+        self.icmp_reply(now, packet::port_unreachable(src, dst));
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.

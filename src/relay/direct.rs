@@ -7,10 +7,12 @@
 //!
 //! ```text
 //!  app ─▶ TUN ─▶ engine ─▶ relay: route(dst)
-//!                    ├─ in a VPC CIDR ─────────────▶ SSH channel (TCP); ICMP unreachable (UDP)
+//!                    ├─ in a VPC CIDR ─────────────▶ SSH channel (TCP); ICMP unreachable (UDP,
+//!                    │                               ping)
 //!                    ├─ the host-loopback alias ───▶ host socket to 127.0.0.1 / ::1, same port
 //!                    ├─ the DNS address (port 53) ─▶ host socket to the split-DNS responder
-//!                    └─ anything else ─────────────▶ host socket to dst itself
+//!                    └─ anything else ─────────────▶ host socket to dst itself (TCP, UDP;
+//!                                                    ping: an unprivileged ICMP socket)
 //! ```
 //!
 //! Off unless configured ([`super::RelayConfig::direct`] `None`): `up` routes only the VPC
@@ -29,7 +31,10 @@
 //!  }
 //! ```
 //!
-//! Not carried: ICMP echo (answered with ICMP unreachable, as in `up`).
+//! ICMP echo (ping) outside the VPC goes through the same table, on unprivileged ICMP
+//! sockets (`SOCK_DGRAM`/`IPPROTO_ICMP`), where the host allows them to this user
+//! (`net.ipv4.ping_group_range`); where it does not, and to the VPC, the app gets ICMP
+//! "administratively prohibited", as in `up`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -149,10 +154,12 @@ impl std::fmt::Display for UdpId {
 /// address it sent to (its replies come back from that address, whatever `target` is).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UdpKey {
-    /// The app's address and port.
+    /// The app's address and port (for an echo: its identifier).
     pub src: SocketAddr,
-    /// Where the app sent them.
+    /// Where the app sent them (for an echo: port 0).
     pub dst: SocketAddr,
+    /// ICMP echo (ping) on an unprivileged ICMP socket, not UDP.
+    pub echo: bool,
 }
 
 #[derive(Debug)]
@@ -403,6 +410,7 @@ mod tests {
         UdpKey {
             src: SocketAddr::from(([198, 18, 0, 1], port)),
             dst: addr("192.0.2.53:53"),
+            echo: false,
         }
     }
 

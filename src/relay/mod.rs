@@ -35,7 +35,7 @@ mod note;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,8 @@ pub enum UdpOp {
         id: UdpId,
         /// Where its datagrams go.
         target: SocketAddr,
+        /// An unprivileged ICMP socket for echo requests (not a UDP socket).
+        echo: bool,
     },
     /// Send a datagram (if the socket has no room, it is dropped, as UDP may).
     Send {
@@ -345,6 +347,28 @@ pub enum ToEngine {
         /// Where it sent them.
         dst: SocketAddr,
     },
+    /// An echo reply for the app ([`Engine::handle_echo_reply`]).
+    EchoReply {
+        /// The address the app pinged.
+        from: IpAddr,
+        /// The app's address.
+        to: IpAddr,
+        /// The app's identifier.
+        ident: u16,
+        /// The reply as the host socket received it.
+        message: Bytes,
+    },
+    /// The app's echo request is not carried ([`Engine::handle_echo_prohibited`]).
+    EchoProhibited {
+        /// The app's address.
+        src: IpAddr,
+        /// The pinged address.
+        dst: IpAddr,
+        /// Its identifier.
+        ident: u16,
+        /// Its sequence number.
+        seq: u16,
+    },
 }
 
 impl ToEngine {
@@ -365,6 +389,18 @@ impl ToEngine {
                 engine.handle_datagram(now, from, to, &payload)
             }
             ToEngine::PortUnreachable { src, dst } => engine.handle_port_unreachable(now, src, dst),
+            ToEngine::EchoReply {
+                from,
+                to,
+                ident,
+                message,
+            } => engine.handle_echo_reply(now, (from, to), ident, &message),
+            ToEngine::EchoProhibited {
+                src,
+                dst,
+                ident,
+                seq,
+            } => engine.handle_echo_prohibited(now, (src, dst), ident, seq),
         }
     }
 }
@@ -454,8 +490,10 @@ pub struct Relay<C, R> {
     /// Host connections in progress on the direct path (bounded by `max_opening` apart
     /// from the jump host's opens: neither kind can starve the other).
     connecting: usize,
-    /// The UDP NAT table of the direct path (empty when it is off).
+    /// The UDP NAT table of the direct path (empty when it is off); echo requests too.
     udp: UdpNat,
+    /// Echo requests are answered "prohibited" until then: the host gave no ICMP socket.
+    echo_denied: Option<Instant>,
     destinations: Destinations,
     notes: Notes,
     trim: Trim,
@@ -479,6 +517,7 @@ impl<C, R> Relay<C, R> {
             opening: 0,
             connecting: 0,
             udp: UdpNat::new(max_udp, udp_idle),
+            echo_denied: None,
             destinations: Destinations::default(),
             notes: Notes::default(),
             trim: Trim {
@@ -659,6 +698,13 @@ impl<C, R> Relay<C, R> {
             }
             Event::Close { id, key, reason } => self.close(now, id, key, reason),
             Event::Datagram { src, dst, payload } => self.datagram(now, src, dst, payload),
+            Event::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                message,
+            } => self.echo(now, (src, dst), (ident, seq), message),
             Event::CloseNow { id } => {
                 if let Some(Flow {
                     phase: Phase::Open(o),
@@ -771,15 +817,63 @@ impl<C, R> Relay<C, R> {
                 .push_back(Command::Engine(ToEngine::PortUnreachable { src, dst }));
             return;
         };
-        let out = self.udp.outbound(now, UdpKey { src, dst });
+        let key = UdpKey {
+            src,
+            dst,
+            echo: false,
+        };
+        self.associate(now, key, target, payload);
+    }
+
+    /// An echo request from the app: out through an unprivileged ICMP socket of this host,
+    /// as a datagram of the table (keyed by the app's address and identifier); to the VPC,
+    /// with the direct path off, or while the host gives no ICMP socket, an ICMP
+    /// "administratively prohibited" (as in `up`).
+    fn echo(
+        &mut self,
+        now: Instant,
+        (src, dst): (IpAddr, IpAddr),
+        (ident, seq): (u16, u16),
+        message: Bytes,
+    ) {
+        let route = self
+            .config
+            .direct
+            .as_ref()
+            .map(|d| d.route(SocketAddr::new(dst, 0)));
+        let denied = self.echo_denied.is_some_and(|until| now < until);
+        let (Some(Route::Host(target)), false) = (route, denied) else {
+            self.commands
+                .push_back(Command::Engine(ToEngine::EchoProhibited {
+                    src,
+                    dst,
+                    ident,
+                    seq,
+                }));
+            return;
+        };
+        let key = UdpKey {
+            src: SocketAddr::new(src, ident),
+            dst: SocketAddr::new(dst, 0),
+            echo: true,
+        };
+        self.associate(now, key, target, message);
+    }
+
+    /// Sends `payload` on `key`'s association, made (and room made for it) if new.
+    fn associate(&mut self, now: Instant, key: UdpKey, target: SocketAddr, payload: Bytes) {
+        let out = self.udp.outbound(now, key);
         if let Some((id, key)) = out.evicted {
             self.commands.push_back(Command::Udp(UdpOp::Close { id }));
             self.commands
                 .push_back(Command::Note(Note::UdpEvicted { key }));
         }
         if out.new {
-            self.commands
-                .push_back(Command::Udp(UdpOp::Open { id: out.id, target }));
+            self.commands.push_back(Command::Udp(UdpOp::Open {
+                id: out.id,
+                target,
+                echo: key.echo,
+            }));
         }
         self.commands.push_back(Command::Udp(UdpOp::Send {
             id: out.id,
@@ -992,29 +1086,52 @@ impl<C, R> Relay<C, R> {
         }
     }
 
-    /// What a host UDP socket of the NAT table gave: a datagram goes to its app, from the
-    /// address the app sent to; the destination's port unreachable too; a socket that
-    /// failed is forgotten (the app's next datagram makes a new one).
+    /// What a host socket of the NAT table gave: a datagram (or an echo reply) goes to its
+    /// app, from the address the app sent to; the destination's port unreachable too; a
+    /// socket that failed is forgotten (the app's next datagram makes a new one). An ICMP
+    /// socket the host refuses has echo requests answered "prohibited" for
+    /// [`direct::UDP_SHORT_IDLE`], with one warning.
     pub fn handle_udp(&mut self, now: Instant, id: UdpId, event: UdpEvent) {
         match event {
             UdpEvent::Datagram(payload) => {
-                if let Some(key) = self.udp.inbound(now, id) {
-                    self.commands.push_back(Command::Engine(ToEngine::Datagram {
+                let Some(key) = self.udp.inbound(now, id) else {
+                    return;
+                };
+                let call = if key.echo {
+                    ToEngine::EchoReply {
+                        from: key.dst.ip(),
+                        to: key.src.ip(),
+                        ident: key.src.port(),
+                        message: payload,
+                    }
+                } else {
+                    ToEngine::Datagram {
                         from: key.dst,
                         to: key.src,
                         payload,
-                    }));
-                }
+                    }
+                };
+                self.commands.push_back(Command::Engine(call));
             }
             UdpEvent::Refused => {
-                if let Some(UdpKey { src, dst }) = self.udp.key(id) {
+                if let Some(UdpKey {
+                    src,
+                    dst,
+                    echo: false,
+                }) = self.udp.key(id)
+                {
                     self.commands
                         .push_back(Command::Engine(ToEngine::PortUnreachable { src, dst }));
                 }
             }
             UdpEvent::Failed => {
-                if self.udp.remove(id).is_some() {
-                    self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+                let Some(key) = self.udp.remove(id) else {
+                    return;
+                };
+                self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+                if key.echo && self.echo_denied.is_none_or(|until| now >= until) {
+                    self.echo_denied = Some(now + direct::UDP_SHORT_IDLE);
+                    self.commands.push_back(Command::Note(Note::EchoDenied));
                 }
             }
         }

@@ -127,6 +127,9 @@ pub enum Note {
         /// Why.
         why: CallRefused,
     },
+    /// The host gives no unprivileged ICMP socket: pings outside the VPC are answered
+    /// "prohibited" (warning, at most every 30 s).
+    EchoDenied,
     /// The direct path's UDP table was full: the association idle longest was dropped to
     /// make room (debug); its app's next datagram makes a new one.
     UdpEvicted {
@@ -220,6 +223,9 @@ impl Note {
                 debug!(flows, "resetting the flows of a lost SSH connection")
             }
             Note::CallRefused { port, why } => debug!(port, "cloud caller refused: {why}"),
+            Note::EchoDenied => warn!(
+                "ping outside the VPC is not carried: this host gives this user no ICMP socket; allow the user's group in the sysctl net.ipv4.ping_group_range (e.g. \"0 2147483647\")"
+            ),
             Note::UdpEvicted { key } => debug!(
                 src = %key.src,
                 dst = %key.dst,

@@ -1430,7 +1430,8 @@ fn udp_outside_goes_out_on_one_socket_per_app_socket_and_replies_come_from_the_d
         [
             UdpOp::Open {
                 id: first,
-                target: ntp
+                target: ntp,
+                echo: false
             },
             UdpOp::Send {
                 id: first,
@@ -1481,7 +1482,8 @@ fn dns_to_the_dns_address_goes_to_the_responder_and_answers_come_from_the_dns_ad
         p.udp[0],
         UdpOp::Open {
             id: UdpId(0),
-            target: RESPONDER.parse().unwrap()
+            target: RESPONDER.parse().unwrap(),
+            echo: false
         }
     );
     p.udp_event(UdpId(0), UdpEvent::Datagram(Bytes::from_static(b"answer")));
@@ -1512,7 +1514,8 @@ fn idle_udp_associations_are_closed_and_a_full_table_makes_room_from_the_idlest(
         [Note::UdpEvicted {
             key: UdpKey {
                 src: SocketAddr::from((APP_V4, 5000)),
-                dst: outside(53)
+                dst: outside(53),
+                echo: false
             }
         }]
     );
@@ -1524,4 +1527,111 @@ fn idle_udp_associations_are_closed_and_a_full_table_makes_room_from_the_idlest(
     );
     assert_eq!(p.relay.udp_associations(), 0);
     assert_eq!(p.relay.poll_timeout(), None, "nothing left to wait for");
+}
+
+fn ping_packet(
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    ident_seq: (u16, u16),
+    request: bool,
+) -> Vec<u8> {
+    crate::engine::packet::emit_echo((src, dst), request, ident_seq, b"abc", 1500).unwrap()
+}
+
+#[test]
+fn a_ping_outside_goes_out_on_an_icmp_socket_and_its_reply_comes_back_to_the_app() {
+    let mut p = direct_pair(8);
+    let (app, dst) = (APP_V4.into(), std::net::IpAddr::from([192, 0, 2, 1]));
+    let ping = ping_packet(app, dst, (0x77, 1), true);
+    p.app_dev.tx.push_back(ping.clone());
+    p.step();
+    assert_eq!(
+        p.udp,
+        [
+            UdpOp::Open {
+                id: UdpId(0),
+                target: SocketAddr::new(dst, 0),
+                echo: true
+            },
+            UdpOp::Send {
+                id: UdpId(0),
+                payload: Bytes::copy_from_slice(&ping[20..])
+            },
+        ]
+    );
+    // What the host's ICMP socket receives: the reply to its own identifier.
+    let host = ping_packet(dst, app, (0x4242, 1), false);
+    p.udp_event(
+        UdpId(0),
+        UdpEvent::Datagram(Bytes::copy_from_slice(&host[20..])),
+    );
+    let expected = ping_packet(dst, app, (0x77, 1), false);
+    assert_eq!(
+        p.datagrams,
+        [expected],
+        "the reply, with the app's identifier"
+    );
+
+    // The loopback alias pings the host's 127.0.0.1.
+    let alias = std::net::IpAddr::V4(direct::HOST_LOOPBACK_V4);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, alias, (0x78, 1), true));
+    p.step();
+    assert!(
+        matches!(
+            p.udp[2],
+            UdpOp::Open { target, echo: true, .. } if target == "127.0.0.1:0".parse().unwrap()
+        ),
+        "{:?}",
+        p.udp
+    );
+}
+
+#[test]
+fn a_ping_to_the_vpc_or_without_icmp_sockets_is_prohibited_with_one_warning() {
+    let mut p = direct_pair(8);
+    let app: std::net::IpAddr = APP_V4.into();
+    let prohibited = |p: &Pair| {
+        p.datagrams
+            .iter()
+            .filter(|d| (d[9], d[20], d[21]) == (1, 3, 13))
+            .count()
+    };
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, vpc(10, 0).ip(), (0x77, 1), true));
+    p.step();
+    assert!(p.udp.is_empty(), "never through SSH");
+    assert_eq!(prohibited(&p), 1);
+
+    // The host gives no ICMP socket (ping_group_range): the first request goes unanswered,
+    // the next ones are prohibited at once, with one warning.
+    let outside = std::net::IpAddr::from([192, 0, 2, 1]);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, outside, (0x77, 1), true));
+    p.step();
+    p.udp_event(UdpId(0), UdpEvent::Failed);
+    assert_eq!(p.relay.udp_associations(), 0);
+    for seq in 2..5 {
+        p.app_dev
+            .tx
+            .push_back(ping_packet(app, outside, (0x77, seq), true));
+        p.step();
+    }
+    assert_eq!(prohibited(&p), 1 + 3);
+    assert_eq!(p.udp.len(), 3, "no more sockets tried: {:?}", p.udp);
+    assert_eq!(p.notes_of(|n| *n == Note::EchoDenied).len(), 1);
+    // After a while, another try.
+    p.run_for(direct::UDP_SHORT_IDLE);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, outside, (0x77, 5), true));
+    p.step();
+    assert!(
+        matches!(p.udp.last(), Some(UdpOp::Send { .. })),
+        "{:?}",
+        p.udp
+    );
 }
