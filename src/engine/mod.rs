@@ -4,10 +4,10 @@
 //! ```text
 //!  TUN packets ──handle_tun_packet──▶ classify ──▶ TCP of a known flow ──▶ smoltcp ──▶ socket
 //!                                        │             new SYN: held, Event::Open
-//!                                        ├─▶ UDP: ICMP port unreachable, or (the direct path,
-//!                                        │        `datagrams`) Event::Datagram; replies back
-//!                                        │        through handle_datagram
-//!                                        └─▶ ICMP/other: ICMP unreachable (poll_transmit)
+//!                                        ├─▶ UDP, ping: ICMP unreachable, or (the direct path,
+//!                                        │        `datagrams`) Event::Datagram / Event::Echo;
+//!                                        │        replies through handle_datagram / _echo_reply
+//!                                        └─▶ other: ICMP unreachable (poll_transmit)
 //!  socket bytes ──(within the flow's SSH credit)──▶ Event::Data / Event::Eof / Event::Close
 //!  channel bytes ──handle_channel_data──▶ per-flow bounded buffer ──▶ socket ──▶ poll_transmit
 //! ```
