@@ -109,20 +109,35 @@ impl DirectConfig {
         }
     }
 
-    /// Which way traffic to `dst` goes. The DNS address and the loopback aliases come
-    /// first (even inside a VPC CIDR: what was configured explicitly wins).
+    /// Which way traffic to `dst` goes (a ping's port is 0). The DNS address and the
+    /// loopback aliases come first (even inside a VPC CIDR: what was configured explicitly
+    /// wins). The DNS address is a host serving DNS only: its other ports are refused (they
+    /// do not leave this machine for an address that is nobody's), a ping to it is answered
+    /// by this host's loopback.
     pub fn route(&self, dst: SocketAddr) -> Route {
+        let loopback = |port| {
+            let lo = match dst.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            Route::Host(SocketAddr::new(lo, port))
+        };
         if let Some(dns) = self.dns
             && dst == dns.at
         {
             return Route::Host(dns.to);
         }
         if self.host_loopback.contains(&dst.ip()) {
-            let lo = match dst.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            return loopback(dst.port());
+        }
+        if let Some(dns) = self.dns
+            && dst.ip() == dns.at.ip()
+        {
+            return if dst.port() == 0 {
+                loopback(0)
+            } else {
+                Route::Refuse
             };
-            return Route::Host(SocketAddr::new(lo, dst.port()));
         }
         if self.vpc.iter().any(|net| net.contains(&dst.ip())) {
             return Route::Tunnel;
@@ -138,6 +153,8 @@ pub enum Route {
     Tunnel,
     /// Out through a socket of this host, to this address.
     Host(SocketAddr),
+    /// Nowhere: a reset for TCP, port unreachable for UDP, "prohibited" for a ping.
+    Refuse,
 }
 
 /// One UDP association of the NAT table: its host socket's name in commands.
@@ -390,10 +407,11 @@ mod tests {
             c.route(addr("198.18.0.3:53")),
             Route::Host(addr("127.0.0.1:40053"))
         );
-        // Another port of the DNS address is just an address.
+        // The DNS address serves DNS only; a ping to it is answered by this host.
+        assert_eq!(c.route(addr("198.18.0.3:80")), Route::Refuse);
         assert_eq!(
-            c.route(addr("198.18.0.3:80")),
-            Route::Host(addr("198.18.0.3:80"))
+            c.route(addr("198.18.0.3:0")),
+            Route::Host(addr("127.0.0.1:0"))
         );
         // An explicit alias wins over a CIDR that covers it.
         let inside = DirectConfig {

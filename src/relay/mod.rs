@@ -737,9 +737,13 @@ impl<C, R> Relay<C, R> {
     /// A new outbound flow: its channel is opened, unless too many opens are pending at the
     /// jump host; on the direct path, a destination outside the VPC gets a host connection.
     fn open(&mut self, now: Instant, id: FlowId, key: FlowKey) {
-        if let Some(Route::Host(target)) = self.config.direct.as_ref().map(|d| d.route(key.dst)) {
-            self.connect(now, id, key, target);
-            return;
+        match self.config.direct.as_ref().map(|d| d.route(key.dst)) {
+            Some(Route::Host(target)) => return self.connect(now, id, key, target),
+            Some(Route::Refuse) => {
+                let refused = ToEngine::OpenFailed(id, CloseReason::HostRefused);
+                return self.commands.push_back(Command::Engine(refused));
+            }
+            Some(Route::Tunnel) | None => {}
         }
         let limit = self
             .destinations

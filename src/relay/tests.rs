@@ -1324,6 +1324,10 @@ fn the_loopback_alias_is_the_hosts_127_0_0_1_and_the_dns_address_the_responder()
     assert_eq!(p.state(db), State::Established);
     let remote = p.tcp(db).remote_endpoint().unwrap();
     assert_eq!(remote.addr, IpAddress::Ipv4(direct::HOST_LOOPBACK_V4));
+    // The DNS address serves DNS only: another port is refused here, never sent out.
+    let web = p.connect(SocketAddr::from((direct::DNS_V4, 80)));
+    assert_eq!(p.state(web), State::Closed);
+    assert_eq!(p.connects.len(), 2);
 }
 
 #[test]
@@ -1492,6 +1496,10 @@ fn dns_to_the_dns_address_goes_to_the_responder_and_answers_come_from_the_dns_ad
         p.take_datagrams(),
         (vec![(dns, app, b"answer".to_vec())], vec![])
     );
+    let ntp = SocketAddr::from((direct::DNS_V4, 123));
+    p.send_udp(5353, ntp, b"time?");
+    assert_eq!(p.take_datagrams(), (vec![], vec![ntp]));
+    assert_eq!(p.udp.len(), 2, "no socket for it");
 }
 
 #[test]
