@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use mse_vpn::dns::{DnsCounters, Responder, ResponderConfig, Split, Tunnel};
 use mse_vpn::driver::{Driver, DriverConfig};
-use mse_vpn::engine::packet::{Ingress, classify, emit_echo, emit_udp};
+use mse_vpn::engine::packet::{Ingress, classify, emit_udp};
 use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
 use mse_vpn::pool::Pool;
 use mse_vpn::relay::direct::{DNS_V4, HOST_LOOPBACK_V4};
@@ -847,44 +847,51 @@ async fn with_the_direct_path_an_app_that_stops_reading_stops_its_host_connectio
     rig.stop().await;
 }
 
-/// True if this host gives this process unprivileged ICMP sockets (its group is in
-/// `net.ipv4.ping_group_range`, of this network namespace).
-fn ping_sockets_allowed() -> bool {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>().ok());
-    let (Some(Some(low)), Some(Some(high))) = (bounds.next(), bounds.next()) else {
-        return false;
-    };
-    let gid = nix::unistd::getegid().as_raw();
-    low <= gid && gid <= high
-}
-
-/// A ping to the host's loopback through the alias: answered where the host gives ICMP
-/// sockets (`ping_group_range`), "prohibited" at once where it does not (after the first
-/// request, which goes unanswered). Both are real outcomes; the other branch runs where the
-/// setting differs (`ip netns exec NS` with the range opened in that namespace).
+/// Pings through the direct path: ICMP sockets as Linux gives them to ordinary users.
 #[cfg(target_os = "linux")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_direct_path_a_ping_to_the_host_is_answered_where_ping_sockets_are_allowed() {
-    let mut rig = Rig::direct().await;
-    let (app, alias) = (IpAddr::V4(APP_V4), IpAddr::V4(HOST_LOOPBACK_V4));
-    let ping = |seq| emit_echo((app, alias), true, (0x77, seq), b"hello", app::MTU).unwrap();
-    rig.app.send_raw(ping(1)).await;
-    if ping_sockets_allowed() {
-        assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
-        let reply = rig.app.datagrams.remove(0);
-        let expected = emit_echo((alias, app), false, (0x77, 1), b"hello", app::MTU).unwrap();
-        assert_eq!(
-            reply, expected,
-            "the echo reply, from the alias, with our identifier"
-        );
-    } else {
-        rig.app.until(Duration::from_millis(200), |_| false).await;
-        assert!(rig.app.datagrams.is_empty(), "{:?}", rig.app.datagrams);
-        rig.app.send_raw(ping(2)).await;
-        assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
-        let reply = &rig.app.datagrams[0];
-        assert_eq!((reply[9], reply[20], reply[21]), (1, 3, 13), "prohibited");
+mod ping {
+    use super::*;
+    use mse_vpn::engine::packet::emit_echo;
+
+    /// True if this host gives this process unprivileged ICMP sockets (its group is in
+    /// `net.ipv4.ping_group_range`, of this network namespace).
+    fn ping_sockets_allowed() -> bool {
+        let range =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
+        let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>().ok());
+        let (Some(Some(low)), Some(Some(high))) = (bounds.next(), bounds.next()) else {
+            return false;
+        };
+        let gid = nix::unistd::getegid().as_raw();
+        low <= gid && gid <= high
     }
-    rig.stop().await;
+
+    /// A ping to the host's loopback through the alias: answered where the host gives ICMP
+    /// sockets (`ping_group_range`), "prohibited" at once where it does not (after the first
+    /// request, which goes unanswered). Both are real outcomes; the other branch runs where the
+    /// setting differs (`ip netns exec NS` with the range opened in that namespace).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_the_direct_path_a_ping_to_the_host_is_answered_where_ping_sockets_are_allowed() {
+        let mut rig = Rig::direct().await;
+        let (app, alias) = (IpAddr::V4(APP_V4), IpAddr::V4(HOST_LOOPBACK_V4));
+        let ping = |seq| emit_echo((app, alias), true, (0x77, seq), b"hello", app::MTU).unwrap();
+        rig.app.send_raw(ping(1)).await;
+        if ping_sockets_allowed() {
+            assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+            let reply = rig.app.datagrams.remove(0);
+            let expected = emit_echo((alias, app), false, (0x77, 1), b"hello", app::MTU).unwrap();
+            assert_eq!(
+                reply, expected,
+                "the echo reply, from the alias, with our identifier"
+            );
+        } else {
+            rig.app.until(Duration::from_millis(200), |_| false).await;
+            assert!(rig.app.datagrams.is_empty(), "{:?}", rig.app.datagrams);
+            rig.app.send_raw(ping(2)).await;
+            assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+            let reply = &rig.app.datagrams[0];
+            assert_eq!((reply[9], reply[20], reply[21]), (1, 3, 13), "prohibited");
+        }
+        rig.stop().await;
+    }
 }
