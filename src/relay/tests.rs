@@ -1104,6 +1104,8 @@ fn cloud_callers_are_routed_to_the_app_or_refused_and_a_closed_port_falls_back_t
 
 // ----- TUN faults, memory -----
 
+// Unix errno values (nix::libc is empty on Windows, whose TUN reports its own codes).
+#[cfg(unix)]
 #[test]
 fn tun_faults_pause_reading_are_summarized_and_a_gone_device_ends_the_session() {
     let mut p = Pair::new();
