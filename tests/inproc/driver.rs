@@ -847,6 +847,41 @@ async fn with_the_direct_path_an_app_that_stops_reading_stops_its_host_connectio
     rig.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_server_that_resets_resets_the_app() {
+    let mut rig = Rig::direct().await;
+    // A server that answers, then resets the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(b"bye").await;
+            let _ = s.set_zero_linger();
+        }
+    });
+    let h = rig.app.connect(host(port));
+    let mut got = Vec::new();
+    let reset = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            while s.can_recv() {
+                s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            s.state() == State::Closed
+        })
+        .await;
+    assert!(reset, "the app's connection is reset");
+    assert!(got.is_empty() || got == b"bye", "{got:?}");
+    assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
 /// Pings through the direct path: ICMP sockets as Linux gives them to ordinary users.
 #[cfg(target_os = "linux")]
 mod ping {
