@@ -1,34 +1,43 @@
 //! A flow's channel as the driver moves bytes through it: the small trait the SSH channel
 //! sits behind ([`FlowChannel`]), its implementation on russh's channel ([`SshChannel`]) with
-//! a cloud caller's accept / refuse handle ([`CallReply`]), and the plumbing that lets one
-//! task serve every flow without a task per flow ([`Inflight`]): each channel's waker puts
-//! its flow on the driver's [`Ready`] list, and each open and each write is a future the
-//! driver polls among all the others (a write the relay may abort, [`Chan`]).
+//! a cloud caller's accept / refuse handle ([`CallReply`]), its implementation on a host TCP
+//! connection for the direct path ([`HostStream`], `mse-vpn run`: flows outside the VPC),
+//! and the plumbing that lets one task serve every flow without a task per flow
+//! ([`Inflight`]): each channel's waker puts its flow on the driver's [`Ready`] list, and
+//! each open, connect and write is a future the driver polls among all the others (a write
+//! the relay may abort, [`Chan`]). The direct path's UDP sockets are [`crate::udp`]'s.
 //!
 //! Owns no policy (which flow is read, what is written, opened, accepted or refused, and
 //! when, are the relay's) and no flow table (the relay keeps each [`Chan`] as its opaque
 //! channel handle).
 
+use std::cell::RefCell;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
+use bytes::Bytes;
 use futures::future::{AbortHandle, Aborted, BoxFuture};
 use futures::stream::FuturesUnordered;
 use futures::task::{AtomicWaker, noop_waker_ref};
 use futures::{FutureExt, StreamExt};
 use russh::client::{ChannelOpenHandle, Msg};
 use russh::{ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use crate::engine::FlowId;
 use crate::pool::{InboundCall, InboundCalls, LinkId, Pool};
-use crate::relay::{Call, ChannelOp, Fallback, OpenRequest, Received, Refusal, WriteOp};
+use crate::relay::{
+    Call, ChannelOp, Command, ConnectError, ConnectRequest, Fallback, OpenRequest, Received,
+    Refusal, UdpEvent, UdpId, WriteOp,
+};
 use crate::reverse::{self, Forwards};
 use crate::ssh::OpenError;
 
-/// What a flow's SSH channel offers the driver.
+/// What a flow's channel (SSH, or a host connection) offers the driver.
 pub trait FlowChannel: Send + 'static {
     /// The next thing the channel received, waking `cx` when there is one;
     /// [`Received::Closed`] once it has ended (and ever after).
@@ -40,45 +49,60 @@ pub trait FlowChannel: Send + 'static {
     fn stop_reading(&mut self);
 }
 
-/// Flows whose channel has something to read (set by their wakers).
+/// Flows whose channel has something to read, and UDP sockets of the direct path with a
+/// datagram (set by their wakers).
 pub struct Ready {
-    flows: Mutex<Vec<FlowId>>,
+    lists: Mutex<Lists>,
     driver: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Lists {
+    flows: Vec<FlowId>,
+    udp: Vec<UdpId>,
 }
 
 impl Ready {
     /// An empty list.
     pub fn new() -> Arc<Ready> {
         Arc::new(Ready {
-            flows: Mutex::new(Vec::new()),
+            lists: Mutex::new(Lists::default()),
             driver: AtomicWaker::new(),
         })
     }
 
+    fn lists(&self) -> std::sync::MutexGuard<'_, Lists> {
+        self.lists.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Puts a flow on the list and wakes the driver.
     pub fn push(&self, id: FlowId) {
-        self.flows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(id);
+        self.lists().flows.push(id);
         self.driver.wake();
     }
 
-    /// Takes the list.
-    pub fn take(&self) -> Vec<FlowId> {
-        std::mem::take(&mut *self.flows.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Puts a UDP socket on the list and wakes the driver.
+    pub fn push_udp(&self, id: UdpId) {
+        self.lists().udp.push(id);
+        self.driver.wake();
     }
 
-    /// Resolves once a flow is ready.
+    /// Takes the list of flows.
+    pub fn take(&self) -> Vec<FlowId> {
+        std::mem::take(&mut self.lists().flows)
+    }
+
+    /// Takes the list of UDP sockets.
+    pub fn take_udp(&self) -> Vec<UdpId> {
+        std::mem::take(&mut self.lists().udp)
+    }
+
+    /// Resolves once a flow or a UDP socket is ready.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
             self.driver.register(cx.waker());
-            if self
-                .flows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            let lists = self.lists();
+            if lists.flows.is_empty() && lists.udp.is_empty() {
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -107,26 +131,32 @@ impl Wake for FlowWaker {
 /// relay aborted it).
 type WriteFuture = BoxFuture<'static, Result<(FlowId, Option<usize>), Aborted>>;
 
-/// The driver's relay handle for a channel: russh's, with its waker and write.
-pub type SshChan = Chan<SshChannel>;
+/// The driver's relay handle for a channel: russh's or a host connection, with its waker and
+/// write.
+pub type FlowChan = Chan<Carrier>;
 
 /// Something the driver waited for besides the TUN ([`Inflight::poll_done`]).
 pub enum Done {
     /// The jump host answered [`Inflight::open`].
-    Opened(FlowId, Result<(LinkId, SshChan), OpenError>),
+    Opened(FlowId, Result<(LinkId, FlowChan), OpenError>),
+    /// A host connection ([`Inflight::connect`]) is made or failed.
+    Connected(FlowId, Result<FlowChan, ConnectError>),
     /// A write finished: the bytes of data written, or `None` (see [`FlowChannel::write`]).
     Written(FlowId, Option<usize>),
     /// A cloud caller arrived, with the exposed port it called.
-    Call(Call<SshChan, CallReply>),
+    Call(Call<FlowChan, CallReply>),
     /// The memory release ([`Inflight::trim`]) finished.
     Trimmed,
 }
 
-/// What the driver waits for besides the TUN and its timer: channel opens and writes in
-/// flight, cloud callers, the memory release; and the list of flows with something to read.
+/// What the driver waits for besides the TUN and its timer: channel opens, host connects
+/// and writes in flight, cloud callers, the memory release; the list of flows with something
+/// to read; the direct path's UDP sockets.
 pub struct Inflight {
-    /// Flows whose channel woke.
+    /// Flows whose channel woke (and UDP sockets).
     pub ready: Arc<Ready>,
+    /// The direct path's UDP sockets (none unless it is on).
+    pub udp: crate::udp::UdpSockets,
     opening: FuturesUnordered<BoxFuture<'static, Done>>,
     writes: FuturesUnordered<WriteFuture>,
     /// Cloud callers' channels (from the pool), and the table of exposed ports.
@@ -139,8 +169,10 @@ pub struct Inflight {
 
 impl Default for Inflight {
     fn default() -> Self {
+        let ready = Ready::new();
         Inflight {
-            ready: Ready::new(),
+            udp: crate::udp::UdpSockets::new(ready.clone()),
+            ready,
             opening: FuturesUnordered::new(),
             writes: FuturesUnordered::new(),
             inbound: None,
@@ -170,17 +202,77 @@ impl Inflight {
             let r = pool
                 .open(key.dst, key.src, open.placement, open.link_wait, open.cap)
                 .await;
-            Done::Opened(id, r.map(|(link, ch)| (link, Chan::new(ch.into()))))
+            let ssh = |ch: russh::Channel<Msg>| Chan::new(Carrier::Ssh(ch.into()));
+            Done::Opened(id, r.map(|(link, ch)| (link, ssh(ch))))
+        };
+        self.opening.push(fut.instrument(span).boxed());
+    }
+
+    /// Connects a host socket for a flow on the direct path, as `connect` says, in the
+    /// flow's span.
+    pub fn connect(&mut self, connect: ConnectRequest) {
+        let ConnectRequest {
+            id,
+            key,
+            target,
+            cap,
+        } = connect;
+        let span = info_span!("flow", id = %id, src = %key.src, dst = %key.dst);
+        let fut = async move {
+            let made = tokio::time::timeout(cap, TcpStream::connect(target)).await;
+            let r = match made {
+                Ok(Ok(stream)) => {
+                    // The app's own stack already chose when to send: no second Nagle here.
+                    let _ = stream.set_nodelay(true);
+                    Ok(Chan::new(Carrier::Host(HostStream::new(stream))))
+                }
+                Ok(Err(e)) => {
+                    debug!(%target, error = %e, "direct connection failed");
+                    Err(match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+                        _ => ConnectError::Unreachable,
+                    })
+                }
+                Err(_) => Err(ConnectError::Unreachable),
+            };
+            Done::Connected(id, r)
         };
         self.opening.push(fut.instrument(span).boxed());
     }
 
     /// Does `op` on flow `id`'s `channel`.
-    pub fn channel(&mut self, channel: &mut SshChan, id: FlowId, op: ChannelOp) {
+    pub fn channel(&mut self, channel: &mut FlowChan, id: FlowId, op: ChannelOp) {
         match op {
             ChannelOp::Write(op) => self.writes.push(channel.write(id, op)),
             ChannelOp::Abort => channel.abort(),
             ChannelOp::StopReading => channel.stop_reading(),
+        }
+    }
+
+    /// Carries out a relay command that is only I/O: channel opens and host connects, the
+    /// direct path's UDP sockets (what they give at once goes to `udp`), link counters,
+    /// reads, a cloud caller's answer, the loopback fallback, the memory release, a log
+    /// line. The commands that need a core ([`Command::Engine`], [`Command::Channel`]) are
+    /// the driver's.
+    pub fn carry_out(
+        &mut self,
+        pool: &Arc<Pool>,
+        command: Command<FlowChan, CallReply>,
+        udp: impl FnOnce(UdpId, UdpEvent),
+    ) {
+        match command {
+            Command::Open(open) => self.open(pool, open),
+            Command::Connect(connect) => self.connect(connect),
+            Command::Udp(op) => self.udp.apply(op, udp),
+            Command::Link { link, change } => pool.update(link, change),
+            Command::Read { id } => self.ready.push(id),
+            Command::Drop { channel } => channel.close(),
+            Command::Accept { reply } => reply.accept(),
+            Command::Refuse { reply, how } => reply.refuse(how),
+            Command::Loopback(fallback) => self.loopback(fallback),
+            Command::Trim => self.trim(),
+            Command::Note(note) => note.log(),
+            Command::Engine(_) | Command::Channel(..) => {}
         }
     }
 
@@ -191,7 +283,7 @@ impl Inflight {
 
     /// Spawns the loopback fallback for a cloud caller ([`reverse::loopback_fallback`]), in
     /// its flow's span.
-    pub fn loopback(&self, fallback: Fallback<SshChan, CallReply>) {
+    pub fn loopback(&self, fallback: Fallback<FlowChan, CallReply>) {
         let Fallback {
             id,
             caller,
@@ -201,7 +293,11 @@ impl Inflight {
             forward,
         } = fallback;
         let forwards = self.inbound.as_ref().map(|(_, f)| f.clone());
-        let halves = channel.into_inner().into_halves();
+        // Cloud callers always come on SSH channels.
+        let Carrier::Ssh(channel) = channel.into_inner() else {
+            return reply.refuse(Refusal::ConnectFailed);
+        };
+        let halves = channel.into_halves();
         let run = reverse::loopback_fallback(
             halves,
             reply.0,
@@ -249,13 +345,13 @@ impl Inflight {
 
 /// A cloud caller's channel as the relay takes it, `target` being the exposed port it
 /// called ([`Forwards::lookup`]).
-fn call(call: InboundCall, target: Option<reverse::Target>) -> Call<SshChan, CallReply> {
+fn call(call: InboundCall, target: Option<reverse::Target>) -> Call<FlowChan, CallReply> {
     Call {
         link: call.link,
         listen_port: call.listen_port,
         caller: call.caller,
         target,
-        channel: Chan::new(call.channel.into()),
+        channel: Chan::new(Carrier::Ssh(call.channel.into())),
         reply: CallReply(call.reply),
     }
 }
@@ -382,6 +478,149 @@ impl FlowChannel for SshChannel {
 
     fn stop_reading(&mut self) {
         self.read = None;
+    }
+}
+
+/// A flow's channel: an SSH channel, or (the direct path) a host connection.
+pub enum Carrier {
+    /// Through the jump host.
+    Ssh(SshChannel),
+    /// Out through this host's own socket.
+    Host(HostStream),
+}
+
+impl FlowChannel for Carrier {
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
+        match self {
+            Carrier::Ssh(c) => c.poll_read(cx),
+            Carrier::Host(c) => c.poll_read(cx),
+        }
+    }
+
+    fn write(&self, op: WriteOp) -> BoxFuture<'static, Option<usize>> {
+        match self {
+            Carrier::Ssh(c) => c.write(op),
+            Carrier::Host(c) => c.write(op),
+        }
+    }
+
+    fn stop_reading(&mut self) {
+        match self {
+            Carrier::Ssh(c) => c.stop_reading(),
+            Carrier::Host(c) => c.stop_reading(),
+        }
+    }
+}
+
+/// Largest read from a host connection into one [`Received::Data`] (as an SSH packet's).
+const HOST_READ: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffer host connections are read into (then copied out at the length read, so a
+    /// small read never holds a large buffer while it waits for the app).
+    static HOST_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; HOST_READ]);
+}
+
+/// A flow's host TCP connection on the direct path (`mse-vpn run`: a destination outside the
+/// VPC): the same [`FlowChannel`] as an SSH channel, so the relay treats both alike, read only
+/// while the engine takes more and written one write at a time. The close semantics map as
+/// for a channel: the peer's FIN is [`Received::Eof`] (the connection stays writable: a
+/// half-close); a read error (the peer reset) is [`Received::Closed`], which before EOF
+/// resets the app; [`WriteOp::Eof`] is `shutdown(SHUT_WR)`; [`WriteOp::Close`] after the
+/// app's EOF is an orderly close, and before it (the flow was reset) a reset (`SO_LINGER` 0).
+pub struct HostStream {
+    stream: Arc<TcpStream>,
+    /// Until the peer's EOF, a read error, or [`FlowChannel::stop_reading`].
+    reading: bool,
+    /// The peer sent FIN: nothing more to read (the flow goes on writing).
+    eof: bool,
+    /// [`WriteOp::Eof`] was written (shared with the write futures).
+    shut: Arc<AtomicBool>,
+}
+
+impl HostStream {
+    /// Wraps a connected stream.
+    pub fn new(stream: TcpStream) -> HostStream {
+        HostStream {
+            stream: Arc::new(stream),
+            reading: true,
+            eof: false,
+            shut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl FlowChannel for HostStream {
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
+        if !self.reading {
+            return Poll::Ready(Received::Closed);
+        }
+        if self.eof {
+            return Poll::Pending;
+        }
+        loop {
+            if let Err(_e) = futures::ready!(self.stream.poll_read_ready(cx)) {
+                self.reading = false;
+                return Poll::Ready(Received::Closed);
+            }
+            let read = HOST_SCRATCH.with_borrow_mut(|buf| {
+                self.stream
+                    .try_read(buf)
+                    .map(|n| Bytes::copy_from_slice(&buf[..n]))
+            });
+            match read {
+                Ok(data) if data.is_empty() => {
+                    self.eof = true;
+                    return Poll::Ready(Received::Eof);
+                }
+                Ok(data) => return Poll::Ready(Received::Data(data)),
+                // Readiness was stale: poll again (which registers the waker).
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.reading = false;
+                    return Poll::Ready(Received::Closed);
+                }
+            }
+        }
+    }
+
+    fn write(&self, op: WriteOp) -> BoxFuture<'static, Option<usize>> {
+        let (stream, shut) = (self.stream.clone(), self.shut.clone());
+        async move {
+            match op {
+                WriteOp::Data(data) => {
+                    let mut at = 0;
+                    while at < data.len() {
+                        stream.writable().await.ok()?;
+                        match stream.try_write(&data[at..]) {
+                            Ok(0) => return None,
+                            Ok(n) => at += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return None,
+                        }
+                    }
+                    Some(data.len())
+                }
+                WriteOp::Eof => {
+                    shut.store(true, Ordering::Relaxed);
+                    let sock = socket2::SockRef::from(&*stream);
+                    sock.shutdown(std::net::Shutdown::Write).ok().map(|()| 0)
+                }
+                WriteOp::Close => {
+                    if !shut.load(Ordering::Relaxed) {
+                        // A reset flow: the peer gets RST, not an orderly FIN.
+                        let _ = stream.set_zero_linger();
+                    }
+                    // The socket closes as its last handle goes (the flow's, at release).
+                    None
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn stop_reading(&mut self) {
+        self.reading = false;
     }
 }
 

@@ -1,17 +1,19 @@
 //! The driver: the one task that owns both sans-IO cores, the [`Engine`] (packets ↔ byte
 //! streams) and the [`Relay`] (flows ↔ channels, and every decision about them): the loop
 //! between them and the world. It decides nothing: it waits on the TUN, the pool's links,
-//! what is in flight ([`Inflight`]: channel opens and writes, cloud callers), the channels'
-//! wakers and one timer (the earlier `poll_timeout` of the two cores), hands each to its
-//! core, and carries out what the relay commands. No task per flow, no lock, no flow table.
+//! what is in flight ([`Inflight`]: channel opens, host connects and writes, cloud callers),
+//! the channels' and UDP sockets' wakers and one timer (the earlier `poll_timeout` of the two
+//! cores), hands each to its core, and carries out what the relay commands. No task per
+//! flow, no lock, no flow table.
 //!
 //! ```text
-//!  TUN ─recv─▶ Engine ─events─▶ Relay ─commands─▶ channel opens, writes, accepts, refusals,
-//!   ◀──send── poll_transmit  ▲          │          trims, log lines (Inflight, Pool)
+//!  TUN ─recv─▶ Engine ─events─▶ Relay ─commands─▶ channel opens, host connects, UDP sockets,
+//!   ◀──send── poll_transmit  ▲          │          writes, accepts, refusals, trims, log lines
 //!                            └─ OpenOk, Deliver, Reset, Sent, CloseDone, ... (ToEngine)
-//!  channel reads (woken flows), opens and writes done, cloud callers ──▶ Relay
+//!  reads (woken flows, UDP sockets), opens, connects, writes done, cloud callers ──▶ Relay
 //! ```
 
+use std::io;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -20,10 +22,10 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant as TokioInstant;
 
-use crate::channel::{CallReply, Done, Inflight, SshChan};
+use crate::channel::{CallReply, Done, FlowChan, Inflight};
 use crate::engine::{Engine, EngineConfig, EngineStats, RxPacket};
 use crate::pool::{InboundCalls, Pool};
-use crate::relay::{Command, Relay, RelayConfig, TunOp};
+use crate::relay::{Command, DirectConfig, Relay, RelayConfig, TunOp};
 use crate::reverse::Forwards;
 use crate::tun::Tun;
 
@@ -50,13 +52,15 @@ pub struct DriverConfig {
     pub local_v6: Option<std::net::Ipv6Addr>,
     /// See [`RelayConfig::budget`].
     pub budget: Option<Arc<crate::budget::MemoryBudget>>,
+    /// See [`RelayConfig::direct`] (it also has the engine hand over UDP datagrams).
+    pub direct: Option<DirectConfig>,
 }
 
 /// The driver. See the module documentation. Generic over its packet side ([`PacketIo`]:
 /// the TUN, or a test's queues); its SSH side is the [`Pool`].
 pub struct Driver<T: PacketIo = Tun> {
     engine: Engine,
-    relay: Relay<SshChan, CallReply>,
+    relay: Relay<FlowChan, CallReply>,
     tun: Arc<T>,
     pool: Arc<Pool>,
     /// The TUN's header in front of each packet read (see `EngineConfig::tun`).
@@ -71,16 +75,19 @@ impl<T: PacketIo> Driver<T> {
     /// A driver moving flows between `tun` and the connections of `pool`.
     pub fn new(config: DriverConfig, tun: Arc<T>, pool: Arc<Pool>) -> Driver<T> {
         let epoch = TokioInstant::now();
+        let mut engine = config.engine;
+        engine.datagrams |= config.direct.is_some();
         let relay = RelayConfig {
             max_opening: config.max_opening,
             open_timeout: config.open_timeout,
             local_v4: config.local_v4,
             local_v6: config.local_v6,
             budget: config.budget,
+            direct: config.direct,
         };
         Driver {
-            header: config.engine.tun.header,
-            engine: Engine::new(config.engine, smoltcp::time::Instant::ZERO, rand::random()),
+            header: engine.tun.header,
+            engine: Engine::new(engine, smoltcp::time::Instant::ZERO, rand::random()),
             relay: Relay::new(relay, epoch.into_std()),
             tun,
             pool,
@@ -128,7 +135,7 @@ impl<T: PacketIo> Driver<T> {
 
     /// Runs until `shutdown` fires. Flows on a lost SSH connection are reset when it goes;
     /// all flows are reset on exit, and on a TUN error.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
         let mut buf = self.engine.rx_buffer();
         let mut links = self.pool.subscribe();
         let ready = self.inflight.ready.clone();
@@ -160,11 +167,7 @@ impl<T: PacketIo> Driver<T> {
 
     /// Hands the packet just read, and those that follow at once (up to [`TUN_BATCH`]), to
     /// the engine. Each is read into a pooled buffer the engine keeps: no copy.
-    fn read_tun(
-        &mut self,
-        first: std::io::Result<usize>,
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<()> {
+    fn read_tun(&mut self, first: io::Result<usize>, buf: &mut Vec<u8>) -> io::Result<()> {
         let ((at, now), start, mut read) = (self.now(), self.header, first);
         for _ in 0..TUN_BATCH {
             match read {
@@ -189,7 +192,7 @@ impl<T: PacketIo> Driver<T> {
 
     /// Runs the cores until nothing moves (what finished meanwhile, channel reads of the
     /// ready flows, the engine, what the relay commands); then writes the packets out.
-    async fn turn(&mut self) -> std::io::Result<()> {
+    async fn turn(&mut self) -> io::Result<()> {
         for _ in 0..8 {
             while let Some(done) = self.inflight.done_now() {
                 self.done(done);
@@ -231,10 +234,11 @@ impl<T: PacketIo> Driver<T> {
     }
 
     /// Reads the ready flows' channels as far as the relay lets it (only while the engine
-    /// takes more). Returns the number of channel messages read.
+    /// takes more), and the direct path's UDP sockets that woke. Returns the number of
+    /// messages read.
     fn read_ready(&mut self) -> usize {
-        let now = self.now().1;
-        let mut total = 0;
+        let (now, relay) = (self.now().1, &mut self.relay);
+        let mut total = (self.inflight.udp).recv(|id, got| relay.handle_udp(now, id, got));
         'flows: for id in self.inflight.ready.take() {
             for _ in 0..READ_BATCH {
                 let wants = self.engine.wants_data(id);
@@ -262,6 +266,7 @@ impl<T: PacketIo> Driver<T> {
                 self.relay.handle_opened(now, id, link, channel)
             }
             Done::Opened(id, Err(e)) => self.relay.handle_open_failed(now, id, e),
+            Done::Connected(id, r) => self.relay.handle_connected(now, id, r),
             Done::Written(id, written) => self.relay.handle_written(now, id, written),
             Done::Call(call) => {
                 let engine = &mut self.engine;
@@ -276,24 +281,19 @@ impl<T: PacketIo> Driver<T> {
 
     /// Carries out what the relay commands, in order.
     fn carry_out(&mut self) {
-        let at = self.now().0;
+        let (at, now) = self.now();
         while let Some(command) = self.relay.poll() {
             match command {
                 Command::Engine(call) => call.apply(&mut self.engine, at),
-                Command::Open(open) => self.inflight.open(&self.pool, open),
-                Command::Link { link, change } => self.pool.update(link, change),
                 Command::Channel(id, op) => {
                     if let Some(channel) = self.relay.channel_mut(id) {
                         self.inflight.channel(channel, id, op);
                     }
                 }
-                Command::Read { id } => self.inflight.ready.push(id),
-                Command::Drop { channel } => channel.close(),
-                Command::Accept { reply } => reply.accept(),
-                Command::Refuse { reply, how } => reply.refuse(how),
-                Command::Loopback(fallback) => self.inflight.loopback(fallback),
-                Command::Trim => self.inflight.trim(),
-                Command::Note(note) => note.log(),
+                // I/O only: opens, connects, UDP sockets (what they give goes to the relay), ...
+                other => (self.inflight).carry_out(&self.pool, other, |id, got| {
+                    self.relay.handle_udp(now, id, got)
+                }),
             }
         }
     }

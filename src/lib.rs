@@ -28,8 +28,20 @@
 //! go to the VPC resolver through the tunnel, every other name to the host's original
 //! nameservers.
 //!
-//! What it does not do: carry UDP or ICMP (they get an ICMP unreachable so apps fail fast),
-//! or touch any traffic outside the routed CIDRs.
+//! What it does not do: carry UDP or ICMP into the VPC (they get an ICMP unreachable so apps
+//! fail fast), or, in `up`, touch any traffic outside the routed CIDRs.
+//!
+//! The direct path (`mse-vpn run` without root, where the TUN is the app's only way out): a
+//! flow outside the VPC bypasses SSH entirely, on a host TCP connection that the relay treats
+//! like a channel ([`channel::HostStream`]); UDP outside the VPC goes through a NAT table of
+//! host UDP sockets ([`relay::direct`], [`udp`]), pings through unprivileged ICMP sockets where
+//! the host allows them; the TUN's peer address stands for the host's loopback, and DNS to
+//! the DNS address goes to the split-DNS responder.
+//!
+//! ```text
+//!  app ─▶ TUN ─▶ Engine ─▶ Relay: route(dst) ─┬─ VPC CIDR ─▶ SSH channel ─▶ jump host ─▶ VPC
+//!                                             └─ otherwise ─▶ host socket (TCP, UDP NAT) ─▶ dst
+//! ```
 //!
 //! Modules, in layers: each imports only from the layers below it (no import circles), and
 //! nothing outside [`cli`] imports [`cli`].
@@ -40,7 +52,8 @@
 //!  doctor     read-only checks of what `up` needs
 //!  session    `up` as a library type: checks, connections, host changes, teardown
 //!  driver     the loop between the two cores and the world (TUN, channels, one timer)
-//!  channel    a flow's SSH channel behind a small trait; wakers; opens and writes in flight
+//!  channel    a flow's channel (SSH, or a host connection) behind a small trait; wakers;
+//!             opens, connects and writes in flight; udp: the direct path's UDP sockets
 //!  control    the control socket: typed protocol, status board, server, client, table
 //!  relay      sans-IO: flows ↔ channels, every decision about them
 //!  reverse    --expose listeners;   dns   split-DNS responder and tunnel
@@ -80,3 +93,4 @@ pub mod session;
 pub mod ssh;
 pub mod suggest;
 pub mod tun;
+pub mod udp;

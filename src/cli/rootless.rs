@@ -91,7 +91,7 @@ mod linux {
     use super::super::client::Launch;
     use super::super::up::{spawn_signal_handler, with_alias_hint};
     use super::{fail, find_program};
-    use crate::session::{CARRIES_OUTSIDE, InNamespace, Session, SessionError};
+    use crate::session::{InNamespace, Session, SessionError};
     use crate::ssh;
     use crate::tun::Tun;
 
@@ -117,8 +117,10 @@ mod linux {
             tun_name: config.network.tun.clone(),
             mtu: config.network.mtu,
         })?;
-        let dns = config.network.dns.enabled() || CARRIES_OUTSIDE;
-        let spec = NetnsSpec::new(&plan, dns, CARRIES_OUTSIDE);
+        // Every destination goes through the session (the VPC through SSH, the rest directly
+        // from this host), every name through its responder (split names through the
+        // tunnel, the rest to this host's own nameservers).
+        let spec = NetnsSpec::new(&plan, true, true);
         tracing::debug!(namespace = %spec, dns = ?spec.dns, "the app's namespace");
         // Made before any connection: a system that forbids it says so at once. From this
         // (the runtime's) thread, which lives as long as the app: the helper's parent-death

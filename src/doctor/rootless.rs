@@ -64,10 +64,9 @@ pub fn checks(network: &NetworkConfig) -> Vec<Check> {
         mtu: network.mtu,
     });
     let spec = match plan {
-        Ok(plan) => {
-            let outside = crate::session::CARRIES_OUTSIDE;
-            NetnsSpec::new(&plan, network.dns.enabled() || outside, outside)
-        }
+        // As `run` makes it: every destination through the session, names through its
+        // responder.
+        Ok(plan) => NetnsSpec::new(&plan, true, true),
         Err(e) => {
             out.push(Check::new("app namespace", Verdict::Fail, e.to_string()));
             return out;

@@ -63,6 +63,12 @@ pub enum CloseReason {
     TimedOut,
     /// mse-vpn is shutting down.
     Shutdown,
+    /// The direct path (a destination outside the VPC, `mse-vpn run`): the destination
+    /// refused this host's connection (its port is closed).
+    HostRefused,
+    /// The direct path: this host could not reach the destination (no route, unreachable,
+    /// timed out, or out of descriptors).
+    HostUnreachable,
 }
 
 impl CloseReason {
@@ -100,6 +106,10 @@ impl fmt::Display for CloseReason {
             CloseReason::OpenLimit => "too many connections were being opened at once",
             CloseReason::TimedOut => "the TCP connection timed out",
             CloseReason::Shutdown => "mse-vpn is shutting down",
+            CloseReason::HostRefused => "the destination refused the connection (direct)",
+            CloseReason::HostUnreachable => {
+                "the destination is unreachable from this host (direct)"
+            }
         };
         f.write_str(s)
     }

@@ -358,6 +358,10 @@ impl Ledger {
                     engine.handle_close_done(id);
                 }
                 Event::Refused { .. } => {}
+                // Not emitted: the fuzzed engine answers UDP with ICMP (`datagrams` off).
+                Event::Datagram { .. } | Event::Echo { .. } => {
+                    panic!("a datagram event with datagrams off")
+                }
             }
         }
     }

@@ -4,7 +4,10 @@
 //! ```text
 //!  TUN packets ──handle_tun_packet──▶ classify ──▶ TCP of a known flow ──▶ smoltcp ──▶ socket
 //!                                        │             new SYN: held, Event::Open
-//!                                        └─▶ UDP/ICMP/other: ICMP unreachable (poll_transmit)
+//!                                        ├─▶ UDP, ping: ICMP unreachable, or (the direct path,
+//!                                        │        `datagrams`) Event::Datagram / Event::Echo;
+//!                                        │        replies through handle_datagram / _echo_reply
+//!                                        └─▶ other: ICMP unreachable (poll_transmit)
 //!  socket bytes ──(within the flow's SSH credit)──▶ Event::Data / Event::Eof / Event::Close
 //!  channel bytes ──handle_channel_data──▶ per-flow bounded buffer ──▶ socket ──▶ poll_transmit
 //! ```
@@ -132,6 +135,10 @@ pub struct EngineConfig {
     /// flow's upload credit and what the engine puts in its socket for the app shrink, down
     /// to [`crate::budget::FLOOR`]. `None`: no budget.
     pub memory_budget: Option<u64>,
+    /// UDP datagrams are handed to the driver ([`Event::Datagram`]) for the direct path
+    /// (`mse-vpn run`: see [`crate::relay::DirectConfig`]) instead of being answered with
+    /// ICMP port unreachable. Off in `up`.
+    pub datagrams: bool,
 }
 
 /// Default of [`EngineConfig::close_linger`]: Linux's `tcp_fin_timeout`.
@@ -150,6 +157,7 @@ impl Default for EngineConfig {
             tun: TunFormat::default(),
             close_linger: DEFAULT_CLOSE_LINGER,
             memory_budget: None,
+            datagrams: false,
         }
     }
 }
@@ -206,6 +214,32 @@ pub enum Event {
     CloseNow {
         /// The flow.
         id: FlowId,
+    },
+    /// An ICMP echo request (ping) from the app ([`EngineConfig::datagrams`]): carry it, or
+    /// answer with [`Engine::handle_echo_prohibited`]. Replies come back through
+    /// [`Engine::handle_echo_reply`].
+    Echo {
+        /// The app's address.
+        src: std::net::IpAddr,
+        /// The pinged address.
+        dst: std::net::IpAddr,
+        /// The app's identifier (its ping socket).
+        ident: u16,
+        /// The request's sequence number.
+        seq: u16,
+        /// The ICMP message (header and data), as an unprivileged ICMP socket sends it.
+        message: Bytes,
+    },
+    /// A UDP datagram from the app ([`EngineConfig::datagrams`]): carry it, or answer with
+    /// [`Engine::handle_port_unreachable`]. Replies come back through
+    /// [`Engine::handle_datagram`].
+    Datagram {
+        /// The app's socket.
+        src: std::net::SocketAddr,
+        /// Where it is sent.
+        dst: std::net::SocketAddr,
+        /// Its payload.
+        payload: Bytes,
     },
 }
 
@@ -273,6 +307,14 @@ pub struct EngineStats {
     pub tun_write_drops: u64,
     /// Reads from the TUN that failed for a passing reason.
     pub tun_read_errors: u64,
+    /// UDP datagrams and echo requests from apps handed over for the direct path
+    /// ([`Event::Datagram`], [`Event::Echo`]).
+    pub datagrams_up: u64,
+    /// UDP datagrams and echo replies written back to apps ([`Engine::handle_datagram`],
+    /// [`Engine::handle_echo_reply`]).
+    pub datagrams_down: u64,
+    /// Those dropped: larger than the TUN's MTU, of the wrong family, or not an echo reply.
+    pub datagrams_dropped: u64,
 }
 
 /// Where a flow is in its life.
@@ -558,7 +600,45 @@ impl Engine {
 
     /// One raw IP packet read from the TUN into a buffer from [`Engine::rx_buffer`].
     pub fn handle_tun_read(&mut self, now: Instant, packet: RxPacket) {
-        match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload) {
+        let ingress = match packet::classify_with(packet.bytes(), !self.config.tun.checksum_offload)
+        {
+            Ingress::Udp { .. } if !self.config.datagrams => Ingress::Reject(Unreachable::Port),
+            Ingress::Echo { .. } if !self.config.datagrams => {
+                Ingress::Reject(Unreachable::Prohibited)
+            }
+            ingress => ingress,
+        };
+        match ingress {
+            Ingress::Udp {
+                src,
+                dst,
+                start,
+                len,
+            } => {
+                let payload = Bytes::copy_from_slice(&packet.bytes()[start..start + len]);
+                self.spare.recycle_rx(packet.buf);
+                self.stats.datagrams_up += 1;
+                self.events.push_back(Event::Datagram { src, dst, payload });
+            }
+            Ingress::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                start,
+                len,
+            } => {
+                let message = Bytes::copy_from_slice(&packet.bytes()[start..start + len]);
+                self.spare.recycle_rx(packet.buf);
+                self.stats.datagrams_up += 1;
+                self.events.push_back(Event::Echo {
+                    src,
+                    dst,
+                    ident,
+                    seq,
+                    message,
+                });
+            }
             Ingress::Drop(_) => {
                 self.stats.packets_dropped += 1;
                 self.spare.recycle_rx(packet.buf);
@@ -1082,6 +1162,79 @@ impl Engine {
     /// A read from the TUN failed for a passing reason (counted).
     pub fn handle_receive_failed(&mut self) {
         self.stats.tun_read_errors += 1;
+    }
+
+    /// A datagram for the app at `to` from `from` (the address it sent to): written into the
+    /// TUN as a UDP packet, or dropped (counted) if it does not fit the MTU.
+    pub fn handle_datagram(
+        &mut self,
+        _now: Instant,
+        from: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+        payload: &[u8],
+    ) {
+        match packet::emit_udp(from, to, payload, self.config.mtu) {
+            Some(p) => {
+                self.stats.datagrams_down += 1;
+                self.tx.push_back(device::with_header(self.config.tun, p));
+            }
+            None => self.stats.datagrams_dropped += 1,
+        }
+    }
+
+    /// An echo reply for the app's ping socket `ident` at `to` from `from` (the address it
+    /// pinged): `message` is the reply a host ICMP socket received; written into the TUN
+    /// with the app's identifier, or dropped (counted).
+    pub fn handle_echo_reply(
+        &mut self,
+        _now: Instant,
+        (from, to): (std::net::IpAddr, std::net::IpAddr),
+        ident: u16,
+        message: &[u8],
+    ) {
+        match packet::echo_reply((from, to), ident, message, self.config.mtu) {
+            Some(p) => {
+                self.stats.datagrams_down += 1;
+                self.tx.push_back(device::with_header(self.config.tun, p));
+            }
+            None => self.stats.datagrams_dropped += 1,
+        }
+    }
+
+    /// The app's echo request is not carried: it gets an ICMP "administratively prohibited"
+    /// (rate-limited as every ICMP reply of the engine, [`ICMP_RATE`]), as in `up`.
+    pub fn handle_echo_prohibited(
+        &mut self,
+        now: Instant,
+        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        ident: u16,
+        seq: u16,
+    ) {
+        self.icmp_reply(now, packet::echo_prohibited(src, dst, ident, seq));
+    }
+
+    /// Writes an ICMP error for the app, within the rate limit.
+    fn icmp_reply(&mut self, now: Instant, reply: Option<Vec<u8>>) {
+        if !self.icmp.take(now) {
+            self.stats.icmp_rejects_suppressed += 1;
+            return;
+        }
+        if let Some(reply) = reply {
+            self.stats.icmp_rejects += 1;
+            self.tx
+                .push_back(device::with_header(self.config.tun, reply));
+        }
+    }
+
+    /// The app's datagrams from `src` to `dst` are not carried: it gets an ICMP port
+    /// unreachable (rate-limited as every ICMP reply of the engine, [`ICMP_RATE`]).
+    pub fn handle_port_unreachable(
+        &mut self,
+        now: Instant,
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) {
+        self.icmp_reply(now, packet::port_unreachable(src, dst));
     }
 
     /// When [`Engine::poll`] must run next even if nothing happens.

@@ -544,6 +544,120 @@ fn udp_to_a_routed_address_is_answered_with_icmp_and_garbage_is_ignored() {
 }
 
 #[test]
+fn with_datagrams_on_udp_is_handed_over_and_replies_go_back_as_udp_from_the_destination() {
+    let config = EngineConfig {
+        mtu: 1500,
+        datagrams: true,
+        ..EngineConfig::default()
+    };
+    let mut p = Pair::new(config);
+    let (app, outside) = (
+        SocketAddr::from((APP_V4, 5000)),
+        SocketAddr::from(([192, 0, 2, 53], 53)),
+    );
+    p.engine.handle_tun_packet(
+        p.now,
+        udp_v4((APP_V4, 5000), (Ipv4Addr::new(192, 0, 2, 53), 53), b"dns?"),
+    );
+    p.engine.poll(p.now);
+    assert_eq!(
+        p.engine.poll_event(),
+        Some(Event::Datagram {
+            src: app,
+            dst: outside,
+            payload: Bytes::from_static(b"dns?"),
+        })
+    );
+    assert!(p.engine.poll_transmit().is_none(), "no ICMP");
+    assert_eq!(p.engine.stats().datagrams_up, 1);
+
+    // The answer, from the address the app asked.
+    p.engine.handle_datagram(p.now, outside, app, b"answer");
+    let reply = p.engine.poll_transmit().expect("a UDP packet");
+    match packet::classify(&reply) {
+        Ingress::Udp {
+            src,
+            dst,
+            start,
+            len,
+        } => {
+            assert_eq!((src, dst), (outside, app));
+            assert_eq!(&reply[start..start + len], b"answer");
+        }
+        other => panic!("expected UDP, got {other:?}"),
+    }
+    // Too large for the TUN: dropped, counted.
+    p.engine.handle_datagram(p.now, outside, app, &[0; 1500]);
+    assert!(p.engine.poll_transmit().is_none());
+    assert_eq!(
+        (
+            p.engine.stats().datagrams_down,
+            p.engine.stats().datagrams_dropped
+        ),
+        (1, 1)
+    );
+
+    // Not carried (the relay says so): ICMP port unreachable, within the ICMP rate.
+    for _ in 0..2 * ICMP_BURST {
+        p.engine.handle_port_unreachable(p.now, app, outside);
+    }
+    let mut icmp = 0;
+    while let Some(reply) = p.engine.poll_transmit() {
+        assert_eq!(reply[9], 1, "IP protocol ICMP");
+        icmp += 1;
+    }
+    assert_eq!(icmp, ICMP_BURST as usize);
+    assert_eq!(
+        p.engine.stats().icmp_rejects_suppressed,
+        u64::from(ICMP_BURST)
+    );
+}
+
+#[test]
+fn a_ping_is_prohibited_as_always_and_with_datagrams_on_handed_over_and_answered() {
+    let (app, dst) = (
+        std::net::IpAddr::V4(APP_V4),
+        std::net::IpAddr::from([192, 0, 2, 1]),
+    );
+    let ping = packet::emit_echo((app, dst), true, (0x77, 1), b"abc", 1500).unwrap();
+    let mut off = Pair::new(EngineConfig::default());
+    off.engine.handle_tun_packet(off.now, ping.clone());
+    off.engine.poll(off.now);
+    assert!(off.engine.poll_event().is_none());
+    let reply = off.engine.poll_transmit().expect("ICMP");
+    assert_eq!((reply[9], reply[20], reply[21]), (1, 3, 13), "prohibited");
+
+    let mut on = Pair::new(EngineConfig {
+        mtu: 1500,
+        datagrams: true,
+        ..EngineConfig::default()
+    });
+    on.engine.handle_tun_packet(on.now, ping.clone());
+    on.engine.poll(on.now);
+    assert_eq!(
+        on.engine.poll_event(),
+        Some(Event::Echo {
+            src: app,
+            dst,
+            ident: 0x77,
+            seq: 1,
+            message: Bytes::copy_from_slice(&ping[20..]),
+        })
+    );
+    assert!(on.engine.poll_transmit().is_none());
+    // The host socket's reply (its own identifier) goes back with the app's.
+    let host = packet::emit_echo((dst, app), false, (0x4242, 1), b"abc", 1500).unwrap();
+    on.engine
+        .handle_echo_reply(on.now, (dst, app), 0x77, &host[20..]);
+    let reply = on.engine.poll_transmit().expect("an echo reply");
+    let expected = packet::emit_echo((dst, app), false, (0x77, 1), b"abc", 1500).unwrap();
+    assert_eq!(reply, expected);
+    on.engine
+        .handle_echo_prohibited(on.now, (app, dst), 0x77, 2);
+    assert_eq!(on.engine.poll_transmit().map(|p| p[21]), Some(13));
+}
+
+#[test]
 fn session_loss_resets_open_and_opening_flows() {
     let mut p = Pair::new(EngineConfig::default());
     let a = p.connect(APP_PORT, DST);

@@ -7,7 +7,9 @@
 //! takes more), what a refused open, a lost link, a late confirmation or a flush that ran out
 //! of time does, where a cloud caller goes (and the loopback fallback), which warnings are
 //! logged (rate-limited, [`Note`]), when freed memory is given back, and the memory budget's
-//! accounting.
+//! accounting. With the direct path on ([`RelayConfig::direct`], `mse-vpn run`), also which
+//! flows leave through this host's own sockets instead of SSH ([`Command::Connect`]) and the
+//! UDP NAT table ([`Command::Udp`]): see [`direct`].
 //!
 //! ```text
 //!  engine events ──handle_event──▶ ┌───────┐ ──poll──▶ Command: to the pool (Open, Link),
@@ -26,13 +28,14 @@
 //! (`tests.rs`) with no SSH at all.
 
 mod destinations;
+pub mod direct;
 mod inbound;
 mod note;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +49,7 @@ use crate::ssh::OpenError;
 use crate::tun::Fault;
 
 pub use destinations::Destinations;
+pub use direct::{DirectConfig, DnsRedirect, Route, UdpId, UdpKey, UdpNat};
 pub use inbound::{CallRefused, CallRoute, route};
 pub use note::{Note, Notes, TunOp, WARN_WINDOW};
 
@@ -82,6 +86,10 @@ pub struct RelayConfig {
     /// learns those windows each turn ([`ToEngine::Windows`]), and the budget what the engine
     /// holds ([`Relay::handle_stats`]).
     pub budget: Option<Arc<MemoryBudget>>,
+    /// The direct path: what is not the VPC leaves through this host's sockets (TCP flows
+    /// on host connections, UDP through the NAT table). `None` (`up`): every flow goes
+    /// through SSH, as the TUN only carries the VPC.
+    pub direct: Option<DirectConfig>,
 }
 
 /// What is written to a flow's channel, in order, one at a time.
@@ -169,6 +177,66 @@ pub struct OpenRequest {
     pub cap: Duration,
 }
 
+/// A host TCP connection for a new flow on the direct path ([`Command::Connect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The flow.
+    pub id: FlowId,
+    /// Its 4-tuple, as the app sees it.
+    pub key: FlowKey,
+    /// Where to connect ([`DirectConfig::route`]: `key.dst`, or the loopback / DNS target).
+    pub target: SocketAddr,
+    /// How long the connect may take (then it fails as unreachable).
+    pub cap: Duration,
+}
+
+/// Why a host connection failed ([`Relay::handle_connected`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The destination refused it (`ECONNREFUSED`).
+    Refused,
+    /// Anything else: no route, unreachable, timed out, out of descriptors.
+    Unreachable,
+}
+
+/// What the driver does with a host UDP socket of the NAT table ([`Command::Udp`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UdpOp {
+    /// Open the association's socket, connected to `target`; failing, report
+    /// [`UdpEvent::Failed`].
+    Open {
+        /// The association.
+        id: UdpId,
+        /// Where its datagrams go.
+        target: SocketAddr,
+        /// An unprivileged ICMP socket for echo requests (not a UDP socket).
+        echo: bool,
+    },
+    /// Send a datagram (if the socket has no room, it is dropped, as UDP may).
+    Send {
+        /// The association.
+        id: UdpId,
+        /// The datagram.
+        payload: Bytes,
+    },
+    /// Close the socket.
+    Close {
+        /// The association.
+        id: UdpId,
+    },
+}
+
+/// What a host UDP socket gave ([`Relay::handle_udp`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UdpEvent {
+    /// A datagram from the destination.
+    Datagram(Bytes),
+    /// The destination answered with ICMP port unreachable (`ECONNREFUSED`).
+    Refused,
+    /// The socket could not be opened or failed for good.
+    Failed,
+}
+
 /// A cloud caller the local app did not answer on the TUN address ([`Command::Loopback`]).
 #[derive(Debug)]
 pub struct Fallback<C, R> {
@@ -194,6 +262,11 @@ pub enum Command<C, R> {
     /// Open a channel through the pool; report with [`Relay::handle_opened`] or
     /// [`Relay::handle_open_failed`].
     Open(OpenRequest),
+    /// Connect a host TCP socket for a flow on the direct path; report with
+    /// [`Relay::handle_connected`].
+    Connect(ConnectRequest),
+    /// Do this with a host UDP socket of the NAT table.
+    Udp(UdpOp),
     /// Update a link's counters in the pool ([`Pool::update`](crate::pool::Pool::update)).
     Link {
         /// The link.
@@ -258,6 +331,44 @@ pub enum ToEngine {
     CloseDone(FlowId),
     /// The receive windows committed to channels now ([`Engine::handle_windows`]).
     Windows(u64),
+    /// A datagram for the app ([`Engine::handle_datagram`]).
+    Datagram {
+        /// The address the app sent to.
+        from: SocketAddr,
+        /// The app's socket.
+        to: SocketAddr,
+        /// The datagram.
+        payload: Bytes,
+    },
+    /// The app's datagrams are not carried ([`Engine::handle_port_unreachable`]).
+    PortUnreachable {
+        /// The app's socket.
+        src: SocketAddr,
+        /// Where it sent them.
+        dst: SocketAddr,
+    },
+    /// An echo reply for the app ([`Engine::handle_echo_reply`]).
+    EchoReply {
+        /// The address the app pinged.
+        from: IpAddr,
+        /// The app's address.
+        to: IpAddr,
+        /// The app's identifier.
+        ident: u16,
+        /// The reply as the host socket received it.
+        message: Bytes,
+    },
+    /// The app's echo request is not carried ([`Engine::handle_echo_prohibited`]).
+    EchoProhibited {
+        /// The app's address.
+        src: IpAddr,
+        /// The pinged address.
+        dst: IpAddr,
+        /// Its identifier.
+        ident: u16,
+        /// Its sequence number.
+        seq: u16,
+    },
 }
 
 impl ToEngine {
@@ -274,6 +385,22 @@ impl ToEngine {
             ToEngine::Sent(id, n) => engine.handle_sent(id, n),
             ToEngine::CloseDone(id) => engine.handle_close_done(id),
             ToEngine::Windows(windows) => engine.handle_windows(windows),
+            ToEngine::Datagram { from, to, payload } => {
+                engine.handle_datagram(now, from, to, &payload)
+            }
+            ToEngine::PortUnreachable { src, dst } => engine.handle_port_unreachable(now, src, dst),
+            ToEngine::EchoReply {
+                from,
+                to,
+                ident,
+                message,
+            } => engine.handle_echo_reply(now, (from, to), ident, &message),
+            ToEngine::EchoProhibited {
+                src,
+                dst,
+                ident,
+                seq,
+            } => engine.handle_echo_prohibited(now, (src, dst), ident, seq),
         }
     }
 }
@@ -290,10 +417,13 @@ struct Flow<C, R> {
 }
 
 enum Phase<C, R> {
-    /// Outbound, its channel being opened ([`Command::Open`]).
+    /// Outbound, its channel being opened ([`Command::Open`]), or its host connection
+    /// ([`Command::Connect`], `direct`).
     Opening {
         /// The destination (it answered, if the channel opens).
         dst: SocketAddr,
+        /// On the direct path.
+        direct: bool,
     },
     /// A cloud caller's, waiting for the local app to answer.
     Accepting(Routed<C, R>),
@@ -303,7 +433,8 @@ enum Phase<C, R> {
 
 /// A flow whose channel is open.
 struct Open<C> {
-    link: LinkId,
+    /// The SSH connection it is on (`None`: a host connection, on the direct path).
+    link: Option<LinkId>,
     channel: C,
     /// The channel has not reported its end, and the flow did not end.
     reading: bool,
@@ -323,7 +454,7 @@ struct Open<C> {
 }
 
 impl<C> Open<C> {
-    fn new(link: LinkId, channel: C, dst: Option<SocketAddr>) -> Open<C> {
+    fn new(link: Option<LinkId>, channel: C, dst: Option<SocketAddr>) -> Open<C> {
         Open {
             link,
             channel,
@@ -356,6 +487,13 @@ pub struct Relay<C, R> {
     flows: HashMap<FlowId, Flow<C, R>>,
     /// Channel opens pending at the jump host, those whose app gave up included.
     opening: usize,
+    /// Host connections in progress on the direct path (bounded by `max_opening` apart
+    /// from the jump host's opens: neither kind can starve the other).
+    connecting: usize,
+    /// The UDP NAT table of the direct path (empty when it is off); echo requests too.
+    udp: UdpNat,
+    /// Echo requests are answered "prohibited" until then: the host gave no ICMP socket.
+    echo_denied: Option<Instant>,
     destinations: Destinations,
     notes: Notes,
     trim: Trim,
@@ -367,10 +505,19 @@ pub struct Relay<C, R> {
 impl<C, R> Relay<C, R> {
     /// A relay with no flows.
     pub fn new(config: RelayConfig, now: Instant) -> Relay<C, R> {
+        let (max_udp, udp_idle) = config
+            .direct
+            .as_ref()
+            .map_or((direct::DEFAULT_MAX_UDP, direct::DEFAULT_UDP_IDLE), |d| {
+                (d.max_udp, d.udp_idle)
+            });
         Relay {
             config,
             flows: HashMap::new(),
             opening: 0,
+            connecting: 0,
+            udp: UdpNat::new(max_udp, udp_idle),
+            echo_denied: None,
             destinations: Destinations::default(),
             notes: Notes::default(),
             trim: Trim {
@@ -391,7 +538,8 @@ impl<C, R> Relay<C, R> {
     /// When [`Relay::handle_tick`] must run next even if nothing happens.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let trim = (self.trim.pending && !self.trim.running).then_some(self.trim.not_before);
-        [self.notes.poll_timeout(), trim, self.recv_resume]
+        let udp = self.udp.poll_timeout();
+        [self.notes.poll_timeout(), trim, self.recv_resume, udp]
             .into_iter()
             .flatten()
             .min()
@@ -405,6 +553,16 @@ impl<C, R> Relay<C, R> {
     /// Channel opens pending at the jump host.
     pub fn opening(&self) -> usize {
         self.opening
+    }
+
+    /// Host connections in progress on the direct path.
+    pub fn connecting(&self) -> usize {
+        self.connecting
+    }
+
+    /// UDP associations of the direct path live now.
+    pub fn udp_associations(&self) -> usize {
+        self.udp.len()
     }
 
     /// The channel of a flow whose channel is open (for [`Command::Channel`]).
@@ -467,6 +625,9 @@ impl<C, R> Relay<C, R> {
         if self.recv_resume.is_some_and(|t| now >= t) {
             self.recv_resume = None;
         }
+        for id in self.udp.expire(now) {
+            self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+        }
         if let Some(b) = &self.config.budget {
             self.commands
                 .push_back(Command::Engine(ToEngine::Windows(b.windows())));
@@ -525,10 +686,7 @@ impl<C, R> Relay<C, R> {
                 {
                     flow.up += data.len() as u64;
                     if becomes_heavy(o, flow.up + flow.down) {
-                        self.commands.push_back(Command::Link {
-                            link: o.link,
-                            change: LinkChange::Heavy,
-                        });
+                        link_change(&mut self.commands, o.link, LinkChange::Heavy);
                     }
                 }
                 self.queue_write(id, WriteOp::Data(data));
@@ -539,6 +697,14 @@ impl<C, R> Relay<C, R> {
                 self.note(note);
             }
             Event::Close { id, key, reason } => self.close(now, id, key, reason),
+            Event::Datagram { src, dst, payload } => self.datagram(now, src, dst, payload),
+            Event::Echo {
+                src,
+                dst,
+                ident,
+                seq,
+                message,
+            } => self.echo(now, (src, dst), (ident, seq), message),
             Event::CloseNow { id } => {
                 if let Some(Flow {
                     phase: Phase::Open(o),
@@ -569,8 +735,16 @@ impl<C, R> Relay<C, R> {
     }
 
     /// A new outbound flow: its channel is opened, unless too many opens are pending at the
-    /// jump host.
+    /// jump host; on the direct path, a destination outside the VPC gets a host connection.
     fn open(&mut self, now: Instant, id: FlowId, key: FlowKey) {
+        match self.config.direct.as_ref().map(|d| d.route(key.dst)) {
+            Some(Route::Host(target)) => return self.connect(now, id, key, target),
+            Some(Route::Refuse) => {
+                let refused = ToEngine::OpenFailed(id, CloseReason::HostRefused);
+                return self.commands.push_back(Command::Engine(refused));
+            }
+            Some(Route::Tunnel) | None => {}
+        }
         let limit = self
             .destinations
             .open_limit(key.dst, now, self.config.max_opening);
@@ -589,7 +763,10 @@ impl<C, R> Relay<C, R> {
                 since: now,
                 up: 0,
                 down: 0,
-                phase: Phase::Opening { dst: key.dst },
+                phase: Phase::Opening {
+                    dst: key.dst,
+                    direct: false,
+                },
             },
         );
         self.commands.push_back(Command::Open(OpenRequest {
@@ -598,6 +775,113 @@ impl<C, R> Relay<C, R> {
             placement: self.destinations.placement(key.dst),
             link_wait: self.config.open_timeout,
             cap: OPEN_CAP,
+        }));
+    }
+
+    /// A new flow on the direct path: a host connection to `target`, unless
+    /// `max_opening` are in progress (then a reset, as for the jump host's opens). Its SYN
+    /// is held until the connection is made, so a closed port looks closed.
+    fn connect(&mut self, now: Instant, id: FlowId, key: FlowKey, target: SocketAddr) {
+        if self.connecting >= self.config.max_opening {
+            self.commands
+                .push_back(Command::Engine(ToEngine::OpenFailed(
+                    id,
+                    CloseReason::OpenLimit,
+                )));
+            return;
+        }
+        self.connecting += 1;
+        self.flows.insert(
+            id,
+            Flow {
+                since: now,
+                up: 0,
+                down: 0,
+                phase: Phase::Opening {
+                    dst: key.dst,
+                    direct: true,
+                },
+            },
+        );
+        self.commands.push_back(Command::Connect(ConnectRequest {
+            id,
+            key,
+            target,
+            cap: self.config.open_timeout,
+        }));
+    }
+
+    /// A UDP datagram from the app: out through its association's host socket (made, and
+    /// room made for it, if it is new); to the VPC, or with the direct path off, an ICMP
+    /// port unreachable (UDP does not go through SSH).
+    fn datagram(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr, payload: Bytes) {
+        let route = self.config.direct.as_ref().map(|d| d.route(dst));
+        let Some(Route::Host(target)) = route else {
+            self.commands
+                .push_back(Command::Engine(ToEngine::PortUnreachable { src, dst }));
+            return;
+        };
+        let key = UdpKey {
+            src,
+            dst,
+            echo: false,
+        };
+        self.associate(now, key, target, payload);
+    }
+
+    /// An echo request from the app: out through an unprivileged ICMP socket of this host,
+    /// as a datagram of the table (keyed by the app's address and identifier); to the VPC,
+    /// with the direct path off, or while the host gives no ICMP socket, an ICMP
+    /// "administratively prohibited" (as in `up`).
+    fn echo(
+        &mut self,
+        now: Instant,
+        (src, dst): (IpAddr, IpAddr),
+        (ident, seq): (u16, u16),
+        message: Bytes,
+    ) {
+        let route = self
+            .config
+            .direct
+            .as_ref()
+            .map(|d| d.route(SocketAddr::new(dst, 0)));
+        let denied = self.echo_denied.is_some_and(|until| now < until);
+        let (Some(Route::Host(target)), false) = (route, denied) else {
+            self.commands
+                .push_back(Command::Engine(ToEngine::EchoProhibited {
+                    src,
+                    dst,
+                    ident,
+                    seq,
+                }));
+            return;
+        };
+        let key = UdpKey {
+            src: SocketAddr::new(src, ident),
+            dst: SocketAddr::new(dst, 0),
+            echo: true,
+        };
+        self.associate(now, key, target, message);
+    }
+
+    /// Sends `payload` on `key`'s association, made (and room made for it) if new.
+    fn associate(&mut self, now: Instant, key: UdpKey, target: SocketAddr, payload: Bytes) {
+        let out = self.udp.outbound(now, key);
+        if let Some((id, key)) = out.evicted {
+            self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+            self.commands
+                .push_back(Command::Note(Note::UdpEvicted { key }));
+        }
+        if out.new {
+            self.commands.push_back(Command::Udp(UdpOp::Open {
+                id: out.id,
+                target,
+                echo: key.echo,
+            }));
+        }
+        self.commands.push_back(Command::Udp(UdpOp::Send {
+            id: out.id,
+            payload,
         }));
     }
 
@@ -706,15 +990,9 @@ impl<C, R> Relay<C, R> {
         o.reading = false;
         self.commands
             .push_back(Command::Channel(id, ChannelOp::StopReading));
-        self.commands.push_back(Command::Link {
-            link: o.link,
-            change: LinkChange::Release,
-        });
+        link_change(&mut self.commands, o.link, LinkChange::Release);
         if o.heavy {
-            self.commands.push_back(Command::Link {
-                link: o.link,
-                change: LinkChange::Light,
-            });
+            link_change(&mut self.commands, o.link, LinkChange::Light);
         }
         if let Some(dst) = o.dst {
             let short = !o.heavy && now.saturating_duration_since(since) < SHORT_FLOW;
@@ -735,7 +1013,7 @@ impl<C, R> Relay<C, R> {
     pub fn handle_opened(&mut self, now: Instant, id: FlowId, link: LinkId, channel: C) {
         self.opening = self.opening.saturating_sub(1);
         let Some(Flow {
-            phase: phase @ Phase::Opening { .. },
+            phase: phase @ Phase::Opening { direct: false, .. },
             ..
         }) = self.flows.get_mut(&id)
         else {
@@ -746,9 +1024,9 @@ impl<C, R> Relay<C, R> {
             self.commands.push_back(Command::Drop { channel });
             return;
         };
-        if let Phase::Opening { dst } = *phase {
+        if let Phase::Opening { dst, .. } = *phase {
             self.destinations.note_answered(dst, now);
-            *phase = Phase::Open(Open::new(link, channel, Some(dst)));
+            *phase = Phase::Open(Open::new(Some(link), channel, Some(dst)));
         }
         // Data may already wait in the channel.
         self.commands.push_back(Command::Read { id });
@@ -779,6 +1057,90 @@ impl<C, R> Relay<C, R> {
         }
     }
 
+    /// A host connection ([`Command::Connect`]) is made, or failed: the flow is open (its
+    /// SYN answered), or its app gets a reset. A connection whose app gave up meanwhile is
+    /// closed at once.
+    pub fn handle_connected(&mut self, _now: Instant, id: FlowId, result: Result<C, ConnectError>) {
+        self.connecting = self.connecting.saturating_sub(1);
+        let Some(Flow {
+            phase: phase @ Phase::Opening { direct: true, .. },
+            ..
+        }) = self.flows.get_mut(&id)
+        else {
+            if let Ok(channel) = result {
+                self.commands.push_back(Command::Drop { channel });
+            }
+            return;
+        };
+        match result {
+            Ok(channel) => {
+                *phase = Phase::Open(Open::new(None, channel, None));
+                self.commands.push_back(Command::Read { id });
+                self.commands
+                    .push_back(Command::Engine(ToEngine::OpenOk(id)));
+            }
+            Err(e) => {
+                let reason = match e {
+                    ConnectError::Refused => CloseReason::HostRefused,
+                    ConnectError::Unreachable => CloseReason::HostUnreachable,
+                };
+                self.commands
+                    .push_back(Command::Engine(ToEngine::OpenFailed(id, reason)));
+            }
+        }
+    }
+
+    /// What a host socket of the NAT table gave: a datagram (or an echo reply) goes to its
+    /// app, from the address the app sent to; the destination's port unreachable too; a
+    /// socket that failed is forgotten (the app's next datagram makes a new one). An ICMP
+    /// socket the host refuses has echo requests answered "prohibited" for
+    /// [`direct::UDP_SHORT_IDLE`], with one warning.
+    pub fn handle_udp(&mut self, now: Instant, id: UdpId, event: UdpEvent) {
+        match event {
+            UdpEvent::Datagram(payload) => {
+                let Some(key) = self.udp.inbound(now, id) else {
+                    return;
+                };
+                let call = if key.echo {
+                    ToEngine::EchoReply {
+                        from: key.dst.ip(),
+                        to: key.src.ip(),
+                        ident: key.src.port(),
+                        message: payload,
+                    }
+                } else {
+                    ToEngine::Datagram {
+                        from: key.dst,
+                        to: key.src,
+                        payload,
+                    }
+                };
+                self.commands.push_back(Command::Engine(call));
+            }
+            UdpEvent::Refused => {
+                if let Some(UdpKey {
+                    src,
+                    dst,
+                    echo: false,
+                }) = self.udp.key(id)
+                {
+                    self.commands
+                        .push_back(Command::Engine(ToEngine::PortUnreachable { src, dst }));
+                }
+            }
+            UdpEvent::Failed => {
+                let Some(key) = self.udp.remove(id) else {
+                    return;
+                };
+                self.commands.push_back(Command::Udp(UdpOp::Close { id }));
+                if key.echo && self.echo_denied.is_none_or(|until| now >= until) {
+                    self.echo_denied = Some(now + direct::UDP_SHORT_IDLE);
+                    self.commands.push_back(Command::Note(Note::EchoDenied));
+                }
+            }
+        }
+    }
+
     /// The pool's links changed: the open flows on links that are gone are reset (their
     /// channels are gone with them). `live` says whether a link is still up.
     pub fn handle_links(&mut self, _now: Instant, live: impl Fn(LinkId) -> bool) {
@@ -786,7 +1148,7 @@ impl<C, R> Relay<C, R> {
             .flows
             .iter()
             .filter_map(|(id, f)| match &f.phase {
-                Phase::Open(o) if !o.closing && !live(o.link) => Some(*id),
+                Phase::Open(o) if !o.closing && o.link.is_some_and(|l| !live(l)) => Some(*id),
                 _ => None,
             })
             .collect();
@@ -818,10 +1180,7 @@ impl<C, R> Relay<C, R> {
             Received::Data(data) => {
                 flow.down += data.len() as u64;
                 if becomes_heavy(o, flow.up + flow.down) {
-                    self.commands.push_back(Command::Link {
-                        link: o.link,
-                        change: LinkChange::Heavy,
-                    });
+                    link_change(&mut self.commands, o.link, LinkChange::Heavy);
                 }
                 self.commands
                     .push_back(Command::Engine(ToEngine::Deliver(id, data)));
@@ -937,7 +1296,7 @@ impl<C, R> Relay<C, R> {
         };
         match flow.phase {
             Phase::Accepting(Routed { call, .. }) => {
-                flow.phase = Phase::Open(Open::new(call.link, call.channel, None));
+                flow.phase = Phase::Open(Open::new(Some(call.link), call.channel, None));
                 self.flows.insert(id, flow);
                 self.commands
                     .push_back(Command::Accept { reply: call.reply });
@@ -949,6 +1308,17 @@ impl<C, R> Relay<C, R> {
                 self.flows.insert(id, flow);
             }
         }
+    }
+}
+
+/// A change of a link's counters, for a flow on one (not on the direct path).
+fn link_change<C, R>(
+    commands: &mut VecDeque<Command<C, R>>,
+    link: Option<LinkId>,
+    change: LinkChange,
+) {
+    if let Some(link) = link {
+        commands.push_back(Command::Link { link, change });
     }
 }
 

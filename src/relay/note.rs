@@ -127,6 +127,15 @@ pub enum Note {
         /// Why.
         why: CallRefused,
     },
+    /// The host gives no unprivileged ICMP socket: pings outside the VPC are answered
+    /// "prohibited" (warning, at most every 30 s).
+    EchoDenied,
+    /// The direct path's UDP table was full: the association idle longest was dropped to
+    /// make room (debug); its app's next datagram makes a new one.
+    UdpEvicted {
+        /// The dropped association's app socket and destination.
+        key: super::UdpKey,
+    },
     /// A cloud caller's connection to the local app started (debug).
     Caller {
         /// Its flow.
@@ -147,6 +156,7 @@ impl Note {
                 | Note::FlushCut { .. }
                 | Note::LinkLost { .. }
                 | Note::CallRefused { .. }
+                | Note::UdpEvicted { .. }
                 | Note::Caller { .. }
         )
     }
@@ -213,6 +223,14 @@ impl Note {
                 debug!(flows, "resetting the flows of a lost SSH connection")
             }
             Note::CallRefused { port, why } => debug!(port, "cloud caller refused: {why}"),
+            Note::EchoDenied => warn!(
+                "ping outside the VPC is not carried: this host gives this user no ICMP socket; allow the user's group in the sysctl net.ipv4.ping_group_range (e.g. \"0 2147483647\")"
+            ),
+            Note::UdpEvicted { key } => debug!(
+                src = %key.src,
+                dst = %key.dst,
+                "UDP table full: the association idle longest is dropped"
+            ),
             Note::Caller { id, caller, local } => {
                 debug!(flow = %id, caller = %caller, local = %local, "cloud caller")
             }

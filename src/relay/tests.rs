@@ -19,6 +19,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 use super::*;
 use crate::budget::{ChannelWindows, INITIAL_WINDOW, MemoryBudget};
+use crate::engine::packet::tests::udp_v4;
 use crate::engine::{EngineConfig, PENDING_LOW, QueueDevice, TunFormat};
 
 /// The app's (the TUN's) address, and its gateway.
@@ -70,6 +71,7 @@ fn relay_config() -> RelayConfig {
         local_v4: APP_V4,
         local_v6: None,
         budget: None,
+        direct: None,
     }
 }
 
@@ -107,6 +109,9 @@ impl Wire {
 /// The relay's channel handle in these tests.
 type Handle = Rc<RefCell<Wire>>;
 
+/// A UDP datagram the app received: from, to, payload.
+type Datagram = (SocketAddr, SocketAddr, Vec<u8>);
+
 /// How a cloud caller's channel was answered (the reply handle is a number).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Answer {
@@ -127,6 +132,12 @@ struct Pair {
     relay: Relay<Handle, u32>,
     /// Every channel open asked for.
     opens: Vec<OpenRequest>,
+    /// Every host connection asked for (the direct path).
+    connects: Vec<ConnectRequest>,
+    /// Every UDP socket operation asked for (the direct path).
+    udp: Vec<UdpOp>,
+    /// UDP and ICMP packets the engine wrote for the app (the app's stack has no UDP).
+    datagrams: Vec<Vec<u8>>,
     /// Every link counter change asked for.
     links: Vec<(LinkId, LinkChange)>,
     /// Every channel handed to the relay, by flow.
@@ -167,6 +178,9 @@ impl Pair {
             engine: Engine::new(engine, T0, crate::engine::TEST_SEED),
             relay: Relay::new(relay, t0),
             opens: Vec::new(),
+            connects: Vec::new(),
+            udp: Vec::new(),
+            datagrams: Vec::new(),
             links: Vec::new(),
             wires: HashMap::new(),
             ready: Vec::new(),
@@ -221,7 +235,11 @@ impl Pair {
             self.carry_out();
             while let Some(p) = self.engine.poll_transmit() {
                 moved = true;
-                self.app_dev.rx.push_back(p.into());
+                // IPv4's protocol: UDP and ICMP are the test's to read.
+                match p[9] {
+                    17 | 1 => self.datagrams.push(p),
+                    _ => self.app_dev.rx.push_back(p.into()),
+                }
             }
             self.relay.handle_stats(&self.engine.stats());
             if !moved {
@@ -264,6 +282,8 @@ impl Pair {
                     call.apply(&mut self.engine, at);
                 }
                 Command::Open(open) => self.opens.push(open),
+                Command::Connect(connect) => self.connects.push(connect),
+                Command::Udp(op) => self.udp.push(op),
                 Command::Link { link, change } => self.links.push((link, change)),
                 Command::Channel(id, op) => {
                     let wire = self
@@ -451,6 +471,69 @@ impl Pair {
         let wire = self.confirm(id, link);
         assert_eq!(self.state(h), State::Established);
         (h, id, wire)
+    }
+
+    /// The host connection asked for the app connection `h`.
+    fn connect_of(&mut self, h: SocketHandle) -> ConnectRequest {
+        let port = self.tcp(h).local_endpoint().expect("connecting").port;
+        *self
+            .connects
+            .iter()
+            .find(|c| c.key.src.port() == port)
+            .expect("a host connection for the app's")
+    }
+
+    /// The host connection of flow `id` is made (a handle) or failed.
+    fn connected(&mut self, id: FlowId, result: Result<(), ConnectError>) -> Handle {
+        let wire = Handle::default();
+        self.wires.insert(id, wire.clone());
+        let result = result.map(|()| wire.clone());
+        self.relay.handle_connected(self.now(), id, result);
+        self.carry_out();
+        self.step();
+        wire
+    }
+
+    /// The app sends a UDP datagram from its `port` to `dst`.
+    fn send_udp(&mut self, port: u16, dst: SocketAddr, payload: &[u8]) {
+        let SocketAddr::V4(dst) = dst else {
+            panic!("IPv4 only")
+        };
+        let packet = udp_v4((APP_V4, port), (*dst.ip(), dst.port()), payload);
+        self.app_dev.tx.push_back(packet);
+        self.step();
+    }
+
+    /// A host UDP socket gave `event`.
+    fn udp_event(&mut self, id: UdpId, event: UdpEvent) {
+        self.relay.handle_udp(self.now(), id, event);
+        self.carry_out();
+        self.step();
+    }
+
+    /// The datagrams the app received: (from, to, payload) for UDP, and for each ICMP
+    /// packet the port unreachable's quoted destination.
+    fn take_datagrams(&mut self) -> (Vec<Datagram>, Vec<SocketAddr>) {
+        let (mut udp, mut icmp) = (Vec::new(), Vec::new());
+        for p in std::mem::take(&mut self.datagrams) {
+            match crate::engine::packet::classify(&p) {
+                crate::engine::Ingress::Udp {
+                    src,
+                    dst,
+                    start,
+                    len,
+                } => udp.push((src, dst, p[start..start + len].to_vec())),
+                _ => {
+                    assert_eq!(p[9], 1, "ICMP");
+                    assert_eq!((p[20], p[21]), (3, 3), "port unreachable");
+                    let quoted = &p[28..];
+                    let ip = Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]);
+                    let port = u16::from_be_bytes([quoted[22], quoted[23]]);
+                    icmp.push(SocketAddr::from((ip, port)));
+                }
+            }
+        }
+        (udp, icmp)
     }
 
     /// The jump host refuses flow `id`'s channel.
@@ -1021,6 +1104,8 @@ fn cloud_callers_are_routed_to_the_app_or_refused_and_a_closed_port_falls_back_t
 
 // ----- TUN faults, memory -----
 
+// Unix errno values (nix::libc is empty on Windows, whose TUN reports its own codes).
+#[cfg(unix)]
 #[test]
 fn tun_faults_pause_reading_are_summarized_and_a_gone_device_ends_the_session() {
     let mut p = Pair::new();
@@ -1153,4 +1238,410 @@ fn stopping_resets_every_flow_and_closes_every_channel() {
         })
         .collect();
     assert_eq!(reasons, [CloseReason::Shutdown, CloseReason::Shutdown]);
+}
+
+// ----- the direct path (`mse-vpn run`) -----
+
+/// An address outside the VPC.
+fn outside(port: u16) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 80], port))
+}
+
+/// The split-DNS responder's socket on the host.
+const RESPONDER: &str = "127.0.0.1:40053";
+
+/// A pair whose relay sends what is not the VPC (10.0.0.0/16) out directly, with the host's
+/// loopback at 198.18.0.2 and DNS at 198.18.0.3.
+fn direct_pair(max_udp: usize) -> Pair {
+    let direct = DirectConfig {
+        host_loopback: vec![direct::HOST_LOOPBACK_V4.into()],
+        dns: Some(DnsRedirect {
+            at: SocketAddr::from((direct::DNS_V4, 53)),
+            to: RESPONDER.parse().unwrap(),
+        }),
+        max_udp,
+        ..DirectConfig::new(vec!["10.0.0.0/16".parse().unwrap()])
+    };
+    Pair::with(
+        EngineConfig {
+            datagrams: true,
+            ..engine_config()
+        },
+        RelayConfig {
+            direct: Some(direct),
+            ..relay_config()
+        },
+    )
+}
+
+#[test]
+fn outside_the_vpc_a_flow_is_a_host_connection_held_until_made_and_relayed_like_a_channel() {
+    let mut p = direct_pair(8);
+    let h = p.connect(outside(443));
+    let c = p.connect_of(h);
+    assert_eq!(c.target, outside(443), "to the destination itself");
+    assert_eq!(c.cap, relay_config().open_timeout);
+    assert!(p.opens.is_empty(), "no SSH channel");
+    assert_eq!(p.state(h), State::SynSent, "the SYN is held");
+    assert_eq!(p.relay.connecting(), 1);
+
+    let wire = p.connected(c.id, Ok(()));
+    assert_eq!(p.state(h), State::Established);
+    assert_eq!(p.relay.connecting(), 0);
+    p.send(h, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(wire.borrow().data(), b"GET / HTTP/1.1\r\n\r\n");
+    p.deliver(
+        c.id,
+        Received::Data(Bytes::from_static(b"HTTP/1.1 200 OK\r\n")),
+    );
+    assert_eq!(p.recv(h), b"HTTP/1.1 200 OK\r\n");
+    // The peer's FIN, then the app's: the flow finishes; the connection is closed.
+    p.deliver(c.id, Received::Eof);
+    p.tcp(h).close();
+    p.run_for(Duration::from_millis(50));
+    assert_eq!(
+        wire.borrow().written[1..],
+        [WriteOp::Eof, WriteOp::Close],
+        "EOF then the close"
+    );
+    assert_eq!(p.relay.flow_count(), 0);
+    assert!(p.links.is_empty(), "a host connection is on no SSH link");
+
+    // The VPC still goes through SSH.
+    let v = p.connect(vpc(10, 5432));
+    assert_eq!(p.open_of(v).key.dst, vpc(10, 5432));
+    assert_eq!(p.connects.len(), 1);
+}
+
+#[test]
+fn the_loopback_alias_is_the_hosts_127_0_0_1_and_the_dns_address_the_responder() {
+    let mut p = direct_pair(8);
+    let db = p.connect(SocketAddr::from((direct::HOST_LOOPBACK_V4, 5432)));
+    assert_eq!(p.connect_of(db).target, "127.0.0.1:5432".parse().unwrap());
+    let dns = p.connect(SocketAddr::from((direct::DNS_V4, 53)));
+    assert_eq!(p.connect_of(dns).target, RESPONDER.parse().unwrap());
+    // The app sees the address it dialled.
+    let id = p.connect_of(db).id;
+    p.connected(id, Ok(()));
+    assert_eq!(p.state(db), State::Established);
+    let remote = p.tcp(db).remote_endpoint().unwrap();
+    assert_eq!(remote.addr, IpAddress::Ipv4(direct::HOST_LOOPBACK_V4));
+    // The DNS address serves DNS only: another port is refused here, never sent out.
+    let web = p.connect(SocketAddr::from((direct::DNS_V4, 80)));
+    assert_eq!(p.state(web), State::Closed);
+    assert_eq!(p.connects.len(), 2);
+}
+
+#[test]
+fn a_refused_or_unreachable_host_connection_resets_the_app() {
+    let mut p = direct_pair(8);
+    let h = p.connect(outside(81));
+    let id = p.connect_of(h).id;
+    p.connected(id, Err(ConnectError::Refused));
+    assert_eq!(p.state(h), State::Closed, "a closed port looks closed");
+    let g = p.connect(outside(82));
+    let id = p.connect_of(g).id;
+    p.connected(id, Err(ConnectError::Unreachable));
+    assert_eq!(p.state(g), State::Closed);
+    let reasons: Vec<CloseReason> = p
+        .notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::Closed { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [CloseReason::HostRefused, CloseReason::HostUnreachable]
+    );
+    assert!(
+        !p.notes.iter().any(Note::is_warning),
+        "a destination outside the VPC refusing is the app's business"
+    );
+    assert_eq!(p.engine.stats().flows_refused, 2);
+    assert_eq!(p.relay.connecting(), 0);
+}
+
+#[test]
+fn a_host_connection_made_after_its_app_gave_up_is_closed_at_once() {
+    let mut p = direct_pair(8);
+    let h = p.connect(outside(443));
+    let id = p.connect_of(h).id;
+    p.run_for(SYN_HOLD + Duration::from_secs(1));
+    assert_eq!(p.state(h), State::Closed);
+    let wire = p.connected(id, Ok(()));
+    assert!(wire.borrow().dropped);
+    assert_eq!(p.relay.connecting(), 0);
+    assert_eq!(p.relay.flow_count(), 0);
+    assert_eq!(p.engine.flow_count(), 0);
+}
+
+#[test]
+fn host_connections_have_their_own_bound_and_leave_the_jump_hosts_alone() {
+    let mut p = direct_pair(8);
+    let pending: Vec<SocketHandle> = (0..MAX_OPENING as u16)
+        .map(|i| p.connect(outside(1000 + i)))
+        .collect();
+    assert_eq!(p.connects.len(), MAX_OPENING);
+    let over = p.connect(outside(2000));
+    assert_eq!(p.state(over), State::Closed, "reset at once");
+    assert_eq!(p.connects.len(), MAX_OPENING);
+    // The jump host's opens are not taken by them.
+    let v = p.connect(vpc(10, 80));
+    assert_eq!(p.state(v), State::SynSent);
+    assert_eq!(p.opens.len(), 1);
+    // One made: room for one more.
+    let id = p.connect_of(pending[0]).id;
+    p.connected(id, Ok(()));
+    let next = p.connect(outside(2001));
+    assert_eq!(p.state(next), State::SynSent);
+    assert_eq!(p.relay.connecting(), MAX_OPENING);
+}
+
+#[test]
+fn a_lost_link_leaves_host_connections_alone_and_they_are_never_counted_on_a_link() {
+    let mut p = direct_pair(8);
+    let h = p.connect(outside(443));
+    let id = p.connect_of(h).id;
+    p.connected(id, Ok(()));
+    let (v, ..) = p.open(vpc(10, 80), LINK0);
+    // Bulk both ways: an SSH flow would be counted heavy on its link.
+    for _ in 0..40 {
+        p.deliver(id, Received::Data(Bytes::from(vec![1u8; 32 * 1024])));
+        p.recv(h);
+    }
+    assert!(p.links.is_empty(), "{:?}", p.links);
+    let now = p.now();
+    p.relay.handle_links(now, |_| false);
+    p.carry_out();
+    p.step();
+    assert_eq!(p.state(v), State::Closed, "the SSH flow is reset");
+    assert_eq!(
+        p.state(h),
+        State::Established,
+        "the host connection goes on"
+    );
+}
+
+#[test]
+fn udp_outside_goes_out_on_one_socket_per_app_socket_and_replies_come_from_the_destination() {
+    let mut p = direct_pair(8);
+    let ntp = outside(123);
+    p.send_udp(5000, ntp, b"q1");
+    p.send_udp(5000, ntp, b"q2");
+    let first = UdpId(0);
+    assert_eq!(
+        p.udp,
+        [
+            UdpOp::Open {
+                id: first,
+                target: ntp,
+                echo: false
+            },
+            UdpOp::Send {
+                id: first,
+                payload: Bytes::from_static(b"q1")
+            },
+            UdpOp::Send {
+                id: first,
+                payload: Bytes::from_static(b"q2")
+            },
+        ]
+    );
+    p.udp_event(first, UdpEvent::Datagram(Bytes::from_static(b"r1")));
+    let app = SocketAddr::from((APP_V4, 5000));
+    assert_eq!(
+        p.take_datagrams(),
+        (vec![(ntp, app, b"r1".to_vec())], vec![])
+    );
+    // Another app socket: its own association.
+    p.send_udp(5001, ntp, b"q3");
+    assert!(matches!(p.udp[3], UdpOp::Open { id: UdpId(1), .. }));
+    assert_eq!(p.relay.udp_associations(), 2);
+    assert!(p.opens.is_empty() && p.connects.is_empty(), "no TCP");
+}
+
+#[test]
+fn udp_to_the_vpc_or_to_a_closed_port_gets_port_unreachable() {
+    let mut p = direct_pair(8);
+    p.send_udp(5000, vpc(10, 53), b"q");
+    assert!(p.udp.is_empty(), "UDP never goes through SSH");
+    assert_eq!(p.take_datagrams(), (vec![], vec![vpc(10, 53)]));
+    // A destination whose port is closed answers ICMP: the app hears it.
+    p.send_udp(5001, outside(9), b"q");
+    p.udp_event(UdpId(0), UdpEvent::Refused);
+    assert_eq!(p.take_datagrams(), (vec![], vec![outside(9)]));
+    assert_eq!(p.relay.udp_associations(), 1, "kept: the app may try again");
+    // A socket that failed is forgotten and closed.
+    p.udp_event(UdpId(0), UdpEvent::Failed);
+    assert_eq!(p.relay.udp_associations(), 0);
+    assert_eq!(p.udp.last(), Some(&UdpOp::Close { id: UdpId(0) }));
+}
+
+#[test]
+fn dns_to_the_dns_address_goes_to_the_responder_and_answers_come_from_the_dns_address() {
+    let mut p = direct_pair(8);
+    let dns = SocketAddr::from((direct::DNS_V4, 53));
+    p.send_udp(5353, dns, b"query");
+    assert_eq!(
+        p.udp[0],
+        UdpOp::Open {
+            id: UdpId(0),
+            target: RESPONDER.parse().unwrap(),
+            echo: false
+        }
+    );
+    p.udp_event(UdpId(0), UdpEvent::Datagram(Bytes::from_static(b"answer")));
+    let app = SocketAddr::from((APP_V4, 5353));
+    assert_eq!(
+        p.take_datagrams(),
+        (vec![(dns, app, b"answer".to_vec())], vec![])
+    );
+    let ntp = SocketAddr::from((direct::DNS_V4, 123));
+    p.send_udp(5353, ntp, b"time?");
+    assert_eq!(p.take_datagrams(), (vec![], vec![ntp]));
+    assert_eq!(p.udp.len(), 2, "no socket for it");
+}
+
+#[test]
+fn idle_udp_associations_are_closed_and_a_full_table_makes_room_from_the_idlest() {
+    let mut p = direct_pair(2);
+    p.send_udp(5000, outside(53), b"a");
+    p.run_for(Duration::from_secs(1));
+    p.send_udp(5001, outside(53), b"b");
+    p.run_for(Duration::from_secs(1));
+    p.send_udp(5002, outside(53), b"c");
+    assert!(
+        p.udp.contains(&UdpOp::Close { id: UdpId(0) }),
+        "the idlest made room: {:?}",
+        p.udp
+    );
+    assert_eq!(p.relay.udp_associations(), 2);
+    let evicted = p.notes_of(|n| matches!(n, Note::UdpEvicted { .. }));
+    assert_eq!(
+        evicted,
+        [Note::UdpEvicted {
+            key: UdpKey {
+                src: SocketAddr::from((APP_V4, 5000)),
+                dst: outside(53),
+                echo: false
+            }
+        }]
+    );
+    p.udp.clear();
+    p.run_for(direct::UDP_SHORT_IDLE + Duration::from_secs(1));
+    assert_eq!(
+        p.udp,
+        [UdpOp::Close { id: UdpId(1) }, UdpOp::Close { id: UdpId(2) }]
+    );
+    assert_eq!(p.relay.udp_associations(), 0);
+    assert_eq!(p.relay.poll_timeout(), None, "nothing left to wait for");
+}
+
+fn ping_packet(
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    ident_seq: (u16, u16),
+    request: bool,
+) -> Vec<u8> {
+    crate::engine::packet::emit_echo((src, dst), request, ident_seq, b"abc", 1500).unwrap()
+}
+
+#[test]
+fn a_ping_outside_goes_out_on_an_icmp_socket_and_its_reply_comes_back_to_the_app() {
+    let mut p = direct_pair(8);
+    let (app, dst) = (APP_V4.into(), std::net::IpAddr::from([192, 0, 2, 1]));
+    let ping = ping_packet(app, dst, (0x77, 1), true);
+    p.app_dev.tx.push_back(ping.clone());
+    p.step();
+    assert_eq!(
+        p.udp,
+        [
+            UdpOp::Open {
+                id: UdpId(0),
+                target: SocketAddr::new(dst, 0),
+                echo: true
+            },
+            UdpOp::Send {
+                id: UdpId(0),
+                payload: Bytes::copy_from_slice(&ping[20..])
+            },
+        ]
+    );
+    // What the host's ICMP socket receives: the reply to its own identifier.
+    let host = ping_packet(dst, app, (0x4242, 1), false);
+    p.udp_event(
+        UdpId(0),
+        UdpEvent::Datagram(Bytes::copy_from_slice(&host[20..])),
+    );
+    let expected = ping_packet(dst, app, (0x77, 1), false);
+    assert_eq!(
+        p.datagrams,
+        [expected],
+        "the reply, with the app's identifier"
+    );
+
+    // The loopback alias pings the host's 127.0.0.1.
+    let alias = std::net::IpAddr::V4(direct::HOST_LOOPBACK_V4);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, alias, (0x78, 1), true));
+    p.step();
+    assert!(
+        matches!(
+            p.udp[2],
+            UdpOp::Open { target, echo: true, .. } if target == "127.0.0.1:0".parse().unwrap()
+        ),
+        "{:?}",
+        p.udp
+    );
+}
+
+#[test]
+fn a_ping_to_the_vpc_or_without_icmp_sockets_is_prohibited_with_one_warning() {
+    let mut p = direct_pair(8);
+    let app: std::net::IpAddr = APP_V4.into();
+    let prohibited = |p: &Pair| {
+        p.datagrams
+            .iter()
+            .filter(|d| (d[9], d[20], d[21]) == (1, 3, 13))
+            .count()
+    };
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, vpc(10, 0).ip(), (0x77, 1), true));
+    p.step();
+    assert!(p.udp.is_empty(), "never through SSH");
+    assert_eq!(prohibited(&p), 1);
+
+    // The host gives no ICMP socket (ping_group_range): the first request goes unanswered,
+    // the next ones are prohibited at once, with one warning.
+    let outside = std::net::IpAddr::from([192, 0, 2, 1]);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, outside, (0x77, 1), true));
+    p.step();
+    p.udp_event(UdpId(0), UdpEvent::Failed);
+    assert_eq!(p.relay.udp_associations(), 0);
+    for seq in 2..5 {
+        p.app_dev
+            .tx
+            .push_back(ping_packet(app, outside, (0x77, seq), true));
+        p.step();
+    }
+    assert_eq!(prohibited(&p), 1 + 3);
+    assert_eq!(p.udp.len(), 3, "no more sockets tried: {:?}", p.udp);
+    assert_eq!(p.notes_of(|n| *n == Note::EchoDenied).len(), 1);
+    // After a while, another try.
+    p.run_for(direct::UDP_SHORT_IDLE);
+    p.app_dev
+        .tx
+        .push_back(ping_packet(app, outside, (0x77, 5), true));
+    p.step();
+    assert!(
+        matches!(p.udp.last(), Some(UdpOp::Send { .. })),
+        "{:?}",
+        p.udp
+    );
 }

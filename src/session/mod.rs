@@ -23,7 +23,7 @@
 
 pub mod dns;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::control::{self, Board, ControlError, LinkState};
 use crate::dns::{DnsError, DnsSettings};
+use crate::relay::direct::{DirectConfig, DnsRedirect};
 use crate::driver::{Driver, DriverConfig};
 use crate::engine::{EngineConfig, TunFormat};
 use crate::pool::{self, Pool};
@@ -234,14 +235,6 @@ impl UpReport {
     }
 }
 
-/// Whether a session in an app's own namespace ([`InNamespace`]) carries flows to addresses
-/// outside the VPC CIDRs: then the namespace routes every destination into the TUN. Until
-/// the driver has its direct path (issue 24, its other half) only the CIDRs (and the
-/// split-DNS responder's address) are routed there; other destinations are unreachable at
-/// once. With it, the app resolves every name through the responder (split names through the
-/// tunnel, the others through this host's own nameservers).
-pub const CARRIES_OUTSIDE: bool = false;
-
 /// A session whose TUN lives in an app's own network namespace (`mse-vpn run` without
 /// root): the namespace already has the TUN's addresses and routes, so the session changes
 /// nothing on the host (no repair, no route check, no journal, no host resolver).
@@ -350,6 +343,7 @@ impl Session {
         let in_namespace = namespace.is_some();
         let namespace_v6 = namespace.as_ref().and_then(|ns| ns.v6);
         let namespace_dns = namespace.as_ref().and_then(|ns| ns.dns);
+        let namespace_loopback = namespace.as_ref().and_then(|ns| ns.host_loopback);
         let stopper = Stopper(stop.clone());
         let net = &config.network;
         let budget = crate::budget::MemoryBudget::new(config.memory_budget);
@@ -501,7 +495,11 @@ impl Session {
             budget: Some(budget.clone()),
             local_v4: plan.tun_v4(),
             local_v6: namespace_v6.or(plan.tun_v6()),
+            // `up` routes only the VPC CIDRs into the TUN: no direct path. An app's
+            // namespace that reaches outside gets one once its DNS responder is bound.
+            direct: None,
         };
+        let mut driver_config = driver_config;
         let connect_timeout = opts.connect_timeout;
         let fatal = pool::supervise(&pool, sessions, Arc::new(opts), board.clone(), stop.clone());
         // Split DNS: the responder, then the host resolver pointed at it (journaled).
@@ -509,7 +507,7 @@ impl Session {
         // An app's namespace that reaches outside the VPC resolves every name through the
         // responder: the host's own nameservers (often a loopback stub) are reached from
         // here.
-        if net.dns.enabled() || (in_namespace && CARRIES_OUTSIDE) {
+        if net.dns.enabled() || in_namespace {
             let started = match host.as_mut() {
                 Some(host) => {
                     self::dns::start(&net.dns, &plan, &pool, host, state_dir, &dns_servers).await
@@ -520,6 +518,26 @@ impl Session {
                 Ok((responder, shown)) => {
                     if let Some(addr) = namespace_dns {
                         debug!(responder = %shown.listen, "the app's resolver is {addr}:53");
+                    }
+                    if in_namespace {
+                        let to = match responder.local_addr() {
+                            Ok(to) => to,
+                            Err(source) => {
+                                let e = DnsError::Bind {
+                                    addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                                    source,
+                                };
+                                return Err(undo.fail(e.into(), host).await);
+                            }
+                        };
+                        driver_config.direct = Some(namespace_direct(
+                            plan.routes(),
+                            namespace_loopback,
+                            namespace_dns.map(|at| DnsRedirect {
+                                at: SocketAddr::from((at, 53)),
+                                to,
+                            }),
+                        ));
                     }
                     if net.dns.enabled() {
                         dns_line = Some(self::dns::summary(&net.dns, &shown));
@@ -660,6 +678,20 @@ impl Running {
 }
 
 /// Says what was found of the jump host's VPC address (`needed`: --expose waits for it).
+/// The direct path of an app's namespace: the VPC `routes` through SSH, every other
+/// destination from this host's sockets; `loopback` (the namespace's alias for this host's
+/// 127.0.0.1) and `dns` (the app's resolver address, answered by the responder) as given.
+fn namespace_direct(
+    routes: &[IpNet],
+    loopback: Option<Ipv4Addr>,
+    dns: Option<DnsRedirect>,
+) -> DirectConfig {
+    let mut direct = DirectConfig::new(routes.to_vec());
+    direct.host_loopback = loopback.map(IpAddr::V4).into_iter().collect();
+    direct.dns = dns;
+    direct
+}
+
 fn say_advertise(found: Option<IpAddr>, needed: bool) {
     match found {
         Some(a) => {

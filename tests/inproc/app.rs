@@ -91,6 +91,8 @@ pub struct App {
     from_driver: mpsc::Receiver<Vec<u8>>,
     epoch: Instant,
     next_port: u16,
+    /// UDP and ICMP packets from the driver (the app's stack has no UDP: tests read them).
+    pub datagrams: Vec<Vec<u8>>,
 }
 
 impl App {
@@ -117,6 +119,7 @@ impl App {
             from_driver,
             epoch,
             next_port: 40_000,
+            datagrams: Vec::new(),
         };
         let queues = Queues {
             from_app: Mutex::new(from_app),
@@ -192,12 +195,26 @@ impl App {
                 .unwrap_or(Duration::from_millis(5))
                 .min(Duration::from_millis(5));
             if let Ok(Some(p)) = tokio::time::timeout(wait, self.from_driver.recv()).await {
-                self.dev.rx.push_back(RxPacket::from(p));
+                self.take(p);
                 while let Ok(p) = self.from_driver.try_recv() {
-                    self.dev.rx.push_back(RxPacket::from(p));
+                    self.take(p);
                 }
             }
         }
+    }
+
+    /// A packet from the driver: UDP and ICMP (IPv4 protocols 17 and 1) for the test, the
+    /// rest for the stack.
+    fn take(&mut self, p: Vec<u8>) {
+        match p.get(9) {
+            Some(17 | 1) => self.datagrams.push(p),
+            _ => self.dev.rx.push_back(RxPacket::from(p)),
+        }
+    }
+
+    /// Sends a raw IP packet to the driver (a UDP datagram the test built).
+    pub async fn send_raw(&mut self, p: Vec<u8>) {
+        self.to_driver.send(p).await.expect("driver queue");
     }
 
     /// Sends all of `data` on `h` and reads until `want` bytes came back (or the limit).
@@ -320,6 +337,21 @@ pub async fn watch_server() -> (SocketAddr, mpsc::Receiver<std::io::Result<usize
         }
     });
     (addr, rx)
+}
+
+/// A UDP echo server on 127.0.0.1: sends every datagram back to where it came from.
+pub async fn udp_echo_server() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
 }
 
 /// A port on 127.0.0.1 where nothing listens (bound, then released).

@@ -10,14 +10,18 @@ use std::time::Duration;
 use smoltcp::socket::tcp::State;
 use tokio::sync::watch;
 
+use mse_vpn::dns::{DnsCounters, Responder, ResponderConfig, Split, Tunnel};
 use mse_vpn::driver::{Driver, DriverConfig};
+use mse_vpn::engine::packet::{Ingress, classify, emit_udp};
 use mse_vpn::engine::{EngineConfig, EngineStats, TunFormat};
 use mse_vpn::pool::Pool;
+use mse_vpn::relay::direct::{DNS_V4, HOST_LOOPBACK_V4};
+use mse_vpn::relay::{DirectConfig, DnsRedirect};
 use mse_vpn::reverse::{ForwardSpec, ForwardState, Forwards};
 
 use crate::app::{
     self, APP_V4, App, Queues, VPC_V4, closed_port, count_server, echo_server, pattern,
-    source_server, watch_server,
+    source_server, udp_echo_server, watch_server,
 };
 use crate::jump::Jump;
 use crate::{LIMIT, start_pool};
@@ -47,15 +51,35 @@ impl Rig {
 
     /// A rig whose apps wait `open_timeout` for their channel.
     async fn with_open_timeout(open_timeout: Duration) -> Rig {
-        Rig::build(open_timeout, None).await
+        Rig::build(open_timeout, None, None).await
     }
 
     /// A rig whose driver gives memory back with `release` (not `malloc_trim`).
     async fn with_release(release: fn() -> bool) -> Rig {
-        Rig::build(OPEN_TIMEOUT, Some(release)).await
+        Rig::build(OPEN_TIMEOUT, Some(release), None).await
     }
 
-    async fn build(open_timeout: Duration, release: Option<fn() -> bool>) -> Rig {
+    /// A rig with the direct path on (`mse-vpn run`): only 10.0.0.0/16 goes through SSH;
+    /// the host's loopback is at [`HOST_LOOPBACK_V4`].
+    async fn direct() -> Rig {
+        Rig::direct_with_dns(None).await
+    }
+
+    /// [`Rig::direct`], DNS to `dns.at` going to `dns.to`.
+    async fn direct_with_dns(dns: Option<DnsRedirect>) -> Rig {
+        let direct = DirectConfig {
+            host_loopback: vec![HOST_LOOPBACK_V4.into()],
+            dns,
+            ..DirectConfig::new(vec!["10.0.0.0/16".parse().unwrap()])
+        };
+        Rig::build(OPEN_TIMEOUT, None, Some(direct)).await
+    }
+
+    async fn build(
+        open_timeout: Duration,
+        release: Option<fn() -> bool>,
+        direct: Option<DirectConfig>,
+    ) -> Rig {
         let jump = Jump::start().await;
         let (pool, stop) = start_pool(&jump, 1).await;
         let (app, queues) = App::new();
@@ -75,6 +99,7 @@ impl Rig {
             local_v4: APP_V4,
             local_v6: None,
             budget: None,
+            direct,
         };
         let forwards = Forwards::new();
         tokio::spawn(Arc::clone(&forwards).keep(pool.clone(), stop.subscribe()));
@@ -515,4 +540,393 @@ async fn giving_memory_back_never_stalls_a_flow() {
         "an echo took {slowest:?} while memory was given back"
     );
     rig.stop().await;
+}
+
+// ----- the direct path (`mse-vpn run`) -----
+
+/// The host's `port` as the app reaches it: the loopback alias.
+fn host(port: u16) -> SocketAddr {
+    SocketAddr::from((HOST_LOOPBACK_V4, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_flow_outside_the_vpc_is_a_host_connection_not_a_channel() {
+    let mut rig = Rig::direct().await;
+    let echo = echo_server().await;
+    let h = rig.app.connect(host(echo.port()));
+    let data = pattern(500_000);
+    let got = rig.app.exchange(h, &data, data.len(), LIMIT).await;
+    assert!(
+        got == data,
+        "the bytes come back as sent ({} of them)",
+        got.len()
+    );
+    assert!(
+        rig.jump.opens().is_empty(),
+        "no SSH channel: {:?}",
+        rig.jump.opens()
+    );
+    rig.app.tcp(h).close();
+    let mut rest = Vec::new();
+    assert!(rig.app.read_to_fin(h, &mut rest, LIMIT).await, "FIN back");
+    assert!(rig.until_no_flows().await, "the flow is reaped");
+    let stats = *rig.stats.borrow();
+    assert_eq!((stats.bytes_up, stats.bytes_down), (500_000, 500_000));
+
+    // The VPC still goes through the jump host.
+    let v = rig.app.connect(Rig::vpc(echo.port()));
+    let got = rig.app.exchange(v, b"ping", 4, LIMIT).await;
+    assert_eq!(got, b"ping");
+    assert_eq!(rig.jump.opens(), [(VPC_V4.to_string(), echo.port())]);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_closed_host_port_resets_the_app_at_once() {
+    let mut rig = Rig::direct().await;
+    let h = rig.app.connect(host(closed_port()));
+    let mut established = false;
+    let closed = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            established |= s.state() == State::Established;
+            s.state() == State::Closed
+        })
+        .await;
+    assert!(closed && !established, "a closed port looks closed");
+    assert!(rig.until_no_flows().await);
+    assert_eq!(rig.stats.borrow().flows_refused, 1);
+    assert!(rig.jump.opens().is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_an_app_reset_resets_the_host_connection() {
+    let mut rig = Rig::direct().await;
+    let (server, mut ends) = watch_server().await;
+    let h = rig.app.connect(host(server.port()));
+    let sent = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.state() == State::Established && s.send_queue() == 0 {
+                return s.send_slice(b"partial request").is_ok();
+            }
+            false
+        })
+        .await;
+    assert!(sent);
+    rig.app
+        .until(LIMIT, |app| app.tcp(h).send_queue() == 0)
+        .await;
+    rig.app.tcp(h).abort();
+    rig.app.until(Duration::from_millis(50), |_| false).await;
+    let end = tokio::time::timeout(LIMIT, ends.recv())
+        .await
+        .expect("the server's connection ends")
+        .expect("reported");
+    assert!(end.is_err(), "a reset, not an orderly EOF: {end:?}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_udp_round_trips_through_a_host_socket() {
+    let mut rig = Rig::direct().await;
+    let echo = udp_echo_server().await;
+    let (app, dst) = (SocketAddr::from((APP_V4, 5353)), host(echo.port()));
+    for payload in [&b"first"[..], b"second"] {
+        let p = emit_udp(app, dst, payload, app::MTU).expect("a datagram");
+        rig.app.send_raw(p).await;
+    }
+    let got = rig.app.until(LIMIT, |a| a.datagrams.len() >= 2).await;
+    assert!(
+        got,
+        "two answers: {:?} {:?}",
+        rig.app.datagrams,
+        *rig.stats.borrow()
+    );
+    let answers: Vec<(SocketAddr, SocketAddr, Vec<u8>)> = rig
+        .app
+        .datagrams
+        .drain(..)
+        .map(|p| match classify(&p) {
+            Ingress::Udp {
+                src,
+                dst,
+                start,
+                len,
+            } => (src, dst, p[start..start + len].to_vec()),
+            other => panic!("expected UDP, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            (dst, app, b"first".to_vec()),
+            (dst, app, b"second".to_vec())
+        ],
+        "from the address the app sent to"
+    );
+    // The counters are published after the turn that wrote the answers.
+    let stats = rig.stats.clone();
+    let counted = rig
+        .app
+        .until(LIMIT, |_| {
+            let s = stats.borrow();
+            (s.datagrams_up, s.datagrams_down) == (2, 2)
+        })
+        .await;
+    assert!(counted, "{:?}", *rig.stats.borrow());
+
+    // UDP to the VPC is not carried: ICMP port unreachable, as in `up`.
+    let vpc = SocketAddr::new(VPC_V4.into(), 53);
+    rig.app
+        .send_raw(emit_udp(app, vpc, b"q", app::MTU).unwrap())
+        .await;
+    assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+    assert_eq!(rig.app.datagrams[0][9], 1, "ICMP");
+    rig.stop().await;
+}
+
+/// A DNS query for `name`'s A record.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The answer to [`dns_query`] from a responder with no nameserver for names outside its
+/// split domains: REFUSED, with the query's id.
+fn assert_refused(answer: &[u8], id: u16) {
+    assert!(answer.len() >= 12, "{answer:?}");
+    assert_eq!(u16::from_be_bytes([answer[0], answer[1]]), id);
+    assert_eq!(answer[2] & 0x80, 0x80, "a response");
+    assert_eq!(answer[3] & 0x0f, 5, "REFUSED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_dns_to_the_dns_address_is_answered_by_the_responder_udp_and_tcp() {
+    // The split-DNS responder as `run` starts it: on this host's 127.0.0.1 (the app's
+    // address is not this namespace's), no original nameserver (other names: REFUSED).
+    let tunnel = Tunnel::spawn(
+        Pool::new(1),
+        vec![([10, 0, 0, 2], 53).into()],
+        ([127, 0, 0, 1], 53).into(),
+        1,
+        Duration::from_secs(2),
+    );
+    let counters = Arc::new(DnsCounters::default());
+    let responder = Responder::bind(
+        ResponderConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            split: Split::new(vec!["internal".parse().unwrap()], &[]),
+            upstream: Vec::new(),
+        },
+        tunnel,
+        counters.clone(),
+    )
+    .await
+    .expect("bind");
+    let dns = SocketAddr::from((DNS_V4, 53));
+    let redirect = DnsRedirect {
+        at: dns,
+        to: responder.local_addr().unwrap(),
+    };
+    let (stop_dns, stopped) = watch::channel(false);
+    tokio::spawn(responder.run(stopped));
+    let mut rig = Rig::direct_with_dns(Some(redirect)).await;
+
+    // UDP: the answer comes from the DNS address.
+    let app = SocketAddr::from((APP_V4, 5353));
+    let query = dns_query(0x1234, "www.example.org");
+    rig.app
+        .send_raw(emit_udp(app, dns, &query, app::MTU).unwrap())
+        .await;
+    assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+    let p = rig.app.datagrams.remove(0);
+    let Ingress::Udp {
+        src,
+        dst,
+        start,
+        len,
+    } = classify(&p)
+    else {
+        panic!("expected UDP, got {p:?}")
+    };
+    assert_eq!((src, dst), (dns, app));
+    assert_refused(&p[start..start + len], 0x1234);
+
+    // TCP: a length-prefixed query on a connection to the DNS address.
+    let h = rig.app.connect(dns);
+    let query = dns_query(0x4321, "www.example.org");
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    // REFUSED carries the question back: as long as the query.
+    let got = rig.app.exchange(h, &framed, framed.len(), LIMIT).await;
+    assert!(got.len() >= 2 + 12, "{got:?}");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([got[0], got[1]])),
+        got.len() - 2
+    );
+    assert_refused(&got[2..], 0x4321);
+    assert!(rig.jump.opens().is_empty(), "nothing went through SSH");
+    assert_eq!(
+        counters.refused.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let _ = stop_dns.send(true);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_the_apps_fin_is_a_shutdown_and_the_reply_still_flows_back() {
+    let mut rig = Rig::direct().await;
+    let server = count_server().await;
+    let h = rig.app.connect(host(server.port()));
+    let data = pattern(70_000);
+    let mut queued = 0;
+    let written = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            if s.can_send() && queued < data.len() {
+                queued += s.send_slice(&data[queued..]).expect("send");
+            }
+            queued == data.len()
+        })
+        .await;
+    assert!(written);
+    rig.app.tcp(h).close();
+    let mut reply = Vec::new();
+    assert!(
+        rig.app.read_to_fin(h, &mut reply, LIMIT).await,
+        "the server's FIN"
+    );
+    assert_eq!(String::from_utf8_lossy(&reply), "got 70000 bytes");
+    assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_an_app_that_stops_reading_stops_its_host_connection_too() {
+    const BULK: usize = 8 * 1024 * 1024;
+    let mut rig = Rig::direct().await;
+    let source = source_server(BULK).await;
+    let paused = rig.app.connect(host(source.port()));
+    let stats = rig.stats.clone();
+    // The app does not read: its buffer, then the engine's socket and its pending bytes
+    // fill, and the host connection is no longer read (its kernel buffers hold the rest).
+    let full = rig
+        .app
+        .until(LIMIT, |_| {
+            stats.borrow().buffered >= (256 * 1024 + mse_vpn::engine::PENDING_LOW) as u64
+        })
+        .await;
+    assert!(full, "the engine's socket for the paused flow filled");
+    rig.app.until(Duration::from_millis(300), |_| false).await;
+    let s = *stats.borrow();
+    assert!(
+        s.bytes_down < 1024 * 1024 && s.buffered < 512 * 1024,
+        "a paused flow costs its buffers, not the download: {} bytes down, {} held",
+        s.bytes_down,
+        s.buffered
+    );
+    let mut got = Vec::new();
+    assert!(
+        rig.app.read_to_fin(paused, &mut got, LIMIT).await,
+        "the FIN at the end"
+    );
+    assert_eq!(got.len(), BULK);
+    assert!(got == pattern(BULK), "byte-exact after the pause");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_direct_path_a_server_that_resets_resets_the_app() {
+    let mut rig = Rig::direct().await;
+    // A server that answers, then resets the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(b"bye").await;
+            let _ = s.set_zero_linger();
+        }
+    });
+    let h = rig.app.connect(host(port));
+    let mut got = Vec::new();
+    let reset = rig
+        .app
+        .until(LIMIT, |app| {
+            let s = app.tcp(h);
+            while s.can_recv() {
+                s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            s.state() == State::Closed
+        })
+        .await;
+    assert!(reset, "the app's connection is reset");
+    assert!(got.is_empty() || got == b"bye", "{got:?}");
+    assert!(rig.until_no_flows().await);
+    rig.stop().await;
+}
+
+/// Pings through the direct path: ICMP sockets as Linux gives them to ordinary users.
+#[cfg(target_os = "linux")]
+mod ping {
+    use super::*;
+    use mse_vpn::engine::packet::emit_echo;
+
+    /// True if this host gives this process unprivileged ICMP sockets (its group is in
+    /// `net.ipv4.ping_group_range`, of this network namespace).
+    fn ping_sockets_allowed() -> bool {
+        let range =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
+        let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>().ok());
+        let (Some(Some(low)), Some(Some(high))) = (bounds.next(), bounds.next()) else {
+            return false;
+        };
+        let gid = nix::unistd::getegid().as_raw();
+        low <= gid && gid <= high
+    }
+
+    /// A ping to the host's loopback through the alias: answered where the host gives ICMP
+    /// sockets (`ping_group_range`), "prohibited" at once where it does not (after the first
+    /// request, which goes unanswered). Both are real outcomes; the other branch runs where the
+    /// setting differs (`ip netns exec NS` with the range opened in that namespace).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_the_direct_path_a_ping_to_the_host_is_answered_where_ping_sockets_are_allowed() {
+        let mut rig = Rig::direct().await;
+        let (app, alias) = (IpAddr::V4(APP_V4), IpAddr::V4(HOST_LOOPBACK_V4));
+        let ping = |seq| emit_echo((app, alias), true, (0x77, seq), b"hello", app::MTU).unwrap();
+        rig.app.send_raw(ping(1)).await;
+        if ping_sockets_allowed() {
+            assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+            let reply = rig.app.datagrams.remove(0);
+            let expected = emit_echo((alias, app), false, (0x77, 1), b"hello", app::MTU).unwrap();
+            assert_eq!(
+                reply, expected,
+                "the echo reply, from the alias, with our identifier"
+            );
+        } else {
+            rig.app.until(Duration::from_millis(200), |_| false).await;
+            assert!(rig.app.datagrams.is_empty(), "{:?}", rig.app.datagrams);
+            rig.app.send_raw(ping(2)).await;
+            assert!(rig.app.until(LIMIT, |a| !a.datagrams.is_empty()).await);
+            let reply = &rig.app.datagrams[0];
+            assert_eq!((reply[9], reply[20], reply[21]), (1, 3, 13), "prohibited");
+        }
+        rig.stop().await;
+    }
 }
