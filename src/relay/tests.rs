@@ -1109,7 +1109,9 @@ fn cloud_callers_are_routed_to_the_app_or_refused_and_a_closed_port_falls_back_t
 #[test]
 fn tun_faults_pause_reading_are_summarized_and_a_gone_device_ends_the_session() {
     let mut p = Pair::new();
-    let enobufs = || std::io::Error::from_raw_os_error(nix::libc::ENOBUFS);
+    // Portable errors (the relay's tests run on Windows too): one the device may recover from,
+    // and one that says it is gone (`Fault::of`).
+    let enobufs = || std::io::Error::other("no buffer space available");
     let now = p.now();
     assert!(p.relay.handle_tun_failed(now, TunOp::Read, &enobufs()));
     assert!(!p.relay.reading_tun(), "reading pauses");
@@ -1139,7 +1141,7 @@ fn tun_faults_pause_reading_are_summarized_and_a_gone_device_ends_the_session() 
         "{summary:?}"
     );
 
-    let gone = std::io::Error::from_raw_os_error(nix::libc::EBADF);
+    let gone = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
     let now = p.now();
     assert!(!p.relay.handle_tun_failed(now, TunOp::Read, &gone));
 }
