@@ -36,10 +36,10 @@ use tracing::{debug, info, warn};
 
 use crate::control::{self, Board, ControlError, LinkState};
 use crate::dns::{DnsError, DnsSettings};
-use crate::relay::direct::{DirectConfig, DnsRedirect};
 use crate::driver::{Driver, DriverConfig};
 use crate::engine::{EngineConfig, TunFormat};
 use crate::pool::{self, Pool};
+use crate::relay::direct::{DirectConfig, DnsRedirect};
 use crate::reverse::{self, ForwardSpec, ForwardState, Forwards};
 use crate::ssh::{self, InvokingUser, SshError, SshOptions};
 use crate::tun::{Tun, TunError};
