@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::frameworks::{App, CALLS, JUMP, ZK, assert_all_reached, start_provider, tail, vpc_ns};
 use crate::harness::{TestUser, Testbed, Vpn, keygen, pub_path, s, stderr, stdout};
 
 /// The CIDR every test routes.
@@ -597,4 +598,244 @@ fn a_cloud_caller_reaches_the_app_in_its_namespace_from_its_own_address() {
     let status = vpn.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(143), "{}", vpn.stderr());
     assert_eq!(laptop_state(&tb), before);
+}
+
+/// A UDP echo server: answers each datagram with it and the sender's address.
+const UDP_ECHO: &str = "import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d + b' from ' + a[0].encode(), a)
+";
+
+/// What the app runs to send `ping` to `ADDR:PORT` over UDP and print the answer.
+fn udp_ask(addr: &str, port: u16) -> String {
+    format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.settimeout(5); s.sendto(b'ping', ('{addr}', {port})); print(s.recv(100).decode())\""
+    )
+}
+
+/// `python3 -m http.server` in `ns` on `addr:port`, serving `dir`, started and listening.
+fn http_server(tb: &Testbed, ns: &str, addr: &str, port: u16, dir: &Path) -> Vpn {
+    let server = Vpn::spawn(tb.cmd_in(
+        ns,
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "--bind",
+            addr,
+            "--directory",
+            &s(dir),
+            &port.to_string(),
+        ],
+    ));
+    tb.wait_listening(ns, port, Duration::from_secs(10));
+    server
+}
+
+#[test]
+fn the_apps_other_destinations_go_out_directly_the_hosts_loopback_and_names_too() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("rd", &["--with", "nginx,dns"]);
+    let _tun = TunOpenToAll::new();
+    let me = Ordinary::new(&tb, "mvrd");
+    let jump_ns = format!("{}-jump", tb.name);
+    // A server on the laptop's LAN (the jump host's LAN address, outside the VPC CIDRs), one
+    // on the laptop's own loopback, a UDP echo on the LAN; the laptop lets every group ping.
+    let site = tb.dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("lan.txt"), "hello from the LAN\n").unwrap();
+    std::fs::write(site.join("loop.txt"), "hello from the laptop's loopback\n").unwrap();
+    let lan = http_server(&tb, &jump_ns, &tb.jump_addr, 18080, &site);
+    let lo = http_server(&tb, &tb.lap(), "127.0.0.1", 18082, &site);
+    let echo = tb.dir.join("udp_echo.py");
+    std::fs::write(&echo, UDP_ECHO).unwrap();
+    let _udp = Vpn::spawn(tb.cmd_in(
+        &jump_ns,
+        &["/usr/bin/python3", &s(&echo), &tb.jump_addr, "18081"],
+    ));
+    let sysctl = tb.on_laptop(
+        5,
+        &["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"],
+    );
+    assert!(sysctl.status.success(), "{}", stderr(&sysctl));
+    let before = laptop_state(&tb);
+
+    let jump = &tb.jump_addr;
+    let script = format!(
+        "echo lan=$(curl -sS -m 10 http://{jump}:18080/lan.txt); \
+         echo loop=$(curl -sS -m 10 http://198.18.0.2:18082/loop.txt); \
+         echo api=$(getent hosts api.internal | cut -d' ' -f1); \
+         echo www=$(getent hosts www.example.org | cut -d' ' -f1); \
+         echo named=$(curl -sS -m 10 http://api.internal/); \
+         echo udp=$({udp}); \
+         echo ping=$(ping -n -c 1 -W 5 {jump} >/dev/null 2>&1 && echo ok || echo failed); \
+         echo done=1",
+        udp = udp_ask(jump, 18081),
+    );
+    let mut vpn = me.run_app(
+        &tb,
+        &[
+            "--subscribe-only",
+            "--dns-domain",
+            "internal",
+            "--dns",
+            "10.0.0.13",
+        ],
+        &script,
+    );
+    let status = vpn.wait_exit(Duration::from_secs(60));
+    let out = vpn.stdout();
+    let err = vpn.stderr();
+    assert!(status.success(), "{out}\n{err}");
+    assert_eq!(said(&out, "done").as_deref(), Some("1"), "{out}\n{err}");
+    // The LAN and the laptop's loopback, from the laptop's own address (not through SSH).
+    assert_eq!(
+        said(&out, "lan").as_deref(),
+        Some("hello from the LAN"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        said(&out, "loop").as_deref(),
+        Some("hello from the laptop's loopback"),
+        "{out}\n{err}"
+    );
+    let laptop_addr =
+        stdout(&tb.on_laptop(5, &["ip", "-4", "-o", "addr", "show", "scope", "global"]))
+            .split_whitespace()
+            .find_map(|w| w.split_once('/').map(|(a, _)| a.to_owned()))
+            .expect("the laptop's address");
+    // python's http.server logs each request with its client's address first.
+    let (lan_log, lo_log) = (lan.stderr(), lo.stderr());
+    assert!(
+        lan_log.contains(&format!("{laptop_addr} - - ")) && lan_log.contains("GET /lan.txt"),
+        "the LAN server saw the laptop's own address:\n{lan_log}"
+    );
+    assert!(
+        lo_log.contains("127.0.0.1 - - ") && lo_log.contains("GET /loop.txt"),
+        "{lo_log}"
+    );
+    // Split names through the tunnel (the laptop's own resolver says 192.0.2.99 for
+    // api.internal), every other name through the laptop's own resolver (a loopback stub).
+    assert_eq!(
+        said(&out, "api").as_deref(),
+        Some("10.0.0.10"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        said(&out, "www").as_deref(),
+        Some("192.0.2.80"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        said(&out, "named").as_deref(),
+        Some("hello from the VPC"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        said(&out, "udp"),
+        Some(format!("ping from {laptop_addr}")),
+        "{out}\n{err}"
+    );
+    assert_eq!(said(&out, "ping").as_deref(), Some("ok"), "{out}\n{err}");
+    assert_eq!(laptop_state(&tb), before, "the laptop changed");
+}
+
+#[test]
+fn an_ordinary_users_jvm_consumer_calls_a_cloud_dubbo_provider_found_by_private_name() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    let tb = Testbed::up("rj", &["--with", "zookeeper,dns"]);
+    let _tun = TunOpenToAll::new();
+    let me = Ordinary::new(&tb, "mvrj");
+    let (provider, _) = start_provider(
+        &tb,
+        &vpc_ns(&tb),
+        &App::Dubbo33.argv(
+            &tb,
+            "provider",
+            &[
+                ("dubbo.registry.address", &format!("zookeeper://{ZK}")),
+                ("demo.id", "cloud-1"),
+            ],
+            &[],
+        ),
+    );
+    let before = laptop_state(&tb);
+    // The consumer as the user would start it: its jar and home are the user's (the
+    // checkout may be unreadable to other users), the registry known only by its private
+    // name.
+    let app_dir = tb.dir.join("dubbo33");
+    let built = App::Dubbo33.jar();
+    let copy = Command::new("cp")
+        .args(["-a", &s(&built), &s(&built.with_file_name("lib"))])
+        .arg(
+            std::fs::create_dir_all(&app_dir)
+                .map(|()| &app_dir)
+                .unwrap(),
+        )
+        .status()
+        .expect("cp");
+    assert!(copy.success(), "copy the app and its lib/");
+    let jar = app_dir.join("dubbo33.jar");
+    let home = me.file("java-home");
+    me.user.write(&home.join("tmp").join(".keep"), "", 0o600);
+    let argv: Vec<String> = App::Dubbo33
+        .argv(
+            &tb,
+            "consumer",
+            &[("dubbo.registry.address", "zookeeper://zk.internal:2181")],
+            &[&CALLS.to_string()],
+        )
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("-Duser.home=") {
+                format!("-Duser.home={}", s(&home))
+            } else if a.starts_with("-Djava.io.tmpdir=") {
+                format!("-Djava.io.tmpdir={}", s(&home.join("tmp")))
+            } else if a.ends_with("dubbo33.jar") {
+                s(&jar)
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut args: Vec<String> = vec!["run".into()];
+    args.extend(me.session_args(&tb));
+    args.extend(
+        [
+            "--subscribe-only",
+            "--dns-domain",
+            "internal",
+            "--dns",
+            "10.0.0.13",
+            "--",
+        ]
+        .map(String::from),
+    );
+    args.extend(argv);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vpn = Vpn::spawn(me.mse_vpn(&tb, &args));
+    let status = vpn.wait_exit(Duration::from_secs(150));
+    let out = std::process::Output {
+        status,
+        stdout: vpn.stdout().into_bytes(),
+        stderr: vpn.stderr().into_bytes(),
+    };
+    // Every call reached the VPC's provider, from the jump host (where the tunnel ends).
+    assert_all_reached(&out, "cloud-1", JUMP);
+    assert!(status.success(), "{}", tail(&vpn.stderr(), 40));
+    let log = std::fs::read_to_string(tb.dir.join("dnsmasq-vpc.log")).unwrap_or_default();
+    assert!(
+        log.contains("query[A] zk.internal"),
+        "the name was resolved by the VPC's resolver"
+    );
+    drop(provider);
+    assert_eq!(laptop_state(&tb), before, "the laptop changed");
 }
