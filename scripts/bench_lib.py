@@ -40,6 +40,8 @@ ROWS = [
     ("iperf_p8", "gbps", "iperf3 8 streams (-P 8)", "Gbit/s", "higher", ("ratio", 1.0)),
     ("redis_c1", "p50_ms", "redis PING -c 1, p50", "ms", "lower", ("ratio", 1.1)),
     ("redis_c1", "p99_ms", "redis PING -c 1, p99", "ms", "lower", None),
+    ("run_iperf_fwd", "gbps", "  rootless run: 1 stream forward", "Gbit/s", "higher", None),
+    ("run_redis_c1", "p50_ms", "  rootless run: redis -c 1, p50", "ms", "lower", None),
     ("redis_c50", "rps", "redis PING -c 50", "req/s", "higher", None),
     ("paused_1", "p50_ms", "redis -c 1 beside 1 paused dl, p50", "ms", "lower", None),
     ("paused_1", "p99_ms", "redis -c 1 beside 1 paused dl, p99", "ms", "lower", ("abs", 5.0)),
@@ -360,6 +362,12 @@ def report(args):
             if tot_bytes > 0:
                 samples[("cpu", mode, prefix)] = [tot_cpu / (tot_bytes / 1e9)]
 
+    # The rootless rows (run_W) have only mse-vpn's figure: the other paths' are W's.
+    for (wl, mode, metric), vals in list(samples.items()):
+        if wl.startswith("run_") or mode == "mse" or f"run_{wl}" not in selected:
+            continue
+        samples.setdefault((f"run_{wl}", mode, metric), vals)
+
     results = []
     for wl, metric, label, unit, better, target in ROWS:
         if not any((wl, m, metric) in samples for m in MODES):
@@ -448,6 +456,8 @@ def report(args):
             return ("ssh", "mse")  # no direct path through the delaying relay; no process
         if wl in ("idle_10k", "paused_1", "paused_50", "paused_200") and "rss" in metric:
             return ("ssh", "mse")
+        if wl.startswith("run_"):
+            return ("mse",)
         return MODES
 
     for r in results:
