@@ -174,8 +174,9 @@ pub struct DoctorArgs {
 
 /// Options of `mse-vpn run`.
 #[derive(Debug, Args)]
+// A provider (--expose) or a consumer (--subscribe-only): the error names both.
+#[command(group(clap::ArgGroup::new("role").args(["expose", "subscribe_only"]).required(true).multiple(true)))]
 #[command(mut_arg("expose", |a| a
-    .required_unless_present("subscribe_only")
     .help("A port of the app to expose on the jump host while it runs (repeatable; the first one is the one registered)")))]
 #[command(mut_arg("profile", |a| a
     .long("profile")
