@@ -416,6 +416,18 @@ struct Flow<C, R> {
     phase: Phase<C, R>,
 }
 
+impl<C, R> Flow<C, R> {
+    /// A flow that has moved nothing yet, arrived `now`.
+    fn new(now: Instant, phase: Phase<C, R>) -> Flow<C, R> {
+        Flow {
+            since: now,
+            up: 0,
+            down: 0,
+            phase,
+        }
+    }
+}
+
 enum Phase<C, R> {
     /// Outbound, its channel being opened ([`Command::Open`]), or its host connection
     /// ([`Command::Connect`], `direct`).
@@ -759,15 +771,13 @@ impl<C, R> Relay<C, R> {
         self.opening += 1;
         self.flows.insert(
             id,
-            Flow {
-                since: now,
-                up: 0,
-                down: 0,
-                phase: Phase::Opening {
+            Flow::new(
+                now,
+                Phase::Opening {
                     dst: key.dst,
                     direct: false,
                 },
-            },
+            ),
         );
         self.commands.push_back(Command::Open(OpenRequest {
             id,
@@ -793,15 +803,13 @@ impl<C, R> Relay<C, R> {
         self.connecting += 1;
         self.flows.insert(
             id,
-            Flow {
-                since: now,
-                up: 0,
-                down: 0,
-                phase: Phase::Opening {
+            Flow::new(
+                now,
+                Phase::Opening {
                     dst: key.dst,
                     direct: true,
                 },
-            },
+            ),
         );
         self.commands.push_back(Command::Connect(ConnectRequest {
             id,
@@ -1265,15 +1273,8 @@ impl<C, R> Relay<C, R> {
                     link: call.link,
                     change: LinkChange::Adopt,
                 });
-                self.flows.insert(
-                    id,
-                    Flow {
-                        since: now,
-                        up: 0,
-                        down: 0,
-                        phase: Phase::Accepting(Routed { call, route }),
-                    },
-                );
+                self.flows
+                    .insert(id, Flow::new(now, Phase::Accepting(Routed { call, route })));
             }
             Err(error) => {
                 self.commands.push_back(Command::Note(Note::CallerRefused {

@@ -16,6 +16,15 @@ use crate::harness::{TestUser, Testbed, Vpn, keygen, pub_path, s, stderr, stdout
 /// The CIDR every test routes.
 const VPC: &str = "10.0.0.0/16";
 
+/// `run`'s options for a consumer resolving the VPC's private zone through the tunnel.
+const CONSUMER_WITH_SPLIT_DNS: [&str; 5] = [
+    "--subscribe-only",
+    "--dns-domain",
+    "internal",
+    "--dns",
+    "10.0.0.13",
+];
+
 /// `/dev/net/tun`, mode 0600 on these machines (FACTS.md).
 const TUN_DEV: &str = "/dev/net/tun";
 
@@ -291,17 +300,7 @@ fn an_ordinary_users_app_reaches_the_vpc_and_the_laptop_is_left_as_it_was() {
         ready = s(&ready),
         go = s(&go)
     );
-    let mut vpn = me.run_app(
-        &tb,
-        &[
-            "--subscribe-only",
-            "--dns-domain",
-            "internal",
-            "--dns",
-            "10.0.0.13",
-        ],
-        &script,
-    );
+    let mut vpn = me.run_app(&tb, &CONSUMER_WITH_SPLIT_DNS, &script);
     wait_for_file(&ready, &vpn, Duration::from_secs(30));
     let out = vpn.stdout();
     assert_eq!(said(&out, "uid"), Some(me.user.uid.to_string()), "{out}");
@@ -678,17 +677,7 @@ fn the_apps_other_destinations_go_out_directly_the_hosts_loopback_and_names_too(
          echo done=1",
         udp = udp_ask(jump, 18081),
     );
-    let mut vpn = me.run_app(
-        &tb,
-        &[
-            "--subscribe-only",
-            "--dns-domain",
-            "internal",
-            "--dns",
-            "10.0.0.13",
-        ],
-        &script,
-    );
+    let mut vpn = me.run_app(&tb, &CONSUMER_WITH_SPLIT_DNS, &script);
     let status = vpn.wait_exit(Duration::from_secs(60));
     let out = vpn.stdout();
     let err = vpn.stderr();
@@ -808,17 +797,8 @@ fn an_ordinary_users_jvm_consumer_calls_a_cloud_dubbo_provider_found_by_private_
         .collect();
     let mut args: Vec<String> = vec!["run".into()];
     args.extend(me.session_args(&tb));
-    args.extend(
-        [
-            "--subscribe-only",
-            "--dns-domain",
-            "internal",
-            "--dns",
-            "10.0.0.13",
-            "--",
-        ]
-        .map(String::from),
-    );
+    args.extend(CONSUMER_WITH_SPLIT_DNS.map(String::from));
+    args.push("--".into());
     args.extend(argv);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vpn = Vpn::spawn(me.mse_vpn(&tb, &args));
