@@ -206,13 +206,16 @@ fn setups_with_idle(idle: usize, n: usize) -> (f64, f64) {
 /// included).
 fn messages(flows: usize, size: usize, rounds: usize) -> (f64, f64) {
     let mut p = Pair::new(65_000);
-    let open: Vec<(SocketHandle, FlowId)> =
-        (0..flows).map(|i| p.open(10_000 + i as u16)).collect();
+    let open: Vec<(SocketHandle, FlowId)> = (0..flows).map(|i| p.open(10_000 + i as u16)).collect();
     let request = vec![0x61_u8; size];
     let answer = Bytes::from(vec![0x62_u8; size]);
     let mut buf = vec![0_u8; 4096];
     let mut pending = vec![0_usize; flows];
-    let slot = |id: FlowId| open.iter().position(|&(_, f)| f == id).expect("a flow of ours");
+    let slot = |id: FlowId| {
+        open.iter()
+            .position(|&(_, f)| f == id)
+            .expect("a flow of ours")
+    };
     p.engine_time = std::time::Duration::ZERO;
     let start = WallClock::now();
     for _ in 0..rounds {

@@ -71,9 +71,41 @@ pub enum Placement {
     /// so several sshd processes (and cores) carry a bulk transfer.
     Spread,
     /// The lowest link among those carrying the fewest heavy flows ([`Pool::mark_heavy`]):
-    /// short connections share one SSH connection, where one sshd wake-up serves many of
-    /// them, and stay off the connections busy with bulk data.
+    /// light flows (short connections, and long ones that move little) share one SSH
+    /// connection, where one sshd wake-up serves many of them, and stay off the connections
+    /// busy with bulk data.
     Pack,
+}
+
+/// Flows packed on one link at most; past it, packed flows go to the next link. OpenSSH
+/// ends a whole connection when it would hold more than 16,384 channels (`channels.c`,
+/// `CHANNELS_MAX_CHANNELS`: fatal), and light flows that live long (connection pools)
+/// accumulate where they are packed.
+pub const PACK_MAX_FLOWS: usize = 4096;
+
+/// A live link as [`choose`] sees it.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    slot: usize,
+    /// Its flows.
+    flows: usize,
+    /// Those of them that are bulk.
+    heavy: usize,
+}
+
+/// The slot for a new flow among the live `links` (in the order ties are broken):
+/// [`Placement::Spread`] takes the one with the fewest flows; [`Placement::Pack`] the first
+/// with the fewest bulk flows among those with room ([`PACK_MAX_FLOWS`]), or, when none has,
+/// the one with the fewest flows.
+fn choose(placement: Placement, links: impl Iterator<Item = Candidate>) -> Option<usize> {
+    let chosen = match placement {
+        Placement::Spread => links.min_by_key(|c| c.flows),
+        Placement::Pack => links.min_by_key(|c| {
+            let full = c.flows >= PACK_MAX_FLOWS;
+            (full, if full { c.flows } else { c.heavy })
+        }),
+    };
+    chosen.map(|c| c.slot)
 }
 
 /// A change to a link's counters ([`Pool::update`]).
@@ -243,24 +275,24 @@ impl Pool {
             Placement::Spread => self.next.fetch_add(1, Ordering::Relaxed),
             Placement::Pack => 0,
         };
+        let count = |c: &[AtomicUsize], slot: usize| c[slot].load(Ordering::Relaxed);
         let live = (0..n).map(|i| (start + i) % n).filter_map(|slot| {
             let link = links[slot].as_ref()?;
-            (!link.session.is_closed()).then_some((slot, link))
+            (!link.session.is_closed()).then_some(Candidate {
+                slot,
+                flows: count(&self.load, slot),
+                heavy: count(&self.heavy, slot),
+            })
         });
-        let count = |c: &[AtomicUsize], slot: usize| c[slot].load(Ordering::Relaxed);
-        match placement {
-            Placement::Spread => live.min_by_key(|(slot, _)| count(&self.load, *slot)),
-            Placement::Pack => live.min_by_key(|(slot, _)| count(&self.heavy, *slot)),
-        }
-        .map(|(slot, link)| {
-            (
-                LinkId {
-                    slot,
-                    generation: link.generation,
-                },
-                link.session.clone(),
-            )
-        })
+        let slot = choose(placement, live)?;
+        let link = links[slot].as_ref()?;
+        Some((
+            LinkId {
+                slot,
+                generation: link.generation,
+            },
+            link.session.clone(),
+        ))
     }
 
     /// Opens a `direct-tcpip` channel on the least loaded link, waiting up to `link_wait` for
@@ -723,6 +755,35 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_flows_fill_the_first_link_without_bulk_up_to_the_bound_then_the_next() {
+        let links = |v: &[(usize, usize)]| {
+            v.iter()
+                .enumerate()
+                .map(|(slot, &(flows, heavy))| Candidate { slot, flows, heavy })
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let pack = |v: &[(usize, usize)]| choose(Placement::Pack, links(v));
+        let spread = |v: &[(usize, usize)]| choose(Placement::Spread, links(v));
+        assert_eq!(pack(&[(10, 0), (0, 0), (0, 0)]), Some(0), "together");
+        assert_eq!(pack(&[(10, 1), (3, 0), (0, 0)]), Some(1), "off bulk");
+        let full = PACK_MAX_FLOWS;
+        assert_eq!(
+            pack(&[(full, 0), (3, 0), (0, 0)]),
+            Some(1),
+            "past the bound"
+        );
+        assert_eq!(pack(&[(full, 0), (3, 1), (0, 0)]), Some(2));
+        assert_eq!(
+            pack(&[(full + 5, 0), (full, 0), (full + 1, 3)]),
+            Some(1),
+            "all full: the fewest flows"
+        );
+        assert_eq!(spread(&[(10, 0), (3, 1), (4, 0)]), Some(1));
+        assert_eq!(pack(&[]), None);
+    }
 
     #[test]
     fn an_outage_is_reported_once_when_the_last_connection_goes_and_once_when_one_is_back() {

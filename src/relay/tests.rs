@@ -757,46 +757,58 @@ fn connections_over_the_flow_limit_are_one_warning_per_window() {
 // ----- placement -----
 
 #[test]
-fn short_flows_are_packed_bulk_flows_and_unknown_destinations_spread() {
+fn light_flows_are_packed_and_a_destination_whose_flows_turn_bulk_is_spread() {
     let mut p = Pair::new();
     let web = vpc(10, 80);
     let bulk = vpc(10, 5201);
+    let placement_of_next = |p: &mut Pair, dst| {
+        let h = p.connect(dst);
+        let (id, placement) = (p.open_of(h).id, p.open_of(h).placement);
+        p.fail(id, OpenError::ConnectFailed);
+        placement
+    };
 
-    let h = p.connect(web);
-    assert_eq!(p.open_of(h).placement, Placement::Spread, "unknown: spread");
-    let id = p.open_of(h).id;
-    p.fail(id, OpenError::ConnectFailed);
+    // Not seen yet: packed (most flows are light).
+    assert_eq!(placement_of_next(&mut p, web), Placement::Pack, "unknown");
 
-    // Seven short connections teach the relay that this destination is called that way.
-    for _ in 0..6 {
-        short_flow(&mut p, web, LINK0);
+    // A long flow that moves less each second (a keep-alive connection): 8 MiB a second
+    // for 4 s, 32 MiB in all, is light: never counted heavy on its link, and its
+    // destination stays packed.
+    p.links.clear();
+    let (h, id, _wire) = p.open(web, LINK0);
+    let chunk = Bytes::from(vec![7u8; 32 * 1024]);
+    for _ in 0..4 {
+        for _ in 0..256 {
+            p.deliver(id, Received::Data(chunk.clone()));
+            assert_eq!(p.recv(h).len(), chunk.len());
+        }
+        p.run_for(Duration::from_secs(1));
     }
-    let h = p.connect(web);
+    p.tcp(h).abort();
+    p.step();
+    assert_eq!(p.links, [(LINK0, LinkChange::Release)], "never heavy");
     assert_eq!(
-        p.open_of(h).placement,
-        Placement::Spread,
-        "six are not enough"
+        placement_of_next(&mut p, web),
+        Placement::Pack,
+        "long, light"
     );
-    let id = p.open_of(h).id;
-    p.fail(id, OpenError::ConnectFailed);
-    short_flow(&mut p, web, LINK0);
-    let h = p.connect(web);
-    assert_eq!(p.open_of(h).placement, Placement::Pack, "seven are");
-    let id = p.open_of(h).id;
-    p.fail(id, OpenError::ConnectFailed);
 
-    // A bulk download: counted heavy on its link once it moved 1 MiB, until it ends.
+    // A bulk download: counted heavy on its link once it moved 16 MiB within a second,
+    // until it ends; its destination's next flows are spread from then on.
     p.links.clear();
     let (h, id, _wire) = p.open(bulk, LINK1);
     let chunk = Bytes::from(vec![7u8; 32 * 1024]);
+    let chunks = (HEAVY_BYTES as usize).div_ceil(chunk.len());
     let mut got = 0;
-    for _ in 0..40 {
+    for i in 0..chunks {
+        assert!(p.links.is_empty(), "heavy after {i} chunks");
         p.deliver(id, Received::Data(chunk.clone()));
         got += p.recv(h).len();
     }
     got += p.recv(h).len();
-    assert_eq!(got, 40 * chunk.len());
+    assert_eq!(got, chunks * chunk.len());
     assert_eq!(p.links, [(LINK1, LinkChange::Heavy)], "marked once");
+    assert_eq!(placement_of_next(&mut p, bulk), Placement::Spread, "bulk");
     p.tcp(h).abort();
     p.step();
     assert_eq!(
@@ -807,20 +819,15 @@ fn short_flows_are_packed_bulk_flows_and_unknown_destinations_spread() {
             (LINK1, LinkChange::Light)
         ]
     );
-    let h = p.connect(bulk);
-    assert_eq!(p.open_of(h).placement, Placement::Spread, "bulk: spread");
-    let id = p.open_of(h).id;
-    p.fail(id, OpenError::ConnectFailed);
 
-    // Long flows to the web destination move it back to spreading, a few at a time.
+    // Light flows to it (an iperf3 control connection) do not bring it back at once; four
+    // in a row do.
     for _ in 0..3 {
-        let (h, _, _) = p.open(web, LINK0);
-        p.run_for(Duration::from_secs(2));
-        p.tcp(h).abort();
-        p.step();
+        short_flow(&mut p, bulk, LINK0);
     }
-    let h = p.connect(web);
-    assert_eq!(p.open_of(h).placement, Placement::Spread);
+    assert_eq!(placement_of_next(&mut p, bulk), Placement::Spread, "three");
+    short_flow(&mut p, bulk, LINK0);
+    assert_eq!(placement_of_next(&mut p, bulk), Placement::Pack, "four");
 }
 
 // ----- lost links -----
