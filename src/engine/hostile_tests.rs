@@ -213,7 +213,11 @@ fn a_reused_four_tuple_gets_a_later_initial_sequence_number() {
 
 #[test]
 fn an_in_window_rst_gets_a_challenge_ack_and_only_the_exact_one_resets() {
-    let mut r = Rig::new(EngineConfig::default());
+    // Each data segment's ACK is read as it is sent.
+    let mut r = Rig::new(EngineConfig {
+        ack_delay: None,
+        ..EngineConfig::default()
+    });
     let (id, ours) = r.establish(APP_PORT);
     let rcv_nxt = APP_ISN + 1;
 
@@ -314,6 +318,8 @@ fn an_app_reset_past_a_window_shrunk_by_rounding_still_ends_its_flow() {
     let mut r = Rig::new(EngineConfig {
         tcp_buffer: SCALED_BUFFER,
         max_inflight: 1024,
+        // Each segment's ACK (and the window it tells) is read as it is sent.
+        ack_delay: None,
         ..EngineConfig::default()
     });
     // The handshake, offering window scaling.
@@ -543,5 +549,88 @@ fn inbound_callers_have_a_budget_of_their_own() {
     assert!(
         matches!(reset.as_slice(), [s] if s.control == TcpControl::Rst),
         "{reset:?}"
+    );
+}
+
+/// A request's ACK rides on its answer when the answer comes within the delay; otherwise a
+/// bare ACK goes when the delay is up (not at once); and every second full-sized segment of
+/// an upload is ACKed at once.
+#[test]
+fn an_apps_request_is_acked_by_its_answer_or_after_the_delay_and_bulk_at_once() {
+    let mut r = Rig::new(EngineConfig::default());
+    let delay = EngineConfig::default()
+        .ack_delay
+        .expect("delayed ACKs by default");
+    let (id, ours) = r.establish(APP_PORT);
+    let mut rcv_nxt = APP_ISN + 1;
+
+    // A request, answered 1 ms later: one segment back, the answer carrying the ACK.
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Psh,
+        rcv_nxt,
+        Some(ours),
+        b"ping",
+    ));
+    assert_eq!(r.sent(), vec![], "no bare ACK at once");
+    rcv_nxt += 4;
+    r.advance(Duration::from_millis(1));
+    r.engine
+        .handle_channel_data(r.now, id, bytes::Bytes::from_static(b"pong"));
+    r.engine.poll(r.now);
+    let sent = r.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].ack, sent[0].len),
+        (Some(rcv_nxt), 4),
+        "ACK on the answer"
+    );
+    let ours = ours + 4;
+
+    // A request with no answer yet: its bare ACK when the delay is up.
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::Psh,
+        rcv_nxt,
+        Some(ours),
+        b"slow",
+    ));
+    rcv_nxt += 4;
+    r.advance(delay - Duration::from_millis(1));
+    assert_eq!(r.sent(), vec![], "still waiting for an answer");
+    r.advance(Duration::from_millis(1));
+    assert_eq!(
+        r.sent(),
+        vec![Seen {
+            control: TcpControl::None,
+            seq: ours,
+            ack: Some(rcv_nxt),
+            len: 0
+        }]
+    );
+
+    // An upload: the second full-sized segment is ACKed at once.
+    let mss = vec![0x5a; 1460];
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::None,
+        rcv_nxt,
+        Some(ours),
+        &mss,
+    ));
+    assert_eq!(r.sent(), vec![], "one segment waits");
+    r.send(from_app(
+        APP_PORT,
+        TcpControl::None,
+        rcv_nxt + 1460,
+        Some(ours),
+        &mss,
+    ));
+    let sent = r.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        sent[0].ack,
+        Some(rcv_nxt + 2920),
+        "two segments: ACKed at once"
     );
 }

@@ -66,22 +66,26 @@ pub(super) const REUSE_MAX_MOVED: u64 = 64 * 1024;
 pub(super) struct SocketPool {
     spares: Vec<tcp::Socket<'static>>,
     buffer: usize,
+    /// See [`super::EngineConfig::ack_delay`].
+    ack_delay: Option<smoltcp::time::Duration>,
     /// Sockets taken from the spares rather than allocated (for tests and stats).
     pub(super) reused: u64,
 }
 
 impl SocketPool {
-    /// A pool of sockets with `buffer` bytes of receive and of send buffer each.
-    pub(super) fn new(buffer: usize) -> SocketPool {
+    /// A pool of sockets with `buffer` bytes of receive and of send buffer each, delaying
+    /// ACKs by `ack_delay`.
+    pub(super) fn new(buffer: usize, ack_delay: Option<smoltcp::time::Duration>) -> SocketPool {
         SocketPool {
             spares: Vec::new(),
             buffer,
+            ack_delay,
             reused: 0,
         }
     }
 
-    /// A closed socket with the engine's settings: Nagle and delayed ACK off, no timeout,
-    /// no keep-alive.
+    /// A closed socket with the engine's settings: Nagle off, ACKs delayed as configured, no
+    /// timeout, no keep-alive.
     pub(super) fn take(&mut self) -> tcp::Socket<'static> {
         let mut socket = match self.spares.pop() {
             Some(socket) => {
@@ -94,7 +98,7 @@ impl SocketPool {
             ),
         };
         socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
+        socket.set_ack_delay(self.ack_delay);
         socket.set_timeout(None);
         socket.set_keep_alive(None);
         socket.set_hop_limit(None);

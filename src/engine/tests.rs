@@ -405,6 +405,8 @@ fn app_reset_closes_the_channel_and_channel_close_without_eof_resets_the_app() {
 fn upload_pauses_at_the_inflight_limit_until_the_ssh_side_catches_up() {
     let mut p = Pair::new(EngineConfig {
         max_inflight: 64 * 1024,
+        // The app's window opens segment by segment, without waiting on the pair's clock.
+        ack_delay: None,
         ..EngineConfig::default()
     });
     let h = p.connect(APP_PORT, DST);
@@ -913,7 +915,7 @@ fn a_short_flows_socket_serves_the_next_flow_and_a_bulk_flows_socket_is_freed() 
 
 #[test]
 fn an_inbound_flows_timeout_does_not_follow_its_socket_to_the_next_flow() {
-    let mut pool = sockets::SocketPool::new(4096);
+    let mut pool = sockets::SocketPool::new(4096, Some(DEFAULT_ACK_DELAY));
     let mut socket = pool.take();
     socket.set_timeout(Some(Duration::from_secs(3)));
     socket.set_keep_alive(Some(Duration::from_secs(1)));
@@ -924,7 +926,7 @@ fn an_inbound_flows_timeout_does_not_follow_its_socket_to_the_next_flow() {
     assert_eq!(socket.timeout(), None);
     assert_eq!(socket.keep_alive(), None);
     assert!(!socket.nagle_enabled());
-    assert_eq!(socket.ack_delay(), None);
+    assert_eq!(socket.ack_delay(), Some(DEFAULT_ACK_DELAY));
     assert_eq!(socket.state(), tcp::State::Closed);
 }
 
@@ -1043,8 +1045,8 @@ fn a_pair_run_replays_bit_exact() {
     let first = scripted_run(TEST_SEED);
     let again = scripted_run(TEST_SEED);
     assert!(
-        first.len() > 20,
-        "a run that did something: {}",
+        first.len() >= 16,
+        "a run that did something (4 flows): {}",
         first.len()
     );
     assert_eq!(first.len(), again.len());
