@@ -143,13 +143,7 @@ impl Tun {
             name: name.to_owned(),
             source,
         })?;
-        let checksum_offload = vnet && offload(&dev);
-        Ok(Tun {
-            dev,
-            name: name.to_owned(),
-            header_len: if vnet { VNET_HDR_LEN } else { 0 },
-            checksum_offload,
-        })
+        Ok(Tun::wrap(dev, name, vnet))
     }
 
     fn open(name: &str, mtu: u16, vnet: bool) -> Result<Tun, TunError> {
@@ -184,13 +178,19 @@ impl Tun {
             name: name.to_owned(),
             source,
         })?;
+        Ok(Tun::wrap(dev, name, vnet))
+    }
+
+    /// The device `dev` named `name`, with the virtio-net header when `vnet` (and checksum
+    /// offload when the kernel takes it).
+    fn wrap(dev: tun::AsyncDevice, name: &str, vnet: bool) -> Tun {
         let checksum_offload = vnet && offload(&dev);
-        Ok(Tun {
+        Tun {
             dev,
             name: name.to_owned(),
             header_len: if vnet { VNET_HDR_LEN } else { 0 },
             checksum_offload,
-        })
+        }
     }
 
     /// Bytes of header in front of every packet read or written (the virtio-net header).
