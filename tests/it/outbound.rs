@@ -1,6 +1,7 @@
 //! End-to-end tests of `mse-vpn up`: real OpenSSH sshd on the jump host, real nginx, redis
 //! and PostgreSQL in the VPC, real clients on the laptop, all in namespaces.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::harness::{Testbed, sha256_file, stderr, stdout};
@@ -159,12 +160,59 @@ fn real_clients_reach_the_vpc_by_private_ip_and_nothing_is_left_after_sigint() {
     let ok = stdout(&out).lines().filter(|l| *l == "200").count();
     assert_eq!(ok, 200, "parallel connections: {}", stderr(&out));
 
+    // The pool's connections come up one after another over the first seconds: all up
+    // before the check below narrows the ports (a connection made during it took one).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = crate::lifecycle::status(&tb);
+        if st["connections_up"] == st["connections"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never came up whole: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every SSH connection of the pool ran one command, so that its sshd sends without
+    // Nagle's delay (`Session::start_bulk_mode`). sshd logs the login and the command each
+    // with the connection's port.
+    let ports = |what: &str| -> BTreeSet<String> {
+        tb.sshd_log()
+            .lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                l.split(" port ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (logins, commands) = loop {
+        let (logins, commands) = (
+            ports("Accepted publickey for root"),
+            ports("Starting session: command for root"),
+        );
+        if (logins.len() >= 2 && logins.is_subset(&commands)) || Instant::now() > deadline {
+            break (logins, commands);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        logins.len() >= 2 && logins.is_subset(&commands),
+        "connections (by port) {logins:?}, those that ran a command {commands:?}:\n{}",
+        tb.sshd_log()
+    );
+
     // An app's kernel can reuse the TIME-WAIT ports of its closed connections through the
     // tunnel (tcp_tw_reuse needs the peer's TCP timestamps): with 10 ephemeral ports, 30
     // connections one after another all succeed. Without reuse the 11th cannot get a port.
-    // The ports are past the default range (which ends at 60999), so none is held by
-    // mse-vpn's SSH connections or still in TIME-WAIT from the 200 connections above (less
-    // than a second old, not yet reusable: one such port once left 9 for a batch of 10).
+    // The ports are past the default range (which ends at 60999), so none is still in
+    // TIME-WAIT from the 200 connections above (not yet reusable).
     let out = tb.sh(
         60,
         "sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range='61000 61009' || exit 9
