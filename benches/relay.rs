@@ -235,7 +235,11 @@ fn messages(flows: usize, size: usize, rounds: usize) -> (f64, f64) {
                 }
             }
             turns += 1;
-            assert!(turns < 10_000, "every answer comes back ({back} bytes of {})", flows * size);
+            assert!(
+                turns < 10_000,
+                "every answer comes back ({back} bytes of {})",
+                flows * size
+            );
         }
         assert_eq!(back, flows * size, "one answer per request");
     }
