@@ -627,8 +627,9 @@ impl Testbed {
         vpn
     }
 
-    /// The jump host's sshd log so far (LogLevel INFO: one "Accepted publickey for USER ...
-    /// ssh2: TYPE SHA256:..." line per login).
+    /// The jump host's sshd log so far (LogLevel VERBOSE: one "Accepted publickey for USER
+    /// ... ssh2: TYPE SHA256:..." line per login, one "Starting session: command ..." per
+    /// command).
     pub fn sshd_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }

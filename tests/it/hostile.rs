@@ -949,7 +949,7 @@ fn reset_flows_to_a_server_that_does_not_read_close_their_channels_at_once() {
         return;
     }
     let tb = Testbed::up("hos5", &["--with", "none"]);
-    tb.edit_sshd_config("LogLevel INFO", "LogLevel DEBUG2");
+    tb.edit_sshd_config("LogLevel VERBOSE", "LogLevel DEBUG2");
     let vpc = format!("{}-vpc", tb.name);
     let port = SINK_PORT.to_string();
     let (mut server, events) = python(&tb, &vpc, "sink.py", SINK, &[&port]);

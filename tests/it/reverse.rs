@@ -794,8 +794,8 @@ fn a_jump_host_address_not_found_at_start_is_found_later_and_env_waits_for_it() 
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(&flag, "").unwrap();
     tb.edit_sshd_config(
-        "LogLevel INFO",
-        &format!("LogLevel INFO\nForceCommand {}", script.display()),
+        "LogLevel VERBOSE",
+        &format!("LogLevel VERBOSE\nForceCommand {}", script.display()),
     );
     let vpn = tb.start(&["10.0.0.0/16"], &[]);
     // Said before "is up", on stderr (read by its own thread: allow it a moment).

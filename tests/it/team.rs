@@ -51,8 +51,8 @@ fn up_retries_what_maxstartups_drops_and_fails_only_at_the_connect_timeout() {
     }
     let tb = Testbed::up("tm1", &["--with", "nginx"]);
     let before = tb.snapshot();
-    // sshd drops every new connection while one is pending (`MaxStartups 1`), and logs each.
-    tb.edit_sshd_config("LogLevel INFO", "LogLevel VERBOSE");
+    // sshd drops every new connection while one is pending (`MaxStartups 1`), and logs each
+    // (the testbed's LogLevel VERBOSE).
     tb.edit_sshd_config("MaxStartups 100:30:200", "MaxStartups 1");
 
     // A login that stays pending for 4 s: `up` is refused until it leaves, then gets in.
