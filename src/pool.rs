@@ -637,10 +637,12 @@ async fn run(
         let generation = generations[slot];
         let session = Arc::new(session);
         // Each connection's sshd sends without Nagle's delay once a command ran on it.
-        tokio::spawn({
-            let session = session.clone();
-            async move { session.start_bulk_mode().await }
-        });
+        if opts.bulk_mode {
+            tokio::spawn({
+                let session = session.clone();
+                async move { session.start_bulk_mode().await }
+            });
+        }
         pool.set(
             slot,
             Some(Link {

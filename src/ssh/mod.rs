@@ -72,6 +72,9 @@ pub struct SshOptions {
     /// Owner for files created under the user's home (known_hosts), when running as root for
     /// another user.
     pub file_owner: Option<(u32, u32)>,
+    /// Each connection of the pool runs one command so that the jump host's sshd sends
+    /// without Nagle's delay ([`Session::start_bulk_mode`]).
+    pub bulk_mode: bool,
     /// Where cloud callers' connections to our `tcpip-forward` listeners go. `None` rejects
     /// them.
     pub inbound: Option<InboundSender>,

@@ -206,6 +206,7 @@ fn options_from(
         identities_only: cfg.identities_only == Some(true),
         proxy_command,
         file_owner: Some((user.uid(), user.gid())),
+        bulk_mode: true,
         jump,
         hops,
         password_file: over.password_file.clone(),

@@ -329,19 +329,36 @@ fn the_memory_budget_is_released_when_flows_end() {
     }
     let out = curls.wait_with_output().unwrap();
     assert!(out.status.success(), "the downloads failed");
-    let start = Instant::now();
-    let st = loop {
-        let st = crate::lifecycle::status(&tb);
-        if st["memory_windows"] == 0 && st["memory_buffered"] == 0 && st["flows_active"] == 0 {
-            break st;
+    let released = |what: &str| {
+        let start = Instant::now();
+        loop {
+            let st = crate::lifecycle::status(&tb);
+            if st["memory_windows"] == 0 && st["memory_buffered"] == 0 && st["flows_active"] == 0 {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the budget still counts bytes after {what}: {st:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the budget still counts bytes after the flows ended: {st:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     };
+    let st = released("the downloads ended");
     assert_eq!(st["memory_budget"], 64 << 20, "{st:#}");
     assert!(st["bytes_down"].as_u64().unwrap() >= 8 * (32 << 20));
+
+    // Downloads the app gives up halfway (curl's -m): mse-vpn closes those channels first,
+    // and the jump host's close that answers each releases its window too (russh patch
+    // 0010: it used to be dropped, and the budget kept every such window for good).
+    let out = tb.sh(
+        30,
+        "for i in 1 2 3 4 5 6 7 8; do curl -sS --limit-rate 4M -m 2 -o /dev/null http://10.0.0.10/32m.bin & done; wait",
+    );
+    assert!(
+        stderr(&out).matches("Operation timed out").count() == 8,
+        "the downloads are given up halfway: {}",
+        stderr(&out)
+    );
+    released("the app gave up its downloads");
     assert!(vpn.interrupt().success());
 }
