@@ -18,13 +18,20 @@
 /// the C library is not glibc.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn pin_mmap_threshold(bytes: usize) -> bool {
+    set_mallopt(libc::M_MMAP_THRESHOLD, bytes)
+}
+
+/// Sets glibc's allocator parameter `param` to `bytes`; false if it does not fit or glibc
+/// refuses it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_mallopt(param: libc::c_int, bytes: usize) -> bool {
     let Ok(value) = libc::c_int::try_from(bytes) else {
         return false;
     };
     // SAFETY: mallopt only changes allocator parameters; it takes plain integers, touches no
     // memory of ours, and is safe to call at any time from any thread (glibc takes its arena
     // lock). It returns 1 on success, 0 on error.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, value) == 1 }
+    unsafe { libc::mallopt(param, value) == 1 }
 }
 
 /// See the Linux/glibc version.
@@ -41,12 +48,7 @@ pub fn pin_mmap_threshold(_bytes: usize) -> bool {
 /// glibc.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn pin_trim_threshold(bytes: usize) -> bool {
-    let Ok(value) = libc::c_int::try_from(bytes) else {
-        return false;
-    };
-    // SAFETY: as in `pin_mmap_threshold`: mallopt takes plain integers and only changes
-    // allocator parameters under glibc's own lock; it returns 1 on success.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, value) == 1 }
+    set_mallopt(libc::M_TRIM_THRESHOLD, bytes)
 }
 
 /// See the Linux/glibc version.
