@@ -83,6 +83,7 @@ impl Pair {
             local_v6: None,
             budget: None,
             direct: None,
+            trim_after: mse_vpn::relay::TRIM_AFTER_BURST,
         };
         Pair {
             now,

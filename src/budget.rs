@@ -1,4 +1,4 @@
-//! One memory budget for every flow's buffered bytes (`--memory-budget`, default 256 MiB).
+//! One memory budget for every flow's buffered bytes (`--memory-budget`, default 64 MiB).
 //!
 //! What a flow can make mse-vpn hold is, on the download side, its SSH channel's receive
 //! window (the jump host may fill it whenever it likes: a window once granted cannot be
@@ -33,8 +33,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Default of `--memory-budget`: 256 MiB.
-pub const DEFAULT_BUDGET: u64 = 256 << 20;
+/// Default of `--memory-budget`: 64 MiB. What the budget must cover is the throughput of
+/// all flows together times the round trip through the jump host (the windows in flight):
+/// 64 MiB carries 5 Gbit/s at 100 ms, more than one SSH connection moves, and still gives
+/// about eight bulk flows their full 4 MiB windows (full grants while under half the
+/// budget). Larger windows only
+/// queue: 50 paused downloads cost mse-vpn 2.7–3.4 MB each with a 256 MiB budget and 1.6 MB
+/// with this one, and took as long to read their first 8 MiB (`scripts/bench`'s
+/// `paused_50`).
+pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// The least any flow is granted, however full the budget: two of sshd's largest data
 /// packets (32 KiB), so every flow keeps moving.
 pub const FLOOR: u64 = 64 << 10;

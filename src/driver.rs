@@ -84,6 +84,7 @@ impl<T: PacketIo> Driver<T> {
             local_v6: config.local_v6,
             budget: config.budget,
             direct: config.direct,
+            trim_after: crate::relay::TRIM_AFTER_BURST,
         };
         Driver {
             header: engine.tun.header,

@@ -70,6 +70,12 @@ pub const HEAVY_BYTES: u64 = 16 << 20;
 pub const HEAVY_WITHIN: Duration = Duration::from_secs(1);
 /// Freed memory goes back to the system at most this often ([`Command::Trim`]).
 pub const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// Default of [`RelayConfig::trim_after`]: glibc keeps up to 16 MiB free at the heap's top
+/// by itself (`main.rs` pins that, so that a bulk flow's buffers stop faulting pages in and
+/// out); a burst that moved more may have left more behind.
+pub const TRIM_AFTER_BURST: u64 = 16 << 20;
+/// How long no channel moves data before a burst's memory is given back.
+pub const TRIM_QUIET: Duration = Duration::from_secs(1);
 /// After a TUN read failed for a passing reason, reading resumes after this pause (so a
 /// condition that lasts does not spin).
 pub const RECV_RETRY: Duration = Duration::from_millis(10);
@@ -96,6 +102,10 @@ pub struct RelayConfig {
     /// on host connections, UDP through the NAT table). `None` (`up`): every flow goes
     /// through SSH, as the TUN only carries the VPC.
     pub direct: Option<DirectConfig>,
+    /// A burst that moved at least this many bytes through channels (both ways) left its
+    /// buffers' memory free in the heap: once the flows have been quiet for [`TRIM_QUIET`],
+    /// it goes back to the system ([`Command::Trim`]). [`TRIM_AFTER_BURST`] by default.
+    pub trim_after: u64,
 }
 
 /// What is written to a flow's channel, in order, one at a time.
@@ -493,7 +503,8 @@ impl<C> Open<C> {
 
 /// When to give freed memory back: soon after flows close (what a burst of flows leaves
 /// behind is their buffered channel data, freed in the middle of the heap where the
-/// allocator does not return it by itself), at most every [`TRIM_EVERY`], one at a time.
+/// allocator does not return it by itself), and once the flows are quiet after a burst of
+/// data ([`RelayConfig::trim_after`]); at most every [`TRIM_EVERY`], one at a time.
 #[derive(Debug)]
 struct Trim {
     /// Flows closed since the last trim.
@@ -501,6 +512,32 @@ struct Trim {
     not_before: Instant,
     /// A trim is in progress.
     running: bool,
+    /// Bytes moved through channels, both ways, since the last trim.
+    moved: u64,
+    /// [`RelayConfig::trim_after`].
+    burst: u64,
+    /// When a channel last moved data.
+    last_moved: Instant,
+}
+
+impl Trim {
+    /// When the next trim is due, if one is.
+    fn due(&self) -> Option<Instant> {
+        if self.running {
+            None
+        } else if self.pending {
+            Some(self.not_before)
+        } else if self.moved >= self.burst {
+            Some(self.not_before.max(self.last_moved + TRIM_QUIET))
+        } else {
+            None
+        }
+    }
+
+    fn moved(&mut self, now: Instant, bytes: usize) {
+        self.moved = self.moved.saturating_add(bytes as u64);
+        self.last_moved = now;
+    }
 }
 
 /// The relay. See the module documentation.
@@ -527,6 +564,7 @@ pub struct Relay<C, R> {
 impl<C, R> Relay<C, R> {
     /// A relay with no flows.
     pub fn new(config: RelayConfig, now: Instant) -> Relay<C, R> {
+        let trim_after = config.trim_after;
         let (max_udp, udp_idle) = config
             .direct
             .as_ref()
@@ -546,6 +584,9 @@ impl<C, R> Relay<C, R> {
                 pending: false,
                 not_before: now,
                 running: false,
+                moved: 0,
+                burst: trim_after,
+                last_moved: now,
             },
             recv_resume: None,
             commands: VecDeque::new(),
@@ -559,7 +600,7 @@ impl<C, R> Relay<C, R> {
 
     /// When [`Relay::handle_tick`] must run next even if nothing happens.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let trim = (self.trim.pending && !self.trim.running).then_some(self.trim.not_before);
+        let trim = self.trim.due();
         let udp = self.udp.poll_timeout();
         [self.notes.poll_timeout(), trim, self.recv_resume, udp]
             .into_iter()
@@ -638,8 +679,9 @@ impl<C, R> Relay<C, R> {
             self.commands
                 .extend(summaries.into_iter().map(Command::Note));
         }
-        if self.trim.pending && !self.trim.running && now >= self.trim.not_before {
+        if self.trim.due().is_some_and(|t| now >= t) {
             self.trim.pending = false;
+            self.trim.moved = 0;
             self.trim.running = true;
             self.trim.not_before = now + TRIM_EVERY;
             self.commands.push_back(Command::Trim);
@@ -1191,6 +1233,7 @@ impl<C, R> Relay<C, R> {
         match received {
             Received::Data(data) => {
                 flow.down += data.len() as u64;
+                self.trim.moved(now, data.len());
                 if becomes_heavy(o, now, data.len()) {
                     mark_heavy(o, &mut self.commands, &mut self.destinations);
                 }
@@ -1211,7 +1254,7 @@ impl<C, R> Relay<C, R> {
 
     /// A write ([`ChannelOp::Write`]) finished: `Some(n)` bytes of data written (0 for EOF),
     /// `None` if the channel is gone (or, for a close, closed).
-    pub fn handle_written(&mut self, _now: Instant, id: FlowId, written: Option<usize>) {
+    pub fn handle_written(&mut self, now: Instant, id: FlowId, written: Option<usize>) {
         let Some(o) = self.open_mut(id) else {
             return;
         };
@@ -1219,6 +1262,7 @@ impl<C, R> Relay<C, R> {
         match written {
             Some(n) => {
                 if n > 0 {
+                    self.trim.moved(now, n);
                     self.commands
                         .push_back(Command::Engine(ToEngine::Sent(id, n)));
                 }

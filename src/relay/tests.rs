@@ -72,6 +72,7 @@ fn relay_config() -> RelayConfig {
         local_v6: None,
         budget: None,
         direct: None,
+        trim_after: TRIM_AFTER_BURST,
     }
 }
 
@@ -1225,6 +1226,60 @@ fn freed_memory_is_given_back_after_flows_close_at_most_every_two_seconds_one_at
     assert_eq!(p.relay.poll_timeout(), Some(second + TRIM_EVERY));
     p.run_for(TRIM_EVERY);
     assert_eq!(p.trims, 3);
+}
+
+#[test]
+fn freed_memory_is_given_back_once_flows_go_quiet_after_a_burst() {
+    const BURST: usize = 1 << 20;
+    let relay = RelayConfig {
+        trim_after: BURST as u64,
+        ..relay_config()
+    };
+    let mut p = Pair::with(engine_config(), relay);
+    let (a, id, wire) = p.open(vpc(10, 80), LINK0);
+    // A download of just under a burst: nothing to give back.
+    let chunk = Bytes::from(vec![7u8; 64 << 10]);
+    let mut got = 0;
+    for _ in 0..BURST / chunk.len() - 1 {
+        p.deliver(id, Received::Data(chunk.clone()));
+        got += p.recv(a).len();
+    }
+    p.run_for(TRIM_QUIET * 3);
+    got += p.recv(a).len();
+    assert_eq!(p.trims, 0, "under a burst: nothing trimmed");
+    assert_eq!(p.relay.poll_timeout(), None);
+    // One more chunk makes it a burst: trimmed once the flow has been quiet a while, not
+    // while it moves.
+    p.deliver(id, Received::Data(chunk.clone()));
+    let last = p.now();
+    got += p.recv(a).len();
+    assert_eq!(got, BURST, "the app got every byte");
+    assert_eq!(p.trims, 0, "not while data moves");
+    assert_eq!(p.relay.poll_timeout(), Some(last + TRIM_QUIET));
+    p.run_for(TRIM_QUIET / 2);
+    assert_eq!(p.trims, 0, "not before the flows were quiet for TRIM_QUIET");
+    p.run_for(TRIM_QUIET);
+    assert_eq!(p.trims, 1, "the burst's memory given back");
+    p.relay.handle_trimmed();
+    p.run_for(TRIM_EVERY * 3);
+    assert_eq!(p.trims, 1, "once per burst");
+    // Uploads count too.
+    let mut sent = 0;
+    while sent < BURST {
+        sent += p
+            .tcp(a)
+            .send_slice(&chunk[..chunk.len().min(BURST - sent)])
+            .unwrap();
+        p.run_for(Duration::from_millis(10));
+        assert_eq!(p.trims, 1, "not while data moves");
+    }
+    p.run_for(TRIM_QUIET * 2);
+    assert_eq!(
+        wire.borrow().data().len(),
+        BURST,
+        "the destination got every byte"
+    );
+    assert_eq!(p.trims, 2, "an upload burst is given back too");
 }
 
 #[test]
