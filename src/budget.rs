@@ -37,10 +37,9 @@ use std::time::{Duration, Instant};
 /// all flows together times the round trip through the jump host (the windows in flight):
 /// 64 MiB carries 5 Gbit/s at 100 ms, more than one SSH connection moves, and still gives
 /// about eight bulk flows their full 4 MiB windows (full grants while under half the
-/// budget). Larger windows only
-/// queue: 50 paused downloads cost mse-vpn 2.7–3.4 MB each with a 256 MiB budget and 1.6 MB
-/// with this one, and took as long to read their first 8 MiB (`scripts/bench`'s
-/// `paused_50`).
+/// budget). A larger budget only lets paused flows keep windows they no longer need: 50
+/// paused downloads (`scripts/bench`'s `paused_50`) held 163–195 MB of RSS with 256 MiB and
+/// 107–110 MB with 64, and read their first 8 MiB as fast.
 pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// The least any flow is granted, however full the budget: two of sshd's largest data
 /// packets (32 KiB), so every flow keeps moving.

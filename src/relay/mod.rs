@@ -534,7 +534,8 @@ impl Trim {
         }
     }
 
-    fn moved(&mut self, now: Instant, bytes: usize) {
+    /// A channel moved `bytes` (read or written) at `now`.
+    fn count(&mut self, now: Instant, bytes: usize) {
         self.moved = self.moved.saturating_add(bytes as u64);
         self.last_moved = now;
     }
@@ -1233,7 +1234,7 @@ impl<C, R> Relay<C, R> {
         match received {
             Received::Data(data) => {
                 flow.down += data.len() as u64;
-                self.trim.moved(now, data.len());
+                self.trim.count(now, data.len());
                 if becomes_heavy(o, now, data.len()) {
                     mark_heavy(o, &mut self.commands, &mut self.destinations);
                 }
@@ -1262,7 +1263,7 @@ impl<C, R> Relay<C, R> {
         match written {
             Some(n) => {
                 if n > 0 {
-                    self.trim.moved(now, n);
+                    self.trim.count(now, n);
                     self.commands
                         .push_back(Command::Engine(ToEngine::Sent(id, n)));
                 }
