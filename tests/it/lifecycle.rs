@@ -845,3 +845,102 @@ fn a_signal_while_up_is_still_starting_stops_it_and_restores_the_host() {
     assert!(status.code().is_some(), "{status:?}\n{}", vpn.stderr());
     assert_eq!(tb.snapshot(), before, "the host is as it was");
 }
+
+/// A directory under `/run` for a sshd `AuthorizedKeysCommand` (sshd refuses one under
+/// `/tmp`, whose mode lets others write), removed with its files when dropped.
+struct RunDir(std::path::PathBuf);
+
+impl RunDir {
+    fn new(name: &str) -> RunDir {
+        let dir = std::path::PathBuf::from(format!("/run/mse-vpn-it-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("create the /run dir");
+        RunDir(dir)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        // The hold goes first: a key check still waiting on it ends.
+        let _ = std::fs::remove_file(self.0.join("hold"));
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_connection_lost_while_the_jump_host_checks_the_key_is_retried_not_taken_for_a_refusal() {
+    if crate::harness::skip_unless_root() {
+        return;
+    }
+    // The jump host restarts while mse-vpn is half-way through logging in again: sshd has its
+    // key and is checking it when it dies. That once counted as a refused key (russh answered
+    // "failure, no methods left"), and mse-vpn never reconnected. Here sshd gets its keys
+    // from an AuthorizedKeysCommand that waits while a `hold` file exists, so the moment is
+    // exact: the command's `held` file says sshd is checking the key.
+    let tb = Testbed::up("lc13", &[]);
+    let run = RunDir::new("lc13");
+    let (hold, held) = (run.0.join("hold"), run.0.join("held"));
+    let command = run.0.join("keys");
+    std::fs::write(
+        &command,
+        format!(
+            "#!/bin/sh\nif [ -e {h} ]; then : > {d}; while [ -e {h} ]; do sleep 0.05; done; fi\n\
+             exec cat {k}\n",
+            h = hold.display(),
+            d = held.display(),
+            k = tb.dir.join("authorized_keys").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &command,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let file_line = format!(
+        "AuthorizedKeysFile {}",
+        tb.dir.join("authorized_keys").display()
+    );
+    tb.edit_sshd_config(
+        &file_line,
+        &format!(
+            "AuthorizedKeysFile none\nAuthorizedKeysCommand {}\nAuthorizedKeysCommandUser root",
+            command.display()
+        ),
+    );
+    let mut vpn = tb.start(&["10.0.0.0/16"], &["--keepalive", "2"]);
+    curl_until_ok(&tb, Duration::from_secs(5));
+
+    std::fs::write(&hold, "").unwrap();
+    tb.control("sshd-kill");
+    wait_status(&tb, Duration::from_secs(10), "the outage", |st| {
+        st["state"] == "reconnecting"
+    });
+    tb.control("sshd-start");
+    let start = Instant::now();
+    while !held.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "sshd never checked a key:\n{}\n{}",
+            vpn.stderr(),
+            tb.sshd_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // sshd is checking the key: it dies now, and comes back with the check instant.
+    tb.control("sshd-kill");
+    std::fs::remove_file(&hold).unwrap();
+    tb.control("sshd-start");
+    let back = curl_until_ok(&tb, Duration::from_secs(20));
+    eprintln!("traffic flowed again {back:?} after sshd came back");
+    assert!(vpn.running(), "the session ended:\n{}", vpn.stderr());
+    let st = status(&tb);
+    assert_eq!(st["state"], "connected", "{st:#}");
+    let log = vpn.stderr();
+    assert!(
+        !log.contains("authentication as"),
+        "a lost connection was reported as a failed login:\n{log}"
+    );
+    assert!(vpn.interrupt().success());
+}
