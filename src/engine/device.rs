@@ -183,6 +183,17 @@ impl QueueDevice {
         }
     }
 
+    /// Frees the pooled packet and read buffers.
+    pub fn drop_spares(&mut self) {
+        self.spare = Vec::new();
+        self.rx_spare = Vec::new();
+    }
+
+    /// Pooled packet and read buffers held now.
+    pub fn spares(&self) -> usize {
+        self.spare.len() + self.rx_spare.len()
+    }
+
     /// The pool of spare packet buffers (several devices can take turns with one pool by
     /// swapping it in before they run).
     pub fn spare_mut(&mut self) -> &mut Vec<Vec<u8>> {

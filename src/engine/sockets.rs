@@ -7,7 +7,8 @@
 //! first-touch page faults and two `munmap`s: measured as about a fifth of mse-vpn's CPU per
 //! connection under `wrk -H 'Connection: close'`. A closed socket whose flow moved little is
 //! kept instead and reused by the next flow; its buffers stay mapped with only a few pages
-//! touched, so the spares cost at most [`SPARES`] × ([`REUSE_MAX_MOVED`] + 2 pages) of memory.
+//! touched, so the spares cost at most [`SPARES`] × ([`REUSE_MAX_MOVED`] + 2 pages) of memory,
+//! and only until the relay next gives freed memory back ([`super::Engine::drop_spares`]).
 //! A bulk flow's socket (every page touched) is freed as before.
 //!
 //! smoltcp clears a socket's connection state when it listens or connects again (with our
@@ -122,8 +123,12 @@ impl SocketPool {
     }
 
     /// Spare sockets held right now.
-    #[cfg(test)]
     pub(super) fn spares(&self) -> usize {
         self.spares.len()
+    }
+
+    /// Frees the spare sockets (see [`super::Engine::drop_spares`]).
+    pub(super) fn drop_spares(&mut self) {
+        self.spares = Vec::new();
     }
 }

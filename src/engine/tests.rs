@@ -914,6 +914,26 @@ fn a_short_flows_socket_serves_the_next_flow_and_a_bulk_flows_socket_is_freed() 
 }
 
 #[test]
+fn dropping_the_spares_frees_the_pooled_sockets_and_read_and_packet_buffers() {
+    let mut p = Pair::new(EngineConfig::default());
+    short_exchange(&mut p, APP_PORT);
+    let read = p.engine.rx_buffer();
+    p.engine.spare.recycle_rx(read);
+    p.engine.recycle(vec![0; 1500]);
+    assert_eq!(
+        p.engine.spares(),
+        3,
+        "a socket, a read buffer and a packet buffer"
+    );
+    p.engine.drop_spares();
+    assert_eq!(p.engine.spares(), 0);
+    // The next flow is served as before, on a new socket that is kept in turn.
+    short_exchange(&mut p, APP_PORT + 1);
+    assert_eq!(p.engine.sockets.reused, 0, "a new socket");
+    assert_eq!(p.engine.sockets.spares(), 1);
+}
+
+#[test]
 fn an_inbound_flows_timeout_does_not_follow_its_socket_to_the_next_flow() {
     let mut pool = sockets::SocketPool::new(4096, Some(DEFAULT_ACK_DELAY));
     let mut socket = pool.take();

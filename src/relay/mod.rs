@@ -347,6 +347,9 @@ pub enum ToEngine {
     CloseDone(FlowId),
     /// The receive windows committed to channels now ([`Engine::handle_windows`]).
     Windows(u64),
+    /// Let go of the spare sockets and packet buffers, before a trim
+    /// ([`Engine::drop_spares`]).
+    DropSpares,
     /// A datagram for the app ([`Engine::handle_datagram`]).
     Datagram {
         /// The address the app sent to.
@@ -401,6 +404,7 @@ impl ToEngine {
             ToEngine::Sent(id, n) => engine.handle_sent(id, n),
             ToEngine::CloseDone(id) => engine.handle_close_done(id),
             ToEngine::Windows(windows) => engine.handle_windows(windows),
+            ToEngine::DropSpares => engine.drop_spares(),
             ToEngine::Datagram { from, to, payload } => {
                 engine.handle_datagram(now, from, to, &payload)
             }
@@ -685,6 +689,9 @@ impl<C, R> Relay<C, R> {
             self.trim.moved = 0;
             self.trim.running = true;
             self.trim.not_before = now + TRIM_EVERY;
+            // What the engine keeps for the next flows and packets goes back with it.
+            self.commands
+                .push_back(Command::Engine(ToEngine::DropSpares));
             self.commands.push_back(Command::Trim);
         }
         if self.recv_resume.is_some_and(|t| now >= t) {

@@ -152,6 +152,8 @@ struct Pair {
     answers: Vec<(u32, Answer)>,
     notes: Vec<Note>,
     trims: usize,
+    /// The engine's spares at each [`ToEngine::DropSpares`], before it.
+    spares_dropped: Vec<usize>,
     /// The windows last told to the engine.
     windows: Option<u64>,
 }
@@ -190,6 +192,7 @@ impl Pair {
             answers: Vec::new(),
             notes: Vec::new(),
             trims: 0,
+            spares_dropped: Vec::new(),
             windows: None,
         }
     }
@@ -279,8 +282,16 @@ impl Pair {
                     if let ToEngine::Windows(w) = call {
                         self.windows = Some(w);
                     }
+                    let drop = matches!(call, ToEngine::DropSpares);
+                    if drop {
+                        self.spares_dropped.push(self.engine.spares());
+                    }
                     let at = self.at();
                     call.apply(&mut self.engine, at);
+                    assert!(
+                        !drop || self.engine.spares() == 0,
+                        "spares left after a drop"
+                    );
                 }
                 Command::Open(open) => self.opens.push(open),
                 Command::Connect(connect) => self.connects.push(connect),
@@ -316,7 +327,14 @@ impl Pair {
                         forward: f.forward,
                     },
                 )),
-                Command::Trim => self.trims += 1,
+                Command::Trim => {
+                    self.trims += 1;
+                    assert_eq!(
+                        self.spares_dropped.len(),
+                        self.trims,
+                        "each trim comes after the engine let go of its spares"
+                    );
+                }
                 Command::Note(note) => self.notes.push(note),
             }
         }
@@ -1280,6 +1298,18 @@ fn freed_memory_is_given_back_once_flows_go_quiet_after_a_burst() {
         "the destination got every byte"
     );
     assert_eq!(p.trims, 2, "an upload burst is given back too");
+    // What the engine keeps for the next flows and packets goes with it: a short flow
+    // leaves its socket to the spares, and the trim after it lets go of them.
+    p.relay.handle_trimmed();
+    short_flow(&mut p, vpc(10, 81), LINK0);
+    p.run_for(TRIM_EVERY * 2);
+    assert_eq!(p.trims, 3, "a closed flow's memory is given back");
+    assert!(
+        p.spares_dropped[2] >= 1,
+        "the short flow's socket was a spare: {:?}",
+        p.spares_dropped
+    );
+    assert_eq!(p.engine.spares(), 0);
 }
 
 #[test]
