@@ -530,12 +530,36 @@ pub mod testing {
         .unwrap()
     }
 
-    /// An empty directory of its own for the test `name` of the backend `os`.
-    pub fn scratch(os: &str, name: &str) -> PathBuf {
+    /// An empty directory of its own for the test `name` of the backend `os`, removed with
+    /// what is in it when the test is done (passed or failed).
+    pub fn scratch(os: &str, name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("mse-vpn-{os}-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        Scratch(dir)
+    }
+
+    /// A test's scratch directory ([`scratch`]): a path, removed when dropped.
+    pub struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for Scratch {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     /// The changes as journal lines.

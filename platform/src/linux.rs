@@ -738,7 +738,7 @@ mod tests {
         host::testing::plan("mvt0", 16_000, cidrs, jump)
     }
 
-    fn tmp(name: &str) -> PathBuf {
+    fn tmp(name: &str) -> host::testing::Scratch {
         host::testing::scratch("linux", name)
     }
 

@@ -678,7 +678,7 @@ mod tests {
         host::testing::plan("utun9", 16_000, cidrs, jump)
     }
 
-    fn tmp(name: &str) -> PathBuf {
+    fn tmp(name: &str) -> host::testing::Scratch {
         host::testing::scratch("macos", name)
     }
 

@@ -706,7 +706,7 @@ mod tests {
         }
     }
 
-    fn tmp(name: &str) -> PathBuf {
+    fn tmp(name: &str) -> host::testing::Scratch {
         host::testing::scratch("windows", name)
     }
 
