@@ -190,7 +190,8 @@ impl QueueDevice {
     }
 
     /// Pooled packet and read buffers held now.
-    pub fn spares(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn spares(&self) -> usize {
         self.spare.len() + self.rx_spare.len()
     }
 

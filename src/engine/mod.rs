@@ -977,7 +977,8 @@ impl Engine {
     }
 
     /// Spare sockets and pooled packet buffers held now (see [`Engine::drop_spares`]).
-    pub fn spares(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn spares(&self) -> usize {
         self.sockets.spares() + self.spare.spares()
     }
 

@@ -123,6 +123,7 @@ impl SocketPool {
     }
 
     /// Spare sockets held right now.
+    #[cfg(test)]
     pub(super) fn spares(&self) -> usize {
         self.spares.len()
     }

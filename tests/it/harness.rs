@@ -429,6 +429,22 @@ impl Drop for Vpn {
 }
 
 /// sha256 of a file, as hex.
+/// Waits until `path` exists (what a test waits for got there); panics with the session's
+/// output after `limit`.
+pub fn wait_for_file(path: &Path, vpn: &Vpn, limit: Duration) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < limit,
+            "{} did not appear within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            path.display(),
+            vpn.stdout(),
+            vpn.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn sha256_file(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)

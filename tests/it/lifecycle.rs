@@ -861,9 +861,7 @@ impl RunDir {
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        // The hold goes first: a key check still waiting on it ends.
-        let _ = std::fs::remove_file(self.0.join("hold"));
-        std::thread::sleep(Duration::from_millis(200));
+        // With it goes the hold: a key check still waiting on it ends.
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -918,16 +916,8 @@ fn a_connection_lost_while_the_jump_host_checks_the_key_is_retried_not_taken_for
         st["state"] == "reconnecting"
     });
     tb.control("sshd-start");
-    let start = Instant::now();
-    while !held.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "sshd never checked a key:\n{}\n{}",
-            vpn.stderr(),
-            tb.sshd_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // `held` appears when sshd checks the key.
+    crate::harness::wait_for_file(&held, &vpn, Duration::from_secs(20));
     // sshd is checking the key: it dies now, and comes back with the check instant.
     tb.control("sshd-kill");
     std::fs::remove_file(&hold).unwrap();

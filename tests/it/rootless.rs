@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::frameworks::{App, CALLS, JUMP, ZK, assert_all_reached, start_provider, tail, vpc_ns};
-use crate::harness::{TestUser, Testbed, Vpn, keygen, pub_path, s, stderr, stdout};
+use crate::harness::{TestUser, Testbed, Vpn, keygen, pub_path, s, stderr, stdout, wait_for_file};
 
 /// The CIDR every test routes.
 const VPC: &str = "10.0.0.0/16";
@@ -226,22 +226,6 @@ impl Drop for Ordinary {
 fn laptop_state(tb: &Testbed) -> String {
     let resolv = tb.sh(5, "cat /etc/resolv.conf");
     format!("{}\n--- resolv.conf\n{}", tb.snapshot(), stdout(&resolv))
-}
-
-/// Waits until `path` exists (the app got there); panics with the session's output after
-/// `limit`.
-fn wait_for_file(path: &Path, vpn: &Vpn, limit: Duration) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < limit,
-            "the app did not get to {} within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-            path.display(),
-            vpn.stdout(),
-            vpn.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The value of the app's output line `key=value`.
