@@ -462,6 +462,13 @@ impl<A: Api> Backend for Windows<A> {
             .map(drop)
     }
 
+    /// An NRPT rule takes three calls (delete, set, refresh): a failure of the second or the
+    /// third leaves the rule in the registry, so undo must still remove it. Undo deletes only
+    /// this session's own key (named after its TUN, which no other live session has).
+    fn partial(&self, change: &Change) -> bool {
+        matches!(change, Change::NrptRule { .. })
+    }
+
     async fn undo(&mut self, change: &Change) -> Result<bool, PlatformError> {
         let luid = match change {
             Change::Addr { dev, .. } | Change::Route { dev, .. } => self.api.luid(dev).ok(),
@@ -1040,6 +1047,40 @@ mod tests {
         drop(applied);
         win.api.reboot();
         assert!(win.api().effective_nrpt().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A rule whose DNS refresh failed is in the registry all the same: the change stays
+    /// journaled as made, so that the session's undo removes the rule (before, it was
+    /// journaled as not made and stayed until the next reboot, sending the zones' names to a
+    /// responder that was gone).
+    #[tokio::test]
+    async fn an_nrpt_rule_whose_dns_refresh_failed_is_still_undone() {
+        let dir = tmp("refresh");
+        let refresh = Call::RefreshDns { policy: false };
+        let mut win = Windows::new(FakeWin {
+            fail: Some(refresh.clone()),
+            ..FakeWin::default()
+        });
+        let mut applied = host::apply(&mut win, &plan(&["10.0.0.0/16"], &[]), &dir)
+            .await
+            .unwrap();
+        let e = host::apply_dns(&mut win, &mut applied, "mse0", &dns_plan(), &dir)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("CreateIpForwardEntry2"), "{e}");
+        let key = nrpt_key("mse0");
+        assert!(win.api().effective_nrpt().contains_key(&key));
+        // The refresh works again (it failed once), and the session ends.
+        win.api.fail = None;
+        win.api.calls.clear();
+        host::restore(&mut win, applied).await.unwrap();
+        assert_eq!(
+            &win.api().calls[..2],
+            [Call::DeleteNrptRule { key: key.clone() }, refresh]
+        );
+        assert!(win.api().effective_nrpt().is_empty());
+        assert!(!crate::journal::path_for(&dir, "mse0").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
