@@ -827,7 +827,6 @@ mod tests {
             "the caller closes it"
         );
         assert!(!journal::path_for(&dir, "mvt0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -860,7 +859,6 @@ mod tests {
             lx.runner().routes.get(&(MAIN, net("10.99.0.2/32"))),
             Some(&theirs)
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The unit-level twin of tests/it's `a_failed_up_leaves_a_rule_it_did_not_create`: a
@@ -898,7 +896,6 @@ mod tests {
         assert_eq!(lx.runner().rules, [theirs].into());
         assert_eq!(lx.runner().routes, FakeLinux::default().routes);
         assert!(!journal::path_for(&dir, "mvt0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// After `kill -9` the TUN is gone and the kernel removed its addresses and routes; the
@@ -947,7 +944,6 @@ mod tests {
         let applied = host::apply(&mut lx, &p, &dir).await.unwrap();
         host::restore(&mut lx, applied).await.unwrap();
         assert_eq!(lx.runner().routes, clean.routes);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -972,7 +968,6 @@ mod tests {
         );
         assert!(lx.runner().links.contains_key("eth0"));
         assert!(!lx.runner().links.contains_key("mvt0"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The unit-level twin of tests/it's `an_undo_that_fails_is_kept_reported_and_done_by_the_
@@ -1032,7 +1027,6 @@ mod tests {
         assert_eq!(undone.len(), 2);
         assert!(lx.runner().rules.is_empty());
         assert!(!journal::path_for(&dir, "mvt0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Nothing is made that could not be journaled first: here the state directory cannot be
@@ -1048,7 +1042,6 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, PlatformError::Journal { .. }), "{e}");
         assert!(lx.runner().ran.is_empty(), "{:?}", lx.runner().ran);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The same for DNS: a journal that cannot take the change (a full disk: /dev/full)
@@ -1075,7 +1068,6 @@ mod tests {
             original
         );
         assert!(!dns::backup_path(&dir, "mvt0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn dns_plan() -> DnsPlan {
@@ -1129,7 +1121,6 @@ mod tests {
                 .contains(&"resolvectl revert mvt0".to_owned())
         );
         assert!(lx.runner().resolved.as_ref().unwrap().is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `resolvectl dns` worked, `resolvectl domain` did not: the link has a DNS server of
@@ -1158,7 +1149,6 @@ mod tests {
         }));
         host::restore(&mut lx, applied).await.unwrap();
         assert!(lx.runner().resolved.as_ref().unwrap().is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// resolv.conf names resolved's stub, but resolved does not answer (stopped, its runtime
@@ -1201,7 +1191,6 @@ mod tests {
             original
         );
         assert!(!backup.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1222,7 +1211,6 @@ mod tests {
             "nameserver 192.168.1.1\n"
         );
         host::restore(&mut lx, applied).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1271,7 +1259,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, PlatformError::NoPathTo { .. }), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

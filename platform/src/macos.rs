@@ -737,7 +737,6 @@ mod tests {
         assert_eq!(mac.runner().routes, FakeMac::default().routes);
         assert!(mac.runner().addrs.is_empty());
         assert!(!crate::journal::path_for(&state, "utun9").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 3 of issue 25: `route add` exits 0 when the kernel refuses (route.c prints "File
@@ -770,7 +769,6 @@ mod tests {
             Some(&Via::Link("utun3".into()))
         );
         assert!(!crate::journal::path_for(&dir, "utun9").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -851,7 +849,6 @@ mod tests {
         mac.runner.ifaces.insert("utun9".into());
         let applied = host::apply(&mut mac, &p, &dir).await.unwrap();
         host::restore(&mut mac, applied).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 4 of issue 25: `route -n get` prints a link-local gateway with its scope
@@ -879,7 +876,6 @@ mod tests {
         );
         host::restore(&mut mac, applied).await.unwrap();
         assert!(!mac.runner().routes.contains_key(&net("2001:db8::5/128")));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -954,7 +950,6 @@ mod tests {
         assert!(!resolver.join("internal").exists());
         assert!(!resolver.join("0.10.in-addr.arpa").exists());
         assert!(resolver.join("corp.example").is_file());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1000,7 +995,6 @@ mod tests {
             std::fs::read_to_string(resolver.join("internal")).unwrap(),
             theirs
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1036,7 +1030,6 @@ mod tests {
             "the link is not counted: it went with its fd"
         );
         assert!(!path.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1064,7 +1057,6 @@ mod tests {
         let undone = host::repair(&mut mac, &dir).await.unwrap();
         assert_eq!(undone, kept.changes);
         assert!(!path.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn changes_of_a_small_session() -> Vec<Change> {
@@ -1100,7 +1092,6 @@ mod tests {
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].dst.to_string(), "10.20.0.0/16");
         assert!(!routes[0].local);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

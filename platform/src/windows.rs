@@ -824,7 +824,6 @@ mod tests {
         );
         assert!(win.api().effective_nrpt().is_empty());
         assert!(!crate::journal::path_for(&dir, "mse0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -854,7 +853,6 @@ mod tests {
                 },
             ]
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn write_journal(path: &Path, pid: u32, lines: &[String]) {
@@ -902,7 +900,6 @@ mod tests {
         );
         assert_eq!(undone.len(), 2);
         assert!(!path.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 5 of issue 25: anyone may create files in C:\ProgramData's subdirectories unless
@@ -966,7 +963,6 @@ mod tests {
         host::restore(&mut win, applied).await.unwrap();
         assert!(trusted_owner("BA") && trusted_owner("SY") && trusted_owner("S-1-5-32-544"));
         assert!(!trusted_owner("S-1-5-21-1-2-3-1001") && !trusted_owner("BU"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 6 of issue 25: where Group Policy sets NRPT rules, the DNS client ignores local
@@ -1016,7 +1012,6 @@ mod tests {
         let rules = win.api().effective_nrpt();
         assert!(!rules.contains_key(&key));
         assert!(rules.contains_key(corp), "the domain's rule stays");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 6 of issue 25: a rule left by a crash is gone at the next reboot (a volatile key,
@@ -1047,7 +1042,6 @@ mod tests {
         drop(applied);
         win.api.reboot();
         assert!(win.api().effective_nrpt().is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A rule whose DNS refresh failed is in the registry all the same: the change stays
@@ -1081,7 +1075,6 @@ mod tests {
         );
         assert!(win.api().effective_nrpt().is_empty());
         assert!(!crate::journal::path_for(&dir, "mse0").exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 7 of issue 25: the adapter is kept out of DNS registration, NetBIOS and LLMNR.
@@ -1106,7 +1099,6 @@ mod tests {
         )];
         assert_eq!(netbt.values["NetbiosOptions"], RegValue::Dword(2));
         host::restore(&mut win, applied).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Item 9 of issue 25: the IPv6 interface appears after the adapter; until then the IPv6
@@ -1122,7 +1114,6 @@ mod tests {
         let applied = host::apply(&mut win, &p, &dir).await.unwrap();
         assert!(win.api().ipv6_polls >= 3);
         host::restore(&mut win, applied).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1143,7 +1134,6 @@ mod tests {
             .await
             .unwrap();
         host::restore(&mut win, applied).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1158,7 +1148,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pre.bypass_paths[0].1.dev, ETH_LUID.to_string());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
